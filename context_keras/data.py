@@ -1,0 +1,403 @@
+"""The input pipeline: image sources, decoding, patch grids and packed batches of static shape, as one tf.data graph.
+
+A batch is a set of patches plus (first, second, label) index arrays into it, so that the tower runs once per patch
+and every ordered pair gathers its two fc6 rows (spec 2.5 and 3.3). Whole grids are packed into a batch until the
+next grid would overflow its patch or pair capacity, as the original packed grids into batches of at most 511
+patches; the rest of the static shape is padding, marked by `patch_mask` and `pair_mask`.
+"""
+import dataclasses
+import glob
+import importlib.util
+import os
+
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+from context_keras import patches as patches_lib
+
+flags.DEFINE_string(
+    "data", None,
+    "Training images: a folder (searched recursively for jpg, jpeg, png, bmp, gif and webp files in any letter "
+    "case); a list file in the original's format (first token of each line, relative to --data_root or to the "
+    "list's folder); or a glob of TFRecord shards of encoded images (feature 'image/encoded'). A path written "
+    "'package:NAME' means the folder of the installed Python package NAME.")
+flags.DEFINE_string("data_root", None, "Folder that the names in a --data list file are relative to "
+                    "(default: the list file's folder). Accepts 'package:NAME' like --data.")
+flags.DEFINE_enum("color_mode", "drop", patches_lib.COLOR_MODES,
+                  "Chromatic-aberration remedy per patch (spec 2.4): drop = keep one random channel, the other two "
+                  "uniform noise (the validated code); drop_gaussian = Gaussian noise at 1/100 of the kept "
+                  "channel's std (the paper); project = the paper's green-magenta projection; none.")
+flags.DEFINE_bool("pixelation", True, "Randomly pixelate 33% of the patches (spec 2.4 step 1).")
+flags.DEFINE_integer("batch_patches", 512,
+                     "Patch capacity of one replica's batch. Whole grids are packed until the next one would not "
+                     "fit; the original used at most 511 patches (spec 2.5).")
+flags.DEFINE_integer("batch_pairs", 2560,
+                     "Pair capacity of one replica's batch. Grids give about 4.4-5.3 ordered pairs per patch, so "
+                     "about 5x --batch_patches keeps both capacities nearly full.")
+flags.DEFINE_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards.")
+
+FLAGS = flags.FLAGS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+TFRECORD_IMAGE_KEY = "image/encoded"
+TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
+PACKAGE_PREFIX = "package:"
+
+
+class DataError(ValueError):
+  """--data names nothing that training can use; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """What the pipeline needs to know, so that tests and tools can build one without flags."""
+  data: str
+  data_root: str | None = None
+  color_mode: str = "drop"
+  pixelation: bool = True
+  batch_patches: int = 512
+  batch_pairs: int = 2560
+  shuffle_buffer: int = 2048
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_patches < patches_lib.max_grid_cells():
+      raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
+                       f"({patches_lib.max_grid_cells()} patches)")
+    if self.batch_pairs < patches_lib.max_grid_pairs():
+      raise ValueError(f"--batch_pairs={self.batch_pairs} cannot hold the pairs of the largest grid "
+                       f"({patches_lib.max_grid_pairs()})")
+
+
+def config_from_flags(seed):
+  return InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
+                     pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
+                     batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def resolve_path(path):
+  """Expands '~' and 'package:NAME' (the folder of an installed package, e.g. scikit-image's sample photos)."""
+  if path.startswith(PACKAGE_PREFIX):
+    name = path[len(PACKAGE_PREFIX):]
+    try:
+      spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+      spec = None
+    if spec is None or not spec.submodule_search_locations:
+      raise DataError(f"{path}: no installed Python package {name!r} (is it installed in this environment?)")
+    return list(spec.submodule_search_locations)[0]
+  return os.path.expanduser(path)
+
+
+def list_folder(folder):
+  """Image files under `folder`, recursively, sorted; follows symlinked folders once (no loops)."""
+  found, seen = [], set()
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    real = os.path.realpath(root)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs.sort()
+    found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(found)
+
+
+def read_list_file(list_file, data_root=None):
+  """File names of a list in the original's format (spec 1.1): the first token of each non-empty line."""
+  root = resolve_path(data_root) if data_root else os.path.dirname(os.path.abspath(list_file))
+  names = []
+  with open(list_file, encoding="utf-8") as f:
+    for line in f:
+      tokens = line.split()
+      if tokens and not tokens[0].startswith("#"):
+        names.append(os.path.join(root, tokens[0]))
+  return names
+
+
+def is_tfrecord_pattern(path):
+  return any(c in path for c in "*?[") or path.endswith(TFRECORD_SUFFIXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  kind: str    # "files" or "tfrecord"
+  paths: tuple  # image files, or TFRecord shards, in a deterministic order
+  description: str
+
+
+def find_source(data, data_root=None):
+  """What --data names, with its files listed; raises DataError naming the path if it holds no image."""
+  if not data:
+    raise DataError("--data is required: a folder of images, a list file or a glob of TFRecord shards")
+  path = resolve_path(data)
+  if os.path.isdir(path):
+    files = list_folder(path)
+    if not files:
+      raise DataError(f"--data={data}: folder {path} holds no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} file")
+    return Source("files", tuple(files), f"folder {path} ({len(files)} images)")
+  if is_tfrecord_pattern(path):
+    shards = sorted(glob.glob(path))
+    if not shards:
+      raise DataError(f"--data={data}: no TFRecord shard matches {path}")
+    return Source("tfrecord", tuple(shards), f"{len(shards)} TFRecord shards {path}")
+  if os.path.isfile(path):
+    try:
+      files = read_list_file(path, data_root)
+    except (UnicodeDecodeError, OSError) as e:
+      raise DataError(f"--data={data}: cannot read list file {path}: {e}") from e
+    if not files:
+      raise DataError(f"--data={data}: list file {path} names no image")
+    return Source("files", tuple(files), f"list {path} ({len(files)} images)")
+  raise DataError(f"--data={data}: {path} does not exist")
+
+
+def _epoch_order(num, seed, epoch):
+  """A fresh permutation of range(num) per epoch, a pure function of (seed, epoch)."""
+  return tf.random.experimental.stateless_shuffle(tf.range(num), seed=tf.stack([seed, epoch]))
+
+
+def encoded_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1):
+  """An endless dataset of encoded image bytes in a seeded order, this pipeline's share of them.
+
+  Each epoch visits the files in a new permutation (the original cycled one permutation forever, spec 1.1).
+  The order is a pure function of the seed, so an iterator checkpoint only records positions.
+  """
+  paths = tf.constant(source.paths)
+  seed = tf.constant(seed, tf.int64)
+
+  def epoch_paths(epoch):
+    return tf.data.Dataset.from_tensor_slices(tf.gather(paths, _epoch_order(len(source.paths), seed, epoch)))
+
+  if source.kind == "files":
+    names = tf.data.Dataset.range(2**62).flat_map(epoch_paths)
+    if num_pipelines > 1:
+      names = names.shard(num_pipelines, pipeline_id)
+    return names.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+
+  shards = tf.data.Dataset.range(2**62).flat_map(epoch_paths)
+  if num_pipelines > 1 and len(source.paths) >= num_pipelines:
+    shards = shards.shard(num_pipelines, pipeline_id)
+  records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(source.paths)),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if num_pipelines > 1 and len(source.paths) < num_pipelines:
+    records = records.shard(num_pipelines, pipeline_id)
+  records = records.shuffle(shuffle_buffer, seed=seed + pipeline_id, reshuffle_each_iteration=True)
+  feature = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+  return records.map(lambda r: tf.io.parse_single_example(r, feature)[TFRECORD_IMAGE_KEY],
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One image -> augmented grids
+
+
+def decode(contents):
+  """RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (spec 1.1)."""
+  return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+
+def image_grids(image, seed, color_mode="drop", pixelation=True):
+  """Resize one decoded image and cut its grids of augmented patches.
+
+  Returns a dict: patches float32 [n, 96, 96, 3], grid_height and grid_width int32 [g], usable bool. An image too
+  small for a grid after resizing (spec 1.2) is not usable and gives one empty 0x0 grid, so that the
+  packer can count it.
+  """
+  resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
+  resized = patches_lib.random_resize(tf.cast(image, tf.float32), resize_seed)
+  height, width = tf.shape(resized)[0], tf.shape(resized)[1]
+  usable = (height > patches_lib.MIN_SIDE) & (width > patches_lib.MIN_SIDE)
+
+  def cut():
+    ys, xs, grid_h, grid_w = patches_lib.sample_grids(grid_seed, height, width)
+    cut_patches = patches_lib.crop_patches(resized, ys, xs)
+    return patches_lib.augment(cut_patches, augment_seed, color_mode, pixelation), grid_h, grid_w
+
+  def nothing():
+    size = patches_lib.PATCH_SIZE
+    return tf.zeros([0, size, size, 3]), tf.zeros([1], tf.int32), tf.zeros([1], tf.int32)
+
+  grid_patches, grid_h, grid_w = tf.cond(usable, cut, nothing)
+  return {"patches": grid_patches, "grid_height": grid_h, "grid_width": grid_w, "usable": usable}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grids -> packed batches
+
+_PATCH_SHAPE = [patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3]
+
+
+def _empty_patch_list():
+  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + _PATCH_SHAPE, tf.int64), max_num_elements=-1,
+                                    element_dtype=tf.float32)
+
+
+def _concat_patch_list(handle):
+  values, _ = tf.raw_ops.TensorListConcatV2(
+      input_handle=handle, element_dtype=tf.float32, element_shape=tf.constant([-1] + _PATCH_SHAPE, tf.int64),
+      leading_dims=tf.zeros([0], tf.int64))
+  return values
+
+
+def _grids_of_image(index, image):
+  """One element per grid of an image."""
+  grids = {
+      "patches": tf.RaggedTensor.from_row_lengths(image["patches"], image["grid_height"] * image["grid_width"]),
+      "grid_height": image["grid_height"],
+      "grid_width": image["grid_width"],
+  }
+  count = tf.shape(image["grid_height"])[0]
+  grids["image_index"] = tf.fill([count], index)
+  grids["usable"] = tf.fill([count], image["usable"])
+  return tf.data.Dataset.from_tensor_slices(grids)
+
+
+class _Packer:
+  """tf.data scan state machine that packs whole grids into batches of bounded patch and pair counts.
+
+  The patches of pending grids are held in a TensorList (appending does not copy them) and concatenated once per
+  batch. Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable
+  since the previous batch (unreadable images are dropped before this stage, so they show as gaps in the index).
+  """
+
+  def __init__(self, max_patches, max_pairs):
+    self.max_patches = max_patches
+    self.max_pairs = max_pairs
+
+  def initial_state(self):
+    zero = tf.constant(0, tf.int64)
+    return {"patches": _empty_patch_list(), "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
+            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "last_image": tf.constant(-1, tf.int64),
+            "images": zero, "too_small": zero, "unreadable": zero}
+
+  def __call__(self, state, grid):
+    h, w = grid["grid_height"], grid["grid_width"]
+    n = h * w
+    new_image = grid["image_index"] > state["last_image"]
+    counters = {
+        "last_image": tf.maximum(state["last_image"], grid["image_index"]),
+        "images": state["images"] + tf.cast(new_image & grid["usable"], tf.int64),
+        "too_small": state["too_small"] + tf.cast(new_image & ~grid["usable"], tf.int64),
+        "unreadable": state["unreadable"] + tf.where(new_image, grid["image_index"] - state["last_image"] - 1, 0),
+    }
+    # A single cell has no neighbour, so it would only cost a tower pass.
+    has_pairs = n > 1
+    first, second, label = patches_lib.grid_pairs(h, w)
+    fits = ((state["num_patches"] + n <= self.max_patches) &
+            (tf.shape(state["first"])[0] + tf.shape(first)[0] <= self.max_pairs))
+
+    def append(s):
+      offset = s["num_patches"]
+      return dict(s, patches=tf.raw_ops.TensorListPushBack(input_handle=s["patches"], tensor=grid["patches"]),
+                  num_patches=offset + n, first=tf.concat([s["first"], first + offset], 0),
+                  second=tf.concat([s["second"], second + offset], 0), label=tf.concat([s["label"], label], 0))
+
+    def keep():
+      return dict(state, **counters), self._nothing()
+
+    def add():
+      return append(dict(state, **counters)), self._nothing()
+
+    def flush():
+      batch = {"ready": tf.constant(True), "patches": _concat_patch_list(state["patches"]),
+               "first": state["first"], "second": state["second"], "label": state["label"],
+               "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"]}
+      fresh = dict(self.initial_state(), last_image=counters["last_image"])
+      fresh.update({k: counters[k] - state[k] for k in ("images", "too_small", "unreadable")})
+      return append(fresh), batch
+
+    return tf.cond(~has_pairs, keep, lambda: tf.cond(fits, add, flush))
+
+  def _nothing(self):
+    zero = tf.constant(0, tf.int64)
+    return {"ready": tf.constant(False), "patches": tf.zeros([0] + _PATCH_SHAPE), "first": tf.zeros([0], tf.int32),
+            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "images": zero, "too_small": zero,
+            "unreadable": zero}
+
+
+def pad_batch(batch, max_patches, max_pairs):
+  """Static shapes for XLA and tf.distribute: padding patches are zero and padding pairs point at patch 0."""
+  num_patches = tf.shape(batch["patches"])[0]
+  num_pairs = tf.shape(batch["first"])[0]
+  pad_pairs = [[0, max_pairs - num_pairs]]
+  out = {
+      "patches": tf.pad(batch["patches"], [[0, max_patches - num_patches], [0, 0], [0, 0], [0, 0]]),
+      "patch_mask": tf.range(max_patches) < num_patches,
+      "first": tf.pad(batch["first"], pad_pairs),
+      "second": tf.pad(batch["second"], pad_pairs),
+      "label": tf.pad(batch["label"], pad_pairs),
+      "pair_mask": tf.range(max_pairs) < num_pairs,
+      "images": batch["images"],
+      "too_small": batch["too_small"],
+      "unreadable": batch["unreadable"],
+  }
+  size = patches_lib.PATCH_SIZE
+  out["patches"] = tf.ensure_shape(out["patches"], [max_patches, size, size, 3])
+  for key in ("first", "second", "label", "pair_mask"):
+    out[key] = tf.ensure_shape(out[key], [max_pairs])
+  out["patch_mask"] = tf.ensure_shape(out["patch_mask"], [max_patches])
+  return out
+
+
+def batches_from_images(images, config, seed):
+  """Packed batches from a dataset of decoded-or-not images: `images` yields encoded bytes."""
+  base_seed = tf.constant([config.seed, seed], tf.int64)
+
+  def process(index, contents):
+    image_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+    return index, image_grids(decode(contents), image_seed, config.color_mode, config.pixelation)
+
+  grids = (images.enumerate()
+           .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+           .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
+           .flat_map(_grids_of_image))
+  packer = _Packer(config.batch_patches, config.batch_pairs)
+  return (grids.scan(packer.initial_state(), packer)
+          .filter(lambda batch: batch["ready"])
+          .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
+
+
+def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1):
+  """The endless dataset of packed batches for one input pipeline (one replica's share of the data)."""
+  source = source or find_source(config.data, config.data_root)
+  images = encoded_images(source, config.seed, config.shuffle_buffer, pipeline_id, num_pipelines)
+  dataset = batches_from_images(images, config, seed=pipeline_id)
+  options = tf.data.Options()
+  options.deterministic = True
+  dataset = dataset.with_options(options)
+  return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def check_readable(source, limit=None):
+  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid.
+
+  Images are tried in listing order until one works (the first, normally), at most `limit` of them.
+  """
+  tried = 0
+  if source.kind == "files":
+    candidates = (tf.io.read_file(p) for p in source.paths)
+  else:
+    candidates = (tf.io.parse_single_example(r, {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})
+                  [TFRECORD_IMAGE_KEY] for r in tf.data.TFRecordDataset(list(source.paths)))
+  problems = []
+  for contents in candidates:
+    tried += 1
+    try:
+      shape = decode(contents).shape
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
+            tf.errors.UnknownError) as e:
+      problems.append(str(e).splitlines()[0][:120])
+    else:
+      if patches_lib.can_hold_grid(shape[0], shape[1]):
+        return
+      problems.append(f"{shape[1]}x{shape[0]} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px patches")
+    if limit and tried >= limit:
+      break
+  detail = f" (first problem: {problems[0]})" if problems else ""
+  raise DataError(f"--data={source.description}: none of the {tried} images tried can be used{detail}")

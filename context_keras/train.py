@@ -1,0 +1,576 @@
+"""Trains context prediction: python -m context_keras.train --flagfile=flags/deepcontext.cfg --data=... --model_dir=...
+
+Reads top to bottom: flags -> run directory and control files -> strategy -> data -> model and optimizer ->
+restore -> loop of compiled multi-step calls (log, summaries, checkpoint, export, pause/quit) -> final export.
+"""
+import dataclasses
+import json
+import logging as std_logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from context_keras import data as data_lib
+from context_keras import export as export_lib
+from context_keras import model as model_lib
+from context_keras import patches as patches_lib
+
+flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, flags, exports. A run "
+                    "resumes from its latest checkpoint here.")
+flags.DEFINE_integer("train_steps", 0, "Total steps of the run (a resumed run stops there); 0 = until told to "
+                     "stop (quit file, SIGINT or SIGTERM). The original ran 1.7M steps.")
+flags.DEFINE_integer("seed", 0, "Seed of all randomness: data order, grids, augmentation and initialisation.")
+flags.DEFINE_float("learning_rate", 1e-5, "SGD learning rate (1e-5 in the validated code).")
+flags.DEFINE_float("momentum", 0.0, "SGD momentum (0 in the validated code, 0.999 in the paper).")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay per step, times the learning rate (0 originally).")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"],
+                  "constant (the original) or cosine decay to 0 over --train_steps.")
+flags.DEFINE_integer("warmup_steps", 0, "Linear learning-rate warm-up from 0 over this many steps.")
+flags.DEFINE_enum("loss_reduction", "sum", ["sum", "mean"],
+                  "Softmax cross-entropy summed over the pairs of the global batch (the original's "
+                  "normalization: NONE) or averaged over them.")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"],
+                  "Compute precision; variables stay float32. float16 uses dynamic loss scaling.")
+flags.DEFINE_bool("jit_compile", False, "Compile the forward and backward pass with XLA.")
+flags.DEFINE_integer("steps_per_loop", 10, "Training steps per compiled call. Checkpoints, logs and control "
+                     "files are honoured at exact steps whatever this is.")
+flags.DEFINE_integer("log_every", 20, "Steps between progress lines and scalar summaries.")
+flags.DEFINE_integer("checkpoint_every", 2000, "Steps between checkpoints (2000 as the original).")
+flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept in --model_dir.")
+flags.DEFINE_integer("export_every", 0, "Steps between SavedModel exports of the backbone (0 = only at the end).")
+flags.DEFINE_integer("image_summary_every", 1000, "Steps between TensorBoard images of pairs as the model sees them.")
+flags.DEFINE_integer("histogram_every", 1000, "Steps between weight histograms.")
+flags.DEFINE_float("divergence_factor", 10.0,
+                   "Stop when a step's gradient norm exceeds this many times its running average (after 100 "
+                   "steps), as the original's 10x update guard; 0 disables. NaN/Inf always stops.")
+flags.DEFINE_string("quit_file", "train_quit", "When this file appears the run finishes its step, writes a "
+                    "checkpoint and exits 0. Relative paths are in the working directory, as the original's.")
+flags.DEFINE_string("pause_file", "train_pause", "When this file appears the run writes a checkpoint and waits, "
+                    "idle, until it is removed.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "one_device"],
+                  "auto: MirroredStrategy over the visible GPUs (CUDA_VISIBLE_DEVICES picks them) or over "
+                  "--cpu_replicas CPU devices, else the default strategy.")
+flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each (for "
+                     "testing MirroredStrategy without GPUs).")
+
+FLAGS = flags.FLAGS
+
+RUN_FLAGS_FILE = "flags.txt"
+EXPORT_DIR = "export"
+DIVERGENCE_WARMUP_STEPS = 100
+PREVIEW_PAIRS = 8
+
+# Why a compiled loop stopped early.
+STATUS_OK, STATUS_STOP_REQUESTED, STATUS_NOT_FINITE, STATUS_EXPLODED = 0, 1, 2, 3
+
+
+class SetupError(Exception):
+  """Bad flags or run directory; stops the run at start with this message and no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-5
+  momentum: float = 0.0
+  weight_decay: float = 0.0
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  train_steps: int = 0
+  loss_reduction: str = "sum"
+  mixed_precision: str = "none"
+  jit_compile: bool = False
+  divergence_factor: float = 10.0
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+  """Constant or cosine-to-zero, with optional linear warm-up."""
+
+  def __init__(self, base, warmup_steps=0, decay_steps=0):
+    self.base, self.warmup_steps, self.decay_steps = base, warmup_steps, decay_steps
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    rate = tf.constant(self.base, tf.float32)
+    if self.warmup_steps:
+      rate *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
+    if self.decay_steps:
+      progress = tf.minimum(step, self.decay_steps) / self.decay_steps
+      rate *= 0.5 * (1.0 + tf.cos(math.pi * progress))
+    return rate
+
+  def get_config(self):
+    return {"base": self.base, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
+
+
+def make_optimizer(config):
+  decay_steps = config.train_steps if config.lr_schedule == "cosine" else 0
+  optimizer = keras.optimizers.SGD(
+      LearningRate(config.learning_rate, config.warmup_steps, decay_steps), momentum=config.momentum,
+      weight_decay=config.weight_decay or None)
+  if config.mixed_precision == "float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+class Trainer:
+  """Networks, optimizer and the compiled multi-step loop, all built in `strategy`'s scope."""
+
+  def __init__(self, strategy, model_config, optim_config):
+    self.strategy = strategy
+    self.config = optim_config
+    with strategy.scope():
+      self.networks = model_lib.build(model_config)
+      self.optimizer = make_optimizer(optim_config)
+      self.optimizer.build(self.trainable_variables)
+      # Running mean of the gradient norm, for the divergence guard; checkpointed with the run.
+      self.grad_norm_average = tf.Variable(0.0, trainable=False, name="grad_norm_average")
+    self.stop_requested = tf.Variable(False, trainable=False, name="stop_requested")
+    self._gradients = tf.function(self._gradients_impl, jit_compile=optim_config.jit_compile)
+    self.train_loop = tf.function(self._train_loop_impl)
+
+  @property
+  def trainable_variables(self):
+    return self.networks.tower.trainable_variables + self.networks.head.trainable_variables
+
+  @property
+  def step(self):
+    return self.optimizer.iterations
+
+  def checkpoint_items(self):
+    return {"tower": self.networks.tower, "head": self.networks.head, "optimizer": self.optimizer,
+            "grad_norm_average": self.grad_norm_average}
+
+  def _gradients_impl(self, batch, global_pairs):
+    with tf.GradientTape() as tape:
+      logits = model_lib.grid_logits(self.networks, batch, training=True)
+      valid = tf.cast(batch["pair_mask"], tf.float32)
+      per_pair = keras.losses.sparse_categorical_crossentropy(batch["label"], logits, from_logits=True)
+      loss_sum = tf.reduce_sum(per_pair * valid)
+      # Gradients are summed over replicas, so each replica's share of the global objective is its own sum
+      # (or its sum over the global pair count): correct for any number of replicas.
+      loss = loss_sum if self.config.loss_reduction == "sum" else loss_sum / tf.maximum(global_pairs, 1.0)
+      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(loss, self.trainable_variables)
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["label"]),
+                                    tf.float32) * valid)
+    return gradients, {"loss_sum": loss_sum, "pairs": tf.reduce_sum(valid), "correct": correct}
+
+  def replica_step(self, batch):
+    context = tf.distribute.get_replica_context()
+    global_pairs = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.cast(batch["pair_mask"],
+                                                                                        tf.float32)))
+    gradients, stats = self._gradients(batch, global_pairs)
+    stats["grad_norm_squared"] = tf.square(tf.linalg.global_norm(gradients))
+    self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+    return stats
+
+  def _preview(self, batch):
+    """The first pairs of a batch as the model sees them, for the image summary."""
+    return {"first": tf.gather(batch["patches"], batch["first"][:PREVIEW_PAIRS]),
+            "second": tf.gather(batch["patches"], batch["second"][:PREVIEW_PAIRS]),
+            "label": batch["label"][:PREVIEW_PAIRS], "valid": batch["pair_mask"][:PREVIEW_PAIRS]}
+
+  def _train_loop_impl(self, iterator, num_steps):
+    """Runs up to num_steps steps; stops early on request or divergence (without checkpointing, by the host)."""
+    totals = {k: tf.constant(0.0, tf.float64) for k in ("loss_sum", "pairs", "correct", "input_seconds")}
+    counts = {k: tf.constant(0, tf.int64) for k in ("images", "too_small", "unreadable")}
+    status = tf.constant(STATUS_OK)
+    steps = tf.constant(0)
+    preview = self._preview(self._empty_batch())
+    while steps < num_steps and status == STATUS_OK and not self.stop_requested:
+      start = tf.timestamp()
+      with tf.control_dependencies([start]):
+        batch = next(iterator)
+      local = self.strategy.experimental_local_results(batch)
+      with tf.control_dependencies(tf.nest.flatten(local)):
+        waited = tf.timestamp() - start
+      stats = self.strategy.run(self.replica_step, args=(batch,))
+      stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
+      grad_norm = tf.sqrt(stats.pop("grad_norm_squared"))
+      totals = {k: totals[k] + tf.cast(stats[k] if k in stats else waited, tf.float64) for k in totals}
+      counts = {k: counts[k] + tf.add_n([b[k] for b in local]) for k in counts}
+      preview = self._preview(local[0])
+      steps += 1
+      status = self._check_divergence(stats["loss_sum"], grad_norm)
+    if status == STATUS_OK and steps < num_steps:
+      status = tf.constant(STATUS_STOP_REQUESTED)
+    return {"steps": steps, "status": status, "preview": preview, **totals, **counts}
+
+  def _check_divergence(self, loss_sum, grad_norm):
+    if not (tf.math.is_finite(loss_sum) and tf.math.is_finite(grad_norm)):
+      return tf.constant(STATUS_NOT_FINITE)
+    average = self.grad_norm_average
+    if (self.config.divergence_factor > 0 and self.step > DIVERGENCE_WARMUP_STEPS and
+        grad_norm > self.config.divergence_factor * average):
+      return tf.constant(STATUS_EXPLODED)
+    rate = tf.maximum(0.01, 1.0 / tf.cast(self.step, tf.float32))  # a plain mean at first, then an EMA
+    average.assign(average + rate * (grad_norm - average))
+    return tf.constant(STATUS_OK)
+
+  def _empty_batch(self):
+    size = patches_lib.PATCH_SIZE
+    pairs = tf.zeros([PREVIEW_PAIRS], tf.int32)
+    return {"patches": tf.zeros([1, size, size, 3]), "first": pairs, "second": pairs, "label": pairs,
+            "pair_mask": tf.zeros([PREVIEW_PAIRS], tf.bool)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Strategy
+
+
+def make_strategy(name, cpu_replicas):
+  """MirroredStrategy over the GPUs, or over logical CPU devices if asked, else the default strategy."""
+  gpus = tf.config.list_physical_devices("GPU")
+  if cpu_replicas > 1 and not gpus:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+    except RuntimeError:
+      pass  # already configured in this process (tests); the devices are listed below
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_replicas]
+    return tf.distribute.MirroredStrategy(devices)
+  if name == "one_device":
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  if gpus or name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+def distributed_batches(strategy, input_config, source):
+  def dataset_fn(context):
+    return data_lib.make_dataset(input_config, source, context.input_pipeline_id, context.num_input_pipelines)
+  return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run directory, control files, signals
+
+
+def prepare_model_dir(path):
+  if not path:
+    raise SetupError("--model_dir is required: the run directory for checkpoints, logs and exports")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise SetupError(f"--model_dir={path} is a file, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise SetupError(f"--model_dir={path} is not writable: {e.strerror}") from e
+
+
+class Control:
+  """Quit and pause requests from control files and signals, turned into the loop's stop flag.
+
+  A watcher thread polls the files twice a second, so a request stops the compiled loop after the step in flight
+  (the flag is read before every step).
+  """
+  POLL_SECONDS = 0.5
+
+  def __init__(self, quit_file, pause_file, stop_flag):
+    self.quit_file, self.pause_file = quit_file, pause_file
+    self.stop_flag = stop_flag
+    self.quit_reason = None
+    self._done = threading.Event()
+    for stale in (quit_file, pause_file):
+      if os.path.exists(stale):
+        logging.warning("Removing control file %s left from an earlier run (not obeyed).", os.path.abspath(stale))
+        os.remove(stale)
+    self._thread = threading.Thread(target=self._watch, daemon=True, name="control-files")
+    self._thread.start()
+    self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+  def _on_signal(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.quit_reason:
+      logging.warning("%s again: already stopping (%s).", name, self.quit_reason)
+      return
+    logging.info("%s received: finishing the current step, then checkpoint and exit.", name)
+    self.quit_reason = name
+    self.stop_flag.assign(True)
+
+  def _watch(self):
+    while not self._done.wait(self.POLL_SECONDS):
+      if os.path.exists(self.quit_file) and not self.quit_reason:
+        self.quit_reason = f"quit file {self.quit_file}"
+      if self.quit_reason or self.pause_requested():
+        self.stop_flag.assign(True)
+
+  def pause_requested(self):
+    return os.path.exists(self.pause_file)
+
+  def wait_while_paused(self):
+    """Blocks, sleeping, until the pause file is gone or a quit is requested."""
+    logging.info("Paused: remove %s to continue (or create %s / send SIGTERM to quit).",
+                 os.path.abspath(self.pause_file), self.quit_file)
+    while self.pause_requested() and not self.quit_reason:
+      time.sleep(1.0)
+    if not self.quit_reason:
+      logging.info("Pause file removed: continuing.")
+      self.stop_flag.assign(False)
+
+  def close(self):
+    self._done.set()
+    for s, handler in self._previous_handlers.items():
+      signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def preview_image(preview):
+  """Pairs as a picture: each pair is a 3x3 board with the first patch in the centre and the second patch in the
+  cell its label names (spec 2.3), so the labels can be checked by eye."""
+  size, gap = patches_lib.PATCH_SIZE, 8
+  cell = size + gap
+  boards = []
+  for first, second, label, valid in zip(preview["first"], preview["second"], preview["label"], preview["valid"]):
+    if not valid:
+      continue
+    board = np.full((3 * cell, 3 * cell, 3), 0.5, np.float32)
+    dx, dy = patches_lib.NEIGHBOUR_OFFSETS[int(label)]
+    for patch, (cx, cy) in ((first, (1, 1)), (second, (1 + dx, 1 + dy))):
+      lo, hi = patch.min(), patch.max()
+      board[cy * cell:cy * cell + size, cx * cell:cx * cell + size] = (patch - lo) / max(hi - lo, 1e-6)
+    boards.append(board)
+  return np.stack(boards) if boards else None
+
+
+def write_hparams(writer, flag_values):
+  """The flags as TensorBoard text, and in the HParams dashboard when the tensorboard package is installed."""
+  with writer.as_default():
+    try:
+      from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      pass
+    else:
+      hparams_api.hparams({k: v for k, v in flag_values.items() if isinstance(v, (bool, int, float, str))})
+    tf.summary.text("flags", "\n".join(f"    --{k}={v}" for k, v in sorted(flag_values.items())), step=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def our_flag_values():
+  """The values of every flag defined by context_keras modules."""
+  values = {}
+  for module, module_flags in FLAGS.flags_by_module_dict().items():
+    if "context_keras" in module:
+      values.update({f.name: f.value for f in module_flags})
+  return values
+
+
+def write_run_flags(model_dir):
+  """flags.txt is a flagfile: --flagfile=RUN/flags.txt repeats the run."""
+  lines = []
+  for module, module_flags in sorted(FLAGS.flags_by_module_dict().items()):
+    if "context_keras" in module:
+      lines.extend(f.serialize() for f in module_flags if f.value is not None)
+  with open(os.path.join(model_dir, RUN_FLAGS_FILE), "w") as f:
+    f.write("\n".join(sorted(lines)) + "\n")
+
+
+def validate_flags():
+  problems = []
+  for name in ("train_steps", "warmup_steps", "export_every"):
+    if FLAGS[name].value < 0:
+      problems.append(f"--{name}={FLAGS[name].value} must be >= 0")
+  for name in ("steps_per_loop", "log_every", "checkpoint_every", "keep_checkpoints", "image_summary_every",
+               "histogram_every", "cpu_replicas"):
+    if FLAGS[name].value < 1:
+      problems.append(f"--{name}={FLAGS[name].value} must be >= 1")
+  if FLAGS.learning_rate <= 0:
+    problems.append(f"--learning_rate={FLAGS.learning_rate} must be > 0")
+  if FLAGS.lr_schedule == "cosine" and FLAGS.train_steps == 0:
+    problems.append("--lr_schedule=cosine needs --train_steps > 0 to know where the cosine ends")
+  if not 0 < FLAGS.width_multiplier <= 4:
+    problems.append(f"--width_multiplier={FLAGS.width_multiplier} must be in (0, 4]")
+  if problems:
+    raise SetupError("Invalid flags: " + "; ".join(problems))
+
+
+def next_stop(step, train_steps, *intervals):
+  """Steps until the next multiple of any interval, or the end of training."""
+  distances = [interval - step % interval for interval in intervals if interval]
+  if train_steps:
+    distances.append(train_steps - step)
+  return min(distances)
+
+
+def run():
+  validate_flags()
+  model_dir = FLAGS.model_dir
+  prepare_model_dir(model_dir)
+  log_file = std_logging.FileHandler(os.path.join(model_dir, "train.log"))
+  log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  logging.get_absl_logger().addHandler(log_file)
+
+  strategy = make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+  logging.info("Strategy: %s with %d replica(s).", type(strategy).__name__, strategy.num_replicas_in_sync)
+  if FLAGS.mixed_precision != "none":
+    keras.mixed_precision.set_global_policy("mixed_" + FLAGS.mixed_precision)
+  keras.utils.set_random_seed(FLAGS.seed)
+
+  try:
+    input_config = data_lib.config_from_flags(FLAGS.seed)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  source = data_lib.find_source(input_config.data, input_config.data_root)
+  data_lib.check_readable(source)
+  logging.info("Data: %s.", source.description)
+
+  optim_config = OptimConfig(
+      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
+      lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps, train_steps=FLAGS.train_steps,
+      loss_reduction=FLAGS.loss_reduction, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
+      divergence_factor=FLAGS.divergence_factor)
+  model_config = model_lib.config_from_flags()
+  trainer = Trainer(strategy, model_config, optim_config)
+  with strategy.scope():
+    iterator = iter(distributed_batches(strategy, input_config, source))
+    counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k)
+                for k in ("images", "too_small", "unreadable")}
+    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), iterator=iterator, **counters)
+    manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=FLAGS.keep_checkpoints)
+    if manager.latest_checkpoint:
+      checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+      logging.info("Resumed from %s at step %d.", manager.latest_checkpoint, int(trainer.step))
+    else:
+      logging.info("Starting a new run in %s.", model_dir)
+
+  write_run_flags(model_dir)
+  writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+  write_hparams(writer, our_flag_values())
+  control = Control(FLAGS.quit_file, FLAGS.pause_file, trainer.stop_requested)
+  try:
+    return train_loop(trainer, iterator, manager, writer, control, counters, model_config)
+  finally:
+    control.close()
+    writer.close()
+
+
+def save(manager, trainer, reason):
+  path = manager.save(checkpoint_number=int(trainer.step))
+  logging.info("Checkpoint %s written (%s).", path, reason)
+
+
+def export(trainer, model_config, model_dir):
+  path = os.path.join(model_dir, EXPORT_DIR, f"backbone_{int(trainer.step)}")
+  export_lib.export_backbone(trainer.networks.tower, model_config, path)
+  logging.info("Backbone SavedModel written to %s.", path)
+
+
+def train_loop(trainer, iterator, manager, writer, control, counters, model_config):
+  step = int(trainer.step)
+  train_steps = FLAGS.train_steps
+  if train_steps and step >= train_steps:
+    logging.info("Step %d already reaches --train_steps=%d: nothing to train.", step, train_steps)
+    return 0
+  last_checkpoint_step = step
+  while not train_steps or step < train_steps:
+    num_steps = min(FLAGS.steps_per_loop, next_stop(step, train_steps, FLAGS.log_every, FLAGS.checkpoint_every,
+                                                    FLAGS.export_every, FLAGS.image_summary_every,
+                                                    FLAGS.histogram_every))
+    start = time.perf_counter()
+    out = trainer.train_loop(iterator, tf.constant(num_steps))
+    seconds = time.perf_counter() - start
+    done, status = int(out["steps"]), int(out["status"])
+    step = int(trainer.step)
+    for k, variable in counters.items():
+      variable.assign_add(out[k])
+    if status in (STATUS_NOT_FINITE, STATUS_EXPLODED):
+      what = "loss or gradient is NaN/Inf" if status == STATUS_NOT_FINITE else (
+          f"gradient norm exceeded {FLAGS.divergence_factor}x its running average")
+      logging.error("Diverged at step %d: %s. Nothing was checkpointed after step %d; lower --learning_rate or "
+                    "examine the run, then re-run to resume from %s.", step, what, last_checkpoint_step,
+                    manager.latest_checkpoint or "scratch")
+      return 1
+    if done:
+      write_summaries(writer, trainer, out, seconds, step, counters)
+    if step % FLAGS.checkpoint_every == 0 and step != last_checkpoint_step:
+      save(manager, trainer, "interval")
+      last_checkpoint_step = step
+    if FLAGS.export_every and step % FLAGS.export_every == 0 and done:
+      export(trainer, model_config, FLAGS.model_dir)
+    if status == STATUS_STOP_REQUESTED:
+      if step != last_checkpoint_step:
+        save(manager, trainer, control.quit_reason or "pause")
+        last_checkpoint_step = step
+      if control.quit_reason:
+        logging.info("Stopped at step %d (%s).", step, control.quit_reason)
+        return 0
+      control.wait_while_paused()
+      if control.quit_reason:
+        logging.info("Stopped while paused at step %d (%s).", step, control.quit_reason)
+        return 0
+  if step != last_checkpoint_step:
+    save(manager, trainer, "end of training")
+  export(trainer, model_config, FLAGS.model_dir)
+  logging.info("Training finished at step %d.", step)
+  return 0
+
+
+def write_summaries(writer, trainer, out, seconds, step, counters):
+  done = int(out["steps"])
+  pairs = float(out["pairs"])
+  loss = float(out["loss_sum"]) / max(pairs, 1.0)
+  accuracy = float(out["correct"]) / max(pairs, 1.0)
+  rate = float(trainer.optimizer.learning_rate) if not callable(trainer.optimizer.learning_rate) else float(
+      trainer.optimizer.learning_rate(trainer.step))
+  input_share = float(out["input_seconds"]) / max(seconds, 1e-9)
+  with writer.as_default(step=step):
+    tf.summary.scalar("loss_per_pair", loss)
+    tf.summary.scalar("pretext_accuracy", accuracy)
+    tf.summary.scalar("learning_rate", rate)
+    tf.summary.scalar("pairs_per_second", pairs / seconds)
+    tf.summary.scalar("input_wait_share", input_share)
+    for k, variable in counters.items():
+      tf.summary.scalar(f"images/{k}", int(variable))
+    if step % FLAGS.image_summary_every == 0:
+      preview = {k: v.numpy() for k, v in out["preview"].items()}
+      image = preview_image(preview)
+      if image is not None:
+        tf.summary.image("pairs_first_centre_second_at_label", image, max_outputs=PREVIEW_PAIRS)
+    if step % FLAGS.histogram_every == 0:
+      for variable in trainer.trainable_variables:
+        tf.summary.histogram(variable.path, variable)
+  if step % FLAGS.log_every == 0 or int(out["status"]) != STATUS_OK:
+    total = f"/{FLAGS.train_steps}" if FLAGS.train_steps else ""
+    logging.info("step %d%s  loss/pair %.4f  accuracy %.3f  %.0f pairs/s  input wait %.0f%%  lr %.3g  "
+                 "images %d (too small %d, unreadable %d)", step, total, loss, accuracy, pairs / seconds,
+                 100 * input_share, rate, int(counters["images"]), int(counters["too_small"]),
+                 int(counters["unreadable"]))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    sys.exit(run())
+  except (SetupError, data_lib.DataError) as e:
+    logging.error("%s", e)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

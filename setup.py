@@ -1,0 +1,26 @@
+"""context_keras: self-supervised learning by context prediction (Doersch, Gupta & Efros, ICCV 2015) in TF2/Keras 3."""
+from setuptools import find_packages, setup
+
+setup(
+    name="context_keras",
+    version="0.1.0",
+    description="Context prediction (relative patch location) pre-training with tf.data, Keras 3 and tf.distribute",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["context_keras", "context_keras.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.3",
+        "numpy",
+        "absl-py",
+        # tf.summary needs it to write any summary; it is also the viewer of the training logs.
+        "tensorboard",
+    ],
+    extras_require={
+        "cuda": ["tensorflow[and-cuda]>=2.16"],
+        # scikit-image ships the sample photos of flags/demo.cfg.
+        "demo": ["scikit-image"],
+        "test": ["pytest", "pytest-timeout", "scikit-image", "pillow"],
+    },
+)

@@ -1,0 +1,104 @@
+"""The network of spec section 3: shapes, shared weights, Caffe batch norm and LRN semantics."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from context_keras import model as M
+
+
+@pytest.fixture(scope="module")
+def networks():
+  return M.build(M.ModelConfig(width_multiplier=0.25))
+
+
+def test_full_width_shapes_match_spec():
+  tower = M.alexnet_bn_tower(M.ModelConfig())
+  sizes = {layer.name: tuple(layer.output.shape[1:]) for layer in tower.layers}
+  assert sizes["conv1"] == (24, 24, 96)
+  assert sizes["pool1"] == (12, 12, 96)
+  assert sizes["conv2"] == (12, 12, 256)
+  assert sizes["pool2"] == (6, 6, 256)
+  assert sizes["conv3"] == (6, 6, 384) and sizes["conv4"] == (6, 6, 384) and sizes["conv5"] == (6, 6, 256)
+  assert sizes["pool5"] == (3, 3, 256)
+  assert sizes["fc6"] == (4096,)
+  # BN without scale or shift: only its three statistics, none trainable.
+  bn = tower.get_layer("bn6")
+  assert not bn.trainable_weights and len(bn.non_trainable_weights) == 3
+
+
+def test_context_model_shares_one_tower(networks):
+  model = networks.context_model
+  towers = [layer for layer in model.layers if layer.name == "tower"]
+  assert len(towers) == 1, "one tower layer object, applied to both inputs"
+  expected = {id(v) for v in networks.tower.trainable_variables + networks.head.trainable_variables}
+  assert {id(v) for v in model.trainable_variables} == expected
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(3, 96, 96, 3)).astype(np.float32)
+  b = rng.normal(size=(3, 96, 96, 3)).astype(np.float32)
+  logits = model([a, b]).numpy()
+  assert logits.shape == (3, 8)
+  # Swapping the inputs changes the logits (the head sees an ordered pair), from the same tower features.
+  features_a = networks.tower([a, np.ones(3, np.float32)]).numpy()
+  direct = networks.head([np.concatenate([features_a, networks.tower([b, np.ones(3, np.float32)]).numpy()], 1),
+                          np.ones(3, np.float32)]).numpy()
+  np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_logits_gather_pairs(networks):
+  rng = np.random.default_rng(1)
+  patches = rng.normal(size=(5, 96, 96, 3)).astype(np.float32)
+  batch = {"patches": patches, "patch_mask": np.ones(5, bool), "first": np.array([0, 2, 4], np.int32),
+           "second": np.array([1, 3, 0], np.int32), "pair_mask": np.ones(3, bool)}
+  grid = M.grid_logits(networks, batch, training=False).numpy()
+  pairwise = networks.context_model([patches[[0, 2, 4]], patches[[1, 3, 0]]]).numpy()
+  np.testing.assert_allclose(grid, pairwise, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_ignores_padding_and_follows_caffe_average():
+  layer = M.CaffeBatchNorm()
+  rng = np.random.default_rng(2)
+  x = rng.normal(3.0, 2.0, size=(6, 4, 4, 5)).astype(np.float32)
+  padded = np.concatenate([x, 1000 * np.ones((3, 4, 4, 5), np.float32)])
+  valid = np.array([1] * 6 + [0] * 3, np.float32)
+  y = layer([padded, valid], training=True).numpy()[:6]
+  mean = x.mean(axis=(0, 1, 2))
+  var = x.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+  # Caffe: s = 1 after one step, sum_mu = mu, sum_var = m/(m-1) var, so the estimate is the unbiased one.
+  m = 6 * 4 * 4
+  est_mean, est_var = (t.numpy() for t in layer.moving_statistics())
+  np.testing.assert_allclose(est_mean, mean, rtol=1e-5)
+  np.testing.assert_allclose(est_var, var * m / (m - 1), rtol=1e-4)
+  layer([padded, valid], training=True)
+  assert float(layer.scale_sum) == pytest.approx(1.999)
+  # Inference uses the moving estimate, not the batch.
+  out = layer([x[:1], np.ones(1, np.float32)], training=False).numpy()
+  np.testing.assert_allclose(out, (x[:1] - est_mean) / np.sqrt(est_var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_before_training_is_identity():
+  layer = M.CaffeBatchNorm()
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  np.testing.assert_allclose(layer([x, np.ones(3, np.float32)], training=False).numpy(), x / np.sqrt(1 + 1e-5))
+
+
+def test_lrn_matches_caffe_formula():
+  x = np.random.default_rng(3).uniform(0, 100, size=(2, 3, 3, 7)).astype(np.float32)
+  got = M.LocalResponseNorm()(x).numpy()
+  # Caffe across-channel LRN: x / (k + alpha / n * sum over n neighbouring channels of x^2) ^ beta
+  padded = np.pad(x ** 2, [(0, 0), (0, 0), (0, 0), (2, 2)])
+  window = sum(padded[..., i:i + 7] for i in range(5))
+  np.testing.assert_allclose(got, x / (1 + 1e-4 / 5 * window) ** 0.75, rtol=1e-5)
+
+
+def test_lecun_uniform_init_and_zero_bias():
+  tower = M.alexnet_bn_tower(M.ModelConfig())
+  kernel, bias = tower.get_layer("conv2").get_weights()
+  limit = np.sqrt(3.0 / (5 * 5 * 96))
+  assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+  assert not bias.any()
+
+
+def test_unknown_backbone():
+  with pytest.raises(ValueError, match="backbone"):
+    M.build(M.ModelConfig(backbone="resnet9000"))

@@ -1,0 +1,162 @@
+"""Pair geometry (spec 2.2-2.3) and per-patch augmentation (spec 2.4), pinned on the pure TF functions."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from context_keras import patches as P
+
+
+def coordinate_image(height, width):
+  """An image whose channel 0 holds the row and channel 1 the column of each pixel."""
+  y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return tf.constant(np.stack([y, x, np.zeros_like(y)], -1).astype(np.float32))
+
+
+@pytest.mark.parametrize("height,width,seed", [(248, 248, 0), (387, 387, 1), (580, 774, 2), (300, 1400, 3),
+                                               (1200, 260, 4)])
+def test_grids_pairs_and_labels_match_true_offsets(height, width, seed):
+  image = coordinate_image(height, width)
+  ys, xs, grid_h, grid_w = P.sample_grids(tf.constant([seed, 7], tf.int64), height, width)
+  cut = P.crop_patches(image, ys, xs).numpy()
+  # Each patch is exactly the image region at its corner.
+  np.testing.assert_array_equal(cut[:, 0, 0, 0], ys.numpy())
+  np.testing.assert_array_equal(cut[:, 0, 0, 1], xs.numpy())
+  np.testing.assert_array_equal(cut[:, -1, -1, 0], ys.numpy() + P.PATCH_SIZE - 1)
+  # Patches lie inside the image (clamping).
+  assert ys.numpy().min() >= 0 and xs.numpy().min() >= 0
+  assert ys.numpy().max() <= height - P.PATCH_SIZE and xs.numpy().max() <= width - P.PATCH_SIZE
+  assert len(grid_h) == P.GRIDS_PER_IMAGE
+  offset = 0
+  seen_pairs = 0
+  for h, w in zip(grid_h.numpy(), grid_w.numpy()):
+    assert h >= 1 and w >= 1
+    n = h * w
+    gy, gx = ys.numpy()[offset:offset + n], xs.numpy()[offset:offset + n]
+    first, second, label = (t.numpy() for t in P.grid_pairs(h, w))
+    assert len(first) == P.num_grid_pairs(h, w)
+    pairs = set(zip(first, second))
+    assert all((b, a) in pairs for a, b in pairs), "both orders of every adjacency"
+    for a, b, lbl in zip(first, second, label):
+      dy, dx = gy[b] - gy[a], gx[b] - gx[a]
+      ex, ey = P.NEIGHBOUR_OFFSETS[lbl]
+      for d, e in ((dx, ex), (dy, ey)):
+        if e == 0:
+          assert abs(d) <= 2 * P.JITTER
+        else:
+          # The gap survives jitter and clamping: neighbours are a pitch apart, give or take 2 x jitter.
+          assert np.sign(d) == e and P.PITCH - 2 * P.JITTER <= abs(d) <= P.PITCH + 2 * P.JITTER
+          assert abs(d) - P.PATCH_SIZE >= P.GAP - 2 * P.JITTER
+    seen_pairs += len(first)
+    offset += n
+  assert offset == len(ys)
+
+
+def test_grid_size_rule_and_jitter_range():
+  height, width = 600, 800
+  starts_seen, jitters = set(), []
+  for seed in range(200):
+    ys, xs, grid_h, grid_w = P.sample_grids(tf.constant([seed, 0], tf.int64), height, width, num_grids=1)
+    # Without jitter and clamping, corner (0, 0) is the grid start, in [0, 143].
+    h, w = int(grid_h[0]), int(grid_w[0])
+    y0 = ys.numpy().reshape(h, w)
+    x0 = xs.numpy().reshape(h, w)
+    # Interior cells are never clamped, so their jitter is visible: corner - start - idx * pitch.
+    base_x = x0[:, 1:] - np.arange(1, w) * P.PITCH
+    jitters.extend((base_x - np.median(base_x)).ravel())
+    # The rule floor((W + gap - start) / pitch), checked against the start recovered from a middle cell.
+    start_x = int(np.round(np.median(x0 - np.arange(w) * P.PITCH)))
+    assert w in ((width + P.GAP - start_x) // P.PITCH + d for d in (-1, 0, 1))
+    starts_seen.add(start_x)
+  jitters = np.array(jitters)
+  assert np.abs(jitters).max() <= 2 * P.JITTER + 1
+  assert min(starts_seen) < 20 and max(starts_seen) > 120
+
+
+def test_labels_are_reading_order():
+  first, second, label = (t.numpy() for t in P.grid_pairs(3, 3))
+  centre = 4
+  got = {int(s): int(l) for f, s, l in zip(first, second, label) if f == centre}
+  # Second patch at row-major cell c of a 3x3 grid around the centre has label c (skipping the centre).
+  assert got == {0: 0, 1: 1, 2: 2, 3: 3, 5: 4, 6: 5, 7: 6, 8: 7}
+  assert len(first) == 40  # 20 adjacencies in a 3x3 grid, both orders
+
+
+def test_resize_keeps_aspect_and_target_range():
+  for seed in range(20):
+    image = tf.zeros([300, 500, 3])
+    out = P.random_resize(image, tf.constant([seed, 1], tf.int64))
+    h, w = out.shape[0], out.shape[1]
+    assert P.MIN_TARGET_PIXELS * 0.99 <= h * w <= P.MAX_TARGET_PIXELS
+    assert abs(w / h - 500 / 300) < 0.01
+
+
+def test_pixelate_identity_and_blocks():
+  rng = np.random.default_rng(0)
+  patches = tf.constant(rng.uniform(0, 255, (3, 96, 96, 3)).astype(np.float32))
+  same = P.pixelate(patches, tf.constant([96, 96, 96]))
+  np.testing.assert_allclose(same.numpy(), patches.numpy(), atol=1e-3)
+  # Down to 10x10 and back: the result has rank <= 10 per channel.
+  low = P.pixelate(patches, tf.constant([10, 10, 10])).numpy()
+  assert np.linalg.matrix_rank(low[0, :, :, 0], tol=1e-2) <= 10
+  # Matches tf.image.resize twice (bilinear, half-pixel centres, no anti-aliasing).
+  for side in (10, 37, 95):
+    expected = tf.image.resize(tf.image.resize(patches, [side, side], antialias=False), [96, 96], antialias=False)
+    got = P.pixelate(patches, tf.constant([side] * 3))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-2)
+
+
+def test_random_pixelate_probability_and_area():
+  patches = tf.constant(np.random.default_rng(1).uniform(0, 255, (2000, 96, 96, 1)).astype(np.float32))
+  out = P.random_pixelate(patches, tf.constant([3, 4], tf.int64)).numpy()
+  changed = np.any(np.abs(out - np.floor(patches.numpy())) > 1e-3, axis=(1, 2, 3)) & np.any(
+      np.abs(out - patches.numpy()) > 1e-3, axis=(1, 2, 3))
+  assert 0.29 < changed.mean() < 0.37
+
+
+def test_color_drop_statistics():
+  rng = np.random.default_rng(2)
+  patches = tf.constant(rng.uniform(0, 255, (3000, 96, 96, 3)).astype(np.float32))
+  out = P.color_transform(patches, tf.constant([5, 6], tf.int64), "drop").numpy()
+  noise_like = np.all((out >= -0.5) & (out < 0.5), axis=(1, 2))  # [n, 3]
+  assert np.all(noise_like.sum(1) == 2), "exactly two channels become noise"
+  kept = np.argmin(noise_like, axis=1)
+  counts = np.bincount(kept, minlength=3) / len(kept)
+  assert np.all(np.abs(counts - 1 / 3) < 0.04)
+  kept_values = out[np.arange(len(out)), :, :, kept]
+  np.testing.assert_allclose(kept_values.mean(axis=(1, 2)), 0, atol=1e-3)
+  noise = out[noise_like[:, None, None, :].repeat(96, 1).repeat(96, 2)]
+  assert abs(noise.std() - 1 / np.sqrt(12)) < 0.005 and abs(noise.mean()) < 0.005
+
+
+def test_color_drop_gaussian_and_project():
+  rng = np.random.default_rng(3)
+  patches = tf.constant(rng.uniform(0, 255, (200, 96, 96, 3)).astype(np.float32))
+  out = P.color_transform(patches, tf.constant([1, 2], tf.int64), "drop_gaussian").numpy()
+  stds = out.std(axis=(1, 2))  # [n, 3]
+  kept_std = stds.max(1)
+  noise_std = np.sort(stds, 1)[:, :2]
+  np.testing.assert_allclose(noise_std / kept_std[:, None], 0.01, rtol=0.05)
+  projected = P.color_transform(patches, tf.constant([1, 2], tf.int64), "project").numpy()
+  # Nothing is left along the green-magenta axis a = [-1, 2, -1].
+  np.testing.assert_allclose(projected @ np.array([-1.0, 2.0, -1.0]), 0, atol=1e-2)
+
+
+def test_rms_normalize():
+  patches = tf.constant(np.random.default_rng(4).normal(0, 7, (5, 96, 96, 3)).astype(np.float32))
+  out = P.rms_normalize(patches).numpy()
+  np.testing.assert_allclose(np.sqrt((out ** 2).mean(axis=(1, 2, 3))), 50, rtol=1e-4)
+  assert np.all(np.isfinite(P.rms_normalize(tf.zeros([1, 96, 96, 3])).numpy()))
+
+
+def test_augment_is_deterministic_per_seed():
+  patches = tf.constant(np.random.default_rng(5).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32))
+  a = P.augment(patches, tf.constant([9, 9], tf.int64))
+  b = P.augment(patches, tf.constant([9, 9], tf.int64))
+  c = P.augment(patches, tf.constant([9, 10], tf.int64))
+  np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert not np.allclose(a.numpy(), c.numpy())
+
+
+def test_largest_grid_bounds():
+  assert P.max_grid_cells() >= 16 and P.max_grid_pairs() >= P.num_grid_pairs(4, 4)
+  assert not P.can_hold_grid(100, 2000) and P.can_hold_grid(100, 100)
