@@ -29,7 +29,7 @@ flags.DEFINE_enum("color_mode", "drop", patches_lib.COLOR_MODES,
                   "uniform noise (the validated code); drop_gaussian = Gaussian noise at 1/100 of the kept "
                   "channel's std (the paper); project = the paper's green-magenta projection; none.")
 flags.DEFINE_bool("pixelation", True, "Randomly pixelate 33% of the patches (spec 2.4 step 1).")
-flags.DEFINE_integer("batch_patches", 512,
+flags.DEFINE_integer("batch_patches", 511,
                      "Patch capacity of one replica's batch. Whole grids are packed until the next one would not "
                      "fit; the original used at most 511 patches (spec 2.5).")
 flags.DEFINE_integer("batch_pairs", 2560,
@@ -56,7 +56,7 @@ class InputConfig:
   data_root: str | None = None
   color_mode: str = "drop"
   pixelation: bool = True
-  batch_patches: int = 512
+  batch_patches: int = 511
   batch_pairs: int = 2560
   shuffle_buffer: int = 2048
   seed: int = 0
@@ -162,32 +162,39 @@ def _epoch_order(num, seed, epoch):
   return tf.random.experimental.stateless_shuffle(tf.range(num), seed=tf.stack([seed, epoch]))
 
 
-def encoded_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1):
-  """An endless dataset of encoded image bytes in a seeded order, this pipeline's share of them.
+def encoded_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1, start_image=0):
+  """An endless dataset of encoded image bytes in a seeded order: this pipeline's share, from its image
+  `start_image` on.
 
-  Each epoch visits the files in a new permutation (the original cycled one permutation forever, spec 1.1).
-  The order is a pure function of the seed, so an iterator checkpoint only records positions.
+  Files: each epoch visits them in a new permutation (the original cycled one permutation forever, spec 1.1), and
+  this pipeline takes every num_pipelines-th image of that stream. The order is a pure function of the seed, so
+  resuming at an image index reproduces the stream exactly. TFRecord shards are read with interleave and a shuffle
+  buffer, whose order cannot be resumed: a resumed run reads them in a fresh order.
   """
   paths = tf.constant(source.paths)
-  seed = tf.constant(seed, tf.int64)
+  num_paths = len(source.paths)
 
   def epoch_paths(epoch):
-    return tf.data.Dataset.from_tensor_slices(tf.gather(paths, _epoch_order(len(source.paths), seed, epoch)))
+    return tf.data.Dataset.from_tensor_slices(tf.gather(paths, _epoch_order(num_paths, tf.constant(seed, tf.int64),
+                                                                            epoch)))
 
   if source.kind == "files":
-    names = tf.data.Dataset.range(2**62).flat_map(epoch_paths)
-    if num_pipelines > 1:
-      names = names.shard(num_pipelines, pipeline_id)
+    first = start_image * num_pipelines + pipeline_id  # index in the stream shared by all pipelines
+    names = (tf.data.Dataset.range(first // num_paths, 2**62).flat_map(epoch_paths)
+             .skip(first % num_paths)
+             .shard(num_pipelines, 0))
     return names.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
 
-  shards = tf.data.Dataset.range(2**62).flat_map(epoch_paths)
-  if num_pipelines > 1 and len(source.paths) >= num_pipelines:
+  order_seed = seed + start_image
+  shards = tf.data.Dataset.range(2**62).flat_map(
+      lambda epoch: epoch_paths(epoch + tf.constant(order_seed, tf.int64) * 1_000_003))
+  if len(source.paths) >= num_pipelines:
     shards = shards.shard(num_pipelines, pipeline_id)
   records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(source.paths)),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if num_pipelines > 1 and len(source.paths) < num_pipelines:
+  if len(source.paths) < num_pipelines:
     records = records.shard(num_pipelines, pipeline_id)
-  records = records.shuffle(shuffle_buffer, seed=seed + pipeline_id, reshuffle_each_iteration=True)
+  records = records.shuffle(shuffle_buffer, seed=order_seed * 7919 + pipeline_id, reshuffle_each_iteration=True)
   feature = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
   return records.map(lambda r: tf.io.parse_single_example(r, feature)[TFRECORD_IMAGE_KEY],
                      num_parallel_calls=tf.data.AUTOTUNE)
@@ -246,16 +253,16 @@ def _concat_patch_list(handle):
 
 
 def _grids_of_image(index, image):
-  """One element per grid of an image."""
-  grids = {
-      "patches": tf.RaggedTensor.from_row_lengths(image["patches"], image["grid_height"] * image["grid_width"]),
-      "grid_height": image["grid_height"],
-      "grid_width": image["grid_width"],
-  }
-  count = tf.shape(image["grid_height"])[0]
-  grids["image_index"] = tf.fill([count], index)
-  grids["usable"] = tf.fill([count], image["usable"])
-  return tf.data.Dataset.from_tensor_slices(grids)
+  """One element per grid of an image, each with its (image, grid) position in the stream."""
+  sizes = image["grid_height"] * image["grid_width"]
+  starts = tf.cumsum(sizes, exclusive=True)
+
+  def grid(g):
+    return {"patches": image["patches"][starts[g]:starts[g] + sizes[g]],
+            "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
+            "position": tf.stack([index, g]), "usable": image["usable"]}
+
+  return tf.data.Dataset.range(tf.shape(sizes, out_type=tf.int64)[0]).map(grid)
 
 
 class _Packer:
@@ -264,27 +271,31 @@ class _Packer:
   The patches of pending grids are held in a TensorList (appending does not copy them) and concatenated once per
   batch. Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable
   since the previous batch (unreadable images are dropped before this stage, so they show as gaps in the index).
+  Each batch also carries `resume`, the (image, grid) position of the first grid after it: a pipeline started
+  there continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, max_patches, max_pairs):
+  def __init__(self, max_patches, max_pairs, start_image=0):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
+    self.start_image = start_image
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
     return {"patches": _empty_patch_list(), "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
-            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "last_image": tf.constant(-1, tf.int64),
+            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
 
   def __call__(self, state, grid):
     h, w = grid["grid_height"], grid["grid_width"]
     n = h * w
-    new_image = grid["image_index"] > state["last_image"]
+    image_index = grid["position"][0]
+    new_image = image_index > state["last_image"]
     counters = {
-        "last_image": tf.maximum(state["last_image"], grid["image_index"]),
+        "last_image": tf.maximum(state["last_image"], image_index),
         "images": state["images"] + tf.cast(new_image & grid["usable"], tf.int64),
         "too_small": state["too_small"] + tf.cast(new_image & ~grid["usable"], tf.int64),
-        "unreadable": state["unreadable"] + tf.where(new_image, grid["image_index"] - state["last_image"] - 1, 0),
+        "unreadable": state["unreadable"] + tf.where(new_image, image_index - state["last_image"] - 1, 0),
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
@@ -307,7 +318,8 @@ class _Packer:
     def flush():
       batch = {"ready": tf.constant(True), "patches": _concat_patch_list(state["patches"]),
                "first": state["first"], "second": state["second"], "label": state["label"],
-               "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"]}
+               "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
+               "resume": grid["position"]}
       fresh = dict(self.initial_state(), last_image=counters["last_image"])
       fresh.update({k: counters[k] - state[k] for k in ("images", "too_small", "unreadable")})
       return append(fresh), batch
@@ -318,7 +330,7 @@ class _Packer:
     zero = tf.constant(0, tf.int64)
     return {"ready": tf.constant(False), "patches": tf.zeros([0] + _PATCH_SHAPE), "first": tf.zeros([0], tf.int32),
             "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "images": zero, "too_small": zero,
-            "unreadable": zero}
+            "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
 
 
 def pad_batch(batch, max_patches, max_pairs):
@@ -336,6 +348,7 @@ def pad_batch(batch, max_patches, max_pairs):
       "images": batch["images"],
       "too_small": batch["too_small"],
       "unreadable": batch["unreadable"],
+      "resume": batch["resume"],
   }
   size = patches_lib.PATCH_SIZE
   out["patches"] = tf.ensure_shape(out["patches"], [max_patches, size, size, 3])
@@ -345,29 +358,34 @@ def pad_batch(batch, max_patches, max_pairs):
   return out
 
 
-def batches_from_images(images, config, seed):
-  """Packed batches from a dataset of decoded-or-not images: `images` yields encoded bytes."""
+def batches_from_images(images, config, seed, start=(0, 0)):
+  """Packed batches from a dataset of encoded images whose first element is image start[0] of the stream;
+  the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
+  start_image, start_grid = start
 
   def process(index, contents):
     image_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
     return index, image_grids(decode(contents), image_seed, config.color_mode, config.pixelation)
 
-  grids = (images.enumerate()
+  grids = (images.enumerate(start=start_image)
            .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
            .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
            .flat_map(_grids_of_image))
-  packer = _Packer(config.batch_patches, config.batch_pairs)
+  if start_grid:
+    grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
+  packer = _Packer(config.batch_patches, config.batch_pairs, start_image)
   return (grids.scan(packer.initial_state(), packer)
           .filter(lambda batch: batch["ready"])
           .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
 
 
-def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1):
-  """The endless dataset of packed batches for one input pipeline (one replica's share of the data)."""
+def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 0)):
+  """The endless dataset of packed batches of one input pipeline, from stream position `start` (image, grid),
+  as recorded in a batch's `resume`."""
   source = source or find_source(config.data, config.data_root)
-  images = encoded_images(source, config.seed, config.shuffle_buffer, pipeline_id, num_pipelines)
-  dataset = batches_from_images(images, config, seed=pipeline_id)
+  images = encoded_images(source, config.seed, config.shuffle_buffer, pipeline_id, num_pipelines, start[0])
+  dataset = batches_from_images(images, config, seed=pipeline_id, start=start)
   options = tf.data.Options()
   options.deterministic = True
   dataset = dataset.with_options(options)

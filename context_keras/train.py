@@ -139,7 +139,14 @@ class Trainer:
       # Running mean of the gradient norm, for the divergence guard; checkpointed with the run.
       self.grad_norm_average = tf.Variable(0.0, trainable=False, name="grad_norm_average")
     self.stop_requested = tf.Variable(False, trainable=False, name="stop_requested")
-    self._gradients = tf.function(self._gradients_impl, jit_compile=optim_config.jit_compile)
+    # Stream position (image, grid) after the last batch trained on: where the input resumes (data.make_dataset).
+    self.input_position = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="input_position")
+    # XLA compiles the forward and backward pass only: the optimizer's cross-replica update stays outside it.
+    self._gradients = (tf.function(self._gradients_impl, jit_compile=True) if optim_config.jit_compile
+                       else self._gradients_impl)
+    if optim_config.jit_compile and model_config.sync_batchnorm and strategy.num_replicas_in_sync > 1:
+      raise SetupError("--jit_compile and --sync_batchnorm cannot be combined with several replicas: the batch "
+                       "statistics' all-reduce cannot run inside a compiled function")
     self.train_loop = tf.function(self._train_loop_impl)
 
   @property
@@ -152,7 +159,7 @@ class Trainer:
 
   def checkpoint_items(self):
     return {"tower": self.networks.tower, "head": self.networks.head, "optimizer": self.optimizer,
-            "grad_norm_average": self.grad_norm_average}
+            "grad_norm_average": self.grad_norm_average, "input_position": self.input_position}
 
   def _gradients_impl(self, batch, global_pairs):
     with tf.GradientTape() as tape:
@@ -205,6 +212,7 @@ class Trainer:
       totals = {k: totals[k] + tf.cast(stats[k] if k in stats else waited, tf.float64) for k in totals}
       counts = {k: counts[k] + tf.add_n([b[k] for b in local]) for k in counts}
       preview = self._preview(local[0])
+      self.input_position.assign(local[-1]["resume"])  # replicas take consecutive batches of one pipeline
       steps += 1
       status = self._check_divergence(stats["loss_sum"], grad_norm)
     if status == STATUS_OK and steps < num_steps:
@@ -251,9 +259,11 @@ def make_strategy(name, cpu_replicas):
   return tf.distribute.get_strategy()
 
 
-def distributed_batches(strategy, input_config, source):
+def distributed_batches(strategy, input_config, source, start=(0, 0)):
+  """One input pipeline per worker; its replicas take consecutive batches of it."""
   def dataset_fn(context):
-    return data_lib.make_dataset(input_config, source, context.input_pipeline_id, context.num_input_pipelines)
+    return data_lib.make_dataset(input_config, source, context.input_pipeline_id, context.num_input_pipelines,
+                                 start=start)
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
@@ -446,17 +456,20 @@ def run():
       divergence_factor=FLAGS.divergence_factor)
   model_config = model_lib.config_from_flags()
   trainer = Trainer(strategy, model_config, optim_config)
+  counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in ("images", "too_small", "unreadable")}
   with strategy.scope():
-    iterator = iter(distributed_batches(strategy, input_config, source))
-    counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k)
-                for k in ("images", "too_small", "unreadable")}
-    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), iterator=iterator, **counters)
+    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)
     manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=FLAGS.keep_checkpoints)
     if manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-      logging.info("Resumed from %s at step %d.", manager.latest_checkpoint, int(trainer.step))
+      logging.info("Resumed from %s at step %d, input at image %d.", manager.latest_checkpoint, int(trainer.step),
+                   int(trainer.input_position[0]))
     else:
       logging.info("Starting a new run in %s.", model_dir)
+    # The input restarts where the last trained batch ended: the positions are in the checkpoint, the buffers of
+    # a tf.data iterator (hundreds of MB of patches) are not.
+    start = tuple(int(v) for v in trainer.input_position.numpy())
+    iterator = iter(distributed_batches(strategy, input_config, source, start))
 
   write_run_flags(model_dir)
   writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))

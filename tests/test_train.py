@@ -1,0 +1,302 @@
+"""The training program: distributed step equivalence, resume, control files and signals, errors, learning."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_module
+from context_keras import data as D
+from context_keras import model as M
+from context_keras import train as T
+
+SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320"]
+
+
+# Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
+CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def demo_args(model_dir, *extra):
+  return ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", f"--data={REPO}/flags/demo_photos.txt",
+          f"--model_dir={model_dir}", *SMALL_MODEL, "--log_every=5", "--steps_per_loop=5", *extra]
+
+
+def log_of(result):
+  return result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One step on two replicas equals the single-device step
+
+
+def two_batches(photo_dir, demo_list):
+  config = D.InputConfig(data=demo_list, data_root=photo_dir, batch_patches=64, batch_pairs=320)
+  return list(D.make_dataset(config).take(2))
+
+
+def concat_batches(a, b):
+  """One batch holding both, as a single device would see the global batch."""
+  n = a["patches"].shape[0]
+  out = {k: tf.concat([a[k], b[k]], 0) for k in ("patches", "patch_mask", "label", "pair_mask")}
+  for k in ("first", "second"):
+    out[k] = tf.concat([a[k], b[k] + n], 0)
+  return out
+
+
+def make_trainer(strategy, sync, reduction):
+  keras.utils.set_random_seed(0)
+  return T.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync),
+                   T.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4, momentum=0.9,
+                                 loss_reduction=reduction))
+
+
+def mirrored_step(trainer, batches):
+  strategy = trainer.strategy
+  values = strategy.experimental_distribute_values_from_function(
+      lambda context: batches[context.replica_id_in_sync_group])
+  tf.function(lambda v: strategy.run(trainer.replica_step, args=(v,)))(values)
+
+
+def weights_of(trainer):
+  return [v.numpy() for v in trainer.networks.tower.weights + trainer.networks.head.weights]
+
+
+@pytest.fixture(scope="module")
+def two_replicas():
+  """One MirroredStrategy for the module: several over the same devices in one process clash in their collectives."""
+  return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:2])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduction, two_replicas):
+  batches = two_batches(photo_dir, demo_list)
+  mirrored = make_trainer(two_replicas, True, reduction)
+  single = make_trainer(tf.distribute.get_strategy(), True, reduction)
+  for a, b in zip(weights_of(mirrored), weights_of(single)):
+    np.testing.assert_array_equal(a, b)
+  mirrored_step(mirrored, batches)
+  tf.function(single.replica_step)(concat_batches(*batches))
+  initial = make_trainer(tf.distribute.get_strategy(), True, reduction)
+  assert_same_updates(weights_of(initial), weights_of(mirrored), weights_of(single))
+
+
+def assert_same_updates(initial, got, expected):
+  """The updates agree to float32 summation-order noise, relative to each variable's update. (Biases right
+  before a BN have a zero gradient in exact arithmetic, so their updates are pure noise: hence the atol.)"""
+  moved = 0
+  for name, (w0, a, b) in enumerate(zip(initial, got, expected)):
+    update_a, update_b = a - w0, b - w0
+    assert np.linalg.norm(update_a - update_b) <= 1e-4 * np.linalg.norm(update_b) + 1e-7, name
+    moved += np.linalg.norm(update_b) > 1e-6
+  assert moved >= len(initial) // 2
+
+
+def test_two_replicas_sum_their_gradients(photo_dir, demo_list, two_replicas):
+  """Per-replica BN (the default): the update is the sum of the two replicas' gradients, not their mean."""
+  batches = two_batches(photo_dir, demo_list)
+  mirrored = make_trainer(two_replicas, False, "sum")
+  single = make_trainer(tf.distribute.get_strategy(), False, "sum")
+  initial = [v.numpy() for v in single.trainable_variables]
+  mirrored_step(mirrored, batches)
+  gradients = [single._gradients(b, tf.constant(0.0))[0] for b in batches]
+  summed = [ga + gb for ga, gb in zip(*gradients)]
+  single.optimizer.apply_gradients(zip(summed, single.trainable_variables))
+  assert_same_updates(initial, [v.numpy() for v in mirrored.trainable_variables],
+                      [v.numpy() for v in single.trainable_variables])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The program, in subprocesses
+
+
+def test_train_resume_and_export(tmp_path):
+  model_dir = tmp_path / "run"
+  first = run_module(demo_args(model_dir, "--train_steps=10", "--checkpoint_every=5"), cwd=tmp_path)
+  assert first.returncode == 0, log_of(first)
+  assert sorted(os.path.basename(p) for p in glob.glob(str(model_dir / "ckpt-*.index"))) == [
+      "ckpt-10.index", "ckpt-5.index"]
+  assert (model_dir / "flags.txt").read_text().count("--train_steps=10")
+  assert glob.glob(str(model_dir / "train" / "events.out.tfevents.*"))
+  reader = tf.train.load_checkpoint(str(model_dir / "ckpt-10"))
+  saved_kernel = reader.get_tensor(CONV1_KERNEL)
+  second = run_module(demo_args(model_dir, "--train_steps=15", "--checkpoint_every=5"), cwd=tmp_path)
+  assert second.returncode == 0, log_of(second)
+  assert re.search(r"Resumed from .*ckpt-10 at step 10", log_of(second))
+  assert "step 15/15" in log_of(second) and "step 5/" not in log_of(second)
+  after = tf.train.load_checkpoint(str(model_dir / "ckpt-15"))
+  kernel = after.get_tensor(CONV1_KERNEL)
+  assert not np.array_equal(kernel, saved_kernel) and np.abs(kernel - saved_kernel).max() < 0.1
+  assert int(after.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 15
+  # A finished run does nothing more.
+  third = run_module(demo_args(model_dir, "--train_steps=15"), cwd=tmp_path)
+  assert third.returncode == 0 and "nothing to train" in log_of(third)
+  # The exported backbone loads and runs in a process that never imports context_keras.
+  export = model_dir / "export" / "backbone_15"
+  code = ("import sys, numpy as np, tensorflow as tf\n"
+          f"m = tf.saved_model.load({str(export)!r})\n"
+          "out = m.signatures['serving_default'](patches=tf.constant(np.random.rand(3, 96, 96, 3), tf.float32))\n"
+          "assert out['fc6'].shape[0] == 3 and 'context_keras' not in sys.modules\n"
+          "print('loaded', out['fc6'].shape)\n")
+  loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+  """Same seed: 6 steps, stop, 6 more equals 12 in one go (weights and the data they saw)."""
+  common = ["--checkpoint_every=6", "--train_steps=12"]
+  whole = run_module(demo_args(tmp_path / "whole", *common), cwd=tmp_path)
+  assert whole.returncode == 0, log_of(whole)
+  part = run_module(demo_args(tmp_path / "parts", "--checkpoint_every=6", "--train_steps=6"), cwd=tmp_path)
+  assert part.returncode == 0, log_of(part)
+  rest = run_module(demo_args(tmp_path / "parts", *common), cwd=tmp_path)
+  assert rest.returncode == 0, log_of(rest)
+  a = tf.train.load_checkpoint(str(tmp_path / "whole" / "ckpt-12"))
+  b = tf.train.load_checkpoint(str(tmp_path / "parts" / "ckpt-12"))
+  for name in a.get_variable_to_shape_map():
+    if "_trainable_variables" in name or "head" in name or "tower" in name:
+      np.testing.assert_allclose(a.get_tensor(name), b.get_tensor(name), rtol=1e-3, atol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(a.get_tensor("input_position/.ATTRIBUTES/VARIABLE_VALUE"),
+                                b.get_tensor("input_position/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def start_training(tmp_path, *extra):
+  log = open(tmp_path / "log.txt", "w")
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+  process = subprocess.Popen([sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=0",
+                                                              "--checkpoint_every=100000", *extra)],
+                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+  return process
+
+
+def wait_for(tmp_path, pattern, process, timeout=240, after=0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    text = (tmp_path / "log.txt").read_text()[after:]
+    match = re.search(pattern, text)
+    if match:
+      return match
+    if process.poll() is not None:
+      break
+    time.sleep(0.2)
+  raise AssertionError(f"no {pattern!r} in log:\n{(tmp_path / 'log.txt').read_text()[-3000:]}")
+
+
+def checkpoint_steps(model_dir):
+  return sorted(int(re.search(r"ckpt-(\d+)", p).group(1)) for p in glob.glob(str(model_dir / "ckpt-*.index")))
+
+
+def test_quit_file_stale_file_and_exact_step(tmp_path):
+  (tmp_path / "train_quit").write_text("")  # left over from an earlier run: reported, removed, not obeyed
+  process = start_training(tmp_path)
+  wait_for(tmp_path, r"Removing control file .*train_quit", process)
+  wait_for(tmp_path, r"step 10 ", process)
+  (tmp_path / "train_quit").write_text("")
+  assert process.wait(timeout=120) == 0
+  log = (tmp_path / "log.txt").read_text()
+  stopped = int(re.search(r"Stopped at step (\d+) \(quit file", log).group(1))
+  assert checkpoint_steps(tmp_path / "run") == [stopped]
+
+
+def test_pause_waits_idle_then_continues_and_sigterm_quits(tmp_path):
+  process = start_training(tmp_path)
+  wait_for(tmp_path, r"step 5 ", process)
+  (tmp_path / "train_pause").write_text("")
+  wait_for(tmp_path, r"Paused: remove", process)
+  paused_at = checkpoint_steps(tmp_path / "run")
+  assert len(paused_at) == 1
+  # Waiting does not burn CPU.
+  import resource  # noqa: F401  (Linux: read the child's CPU time from /proc)
+  def cpu_seconds():
+    fields = open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  before = cpu_seconds()
+  time.sleep(3)
+  assert cpu_seconds() - before < 0.5
+  size = len((tmp_path / "log.txt").read_text())
+  os.remove(tmp_path / "train_pause")
+  wait_for(tmp_path, r"continuing", process, after=size)
+  wait_for(tmp_path, rf"step {paused_at[0] + 5 - paused_at[0] % 5} ", process, after=size)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 0
+  log = (tmp_path / "log.txt").read_text()
+  stopped = int(re.search(r"Stopped at step (\d+) \(SIGTERM\)", log).group(1))
+  assert checkpoint_steps(tmp_path / "run") == [paused_at[0], stopped]
+
+
+def test_sigint_quits_cleanly(tmp_path):
+  process = start_training(tmp_path)
+  wait_for(tmp_path, r"step 5 ", process)
+  process.send_signal(signal.SIGINT)
+  assert process.wait(timeout=120) == 0
+  log = (tmp_path / "log.txt").read_text()
+  assert "Traceback" not in log and re.search(r"Stopped at step \d+ \(SIGINT\)", log)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data=/no/such/folder"], "/no/such/folder does not exist"),
+    (["--train_steps=-3"], "--train_steps=-3 must be >= 0"),
+    (["--lr_schedule=cosine", "--train_steps=0"], "needs --train_steps"),
+    (["--batch_patches=4"], "--batch_patches=4 cannot hold"),
+])
+def test_bad_flags_stop_at_start_with_clear_message(tmp_path, extra, message):
+  result = run_module(demo_args(tmp_path / "run", *extra), cwd=tmp_path, timeout=120)
+  assert result.returncode == 2
+  assert message in log_of(result) and "Traceback" not in log_of(result)
+
+
+def test_model_dir_that_is_a_file(tmp_path):
+  (tmp_path / "run").write_text("")
+  result = run_module(demo_args(tmp_path / "run"), cwd=tmp_path, timeout=120)
+  assert result.returncode == 2 and "is a file" in log_of(result)
+
+
+def test_divergence_stops_without_checkpoint(tmp_path):
+  result = run_module(demo_args(tmp_path / "run", "--learning_rate=1e6", "--train_steps=50",
+                                "--checkpoint_every=1"), cwd=tmp_path, timeout=300)
+  assert result.returncode == 1, log_of(result)
+  match = re.search(r"Diverged at step (\d+): loss or gradient is NaN/Inf", log_of(result))
+  assert match, log_of(result)
+  steps = checkpoint_steps(tmp_path / "run")
+  assert all(s < int(match.group(1)) for s in steps)
+  for s in steps:
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / f"ckpt-{s}"))
+    for name in reader.get_variable_to_shape_map():
+      value = reader.get_tensor(name)
+      if np.issubdtype(np.asarray(value).dtype, np.floating):
+        assert np.all(np.isfinite(value)), name
+
+
+def test_pretext_accuracy_rises_above_chance(tmp_path):
+  result = run_module(["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg",
+                       f"--data={REPO}/flags/demo_photos.txt", f"--model_dir={tmp_path / 'run'}",
+                       "--train_steps=600", "--log_every=100"], cwd=tmp_path, timeout=900)
+  assert result.returncode == 0, log_of(result)
+  accuracies = [float(a) for a in re.findall(r"accuracy (\d\.\d+)", log_of(result))]
+  assert len(accuracies) == 6
+  # Chance is 1/8 = 0.125; the last 100 steps on its own training photos must be well above it.
+  assert accuracies[-1] > 0.2, accuracies
+
+
+def test_every_flag_has_help_and_flagfiles_parse():
+  from absl import flags
+  ours = {}
+  for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+    if "context_keras" in module:
+      ours.update({f.name: f for f in module_flags})
+  for flag in ours.values():
+    assert flag.help and len(flag.help) > 15, flag.name
+  for name in ("demo.cfg", "deepcontext.cfg", "paper.cfg"):
+    args = flags.FLAGS.read_flags_from_files([f"--flagfile=flags/{name}"], force_gnu=False)
+    assert args, name
+    for arg in args:
+      flag_name = arg[2:].split("=")[0]
+      flag_name = flag_name[2:] if flag_name not in ours and flag_name.startswith("no") else flag_name
+      assert flag_name in ours, f"{name}: unknown flag {arg}"
