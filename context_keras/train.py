@@ -157,6 +157,9 @@ class Trainer:
   def step(self):
     return self.optimizer.iterations
 
+  def current_step(self):
+    return int(self.optimizer.iterations.numpy())
+
   def checkpoint_items(self):
     return {"tower": self.networks.tower, "head": self.networks.head, "optimizer": self.optimizer,
             "grad_norm_average": self.grad_norm_average, "input_position": self.input_position}
@@ -182,7 +185,11 @@ class Trainer:
     global_pairs = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.cast(batch["pair_mask"],
                                                                                         tf.float32)))
     gradients, stats = self._gradients(batch, global_pairs)
-    stats["grad_norm_squared"] = tf.square(tf.linalg.global_norm(gradients))
+    # For the divergence guard: summed over replicas, this is the squared norm of the gradients they computed.
+    norm = tf.linalg.global_norm(gradients)
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      norm /= tf.cast(self.optimizer.dynamic_scale, norm.dtype)
+    stats["grad_norm_squared"] = tf.square(norm)
     self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
     return stats
 
@@ -209,7 +216,8 @@ class Trainer:
       stats = self.strategy.run(self.replica_step, args=(batch,))
       stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
       grad_norm = tf.sqrt(stats.pop("grad_norm_squared"))
-      totals = {k: totals[k] + tf.cast(stats[k] if k in stats else waited, tf.float64) for k in totals}
+      stats["input_seconds"] = waited
+      totals = {k: totals[k] + tf.cast(stats[k], tf.float64) for k in totals}
       counts = {k: counts[k] + tf.add_n([b[k] for b in local]) for k in counts}
       preview = self._preview(local[0])
       self.input_position.assign(local[-1]["resume"])  # replicas take consecutive batches of one pipeline
@@ -220,7 +228,12 @@ class Trainer:
     return {"steps": steps, "status": status, "preview": preview, **totals, **counts}
 
   def _check_divergence(self, loss_sum, grad_norm):
-    if not (tf.math.is_finite(loss_sum) and tf.math.is_finite(grad_norm)):
+    if not tf.math.is_finite(loss_sum):
+      return tf.constant(STATUS_NOT_FINITE)
+    if not tf.math.is_finite(grad_norm):
+      # float16 overflows are expected: the loss-scale optimizer skipped that update and lowers its scale.
+      if self.config.mixed_precision == "float16":
+        return tf.constant(STATUS_OK)
       return tf.constant(STATUS_NOT_FINITE)
     average = self.grad_norm_average
     if (self.config.divergence_factor > 0 and self.step > DIVERGENCE_WARMUP_STEPS and
@@ -462,7 +475,7 @@ def run():
     manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=FLAGS.keep_checkpoints)
     if manager.latest_checkpoint:
       checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-      logging.info("Resumed from %s at step %d, input at image %d.", manager.latest_checkpoint, int(trainer.step),
+      logging.info("Resumed from %s at step %d, input at image %d.", manager.latest_checkpoint, trainer.current_step(),
                    int(trainer.input_position[0]))
     else:
       logging.info("Starting a new run in %s.", model_dir)
@@ -483,18 +496,18 @@ def run():
 
 
 def save(manager, trainer, reason):
-  path = manager.save(checkpoint_number=int(trainer.step))
+  path = manager.save(checkpoint_number=trainer.current_step())
   logging.info("Checkpoint %s written (%s).", path, reason)
 
 
 def export(trainer, model_config, model_dir):
-  path = os.path.join(model_dir, EXPORT_DIR, f"backbone_{int(trainer.step)}")
+  path = os.path.join(model_dir, EXPORT_DIR, f"backbone_{trainer.current_step()}")
   export_lib.export_backbone(trainer.networks.tower, model_config, path)
   logging.info("Backbone SavedModel written to %s.", path)
 
 
 def train_loop(trainer, iterator, manager, writer, control, counters, model_config):
-  step = int(trainer.step)
+  step = trainer.current_step()
   train_steps = FLAGS.train_steps
   if train_steps and step >= train_steps:
     logging.info("Step %d already reaches --train_steps=%d: nothing to train.", step, train_steps)
@@ -508,7 +521,7 @@ def train_loop(trainer, iterator, manager, writer, control, counters, model_conf
     out = trainer.train_loop(iterator, tf.constant(num_steps))
     seconds = time.perf_counter() - start
     done, status = int(out["steps"]), int(out["status"])
-    step = int(trainer.step)
+    step = trainer.current_step()
     for k, variable in counters.items():
       variable.assign_add(out[k])
     if status in (STATUS_NOT_FINITE, STATUS_EXPLODED):

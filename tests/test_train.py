@@ -300,3 +300,16 @@ def test_every_flag_has_help_and_flagfiles_parse():
       flag_name = arg[2:].split("=")[0]
       flag_name = flag_name[2:] if flag_name not in ours and flag_name.startswith("no") else flag_name
       assert flag_name in ours, f"{name}: unknown flag {arg}"
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--cpu_replicas=2"], "MirroredStrategy with 2 replica(s)"),
+    (["--mixed_precision=float16", "--jit_compile"], "_DefaultDistributionStrategy with 1 replica(s)"),
+])
+def test_program_runs_in_other_configurations(tmp_path, extra, expect):
+  result = run_module(demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3", *extra), cwd=tmp_path)
+  assert result.returncode == 0, log_of(result)
+  assert expect in log_of(result) and "Training finished at step 6" in log_of(
+      result)
+  resumed = run_module(demo_args(tmp_path / "run", "--train_steps=8", *extra), cwd=tmp_path)
+  assert resumed.returncode == 0 and "at step 6" in log_of(resumed), log_of(resumed)

@@ -1,0 +1,137 @@
+"""Measures speed: python -m context_keras.benchmark [--baseline_python=... --baseline_script=...]
+
+(a) the input pipeline alone on real photos (patches/s, pairs/s), (b) a training step on a preloaded batch of the
+same shape as ../shared/bench/torch_baseline.py --mode grid (56 3x3 grids: 504 patches, 2240 pairs), (c) end to end
+(pipeline + step), for fp32 and bf16. Each figure is the median of --repeats timed runs. With --baseline_python the
+PyTorch baseline runs in the same session and the ratios are reported. The last line printed is one JSON object.
+"""
+import json
+import resource
+import statistics
+import subprocess
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from context_keras import data as data_lib
+from context_keras import model as model_lib
+from context_keras import patches as patches_lib
+from context_keras import train as train_lib
+
+flags.DEFINE_list("parts", ["input", "step", "end_to_end"], "What to measure.")
+flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
+flags.DEFINE_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch baseline).")
+flags.DEFINE_integer("timed_steps", 3, "Training steps per timed run.")
+flags.DEFINE_integer("input_batches", 10, "Batches per timed run of the input pipeline.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per figure; the median is reported.")
+flags.DEFINE_string("baseline_python", None, "Python with PyTorch, to run the baseline in the same session.")
+flags.DEFINE_string("baseline_script", "../shared/bench/torch_baseline.py", "The PyTorch baseline script.")
+
+FLAGS = flags.FLAGS
+
+PRECISION_POLICY = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+
+
+def grid_batch(num_grids, side=3, seed=0):
+  """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape)."""
+  first, second, label = (t.numpy() for t in patches_lib.grid_pairs(side, side))
+  cells = side * side
+  offsets = np.repeat(np.arange(num_grids) * cells, len(first))
+  rng = np.random.default_rng(seed)
+  n, m = num_grids * cells, num_grids * len(first)
+  return {"patches": rng.normal(size=(n, 96, 96, 3)).astype(np.float32), "patch_mask": np.ones(n, bool),
+          "first": (np.tile(first, num_grids) + offsets).astype(np.int32),
+          "second": (np.tile(second, num_grids) + offsets).astype(np.int32),
+          "label": np.tile(label, num_grids).astype(np.int32), "pair_mask": np.ones(m, bool),
+          "images": np.int64(0), "too_small": np.int64(0), "unreadable": np.int64(0),
+          "resume": np.zeros(2, np.int64)}
+
+
+def make_trainer(precision, optim_config):
+  keras.mixed_precision.set_global_policy(PRECISION_POLICY[precision])
+  try:
+    return train_lib.Trainer(tf.distribute.get_strategy(), model_lib.ModelConfig(), optim_config)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def time_steps(trainer, iterator, steps, repeats):
+  trainer.train_loop(iterator, tf.constant(1))  # trace and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = trainer.train_loop(iterator, tf.constant(steps))
+    times.append((time.perf_counter() - start) / int(out["steps"]))
+    pairs_per_step = float(out["pairs"]) / int(out["steps"])
+  return statistics.median(times), pairs_per_step
+
+
+def measure_input(config):
+  dataset = data_lib.make_dataset(config)
+  iterator = iter(dataset)
+  next(iterator)
+  rates = []
+  for _ in range(FLAGS.repeats):
+    patches = pairs = 0
+    start = time.perf_counter()
+    for _ in range(FLAGS.input_batches):
+      batch = next(iterator)
+      patches += int(tf.reduce_sum(tf.cast(batch["patch_mask"], tf.int32)))
+      pairs += int(tf.reduce_sum(tf.cast(batch["pair_mask"], tf.int32)))
+    seconds = time.perf_counter() - start
+    rates.append((patches / seconds, pairs / seconds))
+  return {"patches_per_s": round(statistics.median(r[0] for r in rates), 1),
+          "pairs_per_s": round(statistics.median(r[1] for r in rates), 1)}
+
+
+def run_baseline(precision):
+  command = [FLAGS.baseline_python, FLAGS.baseline_script, "--mode", "grid", "--precision", precision,
+             "--grids", str(FLAGS.grids), "--steps", str(FLAGS.timed_steps)]
+  runs = []
+  for _ in range(FLAGS.repeats):
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    runs.append(json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"])
+  return {"pairs_per_s": statistics.median(runs), "runs": runs}
+
+
+def main(argv):
+  del argv
+  result = {}
+  input_config = data_lib.InputConfig(data=FLAGS.data or "flags/demo_photos.txt",
+                                      data_root=FLAGS.data_root or "package:skimage.data",
+                                      batch_patches=9 * FLAGS.grids, batch_pairs=40 * FLAGS.grids)
+  optim_config = train_lib.OptimConfig(divergence_factor=0)
+  if "input" in FLAGS.parts:
+    result["input"] = measure_input(input_config)
+    logging.info("input: %s", result["input"])
+  preloaded = grid_batch(FLAGS.grids)
+  for part in ("step", "end_to_end"):
+    if part not in FLAGS.parts:
+      continue
+    result[part] = {}
+    for precision in FLAGS.precisions:
+      trainer = make_trainer(precision, optim_config)
+      if part == "step":
+        iterator = iter(tf.data.Dataset.from_tensors(preloaded).repeat())
+      else:
+        iterator = iter(data_lib.make_dataset(input_config))
+      seconds, pairs = time_steps(trainer, iterator, FLAGS.timed_steps, FLAGS.repeats)
+      result[part][precision] = {"pairs_per_s": round(pairs / seconds, 1), "step_s": round(seconds, 3),
+                                 "pairs_per_step": pairs}
+      logging.info("%s %s: %s", part, precision, result[part][precision])
+  if FLAGS.baseline_python:
+    result["torch_grid"] = {p: run_baseline(p) for p in FLAGS.precisions}
+    if "step" in result:
+      result["step_ratio_vs_torch"] = {p: round(result["step"][p]["pairs_per_s"] /
+                                                result["torch_grid"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
+  result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
