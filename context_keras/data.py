@@ -36,6 +36,9 @@ flags.DEFINE_integer("batch_pairs", 2560,
                      "Pair capacity of one replica's batch. Grids give about 4.4-5.3 ordered pairs per patch, so "
                      "about 5x --batch_patches keeps both capacities nearly full.")
 flags.DEFINE_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards.")
+flags.DEFINE_string("data_service", None,
+                    "grpc://HOST:PORT of a tf.data service dispatcher: decoding and patch building then run on its "
+                    "workers (python -m context_keras.service), so CPU-only hosts can feed the accelerators.")
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +63,7 @@ class InputConfig:
   batch_pairs: int = 2560
   shuffle_buffer: int = 2048
   seed: int = 0
+  data_service: str | None = None
 
   def __post_init__(self):
     if self.batch_patches < patches_lib.max_grid_cells():
@@ -73,7 +77,8 @@ class InputConfig:
 def config_from_flags(seed):
   return InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
                      pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
-                     batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed)
+                     batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed,
+                     data_service=FLAGS.data_service)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -198,6 +203,69 @@ def encoded_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1,
   feature = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
   return records.map(lambda r: tf.io.parse_single_example(r, feature)[TFRECORD_IMAGE_KEY],
                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG frame headers (not DHT, JPG, DAC)
+
+
+def image_size_from_header(contents):
+  """(format, width, height) that an encoded image's header claims, or None.
+
+  Reads only the header bytes (JPEG SOF, PNG IHDR, GIF logical screen, BMP DIB header, WebP VP8/VP8L/VP8X),
+  without decoding, so that a small file claiming a huge image (a decompression bomb) can be refused before the
+  decoder allocates it. None when `contents` does not start like one of the formats tf.io.decode_image reads, or
+  its header is cut short.
+  """
+  b = contents
+  n = len(b)
+
+  def int_at(start, size, order="little"):
+    return int.from_bytes(b[start:start + size], order)
+
+  if b.startswith(b"\x89PNG\r\n\x1a\n"):
+    return ("PNG", int_at(16, 4, "big"), int_at(20, 4, "big")) if n >= 24 and b[12:16] == b"IHDR" else None
+  if b[:6] in (b"GIF87a", b"GIF89a"):
+    return ("GIF", int_at(6, 2), int_at(8, 2)) if n >= 10 else None
+  if b.startswith(b"BM"):
+    if n >= 22 and int_at(14, 4) == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+      return "BMP", int_at(18, 2), int_at(20, 2)
+    if n >= 26:  # BITMAPINFOHEADER and later: signed 32-bit sizes, a negative height means top-down rows
+      width = int.from_bytes(b[18:22], "little", signed=True)
+      height = int.from_bytes(b[22:26], "little", signed=True)
+      return ("BMP", width, abs(height)) if width >= 0 else None
+    return None
+  if b.startswith(b"RIFF") and b[8:12] == b"WEBP":
+    chunk = b[12:16]
+    if chunk == b"VP8 " and n >= 30 and b[23:26] == b"\x9d\x01\x2a":  # lossy: 14-bit sizes after the start code
+      return "WebP", int_at(26, 2) & 0x3FFF, int_at(28, 2) & 0x3FFF
+    if chunk == b"VP8L" and n >= 25 and b[20] == 0x2F:  # lossless: 14-bit sizes minus one, packed
+      bits = int_at(21, 4)
+      return "WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and n >= 30:  # extended: 24-bit canvas sizes minus one
+      return "WebP", int_at(24, 3) + 1, int_at(27, 3) + 1
+    return None
+  if b.startswith(b"\xff\xd8"):
+    i = 2
+    while i < n:
+      while i < n and b[i] != 0xFF:  # stray bytes before a marker, skipped as libjpeg does
+        i += 1
+      while i < n and b[i] == 0xFF:  # fill bytes
+        i += 1
+      if i >= n:
+        return None
+      marker = b[i]
+      i += 1
+      if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no segment follows
+        continue
+      if marker in (0xD9, 0xDA):  # end of image, or a scan, before any frame header
+        return None
+      if marker in _SOF_MARKERS:
+        return ("JPEG", int_at(i + 5, 2, "big"), int_at(i + 3, 2, "big")) if i + 7 <= n else None
+      if i + 2 > n:
+        return None
+      i += int_at(i, 2, "big")
+    return None
+  return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,6 +457,12 @@ def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 
   options = tf.data.Options()
   options.deterministic = True
   dataset = dataset.with_options(options)
+  if config.data_service:
+    # Dynamic sharding hands each service worker whole epochs of the image order (the first splittable source),
+    # so no image is read twice; the consumers of one job share the batches.
+    dataset = dataset.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=config.data_service,
+        job_name=f"context_keras_{config.seed}_{pipeline_id}"))
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -8,6 +8,7 @@ import json
 import logging as std_logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -57,11 +58,17 @@ flags.DEFINE_string("quit_file", "train_quit", "When this file appears the run f
                     "checkpoint and exits 0. Relative paths are in the working directory, as the original's.")
 flags.DEFINE_string("pause_file", "train_pause", "When this file appears the run writes a checkpoint and waits, "
                     "idle, until it is removed.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "one_device"],
-                  "auto: MirroredStrategy over the visible GPUs (CUDA_VISIBLE_DEVICES picks them) or over "
-                  "--cpu_replicas CPU devices, else the default strategy.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"],
+                  "auto: MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several tasks, else "
+                  "MirroredStrategy over the visible GPUs (CUDA_VISIBLE_DEVICES picks them) or over --cpu_replicas "
+                  "CPU devices, else the default strategy.")
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each (for "
                      "testing MirroredStrategy without GPUs).")
+
+flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism on top of the seeded input: the same seed "
+                  "gives the same losses (slower; GPU kernels without a deterministic version raise).")
+flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to RUN/train/plugins/profile "
+                  "(view it in TensorBoard's Profile tab, from the tensorboard-plugin-profile package).")
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +79,10 @@ PREVIEW_PAIRS = 8
 
 # Why a compiled loop stopped early.
 STATUS_OK, STATUS_STOP_REQUESTED, STATUS_NOT_FINITE, STATUS_EXPLODED = 0, 1, 2, 3
+# What a worker asks of all (Trainer.request, set by Control); every step sums the requests of all replicas, so that all workers
+# stop at the same step, which collective ops need.
+REQUEST_NONE, REQUEST_PAUSE, REQUEST_QUIT = 0, 1, 2
+COUNTERS = ("images", "too_small", "unreadable")
 
 
 class SetupError(Exception):
@@ -129,18 +140,22 @@ def make_optimizer(config):
 class Trainer:
   """Networks, optimizer and the compiled multi-step loop, all built in `strategy`'s scope."""
 
-  def __init__(self, strategy, model_config, optim_config):
+  def __init__(self, strategy, model_config, optim_config, time_input=True):
     self.strategy = strategy
     self.config = optim_config
+    # tf.timestamp is refused under op determinism, so the input wait is then not measured.
+    self.time_input = time_input
     with strategy.scope():
       self.networks = model_lib.build(model_config)
       self.optimizer = make_optimizer(optim_config)
       self.optimizer.build(self.trainable_variables)
       # Running mean of the gradient norm, for the divergence guard; checkpointed with the run.
       self.grad_norm_average = tf.Variable(0.0, trainable=False, name="grad_norm_average")
-    self.stop_requested = tf.Variable(False, trainable=False, name="stop_requested")
-    # Stream position (image, grid) after the last batch trained on: where the input resumes (data.make_dataset).
-    self.input_position = tf.Variable([0, 0], dtype=tf.int64, trainable=False, name="input_position")
+    self.request = tf.Variable(REQUEST_NONE, trainable=False, name="request")
+    # Per replica, the stream position (image, grid) after its last batch: where its pipeline resumes
+    # (data.make_dataset). Its shape follows the replica count, so a run can resume on another topology.
+    self.input_positions = tf.Variable(tf.zeros([strategy.num_replicas_in_sync, 2], tf.int64), trainable=False,
+                                       shape=tf.TensorShape([None, 2]), name="input_positions")
     # XLA compiles the forward and backward pass only: the optimizer's cross-replica update stays outside it.
     self._gradients = (tf.function(self._gradients_impl, jit_compile=True) if optim_config.jit_compile
                        else self._gradients_impl)
@@ -162,7 +177,7 @@ class Trainer:
 
   def checkpoint_items(self):
     return {"tower": self.networks.tower, "head": self.networks.head, "optimizer": self.optimizer,
-            "grad_norm_average": self.grad_norm_average, "input_position": self.input_position}
+            "grad_norm_average": self.grad_norm_average, "input_positions": self.input_positions}
 
   def _gradients_impl(self, batch, global_pairs):
     with tf.GradientTape() as tape:
@@ -191,41 +206,58 @@ class Trainer:
       norm /= tf.cast(self.optimizer.dynamic_scale, norm.dtype)
     stats["grad_norm_squared"] = tf.square(norm)
     self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+    # Values whose sum over replicas the loop needs (strategy.reduce has no max or gather).
+    replicas = context.num_replicas_in_sync
+    stats["positions"] = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=tf.int64)[:, tf.newaxis] * (
+        batch["resume"][tf.newaxis, :])
+    stats["pause_votes"] = tf.cast(tf.equal(self.request, REQUEST_PAUSE), tf.int32)
+    stats["quit_votes"] = tf.cast(tf.equal(self.request, REQUEST_QUIT), tf.int32)
+    for k in COUNTERS:
+      stats[k] = batch[k]
     return stats
 
   def _preview(self, batch):
-    """The first pairs of a batch as the model sees them, for the image summary."""
-    return {"first": tf.gather(batch["patches"], batch["first"][:PREVIEW_PAIRS]),
-            "second": tf.gather(batch["patches"], batch["second"][:PREVIEW_PAIRS]),
-            "label": batch["label"][:PREVIEW_PAIRS], "valid": batch["pair_mask"][:PREVIEW_PAIRS]}
+    """The first pairs of a batch as the model sees them, for the image summary (pair capacity >= 8 always)."""
+    size = patches_lib.PATCH_SIZE
+    head = {k: tf.ensure_shape(batch[k][:PREVIEW_PAIRS], [PREVIEW_PAIRS])
+            for k in ("first", "second", "label", "pair_mask")}
+    return {"first": tf.ensure_shape(tf.gather(batch["patches"], head["first"]), [PREVIEW_PAIRS, size, size, 3]),
+            "second": tf.ensure_shape(tf.gather(batch["patches"], head["second"]), [PREVIEW_PAIRS, size, size, 3]),
+            "label": head["label"], "valid": head["pair_mask"]}
 
   def _train_loop_impl(self, iterator, num_steps):
-    """Runs up to num_steps steps; stops early on request or divergence (without checkpointing, by the host)."""
+    """Runs up to num_steps steps. Stops early, on every worker at the same step, when a worker asks for a pause
+    or quit, or on divergence (the host then writes no checkpoint)."""
     totals = {k: tf.constant(0.0, tf.float64) for k in ("loss_sum", "pairs", "correct", "input_seconds")}
-    counts = {k: tf.constant(0, tf.int64) for k in ("images", "too_small", "unreadable")}
+    counts = {k: tf.constant(0, tf.int64) for k in COUNTERS}
     status = tf.constant(STATUS_OK)
+    request = tf.constant(REQUEST_NONE)
     steps = tf.constant(0)
     preview = self._preview(self._empty_batch())
-    while steps < num_steps and status == STATUS_OK and not self.stop_requested:
-      start = tf.timestamp()
+    while steps < num_steps and status == STATUS_OK:
+      start = tf.timestamp() if self.time_input else tf.constant(0.0, tf.float64)
       with tf.control_dependencies([start]):
         batch = next(iterator)
       local = self.strategy.experimental_local_results(batch)
       with tf.control_dependencies(tf.nest.flatten(local)):
-        waited = tf.timestamp() - start
+        waited = tf.timestamp() - start if self.time_input else start
       stats = self.strategy.run(self.replica_step, args=(batch,))
       stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
-      grad_norm = tf.sqrt(stats.pop("grad_norm_squared"))
       stats["input_seconds"] = waited
       totals = {k: totals[k] + tf.cast(stats[k], tf.float64) for k in totals}
-      counts = {k: counts[k] + tf.add_n([b[k] for b in local]) for k in counts}
+      counts = {k: counts[k] + stats[k] for k in counts}
       preview = self._preview(local[0])
-      self.input_position.assign(local[-1]["resume"])  # replicas take consecutive batches of one pipeline
+      self.input_positions.assign(stats["positions"])
       steps += 1
-      status = self._check_divergence(stats["loss_sum"], grad_norm)
-    if status == STATUS_OK and steps < num_steps:
-      status = tf.constant(STATUS_STOP_REQUESTED)
-    return {"steps": steps, "status": status, "preview": preview, **totals, **counts}
+      status = self._check_divergence(stats["loss_sum"], tf.sqrt(stats["grad_norm_squared"]))
+      if status == STATUS_OK:
+        if stats["quit_votes"] > 0:
+          request = tf.constant(REQUEST_QUIT)
+        elif stats["pause_votes"] > 0:
+          request = tf.constant(REQUEST_PAUSE)
+        if request != REQUEST_NONE:
+          status = tf.constant(STATUS_STOP_REQUESTED)
+    return {"steps": steps, "status": status, "request": request, "preview": preview, **totals, **counts}
 
   def _check_divergence(self, loss_sum, grad_norm):
     if not tf.math.is_finite(loss_sum):
@@ -254,8 +286,20 @@ class Trainer:
 # Strategy
 
 
+def names_cluster():
+  """Whether TF_CONFIG describes a cluster of more than one task."""
+  try:
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+  except json.JSONDecodeError as e:
+    raise SetupError(f"TF_CONFIG is not valid JSON: {e}") from e
+  return sum(len(tasks) for tasks in cluster.values()) > 1
+
+
 def make_strategy(name, cpu_replicas):
-  """MirroredStrategy over the GPUs, or over logical CPU devices if asked, else the default strategy."""
+  """MultiWorkerMirroredStrategy for a TF_CONFIG cluster, MirroredStrategy over the GPUs or over logical CPU
+  devices if asked, else the default strategy."""
+  if name == "multi_worker" or (name == "auto" and names_cluster()):
+    return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_physical_devices("GPU")
   if cpu_replicas > 1 and not gpus:
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -272,9 +316,27 @@ def make_strategy(name, cpu_replicas):
   return tf.distribute.get_strategy()
 
 
-def distributed_batches(strategy, input_config, source, start=(0, 0)):
-  """One input pipeline per worker; its replicas take consecutive batches of it."""
+def worker_role(strategy):
+  """(is_chief, task name) of this process: the chief writes the run; other workers write to temporary places."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.task_type:
+    return True, "chief"
+  cluster = resolver.cluster_spec().as_dict()
+  chief = resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0 and
+                                           "chief" not in cluster)
+  return chief, f"{resolver.task_type}_{resolver.task_id}"
+
+
+def distributed_batches(strategy, input_config, source, positions):
+  """One input pipeline per worker; its replicas take consecutive batches of it, so it resumes where its last
+  replica's last batch ended. Without a position for every replica (another topology), or through the tf.data
+  service, a resumed run reads a fresh stream instead."""
+  positions = positions.tolist()
+  exact = len(positions) == strategy.num_replicas_in_sync and not input_config.data_service
+
   def dataset_fn(context):
+    replicas_per_pipeline = strategy.num_replicas_in_sync // context.num_input_pipelines
+    start = tuple(positions[(context.input_pipeline_id + 1) * replicas_per_pipeline - 1]) if exact else (0, 0)
     return data_lib.make_dataset(input_config, source, context.input_pipeline_id, context.num_input_pipelines,
                                  start=start)
   return strategy.distribute_datasets_from_function(dataset_fn)
@@ -300,16 +362,16 @@ def prepare_model_dir(path):
 
 
 class Control:
-  """Quit and pause requests from control files and signals, turned into the loop's stop flag.
+  """Quit and pause requests from control files and signals, turned into the trainer's `request` variable.
 
-  A watcher thread polls the files twice a second, so a request stops the compiled loop after the step in flight
-  (the flag is read before every step).
+  A watcher thread polls the files twice a second; every step reads the variable, so a request stops the
+  compiled loop after the step in flight (or the one after it, if it came late in that step).
   """
   POLL_SECONDS = 0.5
 
-  def __init__(self, quit_file, pause_file, stop_flag):
+  def __init__(self, quit_file, pause_file, request):
     self.quit_file, self.pause_file = quit_file, pause_file
-    self.stop_flag = stop_flag
+    self.request = request
     self.quit_reason = None
     self._done = threading.Event()
     for stale in (quit_file, pause_file):
@@ -328,14 +390,16 @@ class Control:
       return
     logging.info("%s received: finishing the current step, then checkpoint and exit.", name)
     self.quit_reason = name
-    self.stop_flag.assign(True)
+    self.request.assign(REQUEST_QUIT)
 
   def _watch(self):
     while not self._done.wait(self.POLL_SECONDS):
       if os.path.exists(self.quit_file) and not self.quit_reason:
         self.quit_reason = f"quit file {self.quit_file}"
-      if self.quit_reason or self.pause_requested():
-        self.stop_flag.assign(True)
+      if self.quit_reason:
+        self.request.assign(REQUEST_QUIT)
+      elif self.pause_requested():
+        self.request.assign(REQUEST_PAUSE)
 
   def pause_requested(self):
     return os.path.exists(self.pause_file)
@@ -348,7 +412,7 @@ class Control:
       time.sleep(1.0)
     if not self.quit_reason:
       logging.info("Pause file removed: continuing.")
-      self.stop_flag.assign(False)
+      self.request.assign(REQUEST_NONE)
 
   def close(self):
     self._done.set()
@@ -426,6 +490,9 @@ def validate_flags():
     problems.append(f"--learning_rate={FLAGS.learning_rate} must be > 0")
   if FLAGS.lr_schedule == "cosine" and FLAGS.train_steps == 0:
     problems.append("--lr_schedule=cosine needs --train_steps > 0 to know where the cosine ends")
+  if FLAGS.profile_steps and (len(FLAGS.profile_steps) != 2 or not all(v.isdigit() for v in FLAGS.profile_steps)
+                              or int(FLAGS.profile_steps[0]) >= int(FLAGS.profile_steps[1])):
+    problems.append(f"--profile_steps={','.join(FLAGS.profile_steps)} must be two step numbers A,B with A < B")
   if not 0 < FLAGS.width_multiplier <= 4:
     problems.append(f"--width_multiplier={FLAGS.width_multiplier} must be in (0, 4]")
   if problems:
@@ -444,12 +511,22 @@ def run():
   validate_flags()
   model_dir = FLAGS.model_dir
   prepare_model_dir(model_dir)
-  log_file = std_logging.FileHandler(os.path.join(model_dir, "train.log"))
-  log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  logging.get_absl_logger().addHandler(log_file)
-
+  # MultiWorkerMirroredStrategy must exist before other TensorFlow work.
   strategy = make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-  logging.info("Strategy: %s with %d replica(s).", type(strategy).__name__, strategy.num_replicas_in_sync)
+  is_chief, task = worker_role(strategy)
+  # The chief writes the run; another worker writes its checkpoints and exports to a scratch folder (all workers
+  # must save, because saving distributed variables can involve every worker) that it removes at the end.
+  write_dir = model_dir if is_chief else os.path.join(model_dir, f"workertemp_{task}")
+  if is_chief:
+    log_file = std_logging.FileHandler(os.path.join(model_dir, "train.log"))
+    log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.get_absl_logger().addHandler(log_file)
+  name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          else type(strategy).__name__)
+  logging.info("Strategy: %s with %d replica(s)%s.", name, strategy.num_replicas_in_sync,
+               "" if task == "chief" else f"; this is {task}{' (chief)' if is_chief else ''}")
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
   if FLAGS.mixed_precision != "none":
     keras.mixed_precision.set_global_policy("mixed_" + FLAGS.mixed_precision)
   keras.utils.set_random_seed(FLAGS.seed)
@@ -460,7 +537,9 @@ def run():
     raise SetupError(str(e)) from e
   source = data_lib.find_source(input_config.data, input_config.data_root)
   data_lib.check_readable(source)
-  logging.info("Data: %s.", source.description)
+  logging.info("Data: %s%s.", source.description,
+               f", processed by the tf.data service at {input_config.data_service}" if input_config.data_service
+               else "")
 
   optim_config = OptimConfig(
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
@@ -468,31 +547,41 @@ def run():
       loss_reduction=FLAGS.loss_reduction, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
       divergence_factor=FLAGS.divergence_factor)
   model_config = model_lib.config_from_flags()
-  trainer = Trainer(strategy, model_config, optim_config)
-  counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in ("images", "too_small", "unreadable")}
+  trainer = Trainer(strategy, model_config, optim_config, time_input=not FLAGS.deterministic)
+  counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in COUNTERS}
   with strategy.scope():
     checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)
-    manager = tf.train.CheckpointManager(checkpoint, model_dir, max_to_keep=FLAGS.keep_checkpoints)
-    if manager.latest_checkpoint:
-      checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-      logging.info("Resumed from %s at step %d, input at image %d.", manager.latest_checkpoint, trainer.current_step(),
-                   int(trainer.input_position[0]))
+    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=FLAGS.keep_checkpoints)
+    # Every worker restores the chief's latest checkpoint.
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest:
+      checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
     else:
       logging.info("Starting a new run in %s.", model_dir)
-    # The input restarts where the last trained batch ended: the positions are in the checkpoint, the buffers of
-    # a tf.data iterator (hundreds of MB of patches) are not.
-    start = tuple(int(v) for v in trainer.input_position.numpy())
-    iterator = iter(distributed_batches(strategy, input_config, source, start))
+    # The input restarts where the last trained batches ended: the positions are in the checkpoint, the buffers of
+    # a tf.data iterator (hundreds of MB of patches) are not. A fresh stream must not repeat the first one.
+    positions = trainer.input_positions.numpy()
+    if latest and (len(positions) != strategy.num_replicas_in_sync or input_config.data_service):
+      logging.warning("The input cannot resume at its exact position (%s): reading a fresh stream.",
+                      "tf.data service" if input_config.data_service else "the replica count changed")
+      input_config = dataclasses.replace(input_config, seed=input_config.seed + trainer.current_step())
+    iterator = iter(distributed_batches(strategy, input_config, source, positions))
 
-  write_run_flags(model_dir)
-  writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
-  write_hparams(writer, our_flag_values())
-  control = Control(FLAGS.quit_file, FLAGS.pause_file, trainer.stop_requested)
+  if is_chief:
+    write_run_flags(model_dir)
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+    write_hparams(writer, our_flag_values())
+  else:
+    writer = tf.summary.create_noop_writer()
+  control = Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request)
   try:
-    return train_loop(trainer, iterator, manager, writer, control, counters, model_config)
+    return train_loop(trainer, iterator, manager, writer, control, counters, model_config, write_dir)
   finally:
     control.close()
     writer.close()
+    if not is_chief:
+      shutil.rmtree(write_dir, ignore_errors=True)
 
 
 def save(manager, trainer, reason):
@@ -500,23 +589,52 @@ def save(manager, trainer, reason):
   logging.info("Checkpoint %s written (%s).", path, reason)
 
 
-def export(trainer, model_config, model_dir):
-  path = os.path.join(model_dir, EXPORT_DIR, f"backbone_{trainer.current_step()}")
+def export(trainer, model_config, write_dir):
+  path = os.path.join(write_dir, EXPORT_DIR, f"backbone_{trainer.current_step()}")
   export_lib.export_backbone(trainer.networks.tower, model_config, path)
   logging.info("Backbone SavedModel written to %s.", path)
 
 
-def train_loop(trainer, iterator, manager, writer, control, counters, model_config):
+class Profiler:
+  """Traces steps A to B of --profile_steps with tf.profiler, into the TensorBoard log folder."""
+
+  def __init__(self, steps, logdir):
+    self.first, self.last = (int(s) for s in steps) if steps else (0, 0)
+    self.logdir = logdir
+    self.active = False
+
+  def boundaries(self):
+    return (self.first, self.last) if self.last else ()
+
+  def at(self, step):
+    if self.last and step == self.first and not self.active:
+      tf.profiler.experimental.start(self.logdir)
+      self.active = True
+    elif self.active and step >= self.last:
+      tf.profiler.experimental.stop()
+      self.active = False
+      logging.info("Profile of steps %d-%d written under %s.", self.first, self.last, self.logdir)
+
+
+def weights_digest(trainer):
+  """One number that differs when any weight differs: lets workers and runs be compared from their logs."""
+  return float(sum(tf.reduce_sum(tf.square(tf.cast(v, tf.float64))) for v in trainer.trainable_variables))
+
+
+def train_loop(trainer, iterator, manager, writer, control, counters, model_config, write_dir):
   step = trainer.current_step()
   train_steps = FLAGS.train_steps
   if train_steps and step >= train_steps:
     logging.info("Step %d already reaches --train_steps=%d: nothing to train.", step, train_steps)
     return 0
+  profiler = Profiler(FLAGS.profile_steps, os.path.join(write_dir, "train"))
   last_checkpoint_step = step
   while not train_steps or step < train_steps:
-    num_steps = min(FLAGS.steps_per_loop, next_stop(step, train_steps, FLAGS.log_every, FLAGS.checkpoint_every,
-                                                    FLAGS.export_every, FLAGS.image_summary_every,
-                                                    FLAGS.histogram_every))
+    profiler.at(step)
+    until = [b - step for b in profiler.boundaries() if b > step]
+    num_steps = min([FLAGS.steps_per_loop, *until,
+                     next_stop(step, train_steps, FLAGS.log_every, FLAGS.checkpoint_every, FLAGS.export_every,
+                               FLAGS.image_summary_every, FLAGS.histogram_every)])
     start = time.perf_counter()
     out = trainer.train_loop(iterator, tf.constant(num_steps))
     seconds = time.perf_counter() - start
@@ -537,22 +655,26 @@ def train_loop(trainer, iterator, manager, writer, control, counters, model_conf
       save(manager, trainer, "interval")
       last_checkpoint_step = step
     if FLAGS.export_every and step % FLAGS.export_every == 0 and done:
-      export(trainer, model_config, FLAGS.model_dir)
+      export(trainer, model_config, write_dir)
     if status == STATUS_STOP_REQUESTED:
+      request = int(out["request"])
       if step != last_checkpoint_step:
-        save(manager, trainer, control.quit_reason or "pause")
+        save(manager, trainer, "quit" if request == REQUEST_QUIT else "pause")
         last_checkpoint_step = step
-      if control.quit_reason:
-        logging.info("Stopped at step %d (%s).", step, control.quit_reason)
+      if request == REQUEST_QUIT:
+        logging.info("Stopped at step %d (%s).", step, control.quit_reason or "another worker asked to quit")
+        logging.info("Weights digest: %.10e", weights_digest(trainer))
         return 0
-      control.wait_while_paused()
-      if control.quit_reason:
-        logging.info("Stopped while paused at step %d (%s).", step, control.quit_reason)
-        return 0
+      if control.pause_requested():
+        control.wait_while_paused()  # a quit while paused stops everyone after one more step
+      else:
+        logging.info("Another worker paused the run: waiting for it in the next step.")
+  profiler.at(step)
   if step != last_checkpoint_step:
     save(manager, trainer, "end of training")
-  export(trainer, model_config, FLAGS.model_dir)
+  export(trainer, model_config, write_dir)
   logging.info("Training finished at step %d.", step)
+  logging.info("Weights digest: %.10e", weights_digest(trainer))
   return 0
 
 

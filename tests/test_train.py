@@ -163,8 +163,8 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
   for name in a.get_variable_to_shape_map():
     if "_trainable_variables" in name or "head" in name or "tower" in name:
       np.testing.assert_allclose(a.get_tensor(name), b.get_tensor(name), rtol=1e-3, atol=1e-5, err_msg=name)
-  np.testing.assert_array_equal(a.get_tensor("input_position/.ATTRIBUTES/VARIABLE_VALUE"),
-                                b.get_tensor("input_position/.ATTRIBUTES/VARIABLE_VALUE"))
+  np.testing.assert_array_equal(a.get_tensor("input_positions/.ATTRIBUTES/VARIABLE_VALUE"),
+                                b.get_tensor("input_positions/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
 def start_training(tmp_path, *extra):

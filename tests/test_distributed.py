@@ -1,0 +1,89 @@
+"""Scale-out paths: two workers under MultiWorkerMirroredStrategy, the tf.data service, determinism."""
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import REPO, run_module
+from test_train import demo_args, log_of, checkpoint_steps
+
+
+def free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def test_two_workers_train_in_lockstep_and_the_chief_writes(tmp_path):
+  ports = free_ports(2)
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+  processes, logs = [], []
+  for index in range(2):
+    workdir = tmp_path / f"worker{index}"
+    workdir.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+    log = open(workdir / "log.txt", "w")
+    logs.append(workdir / "log.txt")
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3")],
+        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT))
+  codes = [p.wait(timeout=600) for p in processes]
+  texts = [path.read_text() for path in logs]
+  assert codes == [0, 0], texts
+  assert "MultiWorkerMirroredStrategy with 2 replica(s); this is worker_0 (chief)" in texts[0]
+  digests = [re.search(r"Weights digest: (\S+)", t).group(1) for t in texts]
+  assert digests[0] == digests[1], "both workers hold the same weights"
+  # One run directory: the chief's checkpoints and export; the other worker's scratch folder is gone.
+  assert checkpoint_steps(tmp_path / "run") == [3, 6]
+  assert os.listdir(tmp_path / "run" / "export") == ["backbone_6"]
+  assert not glob.glob(str(tmp_path / "run" / "workertemp_*"))
+  # A restarted cluster resumes from the chief's checkpoint.
+  processes = []
+  for index in range(2):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=8", "--checkpoint_every=3")],
+        cwd=tmp_path / f"worker{index}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert all("Resumed from" in o and "at step 6" in o for o in outputs)
+  assert checkpoint_steps(tmp_path / "run") == [3, 6, 8]
+
+
+def test_training_through_the_data_service(tmp_path):
+  import tensorflow as tf
+  from context_keras import service
+  dispatcher = service.start_dispatcher()
+  address = dispatcher.target.split("://")[1]
+  worker = service.start_worker(address, worker_address="localhost:%port%")
+  try:
+    result = run_module(demo_args(tmp_path / "run", "--train_steps=4", f"--data_service={dispatcher.target}"),
+                        cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, log_of(result)
+    assert "processed by the tf.data service" in log_of(result)
+    assert "Training finished at step 4" in log_of(result)
+  finally:
+    worker._stop()
+    dispatcher._stop()
+
+
+def test_deterministic_runs_repeat_their_losses(tmp_path):
+  losses = []
+  for name in ("a", "b"):
+    result = run_module(demo_args(tmp_path / name, "--train_steps=6", "--deterministic", "--log_every=1",
+                                  "--steps_per_loop=1"), cwd=tmp_path)
+    assert result.returncode == 0, log_of(result)
+    losses.append(re.findall(r"loss/pair (\S+)", log_of(result)))
+  assert len(losses[0]) == 6 and losses[0] == losses[1]
