@@ -6,9 +6,13 @@ same shape as ../shared/bench/torch_baseline.py --mode grid (56 3x3 grids: 504 p
 PyTorch baseline runs in the same session and the ratios are reported. The last line printed is one JSON object.
 """
 import json
+import os
+import re
 import resource
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 
 from absl import app
@@ -23,7 +27,10 @@ from context_keras import model as model_lib
 from context_keras import patches as patches_lib
 from context_keras import train as train_lib
 
-flags.DEFINE_list("parts", ["input", "step", "end_to_end"], "What to measure.")
+flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss"],
+                  "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on one "
+                  "core, for comparison with the input pipeline (needs scikit-image); training_rss is the peak "
+                  "memory of the training program with flags/deepcontext.cfg.")
 flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
 flags.DEFINE_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch baseline).")
 flags.DEFINE_integer("timed_steps", 3, "Training steps per timed run.")
@@ -89,6 +96,57 @@ def measure_input(config):
           "pairs_per_s": round(statistics.median(r[1] for r in rates), 1)}
 
 
+def original_loader(paths, seconds, seed=0):
+  """Patches/s of the original's loader (spec 2.2-2.5, train.py:88-234) in one process: per image imread,
+  skimage resize to 150K-450K pixels, 4 grids, and per patch pixelation with two skimage resizes, colour dropping
+  and RMS normalisation. Runs for about `seconds`."""
+  from skimage import io as skio  # pylint: disable=import-outside-toplevel
+  from skimage import transform  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  size, gap, noise, pitch = patches_lib.PATCH_SIZE, patches_lib.GAP, patches_lib.JITTER, patches_lib.PITCH
+
+  def prep(patch):
+    if rng.random() < 0.33:
+      side = int(np.sqrt(rng.random() * (95 ** 2 - 10 ** 2) + 10 ** 2))
+      small = transform.resize(patch.astype(np.uint8), (side, side), order=1, mode="constant")
+      patch = transform.resize(small, (size, size), order=1, mode="constant") * 255
+    keep = rng.integers(3)
+    for c in range(3):
+      patch[:, :, c] = patch[:, :, c] - patch[:, :, c].mean() if c == keep else rng.uniform(0, 1, (size, size)) - .5
+    return patch / np.sqrt(np.mean(patch ** 2)) * 50
+
+  count, start, i = 0, time.perf_counter(), 0
+  while time.perf_counter() - start < seconds:
+    im = skio.imread(paths[i % len(paths)])
+    i += 1
+    im = np.dstack([im] * 3) if im.ndim == 2 else im[:, :, :3]
+    im = im.astype(np.float32) / 255
+    target = rng.integers(patches_lib.MIN_TARGET_PIXELS, patches_lib.MAX_TARGET_PIXELS + 1)
+    h, w = patches_lib._resized_shape_py(im.shape[0], im.shape[1], target)  # pylint: disable=protected-access
+    im = transform.resize(im, (h, w), order=1, mode="constant")
+    if h <= patches_lib.MIN_SIDE or w <= patches_lib.MIN_SIDE:
+      continue
+    for _ in range(patches_lib.GRIDS_PER_IMAGE):
+      sx, sy = rng.integers(0, pitch, 2)
+      for gy in range((h + gap - sy) // pitch):
+        for gx in range((w + gap - sx) // pitch):
+          x = int(np.clip(sx + gx * pitch + rng.integers(-noise, noise + 1), 0, w - size))
+          y = int(np.clip(sy + gy * pitch + rng.integers(-noise, noise + 1), 0, h - size))
+          prep(im[y:y + size, x:x + size, :] * 255)
+          count += 1
+  return {"patches_per_s": round(count / (time.perf_counter() - start), 1), "cores": 1}
+
+
+def training_peak_rss(input_config):
+  """Peak RSS of the training program in its default configuration (flags/deepcontext.cfg), a few steps."""
+  with tempfile.TemporaryDirectory() as model_dir:
+    out = subprocess.run(
+        [sys.executable, "-m", "context_keras.train", "--flagfile=flags/deepcontext.cfg", f"--data={input_config.data}",
+         f"--data_root={input_config.data_root}", f"--model_dir={model_dir}", "--train_steps=4", "--log_every=2"],
+        capture_output=True, text=True, check=True)
+  return float(re.search(r"Peak memory: ([\d.]+) MB", out.stderr).group(1))
+
+
 def run_baseline(precision):
   command = [FLAGS.baseline_python, FLAGS.baseline_script, "--mode", "grid", "--precision", precision,
              "--grids", str(FLAGS.grids), "--steps", str(FLAGS.timed_steps)]
@@ -108,7 +166,15 @@ def main(argv):
   optim_config = train_lib.OptimConfig(divergence_factor=0)
   if "input" in FLAGS.parts:
     result["input"] = measure_input(input_config)
+    result["input"]["cores"] = os.cpu_count()
     logging.info("input: %s", result["input"])
+  if "original_loader" in FLAGS.parts:
+    paths = data_lib.find_source(input_config.data, input_config.data_root).paths
+    result["original_loader"] = original_loader(paths, seconds=30)
+    logging.info("original loader: %s", result["original_loader"])
+    if "input" in result:
+      result["input_per_core_ratio_vs_original"] = round(
+          result["input"]["patches_per_s"] / os.cpu_count() / result["original_loader"]["patches_per_s"], 2)
   preloaded = grid_batch(FLAGS.grids)
   for part in ("step", "end_to_end"):
     if part not in FLAGS.parts:
@@ -129,7 +195,12 @@ def main(argv):
     if "step" in result:
       result["step_ratio_vs_torch"] = {p: round(result["step"][p]["pairs_per_s"] /
                                                 result["torch_grid"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
+  if "step" in result and "end_to_end" in result:
+    result["end_to_end_ratio_vs_step"] = {p: round(result["end_to_end"][p]["pairs_per_s"] /
+                                                   result["step"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
   result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  if "training_rss" in FLAGS.parts:
+    result["training_peak_rss_mb"] = training_peak_rss(input_config)
   print(json.dumps(result))
 
 

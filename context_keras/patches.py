@@ -153,7 +153,10 @@ def pixelate(patches, sides):
   down = _bilinear_matrix(sides, full, PATCH_SIZE)  # [n, P(max side), P]
   up = _bilinear_matrix(full, sides, PATCH_SIZE)    # [n, P, P(max side)]
   matrix = tf.matmul(up, down)                      # [n, P, P]
-  return tf.einsum("nij,njkc,nlk->nilc", matrix, patches, matrix)
+  shape = tf.shape(patches)
+  rows = tf.matmul(matrix, tf.reshape(patches, [shape[0], shape[1], -1]))           # M X, [n, P, P*C]
+  columns = tf.transpose(tf.reshape(rows, shape), [0, 3, 1, 2])                    # [n, C, P, P]
+  return tf.transpose(tf.matmul(columns, matrix[:, tf.newaxis], transpose_b=True), [0, 2, 3, 1])  # (M X) M^T
 
 
 def random_pixelate(patches, seed):
@@ -163,9 +166,10 @@ def random_pixelate(patches, seed):
   chosen = tf.random.stateless_uniform([n], choose_seed) < PIXELATE_PROBABILITY
   u = tf.random.stateless_uniform([n], area_seed)
   sides = tf.cast(tf.sqrt(u * (PIXELATE_MAX_SIDE ** 2 - PIXELATE_MIN_SIDE ** 2) + PIXELATE_MIN_SIDE ** 2), tf.int32)
-  # The original cast the patch to uint8 before resizing it (spec 2.4 step 1).
-  pixelated = pixelate(tf.floor(patches), sides)
-  return tf.where(chosen[:, tf.newaxis, tf.newaxis, tf.newaxis], pixelated, patches)
+  # Only the chosen third is resampled. The original cast the patch to uint8 before resizing it (spec 2.4 step 1).
+  index = tf.where(chosen)
+  pixelated = pixelate(tf.floor(tf.gather_nd(patches, index)), tf.gather_nd(sides, index))
+  return tf.tensor_scatter_nd_update(patches, index, pixelated)
 
 
 # spec 2.4, paper's projection: B = I - a^T a / (a a^T) with a = [-1, 2, -1] removes the green-magenta axis.
@@ -186,22 +190,24 @@ def color_transform(patches, seed, mode):
   """
   if mode not in COLOR_MODES:
     raise ValueError(f"color mode {mode!r} is not one of {COLOR_MODES}")
-  centred = patches - tf.reduce_mean(patches, axis=[1, 2], keepdims=True)
-  if mode == "none":
-    return centred
-  if mode == "project":
-    return tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, patches.dtype))
+  if mode in ("none", "project"):
+    centred = patches - tf.reduce_mean(patches, axis=[1, 2], keepdims=True)
+    return centred if mode == "none" else tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, patches.dtype))
   keep_seed, noise_seed = tf.unstack(split_seed(seed, 2))
-  n = tf.shape(patches)[0]
-  keep = tf.random.stateless_uniform([n], keep_seed, minval=0, maxval=3, dtype=tf.int32)
+  shape = tf.shape(patches)
+  keep = tf.random.stateless_uniform(shape[:1], keep_seed, minval=0, maxval=3, dtype=tf.int32)
+  is_kept = tf.equal(keep[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.range(3))  # [n, 1, 1, 3]
+  kept = tf.reduce_sum(tf.where(is_kept, patches, 0.0), axis=3, keepdims=True)  # [n, P, P, 1]
+  kept -= tf.reduce_mean(kept, axis=[1, 2], keepdims=True)
+  noise_shape = tf.concat([shape[:3], [2]], 0)  # only the two dropped channels need noise
   if mode == "drop":
-    noise = tf.random.stateless_uniform(tf.shape(patches), noise_seed, dtype=patches.dtype) - 0.5
+    noise = tf.random.stateless_uniform(noise_shape, noise_seed, dtype=patches.dtype) - 0.5
   else:
-    kept_std = tf.math.reduce_std(tf.gather(centred, keep, axis=3, batch_dims=1), axis=[1, 2])
-    noise = (tf.random.stateless_normal(tf.shape(patches), noise_seed, dtype=patches.dtype) *
-             (kept_std / 100.0)[:, tf.newaxis, tf.newaxis, tf.newaxis])
-  kept = tf.equal(keep[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.range(3))
-  return tf.where(kept, centred, noise)
+    noise = (tf.random.stateless_normal(noise_shape, noise_seed, dtype=patches.dtype) *
+             tf.math.reduce_std(kept, axis=[1, 2, 3], keepdims=True) / 100.0)
+  # The first dropped channel (in channel order) takes noise slot 0, the other slot 1.
+  first_dropped = tf.equal(tf.range(3), tf.where(keep == 0, 1, 0)[:, tf.newaxis, tf.newaxis, tf.newaxis])
+  return tf.where(is_kept, kept, tf.where(first_dropped, noise[..., :1], noise[..., 1:]))
 
 
 def rms_normalize(patches):
@@ -216,6 +222,47 @@ def augment(patches, seed, color_mode="drop", pixelation=True):
   if pixelation:
     patches = random_pixelate(patches, pixel_seed)
   return rms_normalize(color_transform(patches, color_seed, color_mode))
+
+
+def standardize(images, color_mode="drop"):
+  """The deterministic counterpart of color_transform + rms_normalize, for inference (spec 2.4 steps 2-3).
+
+  images: float [n, H, W, 3] in 0-255 units (patches, or whole images for the fully convolutional backbone); the
+  statistics are per image. project and none are the training transforms exactly. For drop (and drop_gaussian),
+  training kept one random channel, alone carrying the patch's RMS, so it reached RMS 50*sqrt(3); averaging the
+  first layer's (linear) response over the three equally likely kept channels gives every channel centred and
+  scaled to RMS 50/sqrt(3): the expected conv1 pre-activation, with the near-zero noise channels left out.
+  """
+  if color_mode not in COLOR_MODES:
+    raise ValueError(f"color mode {color_mode!r} is not one of {COLOR_MODES}")
+  centred = images - tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+  if color_mode in ("drop", "drop_gaussian"):
+    channel_rms = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=[1, 2], keepdims=True))
+    return tf.math.divide_no_nan(centred, channel_rms) * (RMS_TARGET / 3 ** 0.5)
+  if color_mode == "project":
+    centred = tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, images.dtype))
+  return rms_normalize(centred)
+
+
+def grid_patches(image, seed, num_grids=1):
+  """Un-augmented patches of `num_grids` random grids of one image, with the training geometry (spec 1.2, 2.2).
+
+  image: [H, W, 3] of any dtype in 0-255 units. Returns (patches float32 [n, 96, 96, 3] in 0-255, grid_height and
+  grid_width int32 [num_grids]); an image too small for a grid after its random resize gives no patch and 0x0 grids.
+  For evaluation and rescaling, which need real patches but not the training augmentation.
+  """
+  resize_seed, grid_seed = tf.unstack(split_seed(seed, 2))
+  resized = random_resize(tf.cast(image, tf.float32), resize_seed)
+  height, width = tf.shape(resized)[0], tf.shape(resized)[1]
+
+  def cut():
+    ys, xs, grid_h, grid_w = sample_grids(grid_seed, height, width, num_grids)
+    return crop_patches(resized, ys, xs), grid_h, grid_w
+
+  def nothing():
+    return tf.zeros([0, PATCH_SIZE, PATCH_SIZE, 3]), tf.zeros([num_grids], tf.int32), tf.zeros([num_grids], tf.int32)
+
+  return tf.cond((height > MIN_SIDE) & (width > MIN_SIDE), cut, nothing)
 
 
 def _resized_shape_py(height, width, target_pixels):

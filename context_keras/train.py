@@ -8,6 +8,7 @@ import json
 import logging as std_logging
 import math
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -591,7 +592,7 @@ def save(manager, trainer, reason):
 
 def export(trainer, model_config, write_dir):
   path = os.path.join(write_dir, EXPORT_DIR, f"backbone_{trainer.current_step()}")
-  export_lib.export_backbone(trainer.networks.tower, model_config, path)
+  export_lib.export_backbone(trainer.networks.tower, model_config, path, color_mode=FLAGS.color_mode)
   logging.info("Backbone SavedModel written to %s.", path)
 
 
@@ -614,6 +615,10 @@ class Profiler:
       tf.profiler.experimental.stop()
       self.active = False
       logging.info("Profile of steps %d-%d written under %s.", self.first, self.last, self.logdir)
+
+
+def peak_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def weights_digest(trainer):
@@ -673,7 +678,7 @@ def train_loop(trainer, iterator, manager, writer, control, counters, model_conf
   if step != last_checkpoint_step:
     save(manager, trainer, "end of training")
   export(trainer, model_config, write_dir)
-  logging.info("Training finished at step %d.", step)
+  logging.info("Training finished at step %d. Peak memory: %.0f MB.", step, peak_rss_mb())
   logging.info("Weights digest: %.10e", weights_digest(trainer))
   return 0
 
