@@ -46,6 +46,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFRECORD_IMAGE_KEY = "image/encoded"
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
 PACKAGE_PREFIX = "package:"
+# Larger than any camera's photo; a header that claims more is taken for a decompression bomb.
+MAX_DECODE_PIXELS = 100_000_000
 
 
 class DataError(ValueError):
@@ -272,9 +274,37 @@ def image_size_from_header(contents):
 # One image -> augmented grids
 
 
+def _claimed_pixels(contents):
+  """Pixels that a PNG, GIF, BMP or JPEG header claims, read in graph ops before any decoding; 0 otherwise."""
+  padded = tf.strings.join([contents, tf.constant(b"\0" * 32)])  # short files read zeros, not out of range
+
+  def number(start, size, big_endian):
+    digits = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, start, size), tf.uint8), tf.int64)
+    weights = 256 ** tf.range(size, dtype=tf.int64)
+    return tf.reduce_sum(digits * (tf.reverse(weights, [0]) if big_endian else weights))
+
+  head = tf.strings.substr(padded, 0, 4)
+  png = number(16, 4, True) * number(20, 4, True)
+  gif = number(6, 2, False) * number(8, 2, False)
+  bmp_height = number(22, 4, False)
+  bmp = number(18, 4, False) * tf.where(bmp_height >= 2**31, 2**32 - bmp_height, bmp_height)  # top-down rows
+  is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8")
+  jpeg = tf.cond(is_jpeg, lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(contents)[:2], tf.int64)),
+                 lambda: tf.constant(0, tf.int64))
+  return tf.case([(tf.equal(head, b"\x89PNG"), lambda: png), (tf.equal(head, b"GIF8"), lambda: gif),
+                  (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), lambda: bmp)], default=lambda: jpeg)
+
+
 def decode(contents):
-  """RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (spec 1.1)."""
-  return tf.io.decode_image(contents, channels=3, expand_animations=False)
+  """RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (spec 1.1).
+
+  An image whose header claims more than MAX_DECODE_PIXELS is refused before decoding (an error, so the pipeline
+  skips and counts it): a small file can claim a huge image, a decompression bomb.
+  """
+  check = tf.debugging.assert_less_equal(_claimed_pixels(contents), tf.constant(MAX_DECODE_PIXELS, tf.int64),
+                                         message="image header claims more pixels than MAX_DECODE_PIXELS")
+  with tf.control_dependencies([check]):
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
 
 def image_grids(image, seed, color_mode="drop", pixelation=True):

@@ -4,6 +4,7 @@ Reads top to bottom: flags -> run directory and control files -> strategy -> dat
 restore -> loop of compiled multi-step calls (log, summaries, checkpoint, export, pause/quit) -> final export.
 """
 import dataclasses
+import fcntl
 import json
 import logging as std_logging
 import math
@@ -11,6 +12,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -68,12 +70,15 @@ flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into this many logical de
 
 flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism on top of the seeded input: the same seed "
                   "gives the same losses (slower; GPU kernels without a deterministic version raise).")
+flags.DEFINE_integer("inject_nan_at_step", 0, "Fault injection for tests of the divergence guard: the loss of "
+                     "this step (counted from 1) becomes NaN. 0 = never.")
 flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to RUN/train/plugins/profile "
                   "(view it in TensorBoard's Profile tab, from the tensorboard-plugin-profile package).")
 
 FLAGS = flags.FLAGS
 
 RUN_FLAGS_FILE = "flags.txt"
+LOCK_FILE = ".lock"
 EXPORT_DIR = "export"
 DIVERGENCE_WARMUP_STEPS = 100
 PREVIEW_PAIRS = 8
@@ -106,6 +111,7 @@ class OptimConfig:
   mixed_precision: str = "none"
   jit_compile: bool = False
   divergence_factor: float = 10.0
+  inject_nan_at_step: int = 0
 
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -186,6 +192,9 @@ class Trainer:
       valid = tf.cast(batch["pair_mask"], tf.float32)
       per_pair = keras.losses.sparse_categorical_crossentropy(batch["label"], logits, from_logits=True)
       loss_sum = tf.reduce_sum(per_pair * valid)
+      if self.config.inject_nan_at_step:
+        nan = tf.equal(self.step + 1, self.config.inject_nan_at_step)
+        loss_sum += tf.where(nan, tf.constant(float("nan")), 0.0)
       # Gradients are summed over replicas, so each replica's share of the global objective is its own sum
       # (or its sum over the global pair count): correct for any number of replicas.
       loss = loss_sum if self.config.loss_reduction == "sum" else loss_sum / tf.maximum(global_pairs, 1.0)
@@ -354,12 +363,42 @@ def prepare_model_dir(path):
     raise SetupError(f"--model_dir={path} is a file, not a directory")
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write_test")
+    os.listdir(path)
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise SetupError(f"--model_dir={path} is not writable: {e.strerror}") from e
+    raise SetupError(f"--model_dir={path} is not usable (it must be readable and writable): {e.strerror}") from e
+
+
+class RunLock:
+  """Keeps a second trainer off a run directory. An flock on RUN/.lock: the kernel releases it when its process
+  ends, even by kill -9, so a crashed run never leaves it stuck. (flock is per host: on a shared file system, runs
+  on two hosts are not kept apart.)"""
+
+  def __init__(self, model_dir):
+    self.path = os.path.join(model_dir, LOCK_FILE)
+    self._file = open(self.path, "a+")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise SetupError(f"--model_dir={model_dir} is in use by {holder} (lock {self.path}); stop that run first, "
+                       "or choose another --model_dir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"training process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.flush()
+
+  def release(self):
+    self._file.close()
+
+
+class CheckpointError(Exception):
+  """A checkpoint could not be written; the run stops (exit code 1) and the previous checkpoint stays intact."""
 
 
 class Control:
@@ -518,6 +557,7 @@ def run():
   # The chief writes the run; another worker writes its checkpoints and exports to a scratch folder (all workers
   # must save, because saving distributed variables can involve every worker) that it removes at the end.
   write_dir = model_dir if is_chief else os.path.join(model_dir, f"workertemp_{task}")
+  lock = RunLock(model_dir) if is_chief else None
   if is_chief:
     log_file = std_logging.FileHandler(os.path.join(model_dir, "train.log"))
     log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -546,7 +586,7 @@ def run():
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
       lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps, train_steps=FLAGS.train_steps,
       loss_reduction=FLAGS.loss_reduction, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile,
-      divergence_factor=FLAGS.divergence_factor)
+      divergence_factor=FLAGS.divergence_factor, inject_nan_at_step=FLAGS.inject_nan_at_step)
   model_config = model_lib.config_from_flags()
   trainer = Trainer(strategy, model_config, optim_config, time_input=not FLAGS.deterministic)
   counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in COUNTERS}
@@ -581,12 +621,22 @@ def run():
   finally:
     control.close()
     writer.close()
+    if lock:
+      lock.release()
     if not is_chief:
       shutil.rmtree(write_dir, ignore_errors=True)
 
 
 def save(manager, trainer, reason):
-  path = manager.save(checkpoint_number=trainer.current_step())
+  previous = manager.latest_checkpoint
+  try:
+    path = manager.save(checkpoint_number=trainer.current_step())
+  except (OSError, tf.errors.OpError) as e:
+    message = getattr(e, "message", None) or str(e)
+    raise CheckpointError(
+        f"Could not write the checkpoint of step {trainer.current_step()} to {manager.directory}: "
+        f"{message.splitlines()[0] if message else type(e).__name__}. The previous checkpoint "
+        f"{previous or '(none)'} is intact; free space or fix the folder, then re-run to resume from it.") from e
   logging.info("Checkpoint %s written (%s).", path, reason)
 
 
@@ -723,6 +773,9 @@ def main(argv):
   except (SetupError, data_lib.DataError) as e:
     logging.error("%s", e)
     sys.exit(2)
+  except CheckpointError as e:
+    logging.error("%s", e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

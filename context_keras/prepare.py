@@ -1,0 +1,507 @@
+"""Writes TFRecord shards of encoded images for training: python -m context_keras.prepare --data=FOLDER_OR_LIST
+--output=DIR --num_shards=N, then train with --data='DIR/*.tfrecord'. --data and --data_root are read as in training
+(a folder or a list file; see --helpfull).
+
+Reads top to bottom: flags -> the listing, assigned to shards (sorted, seeded shuffle, contiguous chunks) -> the
+output folder checked against an earlier run -> one image (read, header guard, decode, optional downscale) -> one
+shard (written to a temporary name, renamed when complete) -> the shards in a thread pool with a progress line ->
+rejected.txt and index.json.
+
+Each record is a tf.train.Example whose data.TFRECORD_IMAGE_KEY feature holds the image's original bytes (or a
+JPEG re-encoding of a downscaled copy when --max_pixels asks for it); image/height, image/width and image/filename
+ride along for inspection. DIR/.prepare/ keeps what a re-run needs: the manifest of the input and, per complete
+shard, its counts and rejected files.
+"""
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from context_keras import data as data_lib
+from context_keras import patches as patches_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The program's flags, defined when it runs (importing this module defines none, so that it can be imported
+  beside train.py, which has a --seed of its own). --data and --data_root are data.py's."""
+  flags.DEFINE_string("output", None,
+                      "Folder for the shards (train-00000-of-NNNNN.tfrecord ...), rejected.txt and index.json; "
+                      "created if needed. Re-running the same command keeps complete shards and writes only the "
+                      "missing ones.")
+  flags.DEFINE_integer("num_shards", None,
+                       "Number of shards. Shards of 100-300 MB read well; training shards the input by file when "
+                       "there are at least as many shards as input pipelines (workers), by record otherwise.")
+  flags.DEFINE_integer("max_pixels", 0,
+                       "Images with more pixels than this are downscaled, keeping their aspect (area resize), and "
+                       "re-encoded as JPEG of quality 95; all others keep their original bytes. 0 keeps every "
+                       "image's original bytes. Training resizes every image to 150,000-450,000 pixels, so about "
+                       "1,000,000 loses little.")
+  flags.DEFINE_integer("max_decode_pixels", data_lib.MAX_DECODE_PIXELS,
+                       "Images whose header claims more pixels than this are rejected without being decoded (a "
+                       "guard against decompression bombs: a small file can claim a huge image).")
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Shards written at the same time, one thread each.")
+  flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
+
+
+SHARD_PREFIX = "train"
+SHARD_PATTERN = re.compile(r"^(.+)-(\d{5,})-of-(\d{5,})\.tfrecords?$")
+PARTIAL_SUFFIX = ".partial"
+STATE_DIR = ".prepare"
+MANIFEST = "manifest.json"
+REJECTED_FILE = "rejected.txt"
+INDEX_FILE = "index.json"
+PROGRESS_SECONDS = 2.0
+JPEG_QUALITY = 95
+EXIT_INTERRUPTED = 130
+
+
+class SetupError(Exception):
+  """Bad flags or output folder; stops at start with this message (exit code 2) and no traceback."""
+
+
+class Interrupted(Exception):
+  """A stop was requested (Ctrl+C, SIGTERM) while shards were being written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  data: str
+  output: str
+  num_shards: int
+  data_root: str | None = None
+  max_pixels: int = 0
+  max_decode_pixels: int = data_lib.MAX_DECODE_PIXELS
+  workers: int = 1
+  seed: int = 0
+
+  def problems(self):
+    found = []
+    if self.num_shards is None:
+      found.append("--num_shards is required")
+    elif self.num_shards < 1:
+      found.append(f"--num_shards={self.num_shards} must be >= 1")
+    if self.max_pixels < 0:
+      found.append(f"--max_pixels={self.max_pixels} must be >= 0 (0 keeps every image's original bytes)")
+    if self.max_decode_pixels < 1:
+      found.append(f"--max_decode_pixels={self.max_decode_pixels} must be >= 1")
+    if self.workers < 1:
+      found.append(f"--workers={self.workers} must be >= 1")
+    if self.seed < 0:
+      found.append(f"--seed={self.seed} must be >= 0")
+    return found
+
+
+def config_from_flags():
+  return PrepareConfig(data=FLAGS.data, output=FLAGS.output, num_shards=FLAGS.num_shards, data_root=FLAGS.data_root,
+                       max_pixels=FLAGS.max_pixels, max_decode_pixels=FLAGS.max_decode_pixels,
+                       workers=FLAGS.workers, seed=FLAGS.seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The listing, assigned to shards
+
+
+def shard_name(index, num_shards):
+  return f"{SHARD_PREFIX}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def assign_shards(paths, num_shards, seed):
+  """Contiguous chunks of a seeded permutation of `paths` (in listing order): a pure function of its arguments."""
+  order = np.random.default_rng(seed).permutation(len(paths))
+  bounds = [i * len(paths) // num_shards for i in range(num_shards + 1)]
+  return [[paths[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(num_shards)]
+
+
+def relative_names(paths):
+  """The paths relative to their common folder: what identifies the input, wherever the folder is."""
+  absolute = [os.path.abspath(p) for p in paths]
+  root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
+  if root in absolute:  # a single file, or a file that is also a prefix of the others
+    root = os.path.dirname(root)
+  return [os.path.relpath(p, root) for p in absolute]
+
+
+def make_manifest(config, names):
+  listing = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+  return {"data": config.data, "data_root": config.data_root, "num_shards": config.num_shards,
+          "seed": config.seed, "max_pixels": config.max_pixels, "max_decode_pixels": config.max_decode_pixels,
+          "images": len(names), "listing_sha256": listing}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def _write_atomically(path, text):
+  partial = path + PARTIAL_SUFFIX
+  with open(partial, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(partial, path)
+
+
+def prepare_output(output):
+  if not output:
+    raise SetupError("--output is required: the folder for the shards")
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise SetupError(f"--output={output} is a file, not a folder")
+  try:
+    os.makedirs(os.path.join(output, STATE_DIR), exist_ok=True)
+    probe = os.path.join(output, STATE_DIR, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise SetupError(f"--output={output} is not writable: {e.strerror or e}") from e
+
+
+def check_earlier_run(output, manifest):
+  """Refuses an --output holding shards of another --num_shards or another input; else records the manifest."""
+  num_shards = manifest["num_shards"]
+  expected = {shard_name(i, num_shards) for i in range(num_shards)}
+  foreign, other_counts = [], set()
+  for name in sorted(os.listdir(output)):
+    if not name.endswith(data_lib.TFRECORD_SUFFIXES) or name in expected:
+      continue
+    match = SHARD_PATTERN.match(name)
+    if match and match.group(1) == SHARD_PREFIX:
+      other_counts.add(int(match.group(3)))
+    else:
+      foreign.append(name)
+  if other_counts:
+    counts = ", ".join(str(c) for c in sorted(other_counts))
+    raise SetupError(f"--output={output} holds shards of --num_shards={counts}, not {num_shards}: use another "
+                     "--output, the same --num_shards, or delete the folder to start over")
+  if foreign:
+    raise SetupError(f"--output={output} holds other TFRecord files ({', '.join(foreign[:3])}) that training's "
+                     f"--data='{os.path.join(output, '*.tfrecord')}' would read too: use another --output")
+  manifest_path = os.path.join(output, STATE_DIR, MANIFEST)
+  has_shards = any(os.path.exists(os.path.join(output, name)) for name in expected)
+  if has_shards and os.path.exists(manifest_path):
+    with open(manifest_path, encoding="utf-8") as f:
+      earlier = json.load(f)
+    differences = []
+    if (earlier.get("images"), earlier.get("listing_sha256")) != (manifest["images"], manifest["listing_sha256"]):
+      differences.append(f"images: {earlier.get('images')} listed from --data={earlier.get('data')} then, "
+                         f"{manifest['images']} listed from --data={manifest['data']} now, or other file names")
+    for key in ("num_shards", "seed", "max_pixels", "max_decode_pixels"):
+      if earlier.get(key) != manifest[key]:
+        differences.append(f"--{key}={earlier.get(key)} then, {manifest[key]} now")
+    if differences:
+      raise SetupError(f"--output={output} holds shards of a different input ({'; '.join(differences)}): use "
+                       "another --output, the earlier flags, or delete the folder to start over")
+  elif has_shards:
+    raise SetupError(f"--output={output} holds shards without {STATE_DIR}/{MANIFEST}, so their input is unknown: "
+                     "use another --output, or delete the folder to start over")
+  for name in os.listdir(output):  # left by a run that was killed
+    if name.startswith(SHARD_PREFIX + "-") and name.endswith(PARTIAL_SUFFIX):
+      os.remove(os.path.join(output, name))
+  _write_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
+
+
+def _state_path(output, name):
+  return os.path.join(output, STATE_DIR, name + ".json")
+
+
+def complete_shard_state(output, name):
+  """The recorded state of shard `name` if it is complete (renamed into place, recorded, of the recorded size)."""
+  path, state_path = os.path.join(output, name), _state_path(output, name)
+  if not (os.path.isfile(path) and os.path.isfile(state_path)):
+    return None
+  try:
+    with open(state_path, encoding="utf-8") as f:
+      state = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return state if state.get("file") == name and state.get("bytes") == os.path.getsize(path) else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One image
+
+
+@dataclasses.dataclass
+class Outcome:
+  contents: bytes | None = None  # what the record holds; None when rejected
+  reason: str | None = None  # why it was rejected
+  height: int = 0
+  width: int = 0
+  reencoded: bool = False
+
+
+def _tf_message(error):
+  """The first line of a TensorFlow error without its '{{function_node ...}}' prefix and '[Op:...]' suffix."""
+  message = (error.message or str(error)).splitlines()[0]
+  message = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", message)
+  return re.sub(r"\s*\[Op:\w+\]$", "", message)[:200]
+
+
+def examine(path, max_pixels=0, max_decode_pixels=data_lib.MAX_DECODE_PIXELS):
+  """Reads one image file and decides what its record holds, or why it is rejected. Never raises for a bad file."""
+  try:
+    with open(path, "rb") as f:
+      contents = f.read()
+  except FileNotFoundError:
+    return Outcome(reason="missing: no such file")
+  except PermissionError:
+    return Outcome(reason="unreadable: permission denied")
+  except IsADirectoryError:
+    return Outcome(reason="unreadable: a folder, not a file")
+  except OSError as e:
+    return Outcome(reason=f"unreadable: {e.strerror or e}")
+  if not contents:
+    return Outcome(reason="empty file (0 bytes)")
+  header = data_lib.image_size_from_header(contents)
+  if header is None:
+    return Outcome(reason="no readable JPEG, PNG, GIF, BMP or WebP header: not an image, or a corrupt header")
+  kind, claimed_width, claimed_height = header
+  if claimed_width * claimed_height > max_decode_pixels:
+    return Outcome(reason=f"{kind} header claims {claimed_width}x{claimed_height} = "
+                          f"{claimed_width * claimed_height / 1e6:.1f} megapixels, more than "
+                          f"--max_decode_pixels={max_decode_pixels}; not decoded")
+  try:
+    image = data_lib.decode(contents)
+  except tf.errors.OpError as e:
+    return Outcome(reason=f"cannot decode: {_tf_message(e)}")
+  height, width = int(image.shape[0]), int(image.shape[1])
+  reencode = bool(max_pixels) and height * width > max_pixels
+  if reencode:
+    scale = math.sqrt(max_pixels / (height * width))
+    height, width = max(1, int(height * scale)), max(1, int(width * scale))
+  if not patches_lib.can_hold_grid(height, width):
+    return Outcome(reason=f"{width}x{height} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px patches",
+                   height=height, width=width)
+  if reencode:
+    small = tf.image.resize(image, [height, width], method="area")
+    small = tf.cast(tf.round(tf.clip_by_value(small, 0, 255)), tf.uint8)
+    contents = tf.io.encode_jpeg(small, quality=JPEG_QUALITY).numpy()
+  return Outcome(contents=contents, height=height, width=width, reencoded=reencode)
+
+
+def _bytes_feature(value):
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int_feature(value):
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def make_example(outcome, name):
+  feature = {data_lib.TFRECORD_IMAGE_KEY: _bytes_feature(outcome.contents),
+             "image/height": _int_feature(outcome.height), "image/width": _int_feature(outcome.width),
+             "image/filename": _bytes_feature(name.encode("utf-8", "surrogateescape"))}
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One shard
+
+
+class Progress:
+  """Images done across threads, reported on stderr at most every PROGRESS_SECONDS."""
+
+  def __init__(self, total, shards):
+    self.total, self.shards = total, shards
+    self.done = self.rejected = self.shards_done = 0
+    self.start = self.last_report = time.monotonic()
+    self._lock = threading.Lock()
+
+  def add(self, rejected):
+    with self._lock:
+      self.done += 1
+      self.rejected += int(rejected)
+
+  def shard_done(self):
+    with self._lock:
+      self.shards_done += 1
+
+  def line(self):
+    elapsed = time.monotonic() - self.start
+    rate = self.done / elapsed if elapsed > 0 else 0.0
+    eta = f"{_duration((self.total - self.done) / rate)}" if rate > 0 else "?"
+    percent = 100 * self.done / self.total if self.total else 100
+    return (f"{self.done}/{self.total} images ({percent:.0f}%), {self.rejected} rejected, {rate:.1f} images/s, "
+            f"ETA {eta}; shards {self.shards_done}/{self.shards}")
+
+  def maybe_report(self, force=False):
+    now = time.monotonic()
+    if force or now - self.last_report >= PROGRESS_SECONDS:
+      self.last_report = now
+      print(self.line(), file=sys.stderr, flush=True)
+
+
+def _duration(seconds):
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def write_shard(config, output, name, paths, names, progress=None, stop=None):
+  """Writes one shard under a temporary name, records its state, then renames it into place; returns the state."""
+  path = os.path.join(output, name)
+  partial = path + PARTIAL_SUFFIX
+  records = reencoded = 0
+  rejected = []
+  try:
+    with tf.io.TFRecordWriter(partial) as writer:
+      for image_path in paths:
+        if stop is not None and stop.is_set():
+          raise Interrupted()
+        try:
+          outcome = examine(image_path, config.max_pixels, config.max_decode_pixels)
+        except Exception as e:  # pylint: disable=broad-except  # one bad file never stops the others
+          outcome = Outcome(reason=f"unexpected error: {type(e).__name__}: {e}")
+        if outcome.reason:
+          rejected.append([image_path, outcome.reason])
+        else:
+          writer.write(make_example(outcome, names[image_path]))
+          records += 1
+          reencoded += int(outcome.reencoded)
+        if progress:
+          progress.add(rejected=bool(outcome.reason))
+    state = {"file": name, "records": records, "rejected": rejected, "reencoded": reencoded,
+             "bytes": os.path.getsize(partial)}
+    _write_atomically(_state_path(output, name), json.dumps(state) + "\n")
+    os.replace(partial, path)
+  except BaseException:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
+  if progress:
+    progress.shard_done()
+  return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# All shards
+
+
+def prepare(config, stop=None):
+  """Writes the missing shards of `config`, then rejected.txt and index.json; returns the index.
+
+  Raises SetupError or data.DataError (bad flags, input or output folder) before writing any shard, Interrupted
+  when `stop` is set meanwhile (complete shards stay), and data.DataError after writing if no image was usable.
+  """
+  problems = config.problems()
+  if problems:
+    raise SetupError("Invalid flags: " + "; ".join(problems))
+  source = data_lib.find_source(config.data, config.data_root)
+  if source.kind != "files":
+    raise data_lib.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images or a "
+                             "list file")
+  prepare_output(config.output)
+  paths = list(source.paths)
+  names = dict(zip(paths, relative_names(paths)))
+  check_earlier_run(config.output, make_manifest(config, [names[p] for p in paths]))
+  if config.num_shards > len(paths):
+    logging.warning("--num_shards=%d is more than the %d images: some shards will be empty.", config.num_shards,
+                    len(paths))
+
+  assigned = assign_shards(paths, config.num_shards, config.seed)
+  shard_names = [shard_name(i, config.num_shards) for i in range(config.num_shards)]
+  states = {name: complete_shard_state(config.output, name) for name in shard_names}
+  pending = [i for i, name in enumerate(shard_names) if states[name] is None]
+  for name in (INDEX_FILE, REJECTED_FILE):  # stale until every shard is complete
+    if pending and os.path.exists(os.path.join(config.output, name)):
+      os.remove(os.path.join(config.output, name))
+  total = sum(len(assigned[i]) for i in pending)
+  logging.info("Data: %s. Output: %s: %d shard(s) to write (%d images), %d already complete.", source.description,
+               config.output, len(pending), total, config.num_shards - len(pending))
+
+  start = time.monotonic()
+  if pending:
+    stop = stop or threading.Event()
+    progress = Progress(total, len(pending))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(config.workers, len(pending)),
+                                               thread_name_prefix="prepare") as pool:
+      futures = {pool.submit(write_shard, config, config.output, shard_names[i], assigned[i], names, progress,
+                             stop): shard_names[i] for i in pending}
+      try:
+        remaining = set(futures)
+        while remaining:
+          finished, remaining = concurrent.futures.wait(remaining, timeout=PROGRESS_SECONDS / 4,
+                                                        return_when=concurrent.futures.FIRST_EXCEPTION)
+          for future in finished:
+            states[futures[future]] = future.result()  # re-raises a shard's error (a full disk, say)
+          progress.maybe_report()
+      except BaseException:
+        stop.set()
+        raise
+    progress.maybe_report(force=True)
+    if stop.is_set():
+      raise Interrupted()
+
+  index = write_index(config, shard_names, [states[name] for name in shard_names], len(paths))
+  seconds = time.monotonic() - start
+  logging.info("Done in %.1f s: %d shards in %s (%d written, %d kept): %d images in them, %d rejected%s, %d "
+               "re-encoded, "
+               "%.1f MB. Train with --data='%s'.", seconds, config.num_shards, config.output, len(pending),
+               config.num_shards - len(pending), index["records"], index["rejected"],
+               f" (listed in {os.path.join(config.output, REJECTED_FILE)})" if index["rejected"] else "",
+               index["reencoded"], index["bytes"] / 1e6, os.path.join(config.output, "*.tfrecord"))
+  if not index["records"]:
+    raise data_lib.DataError(f"--data={config.data}: none of the {len(paths)} images is usable (reasons in "
+                             f"{os.path.join(config.output, REJECTED_FILE)})")
+  return index
+
+
+def write_index(config, shard_names, states, num_images):
+  """rejected.txt (path TAB reason, sorted by path), then index.json, the last file written."""
+  rejected = sorted(item for state in states for item in state["rejected"])
+  _write_atomically(os.path.join(config.output, REJECTED_FILE),
+                    "".join(f"{path}\t{reason}\n" for path, reason in rejected))
+  index = {
+      "shards": [{"file": name, "records": state["records"], "rejected": len(state["rejected"]),
+                  "reencoded": state["reencoded"], "bytes": state["bytes"]}
+                 for name, state in zip(shard_names, states)],
+      "num_shards": len(shard_names),
+      "images": num_images,
+      "records": sum(state["records"] for state in states),
+      "rejected": len(rejected),
+      "reencoded": sum(state["reencoded"] for state in states),
+      "bytes": sum(state["bytes"] for state in states),
+      "feature": data_lib.TFRECORD_IMAGE_KEY,
+      "data": config.data,
+      "data_root": config.data_root,
+      "seed": config.seed,
+      "max_pixels": config.max_pixels,
+      "max_decode_pixels": config.max_decode_pixels,
+  }
+  _write_atomically(os.path.join(config.output, INDEX_FILE), json.dumps(index, indent=1) + "\n")
+  return index
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  stop = threading.Event()
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+  try:
+    prepare(config_from_flags(), stop)
+  except (SetupError, data_lib.DataError) as e:
+    logging.error("%s", e)
+    sys.exit(2)
+  except (Interrupted, KeyboardInterrupt):
+    logging.error("Interrupted: complete shards are kept; run the same command again to write the others.")
+    sys.exit(EXIT_INTERRUPTED)
+  except OSError as e:  # writing a shard failed (a full disk, say); complete shards are kept
+    logging.error("Stopped: %s", e)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
