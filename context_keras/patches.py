@@ -195,19 +195,17 @@ def color_transform(patches, seed, mode):
     return centred if mode == "none" else tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, patches.dtype))
   keep_seed, noise_seed = tf.unstack(split_seed(seed, 2))
   shape = tf.shape(patches)
-  keep = tf.random.stateless_uniform(shape[:1], keep_seed, minval=0, maxval=3, dtype=tf.int32)
-  is_kept = tf.equal(keep[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.range(3))  # [n, 1, 1, 3]
-  kept = tf.reduce_sum(tf.where(is_kept, patches, 0.0), axis=3, keepdims=True)  # [n, P, P, 1]
-  kept -= tf.reduce_mean(kept, axis=[1, 2], keepdims=True)
-  noise_shape = tf.concat([shape[:3], [2]], 0)  # only the two dropped channels need noise
+  keep = tf.one_hot(tf.random.stateless_uniform(shape[:1], keep_seed, minval=0, maxval=3, dtype=tf.int32), 3,
+                    dtype=patches.dtype)  # [n, 3]
+  pixels = tf.reshape(patches, [shape[0], -1, 3])
+  kept = tf.matmul(pixels, keep[:, :, tf.newaxis])  # [n, HW, 1]: a matmul is the fastest channel selection here
+  kept -= tf.reduce_mean(kept, axis=1, keepdims=True)
   if mode == "drop":
-    noise = tf.random.stateless_uniform(noise_shape, noise_seed, dtype=patches.dtype) - 0.5
+    noise = tf.random.stateless_uniform(tf.shape(pixels), noise_seed, dtype=patches.dtype) - 0.5
   else:
-    noise = (tf.random.stateless_normal(noise_shape, noise_seed, dtype=patches.dtype) *
-             tf.math.reduce_std(kept, axis=[1, 2, 3], keepdims=True) / 100.0)
-  # The first dropped channel (in channel order) takes noise slot 0, the other slot 1.
-  first_dropped = tf.equal(tf.range(3), tf.where(keep == 0, 1, 0)[:, tf.newaxis, tf.newaxis, tf.newaxis])
-  return tf.where(is_kept, kept, tf.where(first_dropped, noise[..., :1], noise[..., 1:]))
+    noise = (tf.random.stateless_normal(tf.shape(pixels), noise_seed, dtype=patches.dtype) *
+             tf.math.reduce_std(kept, axis=1, keepdims=True) / 100.0)
+  return tf.reshape(noise + keep[:, tf.newaxis, :] * (kept - noise), shape)
 
 
 def rms_normalize(patches):

@@ -87,3 +87,10 @@ def test_deterministic_runs_repeat_their_losses(tmp_path):
     assert result.returncode == 0, log_of(result)
     losses.append(re.findall(r"loss/pair (\S+)", log_of(result)))
   assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  result = run_module(demo_args(tmp_path / "run", "--train_steps=5", "--profile_steps=2,4"), cwd=tmp_path)
+  assert result.returncode == 0, log_of(result)
+  assert "Profile of steps 2-4 written" in log_of(result)
+  assert glob.glob(str(tmp_path / "run" / "train" / "plugins" / "profile" / "*" / "*.xplane.pb"))
