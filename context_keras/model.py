@@ -22,6 +22,10 @@ flags.DEFINE_enum("backbone", "alexnet_bn", ["alexnet_bn"],
 flags.DEFINE_float("width_multiplier", 1.0,
                    "Scales every conv and fc width (1.0 = the original's 96-256-384-384-256 convs and 4096-d fc). "
                    "Small values make quick tests and demos.")
+flags.DEFINE_float("bn_momentum", 0.999,
+                   "Decay of the batch-norm moving statistics (Caffe's moving_average_fraction, 0.999 as the "
+                   "original). Runs of a few thousand steps want less (0.99), or the statistics that export and "
+                   "evaluation use lag behind the weights.")
 flags.DEFINE_bool("sync_batchnorm", False,
                   "Batch statistics over all replicas instead of per replica. Off by default: each replica then "
                   "normalises over one batch of at most --batch_patches patches, as the original did on one GPU.")
@@ -37,10 +41,11 @@ class ModelConfig:
   backbone: str = "alexnet_bn"
   width_multiplier: float = 1.0
   sync_batchnorm: bool = False
+  bn_momentum: float = BN_MOMENTUM
 
 
 def config_from_flags():
-  return ModelConfig(FLAGS.backbone, FLAGS.width_multiplier, FLAGS.sync_batchnorm)
+  return ModelConfig(FLAGS.backbone, FLAGS.width_multiplier, FLAGS.sync_batchnorm, FLAGS.bn_momentum)
 
 
 class CaffeBatchNorm(layers.Layer):
@@ -125,7 +130,9 @@ class LocalResponseNorm(layers.Layer):
     channels = np.arange(x.shape[-1])
     band = tf.constant(np.abs(channels[:, None] - channels[None, :]) <= radius, x.dtype)
     window = tf.cast(tf.einsum("nhwc,cd->nhwd", tf.square(x), band), tf.float32)
-    scale = tf.pow(self.bias + (self.alpha / self.local_size) * window, -self.beta)
+    base = self.bias + (self.alpha / self.local_size) * window
+    # b^-0.75 = b^-0.5 * b^-0.25: two square roots cost far less than pow's exp and log.
+    scale = tf.math.rsqrt(base) * tf.math.rsqrt(tf.sqrt(base)) if self.beta == 0.75 else tf.pow(base, -self.beta)
     return tf.cast(tf.cast(x, tf.float32) * scale, x.dtype)
 
   def get_config(self):
@@ -158,12 +165,12 @@ def alexnet_bn_tower(config):
   x = LocalResponseNorm(name="norm2")(x)
   for name, channels in (("conv3", 384), ("conv4", 384), ("conv5", 256)):
     x = layers.Conv2D(_width(channels, m), 3, padding="same", name=name, **_dense_init())(x)
-    x = CaffeBatchNorm(config.sync_batchnorm, name="bn" + name[-1])([x, valid])
+    x = CaffeBatchNorm(config.sync_batchnorm, config.bn_momentum, name="bn" + name[-1])([x, valid])
     x = layers.ReLU(name="relu" + name[-1])(x)
   x = layers.MaxPool2D(3, 2, padding="same", name="pool5")(x)
   x = layers.Flatten(name="flatten")(x)
   x = layers.Dense(_width(4096, m), name="fc6", **_dense_init())(x)
-  x = CaffeBatchNorm(config.sync_batchnorm, name="bn6")([x, valid])
+  x = CaffeBatchNorm(config.sync_batchnorm, config.bn_momentum, name="bn6")([x, valid])
   x = layers.ReLU(name="relu6")(x)
   return keras.Model([patches, valid], x, name="tower")
 
@@ -177,7 +184,7 @@ def pair_head(config, feature_dim):
   pair = keras.Input((2 * feature_dim,), name="pair_features")
   valid = keras.Input((), name="valid")
   x = layers.Dense(_width(4096, m), name="fc7", **_dense_init())(pair)
-  x = CaffeBatchNorm(config.sync_batchnorm, name="bn7")([x, valid])
+  x = CaffeBatchNorm(config.sync_batchnorm, config.bn_momentum, name="bn7")([x, valid])
   x = layers.ReLU(name="relu7")(x)
   x = layers.Dense(_width(4096, m), activation="relu", name="fc8", **_dense_init())(x)
   # Logits stay float32 under mixed precision, for a stable softmax.
@@ -221,12 +228,10 @@ def grid_logits(networks, batch, training):
   features = networks.tower([tf.convert_to_tensor(batch["patches"]), patch_valid], training=training)
   head = networks.head
   fc7 = head.get_layer("fc7")
-  kernel = tf.cast(fc7.kernel, features.dtype)
-  dim = features.shape[-1]
-  projected_first = tf.matmul(features, kernel[:dim])
-  projected_second = tf.matmul(features, kernel[dim:])
-  x = (tf.gather(projected_first, batch["first"]) + tf.gather(projected_second, batch["second"]) +
-       tf.cast(fc7.bias, features.dtype))
+  # tf.split, not slicing: the gradient of a split is one concat, that of each slice a full-size padded copy.
+  kernel_first, kernel_second = tf.split(tf.cast(fc7.kernel, features.dtype), 2)
+  x = (tf.gather(tf.matmul(features, kernel_first), batch["first"]) +
+       tf.gather(tf.matmul(features, kernel_second), batch["second"]) + tf.cast(fc7.bias, features.dtype))
   x = head.get_layer("bn7")([x, pair_valid], training=training)
   for name in ("relu7", "fc8", "fc9"):
     x = head.get_layer(name)(x)

@@ -1,0 +1,164 @@
+"""Evaluation: the three modes and --watch on tiny data (well-formed JSON, files, summaries), the pretext protocol's
+reproducibility, and the linear probe's ability to fail (separable data -> high accuracy, shuffled labels -> chance)."""
+import glob
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_module, write_png
+from context_keras import data as D
+from context_keras import evaluate as V
+from context_keras import export as E
+from test_export import exported, last_json, log_of, trained_run  # noqa: F401,F811  (fixtures, made once per session)
+
+DEMO = [f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, photo_dir):
+  """Three classes (three photos), six 120-px crops each."""
+  folder = tmp_path_factory.mktemp("labelled")
+  rng = np.random.default_rng(0)
+  for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
+    image = D.decode(tf.io.read_file(f"{photo_dir}/{name}")).numpy()
+    (folder / name.split(".")[0]).mkdir()
+    for i in range(6):
+      y, x = rng.integers(0, image.shape[0] - 120), rng.integers(0, image.shape[1] - 120)
+      write_png(str(folder / name.split(".")[0] / f"{i}.png"), image[y:y + 120, x:x + 120])
+  return folder
+
+
+def evaluate(args, cwd):
+  result = run_module(["context_keras.evaluate", *args], cwd=cwd, timeout=300)
+  assert result.returncode == 0, log_of(result)
+  return last_json(result)
+
+
+def events(folder):
+  return glob.glob(str(folder / "events.out.tfevents.*"))
+
+
+def test_pretext_writes_json_and_summaries(trained_run, tmp_path):
+  eval_dir = tmp_path / "eval"
+  result = evaluate(["--mode=pretext", f"--model_dir={trained_run}", f"--eval_dir={eval_dir}", "--images=3",
+                     "--pairs_per_image=32", *DEMO], tmp_path)
+  assert result == json.loads((eval_dir / "pretext.json").read_text())
+  assert result["mode"] == "pretext" and result["step"] == 10 and result["chance"] == 0.125
+  assert 0 <= result["accuracy"] <= 1 and result["images"] == 3 and result["pairs"] == 3 * 32
+  confusion = np.array(result["confusion_matrix"])
+  assert confusion.shape == (8, 8) and confusion.sum() == result["pairs"]
+  assert result["accuracy"] == pytest.approx(confusion.trace() / confusion.sum())
+  assert list(result["per_class_accuracy"]) == ["up-left", "up", "up-right", "left", "right", "down-left", "down",
+                                                "down-right"]
+  assert events(eval_dir)
+
+
+def test_pretext_is_reproducible_and_uses_training_geometry(trained_run, photo_dir, demo_list):
+  subject = V.subject_from_run(E.load_run(str(trained_run)))
+  source = V.select_images(D.find_source(demo_list, photo_dir), 2, seed=5)
+  first = V.evaluate_pretext(subject, source, 40, seed=5, color_mode="drop", pixelation=True)
+  again = V.evaluate_pretext(subject, source, 40, seed=5, color_mode="drop", pixelation=True)
+  other = V.evaluate_pretext(subject, source, 40, seed=6, color_mode="drop", pixelation=True)
+  assert first["confusion_matrix"] == again["confusion_matrix"]
+  assert first["confusion_matrix"] != other["confusion_matrix"]
+  image = D.decode(tf.io.read_file(f"{photo_dir}/astronaut.png"))
+  pairs = V.pretext_pairs(image, tf.constant([1, 2], tf.int64), 256, "drop", True)
+  assert pairs["usable"] and pairs["label"].shape == (256,)
+  assert len(np.unique(np.stack([pairs["first"], pairs["second"]], 1), axis=0)) == 256  # drawn without replacement
+
+
+def test_pretext_from_saved_model(exported, tmp_path):
+  out, _ = exported
+  result = evaluate(["--mode=pretext", f"--saved_model={out / 'backbone'}", "--images=2", "--pairs_per_image=16",
+                     *DEMO], tmp_path)
+  assert result["saved_model"].endswith("backbone") and result["pairs"] == 32
+  assert (out / "eval" / "pretext.json").exists() and events(out / "eval")
+
+
+def test_linear_writes_json(trained_run, labelled, tmp_path):
+  eval_dir = tmp_path / "eval"
+  result = evaluate(["--mode=linear", f"--model_dir={trained_run}", f"--eval_dir={eval_dir}", f"--data={labelled}",
+                     "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100"], tmp_path)
+  assert result == json.loads((eval_dir / "linear.json").read_text())
+  for key in ("accuracy", "balanced_accuracy", "random_init_accuracy", "random_init_balanced_accuracy"):
+    assert 0 <= result[key] <= 1 and result[key + "_std"] >= 0, key
+  assert result["classes"] == ["astronaut", "coffee", "rocket"] and result["images"] == 18
+  assert len(result["layers"]) == 3 and set(result["layers"]) <= {"conv5", "pool5", "fc6"}
+  assert events(eval_dir)
+
+
+def test_neighbors_writes_json_and_image(trained_run, tmp_path):
+  result = evaluate(["--mode=neighbors", f"--model_dir={trained_run}", "--images=4", "--queries=3", "--top_k=5",
+                     "--compare_random_init", *DEMO], tmp_path)
+  eval_dir = trained_run / "eval"
+  assert result == json.loads((eval_dir / "neighbors.json").read_text())
+  assert result["queries"] == 3 and result["images"] == 4 and result["layer"] == "fc6"
+  for key in ("mean_top1_similarity", "random_init_mean_top1_similarity"):
+    assert -1 <= result[key] <= 1
+  image = tf.io.decode_png(tf.io.read_file(str(eval_dir / "neighbors.png")))
+  assert image.shape[0] == 6 * (96 + 4) + 4  # a trained and a random-init row per query
+  assert events(eval_dir)
+
+
+def test_watch_evaluates_checkpoints_until_the_end(trained_run, tmp_path):
+  result = run_module(["context_keras.evaluate", "--mode=pretext", "--watch", f"--model_dir={trained_run}",
+                       f"--eval_dir={tmp_path / 'eval'}", "--images=1", "--pairs_per_image=8",
+                       "--watch_timeout=60", "--watch_interval=1", *DEMO], cwd=tmp_path, timeout=300)
+  assert result.returncode == 0, log_of(result)
+  lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert lines[-1]["step"] == 10 and lines[-1]["checkpoint"].endswith("ckpt-10")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode=pretext", "--model_dir=a", "--saved_model=b", "--data=c"], "exactly one of --model_dir"),
+    (["--mode=linear", "--model_dir={run}", "--data={tmp}"], "needs at least 2 subfolders"),
+    (["--mode=neighbors", "--model_dir={run}", "--data=x", "--layer=fc7"], "--layer=fc7 is not one of"),
+], ids=["two_sources", "no_classes", "bad_layer"])
+def test_evaluate_errors_name_the_flag(trained_run, tmp_path, args, message):
+  args = [a.format(run=trained_run, tmp=tmp_path) for a in args]
+  result = run_module(["context_keras.evaluate", *args], cwd=tmp_path, timeout=120)
+  assert result.returncode == 2, log_of(result)
+  assert message in log_of(result) and "Traceback" not in log_of(result)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The probe can fail
+
+
+def blobs(rng, classes=4, per_class=40, dim=24, separation=6.0):
+  centres = rng.normal(0, separation, (classes, dim))
+  labels = np.repeat(np.arange(classes), per_class)
+  return (centres[labels] + rng.normal(0, 1, (len(labels), dim))).astype(np.float32), labels
+
+
+def test_linear_probe_separable_high_shuffled_chance():
+  rng = np.random.default_rng(0)
+  features, labels = blobs(rng)
+  probe = V.LinearProbe(epochs=150)
+  separable = V.cross_validate({"x": features}, labels, folds=5, seed=0, probe=probe)
+  assert separable["accuracy"] > 0.95 and separable["balanced_accuracy"] > 0.95
+  shuffled = V.cross_validate({"x": features}, rng.permutation(labels), folds=5, seed=0, probe=probe)
+  assert abs(shuffled["accuracy"] - 0.25) < 0.12, shuffled
+  assert separable["accuracy"] - shuffled["accuracy"] > 0.6
+
+
+def test_layer_is_chosen_on_training_folds_only():
+  rng = np.random.default_rng(1)
+  signal, labels = blobs(rng, classes=3, per_class=20)
+  noise = rng.normal(size=signal.shape).astype(np.float32)
+  result = V.cross_validate({"noise": noise, "signal": signal}, labels, folds=3, seed=0, inner_folds=2,
+                            probe=V.LinearProbe(epochs=100))
+  assert result["layers"] == ["signal"] * 3 and result["accuracy"] > 0.9
+
+
+def test_stratified_folds_balance_classes():
+  labels = np.array([0] * 10 + [1] * 7 + [2] * 5)
+  folds = V.stratified_folds(labels, 5, seed=3)
+  np.testing.assert_array_equal(folds, V.stratified_folds(labels, 5, seed=3))
+  for c, count in ((0, 10), (1, 7), (2, 5)):
+    per_fold = np.bincount(folds[labels == c], minlength=5)
+    assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
+  sizes = np.bincount(folds)
+  assert sizes.max() - sizes.min() <= 1
