@@ -8,7 +8,6 @@ PyTorch baseline runs in the same session and the ratios are reported. The last 
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -176,6 +175,9 @@ def main(argv):
   input_config = data_lib.InputConfig(data=data, data_root=FLAGS.data_root,
                                       batch_patches=9 * FLAGS.grids, batch_pairs=40 * FLAGS.grids)
   optim_config = train_lib.OptimConfig(divergence_factor=0)
+  if FLAGS.baseline_python:
+    # First, while no pipeline of ours is alive to take CPU from it.
+    result["torch_grid"] = {p: run_baseline(p) for p in FLAGS.precisions}
   if "input" in FLAGS.parts:
     result["input"] = measure_input(input_config)
     result["input"]["cores"] = os.cpu_count()
@@ -199,18 +201,18 @@ def main(argv):
       else:
         iterator = iter(data_lib.make_dataset(input_config))
       seconds, pairs = time_steps(trainer, iterator, FLAGS.timed_steps, FLAGS.repeats)
+      del trainer, iterator  # a live pipeline keeps prefetching and would slow what is measured next
       result[part][precision] = {"pairs_per_s": round(pairs / seconds, 1), "step_s": round(seconds, 3),
                                  "pairs_per_step": pairs}
       logging.info("%s %s: %s", part, precision, result[part][precision])
   if FLAGS.baseline_python:
-    result["torch_grid"] = {p: run_baseline(p) for p in FLAGS.precisions}
     if "step" in result:
       result["step_ratio_vs_torch"] = {p: round(result["step"][p]["pairs_per_s"] /
                                                 result["torch_grid"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
   if "step" in result and "end_to_end" in result:
     result["end_to_end_ratio_vs_step"] = {p: round(result["end_to_end"][p]["pairs_per_s"] /
                                                    result["step"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
-  result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  result["peak_rss_mb"] = round(train_lib.peak_rss_mb(), 1)
   if "training_rss" in FLAGS.parts:
     result["training_peak_rss_mb"] = training_peak_rss(input_config)
   print(json.dumps(result))

@@ -9,6 +9,8 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import re
+import sys
 
 from absl import flags
 from absl import logging
@@ -74,6 +76,17 @@ class InputConfig:
     if self.batch_pairs < patches_lib.max_grid_pairs():
       raise ValueError(f"--batch_pairs={self.batch_pairs} cannot hold the pairs of the largest grid "
                        f"({patches_lib.max_grid_pairs()})")
+
+
+def parse_flags(argv):
+  """Flag parsing for the programs (app.run(main, flags_parser=parse_flags)): absl's, except that an unknown flag
+  (a typo in a flagfile, say) or a bad value exits with code 2, as the programs' other bad flags and paths do,
+  rather than absl's 1, which they use for failures during the work."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(2)
 
 
 def config_from_flags(seed):
@@ -275,7 +288,7 @@ def image_size_from_header(contents):
 
 
 def _claimed_pixels(contents):
-  """Pixels that a PNG, GIF, BMP or JPEG header claims, read in graph ops before any decoding; 0 otherwise."""
+  """Pixels that a PNG, GIF, BMP, WebP or JPEG header claims, read in graph ops before any decoding; 0 otherwise."""
   padded = tf.strings.join([contents, tf.constant(b"\0" * 32)])  # short files read zeros, not out of range
 
   def number(start, size, big_endian):
@@ -288,11 +301,23 @@ def _claimed_pixels(contents):
   gif = number(6, 2, False) * number(8, 2, False)
   bmp_height = number(22, 4, False)
   bmp = number(18, 4, False) * tf.where(bmp_height >= 2**31, 2**32 - bmp_height, bmp_height)  # top-down rows
+  # WebP (as image_size_from_header): 14-bit sizes (VP8), 14-bit sizes minus one (VP8L), 24-bit ones minus one (VP8X).
+  chunk = tf.strings.substr(padded, 12, 4)
+  lossless = number(21, 4, False)
+  webp = tf.case([
+      (tf.equal(chunk, b"VP8 "), lambda: tf.bitwise.bitwise_and(number(26, 2, False), 0x3FFF) *
+       tf.bitwise.bitwise_and(number(28, 2, False), 0x3FFF)),
+      (tf.equal(chunk, b"VP8L"), lambda: (tf.bitwise.bitwise_and(lossless, 0x3FFF) + 1) *
+       (tf.bitwise.bitwise_and(tf.bitwise.right_shift(lossless, 14), 0x3FFF) + 1)),
+      (tf.equal(chunk, b"VP8X"), lambda: (number(24, 3, False) + 1) * (number(27, 3, False) + 1))],
+      default=lambda: tf.constant(0, tf.int64))
+  is_webp = tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP")
   is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8")
   jpeg = tf.cond(is_jpeg, lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(contents)[:2], tf.int64)),
                  lambda: tf.constant(0, tf.int64))
   return tf.case([(tf.equal(head, b"\x89PNG"), lambda: png), (tf.equal(head, b"GIF8"), lambda: gif),
-                  (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), lambda: bmp)], default=lambda: jpeg)
+                  (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), lambda: bmp), (is_webp, lambda: webp)],
+                 default=lambda: jpeg)
 
 
 def decode(contents):
@@ -496,6 +521,12 @@ def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 
   return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def error_message(error):
+  """The first line of a TensorFlow error, without its '{{function_node ...}}' prefix and '[Op:...]' suffix."""
+  line = (getattr(error, "message", None) or str(error)).splitlines()[0]
+  return re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", line)[:300]
+
+
 def check_readable(source, limit=None):
   """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid.
 
@@ -503,22 +534,25 @@ def check_readable(source, limit=None):
   """
   tried = 0
   if source.kind == "files":
-    candidates = (tf.io.read_file(p) for p in source.paths)
+    candidates = ((p, lambda p=p: tf.io.read_file(p)) for p in source.paths)
   else:
-    candidates = (tf.io.parse_single_example(r, {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})
-                  [TFRECORD_IMAGE_KEY] for r in tf.data.TFRecordDataset(list(source.paths)))
+    candidates = ((f"record {i}", lambda r=r: tf.io.parse_single_example(
+        r, {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})[TFRECORD_IMAGE_KEY])
+                  for i, r in enumerate(tf.data.TFRecordDataset(list(source.paths))))
   problems = []
-  for contents in candidates:
+  for name, contents in candidates:
     tried += 1
     try:
-      shape = decode(contents).shape
+      shape = decode(contents()).shape
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
             tf.errors.UnknownError) as e:
-      problems.append(str(e).splitlines()[0][:120])
+      message = error_message(e)
+      problems.append(message if message.startswith(name) else f"{name}: {message}")
     else:
       if patches_lib.can_hold_grid(shape[0], shape[1]):
         return
-      problems.append(f"{shape[1]}x{shape[0]} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px patches")
+      problems.append(f"{name}: {shape[1]}x{shape[0]} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px "
+                      "patches")
     if limit and tried >= limit:
       break
   detail = f" (first problem: {problems[0]})" if problems else ""

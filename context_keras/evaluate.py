@@ -374,6 +374,16 @@ def labelled_images(folder):
   return paths, np.array(labels), names
 
 
+def first_unusable_image(paths):
+  """'PATH cannot be used: reason' for the first of `paths` that cannot be read and decoded, or None."""
+  for path in paths:
+    try:
+      data_lib.decode(tf.io.read_file(path))
+    except tf.errors.OpError as e:
+      return f"{path} cannot be used: {data_lib.error_message(e)}"
+  return None
+
+
 def evaluate_linear(subject, random_subject, folder, layer_names, folds, inner_folds, image_size, batch_size, seed,
                     probe):
   paths, labels, names = labelled_images(folder)
@@ -389,8 +399,8 @@ def evaluate_linear(subject, random_subject, folder, layer_names, folds, inner_f
     images = images.cache()
     trained = batched_features(subject.features, images, layer_names, batch_size)
     random = batched_features(random_subject.features, images, layer_names, batch_size)
-  except tf.errors.InvalidArgumentError as e:
-    raise EvaluationError(f"--data={folder}: an image cannot be decoded: {str(e).splitlines()[0][:200]}") from e
+  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
+    raise EvaluationError(f"--data={folder}: {first_unusable_image(paths) or str(e).splitlines()[0][:200]}") from e
   ours = cross_validate(trained, labels, folds, seed, inner_folds, probe)
   baseline = cross_validate(random, labels, folds, seed, inner_folds, probe)
   result = {"accuracy": ours["accuracy"], "accuracy_std": ours["accuracy_std"],
@@ -653,4 +663,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=data_lib.parse_flags)

@@ -115,8 +115,8 @@ class LocalResponseNorm(layers.Layer):
   x^2 over n neighbouring channels)^beta. Caffe divides alpha by local_size; TF's op does not.
 
   float32 uses TF's LRN op. TF has no reduced-precision LRN kernel on the CPU, and casting around it costs more than
-  the layer itself (it breaks oneDNN's bf16 layouts), so in reduced precision the window sum is a banded matmul in
-  the compute dtype and the power is taken in float32."""
+  the layer itself (it breaks oneDNN's bf16 layouts), so in reduced precision the window sum is a banded matmul (in
+  bfloat16, or float32 for float16) and the power is taken in float32."""
 
   def __init__(self, local_size=5, alpha=1e-4, beta=0.75, bias=1.0, **kwargs):
     super().__init__(**kwargs)
@@ -127,9 +127,11 @@ class LocalResponseNorm(layers.Layer):
     if x.dtype == tf.float32:
       return tf.nn.local_response_normalization(x, depth_radius=radius, bias=self.bias,
                                                 alpha=self.alpha / self.local_size, beta=self.beta)
+    # bfloat16 has float32's range; float16 would overflow on squares of activations above 256.
+    dtype = x.dtype if x.dtype == tf.bfloat16 else tf.float32
     channels = np.arange(x.shape[-1])
-    band = tf.constant(np.abs(channels[:, None] - channels[None, :]) <= radius, x.dtype)
-    window = tf.cast(tf.einsum("nhwc,cd->nhwd", tf.square(x), band), tf.float32)
+    band = tf.constant(np.abs(channels[:, None] - channels[None, :]) <= radius, dtype)
+    window = tf.cast(tf.einsum("nhwc,cd->nhwd", tf.square(tf.cast(x, dtype)), band), tf.float32)
     base = self.bias + (self.alpha / self.local_size) * window
     # b^-0.75 = b^-0.5 * b^-0.25: two square roots cost far less than pow's exp and log.
     scale = tf.math.rsqrt(base) * tf.math.rsqrt(tf.sqrt(base)) if self.beta == 0.75 else tf.pow(base, -self.beta)

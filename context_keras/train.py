@@ -9,6 +9,7 @@ import json
 import logging as std_logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -397,8 +398,30 @@ class RunLock:
     self._file.close()
 
 
+class RunLogFile(std_logging.FileHandler):
+  """RUN/train.log. When a write fails (a full disk) it says so once, rather than print a traceback per message;
+  the messages still reach stderr, and the run's own writes (summaries, checkpoints) stop it with a clear error."""
+
+  failed = False
+
+  def handleError(self, record):
+    if not self.failed:
+      self.failed = True
+      sys.stderr.write(f"Could not append to {self.baseFilename}: {sys.exc_info()[1]}; messages go to stderr only.\n")
+
+
 class CheckpointError(Exception):
-  """A checkpoint could not be written; the run stops (exit code 1) and the previous checkpoint stays intact."""
+  """A checkpoint (or another file of the run: summaries, flags, export) could not be written; the run stops (exit
+  code 1) and the previous checkpoint stays intact."""
+
+
+def write_failure(what, directory, error, previous):
+  """The CheckpointError for a failed write into the run directory (a full disk, a folder made read-only)."""
+  lines = (getattr(error, "message", None) or str(error)).splitlines()
+  first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0]) if lines else type(error).__name__
+  return CheckpointError(f"Could not write {what} to {directory}: {first}. The previous checkpoint "
+                         f"{previous or '(none)'} is intact; free space or fix the folder, then re-run to resume "
+                         "from it.")
 
 
 class Control:
@@ -513,8 +536,10 @@ def write_run_flags(model_dir):
   for module, module_flags in sorted(FLAGS.flags_by_module_dict().items()):
     if "context_keras" in module:
       lines.extend(f.serialize() for f in module_flags if f.value is not None)
-  with open(os.path.join(model_dir, RUN_FLAGS_FILE), "w") as f:
+  path = os.path.join(model_dir, RUN_FLAGS_FILE)
+  with open(path + ".partial", "w") as f:  # renamed into place: a kill never leaves a truncated flags.txt
     f.write("\n".join(sorted(lines)) + "\n")
+  os.replace(path + ".partial", path)
 
 
 def validate_flags():
@@ -559,7 +584,7 @@ def run():
   write_dir = model_dir if is_chief else os.path.join(model_dir, f"workertemp_{task}")
   lock = RunLock(model_dir) if is_chief else None
   if is_chief:
-    log_file = std_logging.FileHandler(os.path.join(model_dir, "train.log"))
+    log_file = RunLogFile(os.path.join(model_dir, "train.log"))
     log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.get_absl_logger().addHandler(log_file)
   name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -610,9 +635,12 @@ def run():
     iterator = iter(distributed_batches(strategy, input_config, source, positions))
 
   if is_chief:
-    write_run_flags(model_dir)
-    writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
-    write_hparams(writer, our_flag_values())
+    try:
+      write_run_flags(model_dir)
+      writer = tf.summary.create_file_writer(os.path.join(model_dir, "train"))
+      write_hparams(writer, our_flag_values())
+    except (OSError, tf.errors.OpError) as e:
+      raise write_failure("the flags and TensorBoard log", model_dir, e, latest) from e
   else:
     writer = tf.summary.create_noop_writer()
   control = Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request)
@@ -620,7 +648,10 @@ def run():
     return train_loop(trainer, iterator, manager, writer, control, counters, model_config, write_dir)
   finally:
     control.close()
-    writer.close()
+    try:
+      writer.close()
+    except (OSError, tf.errors.OpError) as e:  # a full disk: already reported, or the run finished before it
+      logging.warning("Could not flush the TensorBoard summaries: %s", str(e).splitlines()[-1][:200])
     if lock:
       lock.release()
     if not is_chief:
@@ -632,17 +663,17 @@ def save(manager, trainer, reason):
   try:
     path = manager.save(checkpoint_number=trainer.current_step())
   except (OSError, tf.errors.OpError) as e:
-    message = getattr(e, "message", None) or str(e)
-    raise CheckpointError(
-        f"Could not write the checkpoint of step {trainer.current_step()} to {manager.directory}: "
-        f"{message.splitlines()[0] if message else type(e).__name__}. The previous checkpoint "
-        f"{previous or '(none)'} is intact; free space or fix the folder, then re-run to resume from it.") from e
+    raise write_failure(f"the checkpoint of step {trainer.current_step()}", manager.directory, e, previous) from e
   logging.info("Checkpoint %s written (%s).", path, reason)
 
 
-def export(trainer, model_config, write_dir):
+def export(trainer, model_config, write_dir, latest_checkpoint):
   path = os.path.join(write_dir, EXPORT_DIR, f"backbone_{trainer.current_step()}")
-  export_lib.export_backbone(trainer.networks.tower, model_config, path, color_mode=FLAGS.color_mode)
+  try:
+    export_lib.export_backbone(trainer.networks.tower, model_config, path, color_mode=FLAGS.color_mode)
+  except (OSError, tf.errors.OpError) as e:
+    raise write_failure(f"the backbone SavedModel of step {trainer.current_step()}", path, e,
+                        latest_checkpoint) from e
   logging.info("Backbone SavedModel written to %s.", path)
 
 
@@ -668,6 +699,15 @@ class Profiler:
 
 
 def peak_rss_mb():
+  """This process's peak resident memory. Linux's VmHWM, because ru_maxrss is inherited across fork and exec (a
+  child started by a big process would report its parent's peak)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -705,12 +745,16 @@ def train_loop(trainer, iterator, manager, writer, control, counters, model_conf
                     manager.latest_checkpoint or "scratch")
       return 1
     if done:
-      write_summaries(writer, trainer, out, seconds, step, counters)
+      try:
+        write_summaries(writer, trainer, out, seconds, step, counters)
+      except (OSError, tf.errors.OpError) as e:
+        raise write_failure(f"the TensorBoard summaries of step {step}", os.path.join(write_dir, "train"), e,
+                            manager.latest_checkpoint) from e
     if step % FLAGS.checkpoint_every == 0 and step != last_checkpoint_step:
       save(manager, trainer, "interval")
       last_checkpoint_step = step
     if FLAGS.export_every and step % FLAGS.export_every == 0 and done:
-      export(trainer, model_config, write_dir)
+      export(trainer, model_config, write_dir, manager.latest_checkpoint)
     if status == STATUS_STOP_REQUESTED:
       request = int(out["request"])
       if step != last_checkpoint_step:
@@ -727,7 +771,7 @@ def train_loop(trainer, iterator, manager, writer, control, counters, model_conf
   profiler.at(step)
   if step != last_checkpoint_step:
     save(manager, trainer, "end of training")
-  export(trainer, model_config, write_dir)
+  export(trainer, model_config, write_dir, manager.latest_checkpoint)
   logging.info("Training finished at step %d. Peak memory: %.0f MB.", step, peak_rss_mb())
   logging.info("Weights digest: %.10e", weights_digest(trainer))
   return 0
@@ -779,4 +823,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=data_lib.parse_flags)

@@ -93,6 +93,12 @@ def test_lrn_matches_caffe_formula():
   # Reduced precision takes another path (a banded matmul); bfloat16 keeps 8 bits of mantissa.
   low = M.LocalResponseNorm()(tf.constant(x, tf.bfloat16))
   np.testing.assert_allclose(tf.cast(low, tf.float32).numpy(), expected, rtol=2e-2)
+  # float16: activations above 256 would overflow when squared in float16.
+  big = 4 * x
+  half = M.LocalResponseNorm()(tf.constant(big, tf.float16))
+  padded = np.pad(big ** 2, [(0, 0), (0, 0), (0, 0), (2, 2)])
+  window = sum(padded[..., i:i + 7] for i in range(5))
+  np.testing.assert_allclose(tf.cast(half, tf.float32).numpy(), big / (1 + 1e-4 / 5 * window) ** 0.75, rtol=2e-3)
 
 
 def test_lecun_uniform_init_and_zero_bias():

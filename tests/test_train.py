@@ -48,6 +48,9 @@ def concat_batches(a, b):
   out = {k: tf.concat([a[k], b[k]], 0) for k in ("patches", "patch_mask", "label", "pair_mask")}
   for k in ("first", "second"):
     out[k] = tf.concat([a[k], b[k] + n], 0)
+  for k in ("images", "too_small", "unreadable"):
+    out[k] = a[k] + b[k]
+  out["resume"] = b["resume"]
   return out
 
 

@@ -1,0 +1,353 @@
+"""Bad input for training, prepare and evaluate: broken, odd and hostile image files, unreadable files, symlink loops,
+missing files, empty folders, a one-class labelled folder, invalid flags. Each file is used, or skipped and counted,
+or refused with a message naming it; nothing crashes, no decompression bomb is decoded (peak memory is measured),
+and a run's state survives every refused start.
+
+The same bad folder goes through the training pipeline in this process and through the three programs in
+subprocesses, the unreadable file only there (see test_faults.py on how permissions are honoured for root).
+"""
+import io
+import json
+import os
+import re
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import REPO, skimage_photo_dir
+from context_keras import data as D
+from test_faults import ordinary_user, run_all, run_state, small_run  # noqa: F401  (fixtures)
+from test_train import demo_args
+
+SMALL = dict(batch_patches=64, batch_pairs=320)
+PEAK_RSS_LIMIT_MB = 1500  # a decoded bomb alone takes 805 MB (the WebP) or 1.2 GB (the 20000^2 PNG), as uint8
+
+# What happens to each file of the bad folder: used for training, too small (too elongated) for a grid, or
+# unreadable (skipped); and the words prepare's rejected.txt gives as the reason.
+USED = ("astronaut.png", "rocket.jpg", "grey.png", "rgba.png", "palette.png", "cmyk.jpg", "animated.gif",
+        "photo.webp", "sixteen_bit.png", "small.png")
+TOO_SMALL = {"thin.png": "too elongated"}
+UNREADABLE = {
+    "corrupt.jpg": "cannot decode", "truncated.jpg": "cannot decode", "corrupt.png": "cannot decode",
+    "truncated.png": "cannot decode", "empty.jpg": "empty file (0 bytes)", "text.jpg": "not an image",
+    "bomb.png": "PNG header claims 30000x30000", "bomb20k.png": "PNG header claims 20000x20000",
+    "bomb.jpg": "JPEG header claims 30000x30000", "bomb.webp": "WebP header claims 16383x16383",
+    "bomb.gif": "GIF header claims 65535x65535", "bomb.bmp": "BMP header claims 30000x30000",
+    "dangling.jpg": "missing: no such file",
+}
+SECRET = {"secret.jpg": "unreadable: permission denied"}  # mode 000: in the subprocesses only
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The bad files
+
+
+def _pil_bytes(image, fmt, **options):
+  buffer = io.BytesIO()
+  image.save(buffer, fmt, **options)
+  return buffer.getvalue()
+
+
+def _png_chunk(kind, body):
+  return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bomb(side):
+  """A real decompression bomb: a valid 1-bit grey PNG of side x side black pixels (49 KB for 20000) that decodes to
+  side^2 * 3 bytes of RGB (1.2 GB for 20000; TensorFlow itself refuses 30000, whose RGB exceeds 2^31 bytes)."""
+  row = b"\0" * (1 + (side + 7) // 8)
+  compressor = zlib.compressobj(9)
+  idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+  return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)) +
+          _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+
+
+def webp_bomb():
+  """A real 38-byte decompression bomb: a lossless WebP of one colour (its entropy codes take no bits per pixel)
+  with its header set to 16383 x 16383, WebP's largest, which decodes to 805 MB of RGB."""
+  small = _pil_bytes(Image.new("RGB", (64, 48), (10, 200, 30)), "WEBP", lossless=True, method=0, quality=0)
+  bits = int.from_bytes(small[21:25], "little")
+  bits = (bits & ~((1 << 28) - 1)) | (16383 - 1) | ((16383 - 1) << 14)
+  return small[:21] + bits.to_bytes(4, "little") + small[25:]
+
+
+def jpeg_claiming(jpeg, width, height):
+  """A JPEG whose frame header (SOF) claims width x height; the rest is the original's."""
+  i = 2
+  while i < len(jpeg):
+    marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2:i + 4], "big")
+    if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+      return jpeg[:i + 5] + struct.pack(">HH", height, width) + jpeg[i + 9:]
+    i += 2 + length
+  raise ValueError("no SOF marker")
+
+
+def write_bad_folder(folder):
+  """Every kind of file of USED, TOO_SMALL and UNREADABLE, a dangling symlink and a symlink loop, in `folder`."""
+  folder.mkdir(parents=True, exist_ok=True)
+  photos = skimage_photo_dir()
+  rocket = open(os.path.join(photos, "rocket.jpg"), "rb").read()
+  astronaut = open(os.path.join(photos, "astronaut.png"), "rb").read()
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+  noise = rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+  gif = _pil_bytes(Image.new("P", (8, 8)), "GIF")
+  bmp = _pil_bytes(Image.new("RGB", (8, 8)), "BMP")
+  files = {
+      "astronaut.png": astronaut, "rocket.jpg": rocket,
+      "corrupt.jpg": rocket[:len(rocket) // 2] + noise + rocket[len(rocket) // 2 + len(noise):],
+      "truncated.jpg": rocket[:len(rocket) // 2],
+      "corrupt.png": astronaut[:len(astronaut) // 2] + noise + astronaut[len(astronaut) // 2 + len(noise):],
+      "truncated.png": astronaut[:len(astronaut) // 2],
+      "empty.jpg": b"", "text.jpg": b"hello, I am not a JPEG\n",
+      "grey.png": _pil_bytes(Image.fromarray(rgb[..., 0]), "PNG"),
+      "rgba.png": _pil_bytes(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),
+      "palette.png": _pil_bytes(Image.fromarray(rgb).convert("P"), "PNG"),
+      "cmyk.jpg": _pil_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+      "animated.gif": _pil_bytes(Image.fromarray(rgb).convert("P"), "GIF", save_all=True, duration=100, loop=0,
+                                 append_images=[Image.fromarray(255 - rgb).convert("P")]),
+      "photo.webp": _pil_bytes(Image.fromarray(rgb), "WEBP"),
+      "sixteen_bit.png": tf.io.encode_png(rgb.astype(np.uint16) * 257).numpy(),
+      "small.png": _pil_bytes(Image.fromarray(rgb[:30, :40]), "PNG"),  # smaller than a patch: upscaled, as always
+      "thin.png": _pil_bytes(Image.fromarray(np.tile(rgb[:10], (1, 2, 1))), "PNG"),  # 600 x 10
+      "bomb.png": png_bomb(30000), "bomb20k.png": png_bomb(20000), "bomb.webp": webp_bomb(),
+      "bomb.jpg": jpeg_claiming(rocket, 30000, 30000),
+      "bomb.gif": gif[:6] + struct.pack("<HH", 65535, 65535) + gif[10:],
+      "bomb.bmp": bmp[:18] + struct.pack("<ii", 30000, 30000) + bmp[26:],
+  }
+  for name, contents in files.items():
+    (folder / name).write_bytes(contents)
+  (folder / "dangling.jpg").symlink_to("no_such_file.jpg")
+  (folder / "sub").mkdir()
+  (folder / "sub" / "loop").symlink_to("..", target_is_directory=True)
+  return rgb
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("bad") / "images"
+  rgb = write_bad_folder(folder)
+  return folder, rgb
+
+
+def assert_prefix_counts(totals, per_epoch):
+  """Counts over a prefix of the image stream, which visits every file once per epoch in a new order: after
+  e epochs and r more images, each kind's count lies between e * its share and that plus min(share, r)."""
+  epochs, rest = divmod(sum(totals.values()), sum(per_epoch.values()))
+  assert epochs >= 1, totals
+  for kind, share in per_epoch.items():
+    assert epochs * share <= totals[kind] <= epochs * share + min(share, rest), (kind, totals, per_epoch)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In this process: decoding and the training pipeline
+
+
+def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
+  folder, rgb = bad_folder
+  listed = D.find_source(str(folder)).paths
+  # The symlink loop is not followed twice: every file once, the dangling link included.
+  assert sorted(os.path.basename(p) for p in listed) == sorted([*USED, *TOO_SMALL, *UNREADABLE])
+  for name in USED + tuple(TOO_SMALL):
+    image = D.decode(tf.io.read_file(str(folder / name)))
+    assert image.dtype == tf.uint8 and image.shape[2] == 3, name
+    usable = D.image_grids(image, tf.constant([0, 1], tf.int64))["usable"]
+    assert bool(usable) == (name in USED), name
+  decoded = {name: D.decode(tf.io.read_file(str(folder / name))).numpy() for name in USED}
+  for name in ("rgba.png", "sixteen_bit.png"):  # alpha dropped; 16 bits scaled to 8
+    np.testing.assert_array_equal(decoded[name], rgb, err_msg=name)
+  assert (decoded["grey.png"] == rgb[..., :1]).all()  # grey repeated in 3 channels
+  assert decoded["animated.gif"].shape == (200, 300, 3) and decoded["small.png"].shape == (30, 40, 3)
+  for name in UNREADABLE:
+    with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.NotFoundError)) as info:
+      D.decode(tf.io.read_file(str(folder / name)))
+    if name.startswith("bomb"):
+      assert "image header claims more pixels than MAX_DECODE_PIXELS" in str(info.value), name
+      width, height = {"bomb20k.png": (20000, 20000), "bomb.webp": (16383, 16383),
+                       "bomb.gif": (65535, 65535)}.get(name, (30000, 30000))
+      assert D.image_size_from_header((folder / name).read_bytes())[1:] == (width, height), name
+
+
+def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
+  folder, _ = bad_folder
+  source = D.find_source(str(folder))
+  D.check_readable(source)
+  totals = {"images": 0, "too_small": 0, "unreadable": 0}
+  for batch in D.make_dataset(D.InputConfig(data=str(folder), **SMALL), source):
+    n, m = int(batch["patch_mask"].numpy().sum()), int(batch["pair_mask"].numpy().sum())
+    assert n > 0 and m > 0 and batch["first"].numpy()[:m].max() < n
+    assert np.isfinite(batch["patches"].numpy()).all()
+    for kind in totals:
+      totals[kind] += int(batch[kind])
+    if sum(totals.values()) >= 3 * len(source.paths):
+      break
+  assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(UNREADABLE)})
+
+
+def test_list_files_naming_missing_files_empty_folders_and_loops(tmp_path, photo_dir):
+  listing = tmp_path / "train.txt"
+  listing.write_text("astronaut.png 0\nmissing_one.jpg 1\ncoffee.png 2\nsub/missing_two.png 3\n")
+  source = D.find_source(str(listing), photo_dir)
+  assert len(source.paths) == 4
+  D.check_readable(source)
+  totals = {"images": 0, "too_small": 0, "unreadable": 0}
+  for batch in D.make_dataset(D.InputConfig(data=str(listing), data_root=photo_dir, **SMALL), source).take(25):
+    for kind in totals:
+      totals[kind] += int(batch[kind])
+  assert_prefix_counts(totals, {"images": 2, "too_small": 0, "unreadable": 2})
+  # Nothing usable: stops at start, naming the list and the first missing file.
+  only_missing = tmp_path / "missing.txt"
+  only_missing.write_text("gone.jpg\nalso_gone.png\n")
+  with pytest.raises(D.DataError, match=r"none of the 2 images tried can be used .*gone\.jpg; No such file") as info:
+    D.check_readable(D.find_source(str(only_missing)))
+  assert str(only_missing) in str(info.value)
+  # An empty folder, and one holding nothing but a symlink loop.
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "loop_only" / "a").mkdir(parents=True)
+  (tmp_path / "loop_only" / "a" / "loop").symlink_to("..", target_is_directory=True)
+  for name in ("empty", "loop_only"):
+    with pytest.raises(D.DataError, match=f"folder {re.escape(str(tmp_path / name))} holds no jpg/jpeg/png"):
+      D.find_source(str(tmp_path / name))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The programs, in subprocesses
+
+
+def _peak_mb(text):
+  return int(re.findall(r"PEAK_RSS_MB (\d+)", text)[-1])
+
+
+def _result_json(text):
+  return json.loads([line for line in text.splitlines() if line.startswith('{"mode"')][-1])
+
+
+def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_path):
+  """train, prepare and evaluate (pretext, neighbors) on the bad folder plus an unreadable file, as an ordinary
+  user: each finishes (exit 0), skips and counts (or lists) exactly the bad files, and stays within modest memory."""
+  folder = tmp_path / "images"
+  shutil.copytree(bad_folder[0], folder, symlinks=True)
+  shutil.copy(folder / "rocket.jpg", folder / "secret.jpg")
+  (folder / "secret.jpg").chmod(0)
+  eval_args = ["--model_dir=" + str(small_run), f"--data={folder}", "--pairs_per_image=16", "--queries=4"]
+  results = run_all([
+      (demo_args(tmp_path / "run", f"--data={folder}", "--data_root=", "--train_steps=20", "--checkpoint_every=10"),
+       ordinary_user),
+      (["context_keras.prepare", f"--data={folder}", f"--output={tmp_path / 'shards'}", "--num_shards=2"],
+       ordinary_user),
+      (["context_keras.evaluate", "--mode=pretext", f"--eval_dir={tmp_path / 'eval'}", *eval_args], ordinary_user),
+      (["context_keras.evaluate", "--mode=neighbors", f"--eval_dir={tmp_path / 'eval'}", *eval_args], ordinary_user),
+  ], tmp_path)
+  for code, text in results:
+    assert code == 0 and "Traceback" not in text, text[-3000:]
+    assert _peak_mb(text) < PEAK_RSS_LIMIT_MB, (_peak_mb(text), text[-1000:])
+  unreadable = {**UNREADABLE, **SECRET}
+  train, prepare, pretext, neighbors = (text for _, text in results)
+  print("peak memory (MB) of train, prepare, pretext, neighbors:", [_peak_mb(text) for _, text in results])
+
+  assert f"Data: folder {folder} ({len(USED) + len(TOO_SMALL) + len(unreadable)} images)" in train
+  counts = re.findall(r"step 20/20 .* images (\d+) \(too small (\d+), unreadable (\d+)\)", train)
+  assert counts and "Training finished at step 20." in train, train[-3000:]
+  totals = dict(zip(("images", "too_small", "unreadable"), (int(c) for c in counts[-1])))
+  assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(unreadable)})
+
+  rejected = dict(line.split("\t") for line in (tmp_path / "shards" / "rejected.txt").read_text().splitlines())
+  assert sorted(rejected) == sorted(str(folder / name) for name in {**TOO_SMALL, **unreadable})
+  for name, reason in {**TOO_SMALL, **unreadable}.items():
+    assert reason in rejected[str(folder / name)], (name, rejected[str(folder / name)])
+  index = json.loads((tmp_path / "shards" / "index.json").read_text())
+  assert index["records"] == len(USED) and index["rejected"] == len(TOO_SMALL) + len(unreadable)
+
+  result = _result_json(pretext)
+  assert (result["images"], result["too_small"], result["unreadable"]) == (len(USED), len(TOO_SMALL),
+                                                                           len(unreadable))
+  assert result["pairs"] == 16 * len(USED)
+  assert _result_json(neighbors)["images"] == len(USED)
+
+
+@pytest.fixture(scope="module")
+def labelled_folders(tmp_path_factory, bad_folder):
+  """Labelled folders (one subfolder of images per class): a good one with one class, and two classes with one bad
+  file each: corrupt, a bomb, unreadable (mode 000)."""
+  root = tmp_path_factory.mktemp("labelled")
+  folder = bad_folder[0]
+  for case, bad in (("one_class", None), ("corrupt", "corrupt.jpg"), ("bomb", "bomb20k.png"),
+                    ("unreadable", "rocket.jpg")):
+    for label, source in (("grey", "grey.png"), ("rgba", "rgba.png"))[:1 if case == "one_class" else 2]:
+      (root / case / label).mkdir(parents=True)
+      for i in range(5):
+        shutil.copy(folder / source, root / case / label / f"{i}.png")
+    if bad:
+      shutil.copy(folder / bad, root / case / "rgba" / f"bad{os.path.splitext(bad)[1]}")
+  (root / "unreadable" / "rgba" / "bad.jpg").chmod(0)
+  return root
+
+
+def test_evaluate_linear_refuses_bad_labelled_folders(labelled_folders, small_run, ordinary_user, tmp_path):
+  """A single class, or a corrupt, bomb or unreadable image in a class: exit 2 and a message naming the folder or
+  the file, no traceback."""
+  expected = {"one_class": "--mode=linear needs at least 2 subfolders of images (classes) in {root}; found 1",
+              "corrupt": "{root}/rgba/bad.jpg cannot be used: jpeg::Uncompress failed",
+              "bomb": "{root}/rgba/bad.png cannot be used: image header claims more pixels than MAX_DECODE_PIXELS",
+              "unreadable": "{root}/rgba/bad.jpg cannot be used: {root}/rgba/bad.jpg; Permission denied"}
+  results = run_all([(["context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}",
+                       f"--data={labelled_folders / case}", f"--eval_dir={tmp_path / case}", "--folds=2",
+                       "--inner_folds=2", "--probe_epochs=5"], ordinary_user) for case in expected], tmp_path)
+  for (case, message), (code, text) in zip(expected.items(), results):
+    assert code == 2, (case, text[-3000:])
+    assert message.format(root=labelled_folders / case) in text and "Traceback" not in text, (case, text[-3000:])
+    assert _peak_mb(text) < PEAK_RSS_LIMIT_MB, case
+
+
+def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp_path):
+  """Each exits 2 with a clear message and no traceback; the run it was pointed at keeps every checkpoint, its
+  state file, flags.txt and exports, byte for byte."""
+  typo = tmp_path / "typo.cfg"
+  typo.write_text(f"--flagfile={REPO}/flags/demo.cfg\n--lerning_rate=0.1\n")
+  tool_typo = tmp_path / "tool_typo.cfg"
+  tool_typo.write_text(f"--data={REPO}/flags/demo_photos.txt\n--sead=3\n")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "missing.txt").write_text("gone.jpg\nalso_gone.png\n")
+  all_bad = tmp_path / "all_bad"
+  all_bad.mkdir()
+  for name in ("corrupt.jpg", "empty.jpg", "bomb.webp", "thin.png"):
+    shutil.copy(bad_folder[0] / name, all_bad / name)
+  train_cases = {
+      "--train_steps=-5": "Invalid flags: --train_steps=-5 must be >= 0",
+      "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
+      "--batch_patches=8": "--batch_patches=8 cannot hold the largest grid",
+      "--backbone=resnet50": "flag --backbone=resnet50: value should be one of <alexnet_bn>",
+      f"--flagfile={typo}": "Unknown command line flag 'lerning_rate'. Did you mean: learning_rate ?",
+      f"--data={tmp_path / 'empty'}": f"folder {tmp_path / 'empty'} holds no jpg/jpeg/png",
+      f"--data={tmp_path / 'missing.txt'}": f"none of the 2 images tried can be used (first problem: "
+                                            f"{tmp_path / 'gone.jpg'}; No such file or directory",
+      f"--data={all_bad}": f"--data=folder {all_bad} (4 images): none of the 4 images tried can be used",
+  }
+  runs = []
+  for i, flag in enumerate(train_cases):
+    runs.append(tmp_path / f"run_{i}")
+    shutil.copytree(small_run, runs[-1])
+  state = run_state(small_run)
+  other_cases = {
+      ("context_keras.prepare", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
+      ("context_keras.prepare", f"--data={all_bad}", f"--output={tmp_path / 'shards'}", "--num_shards=1"):
+          f"--data={all_bad}: none of the 4 images is usable (reasons in {tmp_path / 'shards'}/rejected.txt)",
+      ("context_keras.evaluate", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
+      ("context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--data={tmp_path}", "--folds=1"):
+          "--folds=1 and --inner_folds=3 must be >= 2",
+  }
+  commands = [(demo_args(run, flag, *(["--data_root="] if flag.startswith("--data=") else [])), None)
+              for run, flag in zip(runs, train_cases)]
+  commands += [(list(args), None) for args in other_cases]
+  results = run_all(commands, tmp_path)
+  for message, (code, text) in zip([*train_cases.values(), *other_cases.values()], results):
+    assert code == 2, (message, text[-3000:])
+    assert message in text and "Traceback" not in text, (message, text[-3000:])
+  for run in runs:
+    assert run_state(run) == state, run
+  assert run_state(small_run) == state

@@ -1,0 +1,431 @@
+"""Fault injection against real training runs of a small model, each trainer in a subprocess: kill -9 at random
+moments (also while a checkpoint is being written), SIGTERM, a full disk, a folder made read-only, a NaN loss, two
+trainers on one run directory, unusable run directories. Nothing that was reported written may be lost, and every
+restart must resume from a complete checkpoint.
+
+Root ignores file permissions, so where a test needs them honoured (unreadable or read-only folders) its subprocess
+runs with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped from its capability bounding set (`ordinary_user`): it
+stays uid 0 but the kernel checks its file accesses as an ordinary owner's. (Switching to 'nobody' is not possible
+here: the virtualenv's interpreter lives under /root, mode 0700.) As a non-root user the tests need no such step.
+"""
+import ctypes
+import glob
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_module
+from test_train import checkpoint_steps, demo_args, log_of
+
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+SIGTERM_BOUND_SECONDS = 30  # from the signal to the exit, checkpoint included
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers, also used by test_bad_inputs.py
+
+
+def _drop_dac_capabilities():
+  libc = ctypes.CDLL(None, use_errno=True)
+  for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+    if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+      raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@pytest.fixture(scope="session")
+def ordinary_user(tmp_path_factory):
+  """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
+  if os.geteuid() != 0:
+    return None
+  probe = tmp_path_factory.mktemp("permission_probe") / "secret"
+  probe.write_text("x")
+  probe.chmod(0)
+  try:
+    result = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], preexec_fn=_drop_dac_capabilities,
+                            capture_output=True, text=True, timeout=60)
+  except subprocess.SubprocessError:
+    pytest.skip("cannot drop CAP_DAC_OVERRIDE here, so root ignores file permissions")
+  if "PermissionError" not in result.stderr:
+    pytest.skip("file permissions are not enforced for subprocesses here")
+  return _drop_dac_capabilities
+
+
+def module_env():
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
+
+
+# Runs `python -m MODULE ARGS...` and prints the process's peak resident memory as it exits.
+MEASURED = ("import atexit, resource, runpy, sys\n"
+            "atexit.register(lambda: print('PEAK_RSS_MB %d' % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // "
+            "1024), file=sys.stderr, flush=True))\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def start_module(args, cwd, log_path, preexec=None, measure=False):
+  """`python -m ARGS` in the background, its output into log_path; returns the Popen. With `measure`, the output
+  ends with a line 'PEAK_RSS_MB N'."""
+  command = [sys.executable, "-c", MEASURED, *args] if measure else [sys.executable, "-m", *args]
+  with open(log_path, "w") as log:
+    return subprocess.Popen(command, cwd=cwd, env=module_env(), stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=preexec)
+
+
+def run_all(commands, cwd, timeout=300):
+  """Runs several `python -m` commands at once (2 cores: most of each is importing TensorFlow); for each, its exit
+  code and output, which ends with its peak memory (start_module's `measure`). commands: [(args, preexec or None)]."""
+  processes = []
+  try:
+    for i, (args, preexec) in enumerate(commands):
+      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=True))
+    codes = [p.wait(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [(code, (cwd / f"parallel_{i}.txt").read_text()) for i, code in enumerate(codes)]
+
+
+def wait_for(log_path, pattern, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    match = re.search(pattern, log_path.read_text())
+    if match:
+      return match
+    if process.poll() is not None:
+      break
+    time.sleep(0.05)
+  raise AssertionError(f"no {pattern!r} in {log_path}:\n{log_path.read_text()[-3000:]}")
+
+
+def run_state(model_dir):
+  """sha256 of every file that makes a run resumable and usable: checkpoints, their state file, flags, exports."""
+  digests = {}
+  for path in sorted(glob.glob(str(model_dir / "**" / "*"), recursive=True)):
+    name = os.path.relpath(path, model_dir)
+    if os.path.isfile(path) and (name.startswith(("ckpt-", "checkpoint", "flags.txt", "export"))):
+      with open(path, "rb") as f:
+        digests[name] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def latest_step(model_dir):
+  """The step of the checkpoint that the state file names (what a restart resumes from), or None."""
+  state = tf.train.get_checkpoint_state(str(model_dir))
+  return int(re.search(r"ckpt-(\d+)$", state.model_checkpoint_path).group(1)) if state else None
+
+
+def assert_complete_checkpoint(model_dir, step):
+  """Every tensor of ckpt-<step> reads back (the bundle reader checks each one's checksum), finite, at its step."""
+  reader = tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}"))
+  for name in reader.get_variable_to_shape_map():
+    value = np.asarray(reader.get_tensor(name))
+    if np.issubdtype(value.dtype, np.floating):
+      assert np.all(np.isfinite(value)), name
+  assert int(reader.get_tensor(STEP_VARIABLE)) == step
+
+
+def _once(tmp_path_factory, name, make):
+  path = tmp_path_factory.getbasetemp() / name
+  if not (path / "done").exists():
+    make(path)
+    (path / "done").write_text("")
+  return path
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  """A finished 4-step run of the small model (checkpoints 2 and 4, an export), made once per session; copy it
+  before changing it."""
+  def make(path):
+    path.mkdir(parents=True, exist_ok=True)
+    result = run_module(demo_args(path / "run", "--train_steps=4", "--checkpoint_every=2"), cwd=path)
+    assert result.returncode == 0, log_of(result)
+  return _once(tmp_path_factory, "faults_small_run", make) / "run"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kill -9
+
+
+def _temp_checkpoints(model_dir):
+  return {n for n in os.listdir(model_dir) if n.endswith("_temp")} if model_dir.exists() else set()
+
+
+def _partial_checkpoints(model_dir, latest):
+  """What a checkpoint write cut short leaves: its temporary folder (with the files in it), or the files of a step
+  that the state file does not name (yet). A write cut short before it made anything new leaves nothing new."""
+  found = set()
+  for name in _temp_checkpoints(model_dir):
+    found |= {f"{name}/{f}" for f in os.listdir(model_dir / name)} or {name}
+  for path in glob.glob(str(model_dir / "ckpt-*.index")):
+    if int(re.search(r"ckpt-(\d+)", os.path.basename(path)).group(1)) > (latest or 0):
+      found.add(os.path.basename(path))
+  return found
+
+
+def _kill_in_a_write(model_dir, process, skip):
+  """Waits until `skip` more checkpoint writes have begun, then for the next one, and kills the process as soon as
+  its temporary folder appears: in the middle of writing the checkpoint."""
+  seen = _temp_checkpoints(model_dir)
+  deadline = time.time() + 120
+  while time.time() < deadline and process.poll() is None:
+    new = _temp_checkpoints(model_dir) - seen
+    if new:
+      if skip == 0:
+        process.send_signal(signal.SIGKILL)
+        return
+      skip -= 1
+      seen |= new
+    time.sleep(0.0005)
+  raise AssertionError("no checkpoint write began")
+
+
+def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
+  """kill -9 at seeded random moments: while restoring, while training, and while a checkpoint is being written
+  (checkpoints every step). Each restart resumes from the newest complete checkpoint, never from a partial one;
+  no checkpoint reported written is lost; the step never goes backwards; the run then completes."""
+  rng = random.Random(20151207)
+  run = tmp_path / "run"
+  extra = ["--train_steps=0", "--checkpoint_every=1", "--keep_checkpoints=3", "--steps_per_loop=1", "--log_every=1"]
+  phases = ["write", "restore", "random", "write", "random"]
+  resumed_from, kills_mid_write, partial_seen = None, 0, []
+  for i, phase in enumerate(phases):
+    log = tmp_path / f"log_{i}.txt"
+    partial_before = _partial_checkpoints(run, resumed_from)
+    process = start_module(demo_args(run, *extra), tmp_path, log)
+    try:
+      if resumed_from is not None:
+        match = wait_for(log, r"Resumed from (\S+) at step (\d+)\.", process)
+        assert match.group(1) == str(run / f"ckpt-{resumed_from}") and int(match.group(2)) == resumed_from
+      if phase == "restore":
+        process.send_signal(signal.SIGKILL)
+      else:
+        wait_for(log, r"Checkpoint \S+ written", process)
+        if phase == "write":
+          _kill_in_a_write(run, process, skip=rng.randint(0, 3))
+        else:
+          time.sleep(rng.uniform(0.0, 1.5))
+          process.send_signal(signal.SIGKILL)
+      assert process.wait(timeout=60) == -signal.SIGKILL, log.read_text()[-3000:]
+    finally:
+      if process.poll() is None:
+        process.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and "is in use" not in text, text[-3000:]  # kill -9 leaves no stuck lock
+    written = [int(s) for s in re.findall(r"Checkpoint \S+/ckpt-(\d+) written", text)]
+    latest = latest_step(run)
+    assert latest is not None and latest >= max(written, default=0), (phase, latest, written)
+    assert resumed_from is None or latest >= resumed_from, (phase, latest, resumed_from)
+    assert_complete_checkpoint(run, latest)
+    assert "--model_dir=" in (run / "flags.txt").read_text()
+    partial = _partial_checkpoints(run, latest) - partial_before
+    if partial:  # this kill cut a checkpoint write short, and the restart must not pick it
+      kills_mid_write += 1
+      partial_seen.append((phase, sorted(partial)))
+    resumed_from = latest
+  assert kills_mid_write >= 1, "no kill landed in a checkpoint write"
+
+  final = run_module(demo_args(run, f"--train_steps={resumed_from + 3}", "--checkpoint_every=1"), cwd=tmp_path)
+  assert final.returncode == 0, log_of(final)
+  assert f"Resumed from {run / f'ckpt-{resumed_from}'} at step {resumed_from}." in log_of(final)
+  assert f"Training finished at step {resumed_from + 3}." in log_of(final)
+  assert_complete_checkpoint(run, resumed_from + 3)
+  print(f"{len(phases)} kills, {kills_mid_write} during a checkpoint write (partial files left: {partial_seen}); "
+        f"final step {resumed_from + 3}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two trainers, SIGTERM
+
+
+def test_second_trainer_is_refused_and_sigterm_checkpoints_promptly(tmp_path):
+  run = tmp_path / "run"
+  log = tmp_path / "first.txt"
+  first = start_module(demo_args(run, "--train_steps=0", "--checkpoint_every=100000"), tmp_path, log)
+  try:
+    wait_for(log, r"step 5 ", first)
+    second = run_module(demo_args(run, "--train_steps=0"), cwd=tmp_path, timeout=120)
+    assert second.returncode == 2, log_of(second)
+    assert re.search(rf"--model_dir={re.escape(str(run))} is in use by training process {first.pid} on \S+ "
+                     rf"\(lock {re.escape(str(run / '.lock'))}\)", log_of(second)), log_of(second)
+    assert "Traceback" not in log_of(second)
+    assert first.poll() is None  # the first run goes on untouched
+    last = max(int(s) for s in re.findall(r"step (\d+) ", log.read_text()))
+    wait_for(log, rf"step {last + 5} ", first)
+    signalled = time.time()
+    first.send_signal(signal.SIGTERM)
+    code = first.wait(timeout=120)
+    seconds = time.time() - signalled
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert code == 0, log.read_text()[-3000:]
+  assert seconds < SIGTERM_BOUND_SECONDS, seconds
+  stopped = int(re.search(r"Stopped at step (\d+) \(SIGTERM\)", log.read_text()).group(1))
+  assert checkpoint_steps(run) == [stopped] and latest_step(run) == stopped
+  assert_complete_checkpoint(run, stopped)
+  print(f"SIGTERM to exit: {seconds:.2f} s, checkpoint of step {stopped} written")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A checkpoint write fails
+
+
+def _fill(disk, leave_bytes):
+  free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+  fd = os.open(disk / "filler", os.O_CREAT | os.O_WRONLY)
+  try:
+    os.posix_fallocate(fd, 0, max(free - leave_bytes, 1))
+  finally:
+    os.close(fd)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 48 MB tmpfs (a real disk that can fill up: ENOSPC); needs root, skips otherwise."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)],
+                                         capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a small tmpfs here; test_unwritable_folder_mid_run covers a failing write")
+  try:
+    yield disk
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_disk_full_stops_with_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, small_disk):
+  """The disk fills up while the run is paused: first with 1 MB left (the 2 MB checkpoint cannot be written), then
+  with nothing left (not even the TensorBoard summaries). Each time: exit 1, a message naming the folder and the
+  intact previous checkpoint, no traceback; that checkpoint unchanged and loadable; with space again, the run resumes
+  from it and completes. (The second time checkpoints are rare, so that the summaries, flushed every 5 steps, are
+  the write that fails.)"""
+  run = small_disk / "run"
+  previous = None
+  for i, (leave, every, what) in enumerate(((1 << 20, 10, "the checkpoint of step"),
+                                            (0, 100000, "the TensorBoard summaries of step"))):
+    log = tmp_path / f"log_{i}.txt"
+    process = start_module(demo_args(run, "--train_steps=0", f"--checkpoint_every={every}"), tmp_path, log)
+    try:
+      if previous is not None:
+        wait_for(log, rf"Resumed from {re.escape(str(run / f'ckpt-{previous}'))} at step {previous}\.", process)
+      wait_for(log, r"step \d+ ", process)
+      (tmp_path / "train_pause").write_text("")
+      wait_for(log, r"Paused: remove", process)
+      paused = latest_step(run)
+      before = run_state(run)
+      _fill(small_disk, leave)
+      os.remove(tmp_path / "train_pause")
+      code = process.wait(timeout=120)
+    finally:
+      if process.poll() is None:
+        process.kill()
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert re.search(rf"Could not write {what} \d+ to {re.escape(str(run))}\S*: .*No space left on device.* The "
+                     rf"previous checkpoint {re.escape(str(run / f'ckpt-{paused}'))} is intact", text), text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert latest_step(run) == paused
+    assert {k: v for k, v in run_state(run).items() if k in before} == before
+    assert_complete_checkpoint(run, paused)
+    os.remove(small_disk / "filler")
+    previous = paused
+  final = run_module(demo_args(run, f"--train_steps={previous + 2}"), cwd=tmp_path)
+  assert final.returncode == 0, log_of(final)
+  assert f"Resumed from {run}/ckpt-{previous} at step {previous}." in log_of(final)
+  assert f"Training finished at step {previous + 2}." in log_of(final)
+
+
+def test_unwritable_folder_mid_run(tmp_path, ordinary_user):
+  """The run directory becomes read-only while the run is paused: the next checkpoint fails with a clear message
+  and exit 1; the previous checkpoint is intact and loadable."""
+  run = tmp_path / "run"
+  log = tmp_path / "log.txt"
+  process = start_module(demo_args(run, "--train_steps=0", "--checkpoint_every=10"), tmp_path, log, ordinary_user)
+  try:
+    wait_for(log, r"step \d+ ", process)
+    (tmp_path / "train_pause").write_text("")
+    wait_for(log, r"Paused: remove", process)
+    paused = latest_step(run)
+    before = run_state(run)
+    run.chmod(0o555)
+    os.remove(tmp_path / "train_pause")
+    code = process.wait(timeout=120)
+  finally:
+    run.chmod(0o755)
+    if process.poll() is None:
+      process.kill()
+  text = log.read_text()
+  assert code == 1, text[-3000:]
+  assert re.search(rf"Could not write the checkpoint of step \d+ to {re.escape(str(run))}: .*Permission denied.* "
+                   rf"The previous checkpoint {re.escape(str(run / f'ckpt-{paused}'))} is intact", text), text[-3000:]
+  assert "Traceback" not in text
+  assert latest_step(run) == paused and run_state(run) == before
+  assert_complete_checkpoint(run, paused)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# NaN
+
+
+def test_nan_loss_stops_naming_the_step_and_no_checkpoint_holds_it(tmp_path):
+  run = tmp_path / "run"
+  result = run_module(demo_args(run, "--train_steps=20", "--checkpoint_every=2", "--inject_nan_at_step=7"),
+                      cwd=tmp_path)
+  assert result.returncode == 1, log_of(result)
+  assert "Diverged at step 7: loss or gradient is NaN/Inf. Nothing was checkpointed after step 6" in log_of(result)
+  assert "Traceback" not in log_of(result)
+  assert checkpoint_steps(run) == [2, 4, 6] and latest_step(run) == 6
+  for step in (2, 4, 6):
+    assert_complete_checkpoint(run, step)  # all finite
+  assert not (run / "export").exists()
+  resumed = run_module(demo_args(run, "--train_steps=8", "--checkpoint_every=2"), cwd=tmp_path)
+  assert resumed.returncode == 0, log_of(resumed)
+  assert f"Resumed from {run}/ckpt-6 at step 6." in log_of(resumed)
+  assert_complete_checkpoint(run, 8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Unusable run directories
+
+
+def test_unusable_model_dirs_stop_before_any_work(tmp_path, small_run, ordinary_user):
+  """A file, an unreadable folder, a read-only folder (each of the last two holding a run) and a folder that cannot
+  be created: exit 2 with a message naming it, before any TensorFlow work; the runs in them untouched."""
+  (tmp_path / "a_file").write_text("not a folder")
+  cases = {"a_file": (0o644, "is a file, not a directory"),
+           "unreadable": (0o000, "is not usable (it must be readable and writable): Permission denied"),
+           "read_only": (0o555, "is not usable (it must be readable and writable): Permission denied"),
+           "read_only_parent/run": (0o555, "is not usable (it must be readable and writable): Permission denied")}
+  states = {}
+  for name in ("unreadable", "read_only"):
+    shutil.copytree(small_run, tmp_path / name)
+    states[name] = run_state(tmp_path / name)
+  (tmp_path / "read_only_parent").mkdir()
+  try:
+    for name, (mode, _) in cases.items():
+      (tmp_path / name.split("/")[0]).chmod(mode)
+    results = run_all([(demo_args(tmp_path / name, "--train_steps=8"), ordinary_user) for name in cases], tmp_path)
+  finally:
+    for name in cases:
+      (tmp_path / name.split("/")[0]).chmod(0o755)
+  for (name, (_, message)), (code, text) in zip(cases.items(), results):
+    assert code == 2, (name, text[-3000:])
+    assert f"--model_dir={tmp_path / name} {message}" in text, (name, text[-3000:])
+    assert "Traceback" not in text and "Strategy:" not in text and "Data:" not in text, (name, text[-3000:])
+  for name, state in states.items():
+    assert run_state(tmp_path / name) == state, name
+  assert not (tmp_path / "read_only_parent" / "run").exists()
