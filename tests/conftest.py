@@ -51,3 +51,10 @@ def run_module(args, cwd, timeout=600, env=None):
                   TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
   return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def pytest_collection_modifyitems(items):
+  """A hung test fails instead of stalling CI (pytest-timeout, from the test extra)."""
+  for item in items:
+    if not item.get_closest_marker("timeout"):
+      item.add_marker(pytest.mark.timeout(900))
