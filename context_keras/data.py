@@ -13,7 +13,6 @@ import re
 import sys
 
 from absl import flags
-from absl import logging
 import tensorflow as tf
 
 from context_keras import patches as patches_lib

@@ -778,7 +778,6 @@ def train_loop(trainer, iterator, manager, writer, control, counters, model_conf
 
 
 def write_summaries(writer, trainer, out, seconds, step, counters):
-  done = int(out["steps"])
   pairs = float(out["pairs"])
   loss = float(out["loss_sum"]) / max(pairs, 1.0)
   accuracy = float(out["correct"]) / max(pairs, 1.0)

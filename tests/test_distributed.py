@@ -6,9 +6,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-
-import pytest
 
 from conftest import REPO, run_module
 from test_train import demo_args, log_of, checkpoint_steps
@@ -63,7 +60,6 @@ def test_two_workers_train_in_lockstep_and_the_chief_writes(tmp_path):
 
 
 def test_training_through_the_data_service(tmp_path):
-  import tensorflow as tf
   from context_keras import service
   dispatcher = service.start_dispatcher()
   address = dispatcher.target.split("://")[1]

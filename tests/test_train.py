@@ -215,8 +215,7 @@ def test_pause_waits_idle_then_continues_and_sigterm_quits(tmp_path):
   wait_for(tmp_path, r"Paused: remove", process)
   paused_at = checkpoint_steps(tmp_path / "run")
   assert len(paused_at) == 1
-  # Waiting does not burn CPU.
-  import resource  # noqa: F401  (Linux: read the child's CPU time from /proc)
+  # Waiting does not burn CPU (the child's CPU time, from /proc on Linux).
   def cpu_seconds():
     fields = open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
