@@ -105,7 +105,7 @@ def test_lecun_uniform_init_and_zero_bias():
   tower = M.alexnet_bn_tower(M.ModelConfig())
   kernel, bias = tower.get_layer("conv2").get_weights()
   limit = np.sqrt(3.0 / (5 * 5 * 96))
-  assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+  assert np.abs(kernel).max() <= limit * (1 + 1e-6) and np.abs(kernel).max() > 0.9 * limit  # float32 rounding
   assert not bias.any()
 
 
