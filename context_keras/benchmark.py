@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import keras
@@ -22,23 +21,33 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import data as data_lib
+from context_keras import decoding
 from context_keras import model as model_lib
 from context_keras import patches as patches_lib
-from context_keras import train as train_lib
-
-flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss"],
-                  "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on one "
-                  "core, for comparison with the input pipeline (needs scikit-image); training_rss is the peak "
-                  "memory of the training program with flags/deepcontext.cfg.")
-flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
-flags.DEFINE_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch baseline).")
-flags.DEFINE_integer("timed_steps", 3, "Training steps per timed run.")
-flags.DEFINE_integer("input_batches", 10, "Batches per timed run of the input pipeline.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per figure; the median is reported.")
-flags.DEFINE_string("baseline_python", None, "Python with PyTorch, to run the baseline in the same session.")
-flags.DEFINE_string("baseline_script", "../shared/bench/torch_baseline.py", "The PyTorch baseline script.")
+from context_keras import program
+from context_keras import resources
+from context_keras import sources
+from context_keras import trainer as trainer_lib
+from context_keras.flagsets import data as data_flags
 
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  data_flags.define_source()
+  with program.flag_group("benchmark"):
+    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss"],
+                      "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on "
+                      "one core, for comparison with the input pipeline (needs scikit-image); training_rss is the "
+                      "peak memory of the training program with flags/deepcontext.cfg.")
+    flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
+    program.define_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch "
+                           "baseline).", lower=1)
+    program.define_integer("timed_steps", 3, "Training steps per timed run.", lower=1)
+    program.define_integer("input_batches", 10, "Batches per timed run of the input pipeline.", lower=1)
+    program.define_integer("repeats", 3, "Timed runs per figure; the median is reported.", lower=1)
+    flags.DEFINE_string("baseline_python", None, "Python with PyTorch, to run the baseline in the same session.")
+    flags.DEFINE_string("baseline_script", "../shared/bench/torch_baseline.py", "The PyTorch baseline script.")
 
 PRECISION_POLICY = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 
@@ -61,7 +70,7 @@ def grid_batch(num_grids, side=3, seed=0):
 def make_trainer(precision, optim_config):
   keras.mixed_precision.set_global_policy(PRECISION_POLICY[precision])
   try:
-    return train_lib.Trainer(tf.distribute.get_strategy(), model_lib.ModelConfig(), optim_config)
+    return trainer_lib.Trainer(tf.distribute.get_strategy(), model_lib.ModelConfig(), optim_config)
   finally:
     keras.mixed_precision.set_global_policy("float32")
 
@@ -96,7 +105,7 @@ def measure_input(config):
 
 
 def original_loader(paths, seconds, seed=0):
-  """Patches/s of the original's loader (spec 2.2-2.5, train.py:88-234) in one process: per image imread,
+  """Patches/s of the original's loader (method.md §2.2-2.5, train.py:88-234) in one process: per image imread,
   skimage resize to 150K-450K pixels, 4 grids, and per patch pixelation with two skimage resizes, colour dropping
   and RMS normalisation. Runs for about `seconds`."""
   from skimage import io as skio  # pylint: disable=import-outside-toplevel
@@ -159,22 +168,21 @@ def run_baseline(precision):
 
 def jpeg_copies(list_file, data_root, folder, quality=90):
   """JPEG re-encodings of the images of a list, so that the input is measured on JPEG photos as ImageNet's."""
-  for path in data_lib.find_source(list_file, data_root).paths:
-    image = data_lib.decode(tf.io.read_file(path))
+  for path in sources.find_source(list_file, data_root).paths:
+    image = decoding.decode(tf.io.read_file(path))
     name = os.path.splitext(os.path.basename(path))[0] + ".jpg"
     tf.io.write_file(os.path.join(folder, name), tf.io.encode_jpeg(image, quality=quality))
   return folder
 
 
-def main(argv):
-  del argv
+def main():
   result = {}
   scratch = tempfile.TemporaryDirectory()
   # By default the demo's sample photos, re-encoded as JPEG.
   data = FLAGS.data or jpeg_copies("flags/demo_photos.txt", "package:skimage.data", scratch.name)
   input_config = data_lib.InputConfig(data=data, data_root=FLAGS.data_root,
                                       batch_patches=9 * FLAGS.grids, batch_pairs=40 * FLAGS.grids)
-  optim_config = train_lib.OptimConfig(divergence_factor=0)
+  optim_config = trainer_lib.OptimConfig(divergence_factor=0)
   if FLAGS.baseline_python:
     # First, while no pipeline of ours is alive to take CPU from it.
     result["torch_grid"] = {p: run_baseline(p) for p in FLAGS.precisions}
@@ -183,7 +191,7 @@ def main(argv):
     result["input"]["cores"] = os.cpu_count()
     logging.info("input: %s", result["input"])
   if "original_loader" in FLAGS.parts:
-    paths = data_lib.find_source(input_config.data, input_config.data_root).paths
+    paths = sources.find_source(input_config.data, input_config.data_root).paths
     result["original_loader"] = original_loader(paths, seconds=30)
     logging.info("original loader: %s", result["original_loader"])
     if "input" in result:
@@ -212,11 +220,11 @@ def main(argv):
   if "step" in result and "end_to_end" in result:
     result["end_to_end_ratio_vs_step"] = {p: round(result["end_to_end"][p]["pairs_per_s"] /
                                                    result["step"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
-  result["peak_rss_mb"] = round(train_lib.peak_rss_mb(), 1)
+  result["peak_rss_mb"] = round(resources.peak_rss_mb(), 1)
   if "training_rss" in FLAGS.parts:
     result["training_peak_rss_mb"] = training_peak_rss(input_config)
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  program.run(main, define_flags)

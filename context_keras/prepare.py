@@ -1,13 +1,13 @@
 """Writes TFRecord shards of encoded images for training: python -m context_keras.prepare --data=FOLDER_OR_LIST
 --output=DIR --num_shards=N, then train with --data='DIR/*.tfrecord'. --data and --data_root are read as in training
-(a folder or a list file; see --helpfull).
+(a folder or a list file; see --help).
 
-Reads top to bottom: flags -> the listing, assigned to shards (sorted, seeded shuffle, contiguous chunks) -> the
+Reads top to bottom: the listing, assigned to shards (sorted, seeded shuffle, contiguous chunks) -> the
 output folder checked against an earlier run -> one image (read, header guard, decode, optional downscale) -> one
 shard (written to a temporary name, renamed when complete) -> the shards in a thread pool with a progress line ->
-rejected.txt and index.json.
+rejected.txt and index.json -> the program's flags and main.
 
-Each record is a tf.train.Example whose data.TFRECORD_IMAGE_KEY feature holds the image's original bytes (or a
+Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes (or a
 JPEG re-encoding of a downscaled copy when --max_pixels asks for it); image/height, image/width and image/filename
 ride along for inspection. DIR/.prepare/ keeps what a re-run needs: the manifest of the input and, per complete
 shard, its counts and rejected files.
@@ -24,38 +24,20 @@ import sys
 import threading
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from context_keras import data as data_lib
+from context_keras import decoding
+from context_keras import errors
 from context_keras import patches as patches_lib
+from context_keras import program
+from context_keras import sources
+from context_keras import writes
+from context_keras.flagsets import data as data_flags
 
 FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """The program's flags, defined when it runs (importing this module defines none, so that it can be imported
-  beside train.py, which has a --seed of its own). --data and --data_root are data.py's."""
-  flags.DEFINE_string("output", None,
-                      "Folder for the shards (train-00000-of-NNNNN.tfrecord ...), rejected.txt and index.json; "
-                      "created if needed. Re-running the same command keeps complete shards and writes only the "
-                      "missing ones.")
-  flags.DEFINE_integer("num_shards", None,
-                       "Number of shards. Shards of 100-300 MB read well; training shards the input by file when "
-                       "there are at least as many shards as input pipelines (workers), by record otherwise.")
-  flags.DEFINE_integer("max_pixels", 0,
-                       "Images with more pixels than this are downscaled, keeping their aspect (area resize), and "
-                       "re-encoded as JPEG of quality 95; all others keep their original bytes. 0 keeps every "
-                       "image's original bytes. Training resizes every image to 150,000-450,000 pixels, so about "
-                       "1,000,000 loses little.")
-  flags.DEFINE_integer("max_decode_pixels", data_lib.MAX_DECODE_PIXELS,
-                       "Images whose header claims more pixels than this are rejected without being decoded (a "
-                       "guard against decompression bombs: a small file can claim a huge image).")
-  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Shards written at the same time, one thread each.")
-  flags.DEFINE_integer("seed", 0, "Seed of the shuffle that assigns images to shards.")
 
 
 SHARD_PREFIX = "train"
@@ -70,10 +52,6 @@ JPEG_QUALITY = 95
 EXIT_INTERRUPTED = 130
 
 
-class SetupError(Exception):
-  """Bad flags or output folder; stops at start with this message (exit code 2) and no traceback."""
-
-
 class Interrupted(Exception):
   """A stop was requested (Ctrl+C, SIGTERM) while shards were being written."""
 
@@ -85,25 +63,9 @@ class PrepareConfig:
   num_shards: int
   data_root: str | None = None
   max_pixels: int = 0
-  max_decode_pixels: int = data_lib.MAX_DECODE_PIXELS
+  max_decode_pixels: int = decoding.MAX_DECODE_PIXELS
   workers: int = 1
   seed: int = 0
-
-  def problems(self):
-    found = []
-    if self.num_shards is None:
-      found.append("--num_shards is required")
-    elif self.num_shards < 1:
-      found.append(f"--num_shards={self.num_shards} must be >= 1")
-    if self.max_pixels < 0:
-      found.append(f"--max_pixels={self.max_pixels} must be >= 0 (0 keeps every image's original bytes)")
-    if self.max_decode_pixels < 1:
-      found.append(f"--max_decode_pixels={self.max_decode_pixels} must be >= 1")
-    if self.workers < 1:
-      found.append(f"--workers={self.workers} must be >= 1")
-    if self.seed < 0:
-      found.append(f"--seed={self.seed} must be >= 0")
-    return found
 
 
 def config_from_flags():
@@ -147,26 +109,11 @@ def make_manifest(config, names):
 # The output folder
 
 
-def _write_atomically(path, text):
-  partial = path + PARTIAL_SUFFIX
-  with open(partial, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(partial, path)
-
-
 def prepare_output(output):
   if not output:
-    raise SetupError("--output is required: the folder for the shards")
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise SetupError(f"--output={output} is a file, not a folder")
-  try:
-    os.makedirs(os.path.join(output, STATE_DIR), exist_ok=True)
-    probe = os.path.join(output, STATE_DIR, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise SetupError(f"--output={output} is not writable: {e.strerror or e}") from e
+    raise errors.UsageError("--output is required: the folder for the shards")
+  writes.check_folder(output, "output")
+  writes.check_folder(os.path.join(output, STATE_DIR), "output")
 
 
 def check_earlier_run(output, manifest):
@@ -175,7 +122,7 @@ def check_earlier_run(output, manifest):
   expected = {shard_name(i, num_shards) for i in range(num_shards)}
   foreign, other_counts = [], set()
   for name in sorted(os.listdir(output)):
-    if not name.endswith(data_lib.TFRECORD_SUFFIXES) or name in expected:
+    if not name.endswith(sources.TFRECORD_SUFFIXES) or name in expected:
       continue
     match = SHARD_PATTERN.match(name)
     if match and match.group(1) == SHARD_PREFIX:
@@ -184,11 +131,11 @@ def check_earlier_run(output, manifest):
       foreign.append(name)
   if other_counts:
     counts = ", ".join(str(c) for c in sorted(other_counts))
-    raise SetupError(f"--output={output} holds shards of --num_shards={counts}, not {num_shards}: use another "
-                     "--output, the same --num_shards, or delete the folder to start over")
+    raise errors.UsageError(f"--output={output} holds shards of --num_shards={counts}, not {num_shards}: use another "
+                            "--output, the same --num_shards, or delete the folder to start over")
   if foreign:
-    raise SetupError(f"--output={output} holds other TFRecord files ({', '.join(foreign[:3])}) that training's "
-                     f"--data='{os.path.join(output, '*.tfrecord')}' would read too: use another --output")
+    raise errors.UsageError(f"--output={output} holds other TFRecord files ({', '.join(foreign[:3])}) that training's "
+                            f"--data='{os.path.join(output, '*.tfrecord')}' would read too: use another --output")
   manifest_path = os.path.join(output, STATE_DIR, MANIFEST)
   has_shards = any(os.path.exists(os.path.join(output, name)) for name in expected)
   if has_shards and os.path.exists(manifest_path):
@@ -202,15 +149,15 @@ def check_earlier_run(output, manifest):
       if earlier.get(key) != manifest[key]:
         differences.append(f"--{key}={earlier.get(key)} then, {manifest[key]} now")
     if differences:
-      raise SetupError(f"--output={output} holds shards of a different input ({'; '.join(differences)}): use "
-                       "another --output, the earlier flags, or delete the folder to start over")
+      raise errors.UsageError(f"--output={output} holds shards of a different input ({'; '.join(differences)}): use "
+                              "another --output, the earlier flags, or delete the folder to start over")
   elif has_shards:
-    raise SetupError(f"--output={output} holds shards without {STATE_DIR}/{MANIFEST}, so their input is unknown: "
-                     "use another --output, or delete the folder to start over")
+    raise errors.UsageError(f"--output={output} holds shards without {STATE_DIR}/{MANIFEST}, so their input is "
+                            "unknown: use another --output, or delete the folder to start over")
   for name in os.listdir(output):  # left by a run that was killed
     if name.startswith(SHARD_PREFIX + "-") and name.endswith(PARTIAL_SUFFIX):
       os.remove(os.path.join(output, name))
-  _write_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
+  writes.atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
 
 
 def _state_path(output, name):
@@ -243,14 +190,7 @@ class Outcome:
   reencoded: bool = False
 
 
-def _tf_message(error):
-  """The first line of a TensorFlow error without its '{{function_node ...}}' prefix and '[Op:...]' suffix."""
-  message = (error.message or str(error)).splitlines()[0]
-  message = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", message)
-  return re.sub(r"\s*\[Op:\w+\]$", "", message)[:200]
-
-
-def examine(path, max_pixels=0, max_decode_pixels=data_lib.MAX_DECODE_PIXELS):
+def examine(path, max_pixels=0, max_decode_pixels=decoding.MAX_DECODE_PIXELS):
   """Reads one image file and decides what its record holds, or why it is rejected. Never raises for a bad file."""
   try:
     with open(path, "rb") as f:
@@ -265,7 +205,7 @@ def examine(path, max_pixels=0, max_decode_pixels=data_lib.MAX_DECODE_PIXELS):
     return Outcome(reason=f"unreadable: {e.strerror or e}")
   if not contents:
     return Outcome(reason="empty file (0 bytes)")
-  header = data_lib.image_size_from_header(contents)
+  header = decoding.image_size_from_header(contents)
   if header is None:
     return Outcome(reason="no readable JPEG, PNG, GIF, BMP or WebP header: not an image, or a corrupt header")
   kind, claimed_width, claimed_height = header
@@ -274,9 +214,9 @@ def examine(path, max_pixels=0, max_decode_pixels=data_lib.MAX_DECODE_PIXELS):
                           f"{claimed_width * claimed_height / 1e6:.1f} megapixels, more than "
                           f"--max_decode_pixels={max_decode_pixels}; not decoded")
   try:
-    image = data_lib.decode(contents)
+    image = decoding.decode(contents)
   except tf.errors.OpError as e:
-    return Outcome(reason=f"cannot decode: {_tf_message(e)}")
+    return Outcome(reason=f"cannot decode: {errors.tf_error_message(e, 200)}")
   height, width = int(image.shape[0]), int(image.shape[1])
   reencode = bool(max_pixels) and height * width > max_pixels
   if reencode:
@@ -301,7 +241,7 @@ def _int_feature(value):
 
 
 def make_example(outcome, name):
-  feature = {data_lib.TFRECORD_IMAGE_KEY: _bytes_feature(outcome.contents),
+  feature = {sources.TFRECORD_IMAGE_KEY: _bytes_feature(outcome.contents),
              "image/height": _int_feature(outcome.height), "image/width": _int_feature(outcome.width),
              "image/filename": _bytes_feature(name.encode("utf-8", "surrogateescape"))}
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
@@ -374,7 +314,7 @@ def write_shard(config, output, name, paths, names, progress=None, stop=None):
           progress.add(rejected=bool(outcome.reason))
     state = {"file": name, "records": records, "rejected": rejected, "reencoded": reencoded,
              "bytes": os.path.getsize(partial)}
-    _write_atomically(_state_path(output, name), json.dumps(state) + "\n")
+    writes.atomic_write(_state_path(output, name), json.dumps(state) + "\n")
     os.replace(partial, path)
   except BaseException:
     if os.path.exists(partial):
@@ -392,16 +332,15 @@ def write_shard(config, output, name, paths, names, progress=None, stop=None):
 def prepare(config, stop=None):
   """Writes the missing shards of `config`, then rejected.txt and index.json; returns the index.
 
-  Raises SetupError or data.DataError (bad flags, input or output folder) before writing any shard, Interrupted
+  Raises errors.UsageError or errors.DataError (bad input or output folder) before writing any shard, Interrupted
   when `stop` is set meanwhile (complete shards stay), and data.DataError after writing if no image was usable.
   """
-  problems = config.problems()
-  if problems:
-    raise SetupError("Invalid flags: " + "; ".join(problems))
-  source = data_lib.find_source(config.data, config.data_root)
+  if not config.num_shards or config.num_shards < 1:
+    raise errors.UsageError(f"--num_shards={config.num_shards} must be >= 1")
+  source = sources.find_source(config.data, config.data_root)
   if source.kind != "files":
-    raise data_lib.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images or a "
-                             "list file")
+    raise errors.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images or a "
+                           "list file")
   prepare_output(config.output)
   paths = list(source.paths)
   names = dict(zip(paths, relative_names(paths)))
@@ -453,15 +392,15 @@ def prepare(config, stop=None):
                f" (listed in {os.path.join(config.output, REJECTED_FILE)})" if index["rejected"] else "",
                index["reencoded"], index["bytes"] / 1e6, os.path.join(config.output, "*.tfrecord"))
   if not index["records"]:
-    raise data_lib.DataError(f"--data={config.data}: none of the {len(paths)} images is usable (reasons in "
-                             f"{os.path.join(config.output, REJECTED_FILE)})")
+    raise errors.DataError(f"--data={config.data}: none of the {len(paths)} images is usable (reasons in "
+                           f"{os.path.join(config.output, REJECTED_FILE)})")
   return index
 
 
 def write_index(config, shard_names, states, num_images):
   """rejected.txt (path TAB reason, sorted by path), then index.json, the last file written."""
   rejected = sorted(item for state in states for item in state["rejected"])
-  _write_atomically(os.path.join(config.output, REJECTED_FILE),
+  writes.atomic_write(os.path.join(config.output, REJECTED_FILE),
                     "".join(f"{path}\t{reason}\n" for path, reason in rejected))
   index = {
       "shards": [{"file": name, "records": state["records"], "rejected": len(state["rejected"]),
@@ -473,35 +412,56 @@ def write_index(config, shard_names, states, num_images):
       "rejected": len(rejected),
       "reencoded": sum(state["reencoded"] for state in states),
       "bytes": sum(state["bytes"] for state in states),
-      "feature": data_lib.TFRECORD_IMAGE_KEY,
+      "feature": sources.TFRECORD_IMAGE_KEY,
       "data": config.data,
       "data_root": config.data_root,
       "seed": config.seed,
       "max_pixels": config.max_pixels,
       "max_decode_pixels": config.max_decode_pixels,
   }
-  _write_atomically(os.path.join(config.output, INDEX_FILE), json.dumps(index, indent=1) + "\n")
+  writes.atomic_write(os.path.join(config.output, INDEX_FILE), json.dumps(index, indent=1) + "\n")
   return index
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+def define_flags():
+  data_flags.define_source()
+  with program.flag_group("prepare"):
+    flags.DEFINE_string("output", None,
+                        "Folder for the shards (train-00000-of-NNNNN.tfrecord ...), rejected.txt and index.json; "
+                        "created if needed. Re-running the same command keeps complete shards and writes only the "
+                        "missing ones.")
+    program.define_integer("num_shards", None,
+                           "Number of shards. Shards of 100-300 MB read well; training shards the input by file when "
+                           "there are at least as many shards as input pipelines (workers), by record otherwise.",
+                           lower=1)
+    program.define_integer("max_pixels", 0,
+                           "Images with more pixels than this are downscaled, keeping their aspect (area resize), and "
+                           "re-encoded as JPEG of quality 95; all others keep their original bytes. 0 keeps every "
+                           "image's original bytes. Training resizes every image to 150,000-450,000 pixels, so about "
+                           "1,000,000 loses little.", lower=0)
+    program.define_integer("max_decode_pixels", decoding.MAX_DECODE_PIXELS,
+                           "Images whose header claims more pixels than this are rejected without being decoded (a "
+                           "guard against decompression bombs: a small file can claim a huge image).", lower=1)
+    program.define_integer("workers", os.cpu_count() or 1, "Shards written at the same time, one thread each.",
+                           lower=1)
+    program.define_integer("seed", 0, "Seed of the shuffle that assigns images to shards.", lower=0)
+
+
+def main():
+  if FLAGS.num_shards is None:
+    raise errors.UsageError("--num_shards is required")
   stop = threading.Event()
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
   try:
     prepare(config_from_flags(), stop)
-  except (SetupError, data_lib.DataError) as e:
-    logging.error("%s", e)
-    sys.exit(2)
   except (Interrupted, KeyboardInterrupt):
     logging.error("Interrupted: complete shards are kept; run the same command again to write the others.")
-    sys.exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
   except OSError as e:  # writing a shard failed (a full disk, say); complete shards are kept
-    logging.error("Stopped: %s", e)
-    sys.exit(1)
+    raise errors.WriteError(f"Stopped: {e}; complete shards are kept, run the same command again to write the "
+                            "others") from e
+  return 0
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=data_lib.parse_flags)
+  program.run(main, define_flags)

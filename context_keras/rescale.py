@@ -1,7 +1,7 @@
-"""Krähenbühl et al.'s data-dependent rescaling of an exported backbone (spec 5.2; philkr/magic_init), which the
-original recommends before fine-tuning because folding BN alone leaves badly scaled weights (spec 5.1, 7).
+"""Krähenbühl et al.'s data-dependent rescaling of an exported backbone (method.md §5.2; philkr/magic_init), which the
+original recommends before fine-tuning because folding BN alone leaves badly scaled weights (method.md §5.1, 7).
 
-Works in place on a folded backbone (export.fold_tower: conv/dense layers with linear outputs, activations split
+Works in place on a folded backbone (fold.fold_tower: conv/dense layers with linear outputs, activations split
 off) with a batch of preprocessed patches:
   within-layer (Algorithm 1): layer by layer in feed-forward order, every output channel's pre-activation gets mean
     beta and standard deviation 1 on the data: W <- W / sigma, b <- (b - mu) / sigma + beta.
@@ -15,6 +15,7 @@ magic_init draws one set of top diffs per iteration, so its ratios jump by some 
 tolerance is met by chance; here every iteration uses the same `draws` sets (r_k from their mean square gradient),
 which makes the calibration a deterministic fixed-point iteration that converges.
 """
+import dataclasses
 import math
 
 from absl import logging
@@ -22,6 +23,11 @@ import keras
 from keras import layers
 import numpy as np
 import tensorflow as tf
+
+from context_keras import decoding
+from context_keras import errors
+from context_keras import patches as patches_lib
+from context_keras import sources
 
 NUM_PATCHES = 160   # magic_init: -nit 10 batches of -bs 16
 BIAS = 0.1          # magic_init --bias: the mean of every pre-activation after the within-layer step
@@ -155,3 +161,28 @@ def rescale(model, patches, bias=BIAS, within_layer_step=True, iterations=ITERAT
     logging.warning("Rescale: not within tolerance %.3g after %d iterations (max deviation %.4f).", tolerance,
                     iterations, calibration["after"]["max_deviation"])
   return report
+
+
+def sample_patches(source, num_patches, seed):
+  """About num_patches real patches (float32 0-255, un-augmented) from the images of a sources.Source, one random
+  grid per image with the training geometry (patches.grid_patches), images in a seeded order, cycling until there
+  are enough. Returns float32 [n, 96, 96, 3]."""
+  order = np.random.default_rng(seed).permutation(len(source.paths)) if source.kind == "files" else None
+  if order is not None:
+    source = dataclasses.replace(source, paths=tuple(source.paths[i] for i in order))
+  chunks, total = [], 0
+  for rounds in range(10):
+    def cut(index, contents, rounds=rounds):
+      image_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, rounds], tf.int64), index)
+      return patches_lib.grid_patches(decoding.decode(contents), image_seed)["patches"]
+    for patches in sources.finite_images(source).map(cut).ignore_errors():
+      chunks.append(patches.numpy())
+      total += len(chunks[-1])
+      if total >= num_patches:
+        return np.concatenate(chunks)[:num_patches]
+    if not total:
+      break
+  if not total:
+    raise errors.DataError(f"{source.description}: no image could be decoded and cut into "
+                           f"{patches_lib.PATCH_SIZE}-px patches")
+  return np.concatenate(chunks)

@@ -8,19 +8,26 @@ Workers read the images themselves, so --data must name the same path on every w
 """
 import socket
 
-from absl import app
 from absl import flags
 from absl import logging
 import tensorflow as tf
 
-flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.")
-flags.DEFINE_integer("port", 0, "Port to listen on (0 = any free port; the log says which).")
-flags.DEFINE_string("dispatcher", None, "HOST:PORT of the dispatcher (workers only).")
-flags.DEFINE_string("worker_address", None, "HOST:%port% under which the dispatcher and trainers reach this "
-                    "worker (default: this host's name).")
-flags.DEFINE_string("work_dir", None, "Dispatcher only: folder for its journal, so that it recovers from restarts.")
+from context_keras import errors
+from context_keras import program
 
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  with program.flag_group("service"):
+    flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.")
+    program.define_integer("port", 0, "Port to listen on (0 = any free port; the log says which).", lower=0,
+                           upper=65535)
+    flags.DEFINE_string("dispatcher", None, "HOST:PORT of the dispatcher (workers only).")
+    flags.DEFINE_string("worker_address", None, "HOST:%port% under which the dispatcher and trainers reach this "
+                        "worker (default: this host's name).")
+    flags.DEFINE_string("work_dir", None, "Dispatcher only: folder for its journal, so that it recovers from "
+                        "restarts.")
 
 
 def start_dispatcher(port=0, work_dir=None):
@@ -36,19 +43,19 @@ def start_worker(dispatcher, port=0, worker_address=None):
   return tf.data.experimental.service.WorkerServer(config)
 
 
-def main(argv):
-  del argv
+def main():
   if FLAGS.role == "dispatcher":
     server = start_dispatcher(FLAGS.port, FLAGS.work_dir)
     logging.info("tf.data service dispatcher at %s; train with --data_service=%s", server.target, server.target)
-  else:
+  elif FLAGS.role == "worker":
     if not FLAGS.dispatcher:
-      raise app.UsageError("--role=worker needs --dispatcher=HOST:PORT")
+      raise errors.UsageError("--role=worker needs --dispatcher=HOST:PORT")
     server = start_worker(FLAGS.dispatcher, FLAGS.port, FLAGS.worker_address)
     logging.info("tf.data service worker serving dispatcher %s", FLAGS.dispatcher)
+  else:
+    raise errors.UsageError("--role is required: dispatcher or worker")
   server.join()
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("role")
-  app.run(main)
+  program.run(main, define_flags)

@@ -19,10 +19,16 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, skimage_photo_dir
 from context_keras import data as D
-from test_faults import ordinary_user, run_all, run_state, small_run  # noqa: F401  (fixtures)
-from test_train import demo_args
+from context_keras import decoding as DEC
+from context_keras import errors
+from context_keras import sources as S
+from helpers import REPO
+from helpers import demo_args
+from helpers import peak_mb
+from helpers import run_all
+from helpers import run_state
+from helpers import skimage_photo_dir
 
 SMALL = dict(batch_patches=64, batch_pairs=320)
 PEAK_RSS_LIMIT_MB = 1500  # a decoded bomb alone takes 805 MB (the WebP) or 1.2 GB (the 20000^2 PNG), as uint8
@@ -150,33 +156,33 @@ def assert_prefix_counts(totals, per_epoch):
 
 def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
   folder, rgb = bad_folder
-  listed = D.find_source(str(folder)).paths
+  listed = S.find_source(str(folder)).paths
   # The symlink loop is not followed twice: every file once, the dangling link included.
   assert sorted(os.path.basename(p) for p in listed) == sorted([*USED, *TOO_SMALL, *UNREADABLE])
   for name in USED + tuple(TOO_SMALL):
-    image = D.decode(tf.io.read_file(str(folder / name)))
+    image = DEC.decode(tf.io.read_file(str(folder / name)))
     assert image.dtype == tf.uint8 and image.shape[2] == 3, name
     usable = D.image_grids(image, tf.constant([0, 1], tf.int64))["usable"]
     assert bool(usable) == (name in USED), name
-  decoded = {name: D.decode(tf.io.read_file(str(folder / name))).numpy() for name in USED}
+  decoded = {name: DEC.decode(tf.io.read_file(str(folder / name))).numpy() for name in USED}
   for name in ("rgba.png", "sixteen_bit.png"):  # alpha dropped; 16 bits scaled to 8
     np.testing.assert_array_equal(decoded[name], rgb, err_msg=name)
   assert (decoded["grey.png"] == rgb[..., :1]).all()  # grey repeated in 3 channels
   assert decoded["animated.gif"].shape == (200, 300, 3) and decoded["small.png"].shape == (30, 40, 3)
   for name in UNREADABLE:
     with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.NotFoundError)) as info:
-      D.decode(tf.io.read_file(str(folder / name)))
+      DEC.decode(tf.io.read_file(str(folder / name)))
     if name.startswith("bomb"):
       assert "image header claims more pixels than MAX_DECODE_PIXELS" in str(info.value), name
       width, height = {"bomb20k.png": (20000, 20000), "bomb.webp": (16383, 16383),
                        "bomb.gif": (65535, 65535)}.get(name, (30000, 30000))
-      assert D.image_size_from_header((folder / name).read_bytes())[1:] == (width, height), name
+      assert DEC.image_size_from_header((folder / name).read_bytes())[1:] == (width, height), name
 
 
 def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
   folder, _ = bad_folder
-  source = D.find_source(str(folder))
-  D.check_readable(source)
+  source = S.find_source(str(folder))
+  S.check_readable(source)
   totals = {"images": 0, "too_small": 0, "unreadable": 0}
   for batch in D.make_dataset(D.InputConfig(data=str(folder), **SMALL), source):
     n, m = int(batch["patch_mask"].numpy().sum()), int(batch["pair_mask"].numpy().sum())
@@ -192,9 +198,9 @@ def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
 def test_list_files_naming_missing_files_empty_folders_and_loops(tmp_path, photo_dir):
   listing = tmp_path / "train.txt"
   listing.write_text("astronaut.png 0\nmissing_one.jpg 1\ncoffee.png 2\nsub/missing_two.png 3\n")
-  source = D.find_source(str(listing), photo_dir)
+  source = S.find_source(str(listing), photo_dir)
   assert len(source.paths) == 4
-  D.check_readable(source)
+  S.check_readable(source)
   totals = {"images": 0, "too_small": 0, "unreadable": 0}
   for batch in D.make_dataset(D.InputConfig(data=str(listing), data_root=photo_dir, **SMALL), source).take(25):
     for kind in totals:
@@ -203,30 +209,28 @@ def test_list_files_naming_missing_files_empty_folders_and_loops(tmp_path, photo
   # Nothing usable: stops at start, naming the list and the first missing file.
   only_missing = tmp_path / "missing.txt"
   only_missing.write_text("gone.jpg\nalso_gone.png\n")
-  with pytest.raises(D.DataError, match=r"none of the 2 images tried can be used .*gone\.jpg; No such file") as info:
-    D.check_readable(D.find_source(str(only_missing)))
+  with pytest.raises(errors.DataError, match=r"none of the 2 images tried can be used .*gone\.jpg; No such file") \
+      as info:
+    S.check_readable(S.find_source(str(only_missing)))
   assert str(only_missing) in str(info.value)
   # An empty folder, and one holding nothing but a symlink loop.
   (tmp_path / "empty").mkdir()
   (tmp_path / "loop_only" / "a").mkdir(parents=True)
   (tmp_path / "loop_only" / "a" / "loop").symlink_to("..", target_is_directory=True)
   for name in ("empty", "loop_only"):
-    with pytest.raises(D.DataError, match=f"folder {re.escape(str(tmp_path / name))} holds no jpg/jpeg/png"):
-      D.find_source(str(tmp_path / name))
+    with pytest.raises(errors.DataError, match=f"folder {re.escape(str(tmp_path / name))} holds no jpg/jpeg/png"):
+      S.find_source(str(tmp_path / name))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # The programs, in subprocesses
 
 
-def _peak_mb(text):
-  return int(re.findall(r"PEAK_RSS_MB (\d+)", text)[-1])
-
-
 def _result_json(text):
   return json.loads([line for line in text.splitlines() if line.startswith('{"mode"')][-1])
 
 
+@pytest.mark.slow
 def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_path):
   """train, prepare and evaluate (pretext, neighbors) on the bad folder plus an unreadable file, as an ordinary
   user: each finishes (exit 0), skips and counts (or lists) exactly the bad files, and stays within modest memory."""
@@ -245,10 +249,10 @@ def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_pa
   ], tmp_path)
   for code, text in results:
     assert code == 0 and "Traceback" not in text, text[-3000:]
-    assert _peak_mb(text) < PEAK_RSS_LIMIT_MB, (_peak_mb(text), text[-1000:])
+    assert peak_mb(text) < PEAK_RSS_LIMIT_MB, (peak_mb(text), text[-1000:])
   unreadable = {**UNREADABLE, **SECRET}
   train, prepare, pretext, neighbors = (text for _, text in results)
-  print("peak memory (MB) of train, prepare, pretext, neighbors:", [_peak_mb(text) for _, text in results])
+  print("peak memory (MB) of train, prepare, pretext, neighbors:", [peak_mb(text) for _, text in results])
 
   assert f"Data: folder {folder} ({len(USED) + len(TOO_SMALL) + len(unreadable)} images)" in train
   counts = re.findall(r"step 20/20 .* images (\d+) \(too small (\d+), unreadable (\d+)\)", train)
@@ -288,6 +292,7 @@ def labelled_folders(tmp_path_factory, bad_folder):
   return root
 
 
+@pytest.mark.slow
 def test_evaluate_linear_refuses_bad_labelled_folders(labelled_folders, small_run, ordinary_user, tmp_path):
   """A single class, or a corrupt, bomb or unreadable image in a class: exit 2 and a message naming the folder or
   the file, no traceback."""
@@ -301,9 +306,10 @@ def test_evaluate_linear_refuses_bad_labelled_folders(labelled_folders, small_ru
   for (case, message), (code, text) in zip(expected.items(), results):
     assert code == 2, (case, text[-3000:])
     assert message.format(root=labelled_folders / case) in text and "Traceback" not in text, (case, text[-3000:])
-    assert _peak_mb(text) < PEAK_RSS_LIMIT_MB, case
+    assert peak_mb(text) < PEAK_RSS_LIMIT_MB, case
 
 
+@pytest.mark.slow
 def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp_path):
   """Each exits 2 with a clear message and no traceback; the run it was pointed at keeps every checkpoint, its
   state file, flags.txt and exports, byte for byte."""
@@ -319,6 +325,7 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
     shutil.copy(bad_folder[0] / name, all_bad / name)
   train_cases = {
       "--train_steps=-5": "Invalid flags: --train_steps=-5 must be >= 0",
+      "--momentum=1.5": "Invalid flags: --momentum=1.5 must be < 1",
       "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
       "--batch_patches=8": "--batch_patches=8 cannot hold the largest grid",
       "--backbone=resnet50": "flag --backbone=resnet50: value should be one of <alexnet_bn>",
@@ -339,7 +346,7 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
           f"--data={all_bad}: none of the 4 images is usable (reasons in {tmp_path / 'shards'}/rejected.txt)",
       ("context_keras.evaluate", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
       ("context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--data={tmp_path}", "--folds=1"):
-          "--folds=1 and --inner_folds=3 must be >= 2",
+          "Invalid flags: --folds=1 must be >= 2",
   }
   commands = [(demo_args(run, flag, *(["--data_root="] if flag.startswith("--data=") else [])), None)
               for run, flag in zip(runs, train_cases)]

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import write_png
 from context_keras import data as D
+from context_keras import decoding as DEC
+from context_keras import errors
 from context_keras import patches as P
+from context_keras import sources as S
+from helpers import write_png
 
 SMALL = dict(batch_patches=64, batch_pairs=320)
 
@@ -15,7 +18,7 @@ SMALL = dict(batch_patches=64, batch_pairs=320)
 def test_folder_listing_recursive_any_case(tiny_image_dir):
   (tiny_image_dir / "notes.txt").write_text("not an image")
   (tiny_image_dir / "a" / "loop").symlink_to(tiny_image_dir, target_is_directory=True)
-  source = D.find_source(str(tiny_image_dir))
+  source = S.find_source(str(tiny_image_dir))
   assert source.kind == "files"
   assert [os.path.relpath(p, tiny_image_dir) for p in source.paths] == ["a/b/three.Png", "a/two.PNG", "one.png"]
 
@@ -23,16 +26,16 @@ def test_folder_listing_recursive_any_case(tiny_image_dir):
 def test_list_file_relative_to_root_or_list_folder(tmp_path, photo_dir):
   listing = tmp_path / "train.txt"
   listing.write_text("astronaut.png 0\n\ncoffee.png 7 extra\n")
-  source = D.find_source(str(listing), data_root=photo_dir)
+  source = S.find_source(str(listing), data_root=photo_dir)
   assert source.paths == (os.path.join(photo_dir, "astronaut.png"), os.path.join(photo_dir, "coffee.png"))
-  source = D.find_source(str(listing))
+  source = S.find_source(str(listing))
   assert source.paths[0] == str(tmp_path / "astronaut.png")
 
 
 def test_package_paths(photo_dir):
-  assert D.resolve_path("package:skimage.data") == photo_dir
-  with pytest.raises(D.DataError, match="no installed Python package"):
-    D.resolve_path("package:no_such_package_here")
+  assert S.resolve_path("package:skimage.data") == photo_dir
+  with pytest.raises(errors.DataError, match="no installed Python package"):
+    S.resolve_path("package:no_such_package_here")
 
 
 def test_tfrecord_source_yields_batches(tmp_path, photo_dir):
@@ -40,11 +43,11 @@ def test_tfrecord_source_yields_batches(tmp_path, photo_dir):
   with tf.io.TFRecordWriter(shard) as writer:
     for name in ("astronaut.png", "coffee.png", "chelsea.png"):
       contents = open(os.path.join(photo_dir, name), "rb").read()
-      feature = {D.TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[contents]))}
+      feature = {S.TFRECORD_IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[contents]))}
       writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-  source = D.find_source(str(tmp_path / "train-*.tfrecord"))
+  source = S.find_source(str(tmp_path / "train-*.tfrecord"))
   assert source.kind == "tfrecord" and len(source.paths) == 1
-  D.check_readable(source)
+  S.check_readable(source)
   batch = next(iter(D.make_dataset(D.InputConfig(data=shard, **SMALL), source)))
   assert batch["patch_mask"].numpy().sum() > 0
 
@@ -57,8 +60,8 @@ def test_tfrecord_source_yields_batches(tmp_path, photo_dir):
 ])
 def test_bad_data_names_the_path(tmp_path, make, message):
   data = make(tmp_path)
-  with pytest.raises(D.DataError, match=message) as info:
-    D.find_source(data)
+  with pytest.raises(errors.DataError, match=message) as info:
+    S.find_source(data)
   assert data in str(info.value)
 
 
@@ -66,8 +69,8 @@ def test_no_readable_image_stops_at_start(tmp_path):
   (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
   (tmp_path / "text.png").write_text("hello")
   write_png(str(tmp_path / "thin.png"), np.zeros((10, 500, 3), np.uint8))
-  with pytest.raises(D.DataError, match="none of the 3 images") as info:
-    D.check_readable(D.find_source(str(tmp_path)))
+  with pytest.raises(errors.DataError, match="none of the 3 images") as info:
+    S.check_readable(S.find_source(str(tmp_path)))
   assert str(tmp_path) in str(info.value)
 
 
@@ -88,7 +91,7 @@ def test_batches_static_shapes_and_valid_pairs(demo_list, photo_dir):
     opposite = {i: P.NEIGHBOUR_OFFSETS.index((-dx, -dy)) for i, (dx, dy) in enumerate(P.NEIGHBOUR_OFFSETS)}
     pairs = dict(zip(zip(first, second), labels))
     assert all(pairs[(b, a)] == opposite[l] for (a, b), l in pairs.items())
-    # Patches are RMS-normalised to 50 (spec 2.4); padding is zero.
+    # Patches are RMS-normalised to 50 (method.md §2.4); padding is zero.
     patches = batch["patches"].numpy()
     np.testing.assert_allclose(np.sqrt((patches[:n] ** 2).mean(axis=(1, 2, 3))), 50, rtol=1e-3)
     assert not patches[n:].any()
@@ -111,10 +114,10 @@ def test_same_seed_same_batches_and_exact_resume(demo_list, photo_dir):
 
 
 def test_pipelines_share_the_stream_without_overlap(tiny_image_dir):
-  source = D.find_source(str(tiny_image_dir))
+  source = S.find_source(str(tiny_image_dir))
   seen = []
   for pipeline in range(2):
-    names = D.encoded_images(source, seed=3, shuffle_buffer=1, pipeline_id=pipeline, num_pipelines=2)
+    names = S.training_images(source, seed=3, shuffle_buffer=1, pipeline_id=pipeline, num_pipelines=2)
     seen.append([bytes(x.numpy()[:64]) + bytes(x.numpy()[-64:]) for x in names.take(3)])
   # Three files, two pipelines: the first epoch is split between them, none read by both.
   assert len(set(seen[0][:1] + seen[1][:1])) == 2
@@ -148,9 +151,9 @@ def test_decode_formats(tmp_path):
            "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "bitmap.bmp": Image.fromarray(rgb)}
   for name, image in cases.items():
     image.save(tmp_path / name)
-    decoded = D.decode(tf.io.read_file(str(tmp_path / name)))
+    decoded = DEC.decode(tf.io.read_file(str(tmp_path / name)))
     assert decoded.shape == (30, 40, 3), name
-  grey = D.decode(tf.io.read_file(str(tmp_path / "grey.png"))).numpy()
+  grey = DEC.decode(tf.io.read_file(str(tmp_path / "grey.png"))).numpy()
   assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
 
 

@@ -7,8 +7,15 @@ import socket
 import subprocess
 import sys
 
-from conftest import REPO, run_module
-from test_train import demo_args, log_of, checkpoint_steps
+import pytest
+
+from helpers import REPO
+from helpers import checkpoint_steps
+from helpers import demo_args
+from helpers import log_of
+from helpers import run_module
+
+pytestmark = pytest.mark.slow
 
 
 def free_ports(count):

@@ -1,5 +1,6 @@
 """Evaluation: the three modes and --watch on tiny data (well-formed JSON, files, summaries), the pretext protocol's
 reproducibility, and the linear probe's ability to fail (separable data -> high accuracy, shuffled labels -> chance)."""
+import dataclasses
 import glob
 import json
 
@@ -7,11 +8,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_module, write_png
-from context_keras import data as D
-from context_keras import evaluate as V
-from context_keras import export as E
-from test_export import exported, last_json, log_of, trained_run  # noqa: F401,F811  (fixtures, made once per session)
+from context_keras import decoding as DEC
+from context_keras import restore as RS
+from context_keras import sources as S
+from context_keras.evaluation import images as IM
+from context_keras.evaluation import linear
+from context_keras.evaluation import pretext
+from context_keras.evaluation import subject as SJ
+from helpers import REPO
+from helpers import last_json
+from helpers import log_of
+from helpers import run_module
+from helpers import write_png
 
 DEMO = [f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data"]
 
@@ -22,7 +30,7 @@ def labelled(tmp_path_factory, photo_dir):
   folder = tmp_path_factory.mktemp("labelled")
   rng = np.random.default_rng(0)
   for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
-    image = D.decode(tf.io.read_file(f"{photo_dir}/{name}")).numpy()
+    image = DEC.decode(tf.io.read_file(f"{photo_dir}/{name}")).numpy()
     (folder / name.split(".")[0]).mkdir()
     for i in range(6):
       y, x = rng.integers(0, image.shape[0] - 120), rng.integers(0, image.shape[1] - 120)
@@ -40,9 +48,10 @@ def events(folder):
   return glob.glob(str(folder / "events.out.tfevents.*"))
 
 
-def test_pretext_writes_json_and_summaries(trained_run, tmp_path):
+@pytest.mark.slow
+def test_pretext_writes_json_and_summaries(small_run, tmp_path):
   eval_dir = tmp_path / "eval"
-  result = evaluate(["--mode=pretext", f"--model_dir={trained_run}", f"--eval_dir={eval_dir}", "--images=3",
+  result = evaluate(["--mode=pretext", f"--model_dir={small_run}", f"--eval_dir={eval_dir}", "--images=3",
                      "--pairs_per_image=32", *DEMO], tmp_path)
   assert result == json.loads((eval_dir / "pretext.json").read_text())
   assert result["mode"] == "pretext" and result["step"] == 10 and result["chance"] == 0.125
@@ -55,20 +64,24 @@ def test_pretext_writes_json_and_summaries(trained_run, tmp_path):
   assert events(eval_dir)
 
 
-def test_pretext_is_reproducible_and_uses_training_geometry(trained_run, photo_dir, demo_list):
-  subject = V.subject_from_run(E.load_run(str(trained_run)))
-  source = V.select_images(D.find_source(demo_list, photo_dir), 2, seed=5)
-  first = V.evaluate_pretext(subject, source, 40, seed=5, color_mode="drop", pixelation=True)
-  again = V.evaluate_pretext(subject, source, 40, seed=5, color_mode="drop", pixelation=True)
-  other = V.evaluate_pretext(subject, source, 40, seed=6, color_mode="drop", pixelation=True)
+@pytest.mark.slow
+def test_pretext_is_reproducible_and_uses_training_geometry(small_run, photo_dir, demo_list):
+  subject = SJ.from_run(RS.load_run(str(small_run)))
+  config = pretext.Config(data=demo_list, data_root=photo_dir, images=2, pairs_per_image=40, seed=5,
+                          color_mode="drop", pixelation=True)
+  first = pretext.evaluate(subject, config).metrics
+  again = pretext.evaluate(subject, config).metrics
+  other = pretext.evaluate(subject, dataclasses.replace(config, seed=6)).metrics
   assert first["confusion_matrix"] == again["confusion_matrix"]
   assert first["confusion_matrix"] != other["confusion_matrix"]
-  image = D.decode(tf.io.read_file(f"{photo_dir}/astronaut.png"))
-  pairs = V.pretext_pairs(image, tf.constant([1, 2], tf.int64), 256, "drop", True)
+  assert first["data"] == IM.select_images(S.find_source(demo_list, photo_dir), 2, seed=5).description
+  image = DEC.decode(tf.io.read_file(f"{photo_dir}/astronaut.png"))
+  pairs = pretext.pretext_pairs(image, tf.constant([1, 2], tf.int64), 256, "drop", True)
   assert pairs["usable"] and pairs["label"].shape == (256,)
   assert len(np.unique(np.stack([pairs["first"], pairs["second"]], 1), axis=0)) == 256  # drawn without replacement
 
 
+@pytest.mark.slow
 def test_pretext_from_saved_model(exported, tmp_path):
   out, _ = exported
   result = evaluate(["--mode=pretext", f"--saved_model={out / 'backbone'}", "--images=2", "--pairs_per_image=16",
@@ -77,9 +90,10 @@ def test_pretext_from_saved_model(exported, tmp_path):
   assert (out / "eval" / "pretext.json").exists() and events(out / "eval")
 
 
-def test_linear_writes_json(trained_run, labelled, tmp_path):
+@pytest.mark.slow
+def test_linear_writes_json(small_run, labelled, tmp_path):
   eval_dir = tmp_path / "eval"
-  result = evaluate(["--mode=linear", f"--model_dir={trained_run}", f"--eval_dir={eval_dir}", f"--data={labelled}",
+  result = evaluate(["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={eval_dir}", f"--data={labelled}",
                      "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100"], tmp_path)
   assert result == json.loads((eval_dir / "linear.json").read_text())
   for key in ("accuracy", "balanced_accuracy", "random_init_accuracy", "random_init_balanced_accuracy"):
@@ -89,10 +103,11 @@ def test_linear_writes_json(trained_run, labelled, tmp_path):
   assert events(eval_dir)
 
 
-def test_neighbors_writes_json_and_image(trained_run, tmp_path):
-  result = evaluate(["--mode=neighbors", f"--model_dir={trained_run}", "--images=4", "--queries=3", "--top_k=5",
+@pytest.mark.slow
+def test_neighbors_writes_json_and_image(small_run, tmp_path):
+  result = evaluate(["--mode=neighbors", f"--model_dir={small_run}", "--images=4", "--queries=3", "--top_k=5",
                      "--compare_random_init", *DEMO], tmp_path)
-  eval_dir = trained_run / "eval"
+  eval_dir = small_run / "eval"
   assert result == json.loads((eval_dir / "neighbors.json").read_text())
   assert result["queries"] == 3 and result["images"] == 4 and result["layer"] == "fc6"
   for key in ("mean_top1_similarity", "random_init_mean_top1_similarity"):
@@ -102,8 +117,9 @@ def test_neighbors_writes_json_and_image(trained_run, tmp_path):
   assert events(eval_dir)
 
 
-def test_watch_evaluates_checkpoints_until_the_end(trained_run, tmp_path):
-  result = run_module(["context_keras.evaluate", "--mode=pretext", "--watch", f"--model_dir={trained_run}",
+@pytest.mark.slow
+def test_watch_evaluates_checkpoints_until_the_end(small_run, tmp_path):
+  result = run_module(["context_keras.evaluate", "--mode=pretext", "--watch", f"--model_dir={small_run}",
                        f"--eval_dir={tmp_path / 'eval'}", "--images=1", "--pairs_per_image=8",
                        "--watch_timeout=60", "--watch_interval=1", *DEMO], cwd=tmp_path, timeout=300)
   assert result.returncode == 0, log_of(result)
@@ -111,13 +127,15 @@ def test_watch_evaluates_checkpoints_until_the_end(trained_run, tmp_path):
   assert lines[-1]["step"] == 10 and lines[-1]["checkpoint"].endswith("ckpt-10")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--mode=pretext", "--model_dir=a", "--saved_model=b", "--data=c"], "exactly one of --model_dir"),
+    (["--mode=linear", "--model_dir={run}", "--data={tmp}", "--folds=1"], "--folds=1 must be >= 2"),
     (["--mode=linear", "--model_dir={run}", "--data={tmp}"], "needs at least 2 subfolders"),
     (["--mode=neighbors", "--model_dir={run}", "--data=x", "--layer=fc7"], "--layer=fc7 is not one of"),
-], ids=["two_sources", "no_classes", "bad_layer"])
-def test_evaluate_errors_name_the_flag(trained_run, tmp_path, args, message):
-  args = [a.format(run=trained_run, tmp=tmp_path) for a in args]
+], ids=["two_sources", "one_fold", "no_classes", "bad_layer"])
+def test_evaluate_errors_name_the_flag(small_run, tmp_path, args, message):
+  args = [a.format(run=small_run, tmp=tmp_path) for a in args]
   result = run_module(["context_keras.evaluate", *args], cwd=tmp_path, timeout=120)
   assert result.returncode == 2, log_of(result)
   assert message in log_of(result) and "Traceback" not in log_of(result)
@@ -136,10 +154,10 @@ def blobs(rng, classes=4, per_class=40, dim=24, separation=6.0):
 def test_linear_probe_separable_high_shuffled_chance():
   rng = np.random.default_rng(0)
   features, labels = blobs(rng)
-  probe = V.LinearProbe(epochs=150)
-  separable = V.cross_validate({"x": features}, labels, folds=5, seed=0, probe=probe)
+  probe = linear.LinearProbe(epochs=150)
+  separable = linear.cross_validate({"x": features}, labels, folds=5, seed=0, probe=probe)
   assert separable["accuracy"] > 0.95 and separable["balanced_accuracy"] > 0.95
-  shuffled = V.cross_validate({"x": features}, rng.permutation(labels), folds=5, seed=0, probe=probe)
+  shuffled = linear.cross_validate({"x": features}, rng.permutation(labels), folds=5, seed=0, probe=probe)
   assert abs(shuffled["accuracy"] - 0.25) < 0.12, shuffled
   assert separable["accuracy"] - shuffled["accuracy"] > 0.6
 
@@ -148,15 +166,15 @@ def test_layer_is_chosen_on_training_folds_only():
   rng = np.random.default_rng(1)
   signal, labels = blobs(rng, classes=3, per_class=20)
   noise = rng.normal(size=signal.shape).astype(np.float32)
-  result = V.cross_validate({"noise": noise, "signal": signal}, labels, folds=3, seed=0, inner_folds=2,
-                            probe=V.LinearProbe(epochs=100))
+  result = linear.cross_validate({"noise": noise, "signal": signal}, labels, folds=3, seed=0, inner_folds=2,
+                            probe=linear.LinearProbe(epochs=100))
   assert result["layers"] == ["signal"] * 3 and result["accuracy"] > 0.9
 
 
 def test_stratified_folds_balance_classes():
   labels = np.array([0] * 10 + [1] * 7 + [2] * 5)
-  folds = V.stratified_folds(labels, 5, seed=3)
-  np.testing.assert_array_equal(folds, V.stratified_folds(labels, 5, seed=3))
+  folds = linear.stratified_folds(labels, 5, seed=3)
+  np.testing.assert_array_equal(folds, linear.stratified_folds(labels, 5, seed=3))
   for c, count in ((0, 10), (1, 7), (2, 5)):
     per_fold = np.bincount(folds[labels == c], minlength=5)
     assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count

@@ -8,152 +8,37 @@ runs with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped from its capability b
 stays uid 0 but the kernel checks its file accesses as an ordinary owner's. (Switching to 'nobody' is not possible
 here: the virtualenv's interpreter lives under /root, mode 0700.) As a non-root user the tests need no such step.
 """
-import ctypes
 import glob
-import hashlib
 import os
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_module
-from test_train import checkpoint_steps, demo_args, log_of
+from helpers import assert_complete_checkpoint
+from helpers import checkpoint_steps
+from helpers import demo_args
+from helpers import log_of
+from helpers import run_all
+from helpers import run_module
+from helpers import run_state
+from helpers import start_module
+from helpers import wait_for
 
-CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
-STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+pytestmark = pytest.mark.slow
+
 SIGTERM_BOUND_SECONDS = 30  # from the signal to the exit, checkpoint included
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Helpers, also used by test_bad_inputs.py
-
-
-def _drop_dac_capabilities():
-  libc = ctypes.CDLL(None, use_errno=True)
-  for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-    if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-      raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-@pytest.fixture(scope="session")
-def ordinary_user(tmp_path_factory):
-  """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
-  if os.geteuid() != 0:
-    return None
-  probe = tmp_path_factory.mktemp("permission_probe") / "secret"
-  probe.write_text("x")
-  probe.chmod(0)
-  try:
-    result = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], preexec_fn=_drop_dac_capabilities,
-                            capture_output=True, text=True, timeout=60)
-  except subprocess.SubprocessError:
-    pytest.skip("cannot drop CAP_DAC_OVERRIDE here, so root ignores file permissions")
-  if "PermissionError" not in result.stderr:
-    pytest.skip("file permissions are not enforced for subprocesses here")
-  return _drop_dac_capabilities
-
-
-def module_env():
-  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
-
-
-# Runs `python -m MODULE ARGS...` and prints the process's peak resident memory as it exits.
-MEASURED = ("import atexit, resource, runpy, sys\n"
-            "atexit.register(lambda: print('PEAK_RSS_MB %d' % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // "
-            "1024), file=sys.stderr, flush=True))\n"
-            "sys.argv = sys.argv[1:]\n"
-            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
-
-
-def start_module(args, cwd, log_path, preexec=None, measure=False):
-  """`python -m ARGS` in the background, its output into log_path; returns the Popen. With `measure`, the output
-  ends with a line 'PEAK_RSS_MB N'."""
-  command = [sys.executable, "-c", MEASURED, *args] if measure else [sys.executable, "-m", *args]
-  with open(log_path, "w") as log:
-    return subprocess.Popen(command, cwd=cwd, env=module_env(), stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=preexec)
-
-
-def run_all(commands, cwd, timeout=300):
-  """Runs several `python -m` commands at once (2 cores: most of each is importing TensorFlow); for each, its exit
-  code and output, which ends with its peak memory (start_module's `measure`). commands: [(args, preexec or None)]."""
-  processes = []
-  try:
-    for i, (args, preexec) in enumerate(commands):
-      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=True))
-    codes = [p.wait(timeout=timeout) for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return [(code, (cwd / f"parallel_{i}.txt").read_text()) for i, code in enumerate(codes)]
-
-
-def wait_for(log_path, pattern, process, timeout=240):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    match = re.search(pattern, log_path.read_text())
-    if match:
-      return match
-    if process.poll() is not None:
-      break
-    time.sleep(0.05)
-  raise AssertionError(f"no {pattern!r} in {log_path}:\n{log_path.read_text()[-3000:]}")
-
-
-def run_state(model_dir):
-  """sha256 of every file that makes a run resumable and usable: checkpoints, their state file, flags, exports."""
-  digests = {}
-  for path in sorted(glob.glob(str(model_dir / "**" / "*"), recursive=True)):
-    name = os.path.relpath(path, model_dir)
-    if os.path.isfile(path) and (name.startswith(("ckpt-", "checkpoint", "flags.txt", "export"))):
-      with open(path, "rb") as f:
-        digests[name] = hashlib.sha256(f.read()).hexdigest()
-  return digests
 
 
 def latest_step(model_dir):
   """The step of the checkpoint that the state file names (what a restart resumes from), or None."""
   state = tf.train.get_checkpoint_state(str(model_dir))
   return int(re.search(r"ckpt-(\d+)$", state.model_checkpoint_path).group(1)) if state else None
-
-
-def assert_complete_checkpoint(model_dir, step):
-  """Every tensor of ckpt-<step> reads back (the bundle reader checks each one's checksum), finite, at its step."""
-  reader = tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}"))
-  for name in reader.get_variable_to_shape_map():
-    value = np.asarray(reader.get_tensor(name))
-    if np.issubdtype(value.dtype, np.floating):
-      assert np.all(np.isfinite(value)), name
-  assert int(reader.get_tensor(STEP_VARIABLE)) == step
-
-
-def _once(tmp_path_factory, name, make):
-  path = tmp_path_factory.getbasetemp() / name
-  if not (path / "done").exists():
-    make(path)
-    (path / "done").write_text("")
-  return path
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-  """A finished 4-step run of the small model (checkpoints 2 and 4, an export), made once per session; copy it
-  before changing it."""
-  def make(path):
-    path.mkdir(parents=True, exist_ok=True)
-    result = run_module(demo_args(path / "run", "--train_steps=4", "--checkpoint_every=2"), cwd=path)
-    assert result.returncode == 0, log_of(result)
-  return _once(tmp_path_factory, "faults_small_run", make) / "run"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The network of spec section 3: shapes, shared weights, Caffe batch norm and LRN semantics."""
+"""The network of method.md §3: shapes, shared weights, Caffe batch norm and LRN semantics."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import caffe_layers as CL
 from context_keras import model as M
 
 
@@ -55,7 +56,7 @@ def test_grid_logits_gather_pairs(networks):
 
 
 def test_batchnorm_ignores_padding_and_follows_caffe_average():
-  layer = M.CaffeBatchNorm()
+  layer = CL.CaffeBatchNorm()
   rng = np.random.default_rng(2)
   x = rng.normal(3.0, 2.0, size=(6, 4, 4, 5)).astype(np.float32)
   padded = np.concatenate([x, 1000 * np.ones((3, 4, 4, 5), np.float32)])
@@ -77,25 +78,25 @@ def test_batchnorm_ignores_padding_and_follows_caffe_average():
 
 
 def test_batchnorm_before_training_is_identity():
-  layer = M.CaffeBatchNorm()
+  layer = CL.CaffeBatchNorm()
   x = np.arange(12, dtype=np.float32).reshape(3, 4)
   np.testing.assert_allclose(layer([x, np.ones(3, np.float32)], training=False).numpy(), x / np.sqrt(1 + 1e-5))
 
 
 def test_lrn_matches_caffe_formula():
   x = np.random.default_rng(3).uniform(0, 100, size=(2, 3, 3, 7)).astype(np.float32)
-  got = M.LocalResponseNorm()(x).numpy()
+  got = CL.LocalResponseNorm()(x).numpy()
   # Caffe across-channel LRN: x / (k + alpha / n * sum over n neighbouring channels of x^2) ^ beta
   padded = np.pad(x ** 2, [(0, 0), (0, 0), (0, 0), (2, 2)])
   window = sum(padded[..., i:i + 7] for i in range(5))
   expected = x / (1 + 1e-4 / 5 * window) ** 0.75
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   # Reduced precision takes another path (a banded matmul); bfloat16 keeps 8 bits of mantissa.
-  low = M.LocalResponseNorm()(tf.constant(x, tf.bfloat16))
+  low = CL.LocalResponseNorm()(tf.constant(x, tf.bfloat16))
   np.testing.assert_allclose(tf.cast(low, tf.float32).numpy(), expected, rtol=2e-2)
   # float16: activations above 256 would overflow when squared in float16.
   big = 4 * x
-  half = M.LocalResponseNorm()(tf.constant(big, tf.float16))
+  half = CL.LocalResponseNorm()(tf.constant(big, tf.float16))
   padded = np.pad(big ** 2, [(0, 0), (0, 0), (0, 0), (2, 2)])
   window = sum(padded[..., i:i + 7] for i in range(5))
   np.testing.assert_allclose(tf.cast(half, tf.float32).numpy(), big / (1 + 1e-4 / 5 * window) ** 0.75, rtol=2e-3)

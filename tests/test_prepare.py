@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module, write_png
 from context_keras import data as D
+from context_keras import decoding as DEC
+from context_keras import errors
 from context_keras import prepare as PR
+from context_keras import sources as S
+from helpers import run_module
+from helpers import write_png
 
 GOOD = ("astronaut.png", "coffee.png", "camera.png", "chelsea.png", "rocket.jpg", "no_time_for_that_tiny.gif")
 SMALL = dict(batch_patches=64, batch_pairs=320)
@@ -61,7 +65,7 @@ def mixed_dir(tmp_path, photo_dir):
 
 def read_records(output):
   """{filename: (encoded bytes, height, width)} of every record of every shard in `output`."""
-  feature = {D.TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+  feature = {S.TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
              "image/filename": tf.io.FixedLenFeature([], tf.string),
              "image/height": tf.io.FixedLenFeature([], tf.int64), "image/width": tf.io.FixedLenFeature([], tf.int64)}
   records = {}
@@ -69,7 +73,7 @@ def read_records(output):
     for record in tf.data.TFRecordDataset(str(shard)):
       example = tf.io.parse_single_example(record, feature)
       records[example["image/filename"].numpy().decode()] = (
-          example[D.TFRECORD_IMAGE_KEY].numpy(), int(example["image/height"]), int(example["image/width"]))
+          example[S.TFRECORD_IMAGE_KEY].numpy(), int(example["image/height"]), int(example["image/width"]))
   return records
 
 
@@ -88,19 +92,19 @@ def test_header_sizes_match_the_decoder():
       buffer = io.BytesIO()
       image.save(buffer, fmt, **options)
       contents = buffer.getvalue()
-      kind, claimed_width, claimed_height = D.image_size_from_header(contents)
-      assert (claimed_height, claimed_width) == tuple(D.decode(contents).shape[:2]) == (height, width), (fmt, options)
+      kind, claimed_width, claimed_height = DEC.image_size_from_header(contents)
+      assert (claimed_height, claimed_width) == tuple(DEC.decode(contents).shape[:2]) == (height, width), (fmt, options)
       assert kind.upper() == fmt
-  assert D.image_size_from_header(png_claiming(30000, 20000)) == ("PNG", 30000, 20000)
+  assert DEC.image_size_from_header(png_claiming(30000, 20000)) == ("PNG", 30000, 20000)
   for junk in (b"", b"hello", b"\xff\xd8\xff\xe0\x00", b"\x89PNG\r\n\x1a\n", b"GIF89a\x01", b"BM\0",
                b"RIFF\0\0\0\0WEBPVP8 "):
-    assert D.image_size_from_header(junk) is None, junk
+    assert DEC.image_size_from_header(junk) is None, junk
 
 
 def test_shards_rejected_and_index(mixed_dir, tmp_path, monkeypatch):
   decoded = []
-  real_decode = D.decode
-  monkeypatch.setattr(D, "decode", lambda contents: decoded.append(contents) or real_decode(contents))
+  real_decode = DEC.decode
+  monkeypatch.setattr(DEC, "decode", lambda contents: decoded.append(contents) or real_decode(contents))
   output = tmp_path / "shards"
   index = PR.prepare(config(mixed_dir, output))
 
@@ -108,11 +112,11 @@ def test_shards_rejected_and_index(mixed_dir, tmp_path, monkeypatch):
   assert sorted(p.name for p in output.glob("*.tfrecord")) == names
   assert not list(output.glob("*.partial"))
   records = read_records(output)
-  expected = {os.path.relpath(p, mixed_dir): p for p in D.list_folder(str(mixed_dir)) if os.path.basename(p) in GOOD}
+  expected = {os.path.relpath(p, mixed_dir): p for p in S.list_folder(str(mixed_dir)) if os.path.basename(p) in GOOD}
   assert sorted(records) == sorted(expected)
   for name, (contents, height, width) in records.items():
     assert contents == open(expected[name], "rb").read(), name  # the original bytes
-    assert (height, width) == tuple(D.decode(contents).shape[:2])
+    assert (height, width) == tuple(DEC.decode(contents).shape[:2])
 
   rejected = dict(line.split("\t") for line in (output / "rejected.txt").read_text().splitlines())
   assert sorted(rejected) == sorted(str(mixed_dir / name) for name in BAD)
@@ -171,7 +175,7 @@ def test_resume_redoes_only_missing_shards(mixed_dir, tmp_path, monkeypatch):
   index = PR.prepare(config(mixed_dir, output, workers=1))
   assert index == first_index
   assert (output / "rejected.txt").read_text() == rejected_before
-  assigned = PR.assign_shards(D.find_source(str(mixed_dir)).paths, 3, 0)
+  assigned = PR.assign_shards(S.find_source(str(mixed_dir)).paths, 3, 0)
   assert examined == assigned[1]  # only the missing shard's images
   for path in sorted(output.glob("*.tfrecord")):
     contents, inode, mtime = before[path.name]
@@ -188,12 +192,12 @@ def test_resume_redoes_only_missing_shards(mixed_dir, tmp_path, monkeypatch):
 def test_refuses_other_num_shards_or_input(mixed_dir, tmp_path):
   output = tmp_path / "shards"
   PR.prepare(config(mixed_dir, output))
-  with pytest.raises(PR.SetupError, match="--num_shards=3, not 2"):
+  with pytest.raises(errors.UsageError, match="--num_shards=3, not 2"):
     PR.prepare(config(mixed_dir, output, num_shards=2))
-  with pytest.raises(PR.SetupError, match="different input.*--seed=0 then, 1 now"):
+  with pytest.raises(errors.UsageError, match="different input.*--seed=0 then, 1 now"):
     PR.prepare(config(mixed_dir, output, seed=1))
   (mixed_dir / "extra.png").write_bytes((mixed_dir / "astronaut.png").read_bytes())
-  with pytest.raises(PR.SetupError, match="different input.*13 listed .* then, 14 listed"):
+  with pytest.raises(errors.UsageError, match="different input.*13 listed .* then, 14 listed"):
     PR.prepare(config(mixed_dir, output))
 
 
@@ -208,13 +212,13 @@ def test_max_pixels_reencodes_only_large_images(tmp_path, photo_dir):
   reencoded = 0
   for name, (contents, height, width) in records.items():
     original = open(folder / name, "rb").read()
-    original_height, original_width = D.decode(original).shape[:2]
+    original_height, original_width = DEC.decode(original).shape[:2]
     if original_height * original_width <= limit:
       assert contents == original, name
       continue
     reencoded += 1
-    assert contents[:2] == b"\xff\xd8" and D.image_size_from_header(contents)[0] == "JPEG", name
-    assert (height, width) == tuple(D.decode(contents).shape[:2])
+    assert contents[:2] == b"\xff\xd8" and DEC.image_size_from_header(contents)[0] == "JPEG", name
+    assert (height, width) == tuple(DEC.decode(contents).shape[:2])
     assert height * width <= limit < (height + 1) * (width + 1), name
     assert abs(width / height - original_width / original_height) < 0.01, name
   assert reencoded == index["reencoded"] == 4  # astronaut, coffee, camera, rocket; not chelsea nor the GIF
@@ -224,14 +228,15 @@ def test_training_pipeline_reads_the_shards(mixed_dir, tmp_path):
   output = tmp_path / "shards"
   PR.prepare(config(mixed_dir, output))
   pattern = str(output / "*.tfrecord")
-  source = D.find_source(pattern)
+  source = S.find_source(pattern)
   assert source.kind == "tfrecord" and len(source.paths) == 3
-  D.check_readable(source)
+  S.check_readable(source)
   batch = next(iter(D.make_dataset(D.InputConfig(data=pattern, **SMALL))))
   assert batch["patches"].shape == (64, 96, 96, 3)
   assert batch["patch_mask"].numpy().sum() > 0 and batch["pair_mask"].numpy().sum() > 0
 
 
+@pytest.mark.slow
 def test_program_progress_and_summary(tmp_path, photo_dir):
   folder = tmp_path / "images"
   folder.mkdir()
@@ -245,11 +250,12 @@ def test_program_progress_and_summary(tmp_path, photo_dir):
   assert json.loads((tmp_path / "out" / "index.json").read_text())["records"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_args, message", [
     (lambda p, photos: [f"--data={photos}", f"--output={p / 'out'}", "--num_shards=0"], "--num_shards=0 must be >= 1"),
     (lambda p, photos: [f"--data={photos}", f"--output={p / 'out'}"], "--num_shards is required"),
     (lambda p, photos: [f"--data={photos}", f"--output={p / 'file'}", "--num_shards=1"], "is a file"),
-    (lambda p, photos: [f"--data={photos}", f"--output={p / 'file' / 'out'}", "--num_shards=1"], "is not writable"),
+    (lambda p, photos: [f"--data={photos}", f"--output={p / 'file' / 'out'}", "--num_shards=1"], "is not usable"),
     (lambda p, photos: [f"--data={p / 'missing'}", f"--output={p / 'out'}", "--num_shards=1"], "does not exist"),
     (lambda p, photos: [f"--data={p / 'empty'}", f"--output={p / 'out'}", "--num_shards=1"], "holds no"),
     (lambda p, photos: [f"--output={p / 'out'}", "--num_shards=1"], "--data is required"),

@@ -1,0 +1,240 @@
+"""The periodic work of the training loop, as small objects with an interval (the loop in train.py reads in one
+screen because each of these is one line there).
+
+Each action has `every` (steps; 0 = never on an interval) and is called after every compiled call of the trainer
+with the step reached and what the call returned (`LoopOutput`); it acts when the step is a multiple of its interval.
+The loop ends every call at the next step where some action is due (`steps_to_next`), so intervals are honoured at
+exact steps whatever --steps_per_loop is.
+"""
+import contextlib
+import dataclasses
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from context_keras import patches as patches_lib
+from context_keras import run_dir
+from context_keras import serving
+from context_keras import trainer as trainer_lib
+
+
+@dataclasses.dataclass
+class LoopOutput:
+  """One compiled call of Trainer.train_loop: its outputs (numpy), wall time and the step it reached."""
+  step: int
+  steps: int
+  status: int
+  values: dict
+  seconds: float
+
+
+def steps_to_next(step, train_steps, actions, steps_per_loop):
+  """Steps of the next compiled call: up to steps_per_loop, ending where an action is due or training ends."""
+  distances = [steps_per_loop]
+  for action in actions:
+    distances.extend(d for d in action.due_in(step) if d > 0)
+  if train_steps:
+    distances.append(train_steps - step)
+  return min(distances)
+
+
+class Action:
+  every = 0
+
+  def due_in(self, step):
+    """Distances to the steps at which this action must run (the loop stops there)."""
+    return [self.every - step % self.every] if self.every else []
+
+  def is_due(self, step):
+    return bool(self.every) and step % self.every == 0
+
+  def __call__(self, output):
+    raise NotImplementedError
+
+
+class SummaryWriter:
+  """A tf.summary writer whose failed writes (a full disk) stop the run with a WriteError naming the step and the
+  checkpoint that is still intact."""
+
+  def __init__(self, writer, where, latest_checkpoint):
+    self.writer, self.where, self.latest_checkpoint = writer, where, latest_checkpoint
+
+  @contextlib.contextmanager
+  def at(self, step):
+    try:
+      with self.writer.as_default(step=step):
+        yield
+    except (OSError, tf.errors.OpError) as e:
+      raise run_dir.write_failure(f"the TensorBoard summaries of step {step}", self.where, e,
+                                  self.latest_checkpoint()) from e
+
+
+class Summaries(Action):
+  """Scalars after every call (loss, accuracy, rate, input wait, learning rate, image counters), and the progress
+  line every `every` steps, at the end, and whenever a call stopped early."""
+
+  def __init__(self, writer, every, trainer, counters, train_steps):
+    self.writer, self.every, self.trainer, self.counters = writer, every, trainer, counters
+    self.train_steps = train_steps
+
+  def __call__(self, output):
+    if not output.steps:
+      return
+    values = output.values
+    pairs = float(values["pairs"])
+    loss = float(values["loss_sum"]) / max(pairs, 1.0)
+    accuracy = float(values["correct"]) / max(pairs, 1.0)
+    schedule = self.trainer.optimizer.learning_rate
+    rate = float(schedule(self.trainer.step)) if callable(schedule) else float(schedule)
+    input_share = float(values["input_seconds"]) / max(output.seconds, 1e-9)
+    with self.writer.at(output.step):
+      tf.summary.scalar("loss_per_pair", loss)
+      tf.summary.scalar("pretext_accuracy", accuracy)
+      tf.summary.scalar("learning_rate", rate)
+      tf.summary.scalar("pairs_per_second", pairs / output.seconds)
+      tf.summary.scalar("input_wait_share", input_share)
+      for k, variable in self.counters.items():
+        tf.summary.scalar(f"images/{k}", int(variable))
+    if self.is_due(output.step) or output.status != trainer_lib.STATUS_OK:
+      total = f"/{self.train_steps}" if self.train_steps else ""
+      logging.info("step %d%s  loss/pair %.4f  accuracy %.3f  %.0f pairs/s  input wait %.0f%%  lr %.3g  "
+                   "images %d (too small %d, unreadable %d)", output.step, total, loss, accuracy,
+                   pairs / output.seconds, 100 * input_share, rate, int(self.counters["images"]),
+                   int(self.counters["too_small"]), int(self.counters["unreadable"]))
+
+
+class PairImages(Action):
+  """A few pairs as the model sees them (after augmentation), each drawn as a 3x3 board with the first patch in the
+  centre and the second in the cell its label names (method.md §2.3), so the labels can be checked by eye."""
+
+  def __init__(self, writer, every):
+    self.writer, self.every = writer, every
+
+  def __call__(self, output):
+    if not (output.steps and self.is_due(output.step)):
+      return
+    image = preview_image({k: v.numpy() for k, v in output.values["preview"].items()})
+    if image is not None:
+      with self.writer.at(output.step):
+        tf.summary.image("pairs_first_centre_second_at_label", image, max_outputs=trainer_lib.PREVIEW_PAIRS)
+
+
+class Histograms(Action):
+  """Histograms of every trainable variable."""
+
+  def __init__(self, writer, every, variables):
+    self.writer, self.every, self.variables = writer, every, variables
+
+  def __call__(self, output):
+    if output.steps and self.is_due(output.step):
+      with self.writer.at(output.step):
+        for variable in self.variables:
+          tf.summary.histogram(variable.path, variable)
+
+
+class Checkpoints(Action):
+  """tf.train checkpoints every `every` steps, and on request (stop, pause, end); never twice for one step."""
+
+  def __init__(self, manager, every, trainer):
+    self.manager, self.every, self.trainer = manager, every, trainer
+    self.last_step = trainer.current_step()
+
+  def __call__(self, output):
+    if self.is_due(output.step):
+      self.save("interval")
+
+  @property
+  def latest(self):
+    return self.manager.latest_checkpoint
+
+  def save(self, reason):
+    step = self.trainer.current_step()
+    if step == self.last_step:
+      return
+    previous = self.manager.latest_checkpoint
+    try:
+      path = self.manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+      raise run_dir.write_failure(f"the checkpoint of step {step}", self.manager.directory, e, previous) from e
+    self.last_step = step
+    logging.info("Checkpoint %s written (%s).", path, reason)
+
+
+class Exports(Action):
+  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end."""
+
+  def __init__(self, write_dir, every, trainer, model_config, color_mode, latest_checkpoint):
+    self.write_dir, self.every, self.trainer = write_dir, every, trainer
+    self.model_config, self.color_mode, self.latest_checkpoint = model_config, color_mode, latest_checkpoint
+
+  def __call__(self, output):
+    if output.steps and self.is_due(output.step):
+      self.export()
+
+  def export(self):
+    step = self.trainer.current_step()
+    path = run_dir.export_path(self.write_dir, step)
+    try:
+      serving.export_backbone(self.trainer.networks.tower, self.model_config, path, color_mode=self.color_mode)
+    except (OSError, tf.errors.OpError) as e:
+      raise run_dir.write_failure(f"the backbone SavedModel of step {step}", path, e,
+                                  self.latest_checkpoint()) from e
+    logging.info("Backbone SavedModel written to %s.", path)
+
+
+class Profile(Action):
+  """A tf.profiler trace of steps first to last (--profile_steps), into the TensorBoard log folder."""
+
+  def __init__(self, first, last, logdir):
+    self.first, self.last, self.logdir = first, last, logdir
+    self.active = False
+
+  def due_in(self, step):
+    return [b - step for b in (self.first, self.last) if self.last and b > step]
+
+  def before(self, step):
+    """Starts the trace when the next call begins at the first step."""
+    if self.last and step == self.first and not self.active:
+      tf.profiler.experimental.start(self.logdir)
+      self.active = True
+
+  def __call__(self, output):
+    if self.active and output.step >= self.last:
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      tf.profiler.experimental.stop()
+      self.active = False
+      logging.info("Profile of steps %d-%d written under %s.", self.first, self.last, self.logdir)
+
+
+def preview_image(preview):
+  """Pairs as a picture: each pair is a 3x3 board with the first patch in the centre and the second patch in the
+  cell its label names (method.md §2.3)."""
+  size, gap = patches_lib.PATCH_SIZE, 8
+  cell = size + gap
+  boards = []
+  for first, second, label, valid in zip(preview["first"], preview["second"], preview["label"], preview["valid"]):
+    if not valid:
+      continue
+    board = np.full((3 * cell, 3 * cell, 3), 0.5, np.float32)
+    dx, dy = patches_lib.NEIGHBOUR_OFFSETS[int(label)]
+    for patch, (cx, cy) in ((first, (1, 1)), (second, (1 + dx, 1 + dy))):
+      lo, hi = patch.min(), patch.max()
+      board[cy * cell:cy * cell + size, cx * cell:cx * cell + size] = (patch - lo) / max(hi - lo, 1e-6)
+    boards.append(board)
+  return np.stack(boards) if boards else None
+
+
+def write_hparams(writer, flag_values):
+  """The flags as TensorBoard text, and in the HParams dashboard when the tensorboard package is installed."""
+  with writer.as_default():
+    try:
+      from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      pass
+    else:
+      hparams_api.hparams({k: v for k, v in flag_values.items() if isinstance(v, (bool, int, float, str))})
+    tf.summary.text("flags", "\n".join(f"    --{k}={v}" for k, v in sorted(flag_values.items())), step=0)

@@ -1,0 +1,101 @@
+"""Caffe's layers that Keras lacks, as the original network used them: its batch norm and its LRN
+(method.md §3.1-3.2)."""
+from keras import layers
+import numpy as np
+import tensorflow as tf
+
+BN_EPSILON = 1e-5      # method.md §3.2, Caffe's default
+BN_MOMENTUM = 0.999    # method.md §3.2, moving_average_fraction
+
+
+class CaffeBatchNorm(layers.Layer):
+  """Batch normalisation as the original's Caffe layer (method.md §3.2): no scale or shift, eps 1e-5, and Caffe's
+  normalised moving average (s <- 0.999 s + 1, sum_mu <- mu + 0.999 sum_mu, sum_var <- m/(m-1) var + 0.999 sum_var;
+  the estimate is sum / s), which has no start-up bias.
+
+  Statistics are taken over the valid samples only (`valid`, [N] of 0/1), so batch padding never shifts them;
+  with `synchronized` they are summed over all replicas first.
+  """
+
+  def __init__(self, synchronized=False, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs):
+    super().__init__(**kwargs)
+    self.synchronized = synchronized
+    self.momentum = momentum
+    self.epsilon = epsilon
+
+  def build(self, input_shape):
+    channels = input_shape[0][-1]
+    common = dict(trainable=False, initializer="zeros", aggregation="mean", autocast=False)
+    self.mean_sum = self.add_weight(name="mean_sum", shape=(channels,), **common)
+    self.variance_sum = self.add_weight(name="variance_sum", shape=(channels,), **common)
+    self.scale_sum = self.add_weight(name="scale_sum", shape=(), **common)
+
+  def moving_statistics(self):
+    """(mean, variance) estimates for inference; mean 0 and variance 1 before any training step."""
+    has_stats = self.scale_sum > 0
+    scale = tf.where(has_stats, self.scale_sum, 1.0)
+    mean = tf.where(has_stats, self.mean_sum / scale, 0.0)
+    variance = tf.where(has_stats, self.variance_sum / scale, 1.0)
+    return mean, variance
+
+  def call(self, inputs, training=False):
+    x, valid = inputs
+    x32 = tf.cast(x, tf.float32)
+    if training:
+      weights = tf.cast(tf.reshape(valid, [-1] + [1] * (len(x.shape) - 1)), tf.float32)
+      axes = list(range(len(x.shape) - 1))
+      count = tf.reduce_sum(weights * tf.ones_like(x32[..., :1]))
+      sums = tf.reduce_sum(weights * x32, axes)
+      squares = tf.reduce_sum(weights * tf.square(x32), axes)
+      if self.synchronized:
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+          count, sums, squares = context.all_reduce(tf.distribute.ReduceOp.SUM, [count, sums, squares])
+      count = tf.maximum(count, 1.0)
+      mean = sums / count
+      variance = tf.maximum(squares / count - tf.square(mean), 0.0)
+      unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+      self.scale_sum.assign(self.momentum * self.scale_sum + 1.0)
+      self.mean_sum.assign(self.momentum * self.mean_sum + tf.stop_gradient(mean))
+      self.variance_sum.assign(self.momentum * self.variance_sum + tf.stop_gradient(unbiased))
+    else:
+      mean, variance = self.moving_statistics()
+    y = (x32 - mean) * tf.math.rsqrt(variance + self.epsilon)
+    return tf.cast(y, x.dtype)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape[0]
+
+  def get_config(self):
+    return dict(super().get_config(), synchronized=self.synchronized, momentum=self.momentum, epsilon=self.epsilon)
+
+
+class LocalResponseNorm(layers.Layer):
+  """Caffe's across-channel LRN (local_size 5, alpha 1e-4, beta 0.75, k 1; method.md §3.1): x / (k + alpha/n * sum of
+  x^2 over n neighbouring channels)^beta. Caffe divides alpha by local_size; TF's op does not.
+
+  float32 uses TF's LRN op. TF has no reduced-precision LRN kernel on the CPU, and casting around it costs more than
+  the layer itself (it breaks oneDNN's bf16 layouts), so in reduced precision the window sum is a banded matmul (in
+  bfloat16, or float32 for float16) and the power is taken in float32."""
+
+  def __init__(self, local_size=5, alpha=1e-4, beta=0.75, bias=1.0, **kwargs):
+    super().__init__(**kwargs)
+    self.local_size, self.alpha, self.beta, self.bias = local_size, alpha, beta, bias
+
+  def call(self, x):
+    radius = self.local_size // 2
+    if x.dtype == tf.float32:
+      return tf.nn.local_response_normalization(x, depth_radius=radius, bias=self.bias,
+                                                alpha=self.alpha / self.local_size, beta=self.beta)
+    # bfloat16 has float32's range; float16 would overflow on squares of activations above 256.
+    dtype = x.dtype if x.dtype == tf.bfloat16 else tf.float32
+    channels = np.arange(x.shape[-1])
+    band = tf.constant(np.abs(channels[:, None] - channels[None, :]) <= radius, dtype)
+    window = tf.cast(tf.einsum("nhwc,cd->nhwd", tf.square(tf.cast(x, dtype)), band), tf.float32)
+    base = self.bias + (self.alpha / self.local_size) * window
+    # b^-0.75 = b^-0.5 * b^-0.25: two square roots cost far less than pow's exp and log.
+    scale = tf.math.rsqrt(base) * tf.math.rsqrt(tf.sqrt(base)) if self.beta == 0.75 else tf.pow(base, -self.beta)
+    return tf.cast(tf.cast(x, tf.float32) * scale, x.dtype)
+
+  def get_config(self):
+    return dict(super().get_config(), local_size=self.local_size, alpha=self.alpha, beta=self.beta, bias=self.bias)

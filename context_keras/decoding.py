@@ -1,0 +1,120 @@
+"""Encoded image bytes to RGB pixels, with a guard against decompression bombs read from the header.
+
+image_size_from_header (Python) and decode's in-graph check read the same header fields of every format that
+tf.io.decode_image reads, so that a small file claiming a huge image is refused before anything is allocated.
+"""
+import tensorflow as tf
+
+# Larger than any camera's photo; a header that claims more is taken for a decompression bomb.
+MAX_DECODE_PIXELS = 100_000_000
+FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG frame headers (not DHT, JPG, DAC)
+
+
+def image_size_from_header(contents):
+  """(format, width, height) that an encoded image's header claims, or None.
+
+  Reads only the header bytes (JPEG SOF, PNG IHDR, GIF logical screen, BMP DIB header, WebP VP8/VP8L/VP8X),
+  without decoding, so that a small file claiming a huge image (a decompression bomb) can be refused before the
+  decoder allocates it. None when `contents` does not start like one of the formats tf.io.decode_image reads, or
+  its header is cut short.
+  """
+  b = contents
+  n = len(b)
+
+  def int_at(start, size, order="little"):
+    return int.from_bytes(b[start:start + size], order)
+
+  if b.startswith(b"\x89PNG\r\n\x1a\n"):
+    return ("PNG", int_at(16, 4, "big"), int_at(20, 4, "big")) if n >= 24 and b[12:16] == b"IHDR" else None
+  if b[:6] in (b"GIF87a", b"GIF89a"):
+    return ("GIF", int_at(6, 2), int_at(8, 2)) if n >= 10 else None
+  if b.startswith(b"BM"):
+    if n >= 22 and int_at(14, 4) == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+      return "BMP", int_at(18, 2), int_at(20, 2)
+    if n >= 26:  # BITMAPINFOHEADER and later: signed 32-bit sizes, a negative height means top-down rows
+      width = int.from_bytes(b[18:22], "little", signed=True)
+      height = int.from_bytes(b[22:26], "little", signed=True)
+      return ("BMP", width, abs(height)) if width >= 0 else None
+    return None
+  if b.startswith(b"RIFF") and b[8:12] == b"WEBP":
+    chunk = b[12:16]
+    if chunk == b"VP8 " and n >= 30 and b[23:26] == b"\x9d\x01\x2a":  # lossy: 14-bit sizes after the start code
+      return "WebP", int_at(26, 2) & 0x3FFF, int_at(28, 2) & 0x3FFF
+    if chunk == b"VP8L" and n >= 25 and b[20] == 0x2F:  # lossless: 14-bit sizes minus one, packed
+      bits = int_at(21, 4)
+      return "WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and n >= 30:  # extended: 24-bit canvas sizes minus one
+      return "WebP", int_at(24, 3) + 1, int_at(27, 3) + 1
+    return None
+  if b.startswith(b"\xff\xd8"):
+    i = 2
+    while i < n:
+      while i < n and b[i] != 0xFF:  # stray bytes before a marker, skipped as libjpeg does
+        i += 1
+      while i < n and b[i] == 0xFF:  # fill bytes
+        i += 1
+      if i >= n:
+        return None
+      marker = b[i]
+      i += 1
+      if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no segment follows
+        continue
+      if marker in (0xD9, 0xDA):  # end of image, or a scan, before any frame header
+        return None
+      if marker in _SOF_MARKERS:
+        return ("JPEG", int_at(i + 5, 2, "big"), int_at(i + 3, 2, "big")) if i + 7 <= n else None
+      if i + 2 > n:
+        return None
+      i += int_at(i, 2, "big")
+    return None
+  return None
+
+
+
+def _claimed_pixels(contents):
+  """Pixels that a PNG, GIF, BMP, WebP or JPEG header claims, read in graph ops before any decoding; 0 otherwise."""
+  padded = tf.strings.join([contents, tf.constant(b"\0" * 32)])  # short files read zeros, not out of range
+
+  def number(start, size, big_endian):
+    digits = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, start, size), tf.uint8), tf.int64)
+    weights = 256 ** tf.range(size, dtype=tf.int64)
+    return tf.reduce_sum(digits * (tf.reverse(weights, [0]) if big_endian else weights))
+
+  head = tf.strings.substr(padded, 0, 4)
+  png = number(16, 4, True) * number(20, 4, True)
+  gif = number(6, 2, False) * number(8, 2, False)
+  bmp_height = number(22, 4, False)
+  bmp = number(18, 4, False) * tf.where(bmp_height >= 2**31, 2**32 - bmp_height, bmp_height)  # top-down rows
+  # WebP (as image_size_from_header): 14-bit sizes (VP8), 14-bit sizes minus one (VP8L), 24-bit ones minus one (VP8X).
+  chunk = tf.strings.substr(padded, 12, 4)
+  lossless = number(21, 4, False)
+  webp = tf.case([
+      (tf.equal(chunk, b"VP8 "), lambda: tf.bitwise.bitwise_and(number(26, 2, False), 0x3FFF) *
+       tf.bitwise.bitwise_and(number(28, 2, False), 0x3FFF)),
+      (tf.equal(chunk, b"VP8L"), lambda: (tf.bitwise.bitwise_and(lossless, 0x3FFF) + 1) *
+       (tf.bitwise.bitwise_and(tf.bitwise.right_shift(lossless, 14), 0x3FFF) + 1)),
+      (tf.equal(chunk, b"VP8X"), lambda: (number(24, 3, False) + 1) * (number(27, 3, False) + 1))],
+      default=lambda: tf.constant(0, tf.int64))
+  is_webp = tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP")
+  is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8")
+  jpeg = tf.cond(is_jpeg, lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(contents)[:2], tf.int64)),
+                 lambda: tf.constant(0, tf.int64))
+  return tf.case([(tf.equal(head, b"\x89PNG"), lambda: png), (tf.equal(head, b"GIF8"), lambda: gif),
+                  (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), lambda: bmp), (is_webp, lambda: webp)],
+                 default=lambda: jpeg)
+
+
+def decode(contents):
+  """RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md §1.1).
+
+  An image whose header claims more than MAX_DECODE_PIXELS is refused before decoding (an error, so the pipeline
+  skips and counts it): a small file can claim a huge image, a decompression bomb.
+  """
+  check = tf.debugging.assert_less_equal(_claimed_pixels(contents), tf.constant(MAX_DECODE_PIXELS, tf.int64),
+                                         message="image header claims more pixels than MAX_DECODE_PIXELS")
+  with tf.control_dependencies([check]):
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+

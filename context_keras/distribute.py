@@ -1,0 +1,64 @@
+"""tf.distribute: which strategy a run uses, which worker this process is, and one input pipeline per worker."""
+import json
+import os
+
+import tensorflow as tf
+
+from context_keras import data as data_lib
+from context_keras import errors
+
+
+def names_cluster():
+  """Whether TF_CONFIG describes a cluster of more than one task."""
+  try:
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+  except json.JSONDecodeError as e:
+    raise errors.UsageError(f"TF_CONFIG is not valid JSON: {e}") from e
+  return sum(len(tasks) for tasks in cluster.values()) > 1
+
+
+def make_strategy(name, cpu_replicas):
+  """MultiWorkerMirroredStrategy for a TF_CONFIG cluster, MirroredStrategy over the GPUs or over logical CPU
+  devices if asked, else the default strategy."""
+  if name == "multi_worker" or (name == "auto" and names_cluster()):
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  gpus = tf.config.list_physical_devices("GPU")
+  if cpu_replicas > 1 and not gpus:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+    except RuntimeError:
+      pass  # already configured in this process (tests); the devices are listed below
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_replicas]
+    return tf.distribute.MirroredStrategy(devices)
+  if name == "one_device":
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  if gpus or name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+def worker_role(strategy):
+  """(is_chief, task name) of this process: the chief writes the run; other workers write to temporary places."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.task_type:
+    return True, "chief"
+  cluster = resolver.cluster_spec().as_dict()
+  chief = resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0 and
+                                           "chief" not in cluster)
+  return chief, f"{resolver.task_type}_{resolver.task_id}"
+
+
+def distributed_batches(strategy, input_config, source, positions):
+  """One input pipeline per worker; its replicas take consecutive batches of it, so it resumes where its last
+  replica's last batch ended. Without a position for every replica (another topology), or through the tf.data
+  service, a resumed run reads a fresh stream instead."""
+  positions = positions.tolist()
+  exact = len(positions) == strategy.num_replicas_in_sync and not input_config.data_service
+
+  def dataset_fn(context):
+    replicas_per_pipeline = strategy.num_replicas_in_sync // context.num_input_pipelines
+    start = tuple(positions[(context.input_pipeline_id + 1) * replicas_per_pipeline - 1]) if exact else (0, 0)
+    return data_lib.make_dataset(input_config, source, context.input_pipeline_id, context.num_input_pipelines,
+                                 start=start)
+  return strategy.distribute_datasets_from_function(dataset_fn)

@@ -1,0 +1,131 @@
+"""Pretext accuracy, the paper's protocol (method.md §6.3): for each of up to --images held-out images,
+--pairs_per_image (256) random pairs cut with the training geometry and preprocessing of the run, all seeded, so
+the figure is reproducible; 8-way accuracy overall and per class, and the confusion matrix."""
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from context_keras import augment as augment_lib
+from context_keras import decoding
+from context_keras import errors
+from context_keras import patches as patches_lib
+from context_keras import serving
+from context_keras import sources
+from context_keras.evaluation import images as images_lib
+from context_keras.evaluation.result import Result
+
+NAME = "pretext"
+PAIRS_PER_IMAGE = 256   # method.md §6.3: 500 images x 256 pairs
+IMAGES = 500
+MAX_GRIDS = 128         # an image resized to >= 150,000 px gives >= 2 pairs per grid (method.md §1.2, 2.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  data: str
+  data_root: str | None = None
+  images: int = IMAGES
+  pairs_per_image: int = PAIRS_PER_IMAGE
+  seed: int = 0
+  color_mode: str | None = None   # None: the subject's (the run's) colour handling
+  pixelation: bool | None = None  # None: the subject's
+
+
+def label_names():
+  """'up-left', 'up', ... for the labels 0-7 (patches.NEIGHBOUR_OFFSETS: where the second patch is)."""
+  vertical = {-1: "up", 0: "", 1: "down"}
+  horizontal = {-1: "left", 0: "", 1: "right"}
+  return ["-".join(p for p in (vertical[dy], horizontal[dx]) if p) for dx, dy in patches_lib.NEIGHBOUR_OFFSETS]
+
+
+def pretext_pairs(image, seed, num_pairs, color_mode, pixelation):
+  """Up to num_pairs random pairs of one image, cut with the training geometry and preprocessing (method.md §1.2,
+  2.2-2.4): one random resize, grids added one at a time until they hold num_pairs pairs, the pairs drawn without
+  replacement, every patch augmented as in training.
+
+  Returns {patches [n, 96, 96, 3], first, second, label [m], usable}; an image too small for a grid is not usable.
+  """
+  resize_seed, grid_seed, pick_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 4))
+  resized, usable = patches_lib.resize_for_grids(image, resize_seed)
+  height, width = tf.shape(resized)[0], tf.shape(resized)[1]
+
+  def cut():
+    def more(i, ys, xs, first, second, label):
+      del ys, xs, second, label
+      return (tf.shape(first)[0] < num_pairs) & (i < MAX_GRIDS)
+
+    def grid(i, ys, xs, first, second, label):
+      grid_ys, grid_xs, grid_h, grid_w = patches_lib.sample_grids(
+          tf.random.experimental.stateless_fold_in(grid_seed, tf.cast(i, tf.int64)), height, width, num_grids=1)
+      pair_first, pair_second, pair_label = patches_lib.grid_pairs(grid_h[0], grid_w[0])
+      offset = tf.shape(ys)[0]
+      return (i + 1, tf.concat([ys, grid_ys], 0), tf.concat([xs, grid_xs], 0),
+              tf.concat([first, pair_first + offset], 0), tf.concat([second, pair_second + offset], 0),
+              tf.concat([label, pair_label], 0))
+
+    empty = tf.zeros([0], tf.int32)
+    _, ys, xs, first, second, label = tf.while_loop(
+        more, grid, (tf.constant(0), empty, empty, empty, empty, empty),
+        shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 5)
+    pick = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(first)[0]), pick_seed)[:num_pairs]
+    cut_patches = patches_lib.crop_patches(resized, ys, xs)
+    return (augment_lib.augment(cut_patches, augment_seed, color_mode, pixelation), tf.gather(first, pick),
+            tf.gather(second, pick), tf.gather(label, pick))
+
+  def nothing():
+    size = patches_lib.PATCH_SIZE
+    empty = tf.zeros([0], tf.int32)
+    return tf.zeros([0, size, size, 3]), empty, empty, empty
+
+  patches, first, second, label = tf.cond(usable, cut, nothing)
+  return {"patches": patches, "first": first, "second": second, "label": label, "usable": usable}
+
+
+def evaluate(subject, config):
+  """8-way accuracy of the subject's pair classifier on pairs from config.data."""
+  if subject.pair_logits is None:
+    raise errors.UsageError("--mode=pretext needs the pair classifier: give --model_dir, or a --saved_model "
+                            f"exported by context_keras.export (with {serving.PAIR_CLASSIFIER_DIR}/ beside it)")
+  color_mode = subject.color_mode if config.color_mode is None else config.color_mode
+  pixelation = subject.pixelation if config.pixelation is None else config.pixelation
+  source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, config.seed)
+  dataset = sources.finite_images(source).map(
+      lambda i, contents: pretext_pairs(decoding.decode(contents), images_lib.image_seed(config.seed, i),
+                                        config.pairs_per_image, color_mode, pixelation),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors().prefetch(2)
+  num_classes = patches_lib.NUM_CLASSES
+  confusion = np.zeros([num_classes, num_classes], np.int64)
+  seen = too_small = 0
+  for item in dataset:
+    seen += 1
+    if not item["usable"]:
+      too_small += 1
+      continue
+    logits = subject.pair_logits(item["patches"], item["first"], item["second"])
+    predicted = np.argmax(logits.numpy(), -1)
+    np.add.at(confusion, (item["label"].numpy(), predicted), 1)
+  pairs = int(confusion.sum())
+  if not pairs:
+    raise errors.DataError(f"--data={source.description}: no image gave a pair ({seen} decoded, {too_small} too "
+                           "small)")
+  per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+  names = label_names()
+  metrics = {"data": source.description, "accuracy": float(confusion.trace() / pairs), "chance": 1.0 / num_classes,
+             "per_class_accuracy": dict(zip(names, per_class.round(4).tolist())),
+             "confusion_matrix": confusion.tolist(), "confusion_labels": names, "pairs": pairs,
+             "images": seen - too_small, "too_small": too_small,
+             "unreadable": (len(source.paths) - seen) if source.kind == "files" else 0,
+             "pairs_per_image": config.pairs_per_image, "color_mode": color_mode, "pixelation": pixelation}
+  return Result(metrics, images={"confusion_true_rows_predicted_columns": confusion_image(confusion)})
+
+
+def confusion_image(confusion, cell=24):
+  """The row-normalised confusion matrix (rows: true label, columns: predicted, labels in reading order) as an
+  image from white (0) to dark blue (1)."""
+  confusion = np.asarray(confusion, np.float64)
+  share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+  colour = np.stack([1 - 0.9 * share, 1 - 0.8 * share, 1 - 0.45 * share], -1)
+  image = np.kron(colour, np.ones([cell, cell, 1]))
+  image[::cell, :] = image[:, ::cell] = 0.6
+  return (image * 255).astype(np.uint8)

@@ -1,0 +1,87 @@
+"""What is evaluated: a trained run or an exported backbone, behind the two functions the protocols need."""
+import dataclasses
+import os
+
+import keras
+import tensorflow as tf
+
+from context_keras import errors
+from context_keras import fold
+from context_keras import model as model_lib
+from context_keras import patches as patches_lib
+from context_keras import restore
+from context_keras import serving
+
+
+@dataclasses.dataclass
+class Subject:
+  """A trained run or an exported backbone, behind the functions the protocols need.
+
+  features:    uint8 images [N, H, W, 3] -> {conv1 ... fc6} maps (serving.BackboneModule.features)
+  pair_logits: (patches preprocessed as in training [N, 96, 96, 3], first [M], second [M]) -> logits [M, 8], or
+               None when there is no pair classifier
+  """
+  about: dict
+  step: int
+  model_config: model_lib.ModelConfig
+  color_mode: str
+  pixelation: bool
+  features: object
+  pair_logits: object = None
+  owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
+
+  @property
+  def feature_layers(self):
+    return model_lib.BACKBONES[self.model_config.backbone].features
+
+  def random_init(self, seed):
+    """The same architecture as it starts training (LeCun-uniform, zero biases, BN statistics mean 0, variance 1)."""
+    keras.utils.set_random_seed(seed)
+    networks = restore.build_networks(self.model_config)
+    module = serving.BackboneModule(fold.fold_tower(networks.tower, self.model_config), self.color_mode)
+    return Subject(about={"random_init_seed": seed}, step=self.step, model_config=self.model_config,
+                   color_mode=self.color_mode, pixelation=self.pixelation, features=module.features,
+                   pair_logits=_run_pair_logits(networks), owners=(module, networks))
+
+
+def _patch_spec():
+  return tf.TensorSpec([None, patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3], tf.float32)
+
+
+def _run_pair_logits(networks):
+  """Pair logits of the training networks in inference mode: the tower once per patch (method.md §3.3)."""
+  @tf.function(input_signature=[_patch_spec(), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)])
+  def pair_logits(patches, first, second):
+    fc6 = networks.tower([patches, tf.ones(tf.shape(patches)[:1])], training=False)
+    pairs = tf.concat([tf.gather(fc6, first), tf.gather(fc6, second)], -1)
+    return networks.head([pairs, tf.ones(tf.shape(first))], training=False)
+  return pair_logits
+
+
+def from_run(run):
+  """The subject of a restored run (restore.Run)."""
+  module = serving.BackboneModule(fold.fold_tower(run.networks.tower, run.model_config), run.color_mode)
+  return Subject(about=run.describe(), step=run.step, model_config=run.model_config, color_mode=run.color_mode,
+                 pixelation=run.pixelation, features=module.features, pair_logits=_run_pair_logits(run.networks),
+                 owners=(module, run.networks))
+
+
+def from_saved_model(path):
+  """The subject of an exported backbone (OUT/backbone), with OUT/pair_classifier when it is beside it."""
+  info = serving.read_metadata(path)
+  try:
+    backbone = tf.saved_model.load(path)
+  except (OSError, ValueError) as e:
+    raise errors.UsageError(f"--saved_model={path}: cannot load it: {str(e)[:200]}") from e
+  pair_dir = os.path.join(os.path.dirname(os.path.normpath(path)), serving.PAIR_CLASSIFIER_DIR)
+  classifier = tf.saved_model.load(pair_dir) if os.path.isdir(pair_dir) else None
+
+  def pair_logits(patches, first, second):
+    return classifier.logits_preprocessed(tf.gather(patches, first), tf.gather(patches, second))["logits"]
+  model_config = model_lib.ModelConfig(backbone=info["backbone"], width_multiplier=info["width_multiplier"])
+  return Subject(about={"saved_model": path, "checkpoint": info.get("checkpoint"), "step": info.get("step", 0),
+                        "backbone": info["backbone"], "width_multiplier": info["width_multiplier"],
+                        "color_mode": info["color_mode"], "rescaled": info.get("rescaled", False)},
+                 step=int(info.get("step") or 0), model_config=model_config, color_mode=info["color_mode"],
+                 pixelation=info.get("pixelation", True), features=backbone.features,
+                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier))

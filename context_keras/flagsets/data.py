@@ -1,0 +1,59 @@
+"""The data group: where images come from, how patches are augmented, and how batches are packed."""
+from absl import flags
+
+from context_keras import augment
+from context_keras import data as data_lib
+from context_keras import errors
+from context_keras import program
+
+FLAGS = flags.FLAGS
+GROUP = "data"
+
+
+def define_source(data=True):
+  """--data and --data_root; with data=False only --data_root (for a program whose images come in another flag)."""
+  with program.flag_group(GROUP):
+    if data:
+      flags.DEFINE_string(
+          "data", None,
+          "Images: a folder (searched recursively for jpg, jpeg, png, bmp, gif and webp files in any letter case); "
+          "a list file in the original's format (first token of each line, relative to --data_root or to the "
+          "list's folder); or a glob of TFRecord shards of encoded images (feature 'image/encoded'). A path "
+          "written 'package:NAME' means the folder of the installed Python package NAME.")
+    flags.DEFINE_string("data_root", None, "Folder that the names in a --data list file are relative to (default: "
+                        "the list file's folder). Accepts 'package:NAME' like --data.")
+
+
+def define_augmentation():
+  with program.flag_group(GROUP):
+    flags.DEFINE_enum("color_mode", "drop", augment.COLOR_MODES,
+                      "Chromatic-aberration remedy per patch (method.md §2.4): drop = keep one random channel, "
+                      "the other two uniform noise (the validated code); drop_gaussian = Gaussian noise at 1/100 of "
+                      "the kept channel's std (the paper); project = the paper's green-magenta projection; none.")
+    flags.DEFINE_bool("pixelation", True, "Randomly pixelate 33% of the patches (method.md §2.4 step 1).")
+
+
+def define_batching():
+  with program.flag_group(GROUP):
+    program.define_integer(
+        "batch_patches", 511, "Patch capacity of one replica's batch. Whole grids are packed until the next one "
+        "would not fit; the original used at most 511 patches (method.md §2.5).", lower=1)
+    program.define_integer(
+        "batch_pairs", 2560, "Pair capacity of one replica's batch. Grids give about 4.4-5.3 ordered pairs per "
+        "patch, so about 5x --batch_patches keeps both capacities nearly full.", lower=1)
+    program.define_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards.",
+                           lower=1)
+    flags.DEFINE_string("data_service", None,
+                        "grpc://HOST:PORT of a tf.data service dispatcher: decoding and patch building then run on "
+                        "its workers (python -m context_keras.service), so CPU-only hosts can feed the accelerators.")
+
+
+def input_config(seed):
+  """The InputConfig of the flags (every group above defined); the config's own checks become usage errors."""
+  try:
+    return data_lib.InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
+                                pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
+                                batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed,
+                                data_service=FLAGS.data_service)
+  except ValueError as e:
+    raise errors.UsageError(f"Invalid flags: {e}") from e

@@ -1,0 +1,239 @@
+"""The run directory: its layout, its writing side (training) and its reading side (export, evaluate, training's
+resume), so that every path in it and every way of reading it back has one home.
+
+  RUN/flags.txt          the flags of the latest training invocation; itself a flagfile (--flagfile=RUN/flags.txt)
+  RUN/config.json        the model, input and optimisation configs as data: what export and evaluate rebuild from
+  RUN/checkpoint, ckpt-N tf.train checkpoints (tf.train.CheckpointManager's state file and checkpoints)
+  RUN/train.log          the log of every training invocation, appended
+  RUN/.lock              held (flock) by the training process while it runs
+  RUN/train/             TensorBoard logs of training
+  RUN/export/backbone_N/ SavedModels of the backbone written by training
+  RUN/eval/              evaluation results (evaluate's default --eval_dir)
+  RUN/workertemp_<task>/ scratch of a non-chief worker of multi-worker training, removed at its end
+"""
+import dataclasses
+import fcntl
+import json
+import logging as std_logging
+import os
+import socket
+import sys
+
+from absl import logging
+import tensorflow as tf
+
+from context_keras import data as data_lib
+from context_keras import errors
+from context_keras import model as model_lib
+from context_keras import trainer as trainer_lib
+from context_keras import writes
+
+FLAGS_FILE = "flags.txt"
+CONFIG_FILE = "config.json"
+LOG_FILE = "train.log"
+LOCK_FILE = ".lock"
+TRAIN_DIR = "train"
+EXPORT_DIR = "export"
+EVAL_DIR = "eval"
+CHECKPOINT_PREFIX = "ckpt"
+# Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items).
+STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def train_dir(model_dir):
+  return os.path.join(model_dir, TRAIN_DIR)
+
+
+def export_path(model_dir, step):
+  return os.path.join(model_dir, EXPORT_DIR, f"backbone_{step}")
+
+
+def eval_dir(model_dir):
+  return os.path.join(model_dir, EVAL_DIR)
+
+
+def worker_scratch(model_dir, task):
+  return os.path.join(model_dir, f"workertemp_{task}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def create(model_dir):
+  """Checks (and makes) RUN before any other work; a UsageError naming --model_dir when it cannot be used."""
+  if not model_dir:
+    raise errors.UsageError("--model_dir is required: the run directory for checkpoints, logs and exports")
+  return writes.check_folder(model_dir, "model_dir")
+
+
+class Lock:
+  """Keeps a second trainer off a run directory. An flock on RUN/.lock: the kernel releases it when its process
+  ends, even by kill -9, so a crashed run never leaves it stuck. (flock is per host: on a shared file system, runs
+  on two hosts are not kept apart.)"""
+
+  def __init__(self, model_dir):
+    self.path = os.path.join(model_dir, LOCK_FILE)
+    self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      raise errors.UsageError(f"--model_dir={model_dir} is in use by {holder} (lock {self.path}); stop that run "
+                              "first, or choose another --model_dir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"training process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.flush()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._file.close()
+
+
+class _LogFileHandler(std_logging.FileHandler):
+  """When a write fails (a full disk) it says so once, rather than print a traceback per message; the messages still
+  reach stderr, and the run's own writes (summaries, checkpoints) stop it with a clear error."""
+
+  failed = False
+
+  def handleError(self, record):
+    if not self.failed:
+      self.failed = True
+      sys.stderr.write(f"Could not append to {self.baseFilename}: {sys.exc_info()[1]}; messages go to stderr only.\n")
+
+
+class LogFile:
+  """Appends this process's log lines to RUN/train.log while in use (a context manager)."""
+
+  def __init__(self, model_dir):
+    self.handler = _LogFileHandler(os.path.join(model_dir, LOG_FILE))
+    self.handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+  def __enter__(self):
+    logging.get_absl_logger().addHandler(self.handler)
+    return self
+
+  def __exit__(self, *exc):
+    logging.get_absl_logger().removeHandler(self.handler)
+    self.handler.close()
+
+
+def write_flags(model_dir, lines):
+  """RUN/flags.txt from serialised flags (--name=value lines): --flagfile=RUN/flags.txt repeats the run."""
+  writes.atomic_write(os.path.join(model_dir, FLAGS_FILE), "\n".join(sorted(lines)) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """What a run was trained with, as RUN/config.json records it."""
+  model: model_lib.ModelConfig
+  input: data_lib.InputConfig
+  optimisation: trainer_lib.OptimConfig
+
+  @property
+  def train_steps(self):
+    return self.optimisation.train_steps
+
+
+def write_config(model_dir, config):
+  writes.atomic_write_json(os.path.join(model_dir, CONFIG_FILE), dataclasses.asdict(config))
+
+
+def write_failure(what, directory, error, previous):
+  """The WriteError for a failed write into the run directory (a full disk, a folder made read-only)."""
+  return writes.failure(what, directory, error, f"The previous checkpoint {previous or '(none)'} is intact; free "
+                        "space or fix the folder, then re-run to resume from it.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _check_exists(model_dir):
+  if not os.path.isdir(model_dir):
+    raise errors.UsageError(f"--model_dir={model_dir} does not exist")
+
+
+def read_flags(model_dir):
+  """The flags recorded in RUN/flags.txt, {name: value as written}; booleans as 'true'/'false'."""
+  values = {}
+  with open(os.path.join(model_dir, FLAGS_FILE), encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line.startswith("--"):
+        continue
+      name, sep, value = line[2:].partition("=")
+      if not sep:  # a boolean: --name or --noname
+        name, value = (name[2:], "false") if name.startswith("no") and name not in _BOOLEAN_FIELDS else (name, "true")
+      values[name] = value
+  return values
+
+
+def _config_fields(cls):
+  return {f.name: f for f in dataclasses.fields(cls)}
+
+
+_BOOLEAN_FIELDS = {name for cls in (model_lib.ModelConfig, data_lib.InputConfig, trainer_lib.OptimConfig)
+                   for name, field in _config_fields(cls).items() if isinstance(field.default, bool)}
+
+
+def _from_values(cls, values):
+  """An instance of config class `cls` from {field: value}: JSON values as they are, flags.txt strings converted
+  to the type of the field's default; absent fields keep their defaults."""
+  kwargs = {}
+  for name, field in _config_fields(cls).items():
+    if name not in values:
+      continue
+    value, default = values[name], field.default
+    if isinstance(value, str) and isinstance(default, (bool, int, float)):
+      value = {"true": True, "false": False}[value] if isinstance(default, bool) else type(default)(value)
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def read_config(model_dir):
+  """The RunConfig of a run: from RUN/config.json, or for runs written before it existed, from RUN/flags.txt."""
+  _check_exists(model_dir)
+  path = os.path.join(model_dir, CONFIG_FILE)
+  try:
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+      parts = (recorded["model"], recorded["input"], recorded["optimisation"])
+    elif os.path.isfile(os.path.join(model_dir, FLAGS_FILE)):
+      parts = (read_flags(model_dir),) * 3
+    else:
+      raise errors.UsageError(f"--model_dir={model_dir} has no {CONFIG_FILE} or {FLAGS_FILE}: not a run directory "
+                              "of context_keras.train")
+    return RunConfig(_from_values(model_lib.ModelConfig, parts[0]), _from_values(data_lib.InputConfig, parts[1]),
+                     _from_values(trainer_lib.OptimConfig, parts[2]))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: {e}") from e
+
+
+def find_checkpoint(model_dir, choice=None):
+  """Path of RUN's checkpoint to use: `choice` (a path, or a step number N for RUN/ckpt-N), else the latest."""
+  if choice:
+    path = os.path.join(model_dir, f"{CHECKPOINT_PREFIX}-{choice}") if str(choice).isdigit() else choice
+    if not tf.io.gfile.exists(path + ".index"):
+      raise errors.UsageError(f"--checkpoint={choice}: no checkpoint {path} (no {path}.index)")
+    return path
+  _check_exists(model_dir)
+  path = tf.train.latest_checkpoint(model_dir)
+  if not path:
+    raise errors.UsageError(f"--model_dir={model_dir} holds no checkpoint ({CHECKPOINT_PREFIX}-N) yet")
+  return path
+
+
+def checkpoint_step(path):
+  """The training step a checkpoint was written at."""
+  reader = tf.train.load_checkpoint(path)
+  if reader.has_tensor(STEP_KEY):
+    return int(reader.get_tensor(STEP_KEY))
+  suffix = path.rsplit("-", 1)[-1]
+  return int(suffix) if suffix.isdigit() else 0

@@ -1,0 +1,220 @@
+"""The compiled multi-step trainer: networks, optimizer and a tf.function that runs many training steps per call.
+
+Every step sums, over all replicas and workers, the loss statistics, the input positions and the pause/quit requests
+(control.py), so that every worker stops at the same step, which collective ops need. What to do between calls
+(logs, checkpoints, exports) is train.py's.
+"""
+import dataclasses
+import math
+
+import keras
+import tensorflow as tf
+
+from context_keras import control
+from context_keras import errors
+from context_keras import model as model_lib
+from context_keras import patches as patches_lib
+
+DIVERGENCE_WARMUP_STEPS = 100
+PREVIEW_PAIRS = 8
+# Why a compiled loop stopped early.
+STATUS_OK, STATUS_STOP_REQUESTED, STATUS_NOT_FINITE, STATUS_EXPLODED = 0, 1, 2, 3
+COUNTERS = ("images", "too_small", "unreadable")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-5
+  momentum: float = 0.0
+  weight_decay: float = 0.0
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  train_steps: int = 0
+  loss_reduction: str = "sum"
+  mixed_precision: str = "none"
+  jit_compile: bool = False
+  divergence_factor: float = 10.0
+  inject_nan_at_step: int = 0
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+  """Constant or cosine-to-zero, with optional linear warm-up."""
+
+  def __init__(self, base, warmup_steps=0, decay_steps=0):
+    self.base, self.warmup_steps, self.decay_steps = base, warmup_steps, decay_steps
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    rate = tf.constant(self.base, tf.float32)
+    if self.warmup_steps:
+      rate *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
+    if self.decay_steps:
+      progress = tf.minimum(step, self.decay_steps) / self.decay_steps
+      rate *= 0.5 * (1.0 + tf.cos(math.pi * progress))
+    return rate
+
+  def get_config(self):
+    return {"base": self.base, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
+
+
+def make_optimizer(config):
+  decay_steps = config.train_steps if config.lr_schedule == "cosine" else 0
+  optimizer = keras.optimizers.SGD(
+      LearningRate(config.learning_rate, config.warmup_steps, decay_steps), momentum=config.momentum,
+      weight_decay=config.weight_decay or None)
+  if config.mixed_precision == "float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+class Trainer:
+  """Networks, optimizer and the compiled multi-step loop, all built in `strategy`'s scope."""
+
+  def __init__(self, strategy, model_config, optim_config, time_input=True):
+    self.strategy = strategy
+    self.config = optim_config
+    # tf.timestamp is refused under op determinism, so the input wait is then not measured.
+    self.time_input = time_input
+    with strategy.scope():
+      self.networks = model_lib.build(model_config)
+      self.optimizer = make_optimizer(optim_config)
+      self.optimizer.build(self.trainable_variables)
+      # Running mean of the gradient norm, for the divergence guard; checkpointed with the run.
+      self.grad_norm_average = tf.Variable(0.0, trainable=False, name="grad_norm_average")
+    self.request = tf.Variable(control.REQUEST_NONE, trainable=False, name="request")
+    # Per replica, the stream position (image, grid) after its last batch: where its pipeline resumes
+    # (data.make_dataset). Its shape follows the replica count, so a run can resume on another topology.
+    self.input_positions = tf.Variable(tf.zeros([strategy.num_replicas_in_sync, 2], tf.int64), trainable=False,
+                                       shape=tf.TensorShape([None, 2]), name="input_positions")
+    # XLA compiles the forward and backward pass only: the optimizer's cross-replica update stays outside it.
+    self._gradients = (tf.function(self._gradients_impl, jit_compile=True) if optim_config.jit_compile
+                       else self._gradients_impl)
+    if optim_config.jit_compile and model_config.sync_batchnorm and strategy.num_replicas_in_sync > 1:
+      raise errors.UsageError("--jit_compile and --sync_batchnorm cannot be combined with several replicas: the "
+                              "batch statistics' all-reduce cannot run inside a compiled function")
+    self.train_loop = tf.function(self._train_loop_impl)
+
+  @property
+  def trainable_variables(self):
+    return self.networks.tower.trainable_variables + self.networks.head.trainable_variables
+
+  @property
+  def step(self):
+    return self.optimizer.iterations
+
+  def current_step(self):
+    return int(self.optimizer.iterations.numpy())
+
+  def checkpoint_items(self):
+    return {"tower": self.networks.tower, "head": self.networks.head, "optimizer": self.optimizer,
+            "grad_norm_average": self.grad_norm_average, "input_positions": self.input_positions}
+
+  def _gradients_impl(self, batch, global_pairs):
+    with tf.GradientTape() as tape:
+      logits = model_lib.grid_logits(self.networks, batch, training=True)
+      valid = tf.cast(batch["pair_mask"], tf.float32)
+      per_pair = keras.losses.sparse_categorical_crossentropy(batch["label"], logits, from_logits=True)
+      loss_sum = tf.reduce_sum(per_pair * valid)
+      if self.config.inject_nan_at_step:
+        nan = tf.equal(self.step + 1, self.config.inject_nan_at_step)
+        loss_sum += tf.where(nan, tf.constant(float("nan")), 0.0)
+      # Gradients are summed over replicas, so each replica's share of the global objective is its own sum
+      # (or its sum over the global pair count): correct for any number of replicas.
+      loss = loss_sum if self.config.loss_reduction == "sum" else loss_sum / tf.maximum(global_pairs, 1.0)
+      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(loss, self.trainable_variables)
+    correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["label"]),
+                                    tf.float32) * valid)
+    return gradients, {"loss_sum": loss_sum, "pairs": tf.reduce_sum(valid), "correct": correct}
+
+  def replica_step(self, batch):
+    context = tf.distribute.get_replica_context()
+    global_pairs = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.cast(batch["pair_mask"],
+                                                                                        tf.float32)))
+    gradients, stats = self._gradients(batch, global_pairs)
+    # For the divergence guard: summed over replicas, this is the squared norm of the gradients they computed.
+    norm = tf.linalg.global_norm(gradients)
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      norm /= tf.cast(self.optimizer.dynamic_scale, norm.dtype)
+    stats["grad_norm_squared"] = tf.square(norm)
+    self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+    # Values whose sum over replicas the loop needs (strategy.reduce has no max or gather).
+    replicas = context.num_replicas_in_sync
+    stats["positions"] = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=tf.int64)[:, tf.newaxis] * (
+        batch["resume"][tf.newaxis, :])
+    stats["pause_votes"] = tf.cast(tf.equal(self.request, control.REQUEST_PAUSE), tf.int32)
+    stats["quit_votes"] = tf.cast(tf.equal(self.request, control.REQUEST_QUIT), tf.int32)
+    for k in COUNTERS:
+      stats[k] = batch[k]
+    return stats
+
+  def _preview(self, batch):
+    """The first pairs of a batch as the model sees them, for the image summary (pair capacity >= 8 always)."""
+    size = patches_lib.PATCH_SIZE
+    head = {k: tf.ensure_shape(batch[k][:PREVIEW_PAIRS], [PREVIEW_PAIRS])
+            for k in ("first", "second", "label", "pair_mask")}
+    return {"first": tf.ensure_shape(tf.gather(batch["patches"], head["first"]), [PREVIEW_PAIRS, size, size, 3]),
+            "second": tf.ensure_shape(tf.gather(batch["patches"], head["second"]), [PREVIEW_PAIRS, size, size, 3]),
+            "label": head["label"], "valid": head["pair_mask"]}
+
+  def _train_loop_impl(self, iterator, num_steps):
+    """Runs up to num_steps steps. Stops early, on every worker at the same step, when a worker asks for a pause
+    or quit, or on divergence (the host then writes no checkpoint)."""
+    totals = {k: tf.constant(0.0, tf.float64) for k in ("loss_sum", "pairs", "correct", "input_seconds")}
+    counts = {k: tf.constant(0, tf.int64) for k in COUNTERS}
+    status = tf.constant(STATUS_OK)
+    request = tf.constant(control.REQUEST_NONE)
+    steps = tf.constant(0)
+    preview = self._preview(self._empty_batch())
+    while steps < num_steps and status == STATUS_OK:
+      start = tf.timestamp() if self.time_input else tf.constant(0.0, tf.float64)
+      with tf.control_dependencies([start]):
+        batch = next(iterator)
+      local = self.strategy.experimental_local_results(batch)
+      with tf.control_dependencies(tf.nest.flatten(local)):
+        waited = tf.timestamp() - start if self.time_input else start
+      stats = self.strategy.run(self.replica_step, args=(batch,))
+      stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
+      stats["input_seconds"] = waited
+      totals = {k: totals[k] + tf.cast(stats[k], tf.float64) for k in totals}
+      counts = {k: counts[k] + stats[k] for k in counts}
+      preview = self._preview(local[0])
+      self.input_positions.assign(stats["positions"])
+      steps += 1
+      status = self._check_divergence(stats["loss_sum"], tf.sqrt(stats["grad_norm_squared"]))
+      if status == STATUS_OK:
+        if stats["quit_votes"] > 0:
+          request = tf.constant(control.REQUEST_QUIT)
+        elif stats["pause_votes"] > 0:
+          request = tf.constant(control.REQUEST_PAUSE)
+        if request != control.REQUEST_NONE:
+          status = tf.constant(STATUS_STOP_REQUESTED)
+    return {"steps": steps, "status": status, "request": request, "preview": preview, **totals, **counts}
+
+  def _check_divergence(self, loss_sum, grad_norm):
+    if not tf.math.is_finite(loss_sum):
+      return tf.constant(STATUS_NOT_FINITE)
+    if not tf.math.is_finite(grad_norm):
+      # float16 overflows are expected: the loss-scale optimizer skipped that update and lowers its scale.
+      if self.config.mixed_precision == "float16":
+        return tf.constant(STATUS_OK)
+      return tf.constant(STATUS_NOT_FINITE)
+    average = self.grad_norm_average
+    if (self.config.divergence_factor > 0 and self.step > DIVERGENCE_WARMUP_STEPS and
+        grad_norm > self.config.divergence_factor * average):
+      return tf.constant(STATUS_EXPLODED)
+    rate = tf.maximum(0.01, 1.0 / tf.cast(self.step, tf.float32))  # a plain mean at first, then an EMA
+    average.assign(average + rate * (grad_norm - average))
+    return tf.constant(STATUS_OK)
+
+  def _empty_batch(self):
+    size = patches_lib.PATCH_SIZE
+    pairs = tf.zeros([PREVIEW_PAIRS], tf.int32)
+    return {"patches": tf.zeros([1, size, size, 3]), "first": pairs, "second": pairs, "label": pairs,
+            "pair_mask": tf.zeros([PREVIEW_PAIRS], tf.bool)}
+
+
+def weights_digest(trainer):
+  """One number that differs when any weight differs: lets workers and runs be compared from their logs."""
+  return float(sum(tf.reduce_sum(tf.square(tf.cast(v, tf.float64))) for v in trainer.trainable_variables))

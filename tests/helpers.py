@@ -1,0 +1,155 @@
+"""What the tests share that is not a fixture: running the programs in subprocesses and reading what they leave.
+
+Fixtures (photos, the one small trained run, its export, an ordinary user) are in conftest.py.
+"""
+import ctypes
+import glob
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A network of 1/16 the original width with small batches: a training step takes a fraction of a second here.
+SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320"]
+STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+# Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
+CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def skimage_photo_dir():
+  import skimage.data  # pylint: disable=import-outside-toplevel  (test extra)
+  return os.path.dirname(skimage.data.__file__)
+
+
+def write_png(path, array):
+  tf.io.write_file(str(path), tf.io.encode_png(array))
+
+
+def demo_args(model_dir, *extra):
+  """`python -m` arguments of a short demo training run of the small model."""
+  return ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", f"--data={REPO}/flags/demo_photos.txt",
+          f"--model_dir={model_dir}", *SMALL_MODEL, "--log_every=5", "--steps_per_loop=5", *extra]
+
+
+def module_env(extra=None):
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2",
+              **(extra or {}))
+
+
+def run_module(args, cwd, timeout=600, env=None):
+  """Runs `python -m ...` in a subprocess with this repository importable; returns the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=module_env(env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def log_of(result):
+  return result.stdout + result.stderr
+
+
+def last_json(result):
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# Runs `python -m MODULE ARGS...` and prints the process's peak resident memory as it exits.
+MEASURED = ("import atexit, resource, runpy, sys\n"
+            "atexit.register(lambda: print('PEAK_RSS_MB %d' % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // "
+            "1024), file=sys.stderr, flush=True))\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def start_module(args, cwd, log_path, preexec=None, measure=False, env=None):
+  """`python -m ARGS` in the background, its output into log_path; returns the Popen. With `measure`, the output
+  ends with a line 'PEAK_RSS_MB N'."""
+  command = [sys.executable, "-c", MEASURED, *args] if measure else [sys.executable, "-m", *args]
+  with open(log_path, "w", encoding="utf-8") as log:
+    return subprocess.Popen(command, cwd=cwd, env=module_env(env), stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=preexec)
+
+
+def run_all(commands, cwd, timeout=300):
+  """Runs several `python -m` commands at once (2 cores: most of each is importing TensorFlow); for each, its exit
+  code and output, which ends with its peak memory (start_module's `measure`). commands: [(args, preexec or None)]."""
+  processes = []
+  try:
+    for i, (args, preexec) in enumerate(commands):
+      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=True))
+    codes = [p.wait(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [(code, (cwd / f"parallel_{i}.txt").read_text()) for i, code in enumerate(codes)]
+
+
+def peak_mb(text):
+  return int(re.findall(r"PEAK_RSS_MB (\d+)", text)[-1])
+
+
+def wait_for(log_path, pattern, process, timeout=240, after=0):
+  """The first match of `pattern` in the log (from character `after`), waiting while the process runs."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    match = re.search(pattern, log_path.read_text()[after:])
+    if match:
+      return match
+    if process.poll() is not None:
+      break
+    time.sleep(0.05)
+  raise AssertionError(f"no {pattern!r} in {log_path}:\n{log_path.read_text()[-3000:]}")
+
+
+def checkpoint_steps(model_dir):
+  return sorted(int(re.search(r"ckpt-(\d+)", p).group(1)) for p in glob.glob(str(model_dir / "ckpt-*.index")))
+
+
+def run_state(model_dir):
+  """sha256 of every file that makes a run resumable and usable: checkpoints, their state file, flags, config,
+  exports."""
+  digests = {}
+  for path in sorted(glob.glob(str(model_dir / "**" / "*"), recursive=True)):
+    name = os.path.relpath(path, model_dir)
+    if os.path.isfile(path) and name.startswith(("ckpt-", "checkpoint", "flags.txt", "config.json", "export")):
+      with open(path, "rb") as f:
+        digests[name] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def assert_complete_checkpoint(model_dir, step):
+  """Every tensor of ckpt-<step> reads back (the bundle reader checks each one's checksum), finite, at its step."""
+  reader = tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}"))
+  for name in reader.get_variable_to_shape_map():
+    value = np.asarray(reader.get_tensor(name))
+    if np.issubdtype(value.dtype, np.floating):
+      assert np.all(np.isfinite(value)), name
+  assert int(reader.get_tensor(STEP_VARIABLE)) == step
+
+
+def scalars(folder, tag):
+  """[(step, value)] of a TensorBoard scalar written with tf.summary into the event files of `folder`."""
+  values = []
+  for path in sorted(glob.glob(str(folder / "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values.append((event.step, float(tf.make_ndarray(value.tensor))))
+  return values
+
+
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def drop_dac_capabilities():
+  """preexec_fn: root without the capabilities that bypass file permissions, as an ordinary user."""
+  libc = ctypes.CDLL(None, use_errno=True)
+  for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+    if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+      raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")

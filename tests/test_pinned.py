@@ -1,0 +1,60 @@
+"""Behaviour pinned across refactorings: a deterministic demo run gives the numbers it gave before the package was
+restructured, and a run directory written by that older code (flags.txt only, no config.json) still resumes,
+exports and evaluates.
+
+The numbers were recorded with the pre-restructuring code (commit ce82de6) on this project's 2-core x86-64 CI
+machine, float32 and --deterministic; a different CPU's kernels may round differently, hence the tolerances, which
+are far below what any change of the data, augmentation or update would move (a changed augmentation seed moves
+the first loss by ~1e-2).
+"""
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from context_keras import restore
+from context_keras import run_dir
+from helpers import REPO
+from helpers import log_of
+from helpers import run_module
+from helpers import scalars
+
+pytestmark = pytest.mark.slow
+
+PINNED_COMMAND = ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", "--deterministic",
+                  "--mixed_precision=none", "--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320",
+                  "--train_steps=12", "--log_every=1", "--steps_per_loop=4", "--checkpoint_every=6",
+                  "--image_summary_every=6", "--histogram_every=6"]
+PINNED_LOSSES = [2.12938952, 2.12788868, 2.12401128, 2.14938903, 2.11812282, 2.1211071, 2.12535834, 2.15664577,
+                 2.14479947, 2.12402272, 2.12221646, 2.08278871]
+PINNED_DIGEST = 8.6387208029e+02
+LEGACY_RUN = f"{REPO}/tests/data/legacy_run"
+
+
+def test_deterministic_demo_run_gives_the_pinned_losses_and_weights(tmp_path):
+  result = run_module([*PINNED_COMMAND, f"--model_dir={tmp_path / 'run'}"], cwd=REPO)
+  assert result.returncode == 0, log_of(result)
+  losses = [value for _, value in scalars(tmp_path / "run" / "train", "loss_per_pair")]
+  np.testing.assert_allclose(losses, PINNED_LOSSES, rtol=2e-6)
+  digest = float(re.search(r"Weights digest: (\S+)", log_of(result)).group(1))
+  assert digest == pytest.approx(PINNED_DIGEST, rel=1e-7)
+
+
+def test_a_run_written_before_config_json_resumes_exports_and_evaluates(tmp_path):
+  run = tmp_path / "legacy"
+  shutil.copytree(LEGACY_RUN, run)
+  config = run_dir.read_config(str(run))
+  assert (config.model.width_multiplier, config.model.bn_momentum, config.input.color_mode) == (0.03125, 0.99, "drop")
+  assert config.train_steps == 3 and config.optimisation.momentum == 0.9
+  assert restore.load_run(str(run)).step == 3
+  exported = run_module(["context_keras.export", f"--model_dir={run}", f"--output={tmp_path / 'out'}"], cwd=REPO)
+  assert exported.returncode == 0, log_of(exported)
+  evaluated = run_module(["context_keras.evaluate", "--mode=pretext", f"--model_dir={run}", "--images=2",
+                          "--pairs_per_image=8", f"--data={REPO}/flags/demo_photos.txt",
+                          "--data_root=package:skimage.data"], cwd=REPO)
+  assert evaluated.returncode == 0 and '"step": 3' in evaluated.stdout, log_of(evaluated)
+  resumed = run_module(["context_keras.train", f"--flagfile={run}/flags.txt", f"--model_dir={run}",
+                        "--train_steps=5", "--checkpoint_every=5"], cwd=REPO)
+  assert resumed.returncode == 0 and "Resumed from" in log_of(resumed), log_of(resumed)
+  assert run_dir.checkpoint_step(run_dir.find_checkpoint(str(run))) == 5

@@ -1,0 +1,76 @@
+"""The package's rooms and the direction of its imports: programs on top, then the flag groups, then the library;
+no cycles; flags defined only by programs and flag groups; no Python callbacks in the input pipeline's graph."""
+import ast
+import glob
+import os
+
+from helpers import REPO
+
+PACKAGE = os.path.join(REPO, "context_keras")
+PROGRAMS = {"train", "prepare", "export", "evaluate", "benchmark", "service"}
+
+
+def module_name(path):
+  relative = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+  return relative[:-len(".__init__")] if relative.endswith(".__init__") else relative
+
+
+def import_graph():
+  """{module: set of context_keras modules it imports}, from the source (nothing is imported)."""
+  graph = {}
+  for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+    name = module_name(path)
+    imported = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("context_keras"):
+        for alias in node.names:
+          full = f"{node.module}.{alias.name}"
+          imported.add(full if os.path.exists(os.path.join(REPO, *full.split(".")) + ".py") else node.module)
+      elif isinstance(node, ast.Import):
+        imported.update(a.name for a in node.names if a.name.startswith("context_keras"))
+    graph[name] = imported - {name}
+  return graph
+
+
+def short(name):
+  return name.split(".", 1)[1] if "." in name else name
+
+
+def test_imports_point_one_way_without_cycles():
+  graph = import_graph()
+  state = {}
+
+  def visit(node, path):
+    state[node] = "active"
+    for child in graph.get(node, ()):
+      assert state.get(child) != "active", f"import cycle: {' -> '.join(path + [child])}"
+      if child not in state:
+        visit(child, path + [child])
+    state[node] = "done"
+
+  for node in graph:
+    if node not in state:
+      visit(node, [node])
+
+
+def test_library_modules_import_no_program_and_no_flag_group():
+  for name, imported in import_graph().items():
+    if short(name) in PROGRAMS or short(name).startswith("flagsets"):
+      continue
+    offending = {short(m) for m in imported if short(m) in PROGRAMS or short(m).startswith("flagsets")}
+    assert not offending, f"{name} imports {offending}: library modules take configs, programs own the flags"
+
+
+def test_flags_are_defined_only_by_programs_flag_groups_and_the_scaffold():
+  for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+    name = short(module_name(path))
+    if name in PROGRAMS or name.startswith("flagsets") or name == "program":
+      continue
+    source = open(path, encoding="utf-8").read()
+    assert "DEFINE_" not in source and "define_integer(" not in source, f"{name} defines flags"
+
+
+def test_no_python_callbacks_in_the_graph_code():
+  for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+    source = open(path, encoding="utf-8").read()
+    assert "py_function" not in source and "numpy_function" not in source, path
