@@ -160,9 +160,10 @@ def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
   # The symlink loop is not followed twice: every file once, the dangling link included.
   assert sorted(os.path.basename(p) for p in listed) == sorted([*USED, *TOO_SMALL, *UNREADABLE])
   for name in USED + tuple(TOO_SMALL):
-    image = DEC.decode(tf.io.read_file(str(folder / name)))
+    contents = tf.io.read_file(str(folder / name))
+    image = DEC.decode(contents)
     assert image.dtype == tf.uint8 and image.shape[2] == 3, name
-    usable = D.image_grids(image, tf.constant([0, 1], tf.int64))["usable"]
+    usable = D.image_grids(contents, tf.constant([0, 1], tf.int64))["usable"]
     assert bool(usable) == (name in USED), name
   decoded = {name: DEC.decode(tf.io.read_file(str(folder / name))).numpy() for name in USED}
   for name in ("rgba.png", "sixteen_bit.png"):  # alpha dropped; 16 bits scaled to 8
