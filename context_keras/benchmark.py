@@ -38,10 +38,12 @@ FLAGS = flags.FLAGS
 def define_flags():
   data_flags.define_source()
   with program.flag_group("benchmark"):
-    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss"],
+    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "flops"],
                       "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on "
                       "one core, for comparison with the input pipeline (needs scikit-image); training_rss is the "
-                      "peak memory of the training program with flags/deepcontext.cfg.")
+                      "peak memory of the training program with flags/deepcontext.cfg; flops are the network's "
+                      "floating-point operations per patch, from which (with the input figures) the host cores each "
+                      "GPU needs are estimated.")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
     program.define_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch "
                            "baseline).", lower=1)
@@ -52,6 +54,11 @@ def define_flags():
     flags.DEFINE_string("baseline_script", "../shared/bench/torch_baseline.py", "The PyTorch baseline script.")
 
 PRECISION_POLICY = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+# The input pipeline's two modes: the result key and --augment_on.
+MODES = {"host_augment": "host", "device_augment": "device"}
+# Assumed sustained training throughput (TFLOP/s, 16-bit) of a GPU on these networks: a third to a sixth of the
+# dense tensor-core peak, as convolutional networks of this size reach (no GPU could run here to measure it).
+GPU_SUSTAINED_TFLOPS = {"T4": 15, "V100": 40, "A100": 80, "H100": 150}
 
 
 def grid_batch(num_grids, side=3, seed=0, device_augment=False):
@@ -110,6 +117,28 @@ def measure_input(config):
   del iterator, dataset  # a live pipeline keeps prefetching and would slow what is measured next
   return {"patches_per_s": round(statistics.median(r[0] for r in rates), 1),
           "pairs_per_s": round(statistics.median(r[1] for r in rates), 1), "cores": os.cpu_count()}
+
+
+def training_flops_per_patch(num_grids):
+  """Floating-point operations of a training step per patch, on the baseline's batch shape: the forward pass as
+  TensorFlow's profiler counts it (the tower once per patch, the pair head once per pair), times 3 for the backward
+  pass (two products per forward one)."""
+  networks = model_lib.build(model_lib.ModelConfig())
+  batch = grid_batch(num_grids)
+  spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in batch.items()}
+  graph = tf.function(lambda b: model_lib.grid_logits(networks, b, training=True)).get_concrete_function(spec).graph
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options["output"] = "none"
+  forward = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+  return 3 * forward / len(batch["patches"])
+
+
+def cores_per_gpu(flops_per_patch, input_result):
+  """Host cores each GPU needs in each mode: the patches/s it consumes (its assumed sustained FLOP/s over the
+  training FLOPs per patch) over the host pipeline's patches/s per core."""
+  return {gpu: {mode: round(tflops * 1e12 / flops_per_patch / (input_result[mode]["patches_per_s"] /
+                                                              input_result[mode]["cores"]), 1)
+                for mode in MODES} for gpu, tflops in GPU_SUSTAINED_TFLOPS.items()}
 
 
 def original_loader(paths, seconds, seed=0):
@@ -183,9 +212,6 @@ def jpeg_copies(list_file, data_root, folder, quality=90):
   return folder
 
 
-MODES = {"host_augment": "host", "device_augment": "device"}
-
-
 def main():
   result = {}
   scratch = tempfile.TemporaryDirectory()
@@ -247,6 +273,12 @@ def main():
     result["end_to_end_device_vs_host"] = {p: round(result["end_to_end_device_augment"][p]["pairs_per_s"] /
                                                     result["end_to_end"][p]["pairs_per_s"], 2)
                                            for p in FLAGS.precisions}
+  if "flops" in FLAGS.parts:
+    flops = training_flops_per_patch(FLAGS.grids)
+    result["training_gflop_per_patch"] = round(flops / 1e9, 3)
+    if "input" in result:
+      result["cores_per_gpu"] = {"assumed_sustained_tflops": GPU_SUSTAINED_TFLOPS,
+                                 **cores_per_gpu(flops, result["input"])}
   result["peak_rss_mb"] = round(resources.peak_rss_mb(), 1)
   if "training_rss" in FLAGS.parts:
     result["training_peak_rss_mb"] = training_peak_rss(input_config)
