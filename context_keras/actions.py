@@ -8,6 +8,7 @@ exact steps whatever --steps_per_loop is.
 """
 import contextlib
 import dataclasses
+import os
 
 from absl import logging
 import numpy as np
@@ -17,6 +18,7 @@ from context_keras import patches as patches_lib
 from context_keras import run_dir
 from context_keras import serving
 from context_keras import trainer as trainer_lib
+from context_keras import writes
 
 
 @dataclasses.dataclass
@@ -162,11 +164,15 @@ class Checkpoints(Action):
 
 
 class Exports(Action):
-  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end."""
+  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end, each
+  written whole or not at all (writes.atomic_folder); what a killed run left half-written is cleaned up first."""
 
   def __init__(self, write_dir, every, trainer, model_config, color_mode, latest_checkpoint):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
     self.model_config, self.color_mode, self.latest_checkpoint = model_config, color_mode, latest_checkpoint
+    folder = os.path.dirname(run_dir.export_path(write_dir, 0))
+    if os.path.isdir(folder):
+      writes.recover_folders(folder)
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):

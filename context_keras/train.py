@@ -22,6 +22,7 @@ from context_keras import resources
 from context_keras import run_dir
 from context_keras import sources
 from context_keras import trainer as trainer_lib
+from context_keras import warm_start
 from context_keras.flagsets import data as data_flags
 from context_keras.flagsets import model as model_flags
 from context_keras.flagsets import optimisation as optimisation_flags
@@ -40,6 +41,11 @@ def define_flags():
                         "resumes from its latest checkpoint here.")
     program.define_integer("train_steps", 0, "Total steps of the run (a resumed run stops there); 0 = until told "
                            "to stop (quit file, SIGINT or SIGTERM). The original ran 1.7M steps.", lower=0)
+    flags.DEFINE_string("init_from", None, "Start a new run from trained weights: a run directory (its latest "
+                        "checkpoint), a checkpoint (RUN/ckpt-N) or an exported backbone (OUT/backbone, "
+                        "RUN/export/backbone_N). The tower is loaded (and the pair head, from a run or checkpoint, "
+                        "where it matches); the step and the optimizer start at 0. Recorded in RUN/config.json; "
+                        "ignored when --model_dir already holds a checkpoint (the run resumes).")
     program.define_integer("seed", 0, "Seed of all randomness: data order, grids, augmentation and "
                            "initialisation.", lower=0)
     program.define_integer("steps_per_loop", 10, "Training steps per compiled call. Checkpoints, logs and control "
@@ -83,6 +89,8 @@ def profile_span():
 def run():
   profile = profile_span()
   model_dir = run_dir.create(FLAGS.model_dir)
+  if FLAGS.init_from and not tf.train.latest_checkpoint(model_dir):
+    warm_start.find_source(FLAGS.init_from)  # a bad path stops here, before any work
   # MultiWorkerMirroredStrategy must exist before other TensorFlow work.
   strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
   is_chief, task = distribute.worker_role(strategy)
@@ -127,8 +135,14 @@ def run():
       if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
+        config = dataclasses.replace(config, init_from=recorded_init_from(model_dir))
+        if FLAGS.init_from:
+          logging.info("--init_from=%s is not used: the run resumes from its own checkpoint.", FLAGS.init_from)
       else:
         logging.info("Starting a new run in %s.", model_dir)
+        if FLAGS.init_from:
+          config = dataclasses.replace(config, init_from=warm_start.initialise(trainer.networks, config.model,
+                                                                               FLAGS.init_from))
       iterator = iter(input_stream(strategy, config.input, source, trainer, latest))
 
     if is_chief:
@@ -155,6 +169,14 @@ def run():
                 actions_lib.Histograms(summary_writer, FLAGS.histogram_every, trainer.trainable_variables),
                 checkpoints, exports, profiler]
     return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler)
+
+
+def recorded_init_from(model_dir):
+  """What a resumed run started from, as its config.json says (None for older runs or random initialisation)."""
+  try:
+    return run_dir.read_config(model_dir).init_from
+  except errors.UsageError:
+    return None
 
 
 def input_stream(strategy, input_config, source, trainer, latest):
