@@ -8,13 +8,15 @@ optimizer trains as is.
     -> {conv1 ... fc6} maps, as the SavedModel's features signature returns them.
 
 The copy is made layer by layer from the folded model: Keras layers are cloned with their weights; a layer of
-context_keras is replaced by its STANDARD_FORMS entry, standard layers computing the same function. Keras has no
-layer or activation that raises to a power such as LRN's -0.75 or takes a plain logarithm, so b^-0.75 is written
-exp(-0.75 log b), exp as the "exponential" activation and log as a 1-sample STFT in "log" mode (_log), whose
-output log(max(sqrt(max(x^2, 1e-7)), 1e-7)) is log x for every x >= 3.2e-4: the LRN's base is >= 1. TensorFlow's
-own LRN kernel computes exp(-beta log b) too, so the two agree bit for bit. The fixed kernels these forms need
-(the LRN's channel band, the STFT's, the pick of one STFT bin) are made non-trainable when built, so they stay
-fixed even when a user sets `trainable = True` on the whole model.
+context_keras is replaced by its STANDARD_FORMS entry, standard layers computing the same function.
+
+Two constraints shape those forms. Keras has no layer or activation that raises to a power such as LRN's -0.75 or
+takes a plain logarithm, so b^-0.75 is exp(-0.75 log b): exp is the "exponential" activation, and log a 1-sample
+STFT in "log" mode (_log), the one standard layer with a logarithm of its input. And Keras makes every weight of a
+model trainable when a user sets `model.trainable = True` (the usual unfreezing after training a new head), fixed
+kernels included. So the forms hold no weights of their own, except the STFT's kernel k, and _log takes the STFT
+of b and of 1 through the same layer and subtracts: log(k b) - log(k) = log b whatever k becomes. The file's
+trainable weights are the backbone's 12 (6 more, the STFT kernels, once a user sets `trainable = True`).
 """
 import keras
 from keras import layers
@@ -24,42 +26,59 @@ from context_keras import augment as augment_lib
 from context_keras import caffe_layers
 
 FEATURES_LAYER = "features"
+FLOAT = {"dtype": "float32"}
 
 
-def _fixed_conv(kernel, name):
-  """A 1x1 convolution with a constant, never trained kernel [1, 1, in, out]."""
-  return layers.Conv2D(kernel.shape[-1], 1, use_bias=False, trainable=False, name=name, dtype="float32",
-                       kernel_initializer=keras.initializers.Constant(kernel.astype(np.float32)))
+def _channel_window_mean(x, size, name):
+  """The mean of each channel's `size` neighbours (zeros beyond the first and last channel) for a map of any height
+  and width: the channels become the rows of a zero-padded image that a (size x 1) average pooling slides over."""
+  rows = layers.Permute((3, 1, 2), name=f"{name}_channels_first", **FLOAT)(x)
+  rows = layers.ZeroPadding2D(((size // 2, size // 2), (0, 0)), name=f"{name}_pad", **FLOAT)(rows)
+  rows = layers.AveragePooling2D((size, 1), strides=1, padding="valid", name=f"{name}_mean", **FLOAT)(rows)
+  return layers.Permute((2, 3, 1), name=f"{name}_channels_last", **FLOAT)(rows)
+
+
+def _channel_mean(x, name):
+  """The mean over the channels of a [N, 1, 1, C] tensor, as [N, 1, 1, 1]."""
+  columns = layers.Permute((3, 1, 2), name=f"{name}_channels_first", **FLOAT)(x)
+  return layers.GlobalAveragePooling2D(keepdims=True, name=name, **FLOAT)(columns)
 
 
 def _log(x, name):
-  """log x elementwise (x >= 3.2e-4) for a 4-D map of any height and width, in standard layers.
+  """log x elementwise (x >= 3.2e-4) for a 4-D map [N, H, W, C] of any height and width.
 
   STFTSpectrogram takes [N, T, C] signals, so it runs over each image row (TimeDistributed keeps H and W dynamic).
-  A 1-sample frame with a 2-point FFT gives two bins per channel, each |x| (a 1-point FFT would divide by zero in
-  keras.initializers.STFT), in the order channel-major; a fixed 1x1 convolution keeps the first of each pair."""
+  A 1-sample frame with a 2-point FFT (a 1-point FFT divides by zero in keras.initializers.STFT) gives two bins per
+  channel, |k x| each (channel-major), in "log" mode log(max(sqrt(max(|k x|^2, 1e-7)), 1e-7)), i.e. log|k x| for
+  |k x| >= 3.2e-4; the mean of the two is kept. The same layer applied to ones gives log|k|, which is subtracted:
+  with k = 1, as initialised, that is 0 and the result bit for bit log x, and if training moves k the result does
+  not change (the gradient reaching k is rounding noise)."""
   channels = x.shape[-1]
   stft = layers.STFTSpectrogram(mode="log", frame_length=1, frame_step=1, fft_length=2, window=None, scaling=None,
-                                padding="valid", trainable=False, name=f"{name}_stft", dtype="float32")
-  bins = layers.TimeDistributed(stft, name=f"{name}_rows", dtype="float32")(x)
-  pick = np.zeros((1, 1, 2 * channels, channels))
-  pick[0, 0, 2 * np.arange(channels), np.arange(channels)] = 1.0
-  return _fixed_conv(pick, name)(bins)
+                                padding="valid", trainable=False, name=f"{name}_stft", **FLOAT)
+  per_row = keras.Sequential([
+      keras.Input((None, channels)), stft,
+      layers.Reshape((-1, channels, 2), name=f"{name}_bins", **FLOAT),
+      layers.Permute((1, 3, 2), name=f"{name}_bins_first", **FLOAT),
+      layers.AveragePooling2D((1, 2), name=f"{name}_bin_mean", **FLOAT),
+      layers.Reshape((-1, channels), name=f"{name}_row", **FLOAT)], name=f"{name}_per_row")
+  rows = layers.TimeDistributed(per_row, name=f"{name}_rows", **FLOAT)
+  ones = layers.Rescaling(0.0, offset=1.0, name=f"{name}_ones", **FLOAT)(
+      layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_one_pixel", **FLOAT)(x))
+  return layers.Subtract(name=name, **FLOAT)([rows(x), rows(ones)])
 
 
 def _local_response_norm(layer, x):
-  """caffe_layers.LocalResponseNorm: x * (k + alpha/n * sum over n neighbouring channels of x^2)^-beta."""
-  config, name, channels = layer.get_config(), layer.name, x.shape[-1]
-  size = config["local_size"]
-  index = np.arange(channels)
-  band = (np.abs(index[:, None] - index[None, :]) <= size // 2)[None, None]
-  squares = layers.Multiply(name=f"{name}_squares", dtype="float32")([x, x])
-  window = _fixed_conv(band, f"{name}_window")(squares)
-  base = layers.Rescaling(config["alpha"] / size, offset=config["bias"], name=f"{name}_base", dtype="float32")(window)
+  """caffe_layers.LocalResponseNorm: x * (k + alpha/n * sum over n neighbouring channels of x^2)^-beta; the sum's
+  alpha/n is alpha times the window's mean."""
+  config, name = layer.get_config(), layer.name
+  squares = layers.Multiply(name=f"{name}_squares", **FLOAT)([x, x])
+  window = _channel_window_mean(squares, config["local_size"], f"{name}_window")
+  base = layers.Rescaling(config["alpha"], offset=config["bias"], name=f"{name}_base", **FLOAT)(window)
   log_base = _log(base, f"{name}_log")
-  scaled = layers.Rescaling(-config["beta"], name=f"{name}_times_minus_beta", dtype="float32")(log_base)
-  power = layers.Activation("exponential", name=f"{name}_power", dtype="float32")(scaled)
-  return layers.Multiply(name=name, dtype="float32")([x, power])
+  scaled = layers.Rescaling(-config["beta"], name=f"{name}_times_minus_beta", **FLOAT)(log_base)
+  power = layers.Activation("exponential", name=f"{name}_power", **FLOAT)(scaled)
+  return layers.Multiply(name=name, **FLOAT)([x, power])
 
 
 # context_keras's layers that can appear in a folded backbone -> fn(layer, input) giving the same output in standard
@@ -99,9 +118,21 @@ def standard_copy(folded):
 
 def _image_mean(x, name):
   """Each image's and channel's mean [N, 1, 1, C] as the mean of its row means (augment.image_mean)."""
-  rows = layers.TimeDistributed(layers.GlobalAveragePooling1D(keepdims=True, dtype="float32"),
-                                name=f"{name}_rows", dtype="float32")(x)
-  return layers.GlobalAveragePooling2D(keepdims=True, name=name, dtype="float32")(rows)
+  rows = layers.TimeDistributed(layers.GlobalAveragePooling1D(keepdims=True, **FLOAT), name=f"{name}_rows",
+                                **FLOAT)(x)
+  return layers.GlobalAveragePooling2D(keepdims=True, name=name, **FLOAT)(rows)
+
+
+def _project(centred):
+  """augment.PROJECTION, x - a (a.x) / |a|^2 with a the green-magenta axis (-1, 2, -1), without weights."""
+  axis = np.array(augment_lib._GREEN_MAGENTA)  # pylint: disable=protected-access
+  weighted = layers.Rescaling(axis, name="along_axis", **FLOAT)(centred)
+  channels_first = layers.Permute((3, 1, 2), name="along_axis_channels_first", **FLOAT)(weighted)
+  mean = layers.AveragePooling2D((3, 1), name="along_axis_mean", **FLOAT)(channels_first)
+  dot = layers.Permute((2, 3, 1), name="along_axis_channels_last", **FLOAT)(mean)  # a.x / 3
+  spread = layers.Concatenate(name="along_axis_spread", **FLOAT)([dot, dot, dot])
+  component = layers.Rescaling(3 * axis / np.dot(axis, axis), name="axis_component", **FLOAT)(spread)
+  return layers.Subtract(name="projected", **FLOAT)([centred, component])
 
 
 def standardize(images, color_mode):
@@ -110,21 +141,20 @@ def standardize(images, color_mode):
   1/RMS is exp(-0.5 log(mean square)); a constant image gives zeros, as divide_no_nan does."""
   if color_mode not in augment_lib.COLOR_MODES:
     raise ValueError(f"color mode {color_mode!r} is not one of {augment_lib.COLOR_MODES}")
-  centred = layers.Subtract(name="centred", dtype="float32")([images, _image_mean(images, "mean")])
+  centred = layers.Subtract(name="centred", **FLOAT)([images, _image_mean(images, "mean")])
   if color_mode == "project":
-    centred = _fixed_conv(np.array(augment_lib.PROJECTION).T[None, None], "projected")(centred)
-  squares = layers.Multiply(name="squares", dtype="float32")([centred, centred])
+    centred = _project(centred)
+  squares = layers.Multiply(name="squares", **FLOAT)([centred, centred])
   mean_square = _image_mean(squares, "mean_square")
   target = augment_lib.RMS_TARGET
   if color_mode in ("drop", "drop_gaussian"):
     target /= 3 ** 0.5
   else:  # one RMS over all values: the mean of the channels' mean squares
-    channels = mean_square.shape[-1]
-    mean_square = _fixed_conv(np.full((1, 1, channels, 1), 1.0 / channels), "mean_square_all")(mean_square)
-  inverse_rms = layers.Activation("exponential", name="inverse_rms", dtype="float32")(
-      layers.Rescaling(-0.5, name="times_minus_half", dtype="float32")(_log(mean_square, "mean_square_log")))
-  unit = layers.Multiply(name="unit_rms", dtype="float32")([centred, inverse_rms])
-  return layers.Rescaling(target, name="standardized", dtype="float32")(unit)
+    mean_square = _channel_mean(mean_square, "mean_square_all")
+  inverse_rms = layers.Activation("exponential", name="inverse_rms", **FLOAT)(
+      layers.Rescaling(-0.5, name="times_minus_half", **FLOAT)(_log(mean_square, "mean_square_log")))
+  unit = layers.Multiply(name="unit_rms", **FLOAT)([centred, inverse_rms])
+  return layers.Rescaling(target, name="standardized", **FLOAT)(unit)
 
 
 def backbone_model(folded, color_mode):

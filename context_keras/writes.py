@@ -17,7 +17,7 @@ import uuid
 
 from context_keras import errors
 
-
+# The process's umask (read by setting it, so set it back): atomic_write gives its files the usual permissions.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
