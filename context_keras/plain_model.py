@@ -10,13 +10,14 @@ optimizer trains as is.
 The copy is made layer by layer from the folded model: Keras layers are cloned with their weights; a layer of
 context_keras is replaced by its STANDARD_FORMS entry, standard layers computing the same function.
 
-Two constraints shape those forms. Keras has no layer or activation that raises to a power such as LRN's -0.75 or
-takes a plain logarithm, so b^-0.75 is exp(-0.75 log b): exp is the "exponential" activation, and log a 1-sample
-STFT in "log" mode (_log), the one standard layer with a logarithm of its input. And Keras makes every weight of a
-model trainable when a user sets `model.trainable = True` (the usual unfreezing after training a new head), fixed
-kernels included. So the forms hold no weights of their own, except the STFT's kernel k, and _log takes the STFT
-of b and of 1 through the same layer and subtracts: log(k b) - log(k) = log b whatever k becomes. The file's
-trainable weights are the backbone's 12 (6 more, the STFT kernels, once a user sets `trainable = True`).
+Two constraints shape those forms. Keras has no activation, and no layer made for it, that raises to a power such
+as LRN's -0.75 or takes a logarithm, so b^-0.75 is exp(-0.75 log b): exp is the "exponential" activation, and log a
+1-sample STFT in "log" mode (_log), an audio layer whose output is the log of its input's magnitude. And Keras makes
+every weight of a model trainable when a user sets `model.trainable = True` (the usual unfreezing after training a
+new head), fixed kernels included. So the forms hold no weights of their own, except the STFT's kernel k, and _log
+takes the STFT of b and of 1 through the same layer and subtracts: log(k b) - log(k) = log b whatever k becomes.
+The file's trainable weights are the backbone's conv and fc weights (and the STFT kernels once a user sets
+`trainable = True`).
 """
 import keras
 from keras import layers

@@ -49,9 +49,10 @@ def preprocess(images, color_mode):
 
 
 def constant_function(model):
-  """`model` in inference mode as a function whose traces hold its weights as constants (weights/<variable path>):
+  """`model` in inference mode as a tf.function whose trace holds its weights as constants (weights/<variable path>):
   it calls the model through stateless_call with the weights' values, and keeps the model in a closure, which a
-  tf.Module does not track. A module holding only such functions saves no variable."""
+  tf.Module does not track. A module holding only such functions saves no variable; the signatures that call this
+  one function share its single copy of the weights."""
   groups = [[(v.path, v.numpy()) for v in variables]
             for variables in (model.trainable_variables, model.non_trainable_variables)]
 
@@ -60,7 +61,8 @@ def constant_function(model):
                         for group in groups)
     outputs, _ = model.stateless_call(trainable, fixed, inputs, training=False)
     return outputs
-  return call
+  shape = [None] + list(model.input.shape[1:])
+  return tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32, name=model.input.name)])
 
 
 def _flat_fc6(maps):
@@ -173,10 +175,10 @@ def read_weights(path):
 
 def save_backbone(folded, path, color_mode, info, serving_default="features"):
   """Writes the folded backbone as a SavedModel with signatures features and patch_features; `serving_default`
-  names the one that is also the default."""
+  names the one that is also the default. (Signatures given as the tf.functions, not as their concrete functions,
+  which tf.saved_model.save would trace a second time, with a second copy of the weights.)"""
   module = BackboneModule(folded, color_mode)
-  signatures = {"features": module.features.get_concrete_function(),
-                "patch_features": module.patch_features.get_concrete_function()}
+  signatures = {"features": module.features, "patch_features": module.patch_features}
   signatures["serving_default"] = signatures[serving_default]
   tf.saved_model.save(module, path, signatures=signatures)
   write_metadata(path, dict(info, serving_default=serving_default))
@@ -203,8 +205,7 @@ def save_pair_classifier(networks, model_config, path, color_mode, info):
   Caffe's and the training tower's pooling agree)."""
   module = PairClassifierModule(fold.fold_tower(networks.tower, model_config), fold.fold_batchnorm(networks.head),
                                 color_mode)
-  signatures = {"logits": module.logits.get_concrete_function(),
-                "logits_preprocessed": module.logits_preprocessed.get_concrete_function()}
+  signatures = {"logits": module.logits, "logits_preprocessed": module.logits_preprocessed}
   signatures["serving_default"] = signatures["logits"]
   tf.saved_model.save(module, path, signatures=signatures)
   write_metadata(path, dict(info, serving_default="logits"))

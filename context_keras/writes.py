@@ -178,7 +178,8 @@ def atomic_folder(path, owned=None):
   `owned`: None when the new folder replaces the old one wholly; else the names of entries the new folder owns:
   the old folder's other entries are carried over into it (an owned entry that the new folder lacks is dropped,
   so nothing stale survives)."""
-  path = os.path.abspath(path)
+  # Through a symbolic link: the folder is replaced where it lies, and the link stays.
+  path = os.path.realpath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   lock = _FolderLock(path)
   try:

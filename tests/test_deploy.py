@@ -364,7 +364,7 @@ def test_keras_files_lrn_stays_lrn_when_unfrozen_and_trained(backbone, tmp_path)
   classifier = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(model(inputs)["fc6"])))
   classifier.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   images = photos(131, 157)
-  classifier.fit(images, np.arange(4), epochs=10, batch_size=4, verbose=0)
+  classifier.fit(images, np.arange(4), epochs=3, batch_size=4, verbose=0)
   assert any(not np.array_equal(b, w.numpy()) for b, w in zip(before, stft))  # they did train
   features = model.get_layer("features")
   probe = keras.Model(features.input, [features.get_layer(n).output for n in ("pool1", "norm1", "pool2", "norm2")])
@@ -643,9 +643,12 @@ def test_keras_file_loads_and_trains_without_context_keras(exported, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["context_keras"] is False and report["outputs"] == sorted(NAMES)
-  weights = sorted(f"{name}/{kind}" for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
-                   for kind in ("kernel", "bias"))
-  assert report["trainable"] == weights and report["changed"] == weights
+  weights = [f"{name}/{kind}" for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6")
+             for kind in ("kernel", "bias")]
+  stft = [f"{name}_stft/{kind}" for name in ("mean_square_log", "norm1_log", "norm2_log")
+          for kind in ("real_kernel", "imag_kernel")]
+  assert report["trainable"] == sorted(weights + stft)  # unfrozen: the STFT kernels too (method.md §11.3)
+  assert set(report["changed"]) - set(stft) == set(weights)
   assert np.isfinite(report["loss"][0])
 
 

@@ -29,6 +29,7 @@ class Subject:
   features: object
   pair_logits: object = None
   owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
+  pooling: str = "auto"  # fold.POOLINGS: how the backbone pools, which the random-init baseline repeats
 
   @property
   def feature_layers(self):
@@ -38,10 +39,11 @@ class Subject:
     """The same architecture as it starts training (LeCun-uniform, zero biases, BN statistics mean 0, variance 1)."""
     keras.utils.set_random_seed(seed)
     networks = restore.build_networks(self.model_config)
-    module = serving.BackboneModule(fold.fold_tower(networks.tower, self.model_config), self.color_mode)
+    module = serving.BackboneModule(fold.fold_tower(networks.tower, self.model_config, self.pooling),
+                                    self.color_mode)
     return Subject(about={"random_init_seed": seed}, step=self.step, model_config=self.model_config,
                    color_mode=self.color_mode, pixelation=self.pixelation, features=module.features,
-                   pair_logits=_run_pair_logits(networks), owners=(module, networks))
+                   pair_logits=_run_pair_logits(networks), owners=(module, networks), pooling=self.pooling)
 
 
 def _patch_spec():
@@ -84,4 +86,6 @@ def from_saved_model(path):
                         "color_mode": info["color_mode"], "rescaled": info.get("rescaled", False)},
                  step=int(info.get("step") or 0), model_config=model_config, color_mode=info["color_mode"],
                  pixelation=info.get("pixelation", True), features=backbone.features,
-                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier))
+                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier),
+                 # Exports of earlier versions pooled as the training tower does.
+                 pooling=info.get("pooling", "trained"))
