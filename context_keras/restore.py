@@ -58,6 +58,13 @@ class Run:
 ATTEMPTS = 5
 
 
+def _complete(path):
+  """Whether all files of checkpoint `path` are still there (its index and data shards)."""
+  data = tf.io.gfile.glob(f"{path}.data-*")
+  shards = data[0].rsplit("-of-", 1)[-1] if data else ""
+  return tf.io.gfile.exists(f"{path}.index") and bool(data) and shards.isdigit() and len(data) == int(shards)
+
+
 def load_run(model_dir, checkpoint=None):
   """Rebuilds a run's architecture from its recorded config and restores a checkpoint (default: the latest).
 
@@ -71,7 +78,9 @@ def load_run(model_dir, checkpoint=None):
     try:
       restore(networks, path)
       step = run_dir.checkpoint_step(path)
-    except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:
+    except tf.errors.OpError as e:
+      if _complete(path):
+        raise errors.UsageError(f"checkpoint {path} cannot be read: {errors.tf_error_message(e)}") from e
       if checkpoint:
         remaining = ", ".join(run_dir.checkpoint_paths(model_dir)) or "none"
         raise errors.UsageError(f"--checkpoint={checkpoint}: {path} disappeared while it was being read (a training "
