@@ -322,7 +322,8 @@ def test_standardize_keeps_float32_precision_on_large_images():
 # The Keras file of standard layers (method.md §11.3)
 
 
-@pytest.mark.parametrize("color_mode", ["drop", "project", pytest.param("none", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("color_mode", ["project", pytest.param("drop", marks=pytest.mark.slow),
+                                        pytest.param("none", marks=pytest.mark.slow)])
 def test_keras_file_computes_the_saved_models_features(backbone, tmp_path, color_mode):
   networks, folded, _ = backbone
   path = str(tmp_path / "backbone.keras")
