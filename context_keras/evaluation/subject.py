@@ -34,6 +34,29 @@ class Subject:
   def feature_layers(self):
     return model_lib.BACKBONES[self.model_config.backbone].features
 
+  @property
+  def rescaled(self):
+    return bool(self.about.get("rescaled", False))
+
+  def trainable_backbone(self):
+    """A new float32 Keras copy of the folded backbone (fold.fold_tower: uint8-free, preprocessed input -> the
+    named maps) holding the subject's weights, to fine-tune without touching `features`."""
+    folded = fold.fold_tower(restore.build_networks(self.model_config).tower, self.model_config)
+    owner = self.owners[0]
+    if isinstance(getattr(owner, "model", None), keras.Model):  # a BackboneModule built in this process
+      folded.set_weights(owner.model.get_weights())
+      return folded
+    # A loaded SavedModel: its variables carry the layer and weight names of the model it was saved from.
+    saved = {v.name.split(":")[0]: v for v in tf.train.TrackableView(owner).descendants()
+             if isinstance(v, tf.Variable)}
+    for variable in folded.weights:
+      source = saved.get(variable.path)
+      if source is None or tuple(source.shape) != tuple(variable.shape):
+        raise errors.UsageError(f"{self.about.get('saved_model')}: holds no weight {variable.path} of shape "
+                                f"{tuple(variable.shape)}; it does not match its metadata's architecture")
+      variable.assign(source)
+    return folded
+
   def random_init(self, seed):
     """The same architecture as it starts training (LeCun-uniform, zero biases, BN statistics mean 0, variance 1)."""
     keras.utils.set_random_seed(seed)
