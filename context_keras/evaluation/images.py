@@ -41,7 +41,7 @@ def centre_crop(image, resize_size, size):
   resized = resize_shorter(image, resize_size)
   new = tf.shape(resized)[:2]
   top, left = (new[0] - size) // 2, (new[1] - size) // 2
-  return _uint8(resized[top:top + size, left:left + size])
+  return tf.ensure_shape(_uint8(resized[top:top + size, left:left + size]), [size, size, 3])
 
 
 def centre_square(image, size):
@@ -56,13 +56,15 @@ def random_resized_crop(image, size, seed, area=(0.08, 1.0), aspect=(3 / 4, 4 / 
       tf.shape(image), tf.zeros([1, 0, 4]), seed, min_object_covered=0.0, aspect_ratio_range=aspect, area_range=area,
       max_attempts=10, use_image_if_no_bounding_boxes=True)
   crop = tf.slice(image, begin, extent)
-  return _uint8(tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear", antialias=True))
+  resized = tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear", antialias=True)
+  return tf.ensure_shape(_uint8(resized), [size, size, 3])
 
 
 def random_crop(image, resize_size, size, seed):
   """The shorter side resized to resize_size, then a random size x size crop (Kolesnikov et al.'s training
   crop); uint8."""
-  return _uint8(tf.image.stateless_random_crop(resize_shorter(image, resize_size), [size, size, 3], seed))
+  crop = tf.image.stateless_random_crop(resize_shorter(image, resize_size), [size, size, 3], seed)
+  return tf.ensure_shape(_uint8(crop), [size, size, 3])
 
 
 def batched_features(features_fn, images, names, batch_size, pool=True):
