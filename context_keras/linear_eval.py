@@ -272,8 +272,8 @@ def run():
       logging.info("Starting a new linear evaluation in %s: %d steps (%g epochs of %d images, batch %d).", eval_dir,
                    total, config.epochs, train.size, config.batch_size)
     start = trainer.current_step() * config.batch_size
-    iterator = iter(linear_job.distributed(strategy, lambda pid, n: linear_job.train_dataset(train, config, start,
-                                                                                               pid, n)))
+    iterator = iter(linear_job.distributed(strategy, config.batch_size,
+                                           lambda pipeline: linear_job.train_dataset(train, config, start, pipeline)))
     writer = tf.summary.create_file_writer(run_dir.train_dir(write_dir)) if is_chief else (
         tf.summary.create_noop_writer())
     stack.callback(actions_lib.close_writer, writer)
@@ -285,8 +285,8 @@ def run():
     def validate(step):
       logging.info("Validation pass at step %d: %d images in %d batches.", step, val.size, val_steps)
       began = time.monotonic()
-      dataset = linear_job.distributed(strategy, lambda pid, n: linear_job.val_dataset(val, config, val_steps, pid,
-                                                                                        n))
+      dataset = linear_job.distributed(strategy, config.batch_size,
+                                       lambda pipeline: linear_job.val_dataset(val, config, val_steps, pipeline))
       per_layer, examples, bad = trainer.evaluate(dataset, val_steps, train.classes)
       logging.info("Validation at step %d (%.0f images/s): top-1 %s.", step, (examples + bad) / max(
           time.monotonic() - began, 1e-9), summary_line(per_layer))

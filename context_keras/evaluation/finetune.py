@@ -100,8 +100,8 @@ class FineTuner:
   def _train_step(self, images, labels):
     with tf.GradientTape() as tape:
       loss = self._loss(labels, self._logits(images))
-      decay = 0.5 * self.config.weight_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in self.kernels])
-    gradients = tape.gradient(loss + decay, self.variables)
+      total = loss + 0.5 * self.config.weight_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in self.kernels])
+    gradients = tape.gradient(total, self.variables)
     gradients, norm = tf.clip_by_global_norm(gradients, CLIP_NORM)
     self.optimizer.apply_gradients(zip(gradients, self.variables))
     return loss, norm

@@ -12,6 +12,7 @@ Features are computed per batch and never kept, so memory does not grow with the
 """
 import dataclasses
 import math
+import time
 
 import keras
 import numpy as np
@@ -190,30 +191,42 @@ def val_records(lset):
   return tf.data.TFRecordDataset(list(lset.paths)).enumerate().map(parse)
 
 
-def train_dataset(lset, config, start, pipeline_id=0, num_pipelines=1):
-  """This pipeline's batches (config.batch_size / num_pipelines examples) of the training stream from `start`."""
-  records = training_records(lset, config.seed, start, config.shuffle_buffer).shard(num_pipelines, pipeline_id)
+def train_dataset(lset, config, start, pipeline):
+  """This input pipeline's batches (of one replica's share of config.batch_size) of the training stream from
+  `start`; the pipeline takes every pipeline.count-th example, its replicas consecutive batches."""
+  records = training_records(lset, config.seed, start, config.shuffle_buffer).shard(pipeline.count, pipeline.id)
   return (_examples(records, train_transform(lset, config), config.crop_size)
-          .batch(config.batch_size // num_pipelines, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+          .batch(pipeline.replica_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
 def val_steps(val_size, batch_size):
   return max(1, math.ceil(val_size / batch_size))
 
 
-def val_dataset(lset, config, steps, pipeline_id=0, num_pipelines=1):
-  """This pipeline's share of the validation set in `steps` full batches, padded with blank examples of weight 0."""
-  per_pipeline = config.batch_size // num_pipelines
-  records = val_records(lset).shard(num_pipelines, pipeline_id)
-  padding = tf.data.Dataset.from_tensors(_placeholder(config.crop_size)).repeat(per_pipeline)
+def val_dataset(lset, config, steps, pipeline):
+  """This pipeline's share of the validation set for `steps` steps, padded with blank examples of weight 0."""
+  records = val_records(lset).shard(pipeline.count, pipeline.id)
+  padding = tf.data.Dataset.from_tensors(_placeholder(config.crop_size)).repeat()
   return (_examples(records, val_transform(lset, config), config.crop_size).concatenate(padding)
-          .batch(per_pipeline, drop_remainder=True).take(steps).prefetch(tf.data.AUTOTUNE))
+          .batch(pipeline.replica_batch, drop_remainder=True).take(steps * pipeline.replicas)
+          .prefetch(tf.data.AUTOTUNE))
 
 
-def distributed(strategy, make):
-  """make(pipeline_id, num_pipelines) for each input pipeline of `strategy`, distributed over its replicas."""
-  return strategy.distribute_datasets_from_function(
-      lambda context: make(context.input_pipeline_id, context.num_input_pipelines))
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  id: int
+  count: int
+  replicas: int        # replicas this pipeline feeds, each with consecutive batches
+  replica_batch: int
+
+
+def distributed(strategy, batch_size, make):
+  """make(Pipeline) for each input pipeline of `strategy`, distributed over its replicas (global batch_size)."""
+  def dataset_fn(context):
+    replicas = strategy.num_replicas_in_sync // context.num_input_pipelines
+    return make(Pipeline(context.input_pipeline_id, context.num_input_pipelines, replicas,
+                         context.get_per_replica_batch_size(batch_size)))
+  return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -357,3 +370,42 @@ def _unreadable(batch):
 
 def weights_digest(heads):
   return float(sum(tf.reduce_sum(tf.square(tf.cast(v, tf.float64))) for v in heads.trainable_variables))
+
+
+def measure(features_fn, layers, config, classes=1000, batch_size=64, steps=3, repeats=3):
+  """Images/s of the job's feature pass (backbone forward and pooling of every layer) and of its whole training step
+  (with the heads' forward and backward pass), on one preloaded batch of random uint8 images; medians of `repeats`
+  timed runs of `steps` steps. For the benchmark program."""
+  plans = features_lib.plan(features_fn, layers, config.crop_size, config.probe_dims, config.probe_pool,
+                            config.patch_grid)
+  extractor = features_lib.Extractor(features_fn, plans, config.patch_grid)
+  images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch_size, config.crop_size, config.crop_size, 3),
+                                                         dtype=np.uint8))
+  features = tf.function(extractor)
+
+  def feature_pass():
+    for _ in range(steps):
+      values = features(images)
+    return [v.numpy() for v in values.values()]
+
+  config = dataclasses.replace(config, batch_size=batch_size)
+  trainer = HeadTrainer(tf.distribute.get_strategy(), extractor, classes, config, steps_per_epoch_=1000)
+  batch = {"image": images, "label": tf.zeros([batch_size], tf.int64), "weight": tf.ones([batch_size]),
+           "index": tf.range(batch_size, dtype=tf.int64)}
+  iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+
+  def train_step():
+    return trainer.train_loop(iterator, tf.constant(steps))["steps"].numpy()
+
+  rates = {}
+  for name, work in (("feature_pass", feature_pass), ("train_step", train_step)):
+    work()  # trace and warm up
+    times = []
+    for _ in range(repeats):
+      began = time.perf_counter()
+      work()
+      times.append(time.perf_counter() - began)
+    rates[name + "_images_per_s"] = round(batch_size * steps / float(np.median(times)), 1)
+  rates.update({"batch_size": batch_size, "crop_size": config.crop_size, "classes": classes,
+                "dims": extractor.dims})
+  return rates
