@@ -164,7 +164,7 @@ def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels"
       for label in labels:
         ignored = label.startswith(IGNORED_PREFIX)
         k = label_index(number, label.lstrip(IGNORED_PREFIX))
-        row[k] = max(row[k], IGNORED) if ignored else POSITIVE
+        row[k] = POSITIVE if not ignored or row[k] == POSITIVE else IGNORED
       rows.append(row)
     else:
       rows.append(label_index(number, labels[0]))
