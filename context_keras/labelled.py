@@ -78,7 +78,7 @@ def class_folders(data, flag="--data", classes=None):
                            "shards (give a labels file for a flat folder of images)")
   names = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
   if len(names) < 2 and classes is None:
-    raise errors.DataError(f"{flag}={data}: needs at least 2 sub-folders of images (classes) in {root}; found "
+    raise errors.DataError(f"{flag}={data}: needs at least 2 subfolders of images (classes) in {root}; found "
                            f"{len(names)}")
   index = _class_index(classes or names)
   paths, labels = [], []

@@ -74,7 +74,7 @@ def define_flags():
     program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees (>= 96).",
                            lower=1)
     flags.DEFINE_enum("train_augmentation", DEFAULTS.train_augmentation, linear_job.AUGMENTATIONS,
-                      "random_resized_crop: 8-100%% of the area, aspect 3/4-4/3, resized to --crop_size (Goyal et "
+                      "random_resized_crop: 8-100 percent of the area, aspect 3/4-4/3, resized to --crop_size (Goyal et "
                       "al., VISSL, mmselfsup); random_crop: a --crop_size crop of the --resize_size image "
                       "(Kolesnikov et al.); none: the validation transform.")
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")

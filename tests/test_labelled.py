@@ -58,7 +58,7 @@ def test_imagenet_layout_with_a_labels_file(imagenet):
     ("out_of_range", "line 1: label 3 is out of range: there are 3 classes (0-based indices 0-2)"),
     ("unknown_class", "line 1: label 'n99999999' is not one of the 3 classes"),
     ("two_labels", "line 1 gives 2 labels, not 1 (pass --multi_label"),
-    ("one_class", "needs at least 2 sub-folders of images (classes)"),
+    ("one_class", "needs at least 2 subfolders of images (classes)"),
 ])
 def test_bad_labelled_inputs_name_the_problem(imagenet, case, message):
   root = imagenet
