@@ -1,5 +1,6 @@
-"""Linear evaluation at ImageNet scale: python -m context_keras.linear_eval (--model_dir=RUN | --saved_model=OUT/backbone)
---train_data=... --val_data=... [--val_labels=FILE] --eval_dir=EVAL [--flagfile=flags/linear_imagenet.cfg]
+"""Linear evaluation at ImageNet scale: python -m context_keras.linear_eval
+(--model_dir=RUN | --saved_model=OUT/backbone) --train_data=... --val_data=... [--val_labels=FILE] --eval_dir=EVAL
+[--flagfile=flags/linear_imagenet.cfg]
 
 One linear head per named layer of the frozen backbone (each layer's map pooled to at most --probe_dims values),
 all trained jointly with SGD on features streamed through tf.data, never stored; then top-1 and top-5 per layer on
@@ -74,8 +75,8 @@ def define_flags():
     program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees (>= 96).",
                            lower=1)
     flags.DEFINE_enum("train_augmentation", DEFAULTS.train_augmentation, linear_job.AUGMENTATIONS,
-                      "random_resized_crop: 8-100 percent of the area, aspect 3/4-4/3, resized to --crop_size (Goyal et "
-                      "al., VISSL, mmselfsup); random_crop: a --crop_size crop of the --resize_size image "
+                      "random_resized_crop: 8-100 percent of the area, aspect 3/4-4/3, resized to --crop_size "
+                      "(Goyal et al., VISSL, mmselfsup); random_crop: a --crop_size crop of the --resize_size image "
                       "(Kolesnikov et al.); none: the validation transform.")
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
   with program.flag_group("optimisation"):

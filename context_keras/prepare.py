@@ -11,8 +11,8 @@ Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds
 JPEG re-encoding of a downscaled copy when --max_pixels asks for it); image/height, image/width and image/filename
 ride along for inspection. With --labels (folders: the class sub-folder of --data; or a labels file, lines 'NAME
 CLASS') each record also holds its class index and name (sources.TFRECORD_CLASS_INDEX_KEY, _NAME_KEY) and
-index.json the list of classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what a re-run needs: the manifest of the input and, per complete
-shard, its counts and rejected files.
+index.json the list of classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what a re-run
+needs: the manifest of the input and, per complete shard, its counts and rejected files.
 """
 import concurrent.futures
 import dataclasses
