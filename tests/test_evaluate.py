@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from context_keras import decoding as DEC
 from context_keras import restore as RS
+from context_keras import serving
 from context_keras import sources as S
 from context_keras.evaluation import images as IM
 from context_keras.evaluation import linear
@@ -228,3 +229,15 @@ def test_stratified_folds_balance_classes():
     assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
   sizes = np.bincount(folds)
   assert sizes.max() - sizes.min() <= 1
+
+
+@pytest.mark.slow
+def test_trainable_copy_of_an_export_computes_its_features(exported):
+  """Fine-tuning starts from a Keras copy of the SavedModel's weights (matched by name): the same maps."""
+  out, _ = exported
+  subject = SJ.from_saved_model(str(out / "backbone"))
+  images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 100, 100, 3)), tf.uint8)
+  copy = subject.trainable_backbone()(serving.preprocess(images, subject.color_mode))
+  expected = subject.features(images)
+  for name in subject.feature_layers:
+    np.testing.assert_allclose(copy[name], expected[name], rtol=1e-4, atol=1e-4)
