@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 from absl import flags
@@ -238,6 +239,8 @@ def run():
     if is_chief:
       stack.enter_context(run_dir.Lock(eval_dir, "eval_dir", "linear evaluation"))
       stack.enter_context(run_dir.LogFile(eval_dir, LOG_FILE))
+    else:
+      stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
     train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels")
@@ -283,7 +286,11 @@ def run():
     summaries = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
     val_steps = linear_job.val_steps(val.size, config.batch_size)
 
+    validated = {}
+
     def validate(step):
+      if step in validated:
+        return validated[step]
       logging.info("Validation pass at step %d: %d images in %d batches.", step, val.size, val_steps)
       began = time.monotonic()
       dataset = linear_job.distributed(strategy, config.batch_size,
@@ -295,7 +302,8 @@ def run():
         for name, entry in per_layer.items():
           tf.summary.scalar(f"val_top1/{name}", entry["top1"])
           tf.summary.scalar(f"val_top5/{name}", entry["top5"])
-      return per_layer, examples, bad
+      validated[step] = per_layer, examples, bad
+      return validated[step]
 
     progress = Progress(summaries, FLAGS.log_every, trainer, total, per_epoch, layers)
     periodic = [progress, checkpoints, Validation(FLAGS.eval_every, validate)]

@@ -115,6 +115,11 @@ def test_prepare_labels_round_trip(imagenet, tmp_path):
                      "ILSVRC2012_val_00000003.JPEG": (1, "n01443537")}
   labels = sorted(int(label) for _, _, label in L.records(val).as_numpy_iterator())
   assert labels == [0, 1, 1, 2]
+  # The linear job's stream of shards: every record once per epoch, resumable at any position.
+  stream = [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 0, 3).take(17).as_numpy_iterator()]
+  assert sorted(y for _, y, _ in stream[:7]) == [0, 0, 0, 1, 1, 2, 2] and stream[:7] != stream[7:14]
+  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 9, 3).take(8).as_numpy_iterator()
+          ] == stream[9:]
   # Shards of unlabelled images are refused with the way to make labelled ones.
   PR.prepare(PR.PrepareConfig(data=str(imagenet / "val"), output=str(tmp_path / "plain"), num_shards=1))
   with pytest.raises(errors.DataError, match="lists no classes.*prepare --labels"):
