@@ -136,7 +136,8 @@ def training_records(lset, seed, start, shuffle_buffer):
   def epoch(e):
     order = sources.epoch_order(len(lset.paths), tf.constant(seed, tf.int64), e)
     raw = tf.data.Dataset.from_tensor_slices(tf.gather(shards, order)).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(8, len(lset.paths)), block_length=1, deterministic=True)
+        tf.data.TFRecordDataset, cycle_length=min(8, len(lset.paths)), block_length=1,
+        num_parallel_calls=min(8, len(lset.paths)), deterministic=True)
     return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
   # The epoch length is prepare's record count; the current epoch is re-read up to `start`, records not parsed.
   raw = tf.data.Dataset.range(start // max(size, 1), 2**62).flat_map(epoch).skip(start % max(size, 1))
