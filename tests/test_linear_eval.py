@@ -77,7 +77,7 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   assert set(per_layer) == set(LAYERS) and result["best_layer"] == "conv1"
   assert per_layer["conv1"]["top1"] >= 0.9 and per_layer["conv1"]["dims"] == 4 * 4 * 3
   assert all(per_layer[name]["top1"] == 0.5 for name in LAYERS if name != "conv1")  # one class for every image
-  assert result["val_images"] == 20 and result["steps"] == 6 and result["per_class_top1"].keys() == {"dark",
+  assert result["val_images"] == 20 and result["steps"] == 12 and result["per_class_top1"].keys() == {"dark",
                                                                                                        "bright"}
   assert "images/s" in log_of(whole) and "ETA" in log_of(whole)
 
