@@ -94,9 +94,11 @@ def test_pretext_from_saved_model(exported, tmp_path):
 @pytest.mark.slow
 def test_linear_probes_every_layer(small_run, labelled, tmp_path):
   eval_dir = tmp_path / "eval"
-  result = evaluate(["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={eval_dir}", f"--data={labelled}",
-                     "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100", "--probe_dims=500"],
-                    tmp_path)
+  run = run_module(["context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--eval_dir={eval_dir}",
+                    f"--data={labelled}", "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100",
+                    "--probe_dims=500"], cwd=tmp_path, timeout=300)
+  assert run.returncode == 0, log_of(run)
+  result = last_json(run)
   assert result == json.loads((eval_dir / "linear.json").read_text())
   for key in ("accuracy", "balanced_accuracy", "random_init_accuracy", "random_init_balanced_accuracy"):
     assert 0 <= result[key] <= 1 and result[key + "_std"] >= 0, key
@@ -112,11 +114,8 @@ def test_linear_probes_every_layer(small_run, labelled, tmp_path):
   assert result["accuracy"] == per_layer[result["best_layer"]]["accuracy"]
   assert result["random_init_accuracy"] == per_layer[result["random_init_best_layer"]]["random_init_accuracy"]
   assert len(result["layers"]) == 3 and set(result["layers"]) <= set(per_layer)  # --inner_folds: chosen per fold
-  assert events(eval_dir) and "probe conv1" in log_of(run_module(["context_keras.evaluate", "--mode=linear",
-                                                                  f"--model_dir={small_run}", f"--data={labelled}",
-                                                                  f"--eval_dir={eval_dir}", "--folds=2",
-                                                                  "--image_size=96", "--probe_epochs=5",
-                                                                  "--layer=conv1"], cwd=tmp_path))
+  assert events(eval_dir)
+  assert "features: 18/18 images" in log_of(run) and "probe conv1 (486 dims)" in log_of(run)  # progress lines
 
 
 @pytest.mark.slow
@@ -143,11 +142,11 @@ def test_knn_and_multi_label_linear_on_splits(small_run, labelled, tmp_path):
 @pytest.mark.slow
 def test_finetune_against_random_init(small_run, labelled, tmp_path):
   result = evaluate(["--mode=finetune", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", f"--data={labelled}",
-                     "--folds=3", "--image_size=96", "--finetune_epochs=2", "--freeze_up_to=conv2"], tmp_path)
+                     "--folds=3", "--image_size=96", "--finetune_epochs=1", "--freeze_up_to=conv2"], tmp_path)
   assert result["train_images"] == 12 and result["val_images"] == 6 and result["frozen_layers"] == ["conv1", "conv2"]
   for who in ("", "random_init_"):
     assert 0 <= result[who + "accuracy"] <= 1
-    assert all(np.isfinite(result[who + "loss_per_epoch"])) and len(result[who + "loss_per_epoch"]) == 2
+    assert all(np.isfinite(result[who + "loss_per_epoch"])) and len(result[who + "loss_per_epoch"]) == 1
     assert result[who + "rescale"]["patches"] > 0  # neither backbone was rescaled before: both are, first
   assert result["rescaled_before_training"]
 
