@@ -41,6 +41,7 @@ def steps_to_next(step, train_steps, actions, steps_per_loop):
 
 
 class Action:
+  """The interval logic every action shares; subclasses add __call__(output)."""
   every = 0
 
   def due_in(self, step):
@@ -49,9 +50,6 @@ class Action:
 
   def is_due(self, step):
     return bool(self.every) and step % self.every == 0
-
-  def __call__(self, output):
-    raise NotImplementedError
 
 
 class SummaryWriter:
