@@ -4,14 +4,18 @@ import dataclasses
 import glob
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from context_keras import decoding as DEC
+from context_keras import fold as FO
+from context_keras import model as MD
 from context_keras import restore as RS
 from context_keras import serving
 from context_keras import sources as S
+from context_keras.evaluation import finetune
 from context_keras.evaluation import images as IM
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
@@ -240,3 +244,28 @@ def test_trainable_copy_of_an_export_computes_its_features(exported):
   expected = subject.features(images)
   for name in subject.feature_layers:
     np.testing.assert_allclose(copy[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_multi_label_fine_tuning_ignores_difficult_entries():
+  """One step of the multi-label fine-tuner on a tiny random network: finite loss, and an IGNORED target is not
+  learned from (changing it changes nothing)."""
+  model_config = MD.ModelConfig(width_multiplier=0.0625)
+  images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3)), tf.uint8)
+  config = finetune.Config(data="x", epochs=1, learning_rate=0.1)
+  logits = []
+  for ignored in (1, 0):
+    keras.utils.set_random_seed(0)
+    backbone = FO.fold_tower(RS.build_networks(model_config).tower, model_config)
+    tuner = finetune.FineTuner(backbone, "fc6", 3, True, "drop", config, steps=10)
+    targets = tf.constant([[1, 0, -1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8)
+    if not ignored:
+      targets = tf.constant([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8)
+    loss, _ = tuner.train_step(images, targets)
+    assert np.isfinite(loss)
+    logits.append(tuner.logits(images).numpy())
+  assert not np.allclose(logits[0], logits[1])  # the entry matters when it is a label
+  keras.utils.set_random_seed(0)
+  backbone = FO.fold_tower(RS.build_networks(model_config).tower, model_config)
+  tuner = finetune.FineTuner(backbone, "fc6", 3, True, "drop", config, steps=10)
+  tuner.train_step(images, tf.constant([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8) * 0 - 1)
+  np.testing.assert_allclose(tuner.logits(images).numpy(), 0.0, atol=1e-6)  # all ignored: nothing learned
