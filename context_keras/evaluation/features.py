@@ -15,6 +15,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras import progress as progress_lib
 
 POOL_MODES = ("avg", "max")
@@ -135,6 +136,6 @@ def extract(extractors, examples, total=None, what="features", batch_size=64):
     progress.add(len(labels[-1]))
   progress.finish()
   if not labels:
-    raise ValueError(f"{what}: no image")
+    raise errors.DataError(f"{what}: the labelled set holds no image")
   return ({key: {name: np.concatenate(v) for name, v in layers.items()} for key, layers in out.items()},
           np.concatenate(labels))
