@@ -138,7 +138,9 @@ def training_records(lset, seed, start, shuffle_buffer):
     raw = tf.data.Dataset.from_tensor_slices(tf.gather(shards, order)).interleave(
         tf.data.TFRecordDataset, cycle_length=min(8, len(lset.paths)), block_length=1,
         num_parallel_calls=min(8, len(lset.paths)), deterministic=True)
-    return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+    # A Python seed (a tensor seed breaks under a global seed): each epoch's buffer shuffles the same way, but
+    # its input, the shards' order, is new every epoch.
+    return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1, reshuffle_each_iteration=False)
   # The epoch length is prepare's record count; the current epoch is re-read up to `start`, records not parsed.
   raw = tf.data.Dataset.range(start // max(size, 1), 2**62).flat_map(epoch).skip(start % max(size, 1))
 
