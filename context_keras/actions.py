@@ -14,6 +14,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras import patches as patches_lib
 from context_keras import run_dir
 from context_keras import serving
@@ -42,6 +43,7 @@ def steps_to_next(step, train_steps, actions, steps_per_loop):
 
 
 class Action:
+  """The interval logic every action shares; subclasses add __call__(output)."""
   every = 0
 
   def due_in(self, step):
@@ -50,9 +52,6 @@ class Action:
 
   def is_due(self, step):
     return bool(self.every) and step % self.every == 0
-
-  def __call__(self, output):
-    raise NotImplementedError
 
 
 class SummaryWriter:
@@ -232,6 +231,13 @@ def preview_image(preview):
       board[cy * cell:cy * cell + size, cx * cell:cx * cell + size] = (patch - lo) / max(hi - lo, 1e-6)
     boards.append(board)
   return np.stack(boards) if boards else None
+
+
+def close_writer(writer):
+  try:
+    writer.close()
+  except (OSError, tf.errors.OpError) as e:  # a full disk: already reported, or the run finished before it
+    logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
 
 
 def write_hparams(writer, flag_values):

@@ -73,7 +73,7 @@ class Lock:
   ends, even by kill -9, so a crashed run never leaves it stuck. (flock is per host: on a shared file system, runs
   on two hosts are not kept apart.)"""
 
-  def __init__(self, model_dir):
+  def __init__(self, model_dir, flag="model_dir", what="training process"):
     self.path = os.path.join(model_dir, LOCK_FILE)
     self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
     try:
@@ -82,11 +82,11 @@ class Lock:
       self._file.seek(0)
       holder = self._file.read().strip() or "another process"
       self._file.close()
-      raise errors.UsageError(f"--model_dir={model_dir} is in use by {holder} (lock {self.path}); stop that run "
-                              "first, or choose another --model_dir") from None
+      raise errors.UsageError(f"--{flag}={model_dir} is in use by {holder} (lock {self.path}); stop that run "
+                              f"first, or choose another --{flag}") from None
     self._file.seek(0)
     self._file.truncate()
-    self._file.write(f"training process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.write(f"{what} {os.getpid()} on {socket.gethostname()}\n")
     self._file.flush()
 
   def __enter__(self):
@@ -109,10 +109,10 @@ class _LogFileHandler(std_logging.FileHandler):
 
 
 class LogFile:
-  """Appends this process's log lines to RUN/train.log while in use (a context manager)."""
+  """Appends this process's log lines to RUN/train.log (or folder/name) while in use (a context manager)."""
 
-  def __init__(self, model_dir):
-    self.handler = _LogFileHandler(os.path.join(model_dir, LOG_FILE))
+  def __init__(self, model_dir, name=LOG_FILE):
+    self.handler = _LogFileHandler(os.path.join(model_dir, name))
     self.handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
   def __enter__(self):

@@ -156,7 +156,7 @@ def run():
         raise run_dir.write_failure("the flags and TensorBoard log", model_dir, e, latest) from e
     else:
       writer = tf.summary.create_noop_writer()
-    stack.callback(close_writer, writer)
+    stack.callback(actions_lib.close_writer, writer)
     control = stack.enter_context(control_lib.Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request))
 
     checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
@@ -190,13 +190,6 @@ def input_stream(strategy, input_config, source, trainer, latest):
   return distribute.distributed_batches(strategy, input_config, source, positions)
 
 
-def close_writer(writer):
-  try:
-    writer.close()
-  except (OSError, tf.errors.OpError) as e:  # a full disk: already reported, or the run finished before it
-    logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
-
-
 def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler):
   """The loop: compiled calls of up to --steps_per_loop steps, each ending where a periodic action is due."""
   step, train_steps = trainer.current_step(), FLAGS.train_steps
@@ -223,16 +216,9 @@ def train(trainer, iterator, counters, control, periodic, checkpoints, exports, 
     for action in periodic:
       action(output)
     if output.status == trainer_lib.STATUS_STOP_REQUESTED:
-      request = int(values["request"])
-      checkpoints.save("quit" if request == control_lib.REQUEST_QUIT else "pause")
-      if request == control_lib.REQUEST_QUIT:
-        logging.info("Stopped at step %d (%s).", step, control.quit_reason or "another worker asked to quit")
+      if control.honour(int(values["request"]), step, checkpoints.save):
         logging.info("Weights digest: %.10e", trainer_lib.weights_digest(trainer))
         return 0
-      if control.pause_requested():
-        control.wait_while_paused()  # a quit while paused stops everyone after one more step
-      else:
-        logging.info("Another worker paused the run: waiting for it in the next step.")
   profiler.stop()
   checkpoints.save("end of training")
   exports.export()
