@@ -774,18 +774,16 @@ def python_blocks(section):
 @pytest.mark.slow
 def test_readme_using_the_backbone_runs_verbatim(deployed, tmp_path):
   """Every Python snippet of README's 'Using the backbone', as written, on an export of the small run placed where
-  the README puts it (runs/demo_export) and the labelled folder of its linear-probe example (runs/labelled)."""
+  the README puts it (runs/demo_export) and the labelled folder that README's Evaluate section makes
+  (runs/labelled)."""
   out, _ = deployed
   (tmp_path / "runs").mkdir()
   shutil.copytree(out, tmp_path / "runs" / "demo_export")
-  rng = np.random.default_rng(0)
-  for index, name in enumerate(PHOTOS):
-    image = photos(400, 600)[index]
-    (tmp_path / "runs" / "labelled" / name).mkdir(parents=True)
-    for i in range(20):
-      y, x = rng.integers(0, 400 - 128), rng.integers(0, 600 - 128)
-      tf.io.write_file(str(tmp_path / "runs" / "labelled" / name / f"{i}.png"),
-                       tf.io.encode_png(image[y:y + 128, x:x + 128]))
+  evaluate = readme_section("Export and evaluation")
+  labelled = evaluate[evaluate.index("python - <<'PY'\n") + len("python - <<'PY'\n"):]
+  (tmp_path / "labelled.py").write_text(labelled[:labelled.index("\nPY\n") + 1])
+  result = subprocess.run([sys.executable, "labelled.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and len(os.listdir(tmp_path / "runs" / "labelled")) == 4, result.stderr[-2000:]
   blocks = python_blocks(readme_section("Using the backbone"))
   assert len(blocks) >= 5
   for index, block in enumerate(blocks):
