@@ -24,12 +24,16 @@ import tensorflow as tf
 
 from context_keras import data as data_lib
 from context_keras import decoding
+from context_keras import fold
 from context_keras import model as model_lib
 from context_keras import patches as patches_lib
 from context_keras import program
 from context_keras import resources
+from context_keras import restore
+from context_keras import serving
 from context_keras import sources
 from context_keras import trainer as trainer_lib
+from context_keras.evaluation import linear_job
 from context_keras.flagsets import data as data_flags
 
 FLAGS = flags.FLAGS
@@ -38,12 +42,15 @@ FLAGS = flags.FLAGS
 def define_flags():
   data_flags.define_source()
   with program.flag_group("benchmark"):
-    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "flops"],
+    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "flops",
+                                "linear_eval"],
                       "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on "
                       "one core, for comparison with the input pipeline (needs scikit-image); training_rss is the "
                       "peak memory of the training program with flags/deepcontext.cfg; flops are the network's "
                       "floating-point operations per patch, from which (with the input figures) the host cores each "
-                      "GPU needs are estimated.")
+                      "GPU needs are estimated; linear_eval is the images/s of linear_eval's feature pass and "
+                      "training step (full-width backbone, 224-px crops, every layer pooled to 9,000 values, 1000 "
+                      "classes).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
     program.define_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch "
                            "baseline).", lower=1)
@@ -279,6 +286,12 @@ def main():
     if "input" in result:
       result["cores_per_gpu"] = {"assumed_sustained_tflops": GPU_SUSTAINED_TFLOPS,
                                  **cores_per_gpu(flops, result["input"])}
+  if "linear_eval" in FLAGS.parts:
+    backbone = serving.BackboneModule(fold.fold_tower(restore.build_networks(model_lib.ModelConfig()).tower,
+                                                      model_lib.ModelConfig()), "drop")
+    result["linear_eval"] = linear_job.measure(backbone.features, model_lib.BACKBONES["alexnet_bn"].features,
+                                               linear_job.JobConfig(), repeats=FLAGS.repeats)
+    logging.info("linear_eval: %s", result["linear_eval"])
   result["peak_rss_mb"] = round(resources.peak_rss_mb(), 1)
   if "training_rss" in FLAGS.parts:
     result["training_peak_rss_mb"] = training_peak_rss(input_config)

@@ -17,7 +17,6 @@ from context_keras import decoding
 from context_keras import patches as patches_lib
 from context_keras import sources
 
-
 AUGMENT_ON = ("host", "device")
 
 

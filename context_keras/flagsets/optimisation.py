@@ -42,5 +42,6 @@ def optim_config(train_steps):
   return trainer_lib.OptimConfig(
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
       lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps, train_steps=train_steps,
-      loss_reduction=FLAGS.loss_reduction, mixed_precision=resources.resolve_precision(FLAGS.mixed_precision), jit_compile=FLAGS.jit_compile,
+      loss_reduction=FLAGS.loss_reduction, mixed_precision=resources.resolve_precision(FLAGS.mixed_precision),
+      jit_compile=FLAGS.jit_compile,
       divergence_factor=FLAGS.divergence_factor, inject_nan_at_step=FLAGS.inject_nan_at_step)
