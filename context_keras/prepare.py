@@ -7,9 +7,10 @@ output folder checked against an earlier run -> one image (read, header guard, d
 shard (written to a temporary name, renamed when complete) -> the shards in a thread pool with a progress line ->
 rejected.txt and index.json -> the program's flags and main.
 
-Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes (or a
-JPEG re-encoding of a downscaled copy when --max_pixels asks for it); image/height, image/width and image/filename
-ride along for inspection. DIR/.prepare/ keeps what a re-run needs: the manifest of the input and, per complete
+Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes, EXIF
+orientation included (training's decoding applies it), or a JPEG re-encoding of a downscaled upright copy when
+--max_pixels asks for it; image/height, image/width (the upright size) and image/filename ride along for
+inspection. DIR/.prepare/ keeps what a re-run needs: the manifest of the input and, per complete
 shard, its counts and rejected files.
 """
 import concurrent.futures

@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from PIL import ImageOps
 
 from context_keras import data as D
 from context_keras import decoding as DEC
 from context_keras import errors
+from context_keras import patches as P
+from context_keras import prepare as PREP
 from context_keras import sources as S
 from helpers import REPO
 from helpers import demo_args
@@ -220,6 +223,188 @@ def test_list_files_naming_missing_files_empty_folders_and_loops(tmp_path, photo
   for name in ("empty", "loop_only"):
     with pytest.raises(errors.DataError, match=f"folder {re.escape(str(tmp_path / name))} holds no jpg/jpeg/png"):
       S.find_source(str(tmp_path / name))
+
+
+def test_list_file_with_a_byte_order_mark_keeps_its_first_entry(tmp_path, photo_dir):
+  """Editors on Windows save UTF-8 with a byte-order mark; it must not become part of the first file name."""
+  listing = tmp_path / "bom.txt"
+  listing.write_bytes("\ufeffastronaut.png 0\ncoffee.png 1\n".encode("utf-8"))
+  source = S.find_source(str(listing), photo_dir)
+  assert source.paths == (os.path.join(photo_dir, "astronaut.png"), os.path.join(photo_dir, "coffee.png"))
+  one_line = tmp_path / "one.txt"
+  one_line.write_bytes(b"\xef\xbb\xbfastronaut.png\n")
+  S.check_readable(S.find_source(str(one_line), photo_dir))  # used, not "none of the 1 images tried can be used"
+
+
+def test_a_single_image_or_a_binary_file_as_data_is_named_as_such(tmp_path, photo_dir):
+  photo = os.path.join(photo_dir, "rocket.jpg")
+  with pytest.raises(errors.DataError, match=rf"{re.escape(photo)} is a single image, not a list file; give its "
+                                             rf"folder \(--data={re.escape(photo_dir)}\)"):
+    S.find_source(photo)
+  renamed = tmp_path / "photo.dat"  # known by its content, whatever its name
+  shutil.copy(photo, renamed)
+  with pytest.raises(errors.DataError, match="is a single image, not a list file"):
+    S.find_source(str(renamed))
+  binary = tmp_path / "weights.bin"
+  binary.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(errors.DataError, match=rf"{re.escape(str(binary))} is not a list file \(byte 128 is not UTF-8 "
+                                             r"text\): give a folder of images, a list file or a glob of TFRecord"):
+    S.find_source(str(binary))
+  text = tmp_path / "BMW.txt"  # a list whose first name happens to start like a BMP header is still a list
+  text.write_text("BMW_at_night_with_a_long_name.png 1\nrocket.jpg 2\n")
+  assert len(S.find_source(str(text), photo_dir).paths) == 2
+
+
+SHARD_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
+
+
+def _write_shard(path, compression=None):
+  with tf.io.TFRecordWriter(str(path), options=compression) as writer:
+    for name in SHARD_PHOTOS:
+      writer.write(PREP.make_example(PREP.examine(os.path.join(skimage_photo_dir(), name)), name))
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+  """Shards a (plain), b (a corrupt record in the middle), c (cut short), d (GZIP), e (ZLIB), 5 photos each."""
+  folder = tmp_path_factory.mktemp("shards")
+  for name, compression in (("a", None), ("b", None), ("c", None), ("d", "GZIP"), ("e", "ZLIB")):
+    _write_shard(folder / f"{name}.tfrecord", compression)
+  corrupt = bytearray((folder / "b.tfrecord").read_bytes())
+  corrupt[len(corrupt) // 2] ^= 0xFF
+  (folder / "b.tfrecord").write_bytes(bytes(corrupt))
+  whole = (folder / "c.tfrecord").read_bytes()
+  (folder / "c.tfrecord").write_bytes(whole[:len(whole) * 3 // 4])
+  return folder
+
+
+def test_damaged_and_compressed_shards(shard_folder, capfd, caplog):
+  """GZIP and ZLIB shards are read (told by their content); a corrupt or cut-short shard gives its records up to
+  the damage, then counts ONE unreadable image per pass over it, in stream order (not hundreds ahead of the shuffle
+  buffer), and is named once; a file that is no TFRecord at all is left out at start, named."""
+  source = S.find_source(str(shard_folder / "*.tfrecord"))
+  assert source.description.endswith("(GZIP/ZLIB)") and [f[0] for f in source.shards] == ["", "", "", "GZIP", "ZLIB"]
+  read, damaged = 0, []
+  iterator = iter(S.finite_images(source))
+  while True:
+    try:
+      next(iterator)
+      read += 1
+    except StopIteration:
+      break
+    except tf.errors.InvalidArgumentError as e:
+      damaged.append(re.search(r"TFRecord shard (\S+) is corrupt or cut short here", str(e)).group(1))
+  assert damaged == [str(shard_folder / "b.tfrecord"), str(shard_folder / "c.tfrecord")]
+  assert 15 + 2 <= read <= 15 + 8  # a, d, e whole; b and c up to their damage
+  capfd.readouterr()
+  totals = {"images": 0, "too_small": 0, "unreadable": 0}
+  for batch in D.make_dataset(D.InputConfig(data=str(shard_folder / "*.tfrecord"), **SMALL), source).take(12):
+    for kind in totals:
+      totals[kind] += int(batch[kind])
+  passes = (totals["images"] + totals["unreadable"]) / (read + 2)
+  assert totals["images"] > 0 and totals["too_small"] == 0, totals
+  assert totals["unreadable"] <= 2 * (passes + 2), (totals, passes)  # was 346 unreadable for 30 images
+  named = capfd.readouterr().err
+  for shard in ("b", "c"):
+    assert named.count(f"TFRecord shard {shard_folder / shard}.tfrecord is corrupt or cut short after") == 1, named
+  assert "a.tfrecord is" not in named and "d.tfrecord is" not in named and "e.tfrecord is" not in named
+
+  (shard_folder / "notes.tfrecord").write_text("not a shard\n")
+  try:
+    assert S.find_source(str(shard_folder / "*.tfrecord")).paths == source.paths
+    assert f"TFRecord shard {shard_folder / 'notes.tfrecord'}: not a TFRecord file" in caplog.text
+  finally:
+    os.remove(shard_folder / "notes.tfrecord")
+
+
+def test_damaged_or_compressed_shard_sorting_first_at_start(shard_folder, tmp_path):
+  """The start-up check reads past a damaged first shard, reads a GZIP one, and stops with a DataError naming the
+  shard (not a DataLossError traceback) when no shard gives an image."""
+  for first, name in (("b", "0_corrupt"), ("d", "0_gzip")):
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(shard_folder / f"{first}.tfrecord", folder / "0.tfrecord")
+    shutil.copy(shard_folder / "a.tfrecord", folder / "1.tfrecord")
+    S.check_readable(S.find_source(str(folder / "*.tfrecord")))
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  whole = (shard_folder / "a.tfrecord").read_bytes()
+  first_record = 16 + int.from_bytes(whole[:8], "little")
+  (broken / "0.tfrecord").write_bytes(whole[:first_record - 5])  # cut inside its first record
+  (broken / "1.tfrecord").write_bytes(b"\x1f\x8b" + whole[2:40])  # a GZIP header, then nothing of GZIP
+  with pytest.raises(errors.DataError, match=rf"none of the 2 images tried can be used \(first problem: "
+                                             rf"{re.escape(str(broken / '0.tfrecord'))} record 0: "
+                                             rf"{re.escape(str(broken / '0.tfrecord'))} is corrupt or cut short after "
+                                             r"0 readable records\)"):
+    S.check_readable(S.find_source(str(broken / "*.tfrecord")))
+  os.remove(broken / "0.tfrecord")
+  (broken / "1.tfrecord").write_bytes(b"\x1f\x8b\x08\0")
+  (broken / "2.tfrecord").write_bytes(b"\x89PNG\r\n\x1a\n" + whole[:40])
+  with pytest.raises(errors.DataError, match=rf"none of the 2 TFRecord shards can be read \(first problem: "
+                                             rf"{re.escape(str(broken / '1.tfrecord'))}: a GZIP file cut short\)"):
+    S.find_source(str(broken / "*.tfrecord"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Phone photos: the EXIF orientation
+
+# How a camera stores an upright picture U under each EXIF orientation (TIFF 6.0, tag 274): the stored pixels S
+# are the inverse of the transform the tag asks for, which is what a viewer applies to show U.
+STORED = {1: lambda u: u, 2: lambda u: u[:, ::-1], 3: lambda u: u[::-1, ::-1], 4: lambda u: u[::-1],
+          5: lambda u: u.transpose(1, 0, 2), 6: lambda u: np.rot90(u, 1), 7: lambda u: u[::-1, ::-1].transpose(1, 0, 2),
+          8: lambda u: np.rot90(u, -1)}
+
+
+def _with_orientation(stored, fmt, k):
+  exif = Image.Exif()
+  exif[0x0112] = k
+  return _pil_bytes(Image.fromarray(np.ascontiguousarray(stored)), fmt, exif=exif.tobytes(),
+                    **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path):
+  """A photo stored under each of the 8 EXIF orientations, as PNG (lossless) and JPEG: decoding gives the upright
+  pixels (those Pillow's exif_transpose shows), training cuts the same grids from it as from the upright photo, and
+  prepare records the upright size and, when it downscales, re-encodes upright."""
+  upright = np.asarray(Image.open(os.path.join(skimage_photo_dir(), "chelsea.png")).convert("RGB"))  # 451 x 300
+  height, width = upright.shape[:2]
+  seed = tf.constant([3, 4], tf.int64)
+  expected_grids = D.image_grids(tf.constant(upright), seed)
+  for k, store in STORED.items():
+    png = _with_orientation(store(upright), "PNG", k)
+    assert DEC.image_size_from_header(png)[1:] == (width, height)[::1 if k <= 4 else -1], k  # stored sideways
+    np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(png)))), upright,
+                                  err_msg=f"the test's table, orientation {k}")
+    decoded = DEC.decode(png).numpy()
+    np.testing.assert_array_equal(decoded, upright, err_msg=f"PNG, orientation {k}")
+    grids = D.image_grids(DEC.decode(png), seed)
+    np.testing.assert_array_equal(grids["patches"].numpy(), expected_grids["patches"].numpy(), err_msg=str(k))
+    np.testing.assert_array_equal(P.grid_patches(DEC.decode(png), seed)["patches"].numpy(),
+                                  P.grid_patches(tf.constant(upright), seed)["patches"].numpy())
+    # JPEG: the same decoder's stored pixels, turned upright as the tag says.
+    jpeg = _with_orientation(store(upright), "JPEG", k)
+    raw = tf.io.decode_image(jpeg, channels=3).numpy()
+    np.testing.assert_array_equal(DEC.decode(jpeg).numpy(), np.asarray(ImageOps.exif_transpose(
+        _exif_image(raw, k))), err_msg=f"JPEG, orientation {k}")
+    assert np.abs(DEC.decode(jpeg).numpy().astype(int) - upright).mean() < 3, k  # and close to the photo
+    for name, contents in (("png", png), ("jpg", jpeg)):
+      (tmp_path / f"{k}.{name}").write_bytes(contents)
+      kept = PREP.examine(str(tmp_path / f"{k}.{name}"))
+      assert (kept.height, kept.width, kept.contents) == (height, width, contents), (k, name)
+      small = PREP.examine(str(tmp_path / f"{k}.{name}"), max_pixels=height * width // 4)
+      assert small.reencoded and (small.height, small.width) == (height // 2, width // 2), (k, name)
+      again = DEC.decode(small.contents).numpy()  # no orientation left in the re-encoded bytes
+      assert again.shape == (height // 2, width // 2, 3)
+      smaller = tf.image.resize(upright, again.shape[:2], method="area").numpy()
+      assert np.abs(again - smaller).mean() < 3, (k, name)
+
+
+def _exif_image(pixels, k):
+  image = Image.fromarray(pixels)
+  exif = Image.Exif()
+  exif[0x0112] = k
+  image.info["exif"] = exif.tobytes()
+  return image
 
 
 # ------------------------------------------------------------------------------------------------------------
