@@ -90,15 +90,6 @@ def assign_shards(paths, num_shards, seed):
   return [[paths[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(num_shards)]
 
 
-def relative_names(paths):
-  """The paths relative to their common folder: what identifies the input, wherever the folder is."""
-  absolute = [os.path.abspath(p) for p in paths]
-  root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
-  if root in absolute:  # a single file, or a file that is also a prefix of the others
-    root = os.path.dirname(root)
-  return [os.path.relpath(p, root) for p in absolute]
-
-
 def make_manifest(config, names):
   listing = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
   return {"data": config.data, "data_root": config.data_root, "num_shards": config.num_shards,
@@ -344,7 +335,7 @@ def prepare(config, stop=None):
                            "list file")
   prepare_output(config.output)
   paths = list(source.paths)
-  names = dict(zip(paths, relative_names(paths)))
+  names = dict(zip(paths, sources.relative_names(paths)))
   check_earlier_run(config.output, make_manifest(config, [names[p] for p in paths]))
   if config.num_shards > len(paths):
     logging.warning("--num_shards=%d is more than the %d images: some shards will be empty.", config.num_shards,
