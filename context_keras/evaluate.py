@@ -143,6 +143,9 @@ def main():
     raise errors.UsageError(f"--mode is required: one of {', '.join(sorted(PROTOCOLS))}")
   if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
     raise errors.UsageError("give exactly one of --model_dir (a training run) and --saved_model (OUT/backbone)")
+  if FLAGS.checkpoint and not FLAGS.model_dir:
+    raise errors.UsageError("--checkpoint picks a checkpoint of --model_dir; an exported --saved_model has one set of "
+                            "weights")
   if FLAGS.watch and not FLAGS.model_dir:
     raise errors.UsageError("--watch evaluates the new checkpoints of a --model_dir")
   if not FLAGS.data:

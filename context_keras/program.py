@@ -5,12 +5,15 @@
 
 - Flags are defined in groups (`with program.flag_group("data"): ...`), by the program itself or by the shared
   groups of context_keras.flagsets, so that `--help` lists exactly the flags the program defined, under their group.
-- A numeric flag's bounds are declared with its definition (define_integer / define_float) and checked in one place
-  after parsing: every violation is reported at once, "Invalid flags: --x=v must be >= 0; ...".
+- A numeric flag's bounds are declared with its definition (define_integer / define_float), and a check that
+  involves several flags is registered beside them (define_check); all are checked in one place after parsing and
+  every violation is reported at once, "Invalid flags: --x=v must be >= 0; ...". A float must also be finite, an
+  integer at most MAX_INTEGER (TensorFlow counts steps and sizes in int32 in places).
 - A mistyped flag, a bad value, a violated bound or a errors.UsageError raised by the program: one line, exit 2, no
   traceback. errors.WriteError: one line, exit 1.
 """
 import contextlib
+import math
 import sys
 import textwrap
 
@@ -26,8 +29,11 @@ EXIT_WRITE_FAILED = 1
 EXIT_USAGE = 2
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
 
+MAX_INTEGER = 2**31 - 1
+
 _GROUPS = {}   # group title -> names of the flags defined in it, in order
 _BOUNDS = {}   # flag name -> [(holds(value), "must be ...")]
+_CHECKS = []   # callables of no argument returning a problem ("--a=x ...") or None
 
 
 @contextlib.contextmanager
@@ -58,25 +64,39 @@ def _bounded(name, lower=None, upper=None, above=None, below=None):
 
 
 def define_integer(name, default, help_text, lower=None, upper=None):
-  """An integer flag whose bounds (inclusive) are checked by check_bounds."""
+  """An integer flag whose bounds (inclusive; upper at most MAX_INTEGER) are checked by check_bounds."""
   flags.DEFINE_integer(name, default, help_text, module_name=_caller_module())
-  _bounded(name, lower=lower, upper=upper)
+  _bounded(name, lower=lower, upper=MAX_INTEGER if upper is None else min(upper, MAX_INTEGER))
 
 
 def define_float(name, default, help_text, lower=None, upper=None, above=None, below=None):
-  """A float flag whose bounds (lower/upper inclusive, above/below exclusive) are checked by check_bounds."""
+  """A finite float flag whose bounds (lower/upper inclusive, above/below exclusive) are checked by check_bounds."""
   flags.DEFINE_float(name, default, help_text, module_name=_caller_module())
   _bounded(name, lower=lower, upper=upper, above=above, below=below)
+  _BOUNDS[name].insert(0, (math.isfinite, "must be a finite number"))
+
+
+def define_check(check):
+  """Registers a check that involves several flags: `check()` returns the problem ('--a=x needs --b ...') or None.
+  Defined with the flags it reads, run by check_bounds with the bounds."""
+  _CHECKS.append(check)
+  return check
 
 
 def bound_problems():
-  """'--name=value must be ...' for every defined flag whose value breaks its declared bounds."""
-  problems = []
+  """'--name=value must be ...' for every defined flag whose value breaks its declared bounds (the first broken
+  bound of each), then the problems of the registered checks whose flags are all valid."""
+  problems, broken = [], set()
   for name, checks in _BOUNDS.items():
     if name not in FLAGS or FLAGS[name].value is None:
       continue
     value = FLAGS[name].value
-    problems.extend(f"--{name}={value} {message}" for holds, message in checks if not holds(value))
+    failed = next((message for holds, message in checks if not holds(value)), None)
+    if failed:
+      problems.append(f"--{name}={value} {failed}")
+      broken.add(name)
+  if not broken:
+    problems.extend(problem for problem in (check() for check in _CHECKS) if problem)
   return problems
 
 

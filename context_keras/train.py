@@ -67,17 +67,31 @@ def define_flags():
     flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to "
                       "RUN/train/plugins/profile (view it in TensorBoard's Profile tab, from the "
                       "tensorboard-plugin-profile package).")
+  program.define_check(schedule_problem)
+  program.define_check(profile_problem)
+
+
+def schedule_problem():
+  """What --train_steps makes of the learning-rate schedule."""
+  if FLAGS.lr_schedule == "cosine" and not FLAGS.train_steps:
+    return "--lr_schedule=cosine needs --train_steps > 0 to know where the cosine ends"
+  if FLAGS.train_steps and FLAGS.warmup_steps >= FLAGS.train_steps:
+    return (f"--warmup_steps={FLAGS.warmup_steps} is not less than --train_steps={FLAGS.train_steps}: the learning "
+            "rate would never reach --learning_rate")
+  return None
+
+
+def profile_problem():
+  steps = FLAGS.profile_steps
+  if steps and (len(steps) != 2 or not all(v.isdigit() for v in steps) or int(steps[0]) >= int(steps[1])):
+    return f"--profile_steps={','.join(steps)} must be two step numbers A,B with A < B"
+  return None
 
 
 def profile_span():
-  """(A, B) of --profile_steps, or (0, 0)."""
+  """(A, B) of --profile_steps (checked by profile_problem), or (0, 0)."""
   steps = FLAGS.profile_steps
-  if not steps:
-    return 0, 0
-  if len(steps) != 2 or not all(v.isdigit() for v in steps) or int(steps[0]) >= int(steps[1]):
-    raise errors.UsageError(f"Invalid flags: --profile_steps={','.join(steps)} must be two step numbers A,B with "
-                            "A < B")
-  return int(steps[0]), int(steps[1])
+  return (int(steps[0]), int(steps[1])) if steps else (0, 0)
 
 
 def run():

@@ -508,9 +508,21 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
   all_bad.mkdir()
   for name in ("corrupt.jpg", "empty.jpg", "bomb.webp", "thin.png"):
     shutil.copy(bad_folder[0] / name, all_bad / name)
+  shards = tmp_path / "broken_shards"
+  shards.mkdir()
+  (shards / "0.tfrecord").write_text("not a shard\n")
+  _write_shard(shards / "1.tfrecord")
+  whole = (shards / "1.tfrecord").read_bytes()
+  (shards / "1.tfrecord").write_bytes(whole[:12 + int.from_bytes(whole[:8], "little") // 2])  # in its 1st record
   train_cases = {
       "--train_steps=-5": "Invalid flags: --train_steps=-5 must be >= 0",
-      "--momentum=1.5": "Invalid flags: --momentum=1.5 must be < 1",
+      ("--momentum=1.5", "--seed=-1", "--bn_momentum=2", "--weight_decay=-1", "--divergence_factor=-1",
+       "--learning_rate=inf", "--steps_per_loop=3000000000"):
+          ("Invalid flags: --bn_momentum=2.0 must be < 1; --learning_rate=inf must be a finite number; --momentum=1.5 "
+           "must be < 1; --weight_decay=-1.0 must be >= 0; --divergence_factor=-1.0 must be >= 0; --seed=-1 must be "
+           ">= 0; --steps_per_loop=3000000000 must be <= 2147483647"),
+      ("--lr_schedule=cosine", "--warmup_steps=10", "--train_steps=10"):
+          "Invalid flags: --warmup_steps=10 is not less than --train_steps=10",
       "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
       "--batch_patches=8": "--batch_patches=8 cannot hold the largest grid",
       "--backbone=resnet50": "flag --backbone=resnet50: value should be one of <alexnet_bn>",
@@ -519,6 +531,8 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       f"--data={tmp_path / 'missing.txt'}": f"none of the 2 images tried can be used (first problem: "
                                             f"{tmp_path / 'gone.jpg'}; No such file or directory",
       f"--data={all_bad}": f"--data=folder {all_bad} (4 images): none of the 4 images tried can be used",
+      f"--data={shards}/*.tfrecord": f"(first problem: {shards}/1.tfrecord record 0: {shards}/1.tfrecord is corrupt "
+                                     "or cut short after 0 readable records)",
   }
   runs = []
   for i, flag in enumerate(train_cases):
@@ -533,8 +547,9 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       ("context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--data={tmp_path}", "--folds=1"):
           "Invalid flags: --folds=1 must be >= 2",
   }
-  commands = [(demo_args(run, flag, *(["--data_root="] if flag.startswith("--data=") else [])), None)
-              for run, flag in zip(runs, train_cases)]
+  train_args = [[flag] if isinstance(flag, str) else list(flag) for flag in train_cases]
+  commands = [(demo_args(run, *args, *(["--data_root="] if args[0].startswith("--data=") else [])), None)
+              for run, args in zip(runs, train_args)]
   commands += [(list(args), None) for args in other_cases]
   results = run_all(commands, tmp_path)
   for message, (code, text) in zip([*train_cases.values(), *other_cases.values()], results):

@@ -74,3 +74,20 @@ def test_no_python_callbacks_in_the_graph_code():
   for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
     source = open(path, encoding="utf-8").read()
     assert "py_function" not in source and "numpy_function" not in source, path
+
+
+def test_every_numeric_flag_is_defined_with_bounds_in_the_scaffold():
+  """Numeric flags are defined only through program.define_integer/define_float, each with a bound, so that
+  check_bounds sees them all (the scaffold adds finiteness and the int32 limit to every one)."""
+  for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+    if short(module_name(path)) == "program":
+      continue
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in ast.walk(tree):
+      if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        continue
+      name = node.func.attr
+      assert name not in ("DEFINE_integer", "DEFINE_float"), f"{path}:{node.lineno} defines a numeric flag unchecked"
+      if name in ("define_integer", "define_float"):
+        bounds = {k.arg for k in node.keywords} & {"lower", "upper", "above", "below"}
+        assert bounds, f"{path}:{node.lineno}: numeric flag without a bound"
