@@ -334,6 +334,12 @@ def prepare(config, stop=None):
     raise errors.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images or a "
                            "list file")
   prepare_output(config.output)
+  # Two runs on one --output would remove each other's partial shards.
+  with writes.FolderLock(config.output, "output", "prepare", then="wait for it to finish, or choose another"):
+    return _prepare_locked(config, source, stop)
+
+
+def _prepare_locked(config, source, stop):
   paths = list(source.paths)
   names = dict(zip(paths, sources.relative_names(paths)))
   check_earlier_run(config.output, make_manifest(config, [names[p] for p in paths]))

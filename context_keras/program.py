@@ -13,7 +13,9 @@
   traceback. errors.WriteError: one line, exit 1.
 """
 import contextlib
+import logging as std_logging
 import math
+import os
 import sys
 import textwrap
 
@@ -21,15 +23,19 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import context_keras
 from context_keras import errors
 
 FLAGS = flags.FLAGS
 
 EXIT_WRITE_FAILED = 1
 EXIT_USAGE = 2
+# A worker of a multi-worker run was lost: restart the whole job (sysexits.h's EX_TEMPFAIL, "try again later").
+EXIT_WORKER_LOST = 75
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
 
 MAX_INTEGER = 2**31 - 1
+PACKAGE_DIR = os.path.dirname(os.path.abspath(context_keras.__file__)) + os.sep
 
 _GROUPS = {}   # group title -> names of the flags defined in it, in order
 _BOUNDS = {}   # flag name -> [(holds(value), "must be ...")]
@@ -134,8 +140,26 @@ def parse_flags(argv):
     sys.exit(EXIT_USAGE)
 
 
+class _OwnLines(std_logging.Filter):
+  """Keeps the package's own log records, and warnings and errors from anywhere."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(PACKAGE_DIR)
+
+
+def quiet_library_logs():
+  """At the default verbosity, the log (stderr and RUN/train.log) holds our own lines: TensorFlow's and Keras's
+  INFO chatter (checkpoint sharding durations, SavedModel input renaming, fingerprints, collective all-reduce
+  set-ups) is dropped; their warnings stay. -v 1 shows everything."""
+  if FLAGS.verbosity >= 1 or context_keras.shows_tensorflow_logs():
+    return
+  logging.get_absl_logger().addFilter(_OwnLines())
+  std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+
+
 def _guarded(main):
   def guarded(argv):
+    quiet_library_logs()
     try:
       if len(argv) > 1:
         raise errors.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")

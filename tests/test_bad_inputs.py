@@ -345,6 +345,28 @@ def test_damaged_or_compressed_shard_sorting_first_at_start(shard_folder, tmp_pa
     S.find_source(str(broken / "*.tfrecord"))
 
 
+def test_batch_sizes_whose_step_cannot_fit_are_refused_with_the_estimate(monkeypatch):
+  """The estimate of one step's memory comes from the layer shapes of the tower in use: it grows with the width
+  and linearly with the batch; about 2.7 GB for flags/deepcontext.cfg (measured peak of the whole process: 3.1 GB,
+  README); a batch beyond the memory available is refused, naming both batch flags and the estimate."""
+  from context_keras import model as M  # pylint: disable=import-outside-toplevel
+  from context_keras import resources as R  # pylint: disable=import-outside-toplevel
+  full, narrow = (M.build(M.ModelConfig(width_multiplier=w)) for w in (1.0, 0.0625))
+  default = sum(R.step_memory(full, 511, 2560, 1, 4).values())
+  assert 2.0e9 < default < 4.0e9, default
+  assert sum(R.step_memory(narrow, 511, 2560, 1, 4).values()) < default / 4
+  one, two = (R.step_memory(full, patches, 5 * patches, replicas, 4) for patches, replicas in ((511, 1), (1022, 1)))
+  assert two["activations and their gradients"] == 2 * one["activations and their gradients"]
+  assert R.step_memory(full, 511, 2560, 1, 4, activations_on_host=False)["activations and their gradients"] == 0
+  monkeypatch.setattr(R, "available_memory", lambda: 2e9)
+  with pytest.raises(errors.UsageError, match=r"--batch_patches=511 and --batch_pairs=2560 need about 2\.\d\d GB "
+                                              r"for one training step on 1 replica\(s\) \(activations and their "
+                                              r"gradients 1\.\d\d GB, input batches .* of the alexnet_bn tower\), more "
+                                              r"than the 2\.00 GB of memory available here: lower both"):
+    R.check_step_memory(full, D.InputConfig(data="unused"), 1, "float32", "alexnet_bn")
+  R.check_step_memory(narrow, D.InputConfig(data="unused"), 1, "float32", "alexnet_bn")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Phone photos: the EXIF orientation
 
@@ -533,13 +555,30 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       f"--data={all_bad}": f"--data=folder {all_bad} (4 images): none of the 4 images tried can be used",
       f"--data={shards}/*.tfrecord": f"(first problem: {shards}/1.tfrecord record 0: {shards}/1.tfrecord is corrupt "
                                      "or cut short after 0 readable records)",
+      "--width_multiplier=0.125": "Invalid flags: --width_multiplier=0.125 (the run: 0.0625): --model_dir={run} holds "
+                                  "a run of another architecture ({run}/config.json)",
+      "--batch_patches=100000000": "Invalid flags: --batch_patches=100000000 and --batch_pairs=320 need about",
   }
   runs = []
   for i, flag in enumerate(train_cases):
     runs.append(tmp_path / f"run_{i}")
     shutil.copytree(small_run, runs[-1])
   state = run_state(small_run)
+  # A run directory whose config.json says another width than its checkpoints hold, and a checkpoint of a run of
+  # another width given to evaluate: both refused by name, not with "Shapes ... are incompatible".
+  misrecorded, other_width = tmp_path / "misrecorded", tmp_path / "other_width"
+  for run in (misrecorded, other_width):
+    shutil.copytree(small_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["width_multiplier"] = 0.125
+    (run / "config.json").write_text(json.dumps(config))
   other_cases = {
+      ("context_keras.export", f"--model_dir={misrecorded}", f"--output={tmp_path / 'out'}"):
+          f"checkpoint {misrecorded}/ckpt-10 does not match the run's architecture",
+      ("context_keras.evaluate", "--mode=pretext", f"--model_dir={small_run}", f"--checkpoint={other_width}/ckpt-10",
+       f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data", f"--eval_dir={tmp_path / 'e'}"):
+          f"--checkpoint={other_width}/ckpt-10 belongs to the run in {other_width}, trained with "
+          "--width_multiplier=0.125 (--model_dir's run: 0.0625)",
       ("context_keras.prepare", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
       ("context_keras.prepare", f"--data={all_bad}", f"--output={tmp_path / 'shards'}", "--num_shards=1"):
           f"--data={all_bad}: none of the 4 images is usable (reasons in {tmp_path / 'shards'}/rejected.txt)",
@@ -552,9 +591,58 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
               for run, args in zip(runs, train_args)]
   commands += [(list(args), None) for args in other_cases]
   results = run_all(commands, tmp_path)
-  for message, (code, text) in zip([*train_cases.values(), *other_cases.values()], results):
+  messages = [message.format(run=run) for run, message in zip(runs, train_cases.values())]
+  for message, (code, text) in zip([*messages, *other_cases.values()], results):
     assert code == 2, (message, text[-3000:])
     assert message in text and "Traceback" not in text, (message, text[-3000:])
   for run in runs:
     assert run_state(run) == state, run
   assert run_state(small_run) == state
+
+
+@pytest.mark.slow
+def test_resume_with_nothing_to_train_or_another_listing(small_run, photo_dir, tmp_path):
+  """Resuming a finished run (its --train_steps reached) with other flags rewrites nothing: flags.txt and
+  config.json keep saying how the checkpoints were made. Resuming on a listing of --data that gained a file says
+  that the input cannot resume at its exact position; the same listing resumes silently."""
+  runs = {name: tmp_path / name for name in ("finished", "grown", "same")}
+  for run in runs.values():
+    shutil.copytree(small_run, run)
+  state = run_state(small_run)
+  grown = tmp_path / "grown.txt"
+  grown.write_text(open(f"{REPO}/flags/demo_photos.txt", encoding="utf-8").read() + "coffee.png\nchelsea.png\n"
+                   "page.png\n")
+  results = run_all([(demo_args(runs["finished"], "--train_steps=10", "--learning_rate=0.5"), None),
+                     (demo_args(runs["grown"], f"--data={grown}", "--train_steps=12"), None),
+                     (demo_args(runs["same"], "--train_steps=12"), None)], tmp_path)
+  for code, text in results:
+    assert code == 0 and "Traceback" not in text, text[-3000:]
+  finished, grown_log, same = (text for _, text in results)
+  assert f"Step 10 of {runs['finished']}/ckpt-10 already reaches --train_steps=10: nothing to train." in finished
+  assert run_state(runs["finished"]) == state  # flags.txt and config.json included
+  assert ("The input cannot resume at its exact position (the listing of --data changed since the checkpoint: 18 "
+          "images then, 21 now, or other names): reading a fresh stream.") in grown_log, grown_log[-3000:]
+  assert "Resumed from" in same and "cannot resume at its exact position" not in same, same[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_read_only_run_names_the_flag_to_give(small_run, ordinary_user, tmp_path):
+  """A run directory the user may not write (a colleague's, a read-only mount): evaluate stops at once, before
+  evaluating, saying that --eval_dir picks another folder; given one, it evaluates."""
+  run = tmp_path / "read_only_run"
+  shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("eval"))
+  state = run_state(run)
+  args = ["context_keras.evaluate", "--mode=pretext", f"--model_dir={run}", f"--data={REPO}/flags/demo_photos.txt",
+          "--data_root=package:skimage.data", "--images=2", "--pairs_per_image=4"]
+  run.chmod(0o555)
+  try:
+    results = run_all([(args, ordinary_user), (args + [f"--eval_dir={tmp_path / 'eval'}"], ordinary_user)], tmp_path)
+  finally:
+    run.chmod(0o755)
+  (refused, refused_text), (code, text) = results
+  assert refused == 2 and "Traceback" not in refused_text, refused_text[-3000:]
+  assert (f"The results go to {run}/eval unless --eval_dir names another folder, and that one cannot be written "
+          "(Permission denied): give --eval_dir=A_WRITABLE_FOLDER") in refused_text, refused_text[-3000:]
+  assert '"mode": "pretext"' not in refused_text  # refused before evaluating
+  assert code == 0 and _result_json(text)["pairs"] == 8, text[-3000:]
+  assert (tmp_path / "eval" / "pretext.json").exists() and run_state(run) == state
