@@ -45,6 +45,14 @@ LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededErro
                       tf.errors.CancelledError)
 
 
+def local_replicas(strategy):
+  """Replicas of this host (of this worker, under MultiWorkerMirroredStrategy)."""
+  try:
+    return len(strategy.extended.worker_devices)
+  except RuntimeError:  # the default strategy: one
+    return 1
+
+
 def is_multi_worker(strategy):
   return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 

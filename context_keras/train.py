@@ -149,7 +149,7 @@ def run():
 
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
     trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic)
-    resources.check_step_memory(trainer.networks, config.input, len(strategy.extended.worker_devices),
+    resources.check_step_memory(trainer.networks, config.input, distribute.local_replicas(strategy),
                                 keras.mixed_precision.global_policy().compute_dtype, config.model.backbone,
                                 activations_on_host=not tf.config.list_logical_devices("GPU"))
     counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in trainer_lib.COUNTERS}

@@ -23,7 +23,6 @@ from PIL import ImageOps
 from context_keras import data as D
 from context_keras import decoding as DEC
 from context_keras import errors
-from context_keras import patches as P
 from context_keras import prepare as PREP
 from context_keras import sources as S
 from helpers import REPO
@@ -255,13 +254,14 @@ def test_a_single_image_or_a_binary_file_as_data_is_named_as_such(tmp_path, phot
   assert len(S.find_source(str(text), photo_dir).paths) == 2
 
 
-SHARD_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
-
-
-def _write_shard(path, compression=None):
+def _write_shard(path, compression=None, images=5):
+  """A shard of `images` PNGs of smooth colour ramps (a few KB each, big enough for a grid), as prepare writes them."""
+  y, x = np.meshgrid(np.arange(300), np.arange(400), indexing="ij")
   with tf.io.TFRecordWriter(str(path), options=compression) as writer:
-    for name in SHARD_PHOTOS:
-      writer.write(PREP.make_example(PREP.examine(os.path.join(skimage_photo_dir(), name)), name))
+    for i in range(images):
+      ramp = np.stack([x * 255 // 399, y * 255 // 299, np.full_like(x, 40 * i)], -1).astype(np.uint8)
+      contents = tf.io.encode_png(ramp).numpy()
+      writer.write(PREP.make_example(PREP.Outcome(contents=contents, height=300, width=400), f"{i}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +298,7 @@ def test_damaged_and_compressed_shards(shard_folder, capfd, caplog):
   assert 15 + 2 <= read <= 15 + 8  # a, d, e whole; b and c up to their damage
   capfd.readouterr()
   totals = {"images": 0, "too_small": 0, "unreadable": 0}
-  for batch in D.make_dataset(D.InputConfig(data=str(shard_folder / "*.tfrecord"), **SMALL), source).take(12):
+  for batch in D.make_dataset(D.InputConfig(data=str(shard_folder / "*.tfrecord"), **SMALL), source).take(5):
     for kind in totals:
       totals[kind] += int(batch[kind])
   passes = (totals["images"] + totals["unreadable"]) / (read + 2)
@@ -401,8 +401,6 @@ def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path)
     np.testing.assert_array_equal(decoded, upright, err_msg=f"PNG, orientation {k}")
     grids = D.image_grids(DEC.decode(png), seed)
     np.testing.assert_array_equal(grids["patches"].numpy(), expected_grids["patches"].numpy(), err_msg=str(k))
-    np.testing.assert_array_equal(P.grid_patches(DEC.decode(png), seed)["patches"].numpy(),
-                                  P.grid_patches(tf.constant(upright), seed)["patches"].numpy())
     # JPEG: the same decoder's stored pixels, turned upright as the tag says.
     jpeg = _with_orientation(store(upright), "JPEG", k)
     raw = tf.io.decode_image(jpeg, channels=3).numpy()
@@ -413,6 +411,8 @@ def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path)
       (tmp_path / f"{k}.{name}").write_bytes(contents)
       kept = PREP.examine(str(tmp_path / f"{k}.{name}"))
       assert (kept.height, kept.width, kept.contents) == (height, width, contents), (k, name)
+      if k not in (3, 6):  # a re-encoding for two of them: a rotation and a sideways one
+        continue
       small = PREP.examine(str(tmp_path / f"{k}.{name}"), max_pixels=height * width // 4)
       assert small.reencoded and (small.height, small.width) == (height // 2, width // 2), (k, name)
       again = DEC.decode(small.contents).numpy()  # no orientation left in the re-encoded bytes
