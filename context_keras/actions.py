@@ -41,6 +41,7 @@ def steps_to_next(step, train_steps, actions, steps_per_loop):
 
 
 class Action:
+  """The interval logic every action shares; subclasses add __call__(output)."""
   every = 0
   every_call = False  # called even after a call that did not move the step (train.py)
 
@@ -50,9 +51,6 @@ class Action:
 
   def is_due(self, step):
     return bool(self.every) and step > 0 and step % self.every == 0
-
-  def __call__(self, output):
-    raise NotImplementedError
 
 
 class SummaryWriter:
