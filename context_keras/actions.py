@@ -8,16 +8,20 @@ exact steps whatever --steps_per_loop is.
 """
 import contextlib
 import dataclasses
+import os
 import time
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras import patches as patches_lib
+from context_keras import progress as progress_lib
 from context_keras import run_dir
 from context_keras import serving
 from context_keras import trainer as trainer_lib
+from context_keras import writes
 
 
 @dataclasses.dataclass
@@ -120,24 +124,19 @@ class Summaries(Action):
                    int(self.counters["too_small"]), int(self.counters["unreadable"]), self.timing(output.step, now))
 
   def timing(self, step, now):
-    parts = [f"elapsed {duration(now - self.start)}"]
+    parts = [f"elapsed {progress_lib.duration(now - self.start)}"]
     if self.train_steps:
       origin_time, origin_step = self.rate_origin
       left = self.train_steps - step
       if not left:
         parts.append("ETA 0:00:00")
       elif step > origin_step:
-        parts.append(f"ETA {duration(left * (now - origin_time) / (step - origin_step))}")
+        parts.append(f"ETA {progress_lib.duration(left * (now - origin_time) / (step - origin_step))}")
       else:
         parts.append("ETA ?")
     if self.skipped:
       parts.append(f"float16 overflows skipped {self.skipped} updates")
     return "  ".join(parts)
-
-
-def duration(seconds):
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class PairImages(Action):
@@ -198,11 +197,15 @@ class Checkpoints(Action):
 
 
 class Exports(Action):
-  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end."""
+  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end, each
+  written whole or not at all (writes.atomic_folder); what a killed run left half-written is cleaned up first."""
 
   def __init__(self, write_dir, every, trainer, model_config, color_mode, latest_checkpoint):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
     self.model_config, self.color_mode, self.latest_checkpoint = model_config, color_mode, latest_checkpoint
+    folder = os.path.dirname(run_dir.export_path(write_dir, 0))
+    if os.path.isdir(folder):
+      writes.recover_folders(folder)
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):
@@ -262,6 +265,13 @@ def preview_image(preview):
       board[cy * cell:cy * cell + size, cx * cell:cx * cell + size] = (patch - lo) / max(hi - lo, 1e-6)
     boards.append(board)
   return np.stack(boards) if boards else None
+
+
+def close_writer(writer):
+  try:
+    writer.close()
+  except (OSError, tf.errors.OpError) as e:  # a full disk: already reported, or the run finished before it
+    logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
 
 
 def write_hparams(writer, flag_values):

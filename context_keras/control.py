@@ -121,6 +121,16 @@ class ControlFile:
     return identity is not None and identity != self._ignored
 
 
+def run_files(folder, name, flag_path, own):
+  """FOLDER/<name>, the control file of one run alone (its owner, the chief, removes one left from an earlier run),
+  and the file of the flag, which other runs started in the same working directory share."""
+  path = os.path.join(folder, name)
+  files = [ControlFile(path, own=own)]
+  if os.path.abspath(flag_path) != os.path.abspath(path):
+    files.append(ControlFile(flag_path))
+  return files
+
+
 class Control:
   """Quit and pause requests from control files and signals, turned into the trainer's `request` variable.
 
@@ -172,6 +182,20 @@ class Control:
     if not self.quit_reason:
       logging.info("Pause file removed: continuing.")
       self.request.assign(REQUEST_NONE)
+
+  def honour(self, request, step, save_checkpoint):
+    """After a compiled loop stopped for `request` (summed over workers): checkpoints, then returns True when the
+    program must exit (a quit), or waits while this worker's pause file exists (another worker's pause: its next
+    step waits for it) and returns False."""
+    save_checkpoint("quit" if request == REQUEST_QUIT else "pause")
+    if request == REQUEST_QUIT:
+      logging.info("Stopped at step %d (%s).", step, self.quit_reason or "another worker asked to quit")
+      return True
+    if self.pause_requested():
+      self.wait_while_paused()  # a quit while paused stops everyone after one more step
+    else:
+      logging.info("Another worker paused the run: waiting for it in the next step.")
+    return False
 
   def __enter__(self):
     return self

@@ -1,6 +1,8 @@
 """Folding batch norm into the layer before it (method.md §5.1): a float32 copy of a chain model without any BN.
 
 Training's exports, the export program and every evaluation use fold_tower; the pair classifier folds the head too.
+The copy can also replace 'same' max pooling by Caffe's ceil-mode pooling (method.md §11.4), which the training
+tower stands in for at 96 px but not at other sizes.
 """
 import contextlib
 
@@ -33,7 +35,29 @@ def _clone(layer, **overrides):
   return type(layer).from_config(config)
 
 
-def fold_batchnorm(model, fully_convolutional=False, outputs=None):
+POOLINGS = ("auto", "caffe", "trained")
+
+
+def _is_relu(layer):
+  if isinstance(layer, layers.ReLU):
+    config = layer.get_config()
+    return not config.get("negative_slope") and not config.get("threshold")
+  return isinstance(layer, layers.Activation) and layer.get_config()["activation"] == "relu"
+
+
+def _caffe_pool(layer, x):
+  """Caffe's max pooling with pad 0 and ceil rounding, ceil((H - k)/s) + 1 windows each clipped at the bottom/right
+  edge, as standard layers: pad bottom and right by s - 1, then pool 'valid' (floor((H + s - 1 - k)/s) + 1 is the
+  same count, and every window keeps at least one real row when k >= s). The padding is zeros, which a max ignores
+  only because the input is a ReLU output (>= 0); the caller checks that."""
+  (kh, kw), (sh, sw) = layer.pool_size, layer.strides
+  if kh < sh or kw < sw:
+    raise ValueError(f"{layer.name}: Caffe pooling needs windows at least as large as the strides")
+  x = layers.ZeroPadding2D(((0, sh - 1), (0, sw - 1)), name=f"{layer.name}_pad", dtype="float32")(x)
+  return _clone(layer, padding="valid")(x)
+
+
+def fold_batchnorm(model, fully_convolutional=False, outputs=None, caffe_pooling=False):
   """A float32 copy of a chain model (the tower or the head) with every CaffeBatchNorm folded into the conv/dense
   layer before it: W' = W/s, b' = (b - mu)/s with s = sqrt(var + eps) from the moving statistics (method.md §5.1),
   so that W'x + b' is the BN output of inference. No BN remains.
@@ -42,7 +66,9 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
   rescale.py). With fully_convolutional, the input takes any height and width and the Flatten + Dense (fc6) becomes
   a valid convolution over the flattened map's extent (3x3 for a 96-px patch), as the paper's detection network
   turns fc6 into conv6 (method.md §6.1). `outputs`: names of layers whose activated outputs the model returns as a dict
-  (a conv or dense layer after its ReLU, a pooling layer as is); default, the last layer's output.
+  (a conv or dense layer after its ReLU, a pooling layer as is); default, the last layer's output. With
+  caffe_pooling, every 'same' max pooling becomes Caffe's ceil-mode pooling (_caffe_pool): identical wherever the
+  two agree (all sizes of a 96-px patch), Caffe's sizes and windows elsewhere; each such pool must follow a ReLU.
   """
   main_input = model.inputs[0]
   with float32_policy():
@@ -54,6 +80,7 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
     activated = {}        # layer name -> its output after any following BN/ReLU
     last_weighted = None  # (old layer, new layer) whose output x still is (before its activation)
     flattened = None      # spatial extent of the map a skipped Flatten would have flattened
+    after_relu = False    # whether x is a ReLU's output (>= 0)
     for layer in model.layers:
       if isinstance(layer, layers.InputLayer):
         continue
@@ -88,11 +115,19 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
         weights[new] = [kernel, bias]
         last_weighted = (layer, new)
         activated[layer.name] = x
+        after_relu = activation == "relu"
         if activation not in ("linear", None):
           x = layers.Activation(activation, name=f"{layer.name}_{activation}", dtype="float32")(x)
           activated[layer.name] = x
         continue
-      x = _clone(layer)(x)
+      if caffe_pooling and isinstance(layer, layers.MaxPooling2D) and layer.padding == "same":
+        if not after_relu:
+          raise ValueError(f"{layer.name} does not follow a ReLU: its Caffe pooling would pad with zeros that a "
+                           "max does not ignore")
+        x = _caffe_pool(layer, x)
+      else:
+        x = _clone(layer)(x)
+        after_relu = _is_relu(layer) or (after_relu and isinstance(layer, layers.MaxPooling2D))
       if isinstance(layer, (layers.ReLU, layers.Activation)) and last_weighted is not None:
         activated[last_weighted[0].name] = x
       else:
@@ -110,8 +145,17 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
   return result
 
 
-def fold_tower(tower, model_config):
+def caffe_pooling(model_config, pooling="auto"):
+  """Whether a backbone is exported with Caffe's ceil-mode pooling: `pooling` is one of POOLINGS; auto = the
+  backbone's own choice (model.Backbone.caffe_pooling: AlexNet-BN's original was a Caffe network)."""
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}")
+  return model_lib.BACKBONES[model_config.backbone].caffe_pooling if pooling == "auto" else pooling == "caffe"
+
+
+def fold_tower(tower, model_config, pooling="auto"):
   """The backbone: the tower folded, fully convolutional, returning the maps of its backbone's named layers
-  (model.BACKBONES[...].features)."""
-  return fold_batchnorm(tower, fully_convolutional=True, outputs=model_lib.BACKBONES[model_config.backbone].features)
+  (model.BACKBONES[...].features), with Caffe's pooling where caffe_pooling(model_config, pooling) says so."""
+  return fold_batchnorm(tower, fully_convolutional=True, outputs=model_lib.BACKBONES[model_config.backbone].features,
+                        caffe_pooling=caffe_pooling(model_config, pooling))
 

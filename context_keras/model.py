@@ -43,7 +43,7 @@ def _dense_init():
 def alexnet_bn_tower(config):
   """CaffeNet without groups (method.md §3.1): conv1 11x11/4 pad 5 -> pool -> LRN -> conv2 5x5 -> pool -> LRN ->
   conv3-5 3x3 with BN -> pool -> fc6 with BN. Pools use Caffe's ceil rounding, which 'same' padding reproduces at
-  these sizes (24->12->6->3, method.md §3.6)."""
+  these sizes (24->12->6->3, method.md §3.6); exports of other sizes make them Caffe's (Backbone.caffe_pooling)."""
   m = config.width_multiplier
   size = patches_lib.PATCH_SIZE
   patches = keras.Input((size, size, 3), name="patches")
@@ -70,14 +70,18 @@ def alexnet_bn_tower(config):
 @dataclasses.dataclass(frozen=True)
 class Backbone:
   """A patch tower: `build(config)` gives the Keras model (patches [N, 96, 96, 3], valid [N]) -> features [N, D];
-  `features` names its layers whose outputs the exported backbone returns, from input to output."""
+  `features` names its layers whose outputs the exported backbone returns, from input to output. `caffe_pooling`:
+  its 'same' max pools stand for Caffe's ceil-mode pools, which exports reproduce at every input size
+  (fold.fold_tower, method.md §11.4)."""
   build: object
   features: tuple
+  caffe_pooling: bool = False
 
 
 BACKBONES = {
     # Each conv/fc after its (folded) BN and ReLU, and the last pooling (method.md §3.1).
-    "alexnet_bn": Backbone(alexnet_bn_tower, ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6")),
+    "alexnet_bn": Backbone(alexnet_bn_tower, ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6"),
+                           caffe_pooling=True),
 }
 
 

@@ -22,6 +22,9 @@ from context_keras import patches as patches_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFRECORD_IMAGE_KEY = "image/encoded"
+# Labelled shards (prepare --labels): the class index (0-based, into the shards' index.json "classes") and name.
+TFRECORD_CLASS_INDEX_KEY = "image/class/index"
+TFRECORD_CLASS_NAME_KEY = "image/class/name"
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
 PACKAGE_PREFIX = "package:"
 
@@ -243,7 +246,7 @@ def _binary(head):
   return False
 
 
-def _epoch_order(num, seed, epoch):
+def epoch_order(num, seed, epoch):
   """A fresh permutation of range(num) per epoch, a pure function of (seed, epoch)."""
   return tf.random.experimental.stateless_shuffle(tf.range(num), seed=tf.stack([seed, epoch]))
 
@@ -259,14 +262,14 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   """
   num_paths = len(source.paths)
 
-  def epoch_order(epoch):
-    return _epoch_order(num_paths, tf.constant(seed, tf.int64), epoch)
+  def order_of(epoch):
+    return epoch_order(num_paths, tf.constant(seed, tf.int64), epoch)
 
   if source.kind == "files":
     paths = tf.constant(source.paths)
     first = start_image * num_pipelines + pipeline_id  # index in the stream shared by all pipelines
     names = (tf.data.Dataset.range(first // num_paths, 2**62)
-             .flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(tf.gather(paths, epoch_order(epoch))))
+             .flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(tf.gather(paths, order_of(epoch))))
              .skip(first % num_paths)
              .shard(num_pipelines, 0))
     return names.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
@@ -275,7 +278,7 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   table = _shard_table(source)
 
   def epoch_shards(epoch):
-    order = epoch_order(epoch + tf.constant(order_seed, tf.int64) * 1_000_003)
+    order = order_of(epoch + tf.constant(order_seed, tf.int64) * 1_000_003)
     return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in table.items()}).map(
         lambda shard: dict(shard, first_visit=tf.equal(epoch, 0)))
 
@@ -339,15 +342,22 @@ def shard_records(path, compression, payload, modulo, first_visit=True):
           .map(stand_in))
 
 
-def parse_record(record):
-  """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature); an error
+def parse_record(record, labelled=False):
+  """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature); with
+  `labelled`, (bytes, class index, class name) of a labelled shard (a record without them gives -1 and ''). An error
   for the DAMAGED_SHARD stand-in, naming its shard."""
   damaged = tf.equal(tf.strings.substr(record, 0, len(DAMAGED_SHARD)), DAMAGED_SHARD)
   check = tf.debugging.Assert(~damaged, [tf.strings.join(["TFRecord shard ", tf.strings.substr(
       record, len(DAMAGED_SHARD), -1), " is corrupt or cut short here"])])
+  spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+  if labelled:
+    spec[TFRECORD_CLASS_INDEX_KEY] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+    spec[TFRECORD_CLASS_NAME_KEY] = tf.io.FixedLenFeature([], tf.string, default_value="")
   with tf.control_dependencies([check]):
-    return tf.io.parse_single_example(record, {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})[
-        TFRECORD_IMAGE_KEY]
+    parsed = tf.io.parse_single_example(record, spec)
+  if labelled:
+    return parsed[TFRECORD_IMAGE_KEY], parsed[TFRECORD_CLASS_INDEX_KEY], parsed[TFRECORD_CLASS_NAME_KEY]
+  return parsed[TFRECORD_IMAGE_KEY]
 
 
 def _all_records(source):

@@ -4,7 +4,8 @@ import io
 import struct
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+from PIL import ImageOps
 import pytest
 import tensorflow as tf
 
