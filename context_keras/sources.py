@@ -275,7 +275,7 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
     return names.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
 
   order_seed = seed + start_image
-  table = _shard_table(source)
+  table = shard_table(source)
 
   def epoch_shards(epoch):
     order = order_of(epoch + tf.constant(order_seed, tf.int64) * 1_000_003)
@@ -299,8 +299,9 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
 DAMAGED_SHARD = b"\0context_keras: damaged TFRecord shard\0"
 
 
-def _shard_table(source):
-  """The shards of a TFRecord source as columns of tensors, for shard_records."""
+def shard_table(source):
+  """The shards of a TFRecord source (or a labelled set of shards: anything with .paths and .shards) as columns of
+  tensors, for shard_records."""
   compression, payload, modulo = zip(*source.shards) if source.shards else ((),) * 3
   return {"path": tf.constant(source.paths, tf.string), "compression": tf.constant(compression, tf.string),
           "payload": tf.constant(payload, tf.int64), "modulo": tf.constant(modulo, tf.bool)}
@@ -360,9 +361,10 @@ def parse_record(record, labelled=False):
   return parsed[TFRECORD_IMAGE_KEY]
 
 
-def _all_records(source):
-  """Every record of a TFRecord source, shard after shard in listing order."""
-  return tf.data.Dataset.from_tensor_slices(_shard_table(source)).flat_map(lambda shard: shard_records(**shard))
+def all_records(source):
+  """Every record of a TFRecord source (or labelled set of shards), shard after shard in listing order, each read
+  with its compression."""
+  return tf.data.Dataset.from_tensor_slices(shard_table(source)).flat_map(lambda shard: shard_records(**shard))
 
 
 def finite_images(source, limit=None):
@@ -372,7 +374,7 @@ def finite_images(source, limit=None):
     paths = source.paths[:limit] if limit else source.paths
     contents = tf.data.Dataset.from_tensor_slices(list(paths)).map(tf.io.read_file)
   else:
-    contents = _all_records(source).map(parse_record)
+    contents = all_records(source).map(parse_record)
     if limit:
       contents = contents.take(limit)
   return contents.enumerate()

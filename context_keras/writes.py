@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import uuid
 
@@ -162,7 +161,7 @@ class FileLock:
       raise busy(other) from None
     self._file.seek(0)
     self._file.truncate()
-    self._file.write(f"{holder} process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.write(f"{holder + ' ' if holder else ''}process {os.getpid()} on {socket.gethostname()}\n")
     self._file.flush()
 
   def __enter__(self):
@@ -192,8 +191,7 @@ def folder_lock(folder, flag, holder, then="stop that one first, or choose anoth
 def _writing_lock(path):
   """atomic_folder's lock while a process writes DIR/NAME: DIR/.NAME.lock."""
   folder, name = os.path.split(path)
-  program = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "python"
-  return FileLock(os.path.join(folder, f".{name}.lock"), program, lambda other: errors.UsageError(
+  return FileLock(os.path.join(folder, f".{name}.lock"), "", lambda other: errors.UsageError(
       f"{path} is being written by {other} (lock {os.path.join(folder, f'.{name}.lock')}); wait for it to finish"))
 
 
