@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from context_keras import actions as actions_lib
 from context_keras import control as control_lib
+from context_keras import data as data_lib
 from context_keras import distribute
 from context_keras import errors
 from context_keras import program
@@ -154,8 +155,13 @@ def run():
     if config.input.data_service:
       distribute.check_data_service(config.input.data_service, FLAGS.data_service_timeout)
 
+    on_device = config.input.augment_on == "device"
+    logging.info("Augmentation: %s%s.", "in the training step, on each replica's device" if on_device else
+                 "in the input pipeline, on the host", "" if FLAGS.augment_on != "auto" else
+                 " (--augment_on=auto: a GPU is visible)" if on_device else " (--augment_on=auto: no GPU visible)")
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
-    trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic)
+    trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic,
+                                  augment=data_lib.step_augmentation(config.input, config.optimisation.jit_compile))
     resources.check_step_memory(trainer.networks, config.input, distribute.local_replicas(strategy),
                                 keras.mixed_precision.global_policy().compute_dtype, config.model.backbone,
                                 activations_on_host=not tf.config.list_logical_devices("GPU"))

@@ -71,7 +71,8 @@ def pretext_pairs(image, seed, num_pairs, color_mode, pixelation):
         shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 5)
     pick = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(first)[0]), pick_seed)[:num_pairs]
     cut_patches = patches_lib.crop_patches(resized, ys, xs)
-    return (augment_lib.augment(cut_patches, augment_seed, color_mode, pixelation), tf.gather(first, pick),
+    keys = augment_lib.patch_keys(augment_seed, tf.shape(cut_patches)[0])
+    return (augment_lib.augment(cut_patches, keys, color_mode, pixelation), tf.gather(first, pick),
             tf.gather(second, pick), tf.gather(label, pick))
 
   def nothing():
