@@ -392,7 +392,7 @@ def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path)
   upright = np.asarray(Image.open(os.path.join(skimage_photo_dir(), "chelsea.png")).convert("RGB"))  # 451 x 300
   height, width = upright.shape[:2]
   seed = tf.constant([3, 4], tf.int64)
-  expected_grids = D.image_grids(tf.constant(upright), seed)
+  expected_grids = D.image_grids(_pil_bytes(Image.fromarray(upright), "PNG"), seed)
   for k, store in STORED.items():
     png = _with_orientation(store(upright), "PNG", k)
     assert DEC.image_size_from_header(png)[1:] == (width, height)[::1 if k <= 4 else -1], k  # stored sideways
@@ -400,7 +400,7 @@ def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path)
                                   err_msg=f"the test's table, orientation {k}")
     decoded = DEC.decode(png).numpy()
     np.testing.assert_array_equal(decoded, upright, err_msg=f"PNG, orientation {k}")
-    grids = D.image_grids(DEC.decode(png), seed)
+    grids = D.image_grids(png, seed)
     np.testing.assert_array_equal(grids["patches"].numpy(), expected_grids["patches"].numpy(), err_msg=str(k))
     # JPEG: the same decoder's stored pixels, turned upright as the tag says.
     jpeg = _with_orientation(store(upright), "JPEG", k)
