@@ -26,6 +26,11 @@ class ModelConfig:
   bn_momentum: float = BN_MOMENTUM
 
 
+# The ModelConfig fields that decide which variables the networks have and their shapes: a checkpoint can only be
+# restored into networks built with the same values (the others may change between resumes).
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier")
+
+
 def _width(channels, multiplier):
   return max(1, int(round(channels * multiplier)))
 
