@@ -164,9 +164,9 @@ class Checkpoints(Action):
 class Exports(Action):
   """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end."""
 
-  def __init__(self, write_dir, every, trainer, model_config, color_mode, latest_checkpoint):
+  def __init__(self, write_dir, every, trainer, model_config, input_config, latest_checkpoint):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
-    self.model_config, self.color_mode, self.latest_checkpoint = model_config, color_mode, latest_checkpoint
+    self.model_config, self.input_config, self.latest_checkpoint = model_config, input_config, latest_checkpoint
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):
@@ -176,7 +176,8 @@ class Exports(Action):
     step = self.trainer.current_step()
     path = run_dir.export_path(self.write_dir, step)
     try:
-      serving.export_backbone(self.trainer.networks.tower, self.model_config, path, color_mode=self.color_mode)
+      serving.export_backbone(self.trainer.networks.tower, self.model_config, path,
+                              color_mode=self.input_config.color_mode, geometry=self.input_config.geometry)
     except (OSError, tf.errors.OpError) as e:
       raise run_dir.write_failure(f"the backbone SavedModel of step {step}", path, e,
                                   self.latest_checkpoint()) from e
@@ -213,7 +214,7 @@ class Profile(Action):
 def preview_image(preview):
   """Pairs as a picture: each pair is a 3x3 board with the first patch in the centre and the second patch in the
   cell its label names (method.md §2.3)."""
-  size, gap = patches_lib.PATCH_SIZE, 8
+  size, gap = preview["first"].shape[1], 8
   cell = size + gap
   boards = []
   for first, second, label, valid in zip(preview["first"], preview["second"], preview["label"], preview["valid"]):

@@ -1,8 +1,9 @@
 """Per-patch augmentation and inference preprocessing of context prediction, as small TensorFlow ops.
 
-Training applies augment() to every cut patch (pixelation, colour handling, RMS normalisation: method.md §2.4);
-the exported models apply standardize(), its deterministic counterpart. All randomness is stateless, keyed by the
-seed given, so the same seed gives the same pixels whatever the parallelism of the input pipeline.
+Training applies augment() to every cut patch of the doersch geometry (pixelation, colour handling, RMS normalisation:
+method.md §2.4) and revisiting_augment() to those of the revisiting geometry (grayscale, per-patch standardisation:
+method.md §8.2); the exported models apply standardize(), the deterministic counterpart. All randomness is stateless,
+keyed by the seed given, so the same seed gives the same pixels whatever the parallelism of the input pipeline.
 """
 import tensorflow as tf
 
@@ -13,6 +14,16 @@ PIXELATE_MIN_SIDE = 10       # area uniform in [10^2, 95^2]
 PIXELATE_MAX_SIDE = patches_lib.PATCH_SIZE - 1
 RMS_TARGET = 50.0            # method.md §2.4 step 3
 COLOR_MODES = ("drop", "drop_gaussian", "project", "none")
+GRAYSCALE_PROBABILITY = 0.66  # method.md §8.2: per image, Kolesnikov et al.'s config
+# The inference preprocessing of the revisiting geometry: tf.image.per_image_standardization, per image or patch.
+STANDARDIZATION = "standardization"
+PREPROCESSING_MODES = COLOR_MODES + (STANDARDIZATION,)
+
+
+def preprocessing_mode(geometry, color_mode):
+  """What the exported models apply to their uint8 input: the run's colour mode's counterpart (doersch), or per-image
+  standardisation (revisiting)."""
+  return STANDARDIZATION if geometry == "revisiting" else color_mode
 
 
 def _bilinear_matrix(out_size, in_size, max_size):
@@ -116,8 +127,31 @@ def augment(patches, seed, color_mode="drop", pixelation=True):
   return rms_normalize(color_transform(patches, color_seed, color_mode))
 
 
+def grayscale(patches, chosen):
+  """The chosen patches (bool [n]) replaced by the mean of their R, G and B in all three channels, as Kolesnikov et
+  al.'s to_gray; the others unchanged."""
+  gray = tf.broadcast_to(tf.reduce_mean(patches, axis=-1, keepdims=True), tf.shape(patches))
+  return tf.where(chosen[:, tf.newaxis, tf.newaxis, tf.newaxis], gray, patches)
+
+
+def per_patch_standardization(patches):
+  """Each patch to mean 0 and standard deviation 1 over all its values, (x - mean) / max(std, 1/sqrt(values)):
+  tf.image.per_image_standardization, which Kolesnikov et al. apply to every patch (method.md §8.2)."""
+  return tf.image.per_image_standardization(patches)
+
+
+def revisiting_augment(patches, seed, probability=GRAYSCALE_PROBABILITY):
+  """The augmentation of the revisiting geometry (method.md §8.2) on ONE image's patches [n, P, P, 3] in 0-255 units:
+  with probability 0.66 all of them become grayscale (one draw per image, as their to_gray on the whole image: the
+  mean of the channels commutes with resizing and cropping), then every patch is standardised."""
+  chosen = tf.random.stateless_uniform([], seed) < probability
+  return per_patch_standardization(grayscale(patches, tf.fill(tf.shape(patches)[:1], chosen)))
+
+
 def standardize(images, color_mode="drop"):
-  """The deterministic counterpart of color_transform + rms_normalize, for inference (method.md §2.4 steps 2-3).
+  """The deterministic counterpart of color_transform + rms_normalize, for inference (method.md §2.4 steps 2-3), or
+  with color_mode "standardization" (preprocessing_mode of the revisiting geometry) per-image standardisation, the
+  revisiting augmentation without its random grayscale.
 
   images: float [n, H, W, 3] in 0-255 units (patches, or whole images for the fully convolutional backbone); the
   statistics are per image. project and none are the training transforms exactly. For drop (and drop_gaussian),
@@ -125,8 +159,10 @@ def standardize(images, color_mode="drop"):
   first layer's (linear) response over the three equally likely kept channels gives every channel centred and
   scaled to RMS 50/sqrt(3): the expected conv1 pre-activation, with the near-zero noise channels left out.
   """
+  if color_mode == STANDARDIZATION:
+    return per_patch_standardization(images)
   if color_mode not in COLOR_MODES:
-    raise ValueError(f"color mode {color_mode!r} is not one of {COLOR_MODES}")
+    raise ValueError(f"color mode {color_mode!r} is not one of {PREPROCESSING_MODES}")
   centred = images - tf.reduce_mean(images, axis=[1, 2], keepdims=True)
   if color_mode in ("drop", "drop_gaussian"):
     channel_rms = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=[1, 2], keepdims=True))

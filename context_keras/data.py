@@ -4,7 +4,9 @@ A batch is a set of patches plus (first, second, label) index arrays into it, so
 and every ordered pair gathers its two fc6 rows (method.md §2.5 and 3.3). Whole grids are packed into a batch until the
 next grid would overflow its patch or pair capacity, as the original packed grids into batches of at most 511
 patches; the rest of the static shape is padding, marked by `patch_mask` and `pair_mask`. Images come from
-sources.py, decoded by decoding.py; grids are cut by patches.cut_grids and augmented by augment.augment.
+sources.py, decoded by decoding.py; grids are cut by patches.cut_grids and augmented by augment.augment. The
+revisiting geometry (method.md §8.2) goes through the same packer: each image is one 3x3 grid whose pairs are its 8
+(neighbour, centre) pairs, cut by patches.cut_revisiting and augmented by augment.revisiting_augment.
 """
 import dataclasses
 
@@ -28,22 +30,49 @@ class InputConfig:
   shuffle_buffer: int = 2048
   seed: int = 0
   data_service: str | None = None
+  geometry: str = "doersch"
 
   def __post_init__(self):
-    if self.batch_patches < patches_lib.max_grid_cells():
+    if self.geometry not in patches_lib.GEOMETRIES:
+      raise ValueError(f"--geometry={self.geometry} is not one of {patches_lib.GEOMETRIES}")
+    if self.batch_patches < self.largest_grid[0]:
       raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
-                       f"({patches_lib.max_grid_cells()} patches)")
-    if self.batch_pairs < patches_lib.max_grid_pairs():
+                       f"({self.largest_grid[0]} patches)")
+    if self.batch_pairs < self.largest_grid[1]:
       raise ValueError(f"--batch_pairs={self.batch_pairs} cannot hold the pairs of the largest grid "
-                       f"({patches_lib.max_grid_pairs()})")
+                       f"({self.largest_grid[1]})")
+
+  @property
+  def largest_grid(self):
+    """(patches, pairs) of the largest grid of the geometry."""
+    if self.geometry == "revisiting":
+      return patches_lib.REVISITING_PATCHES, patches_lib.REVISITING_PAIRS
+    return patches_lib.max_grid_cells(), patches_lib.max_grid_pairs()
+
+  @property
+  def patch_size(self):
+    return patches_lib.patch_size(self.geometry)
+
+  @property
+  def images_per_batch(self):
+    """Images in every batch of one replica (revisiting: every image is one grid of 9 patches), or None when it
+    varies (doersch)."""
+    if self.geometry != "revisiting":
+      return None
+    return min(self.batch_patches // patches_lib.REVISITING_PATCHES, self.batch_pairs // patches_lib.REVISITING_PAIRS)
 
 
-def image_grids(image, seed, color_mode="drop", pixelation=True):
-  """Resize one decoded image, cut its grids and augment their patches (method.md §1.2, 2.2, 2.4).
+def image_grids(image, seed, color_mode="drop", pixelation=True, geometry="doersch"):
+  """Resize one decoded image, cut its grids and augment their patches (method.md §1.2, 2.2, 2.4; the revisiting
+  geometry: §8.2).
 
-  Returns patches.cut_grids's dict with the patches augmented: patches float32 [n, 96, 96, 3], grid_height and
+  Returns patches.cut_grids's dict with the patches augmented: patches float32 [n, P, P, 3], grid_height and
   grid_width int32 [g], usable bool; an image too small for a grid gives 0x0 grids, so that the packer counts it.
   """
+  if geometry == "revisiting":
+    cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
+    grids = patches_lib.cut_revisiting(image, cut_seed)
+    return dict(grids, patches=augment_lib.revisiting_augment(grids["patches"], augment_seed))
   resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
   grids = patches_lib.cut_grids(image, resize_seed, grid_seed)
   return dict(grids, patches=augment_lib.augment(grids["patches"], augment_seed, color_mode, pixelation))
@@ -52,17 +81,18 @@ def image_grids(image, seed, color_mode="drop", pixelation=True):
 # --------------------------------------------------------------------------------------------------------------
 # Grids -> packed batches
 
-_PATCH_SHAPE = [patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3]
+def _patch_shape(size):
+  return [size, size, 3]
 
 
-def _empty_patch_list():
-  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + _PATCH_SHAPE, tf.int64), max_num_elements=-1,
-                                    element_dtype=tf.float32)
+def _empty_patch_list(size):
+  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + _patch_shape(size), tf.int64),
+                                    max_num_elements=-1, element_dtype=tf.float32)
 
 
-def _concat_patch_list(handle):
+def _concat_patch_list(handle, size):
   values, _ = tf.raw_ops.TensorListConcatV2(
-      input_handle=handle, element_dtype=tf.float32, element_shape=tf.constant([-1] + _PATCH_SHAPE, tf.int64),
+      input_handle=handle, element_dtype=tf.float32, element_shape=tf.constant([-1] + _patch_shape(size), tf.int64),
       leading_dims=tf.zeros([0], tf.int64))
   return values
 
@@ -90,14 +120,16 @@ class _Packer:
   there continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, max_patches, max_pairs, start_image=0):
+  def __init__(self, max_patches, max_pairs, start_image=0, geometry="doersch"):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image = start_image
+    self.size = patches_lib.patch_size(geometry)
+    self.pairs = patches_lib.geometry_pairs(geometry)
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
-    return {"patches": _empty_patch_list(), "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
+    return {"patches": _empty_patch_list(self.size), "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
             "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
@@ -115,7 +147,7 @@ class _Packer:
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
-    first, second, label = patches_lib.grid_pairs(h, w)
+    first, second, label = self.pairs(h, w)
     fits = ((state["num_patches"] + n <= self.max_patches) &
             (tf.shape(state["first"])[0] + tf.shape(first)[0] <= self.max_pairs))
 
@@ -132,7 +164,7 @@ class _Packer:
       return append(dict(state, **counters)), self._nothing()
 
     def flush():
-      batch = {"ready": tf.constant(True), "patches": _concat_patch_list(state["patches"]),
+      batch = {"ready": tf.constant(True), "patches": _concat_patch_list(state["patches"], self.size),
                "first": state["first"], "second": state["second"], "label": state["label"],
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
                "resume": grid["position"]}
@@ -144,12 +176,13 @@ class _Packer:
 
   def _nothing(self):
     zero = tf.constant(0, tf.int64)
-    return {"ready": tf.constant(False), "patches": tf.zeros([0] + _PATCH_SHAPE), "first": tf.zeros([0], tf.int32),
+    return {"ready": tf.constant(False), "patches": tf.zeros([0] + _patch_shape(self.size)),
+            "first": tf.zeros([0], tf.int32),
             "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "images": zero, "too_small": zero,
             "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
 
 
-def pad_batch(batch, max_patches, max_pairs):
+def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
   """Static shapes for XLA and tf.distribute: padding patches are zero and padding pairs point at patch 0."""
   num_patches = tf.shape(batch["patches"])[0]
   num_pairs = tf.shape(batch["first"])[0]
@@ -166,7 +199,6 @@ def pad_batch(batch, max_patches, max_pairs):
       "unreadable": batch["unreadable"],
       "resume": batch["resume"],
   }
-  size = patches_lib.PATCH_SIZE
   out["patches"] = tf.ensure_shape(out["patches"], [max_patches, size, size, 3])
   for key in ("first", "second", "label", "pair_mask"):
     out[key] = tf.ensure_shape(out[key], [max_pairs])
@@ -182,7 +214,8 @@ def batches_from_images(images, config, seed, start=(0, 0)):
 
   def process(index, contents):
     image_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    return index, image_grids(decoding.decode(contents), image_seed, config.color_mode, config.pixelation)
+    return index, image_grids(decoding.decode(contents), image_seed, config.color_mode, config.pixelation,
+                              config.geometry)
 
   grids = (images.enumerate(start=start_image)
            .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -190,10 +223,10 @@ def batches_from_images(images, config, seed, start=(0, 0)):
            .flat_map(_grids_of_image))
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
-  packer = _Packer(config.batch_patches, config.batch_pairs, start_image)
+  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry)
   return (grids.scan(packer.initial_state(), packer)
           .filter(lambda batch: batch["ready"])
-          .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
+          .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))
 
 
 def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 0)):

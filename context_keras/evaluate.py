@@ -52,13 +52,14 @@ def define_flags():
                            "pretext and neighbors modes; the paper used 500 (method.md §6.3).", lower=1)
     program.define_integer("pairs_per_image", pretext.PAIRS_PER_IMAGE, "Pretext: random pairs per image (the "
                            "paper: 256).", lower=1)
-    flags.DEFINE_string("layer", None, "Feature layer: linear default = the best of conv5/pool5/fc6 on the training "
-                        "folds; neighbors default = fc6.")
+    flags.DEFINE_string("layer", None, "Feature layer: linear default = the best of the backbone's probe layers "
+                        "(conv5/pool5/fc6; VGG: conv5_3/pool5/fc6; ResNet: block3/block4/pre_logits) on the training "
+                        "folds; neighbors default = the tower's output (fc6; ResNet: pre_logits).")
     program.define_integer("folds", 5, "Linear: stratified cross-validation folds.", lower=2)
     program.define_integer("inner_folds", 3, "Linear: folds of the inner cross-validation that picks the layer.",
                            lower=2)
     program.define_integer("image_size", 192, "Linear: images are resized (shorter side) and centre-cropped to this "
-                           "square (>= 96) before the backbone.", lower=96)
+                           "square (at least one patch) before the backbone.", lower=64)
     program.define_integer("probe_epochs", linear.PROBE_EPOCHS, "Linear: full-batch Adam steps of the logistic "
                            "regression.", lower=1)
     program.define_float("probe_learning_rate", linear.PROBE_LEARNING_RATE, "Linear: Adam learning rate of the "

@@ -3,13 +3,14 @@
 
 writes (serving.py describes each)
   OUT/backbone/           SavedModel of the tower with its batch norm folded into the preceding conv/dense weights
-                          (method.md §5.1) and fc6 as a 3x3 convolution, so it takes images of any size >= 96 px.
-                          serving_default = features(images: uint8 [N, H, W, 3]) -> conv1 ... conv5, pool5, fc6 maps,
-                          with the preprocessing (augment.standardize) built in.
-  OUT/pair_classifier/    SavedModel: serving_default = logits(patch_a, patch_b: uint8 [N, 96, 96, 3]) -> 8 logits.
+                          (method.md §5.1, 8.5) and fc6 as a convolution, so it takes images of any size >= one
+                          patch (96 px; 64 for the revisiting geometry). serving_default = features(images: uint8
+                          [N, H, W, 3]) -> the backbone's named maps (conv1 ... fc6; after_root ... pre_logits), with
+                          the preprocessing (augment.standardize) built in.
+  OUT/pair_classifier/    SavedModel: serving_default = logits(patch_a, patch_b: uint8 [N, P, P, 3]) -> 8 logits.
   OUT/context_model.keras the two-input training model (unfolded, with its BN statistics) as a Keras file.
   OUT/rescale.json        with --rescale_data: Krähenbühl et al.'s rescaling of OUT/backbone
-                          (method.md §5.2, rescale.py).
+                          (method.md §5.2, rescale.py); chain towers only (alexnet_bn, vgg16_bn).
 """
 import json
 import os
@@ -33,19 +34,21 @@ FLAGS = flags.FLAGS
 def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=None, rescale_options=None):
   """Writes OUT/backbone, OUT/pair_classifier, OUT/context_model.keras (and OUT/rescale.json); returns a summary."""
   run = restore.load_run(model_dir, checkpoint)
+  folded = fold.fold_tower(run.networks.tower, run.model_config)
+  if rescale_data:
+    check_rescalable(folded, run.model_config)
   writes.check_folder(output, "output")
   logging.info("Exporting %s (step %d) to %s.", run.checkpoint, run.step, output)
   about = {"checkpoint": run.checkpoint, "step": run.step, "pixelation": run.pixelation, "rescaled": False}
   summary = dict(run.describe(), output=output)
 
-  folded = fold.fold_tower(run.networks.tower, run.model_config)
   if rescale_data:
     options = dict(rescale_options or {})
     num_patches = options.pop("num_patches", rescale_lib.NUM_PATCHES)
     source = sources.find_source(rescale_data, data_root)
-    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0))
+    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.geometry)
     logging.info("Rescaling on %d patches from %s.", len(patches), source.description)
-    report = rescale_lib.rescale(folded, serving.preprocess(patches, run.color_mode), **options)
+    report = rescale_lib.rescale(folded, serving.preprocess(patches, run.preprocessing), **options)
     report = dict(data=source.description, patches=len(patches), **report)
     writes.atomic_write_json(os.path.join(output, serving.RESCALE_FILE), report)
     about["rescaled"] = True
@@ -53,16 +56,25 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
     summary["rescale"] = {"converged": calibration["converged"],
                           "max_deviation_before": calibration["before"]["max_deviation"],
                           "max_deviation_after": calibration["after"]["max_deviation"]}
-  serving.save_backbone(folded, os.path.join(output, serving.BACKBONE_DIR), run.color_mode,
-                        serving.metadata(run.model_config, run.color_mode, folded, **about))
+  serving.save_backbone(folded, os.path.join(output, serving.BACKBONE_DIR),
+                        serving.metadata(run.model_config, run.color_mode, folded, run.geometry, **about))
   # The pair classifier keeps the unrescaled tower: rescaling changes the features its head was trained on.
   serving.save_pair_classifier(run.networks, run.model_config, os.path.join(output, serving.PAIR_CLASSIFIER_DIR),
-                               run.color_mode, serving.metadata(run.model_config, run.color_mode,
-                                                                **dict(about, rescaled=False)))
+                               serving.metadata(run.model_config, run.color_mode, geometry=run.geometry,
+                                                **dict(about, rescaled=False)))
   run.networks.context_model.save(os.path.join(output, serving.CONTEXT_MODEL_FILE))
   summary["written"] = [serving.BACKBONE_DIR, serving.PAIR_CLASSIFIER_DIR, serving.CONTEXT_MODEL_FILE] + (
       [serving.RESCALE_FILE] if rescale_data else [])
   return summary
+
+
+def check_rescalable(folded, model_config):
+  """Krähenbühl et al.'s calibration (method.md §5.2) is defined layer after layer of a feed-forward chain; a ResNet's
+  residual additions have no such order (scaling a branch changes its share of every sum), so it is refused."""
+  if not fold.is_chain(folded):
+    raise errors.UsageError(f"--rescale_data: rescaling (method.md §5.2) handles chain towers (alexnet_bn, "
+                            f"vgg16_bn); --backbone={model_config.backbone} adds residual branches, for which "
+                            "Krähenbühl et al.'s per-layer calibration is not defined. Export without --rescale_data")
 
 
 def define_flags():

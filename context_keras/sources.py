@@ -7,6 +7,7 @@ through find_source and these datasets, and TFRecord records through parse_recor
 import dataclasses
 import glob
 import importlib.util
+import json
 import os
 
 import tensorflow as tf
@@ -99,6 +100,25 @@ def find_source(data, data_root=None):
   raise errors.DataError(f"--data={data}: {path} does not exist")
 
 
+PREPARED_INDEX = "index.json"  # written by context_keras.prepare beside its shards
+
+
+def count_images(source):
+  """The images of a source, for counting epochs: its files, or for TFRecord shards the records that the
+  index.json beside them (context_keras.prepare's) gives for each of them; None when that is unknown."""
+  if source.kind == "files":
+    return len(source.paths)
+  folder = os.path.dirname(source.paths[0])
+  try:
+    with open(os.path.join(folder, PREPARED_INDEX), encoding="utf-8") as f:
+      records = {os.path.join(folder, shard["file"]): int(shard["records"]) for shard in json.load(f)["shards"]}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  if not all(path in records for path in source.paths):
+    return None
+  return sum(records[path] for path in source.paths)
+
+
 def _epoch_order(num, seed, epoch):
   """A fresh permutation of range(num) per epoch, a pure function of (seed, epoch)."""
   return tf.random.experimental.stateless_shuffle(tf.range(num), seed=tf.stack([seed, epoch]))
@@ -159,8 +179,9 @@ def finite_images(source, limit=None):
   return contents.enumerate()
 
 
-def check_readable(source, limit=None):
-  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid.
+def check_readable(source, limit=None, geometry="doersch"):
+  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid (any decodable
+  image holds the revisiting geometry's, whose resize ignores the aspect).
 
   Images are tried in listing order until one works (the first, normally), at most `limit` of them.
   """
@@ -180,7 +201,7 @@ def check_readable(source, limit=None):
       message = errors.tf_error_message(e)
       problems.append(message if message.startswith(name) else f"{name}: {message}")
     else:
-      if patches_lib.can_hold_grid(shape[0], shape[1]):
+      if geometry == "revisiting" or patches_lib.can_hold_grid(shape[0], shape[1]):
         return
       problems.append(f"{name}: {shape[1]}x{shape[0]} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px "
                       "patches")

@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   data_flags.define_source()
+  data_flags.define_geometry()
   data_flags.define_augmentation()
   data_flags.define_batching()
   model_flags.define()
@@ -101,8 +102,11 @@ def run():
                  "" if task == "chief" else f"; this is {task}{' (chief)' if is_chief else ''}")
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
-    config = run_dir.RunConfig(model=model_flags.model_config(), input=data_flags.input_config(FLAGS.seed),
-                               optimisation=optimisation_flags.optim_config(FLAGS.train_steps))
+    model_config = model_flags.model_config()
+    input_config = data_flags.input_config(FLAGS.seed)
+    source = sources.find_source(input_config.data, input_config.data_root)
+    config = run_dir.RunConfig(model=model_config, input=input_config,
+                               optimisation=optim_config(input_config, source, strategy.num_replicas_in_sync))
     precision = config.optimisation.mixed_precision
     if precision != "none":
       keras.mixed_precision.set_global_policy("mixed_" + precision)
@@ -110,13 +114,13 @@ def run():
       logging.info("Precision: %s (--mixed_precision=auto on this hardware).", precision)
     keras.utils.set_random_seed(FLAGS.seed)
 
-    source = sources.find_source(config.input.data, config.input.data_root)
-    sources.check_readable(source)
+    sources.check_readable(source, geometry=input_config.geometry)
     logging.info("Data: %s%s.", source.description, f", processed by the tf.data service at "
                  f"{config.input.data_service}" if config.input.data_service else "")
 
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
-    trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic)
+    trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic,
+                                  seed=FLAGS.seed)
     counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in trainer_lib.COUNTERS}
     with strategy.scope():
       checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)
@@ -146,15 +150,34 @@ def run():
     control = stack.enter_context(control_lib.Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request))
 
     checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
-    exports = actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input.color_mode,
+    exports = actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input,
                                   lambda: checkpoints.latest)
     profiler = actions_lib.Profile(*profile, run_dir.train_dir(write_dir))
     summary_writer = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
-    periodic = [actions_lib.Summaries(summary_writer, FLAGS.log_every, trainer, counters, FLAGS.train_steps),
+    periodic = [actions_lib.Summaries(summary_writer, FLAGS.log_every, trainer, counters, config.train_steps),
                 actions_lib.PairImages(summary_writer, FLAGS.image_summary_every),
                 actions_lib.Histograms(summary_writer, FLAGS.histogram_every, trainer.trainable_variables),
                 checkpoints, exports, profiler]
-    return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler)
+    return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler, config.train_steps)
+
+
+def optim_config(input_config, source, replicas):
+  """The optimisation config, its epochs counted in steps of the global batch (revisiting geometry)."""
+  images_per_step = input_config.images_per_batch and input_config.images_per_batch * replicas
+  epoch_images = None
+  if optimisation_flags.uses_epochs() and images_per_step:
+    epoch_images = FLAGS.epoch_images or sources.count_images(source)
+    if not epoch_images:
+      raise errors.UsageError(f"--data={source.description}: the number of images of an epoch is unknown (no "
+                              f"{sources.PREPARED_INDEX} of context_keras.prepare beside the shards); give "
+                              "--epoch_images")
+    logging.info("An epoch: %d images, %d steps of %d images.", epoch_images, epoch_images // images_per_step,
+                 images_per_step)
+  config = optimisation_flags.optim_config(FLAGS.train_steps, images_per_step, epoch_images)
+  if FLAGS.lr_scale_images:
+    logging.info("Learning rate %.4g: %.4g per %d images, for %d images per step.", config.learning_rate,
+                 FLAGS.learning_rate, FLAGS.lr_scale_images, images_per_step)
+  return config
 
 
 def input_stream(strategy, input_config, source, trainer, latest):
@@ -175,11 +198,11 @@ def close_writer(writer):
     logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
 
 
-def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler):
+def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler, train_steps):
   """The loop: compiled calls of up to --steps_per_loop steps, each ending where a periodic action is due."""
-  step, train_steps = trainer.current_step(), FLAGS.train_steps
+  step = trainer.current_step()
   if train_steps and step >= train_steps:
-    logging.info("Step %d already reaches --train_steps=%d: nothing to train.", step, train_steps)
+    logging.info("Step %d already reaches the run's %d steps: nothing to train.", step, train_steps)
     return 0
   while not train_steps or step < train_steps:
     profiler.before(step)

@@ -77,6 +77,33 @@ def test_batchnorm_ignores_padding_and_follows_caffe_average():
   np.testing.assert_allclose(out, (x[:1] - est_mean) / np.sqrt(est_var + 1e-5), rtol=1e-4, atol=1e-4)
 
 
+def test_batchnorm_statistics_survive_a_large_mean():
+  """Two-pass statistics: at mean/std = 1000 the variance of float32 values keeps its digits (one pass, the mean of
+  squares minus the squared mean, gives output stds of 0.7-2.8 here)."""
+  rng = np.random.default_rng(4)
+  x = (1000.0 + rng.normal(size=(64, 6, 6, 8))).astype(np.float32)
+  valid = np.ones(64, np.float32)
+  y = CL.CaffeBatchNorm()([x, valid], training=True).numpy()
+  np.testing.assert_allclose(y.std(axis=(0, 1, 2)), 1.0, rtol=0.01)
+  one_pass = (x ** 2).mean(axis=(0, 1, 2), dtype=np.float32) - x.mean(axis=(0, 1, 2), dtype=np.float32) ** 2
+  assert np.abs(np.sqrt(np.maximum(one_pass, 0) / x.var(axis=(0, 1, 2), dtype=np.float64)) - 1).max() > 0.1
+
+
+def test_batchnorm_with_scale_and_shift():
+  layer = CL.CaffeBatchNorm(center=True, scale=True, momentum=0.99, epsilon=1e-3)
+  rng = np.random.default_rng(5)
+  x = rng.normal(2.0, 3.0, size=(5, 3, 3, 4)).astype(np.float32)
+  valid = np.array([1, 1, 1, 1, 0], np.float32)
+  layer([x, valid])
+  layer.gamma.assign([1.0, 2.0, -1.0, 0.5])
+  layer.beta.assign([0.0, 1.0, 2.0, -3.0])
+  y = layer([x, valid], training=True).numpy()
+  mean, var = x[:4].mean(axis=(0, 1, 2)), x[:4].var(axis=(0, 1, 2))
+  expected = (x - mean) / np.sqrt(var + 1e-3) * np.array([1.0, 2.0, -1.0, 0.5]) + np.array([0.0, 1.0, 2.0, -3.0])
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+  assert {w.name for w in layer.trainable_weights} == {"gamma", "beta"}
+
+
 def test_batchnorm_before_training_is_identity():
   layer = CL.CaffeBatchNorm()
   x = np.arange(12, dtype=np.float32).reshape(3, 4)

@@ -1,5 +1,6 @@
 """A linear probe: --data is a folder with one subfolder of images per class; frozen features of --layer (global
-average pooled; default the best of conv5/pool5/fc6, chosen by an inner cross-validation on each training part), a
+average pooled; default the best of the backbone's probe layers, conv5/pool5/fc6 for alexnet_bn, chosen by an inner
+cross-validation on each training part), a
 logistic regression trained with Keras, stratified --folds-fold cross-validation; the same probe on the same folds
 on a randomly initialised backbone of the same architecture."""
 import dataclasses
@@ -12,13 +13,11 @@ import tensorflow as tf
 
 from context_keras import decoding
 from context_keras import errors
-from context_keras import patches as patches_lib
 from context_keras import sources
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
 
 NAME = "linear"
-LAYERS = ("conv5", "pool5", "fc6")
 PROBE_EPOCHS = 300
 PROBE_LEARNING_RATE = 0.05
 PROBE_L2 = 1e-4
@@ -157,7 +156,7 @@ def first_unusable_image(paths):
 def evaluate(subject, config):
   """The probe on the subject and on its random-init counterpart, on the same folds."""
   folder, folds, image_size = config.data, config.folds, config.image_size
-  layer_names = (config.layer,) if config.layer else LAYERS
+  layer_names = (config.layer,) if config.layer else subject.probe_layers
   if config.layer and config.layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
   paths, labels, names = labelled_images(folder)
@@ -165,8 +164,8 @@ def evaluate(subject, config):
   if counts.min() < folds:
     raise errors.UsageError(f"--folds={folds} needs at least {folds} images in every class of --data={folder}; "
                             f"{names[int(counts.argmin())]} has {counts.min()}")
-  if image_size < patches_lib.PATCH_SIZE:
-    raise errors.UsageError(f"--image_size={image_size} must be >= {patches_lib.PATCH_SIZE}")
+  if image_size < subject.patch_size:
+    raise errors.UsageError(f"--image_size={image_size} must be >= {subject.patch_size}, the patch size")
   images = tf.data.Dataset.from_tensor_slices(paths).map(
       lambda p: images_lib.centre_square(decoding.decode(tf.io.read_file(p)), image_size),
       num_parallel_calls=tf.data.AUTOTUNE)
