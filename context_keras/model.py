@@ -140,9 +140,11 @@ class _ResNetBuilder:
     return layers.ZeroPadding2D(((total // 2, total - total // 2),) * 2, name=name)(x) if total else x
 
   def conv(self, x, channels, kernel, stride, name):
-    if kernel > 1:
+    # At stride 1 an odd kernel's even split is TF's 'same' padding, which spares a padded copy of the input.
+    padding = "same" if stride == 1 else "valid"
+    if kernel > 1 and stride > 1:
       x = self.pad(x, kernel, f"{name}_pad")
-    return layers.Conv2D(channels, kernel, strides=stride, padding="valid", use_bias=False, name=name,
+    return layers.Conv2D(channels, kernel, strides=stride, padding=padding, use_bias=False, name=name,
                          kernel_initializer="glorot_uniform")(x)
 
   def norm(self, x, name, relu=True):

@@ -162,3 +162,30 @@ def test_capacity_must_hold_the_largest_grid():
     D.InputConfig(data="x", batch_patches=8)
   with pytest.raises(ValueError, match="batch_pairs"):
     D.InputConfig(data="x", batch_pairs=40)
+
+
+def test_revisiting_batches_hold_whole_images_and_resume_exactly(tiny_image_dir):
+  """The revisiting geometry through the same packer: every batch holds floor(min(patches/9, pairs/8)) images of 9
+  standardised 64-px patches and their 8 (neighbour, centre) pairs; it counts images and resumes exactly. Any
+  decodable image holds the geometry: an elongated one the doersch geometry refuses is used."""
+  write_png(tiny_image_dir / "long.png", np.full((20, 600, 3), 7, np.uint8))
+  config = D.InputConfig(data=str(tiny_image_dir), geometry="revisiting", batch_patches=40, batch_pairs=36)
+  assert config.images_per_batch == 4 and config.patch_size == 64
+  batches = list(D.make_dataset(config).take(4))
+  first, second, label = (t.numpy() for t in P.revisiting_pairs())
+  for batch in batches:
+    assert batch["patches"].shape == (40, 64, 64, 3) and int(batch["images"]) == 4
+    assert int(batch["too_small"]) == int(batch["unreadable"]) == 0
+    assert batch["patch_mask"].numpy().sum() == 36 and batch["pair_mask"].numpy().sum() == 32
+    offsets = np.repeat(np.arange(4) * 9, 8)
+    np.testing.assert_array_equal(batch["first"].numpy()[:32], np.tile(first, 4) + offsets)
+    np.testing.assert_array_equal(batch["second"].numpy()[:32], np.tile(second, 4) + offsets)
+    np.testing.assert_array_equal(batch["label"].numpy()[:32], np.tile(label, 4))
+    std = batch["patches"].numpy()[:36].std(axis=(1, 2, 3))
+    assert np.all((np.abs(std - 1) < 1e-3) | (std == 0))  # a constant patch stays 0
+  assert [int(b["resume"][0]) for b in batches] == [4, 8, 12, 16]
+  resumed = list(D.make_dataset(config, start=tuple(int(v) for v in batches[1]["resume"].numpy())).take(2))
+  for a, b in zip(batches[2:], resumed):
+    np.testing.assert_array_equal(a["patches"].numpy(), b["patches"].numpy())
+  with pytest.raises(ValueError, match="batch_pairs"):
+    D.InputConfig(data="x", geometry="revisiting", batch_patches=9, batch_pairs=7)

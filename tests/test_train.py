@@ -30,8 +30,10 @@ from helpers import wait_for
 # One step on two replicas equals the single-device step
 
 
-def two_batches(photo_dir, demo_list):
-  config = D.InputConfig(data=demo_list, data_root=photo_dir, batch_patches=64, batch_pairs=320)
+def two_batches(photo_dir, demo_list, geometry="doersch"):
+  capacity = dict(batch_patches=27, batch_pairs=24) if geometry == "revisiting" else dict(batch_patches=64,
+                                                                                           batch_pairs=320)
+  config = D.InputConfig(data=demo_list, data_root=photo_dir, geometry=geometry, **capacity)
   return list(D.make_dataset(config).take(2))
 
 
@@ -47,11 +49,17 @@ def concat_batches(a, b):
   return out
 
 
-def make_trainer(strategy, sync, reduction):
+# The modern towers' case: ResNet-18 with batch norm's scale and shift, in the revisiting geometry (its head has
+# dropout, whose masks differ with the replica, so the doersch head here), and the L2 terms each replica adds.
+RESNET = dict(backbone="resnet18", patch_size=64)
+
+
+def make_trainer(strategy, sync, reduction, tower=None):
   keras.utils.set_random_seed(0)
-  return trainer_lib.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync),
+  l2 = dict(l2_tower=1e-2, l2_head=5e-2) if tower else {}
+  return trainer_lib.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync, **(tower or {})),
                    trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4, momentum=0.9,
-                                 loss_reduction=reduction))
+                                 loss_reduction=reduction, **l2))
 
 
 def mirrored_step(trainer, batches):
@@ -72,16 +80,19 @@ def two_replicas():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduction, two_replicas):
-  batches = two_batches(photo_dir, demo_list)
-  mirrored = make_trainer(two_replicas, True, reduction)
-  single = make_trainer(tf.distribute.get_strategy(), True, reduction)
+@pytest.mark.parametrize("reduction, tower, geometry", [("sum", None, "doersch"), ("mean", None, "doersch"),
+                                                        ("mean", RESNET, "revisiting")],
+                         ids=["sum", "mean", "resnet18_revisiting"])
+def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduction, tower, geometry,
+                                                     two_replicas):
+  batches = two_batches(photo_dir, demo_list, geometry)
+  mirrored = make_trainer(two_replicas, True, reduction, tower)
+  single = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
   for a, b in zip(weights_of(mirrored), weights_of(single)):
     np.testing.assert_array_equal(a, b)
   mirrored_step(mirrored, batches)
   tf.function(single.replica_step)(concat_batches(*batches))
-  initial = make_trainer(tf.distribute.get_strategy(), True, reduction)
+  initial = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
   assert_same_updates(weights_of(initial), weights_of(mirrored), weights_of(single))
 
 
