@@ -22,5 +22,7 @@ setup(
         # scikit-image ships the sample photos of flags/demo.cfg.
         "demo": ["scikit-image"],
         "test": ["pytest", "pytest-timeout", "scikit-image", "pillow"],
+        # benchmarks/torch_baseline.py, the PyTorch baseline that `python -m context_keras.benchmark` runs.
+        "bench": ["torch", "scikit-image"],
     },
 )

@@ -293,14 +293,23 @@ from context_keras import program
 ours = program.defined_flags()
 for flag in ours.values():
   assert flag.help and len(flag.help) > 15, flag.name
-for name in ("demo.cfg", "deepcontext.cfg", "paper.cfg"):
+import glob, os
+from context_keras.flagsets import model as model_flags
+names = sorted(os.path.basename(p) for p in glob.glob("flags/*.cfg"))
+assert {"demo.cfg", "deepcontext.cfg", "paper.cfg", "revisiting_resnet50.cfg", "demo_revisiting.cfg"} <= set(names)
+for name in names:
   args = flags.FLAGS.read_flags_from_files([f"--flagfile=flags/{name}"], force_gnu=False)
   assert args, name
   for arg in args:
     flag_name = arg[2:].split("=")[0]
     flag_name = flag_name[2:] if flag_name not in ours and flag_name.startswith("no") else flag_name
     assert flag_name in ours, f"{name}: unknown flag {arg}"
-print("checked", len(ours))
+  # Every value parses, keeps its bounds, and the model it names can be built.
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["train", f"--flagfile=flags/{name}"])
+  program.check_bounds()
+  model_flags.model_config()
+print("checked", len(ours), "flags and", len(names), "flagfiles")
 """
 
 
