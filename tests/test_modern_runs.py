@@ -2,6 +2,8 @@
 VGG-16-BN in the original's, each resumed exactly, exported (folded, uint8 signature, rescaling where it applies)
 and evaluated; the epoch schedule; learning above chance; two replicas and bfloat16."""
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -151,3 +153,25 @@ def test_a_short_run_learns_above_chance(backbone, geometry, steps):
   last = trainer.train_loop(iterator, tf.constant(20))
   accuracy = float(last["correct"] / last["pairs"])
   assert accuracy > 0.25, accuracy
+
+
+def test_torch_baseline_runs_both_networks_and_benchmark_reports_a_missing_one(tmp_path):
+  """benchmarks/torch_baseline.py on the benchmark's shapes (skipped where torch is not installed), and the
+  benchmark's one-line message, not a traceback, when a baseline cannot run."""
+  pytest.importorskip("torch")
+  shapes = {}
+  for args in (["--tower", "resnet50_rpl", "--width", "1", "--grids", "2"], ["--tower", "alexnet_bn", "--grids", "1"]):
+    result = subprocess.run([sys.executable, f"{REPO}/benchmarks/torch_baseline.py", *args, "--steps", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    shapes[out["tower"]] = (out["patches_per_step"], out["pairs_per_step"])
+  assert shapes == {"resnet50_rpl": (18, 16), "alexnet_bn": (9, 40)}
+  result = run_module(["context_keras.benchmark", "--backbone=resnet50", "--geometry=revisiting",
+                       "--width_multiplier=0.0625", "--parts=step", "--precisions=fp32", "--grids=1",
+                       "--timed_steps=1", "--repeats=1", "--baseline_script=/nonexistent/torch_baseline.py"],
+                      cwd=REPO)
+  assert result.returncode == 0 and "Traceback" not in log_of(result), log_of(result)
+  assert "PyTorch baseline skipped: /nonexistent/torch_baseline.py:" in log_of(result)
+  assert "error" in last_json(result)["torch"]["/nonexistent/torch_baseline.py"]["fp32"]
+  assert last_json(result)["step"]["fp32"]["pairs_per_step"] == 8
