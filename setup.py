@@ -1,6 +1,9 @@
 """context_keras: self-supervised learning by context prediction (Doersch, Gupta & Efros, ICCV 2015) in TF2/Keras 3."""
 from setuptools import find_packages, setup
 
+ONNX = ["tf2onnx>=1.17.0,<1.18", "onnx>=1.23.2,<1.24", "onnxruntime>=1.32.0,<1.33"]
+LITERT = ["ai-edge-litert>=2.3.0,<2.4"]
+
 setup(
     name="context_keras",
     version="0.1.0",
@@ -21,8 +24,14 @@ setup(
         "cuda": ["tensorflow[and-cuda]>=2.16"],
         # scikit-image ships the sample photos of flags/demo.cfg.
         "demo": ["scikit-image"],
-        "test": ["pytest", "pytest-timeout", "scikit-image", "pillow"],
         # benchmarks/torch_baseline.py, the PyTorch baseline that `python -m context_keras.benchmark` runs.
         "bench": ["torch", "scikit-image"],
+        # Deployment: ONNX conversion (export --onnx) and its runtime; the LiteRT interpreter (the converter is part
+        # of TensorFlow). Verified with TensorFlow 2.21 and numpy 2.4; tf2onnx 1.16 pins protobuf 3.20, which breaks
+        # TensorFlow >= 2.20.
+        "onnx": ONNX,
+        "litert": LITERT,
+        # The deployment tests run the exports in these runtimes, so CI installs them.
+        "test": ["pytest", "pytest-timeout", "scikit-image", "pillow"] + ONNX + LITERT,
     },
 )

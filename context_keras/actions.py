@@ -8,15 +8,18 @@ exact steps whatever --steps_per_loop is.
 """
 import contextlib
 import dataclasses
+import os
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras import patches as patches_lib
 from context_keras import run_dir
 from context_keras import serving
 from context_keras import trainer as trainer_lib
+from context_keras import writes
 
 
 @dataclasses.dataclass
@@ -40,6 +43,7 @@ def steps_to_next(step, train_steps, actions, steps_per_loop):
 
 
 class Action:
+  """The interval logic every action shares; subclasses add __call__(output)."""
   every = 0
 
   def due_in(self, step):
@@ -48,9 +52,6 @@ class Action:
 
   def is_due(self, step):
     return bool(self.every) and step % self.every == 0
-
-  def __call__(self, output):
-    raise NotImplementedError
 
 
 class SummaryWriter:
@@ -162,11 +163,15 @@ class Checkpoints(Action):
 
 
 class Exports(Action):
-  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end."""
+  """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end, each
+  written whole or not at all (writes.atomic_folder); what a killed run left half-written is cleaned up first."""
 
   def __init__(self, write_dir, every, trainer, model_config, input_config, latest_checkpoint):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
     self.model_config, self.input_config, self.latest_checkpoint = model_config, input_config, latest_checkpoint
+    folder = os.path.dirname(run_dir.export_path(write_dir, 0))
+    if os.path.isdir(folder):
+      writes.recover_folders(folder)
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):
@@ -227,6 +232,13 @@ def preview_image(preview):
       board[cy * cell:cy * cell + size, cx * cell:cx * cell + size] = (patch - lo) / max(hi - lo, 1e-6)
     boards.append(board)
   return np.stack(boards) if boards else None
+
+
+def close_writer(writer):
+  try:
+    writer.close()
+  except (OSError, tf.errors.OpError) as e:  # a full disk: already reported, or the run finished before it
+    logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
 
 
 def write_hparams(writer, flag_values):

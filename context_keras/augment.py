@@ -163,11 +163,19 @@ def standardize(images, color_mode="drop"):
     return per_patch_standardization(images)
   if color_mode not in COLOR_MODES:
     raise ValueError(f"color mode {color_mode!r} is not one of {PREPROCESSING_MODES}")
-  centred = images - tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+  centred = images - image_mean(images)
   if color_mode in ("drop", "drop_gaussian"):
-    channel_rms = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=[1, 2], keepdims=True))
+    channel_rms = tf.sqrt(image_mean(tf.square(centred)))
     return tf.math.divide_no_nan(centred, channel_rms) * (RMS_TARGET / 3 ** 0.5)
   if color_mode == "project":
     centred = tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, images.dtype))
-  return rms_normalize(centred)
+  rms = tf.sqrt(tf.reduce_mean(image_mean(tf.square(centred)), axis=3, keepdims=True))
+  return tf.math.divide_no_nan(centred, rms) * RMS_TARGET
+
+
+def image_mean(images):
+  """Each image's and channel's mean [n, 1, 1, C], as the mean over rows of the row means. One reduction over H*W
+  loses float32 precision as images grow (in standardize, 1.3e-4 of the result at 480x640 against 3e-7 for the
+  nested form, method.md §11.5); every row has the same width, so the two are the same mean."""
+  return tf.reduce_mean(tf.reduce_mean(images, axis=2, keepdims=True), axis=1, keepdims=True)
 

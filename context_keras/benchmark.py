@@ -24,11 +24,16 @@ import tensorflow as tf
 
 from context_keras import data as data_lib
 from context_keras import decoding
+from context_keras import fold
+from context_keras import model as model_lib
 from context_keras import patches as patches_lib
 from context_keras import program
 from context_keras import resources
+from context_keras import restore
+from context_keras import serving
 from context_keras import sources
 from context_keras import trainer as trainer_lib
+from context_keras.evaluation import linear_job
 from context_keras.flagsets import data as data_flags
 from context_keras.flagsets import model as model_flags
 
@@ -44,11 +49,13 @@ def define_flags():
   data_flags.define_geometry()
   model_flags.define()
   with program.flag_group("benchmark"):
-    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss"],
+    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "linear_eval"],
                       "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on "
                       "one core, for comparison with the input pipeline (needs scikit-image; doersch geometry); "
                       "training_rss is the peak memory of the training program with flags/deepcontext.cfg (doersch "
-                      "geometry).")
+                      "geometry); linear_eval is the images/s of linear_eval's feature pass and training step "
+                      "(full-width AlexNet-BN backbone, 224-px crops, every layer pooled to 9,000 values, 1000 "
+                      "classes).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
     program.define_integer("grids", 0, "3x3 grids per preloaded batch (revisiting: images, 9 patches each); 0 = the "
                            "PyTorch baseline's default, 56 grids (doersch) or 16 images (revisiting).", lower=0)
@@ -291,6 +298,12 @@ def main():
   if "step" in result and "end_to_end" in result:
     result["end_to_end_ratio_vs_step"] = {p: round(result["end_to_end"][p]["pairs_per_s"] /
                                                    result["step"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
+  if "linear_eval" in FLAGS.parts:
+    backbone = serving.BackboneModule(fold.fold_tower(restore.build_networks(model_lib.ModelConfig()).tower,
+                                                      model_lib.ModelConfig()), "drop")
+    result["linear_eval"] = linear_job.measure(backbone.features, model_lib.BACKBONES["alexnet_bn"].features,
+                                               linear_job.JobConfig(), repeats=FLAGS.repeats)
+    logging.info("linear_eval: %s", result["linear_eval"])
   result["peak_rss_mb"] = round(resources.peak_rss_mb(), 1)
   if "training_rss" in FLAGS.parts and geometry == "doersch":
     result["training_peak_rss_mb"] = training_peak_rss(input_config)

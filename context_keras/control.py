@@ -68,6 +68,20 @@ class Control:
       logging.info("Pause file removed: continuing.")
       self.request.assign(REQUEST_NONE)
 
+  def honour(self, request, step, save_checkpoint):
+    """After a compiled loop stopped for `request` (summed over workers): checkpoints, then returns True when the
+    program must exit (a quit), or waits while this worker's pause file exists (another worker's pause: its next
+    step waits for it) and returns False."""
+    save_checkpoint("quit" if request == REQUEST_QUIT else "pause")
+    if request == REQUEST_QUIT:
+      logging.info("Stopped at step %d (%s).", step, self.quit_reason or "another worker asked to quit")
+      return True
+    if self.pause_requested():
+      self.wait_while_paused()  # a quit while paused stops everyone after one more step
+    else:
+      logging.info("Another worker paused the run: waiting for it in the next step.")
+    return False
+
   def __enter__(self):
     return self
 

@@ -1,13 +1,19 @@
-"""Measures what a run learned: python -m context_keras.evaluate --mode=pretext|linear|neighbors --data=...
-(--model_dir=RUN | --saved_model=OUT/backbone) [--watch]
+"""Measures what a run learned: python -m context_keras.evaluate --mode=pretext|linear|knn|finetune|neighbors
+(--model_dir=RUN | --saved_model=OUT/backbone) (--data=... | --train_data=... --val_data=...) [--watch]
 
   pretext    the paper's protocol: 8-way accuracy of the pair classifier on pairs cut from held-out images with
              the training geometry and preprocessing (evaluation/pretext.py).
-  linear     a linear probe on frozen features of a labelled folder, against a random-init network of the same
-             architecture on the same folds (evaluation/linear.py).
+  linear     a linear probe per layer on frozen features pooled to at most --probe_dims values, against a random-init
+             network of the same architecture on the same folds; --multi_label for mAP (evaluation/linear.py).
+  knn        weighted k-NN on each layer's pooled features (Wu et al. 2018), against random init (evaluation/knn.py).
+  finetune   the backbone with a new head trained end to end, against the same from random init
+             (evaluation/finetune.py).
   neighbors  the paper's nearest neighbours of random query patches, drawn one row per query
              (evaluation/neighbors.py).
   --watch    polls --model_dir and evaluates every new checkpoint, as an eval job beside training.
+
+Labelled modes read --data (cross-validated over --folds; a folder of class sub-folders, or images with --labels), or
+--train_data and --val_data. For ImageNet-scale sets, use python -m context_keras.linear_eval.
 
 Each prints ONE JSON object as its last line (with --watch, one per checkpoint), writes it to EVAL/<mode>.json and
 TensorBoard summaries to EVAL/, where EVAL is --eval_dir (default RUN/eval, or the folder holding --saved_model,
@@ -26,20 +32,24 @@ from context_keras import program
 from context_keras import restore
 from context_keras import run_dir
 from context_keras.evaluation import PROTOCOLS
+from context_keras.evaluation import features as features_lib
+from context_keras.evaluation import finetune
+from context_keras.evaluation import knn
 from context_keras.evaluation import linear
 from context_keras.evaluation import neighbors
 from context_keras.evaluation import output
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
 from context_keras.flagsets import data as data_flags
+from context_keras.flagsets import labelled as labelled_flags
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   with program.flag_group("evaluation"):
-    flags.DEFINE_enum("mode", None, sorted(PROTOCOLS), "What to measure: pretext accuracy, linear probe, or nearest "
-                      "neighbours.")
+    flags.DEFINE_enum("mode", None, sorted(PROTOCOLS), "What to measure: pretext accuracy, per-layer linear probes, "
+                      "k-NN, fine-tuning, or nearest neighbours.")
     flags.DEFINE_string("model_dir", None, "Training run to evaluate (its latest checkpoint, or --checkpoint).")
     flags.DEFINE_string("checkpoint", None, "With --model_dir: a checkpoint path (RUN/ckpt-N) or step N.")
     flags.DEFINE_string("saved_model", None, "Instead of --model_dir: an exported backbone (OUT/backbone of "
@@ -52,20 +62,47 @@ def define_flags():
                            "pretext and neighbors modes; the paper used 500 (method.md §6.3).", lower=1)
     program.define_integer("pairs_per_image", pretext.PAIRS_PER_IMAGE, "Pretext: random pairs per image (the "
                            "paper: 256).", lower=1)
-    flags.DEFINE_string("layer", None, "Feature layer: linear default = the best of the backbone's probe layers "
-                        "(conv5/pool5/fc6; VGG: conv5_3/pool5/fc6; ResNet: block3/block4/pre_logits) on the training "
-                        "folds; neighbors default = the tower's output (fc6; ResNet: pre_logits).")
-    program.define_integer("folds", 5, "Linear: stratified cross-validation folds.", lower=2)
-    program.define_integer("inner_folds", 3, "Linear: folds of the inner cross-validation that picks the layer.",
-                           lower=2)
-    program.define_integer("image_size", 192, "Linear: images are resized (shorter side) and centre-cropped to this "
-                           "square (at least one patch) before the backbone.", lower=64)
+    flags.DEFINE_string("layer", None, "Feature layer: linear and knn default = every named layer of the backbone "
+                        "(the best is reported); finetune default = the last one; neighbors default = the tower's "
+                        "output (fc6; ResNet: pre_logits).")
+    program.define_integer("folds", 5, "Labelled modes with --data: stratified cross-validation folds (finetune "
+                           "holds out fold 0).", lower=2)
+    program.define_integer("inner_folds", 0, "Linear with --data: also report selected_accuracy, the layer chosen "
+                           "per fold by an inner cross-validation of this many folds on its training part (so no test "
+                           "image takes part in the choice); 0 = off.", lower=0)
+    program.define_integer("image_size", 192, "Labelled modes: images are resized (shorter side) and centre-cropped "
+                           "to this square (>= 96) before the backbone (finetune trains on random-resized crops of "
+                           "this size).", lower=96)
     program.define_integer("probe_epochs", linear.PROBE_EPOCHS, "Linear: full-batch Adam steps of the logistic "
                            "regression.", lower=1)
     program.define_float("probe_learning_rate", linear.PROBE_LEARNING_RATE, "Linear: Adam learning rate of the "
                          "probe.", above=0)
     program.define_float("probe_l2", linear.PROBE_L2, "Linear: L2 penalty on the probe's weights (standardised "
                          "features).", lower=0)
+    program.define_integer("probe_dims", features_lib.PROBE_DIMS, "Linear: each layer's map is pooled to at most "
+                           "this many values (Zhang et al. 2017, Goyal et al. 2019: about 9,000); 1 = global average "
+                           "pooling.", lower=1)
+    flags.DEFINE_enum("probe_pool", "avg", features_lib.POOL_MODES, "Linear: avg = adaptive average pooling to the "
+                      "largest square grid within --probe_dims (Zhang et al., Goyal et al. average); max = "
+                      "Kolesnikov et al. 2019's max pooling with kernel = stride = ceil(sqrt(HWC / probe_dims)).")
+    flags.DEFINE_string("labels", None, "Labelled modes: a labels file for --data: lines 'NAME LABEL' (NAME relative "
+                        "to --data, or to the labels file's folder without --data), or 'NAME LABEL1,LABEL2,...' with "
+                        "--multi_label ('?LABEL': class ignored on that image, VOC's difficult).")
+    flags.DEFINE_bool("multi_label", False, "Linear and finetune: multi-label classification (one sigmoid per "
+                      "class), scored by mean average precision, VOC 2007's 11-point and the area under the curve.")
+    program.define_integer("knn_k", knn.K, "Knn: neighbours that vote (mmselfsup's 20; Wu et al. 2018 used 200).",
+                           lower=1)
+    program.define_float("knn_temperature", knn.TEMPERATURE, "Knn: votes are weighted by exp(cosine similarity / "
+                         "this) (Wu et al. 2018).", above=0)
+    flags.DEFINE_string("freeze_up_to", None, "Finetune: layers up to and including this one stay frozen (default: "
+                        "none).")
+    program.define_integer("finetune_epochs", finetune.EPOCHS, "Finetune: epochs over the training split.", lower=1)
+    program.define_float("finetune_learning_rate", finetune.LEARNING_RATE, "Finetune: SGD learning rate after a "
+                         "one-epoch warm-up, then cosine decay to 0.", above=0)
+    program.define_float("finetune_weight_decay", finetune.WEIGHT_DECAY, "Finetune: L2 on the kernels (as in the "
+                         "loss: gradient += this * weight).", lower=0)
+    flags.DEFINE_bool("finetune_rescale", True, "Finetune: apply Krähenbühl et al.'s rescaling (method.md §5.2) to "
+                      "a backbone that was not rescaled before training it (and to the random-init one).")
     program.define_integer("queries", 20, "Neighbors: random query patches (the paper drew 1000 and showed a few).",
                            lower=1)
     program.define_integer("top_k", 8, "Neighbors: neighbours shown per query.", lower=1)
@@ -77,11 +114,16 @@ def define_flags():
                            "checkpoint (it also stops at the run's --train_steps).", lower=1)
   data_flags.define_source()
   data_flags.define_augmentation()
+  labelled_flags.define_splits()
 
 
 def protocol_config(mode):
   """The chosen protocol's Config from the flags."""
   common = {"data": FLAGS.data, "seed": FLAGS.seed}
+  labelled_data = {"labels": FLAGS.labels, "train_data": FLAGS.train_data, "train_labels": FLAGS.train_labels,
+                   "val_data": FLAGS.val_data, "val_labels": FLAGS.val_labels, "multi_label": FLAGS.multi_label,
+                   "folds": FLAGS.folds, "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
+                   "layer": FLAGS.layer}
   if mode == pretext.NAME:
     return pretext.Config(**common, data_root=FLAGS.data_root, images=FLAGS.images,
                           pairs_per_image=FLAGS.pairs_per_image,
@@ -89,9 +131,15 @@ def protocol_config(mode):
                           color_mode=FLAGS.color_mode if FLAGS["color_mode"].present else None,
                           pixelation=FLAGS.pixelation if FLAGS["pixelation"].present else None)
   if mode == linear.NAME:
-    return linear.Config(**common, layer=FLAGS.layer, folds=FLAGS.folds, inner_folds=FLAGS.inner_folds,
-                         image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, probe_epochs=FLAGS.probe_epochs,
-                         probe_learning_rate=FLAGS.probe_learning_rate, probe_l2=FLAGS.probe_l2)
+    return linear.Config(**common, **labelled_data, inner_folds=FLAGS.inner_folds, probe_epochs=FLAGS.probe_epochs,
+                         probe_learning_rate=FLAGS.probe_learning_rate, probe_l2=FLAGS.probe_l2,
+                         probe_dims=FLAGS.probe_dims, probe_pool=FLAGS.probe_pool)
+  if mode == knn.NAME:
+    return knn.Config(**common, **labelled_data, k=FLAGS.knn_k, temperature=FLAGS.knn_temperature)
+  if mode == finetune.NAME:
+    return finetune.Config(**common, **labelled_data, freeze_up_to=FLAGS.freeze_up_to, epochs=FLAGS.finetune_epochs,
+                           learning_rate=FLAGS.finetune_learning_rate, weight_decay=FLAGS.finetune_weight_decay,
+                           rescale=FLAGS.finetune_rescale)
   return neighbors.Config(**common, data_root=FLAGS.data_root, images=FLAGS.images, layer=FLAGS.layer,
                           queries=FLAGS.queries, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
                           compare_random_init=FLAGS.compare_random_init)
@@ -107,7 +155,10 @@ def eval_dir_for(model_dir, saved_model, eval_dir):
 
 def evaluate_and_emit(mode, subject, config, eval_dir, about=None):
   start = time.time()
+  logging.info("Evaluating --mode=%s of %s (step %d).", mode, subject.about.get("checkpoint") or
+               subject.about.get("saved_model") or "the subject", subject.step)
   result = PROTOCOLS[mode].evaluate(subject, config)
+  logging.info("--mode=%s done in %.1f s; results in %s.", mode, time.time() - start, eval_dir)
   metrics = {"mode": mode, **subject.about, **(about or {}), "seed": config.seed,
              "seconds": round(time.time() - start, 1), **result.metrics}
   return output.emit(mode, metrics, result, eval_dir, subject.step)
@@ -146,7 +197,7 @@ def main():
     raise errors.UsageError("give exactly one of --model_dir (a training run) and --saved_model (OUT/backbone)")
   if FLAGS.watch and not FLAGS.model_dir:
     raise errors.UsageError("--watch evaluates the new checkpoints of a --model_dir")
-  if not FLAGS.data:
+  if not FLAGS.data and mode in (pretext.NAME, neighbors.NAME):
     raise errors.UsageError(f"--data is required: the images of --mode={mode}")
   config = protocol_config(mode)
   eval_dir = eval_dir_for(FLAGS.model_dir, FLAGS.saved_model, FLAGS.eval_dir)

@@ -2,6 +2,8 @@
 batch-norm layer, for any graph of layers (chains, and the ResNets' residual additions).
 
 Training's exports, the export program and every evaluation use fold_tower; the pair classifier folds the head too.
+The copy can also replace 'same' max pooling by Caffe's ceil-mode pooling (method.md §11.4), which the training
+tower stands in for at 96 px but not at other sizes.
 """
 import contextlib
 
@@ -47,6 +49,28 @@ def is_chain(model):
   return True
 
 
+POOLINGS = ("auto", "caffe", "trained")
+
+
+def _is_relu(layer):
+  if isinstance(layer, layers.ReLU):
+    config = layer.get_config()
+    return not config.get("negative_slope") and not config.get("threshold")
+  return isinstance(layer, layers.Activation) and layer.get_config()["activation"] == "relu"
+
+
+def _caffe_pool(layer, x):
+  """Caffe's max pooling with pad 0 and ceil rounding, ceil((H - k)/s) + 1 windows each clipped at the bottom/right
+  edge, as standard layers: pad bottom and right by s - 1, then pool 'valid' (floor((H + s - 1 - k)/s) + 1 is the
+  same count, and every window keeps at least one real row when k >= s). The padding is zeros, which a max ignores
+  only because the input is a ReLU output (>= 0); the caller checks that."""
+  (kh, kw), (sh, sw) = layer.pool_size, layer.strides
+  if kh < sh or kw < sw:
+    raise ValueError(f"{layer.name}: Caffe pooling needs windows at least as large as the strides")
+  x = layers.ZeroPadding2D(((0, sh - 1), (0, sw - 1)), name=f"{layer.name}_pad", dtype="float32")(x)
+  return _clone(layer, padding="valid")(x)
+
+
 def _bn_affine(layer):
   """(a, c) of a batch-norm layer in inference: y = a x + c per channel, float64, from the moving statistics and
   the learned scale and shift: a = gamma / sqrt(var + eps), c = beta - a mean."""
@@ -56,7 +80,7 @@ def _bn_affine(layer):
   return a, beta - a * mean
 
 
-def fold_batchnorm(model, fully_convolutional=False, outputs=None):
+def fold_batchnorm(model, fully_convolutional=False, outputs=None, caffe_pooling=False):
   """A float32 copy of a model (the tower or the head) with every CaffeBatchNorm folded away (method.md §5.1):
   with a = gamma/s, s = sqrt(var + eps), from the moving statistics, a BN whose input is a conv or dense layer's
   output (and nothing else's input) is folded into that layer, W' = a W, b' = a (b - mu) + beta, so that W'x + b'
@@ -68,7 +92,9 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
   valid convolution over the flattened map's extent (3x3 for a 96-px patch), as the paper's detection network turns
   fc6 into conv6 (method.md §6.1), and a global average pool keeps its 1x1 map. `outputs`: names of layers whose
   outputs the model returns as a dict (a conv or dense layer after its BN and ReLU, any other layer as is); default,
-  the model's output.
+  the model's output. With caffe_pooling, every 'same' max pooling becomes Caffe's ceil-mode pooling (_caffe_pool):
+  identical wherever the two agree (all sizes of a 96-px patch), Caffe's sizes and windows elsewhere; each such
+  pool must take a ReLU's output.
   """
   nodes = _nodes(model)
   consumers = {}
@@ -85,6 +111,7 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
     parameter_of = {}  # new tensor -> name of the conv/dense layer whose (normalised) output it is
     flattened = {}    # new tensor -> spatial extent of the map a skipped Flatten would have flattened
     activated = {}    # layer name -> its output (a conv/dense layer: after its BN and ReLU)
+    non_negative = set()  # new tensors that are a ReLU's output, or a max pool of one
     for node in nodes:
       layer = node.operation
       old_x = node.input_tensors[0]
@@ -134,14 +161,24 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
         else:
           y = layers.Activation(activation, name=f"{layer.name}_{activation}", dtype="float32")(y)
           activated[layer.name] = y
+          if activation == "relu":
+            non_negative.add(id(y))
         tensors[id(out)] = y
         continue
-      if isinstance(layer, layers.GlobalAveragePooling2D) and fully_convolutional:
-        new = _clone(layer, keepdims=True)
+      if caffe_pooling and isinstance(layer, layers.MaxPooling2D) and layer.padding == "same":
+        if id(x) not in non_negative:
+          raise ValueError(f"{layer.name} does not follow a ReLU: its Caffe pooling would pad with zeros that a "
+                           "max does not ignore")
+        y = _caffe_pool(layer, x)
       else:
-        new = _clone(layer)
-      args, kwargs = node.arguments.fill_in(tensors)
-      y = new(*args, **kwargs)
+        if isinstance(layer, layers.GlobalAveragePooling2D) and fully_convolutional:
+          new = _clone(layer, keepdims=True)
+        else:
+          new = _clone(layer)
+        args, kwargs = node.arguments.fill_in(tensors)
+        y = new(*args, **kwargs)
+      if _is_relu(layer) or (isinstance(layer, layers.MaxPooling2D) and id(x) in non_negative):
+        non_negative.add(id(y))
       tensors[id(out)] = y
       activated[layer.name] = y
       if isinstance(layer, (layers.ReLU, layers.Activation)) and parameter_of.get(id(x)):
@@ -158,7 +195,17 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None):
   return result
 
 
-def fold_tower(tower, model_config):
+def caffe_pooling(model_config, pooling="auto"):
+  """Whether a backbone is exported with Caffe's ceil-mode pooling: `pooling` is one of POOLINGS; auto = the
+  backbone's own choice (model.Backbone.caffe_pooling: AlexNet-BN's original was a Caffe network)."""
+  if pooling not in POOLINGS:
+    raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}")
+  return model_lib.BACKBONES[model_config.backbone].caffe_pooling if pooling == "auto" else pooling == "caffe"
+
+
+def fold_tower(tower, model_config, pooling="auto"):
   """The backbone: the tower folded, fully convolutional, returning the maps of its backbone's named layers
-  (model.BACKBONES[...].features)."""
-  return fold_batchnorm(tower, fully_convolutional=True, outputs=model_lib.BACKBONES[model_config.backbone].features)
+  (model.BACKBONES[...].features), with Caffe's pooling where caffe_pooling(model_config, pooling) says so."""
+  return fold_batchnorm(tower, fully_convolutional=True, outputs=model_lib.BACKBONES[model_config.backbone].features,
+                        caffe_pooling=caffe_pooling(model_config, pooling))
+

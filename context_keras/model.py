@@ -67,7 +67,7 @@ def _dense_init():
 def alexnet_bn_tower(config):
   """CaffeNet without groups (method.md §3.1): conv1 11x11/4 pad 5 -> pool -> LRN -> conv2 5x5 -> pool -> LRN ->
   conv3-5 3x3 with BN -> pool -> fc6 with BN. Pools use Caffe's ceil rounding, which 'same' padding reproduces at
-  these sizes (24->12->6->3, method.md §3.6)."""
+  these sizes (24->12->6->3, method.md §3.6); exports of other sizes make them Caffe's (Backbone.caffe_pooling)."""
   m = config.width_multiplier
   size = config.patch_size
   patches = keras.Input((size, size, 3), name="patches")
@@ -214,21 +214,20 @@ def resnet_tower(config):
 class Backbone:
   """A patch tower: `build(config)` gives the Keras model (patches [N, P, P, 3], valid [N]) -> features [N, D];
   `features` names its layers whose outputs the exported backbone returns, from input to output (a conv or dense
-  layer after its BN and ReLU); `probe_layers` are the linear probe's default candidates."""
+  layer after its BN and ReLU). `caffe_pooling`: its 'same' max pools stand for Caffe's ceil-mode pools, which
+  exports reproduce at every input size (fold.fold_tower, method.md §11.4)."""
   build: object
   features: tuple
-  probe_layers: tuple
+  caffe_pooling: bool = False
 
 
-_RESNET = Backbone(resnet_tower, ("after_root", "block1", "block2", "block3", "block4", "pre_logits"),
-                   ("block3", "block4", "pre_logits"))
+_RESNET = Backbone(resnet_tower, ("after_root", "block1", "block2", "block3", "block4", "pre_logits"))
 BACKBONES = {
     # Each conv/fc after its (folded) BN and ReLU, and the last pooling (method.md §3.1).
     "alexnet_bn": Backbone(alexnet_bn_tower, ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6"),
-                           ("conv5", "pool5", "fc6")),
+                           caffe_pooling=True),
     "vgg16_bn": Backbone(vgg16_bn_tower, tuple(f"conv{s}_{i}" for s, (_, n) in enumerate(VGG16_STAGES, start=1)
-                                               for i in range(1, n + 1)) + ("pool5", "fc6"),
-                         ("conv5_3", "pool5", "fc6")),
+                                               for i in range(1, n + 1)) + ("pool5", "fc6")),
     "resnet18": _RESNET,
     "resnet34": _RESNET,
     "resnet50": _RESNET,

@@ -9,8 +9,10 @@ rejected.txt and index.json -> the program's flags and main.
 
 Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes (or a
 JPEG re-encoding of a downscaled copy when --max_pixels asks for it); image/height, image/width and image/filename
-ride along for inspection. DIR/.prepare/ keeps what a re-run needs: the manifest of the input and, per complete
-shard, its counts and rejected files.
+ride along for inspection. With --labels (folders: the class sub-folder of --data; or a labels file, lines 'NAME
+CLASS') each record also holds its class index and name (sources.TFRECORD_CLASS_INDEX_KEY, _NAME_KEY) and
+index.json the list of classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what a re-run
+needs: the manifest of the input and, per complete shard, its counts and rejected files.
 """
 import concurrent.futures
 import dataclasses
@@ -31,6 +33,7 @@ import tensorflow as tf
 
 from context_keras import decoding
 from context_keras import errors
+from context_keras import labelled
 from context_keras import patches as patches_lib
 from context_keras import program
 from context_keras import sources
@@ -66,12 +69,24 @@ class PrepareConfig:
   max_decode_pixels: int = decoding.MAX_DECODE_PIXELS
   workers: int = 1
   seed: int = 0
+  labels: str | None = None  # "folders" or a labels file
 
 
 def config_from_flags():
   return PrepareConfig(data=FLAGS.data, output=FLAGS.output, num_shards=FLAGS.num_shards, data_root=FLAGS.data_root,
                        max_pixels=FLAGS.max_pixels, max_decode_pixels=FLAGS.max_decode_pixels,
-                       workers=FLAGS.workers, seed=FLAGS.seed)
+                       workers=FLAGS.workers, seed=FLAGS.seed, labels=FLAGS.labels)
+
+
+def labels_of(config):
+  """(image paths, {path: (class index, class name)}, classes) of --labels, or (None, None, None) without it."""
+  if not config.labels:
+    return None, None, None
+  if config.labels == "folders":
+    found = labelled.class_folders(config.data, "--data")
+  else:
+    found = labelled.labelled_files(config.data, config.labels)
+  return list(found.paths), {p: (int(k), found.classes[k]) for p, k in zip(found.paths, found.labels)}, found.classes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,7 +117,7 @@ def make_manifest(config, names):
   listing = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
   return {"data": config.data, "data_root": config.data_root, "num_shards": config.num_shards,
           "seed": config.seed, "max_pixels": config.max_pixels, "max_decode_pixels": config.max_decode_pixels,
-          "images": len(names), "listing_sha256": listing}
+          "images": len(names), "listing_sha256": listing, "labels": config.labels}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,7 +160,7 @@ def check_earlier_run(output, manifest):
     if (earlier.get("images"), earlier.get("listing_sha256")) != (manifest["images"], manifest["listing_sha256"]):
       differences.append(f"images: {earlier.get('images')} listed from --data={earlier.get('data')} then, "
                          f"{manifest['images']} listed from --data={manifest['data']} now, or other file names")
-    for key in ("num_shards", "seed", "max_pixels", "max_decode_pixels"):
+    for key in ("num_shards", "seed", "max_pixels", "max_decode_pixels", "labels"):
       if earlier.get(key) != manifest[key]:
         differences.append(f"--{key}={earlier.get(key)} then, {manifest[key]} now")
     if differences:
@@ -240,10 +255,13 @@ def _int_feature(value):
   return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def make_example(outcome, name):
+def make_example(outcome, name, label=None):
   feature = {sources.TFRECORD_IMAGE_KEY: _bytes_feature(outcome.contents),
              "image/height": _int_feature(outcome.height), "image/width": _int_feature(outcome.width),
              "image/filename": _bytes_feature(name.encode("utf-8", "surrogateescape"))}
+  if label is not None:
+    feature[sources.TFRECORD_CLASS_INDEX_KEY] = _int_feature(label[0])
+    feature[sources.TFRECORD_CLASS_NAME_KEY] = _bytes_feature(label[1].encode("utf-8", "surrogateescape"))
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
@@ -289,7 +307,7 @@ def _duration(seconds):
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def write_shard(config, output, name, paths, names, progress=None, stop=None):
+def write_shard(config, output, name, paths, names, progress=None, stop=None, labels=None):
   """Writes one shard under a temporary name, records its state, then renames it into place; returns the state."""
   path = os.path.join(output, name)
   partial = path + PARTIAL_SUFFIX
@@ -307,7 +325,7 @@ def write_shard(config, output, name, paths, names, progress=None, stop=None):
         if outcome.reason:
           rejected.append([image_path, outcome.reason])
         else:
-          writer.write(make_example(outcome, names[image_path]))
+          writer.write(make_example(outcome, names[image_path], labels[image_path] if labels else None))
           records += 1
           reencoded += int(outcome.reencoded)
         if progress:
@@ -341,8 +359,9 @@ def prepare(config, stop=None):
   if source.kind != "files":
     raise errors.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images or a "
                            "list file")
+  labelled_paths, labels, classes = labels_of(config)
   prepare_output(config.output)
-  paths = list(source.paths)
+  paths = labelled_paths or list(source.paths)
   names = dict(zip(paths, relative_names(paths)))
   check_earlier_run(config.output, make_manifest(config, [names[p] for p in paths]))
   if config.num_shards > len(paths):
@@ -367,7 +386,7 @@ def prepare(config, stop=None):
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(config.workers, len(pending)),
                                                thread_name_prefix="prepare") as pool:
       futures = {pool.submit(write_shard, config, config.output, shard_names[i], assigned[i], names, progress,
-                             stop): shard_names[i] for i in pending}
+                             stop, labels): shard_names[i] for i in pending}
       try:
         remaining = set(futures)
         while remaining:
@@ -383,7 +402,7 @@ def prepare(config, stop=None):
     if stop.is_set():
       raise Interrupted()
 
-  index = write_index(config, shard_names, [states[name] for name in shard_names], len(paths))
+  index = write_index(config, shard_names, [states[name] for name in shard_names], len(paths), classes)
   seconds = time.monotonic() - start
   logging.info("Done in %.1f s: %d shards in %s (%d written, %d kept): %d images in them, %d rejected%s, %d "
                "re-encoded, "
@@ -397,7 +416,7 @@ def prepare(config, stop=None):
   return index
 
 
-def write_index(config, shard_names, states, num_images):
+def write_index(config, shard_names, states, num_images, classes=None):
   """rejected.txt (path TAB reason, sorted by path), then index.json, the last file written."""
   rejected = sorted(item for state in states for item in state["rejected"])
   writes.atomic_write(os.path.join(config.output, REJECTED_FILE),
@@ -419,6 +438,8 @@ def write_index(config, shard_names, states, num_images):
       "max_pixels": config.max_pixels,
       "max_decode_pixels": config.max_decode_pixels,
   }
+  if classes:
+    index.update({"labels": config.labels, "classes": list(classes)})
   writes.atomic_write(os.path.join(config.output, INDEX_FILE), json.dumps(index, indent=1) + "\n")
   return index
 
@@ -445,6 +466,10 @@ def define_flags():
     program.define_integer("workers", os.cpu_count() or 1, "Shards written at the same time, one thread each.",
                            lower=1)
     program.define_integer("seed", 0, "Seed of the shuffle that assigns images to shards.", lower=0)
+    flags.DEFINE_string("labels", None, "Labelled shards for evaluate and linear_eval: 'folders' = the class is the "
+                        "sub-folder of the --data folder an image is in (ImageNet's train/ layout); or a labels file, "
+                        "lines 'NAME CLASS' with NAME relative to --data (ImageNet's validation images and their "
+                        "synsets). Each record then holds its class index and name, index.json the classes.")
 
 
 def main():

@@ -2,6 +2,7 @@
 float32, for export and evaluation (run_dir.py says where things are; this builds and restores them)."""
 import dataclasses
 
+from absl import logging
 import tensorflow as tf
 
 from context_keras import augment
@@ -63,11 +64,41 @@ class Run:
             "head": self.model_config.head, "geometry": self.geometry, "color_mode": self.color_mode}
 
 
+# How often a run's latest checkpoint may vanish while it is read before load_run gives up.
+ATTEMPTS = 5
+
+
+def _complete(path):
+  """Whether all files of checkpoint `path` are still there (its index and data shards)."""
+  data = tf.io.gfile.glob(f"{path}.data-*")
+  shards = data[0].rsplit("-of-", 1)[-1] if data else ""
+  return tf.io.gfile.exists(f"{path}.index") and bool(data) and shards.isdigit() and len(data) == int(shards)
+
+
 def load_run(model_dir, checkpoint=None):
-  """Rebuilds a run's architecture from its recorded config and restores a checkpoint (default: the latest)."""
+  """Rebuilds a run's architecture from its recorded config and restores a checkpoint (default: the latest).
+
+  A trainer with --keep_checkpoints deletes its oldest checkpoint whenever it writes one, which can be the one being
+  read here: the latest is then looked up again and read, and a `checkpoint` chosen by the caller is named in a
+  UsageError with the checkpoints that remain."""
   config = run_dir.read_config(model_dir)
-  path = run_dir.find_checkpoint(model_dir, checkpoint)
   networks = build_networks(config.model)
-  restore(networks, path)
-  return Run(model_dir=model_dir, checkpoint=path, step=run_dir.checkpoint_step(path), config=config,
-             networks=networks)
+  for _ in range(ATTEMPTS):
+    path = run_dir.find_checkpoint(model_dir, checkpoint)
+    try:
+      restore(networks, path)
+      step = run_dir.checkpoint_step(path)
+    except tf.errors.OpError as e:
+      if _complete(path):
+        raise errors.UsageError(f"checkpoint {path} cannot be read: {errors.tf_error_message(e)}") from e
+      if checkpoint:
+        remaining = ", ".join(run_dir.checkpoint_paths(model_dir)) or "none"
+        raise errors.UsageError(f"--checkpoint={checkpoint}: {path} disappeared while it was being read (a training "
+                                "run's --keep_checkpoints removes old checkpoints); the run now holds: "
+                                f"{remaining}") from e
+      logging.warning("%s disappeared while it was being read (the trainer removes old checkpoints); reading the "
+                      "latest again: %s", path, errors.tf_error_message(e, 200))
+      continue
+    return Run(model_dir=model_dir, checkpoint=path, step=step, config=config, networks=networks)
+  raise errors.UsageError(f"--model_dir={model_dir}: its latest checkpoint ({path}) disappeared {ATTEMPTS} times "
+                          "while it was being read; is the run's --keep_checkpoints very small?")

@@ -13,6 +13,7 @@ resume), so that every path in it and every way of reading it back has one home.
 """
 import dataclasses
 import fcntl
+import glob
 import json
 import logging as std_logging
 import os
@@ -72,7 +73,7 @@ class Lock:
   ends, even by kill -9, so a crashed run never leaves it stuck. (flock is per host: on a shared file system, runs
   on two hosts are not kept apart.)"""
 
-  def __init__(self, model_dir):
+  def __init__(self, model_dir, flag="model_dir", what="training process"):
     self.path = os.path.join(model_dir, LOCK_FILE)
     self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
     try:
@@ -81,11 +82,11 @@ class Lock:
       self._file.seek(0)
       holder = self._file.read().strip() or "another process"
       self._file.close()
-      raise errors.UsageError(f"--model_dir={model_dir} is in use by {holder} (lock {self.path}); stop that run "
-                              "first, or choose another --model_dir") from None
+      raise errors.UsageError(f"--{flag}={model_dir} is in use by {holder} (lock {self.path}); stop that run "
+                              f"first, or choose another --{flag}") from None
     self._file.seek(0)
     self._file.truncate()
-    self._file.write(f"training process {os.getpid()} on {socket.gethostname()}\n")
+    self._file.write(f"{what} {os.getpid()} on {socket.gethostname()}\n")
     self._file.flush()
 
   def __enter__(self):
@@ -108,10 +109,10 @@ class _LogFileHandler(std_logging.FileHandler):
 
 
 class LogFile:
-  """Appends this process's log lines to RUN/train.log while in use (a context manager)."""
+  """Appends this process's log lines to RUN/train.log (or folder/name) while in use (a context manager)."""
 
-  def __init__(self, model_dir):
-    self.handler = _LogFileHandler(os.path.join(model_dir, LOG_FILE))
+  def __init__(self, model_dir, name=LOG_FILE):
+    self.handler = _LogFileHandler(os.path.join(model_dir, name))
     self.handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
   def __enter__(self):
@@ -130,10 +131,12 @@ def write_flags(model_dir, lines):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """What a run was trained with, as RUN/config.json records it."""
+  """What a run was trained with, as RUN/config.json records it; `init_from`, what the run started from
+  (warm_start.initialise's record), or None for a run from random initialisation."""
   model: model_lib.ModelConfig
   input: data_lib.InputConfig
   optimisation: trainer_lib.OptimConfig
+  init_from: dict = None
 
   @property
   def train_steps(self):
@@ -205,13 +208,14 @@ def read_config(model_dir):
       with open(path, encoding="utf-8") as f:
         recorded = json.load(f)
       parts = (recorded["model"], recorded["input"], recorded["optimisation"])
+      init_from = recorded.get("init_from")
     elif os.path.isfile(os.path.join(model_dir, FLAGS_FILE)):
-      parts = (read_flags(model_dir),) * 3
+      parts, init_from = (read_flags(model_dir),) * 3, None
     else:
       raise errors.UsageError(f"--model_dir={model_dir} has no {CONFIG_FILE} or {FLAGS_FILE}: not a run directory "
                               "of context_keras.train")
     return RunConfig(_from_values(model_lib.ModelConfig, parts[0]), _from_values(data_lib.InputConfig, parts[1]),
-                     _from_values(trainer_lib.OptimConfig, parts[2]))
+                     _from_values(trainer_lib.OptimConfig, parts[2]), init_from)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: {e}") from e
 
@@ -221,13 +225,26 @@ def find_checkpoint(model_dir, choice=None):
   if choice:
     path = os.path.join(model_dir, f"{CHECKPOINT_PREFIX}-{choice}") if str(choice).isdigit() else choice
     if not tf.io.gfile.exists(path + ".index"):
-      raise errors.UsageError(f"--checkpoint={choice}: no checkpoint {path} (no {path}.index)")
+      remaining = ", ".join(checkpoint_paths(model_dir)) if os.path.isdir(model_dir) else ""
+      raise errors.UsageError(f"--checkpoint={choice}: no checkpoint {path} (no {path}.index)"
+                              + (f"; the run holds: {remaining}" if remaining else ""))
     return path
   _check_exists(model_dir)
   path = tf.train.latest_checkpoint(model_dir)
   if not path:
     raise errors.UsageError(f"--model_dir={model_dir} holds no checkpoint ({CHECKPOINT_PREFIX}-N) yet")
   return path
+
+
+def checkpoint_paths(model_dir):
+  """RUN/ckpt-N of every checkpoint in RUN (its .index file present), by step."""
+  found = []
+  for index in glob.glob(os.path.join(glob.escape(model_dir), f"{CHECKPOINT_PREFIX}-*.index")):
+    path = index[:-len(".index")]
+    suffix = path.rsplit("-", 1)[-1]
+    if suffix.isdigit():
+      found.append((int(suffix), path))
+  return [path for _, path in sorted(found)]
 
 
 def checkpoint_step(path):

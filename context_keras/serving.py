@@ -4,11 +4,17 @@ with explicit signatures and the preprocessing built in, plus the metadata file 
 An export folder OUT (python -m context_keras.export) holds
   OUT/backbone/            BackboneModule: features (uint8 images of any size >= one patch -> maps) and
                            patch_features
+  OUT/backbone.keras       the same backbone as a Keras file of standard layers (plain_model.py)
   OUT/pair_classifier/     PairClassifierModule: logits (uint8 patch pairs -> 8 logits) and logits_preprocessed
   OUT/context_model.keras  the two-input training model (unfolded, with its BN statistics)
   OUT/rescale.json         with rescaling: rescale.py's report
+  OUT/backbone*.tflite, OUT/backbone.onnx   on request: conversions of OUT/backbone (convert.py)
 Training writes the same backbone module to RUN/export/backbone_<step> (export_backbone). Both SavedModels need only
 TensorFlow: tf.saved_model.load works in a process that never imports context_keras.
+
+The modules hold their weights as constants of the traced functions, not as variables (method.md §11.1): a module
+that tracks a Keras model saves Keras's variable wrappers, which TensorFlow Lite's converter then leaves unfrozen
+(its models read uninitialised variables: NaN). read_weights gets the weights back.
 """
 import dataclasses
 import json
@@ -16,6 +22,7 @@ import os
 
 import keras
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from context_keras import augment as augment_lib
 from context_keras import caffe_layers
@@ -26,11 +33,14 @@ from context_keras import patches as patches_lib
 from context_keras import writes
 
 BACKBONE_DIR = "backbone"
+BACKBONE_KERAS_FILE = "backbone.keras"
 PAIR_CLASSIFIER_DIR = "pair_classifier"
 CONTEXT_MODEL_FILE = "context_model.keras"
 RESCALE_FILE = "rescale.json"
 # SavedModel's folder for files of higher-level libraries, which loaders ignore.
 METADATA_FILE = os.path.join("assets.extra", "context_keras.json")
+# Name scope of the weight constants in the serving functions: weights/<layer>/<weight>, e.g. weights/conv1/kernel.
+WEIGHT_SCOPE = "weights"
 _COLOR_PREPROCESSING = ("uint8 RGB -> float; per image, each channel's mean is subtracted; then, by the run's "
                         "--color_mode (method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) "
                         "(the expected conv1 input over the kept channel); project: the green-magenta projection, "
@@ -45,6 +55,23 @@ def preprocess(images, mode):
   """What the SavedModels apply to their uint8 input (README 'Export and evaluation'): augment.standardize with the
   run's preprocessing mode (augment.preprocessing_mode: its colour mode, or standardization)."""
   return augment_lib.standardize(tf.cast(images, tf.float32), mode)
+
+
+def constant_function(model):
+  """`model` in inference mode as a tf.function whose trace holds its weights as constants (weights/<variable path>):
+  it calls the model through stateless_call with the weights' values, and keeps the model in a closure, which a
+  tf.Module does not track. A module holding only such functions saves no variable; the signatures that call this
+  one function share its single copy of the weights."""
+  groups = [[(v.path, v.numpy()) for v in variables]
+            for variables in (model.trainable_variables, model.non_trainable_variables)]
+
+  def call(inputs):
+    trainable, fixed = ([tf.constant(value, name=f"{WEIGHT_SCOPE}/{path}") for path, value in group]
+                        for group in groups)
+    outputs, _ = model.stateless_call(trainable, fixed, inputs, training=False)
+    return outputs
+  shape = [None] + list(model.input.shape[1:])
+  return tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32, name=model.input.name)])
 
 
 def _flat(maps, name):
@@ -67,7 +94,7 @@ class BackboneModule(tf.Module):
 
   def __init__(self, folded, preprocessing, patch_size=patches_lib.PATCH_SIZE, output="fc6"):
     super().__init__()
-    self.model = folded
+    self._backbone = constant_function(folded)
     self.preprocessing = preprocessing
     self.patch_size = patch_size
     self.output = output
@@ -83,10 +110,10 @@ class BackboneModule(tf.Module):
         "patch)")
     with tf.control_dependencies([check]):
       x = preprocess(images, self.preprocessing)
-    return self.model(x, training=False)
+    return self._backbone(x)
 
   def _patch_features(self, patches):
-    return {self.output: _flat(self.model(patches, training=False), self.output)}
+    return {self.output: _flat(self._backbone(patches), self.output)}
 
 
 class PairClassifierModule(tf.Module):
@@ -98,8 +125,8 @@ class PairClassifierModule(tf.Module):
 
   def __init__(self, folded_tower, folded_head, preprocessing, patch_size=patches_lib.PATCH_SIZE, output="fc6"):
     super().__init__()
-    self.tower = folded_tower
-    self.head = folded_head
+    self._tower = constant_function(folded_tower)
+    self._head = constant_function(folded_head)
     self.preprocessing = preprocessing
     self.output = output
     self.logits = tf.function(self._logits, input_signature=[
@@ -112,19 +139,21 @@ class PairClassifierModule(tf.Module):
 
   def _logits_preprocessed(self, patch_a, patch_b):
     n = tf.shape(patch_a)[0]
-    features = _flat(self.tower(tf.concat([patch_a, patch_b], 0), training=False), self.output)
-    return {"logits": self.head(tf.concat([features[:n], features[n:]], -1), training=False)}
+    features = _flat(self._tower(tf.concat([patch_a, patch_b], 0)), self.output)
+    return {"logits": self._head(tf.concat([features[:n], features[n:]], -1))}
 
 
-def metadata(model_config, color_mode, folded=None, geometry="doersch", **extra):
+def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry="doersch", **extra):
   """What a SavedModel's assets.extra/context_keras.json says: enough to rebuild the architecture (evaluate.py's
-  random-init baseline) and to use it."""
+  random-init baseline) and to use it. `caffe_pooling`: how the backbone pools (fold.caffe_pooling)."""
   mode = augment_lib.preprocessing_mode(geometry, color_mode)
   info = {"backbone": model_config.backbone, "width_multiplier": model_config.width_multiplier,
           "model": dataclasses.asdict(model_config), "geometry": geometry, "color_mode": color_mode,
           "preprocessing_mode": mode, "preprocessing": PREPROCESSING[mode], "min_size": model_config.patch_size,
           "patch_size": model_config.patch_size, "output": model_lib.output_name(model_config.backbone),
           "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS}
+  if caffe_pooling is not None:
+    info["pooling"] = "caffe" if caffe_pooling else "trained"
   if folded is not None:
     info["features"] = {name: int(t.shape[-1]) for name, t in folded.output.items()}
   info.update(extra)
@@ -136,20 +165,42 @@ def write_metadata(path, info):
   writes.atomic_write_json(os.path.join(path, METADATA_FILE), info)
 
 
-def read_metadata(path):
+def read_metadata(path, flag="saved_model"):
   try:
     with open(os.path.join(path, METADATA_FILE), encoding="utf-8") as f:
       return json.load(f)
   except OSError as e:
-    raise errors.UsageError(f"--saved_model={path}: no {METADATA_FILE}; not written by context_keras.export") from e
+    raise errors.UsageError(f"--{flag}={path}: no {METADATA_FILE}; not written by context_keras.export") from e
 
 
-def save_backbone(folded, path, info, serving_default="features"):
+def read_weights(path):
+  """{"conv1/kernel": array, ...}: the weights of a SavedModel written by context_keras, read from the constants of
+  its functions (weights/<path>) without running or even loading it; those of exports of earlier versions, which
+  held them as variables, from its variables."""
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  prefix = WEIGHT_SCOPE + "/"
+  weights = {}
+  for function in proto.meta_graphs[0].graph_def.library.function:
+    for node in function.node_def:
+      if node.op == "Const" and node.name.startswith(prefix):
+        weights.setdefault(node.name[len(prefix):], tf.make_ndarray(node.attr["value"].tensor))
+  if not weights:
+    loaded = tf.saved_model.load(path)
+    for function in loaded.signatures.values():
+      for variable in function.variables:
+        weights.setdefault(variable.name.split(":")[0], variable.numpy())
+  return weights
+
+
+def save_backbone(folded, path, preprocessing, info, serving_default="features"):
   """Writes the folded backbone as a SavedModel with signatures features and patch_features; `serving_default`
-  names the one that is also the default. `info` is metadata()'s."""
-  module = BackboneModule(folded, info["preprocessing_mode"], info["patch_size"], info["output"])
-  signatures = {"features": module.features.get_concrete_function(),
-                "patch_features": module.patch_features.get_concrete_function()}
+  names the one that is also the default; `preprocessing` is the run's mode (augment.preprocessing_mode) and `info`
+  metadata()'s. (Signatures given as the tf.functions, not as their concrete functions, which tf.saved_model.save
+  would trace a second time, with a second copy of the weights.)"""
+  module = BackboneModule(folded, preprocessing, info["patch_size"], info["output"])
+  signatures = {"features": module.features, "patch_features": module.patch_features}
   signatures["serving_default"] = signatures[serving_default]
   tf.saved_model.save(module, path, signatures=signatures)
   write_metadata(path, dict(info, serving_default=serving_default))
@@ -157,23 +208,26 @@ def save_backbone(folded, path, info, serving_default="features"):
 
 
 def export_backbone(tower, model_config, path, color_mode="drop", geometry="doersch"):
-  """The folded, fully convolutional backbone of `tower` as a SavedModel at `path` (train.py's end-of-training export).
+  """The folded, fully convolutional backbone of `tower` as a SavedModel at `path` (train.py's exports), written
+  whole or not at all (writes.atomic_folder).
 
   The same module as the export command's OUT/backbone, both signatures included, but serving_default stays
   patch_features (preprocessed float32 patches -> {OUTPUT: [N, C]}, fc6 or pre_logits), the contract
   RUN/export/backbone_<step> has always had; features (uint8 images) is the other signature.
   """
   folded = fold.fold_tower(tower, model_config)
-  return save_backbone(folded, path, metadata(model_config, color_mode, folded, geometry),
-                       serving_default="patch_features")
+  info = metadata(model_config, color_mode, folded, fold.caffe_pooling(model_config), geometry)
+  with writes.atomic_folder(path) as staging:
+    save_backbone(folded, staging, info["preprocessing_mode"], info, serving_default="patch_features")
+  return path
 
 
-def save_pair_classifier(networks, model_config, path, info):
+def save_pair_classifier(networks, model_config, path, preprocessing, info):
+  """The pair classifier of `networks` as a SavedModel at `path`: tower and head folded, on the training patches
+  (96 px, where Caffe's and the training tower's pooling agree; 64 px in the revisiting geometry)."""
   module = PairClassifierModule(fold.fold_tower(networks.tower, model_config), fold.fold_batchnorm(networks.head),
-                                info["preprocessing_mode"], model_config.patch_size,
-                                model_lib.output_name(model_config.backbone))
-  signatures = {"logits": module.logits.get_concrete_function(),
-                "logits_preprocessed": module.logits_preprocessed.get_concrete_function()}
+                                preprocessing, model_config.patch_size, model_lib.output_name(model_config.backbone))
+  signatures = {"logits": module.logits, "logits_preprocessed": module.logits_preprocessed}
   signatures["serving_default"] = signatures["logits"]
   tf.saved_model.save(module, path, signatures=signatures)
   write_metadata(path, dict(info, serving_default="logits"))

@@ -18,6 +18,9 @@ from context_keras import patches as patches_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFRECORD_IMAGE_KEY = "image/encoded"
+# Labelled shards (prepare --labels): the class index (0-based, into the shards' index.json "classes") and name.
+TFRECORD_CLASS_INDEX_KEY = "image/class/index"
+TFRECORD_CLASS_NAME_KEY = "image/class/name"
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
 PACKAGE_PREFIX = "package:"
 
@@ -119,7 +122,7 @@ def count_images(source):
   return sum(records[path] for path in source.paths)
 
 
-def _epoch_order(num, seed, epoch):
+def epoch_order(num, seed, epoch):
   """A fresh permutation of range(num) per epoch, a pure function of (seed, epoch)."""
   return tf.random.experimental.stateless_shuffle(tf.range(num), seed=tf.stack([seed, epoch]))
 
@@ -137,7 +140,7 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   num_paths = len(source.paths)
 
   def epoch_paths(epoch):
-    return tf.data.Dataset.from_tensor_slices(tf.gather(paths, _epoch_order(num_paths, tf.constant(seed, tf.int64),
+    return tf.data.Dataset.from_tensor_slices(tf.gather(paths, epoch_order(num_paths, tf.constant(seed, tf.int64),
                                                                             epoch)))
 
   if source.kind == "files":
@@ -160,10 +163,17 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   return records.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def parse_record(record):
-  """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature)."""
-  return tf.io.parse_single_example(record, {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)})[
-      TFRECORD_IMAGE_KEY]
+def parse_record(record, labelled=False):
+  """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature); with
+  `labelled`, (bytes, class index, class name) of a labelled shard (a record without them gives -1 and '')."""
+  spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+  if labelled:
+    spec[TFRECORD_CLASS_INDEX_KEY] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+    spec[TFRECORD_CLASS_NAME_KEY] = tf.io.FixedLenFeature([], tf.string, default_value="")
+  parsed = tf.io.parse_single_example(record, spec)
+  if labelled:
+    return parsed[TFRECORD_IMAGE_KEY], parsed[TFRECORD_CLASS_INDEX_KEY], parsed[TFRECORD_CLASS_NAME_KEY]
+  return parsed[TFRECORD_IMAGE_KEY]
 
 
 def finite_images(source, limit=None):

@@ -22,6 +22,7 @@ from context_keras import resources
 from context_keras import run_dir
 from context_keras import sources
 from context_keras import trainer as trainer_lib
+from context_keras import warm_start
 from context_keras.flagsets import data as data_flags
 from context_keras.flagsets import model as model_flags
 from context_keras.flagsets import optimisation as optimisation_flags
@@ -41,6 +42,11 @@ def define_flags():
                         "resumes from its latest checkpoint here.")
     program.define_integer("train_steps", 0, "Total steps of the run (a resumed run stops there); 0 = until told "
                            "to stop (quit file, SIGINT or SIGTERM). The original ran 1.7M steps.", lower=0)
+    flags.DEFINE_string("init_from", None, "Start a new run from trained weights: a run directory (its latest "
+                        "checkpoint), a checkpoint (RUN/ckpt-N) or an exported backbone (OUT/backbone, "
+                        "RUN/export/backbone_N). The tower is loaded (and the pair head, from a run or checkpoint, "
+                        "where it matches); the step and the optimizer start at 0. Recorded in RUN/config.json; "
+                        "ignored when --model_dir already holds a checkpoint (the run resumes).")
     program.define_integer("seed", 0, "Seed of all randomness: data order, grids, augmentation and "
                            "initialisation.", lower=0)
     program.define_integer("steps_per_loop", 10, "Training steps per compiled call. Checkpoints, logs and control "
@@ -84,6 +90,8 @@ def profile_span():
 def run():
   profile = profile_span()
   model_dir = run_dir.create(FLAGS.model_dir)
+  if FLAGS.init_from and not tf.train.latest_checkpoint(model_dir):
+    warm_start.find_source(FLAGS.init_from)  # a bad path stops here, before any work
   # MultiWorkerMirroredStrategy must exist before other TensorFlow work.
   strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
   is_chief, task = distribute.worker_role(strategy)
@@ -131,8 +139,14 @@ def run():
       if latest:
         checkpoint.restore(latest).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
+        config = dataclasses.replace(config, init_from=recorded_init_from(model_dir))
+        if FLAGS.init_from:
+          logging.info("--init_from=%s is not used: the run resumes from its own checkpoint.", FLAGS.init_from)
       else:
         logging.info("Starting a new run in %s.", model_dir)
+        if FLAGS.init_from:
+          config = dataclasses.replace(config, init_from=warm_start.initialise(trainer.networks, config.model,
+                                                                               FLAGS.init_from))
       iterator = iter(input_stream(strategy, config.input, source, trainer, latest))
 
     if is_chief:
@@ -146,7 +160,7 @@ def run():
         raise run_dir.write_failure("the flags and TensorBoard log", model_dir, e, latest) from e
     else:
       writer = tf.summary.create_noop_writer()
-    stack.callback(close_writer, writer)
+    stack.callback(actions_lib.close_writer, writer)
     control = stack.enter_context(control_lib.Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request))
 
     checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
@@ -180,6 +194,14 @@ def optim_config(input_config, source, replicas):
   return config
 
 
+def recorded_init_from(model_dir):
+  """What a resumed run started from, as its config.json says (None for older runs or random initialisation)."""
+  try:
+    return run_dir.read_config(model_dir).init_from
+  except errors.UsageError:
+    return None
+
+
 def input_stream(strategy, input_config, source, trainer, latest):
   """The distributed batches, resuming where the checkpoint's batches ended: the positions are in the checkpoint,
   the buffers of a tf.data iterator (hundreds of MB of patches) are not. A fresh stream must not repeat the first."""
@@ -189,13 +211,6 @@ def input_stream(strategy, input_config, source, trainer, latest):
                     "tf.data service" if input_config.data_service else "the replica count changed")
     input_config = dataclasses.replace(input_config, seed=input_config.seed + trainer.current_step())
   return distribute.distributed_batches(strategy, input_config, source, positions)
-
-
-def close_writer(writer):
-  try:
-    writer.close()
-  except (OSError, tf.errors.OpError) as e:  # a full disk: already reported, or the run finished before it
-    logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
 
 
 def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler, train_steps):
@@ -224,16 +239,9 @@ def train(trainer, iterator, counters, control, periodic, checkpoints, exports, 
     for action in periodic:
       action(output)
     if output.status == trainer_lib.STATUS_STOP_REQUESTED:
-      request = int(values["request"])
-      checkpoints.save("quit" if request == control_lib.REQUEST_QUIT else "pause")
-      if request == control_lib.REQUEST_QUIT:
-        logging.info("Stopped at step %d (%s).", step, control.quit_reason or "another worker asked to quit")
+      if control.honour(int(values["request"]), step, checkpoints.save):
         logging.info("Weights digest: %.10e", trainer_lib.weights_digest(trainer))
         return 0
-      if control.pause_requested():
-        control.wait_while_paused()  # a quit while paused stops everyone after one more step
-      else:
-        logging.info("Another worker paused the run: waiting for it in the next step.")
   profiler.stop()
   checkpoints.save("end of training")
   exports.export()

@@ -296,7 +296,7 @@ def labelled_folders(tmp_path_factory, bad_folder):
 def test_evaluate_linear_refuses_bad_labelled_folders(labelled_folders, small_run, ordinary_user, tmp_path):
   """A single class, or a corrupt, bomb or unreadable image in a class: exit 2 and a message naming the folder or
   the file, no traceback."""
-  expected = {"one_class": "--mode=linear needs at least 2 subfolders of images (classes) in {root}; found 1",
+  expected = {"one_class": "needs at least 2 subfolders of images (classes) in {root}; found 1",
               "corrupt": "{root}/rgba/bad.jpg cannot be used: jpeg::Uncompress failed",
               "bomb": "{root}/rgba/bad.png cannot be used: image header claims more pixels than MAX_DECODE_PIXELS",
               "unreadable": "{root}/rgba/bad.jpg cannot be used: {root}/rgba/bad.jpg; Permission denied"}

@@ -4,13 +4,18 @@ import dataclasses
 import glob
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from context_keras import decoding as DEC
+from context_keras import fold as FO
+from context_keras import model as MD
 from context_keras import restore as RS
+from context_keras import serving
 from context_keras import sources as S
+from context_keras.evaluation import finetune
 from context_keras.evaluation import images as IM
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
@@ -91,16 +96,63 @@ def test_pretext_from_saved_model(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_linear_writes_json(small_run, labelled, tmp_path):
+def test_linear_probes_every_layer(small_run, labelled, tmp_path):
   eval_dir = tmp_path / "eval"
-  result = evaluate(["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={eval_dir}", f"--data={labelled}",
-                     "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100"], tmp_path)
+  run = run_module(["context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--eval_dir={eval_dir}",
+                    f"--data={labelled}", "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100",
+                    "--probe_dims=500"], cwd=tmp_path, timeout=300)
+  assert run.returncode == 0, log_of(run)
+  result = last_json(run)
   assert result == json.loads((eval_dir / "linear.json").read_text())
   for key in ("accuracy", "balanced_accuracy", "random_init_accuracy", "random_init_balanced_accuracy"):
     assert 0 <= result[key] <= 1 and result[key + "_std"] >= 0, key
   assert result["classes"] == ["astronaut", "coffee", "rocket"] and result["images"] == 18
-  assert len(result["layers"]) == 3 and set(result["layers"]) <= {"conv5", "pool5", "fc6"}
+  per_layer = result["per_layer"]
+  assert list(per_layer) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6"]
+  for name, entry in per_layer.items():
+    assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["random_init_accuracy"] <= 1 and entry["accuracy_std"] >= 0
+    # 1/16 width: conv1 24x24x6 -> 9x9x6 = 486, fc6 1x1x256 (wider than 500 / 4: global pooling).
+    assert entry["dims"] <= 500 or name == "fc6", (name, entry["dims"])
+  assert per_layer["conv1"]["dims"] == 9 * 9 * 6 and per_layer["fc6"]["dims"] == 256
+  assert result["accuracy"] == max(e["accuracy"] for e in per_layer.values())
+  assert result["accuracy"] == per_layer[result["best_layer"]]["accuracy"]
+  assert result["random_init_accuracy"] == per_layer[result["random_init_best_layer"]]["random_init_accuracy"]
+  assert len(result["layers"]) == 3 and set(result["layers"]) <= set(per_layer)  # --inner_folds: chosen per fold
   assert events(eval_dir)
+  assert "features: 18/18 images" in log_of(run) and "probe conv1 (486 dims)" in log_of(run)  # progress lines
+
+
+@pytest.mark.slow
+def test_knn_and_multi_label_linear_on_splits(small_run, labelled, tmp_path):
+  """k-NN between a training and a validation split; multi-label probes scored by mAP."""
+  result = evaluate(["--mode=knn", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", f"--train_data={labelled}",
+                     f"--val_data={labelled}", "--image_size=96", "--knn_k=1", "--layer=conv3"], tmp_path)
+  # Every validation image is also a training image: its nearest neighbour is itself.
+  assert result["accuracy"] == 1.0 and result["per_layer"].keys() == {"conv3"} and result["val_images"] == 18
+  lines = [f"{name}/{i}.png {name}{',rocket' if name == 'coffee' else ''}" for name in ("astronaut", "coffee",
+                                                                                          "rocket") for i in range(6)]
+  (labelled / "train.txt").write_text("\n".join(lines[0::2]) + "\n")
+  (labelled / "val.txt").write_text("\n".join(lines[1::2]) + "\n")
+  result = evaluate(["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", "--multi_label",
+                     f"--train_labels={labelled}/train.txt", f"--val_labels={labelled}/val.txt", "--image_size=96",
+                     "--probe_epochs=50", "--layer=conv2"], tmp_path)
+  assert result["protocol"] == "split" and result["train_images"] == 9 and result["val_images"] == 9
+  for key in ("map_auc", "map_11point", "random_init_map_auc", "random_init_map_11point"):
+    assert 0 < result[key] <= 1, key
+  assert result["per_class_ap"].keys() == {"astronaut", "coffee", "rocket"}
+  assert result["images_per_class"] == [6, 6, 12]  # positives, training and validation
+
+
+@pytest.mark.slow
+def test_finetune_against_random_init(small_run, labelled, tmp_path):
+  result = evaluate(["--mode=finetune", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", f"--data={labelled}",
+                     "--folds=3", "--image_size=96", "--finetune_epochs=1", "--freeze_up_to=conv2"], tmp_path)
+  assert result["train_images"] == 12 and result["val_images"] == 6 and result["frozen_layers"] == ["conv1", "conv2"]
+  for who in ("", "random_init_"):
+    assert 0 <= result[who + "accuracy"] <= 1
+    assert all(np.isfinite(result[who + "loss_per_epoch"])) and len(result[who + "loss_per_epoch"]) == 1
+    assert result[who + "rescale"]["patches"] > 0  # neither backbone was rescaled before: both are, first
+  assert result["rescaled_before_training"]
 
 
 @pytest.mark.slow
@@ -180,3 +232,40 @@ def test_stratified_folds_balance_classes():
     assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
   sizes = np.bincount(folds)
   assert sizes.max() - sizes.min() <= 1
+
+
+@pytest.mark.slow
+def test_trainable_copy_of_an_export_computes_its_features(exported):
+  """Fine-tuning starts from a Keras copy of the SavedModel's weights (matched by name): the same maps."""
+  out, _ = exported
+  subject = SJ.from_saved_model(str(out / "backbone"))
+  images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 100, 100, 3)), tf.uint8)
+  copy = subject.trainable_backbone()(serving.preprocess(images, subject.color_mode))
+  expected = subject.features(images)
+  for name in subject.feature_layers:
+    np.testing.assert_allclose(copy[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_multi_label_fine_tuning_ignores_difficult_entries():
+  """One step of the multi-label fine-tuner on a tiny random network: finite loss, and an IGNORED target is not
+  learned from (changing it changes nothing)."""
+  model_config = MD.ModelConfig(width_multiplier=0.0625)
+  images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3)), tf.uint8)
+  config = finetune.Config(data="x", epochs=1, learning_rate=0.1)
+  logits = []
+  for ignored in (1, 0):
+    keras.utils.set_random_seed(0)
+    backbone = FO.fold_tower(RS.build_networks(model_config).tower, model_config)
+    tuner = finetune.FineTuner(backbone, "fc6", 3, True, "drop", config, steps=10)
+    targets = tf.constant([[1, 0, -1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8)
+    if not ignored:
+      targets = tf.constant([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8)
+    loss, _ = tuner.train_step(images, targets)
+    assert np.isfinite(loss)
+    logits.append(tuner.logits(images).numpy())
+  assert not np.allclose(logits[0], logits[1])  # the entry matters when it is a label
+  keras.utils.set_random_seed(0)
+  backbone = FO.fold_tower(RS.build_networks(model_config).tower, model_config)
+  tuner = finetune.FineTuner(backbone, "fc6", 3, True, "drop", config, steps=10)
+  tuner.train_step(images, tf.constant([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8) * 0 - 1)
+  np.testing.assert_allclose(tuner.logits(images).numpy(), 0.0, atol=1e-6)  # all ignored: nothing learned

@@ -35,13 +35,14 @@ def real_patches(photo_dir, demo_list, num=24, color_mode="drop"):
 @pytest.mark.slow
 def test_export_writes_everything(exported):
   out, summary = exported
-  assert summary["written"] == ["backbone", "pair_classifier", "context_model.keras", "rescale.json"]
+  assert summary["written"] == ["backbone", "backbone.keras", "pair_classifier", "context_model.keras",
+                                "rescale.json"]
   for name in ("backbone", "pair_classifier"):
     assert (out / name / "saved_model.pb").exists()
     info = json.loads((out / name / SV.METADATA_FILE).read_text())
     assert info["width_multiplier"] == 0.0625 and info["color_mode"] == "drop" and info["step"] == 10
   info = json.loads((out / "backbone" / SV.METADATA_FILE).read_text())
-  assert info["rescaled"] and info["serving_default"] == "features"
+  assert info["rescaled"] and info["serving_default"] == "features" and info["pooling"] == "caffe"
   assert list(info["features"]) == list(FEATURE_LAYERS)
 
 
@@ -136,12 +137,13 @@ def test_saved_models_run_in_clean_process_on_odd_sizes(exported, small_run, tmp
   width = {"conv1": 6, "conv2": 16, "conv3": 24, "conv4": 24, "conv5": 16, "pool5": 16, "fc6": 256}
 
   def expected(h, w):
-    """Spatial sizes: conv1 11/4 after padding 5, then 'same' 3/2 pools (ceil), fc6 a valid 3x3 conv."""
+    """Spatial sizes: conv1 11/4 after padding 5, then Caffe's 3/2 pools (ceil((s - 3)/2) + 1), fc6 a valid 3x3
+    conv."""
     sizes = {}
     c1 = [(s + 10 - 11) // 4 + 1 for s in (h, w)]
-    p1 = [-(-s // 2) for s in c1]
-    p2 = [-(-s // 2) for s in p1]
-    p5 = [-(-s // 2) for s in p2]
+    p1 = [-(-(s - 3) // 2) + 1 for s in c1]
+    p2 = [-(-(s - 3) // 2) + 1 for s in p1]
+    p5 = [-(-(s - 3) // 2) + 1 for s in p2]
     sizes.update(conv1=c1, conv2=p1, conv3=p2, conv4=p2, conv5=p2, pool5=p5, fc6=[s - 2 for s in p5])
     return {name: [2, *sizes[name], width[name]] for name in width}
 

@@ -4,6 +4,10 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from context_keras import decoding
+from context_keras import errors
+from context_keras import labelled
+
 
 def select_images(source, limit, seed):
   """At most `limit` images of a sources.Source: a seeded random subset of the files, kept in listing order."""
@@ -19,15 +23,48 @@ def image_seed(seed, index):
   return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
 
 
-def centre_square(image, size):
-  """Bilinear resize of the shorter side to `size`, then the central size x size crop; uint8."""
+def resize_shorter(image, size):
+  """Bilinear (antialiased) resize of an image so that its shorter side is `size`; float32."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = size / tf.reduce_min(shape)
   new = tf.maximum(tf.cast(tf.math.ceil(shape * scale), tf.int32), size)
-  resized = tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear", antialias=True)
+  return tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear", antialias=True)
+
+
+def _uint8(image):
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def centre_crop(image, resize_size, size):
+  """The shorter side resized to resize_size, then the central size x size crop; uint8 (the validation transform
+  of the linear protocols: 256 then 224)."""
+  resized = resize_shorter(image, resize_size)
+  new = tf.shape(resized)[:2]
   top, left = (new[0] - size) // 2, (new[1] - size) // 2
-  square = resized[top:top + size, left:left + size]
-  return tf.cast(tf.clip_by_value(tf.round(square), 0, 255), tf.uint8)
+  return tf.ensure_shape(_uint8(resized[top:top + size, left:left + size]), [size, size, 3])
+
+
+def centre_square(image, size):
+  """Bilinear resize of the shorter side to `size`, then the central size x size crop; uint8."""
+  return centre_crop(image, size, size)
+
+
+def random_resized_crop(image, size, seed, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):
+  """A random crop of `area` of the image and `aspect` ratio, resized to size x size (Inception's crop, as
+  torchvision's RandomResizedCrop; when 10 draws fail, the whole image); uint8. Stateless: a function of seed."""
+  begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), tf.zeros([1, 0, 4]), seed, min_object_covered=0.0, aspect_ratio_range=aspect, area_range=area,
+      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, extent)
+  resized = tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear", antialias=True)
+  return tf.ensure_shape(_uint8(resized), [size, size, 3])
+
+
+def random_crop(image, resize_size, size, seed):
+  """The shorter side resized to resize_size, then a random size x size crop (Kolesnikov et al.'s training
+  crop); uint8."""
+  crop = tf.image.stateless_random_crop(resize_shorter(image, resize_size), [size, size, 3], seed)
+  return tf.ensure_shape(_uint8(crop), [size, size, 3])
 
 
 def batched_features(features_fn, images, names, batch_size, pool=True):
@@ -40,3 +77,49 @@ def batched_features(features_fn, images, names, batch_size, pool=True):
       value = tf.reduce_mean(maps[name], axis=[1, 2]) if pool else tf.reshape(maps[name], [tf.shape(batch)[0], -1])
       out[name].append(value.numpy())
   return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def labelled_sets(config, multi_label_ok=True):
+  """(set, None) for a cross-validated --data [--labels], or (training set, validation set) for --train_data and
+  --val_data (each a folder of class sub-folders, images with a labels file, or labelled TFRecord shards)."""
+  split = any((config.train_data, config.train_labels, config.val_data, config.val_labels))
+  if config.multi_label and not multi_label_ok:
+    raise errors.UsageError("--multi_label works in --mode=linear and --mode=finetune")
+  if split and (config.data or config.labels):
+    raise errors.UsageError("give either --data (cross-validated folds) or --train_data and --val_data, not both")
+  if not split:
+    return labelled.find(config.data, config.labels, multi_label=config.multi_label), None
+  if not (config.val_data or config.val_labels):
+    raise errors.UsageError("--val_data is required with --train_data: the images the evaluation is scored on")
+  train = labelled.find(config.train_data, config.train_labels, "--train_data", "--train_labels",
+                        multi_label=config.multi_label)
+  val = labelled.find(config.val_data, config.val_labels, "--val_data", "--val_labels", classes=train.classes,
+                      multi_label=config.multi_label)
+  return train, val
+
+
+def labelled_squares(lset, size):
+  """A dataset of (uint8 centre square of `size`, label) over a labelled set, in its order."""
+  return labelled.records(lset).map(
+      lambda index, contents, label: (centre_square(decoding.decode(contents), size), label),
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def read_or_explain(lset, flag, work):
+  """work() reading the images of `lset`; an image that cannot be read or decoded becomes a UsageError naming it."""
+  try:
+    return work()
+  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
+          tf.errors.UnknownError) as e:
+    problem = first_unusable_image(lset.paths) if lset.kind == "files" else None
+    raise errors.UsageError(f"{flag}: {problem or errors.tf_error_message(e, 300)}") from e
+
+
+def first_unusable_image(paths):
+  """'PATH cannot be used: reason' for the first of `paths` that cannot be read and decoded, or None."""
+  for path in paths:
+    try:
+      decoding.decode(tf.io.read_file(path))
+    except tf.errors.OpError as e:
+      return f"{path} cannot be used: {errors.tf_error_message(e)}"
+  return None

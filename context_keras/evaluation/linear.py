@@ -1,47 +1,60 @@
-"""A linear probe: --data is a folder with one subfolder of images per class; frozen features of --layer (global
-average pooled; default the best of the backbone's probe layers, conv5/pool5/fc6 for alexnet_bn, chosen by an inner
-cross-validation on each training part), a
-logistic regression trained with Keras, stratified --folds-fold cross-validation; the same probe on the same folds
-on a randomly initialised backbone of the same architecture."""
+"""Per-layer linear probes for sets that fit in memory (method.md §10.2): every named layer of the backbone (or
+--layer), each layer's map pooled to at most --probe_dims values (features.py), a logistic regression per layer
+trained with Keras; scored by stratified --folds-fold cross-validation of one labelled set (--data), or trained on
+--train_data and scored on --val_data; the same probes on the same folds on a randomly initialised backbone of the
+same architecture. With --multi_label, one-vs-rest logistic regressions scored by mean average precision
+(metrics.py). Large sets go to the streaming job, python -m context_keras.linear_eval."""
 import dataclasses
-import os
 
+from absl import logging
 import keras
 from keras import layers
 import numpy as np
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import sources
+from context_keras import labelled
+from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
+from context_keras.evaluation import metrics
 from context_keras.evaluation.result import Result
 
 NAME = "linear"
 PROBE_EPOCHS = 300
 PROBE_LEARNING_RATE = 0.05
 PROBE_L2 = 1e-4
+RANDOM = "random_init_"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  data: str
+  data: str | None = None
+  labels: str | None = None
+  train_data: str | None = None
+  train_labels: str | None = None
+  val_data: str | None = None
+  val_labels: str | None = None
+  multi_label: bool = False
   layer: str | None = None
   folds: int = 5
-  inner_folds: int = 3
+  inner_folds: int = 0
   image_size: int = 192
   batch_size: int = 64
   seed: int = 0
   probe_epochs: int = PROBE_EPOCHS
   probe_learning_rate: float = PROBE_LEARNING_RATE
   probe_l2: float = PROBE_L2
+  probe_dims: int = features_lib.PROBE_DIMS
+  probe_pool: str = "avg"
 
 
 def stratified_folds(labels, folds, seed):
   """Fold index of every sample: each class shuffled (seeded) and dealt round-robin, continuing where the previous
-  class stopped, so folds get near-equal sizes and class shares."""
+  class stopped, so folds get near-equal sizes and class shares. Multi-label rows [N, C] are dealt unstratified."""
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
+  if labels.ndim == 2:
+    return rng.permutation(len(labels)) % folds
   assignment = np.empty(len(labels), np.int64)
   start = 0
   for c in np.unique(labels):
@@ -52,141 +65,215 @@ def stratified_folds(labels, folds, seed):
   return assignment
 
 
-def balanced_accuracy(labels, predicted):
-  """Mean over the classes present of the share of their samples predicted right."""
-  return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+def _masked_binary_crossentropy(targets, logits):
+  """Mean binary cross-entropy over the (image, class) entries that are not IGNORED."""
+  valid = tf.cast(tf.not_equal(targets, labelled.IGNORED), logits.dtype)
+  positive = tf.cast(tf.equal(targets, labelled.POSITIVE), logits.dtype)
+  loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=positive, logits=logits)
+  return tf.reduce_sum(loss * valid) / tf.maximum(tf.reduce_sum(valid), 1.0)
 
 
 class LinearProbe:
-  """Multinomial logistic regression, trained with Keras: features standardised with the training part's
-  statistics, a zero-initialised Dense layer with L2, full-batch Adam for `epochs` steps (one compiled call). The
-  problem is convex, so the result does not depend on a seed."""
+  """Logistic regression (softmax, or one sigmoid per class for multi-label targets), trained with Keras: features
+  standardised with the training part's statistics, a zero-initialised Dense layer with L2, full-batch Adam for
+  `epochs` steps (one compiled call). The problem is convex, so the result does not depend on a seed."""
 
   def __init__(self, epochs=PROBE_EPOCHS, learning_rate=PROBE_LEARNING_RATE, l2=PROBE_L2):
     self.epochs, self.learning_rate, self.l2 = epochs, learning_rate, l2
     self._models = {}
 
-  def _model(self, dim, classes):
+  def _model(self, dim, classes, multi_label):
     """One compiled model per shape, reset before every fit (a fresh one would be traced again)."""
-    model = self._models.get((dim, classes))
+    key = (dim, classes, multi_label)
+    model = self._models.get(key)
     if model is None:
       model = keras.Sequential([keras.Input((dim,)), layers.Dense(classes, kernel_regularizer=keras.regularizers.L2(
           self.l2))])
-      model.compile(keras.optimizers.Adam(self.learning_rate),
-                    keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=self.epochs)
-      self._models[(dim, classes)] = model
+      loss = (_masked_binary_crossentropy if multi_label else
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      model.compile(keras.optimizers.Adam(self.learning_rate), loss, steps_per_execution=self.epochs)
+      self._models[key] = model
     model.set_weights([np.zeros(w.shape, np.float32) for w in model.get_weights()])
     for variable in model.optimizer.variables:
       if variable.name != "learning_rate":  # the step count and the moments start again
         variable.assign(tf.zeros_like(variable))
     return model
 
-  def fit_predict(self, train_x, train_y, test_x, classes):
+  def fit_scores(self, train_x, train_y, test_x, classes):
+    """Scores (logits) [n_test, classes] of the probe trained on (train_x, train_y); train_y [n] class indices, or
+    [n, classes] POSITIVE/NEGATIVE/IGNORED targets for a multi-label probe."""
+    train_y = np.asarray(train_y)
+    multi_label = train_y.ndim == 2
     mean = train_x.mean(0)
     std = train_x.std(0)
     std[std < 1e-8] = 1.0
-    model = self._model(train_x.shape[1], classes)
+    model = self._model(train_x.shape[1], classes, multi_label)
     train = ((train_x - mean) / std).astype(np.float32)
-    data = tf.data.Dataset.from_tensors((train, np.asarray(train_y, np.int32))).repeat(self.epochs)
+    data = tf.data.Dataset.from_tensors((train, train_y.astype(np.float32 if multi_label else np.int32))).repeat(
+        self.epochs)
     model.fit(data, epochs=1, verbose=0, shuffle=False)
     kernel, bias = model.get_weights()
-    return np.argmax(((test_x - mean) / std) @ kernel + bias, -1)
+    return ((test_x - mean) / std) @ kernel + bias
+
+  def fit_predict(self, train_x, train_y, test_x, classes):
+    return np.argmax(self.fit_scores(train_x, train_y, test_x, classes), -1)
 
 
-def cross_validate(features, labels, folds=5, seed=0, inner_folds=3, probe=None):
-  """Stratified k-fold accuracy of the linear probe.
+def split_metrics(labels, scores, classes):
+  """accuracy and balanced_accuracy, or for multi-label targets map_auc, map_11point and per_class_ap."""
+  if np.asarray(labels).ndim == 2:
+    return metrics.mean_average_precision(scores, labels, classes)
+  predicted = np.argmax(scores, -1)
+  return {"accuracy": float(np.mean(predicted == labels)), "balanced_accuracy": metrics.balanced_accuracy(labels,
+                                                                                                          predicted)}
 
-  features: {layer: [N, D]}; with several layers, each outer fold picks the one with the best mean accuracy of an
-  inner stratified cross-validation on its training part, so no test sample takes part in the choice.
-  Returns accuracy and balanced accuracy (mean and std over the folds) and the layer of every fold.
-  """
+
+def primary_metric(labels):
+  return "map_auc" if np.asarray(labels).ndim == 2 else "accuracy"
+
+
+def probe_layer(features, labels, splits, classes, probe):
+  """Mean and std over the splits [(train indices, test indices)] of the split metrics of one layer's probe."""
+  per_split = [split_metrics(labels[test], probe.fit_scores(features[train], labels[train], features[test],
+                                                            len(classes)), classes) for train, test in splits]
+  summary = {}
+  for key in per_split[0]:
+    if key == "per_class_ap":
+      summary[key] = {name: float(np.nanmean([s[key].get(name, np.nan) for s in per_split]))
+                      for name in per_split[0][key]}
+    elif key != "classes_without_positives":
+      values = [s[key] for s in per_split]
+      summary[key], summary[key + "_std"] = float(np.mean(values)), float(np.std(values))
+      summary["split_" + key] = values
+  return summary
+
+
+def cross_validate(features, labels, folds=5, seed=0, inner_folds=3, probe=None, classes=None):
+  """Stratified k-fold score of the linear probe with the layer chosen per fold: each outer fold picks the layer
+  of `features` ({layer: [N, D]}) with the best mean score of an inner stratified cross-validation on its training
+  part, so no test sample takes part in the choice. Returns the score's mean and std and each fold's layer."""
   probe = probe or LinearProbe()
   labels = np.asarray(labels)
-  classes = int(labels.max()) + 1
+  classes = classes or [str(c) for c in range(int(labels.max()) + 1 if labels.ndim == 1 else labels.shape[1])]
+  key = primary_metric(labels)
   assignment = stratified_folds(labels, folds, seed)
-  accuracies, balanced, chosen = [], [], []
+  scores, balanced, chosen = [], [], []
   for fold in range(folds):
-    train, test = assignment != fold, assignment == fold
+    train, test = np.flatnonzero(assignment != fold), np.flatnonzero(assignment == fold)
     layer = next(iter(features))
     if len(features) > 1:
       inner = stratified_folds(labels[train], inner_folds, seed + 1 + fold)
-      scores = {}
-      for name, values in features.items():
-        x, y = values[train], labels[train]
-        scores[name] = np.mean([np.mean(probe.fit_predict(x[inner != k], y[inner != k], x[inner == k], classes)
-                                        == y[inner == k]) for k in range(inner_folds)])
-      layer = max(scores, key=scores.get)
-    predicted = probe.fit_predict(features[layer][train], labels[train], features[layer][test], classes)
-    accuracies.append(float(np.mean(predicted == labels[test])))
-    balanced.append(balanced_accuracy(labels[test], predicted))
+      splits = [(train[inner != k], train[inner == k]) for k in range(inner_folds)]
+      inner_scores = {name: probe_layer(values, labels, splits, classes, probe)[key]
+                      for name, values in features.items()}
+      layer = max(inner_scores, key=inner_scores.get)
+    result = split_metrics(labels[test], probe.fit_scores(features[layer][train], labels[train],
+                                                          features[layer][test], len(classes)), classes)
+    scores.append(result[key])
+    balanced.append(result.get("balanced_accuracy", np.nan))
     chosen.append(layer)
-  return {"accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
+  return {key: float(np.mean(scores)), key + "_std": float(np.std(scores)),
           "balanced_accuracy": float(np.mean(balanced)), "balanced_accuracy_std": float(np.std(balanced)),
-          "fold_accuracy": accuracies, "layers": chosen}
+          "fold_" + key: scores, "layers": chosen}
 
 
-def labelled_images(folder):
-  """(paths, labels, class names) of a folder with one subfolder of images per class."""
-  root = sources.resolve_path(folder)
-  if not os.path.isdir(root):
-    raise errors.UsageError(f"--data={folder}: {root} is not a folder (--mode=linear needs one subfolder per class)")
-  paths, labels, names = [], [], []
-  for name in sorted(os.listdir(root)):
-    files = sources.list_folder(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name)) else []
-    if files:
-      labels.extend([len(names)] * len(files))
-      paths.extend(files)
-      names.append(name)
-  if len(names) < 2:
-    raise errors.UsageError(f"--data={folder}: --mode=linear needs at least 2 subfolders of images (classes) in "
-                            f"{root}; found {len(names)}")
-  return paths, np.array(labels), names
-
-
-def first_unusable_image(paths):
-  """'PATH cannot be used: reason' for the first of `paths` that cannot be read and decoded, or None."""
-  for path in paths:
-    try:
-      decoding.decode(tf.io.read_file(path))
-    except tf.errors.OpError as e:
-      return f"{path} cannot be used: {errors.tf_error_message(e)}"
-  return None
+def extractors(subject, config, layer_names, image_size):
+  """The subject's and its random-init counterpart's Extractors (same pooling plan: same architecture)."""
+  plans = features_lib.plan(subject.features, layer_names, image_size, config.probe_dims, config.probe_pool)
+  random_subject = subject.random_init(config.seed)
+  return {"": features_lib.Extractor(subject.features, plans, owner=subject),
+          RANDOM: features_lib.Extractor(random_subject.features, plans, owner=random_subject)}, plans
 
 
 def evaluate(subject, config):
-  """The probe on the subject and on its random-init counterpart, on the same folds."""
-  folder, folds, image_size = config.data, config.folds, config.image_size
-  layer_names = (config.layer,) if config.layer else subject.probe_layers
+  """The per-layer probes on the subject and on its random-init counterpart, on the same folds."""
+  layer_names = (config.layer,) if config.layer else tuple(subject.feature_layers)
   if config.layer and config.layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
-  paths, labels, names = labelled_images(folder)
-  counts = np.bincount(labels)
-  if counts.min() < folds:
-    raise errors.UsageError(f"--folds={folds} needs at least {folds} images in every class of --data={folder}; "
-                            f"{names[int(counts.argmin())]} has {counts.min()}")
-  if image_size < subject.patch_size:
-    raise errors.UsageError(f"--image_size={image_size} must be >= {subject.patch_size}, the patch size")
-  images = tf.data.Dataset.from_tensor_slices(paths).map(
-      lambda p: images_lib.centre_square(decoding.decode(tf.io.read_file(p)), image_size),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  try:
-    images = images.cache()
-    trained = images_lib.batched_features(subject.features, images, layer_names, config.batch_size)
-    random_subject = subject.random_init(config.seed)
-    random = images_lib.batched_features(random_subject.features, images, layer_names, config.batch_size)
-  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as e:
-    raise errors.UsageError(f"--data={folder}: {first_unusable_image(paths) or str(e).splitlines()[0][:200]}") from e
+  if config.image_size < subject.patch_size:
+    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
+  lset, val = images_lib.labelled_sets(config)
+  multi_label = lset.multi_label
+  if val is None and not multi_label:
+    counts = lset.counts() if lset.kind == "files" else None
+    if counts is not None and counts.min() < config.folds:
+      raise errors.UsageError(f"--folds={config.folds} needs at least {config.folds} images in every class of "
+                              f"--data={config.data}; {lset.classes[int(counts.argmin())]} has {counts.min()}")
+  extract, plans = extractors(subject, config, layer_names, config.image_size)
+
+  def features_of(one, flag, what):
+    squares = images_lib.labelled_squares(one, config.image_size)
+    return images_lib.read_or_explain(one, flag, lambda: features_lib.extract(
+        extract, squares, one.size, what, config.batch_size))
+
+  if val is None:
+    values, labels = features_of(lset, f"--data={config.data or config.labels}", "features")
+    splits = [(np.flatnonzero(assignment != k), np.flatnonzero(assignment == k))
+              for assignment in [stratified_folds(labels, config.folds, config.seed)] for k in range(config.folds)]
+  else:
+    train_values, train_labels = features_of(lset, f"--train_data={config.train_data or config.train_labels}",
+                                             "training features")
+    val_values, val_labels = features_of(val, f"--val_data={config.val_data or config.val_labels}",
+                                         "validation features")
+    values = {key: {name: np.concatenate([train_values[key][name], val_values[key][name]]) for name in layer_names}
+              for key in train_values}
+    labels = np.concatenate([train_labels, val_labels])
+    splits = [(np.arange(len(train_labels)), np.arange(len(train_labels), len(labels)))]
+  if not multi_label and val is None and lset.kind != "files":
+    counts = np.bincount(labels, minlength=len(lset.classes))
+    if counts.min() < config.folds:
+      raise errors.UsageError(f"--folds={config.folds} needs at least {config.folds} images in every class of "
+                              f"--data={config.data}; {lset.classes[int(counts.argmin())]} has {counts.min()}")
   probe = LinearProbe(config.probe_epochs, config.probe_learning_rate, config.probe_l2)
-  ours = cross_validate(trained, labels, folds, config.seed, config.inner_folds, probe)
-  baseline = cross_validate(random, labels, folds, config.seed, config.inner_folds, probe)
-  result = {"data": folder, "accuracy": ours["accuracy"], "accuracy_std": ours["accuracy_std"],
-            "balanced_accuracy": ours["balanced_accuracy"], "balanced_accuracy_std": ours["balanced_accuracy_std"],
-            "random_init_accuracy": baseline["accuracy"], "random_init_accuracy_std": baseline["accuracy_std"],
-            "random_init_balanced_accuracy": baseline["balanced_accuracy"],
-            "random_init_balanced_accuracy_std": baseline["balanced_accuracy_std"],
-            "layers": ours["layers"], "random_init_layers": baseline["layers"], "fold_accuracy": ours["fold_accuracy"],
-            "random_init_fold_accuracy": baseline["fold_accuracy"], "classes": names,
-            "images_per_class": counts.tolist(), "images": len(paths), "folds": folds,
-            "chance": 1.0 / len(names), "majority": float(counts.max() / counts.sum()), "image_size": image_size,
-            "candidate_layers": list(layer_names)}
-  return Result(result)
+  key = primary_metric(labels)
+  per_layer, scored = {}, {"": {}, RANDOM: {}}
+  for name in layer_names:
+    entry = {"dims": plans[name].dims}
+    for who in ("", RANDOM):
+      scored[who][name] = probe_layer(values[who][name], labels, splits, lset.classes, probe)
+      entry.update({who + k: v for k, v in scored[who][name].items() if not k.startswith("split_")
+                    and k != "per_class_ap"})
+    per_layer[name] = entry
+    logging_line(name, entry, key)
+  return Result(summary(config, lset, splits, labels, layer_names, per_layer, scored, key, values, probe))
+
+
+def logging_line(name, entry, key):
+  logging.info("probe %s (%d dims): %s %.4f +- %.4f, random init %.4f +- %.4f", name, entry["dims"], key, entry[key],
+               entry[key + "_std"], entry[RANDOM + key], entry[RANDOM + key + "_std"])
+
+
+def summary(config, lset, splits, labels, layer_names, per_layer, scored, key, values, probe):
+  """The result JSON: the best layer's figures under the keys of a single probe, and per_layer."""
+  val = None if len(splits) > 1 else splits[0][1]
+  result = {"data": config.data or config.labels, "train_data": config.train_data or config.train_labels,
+            "val_data": config.val_data or config.val_labels, "protocol": "folds" if val is None else "split"}
+  result = {k: v for k, v in result.items() if v is not None}
+  for who in ("", RANDOM):
+    best = max(layer_names, key=lambda name: scored[who][name][key])
+    result[who + "best_layer"] = best
+    for k, v in scored[who][best].items():
+      if k.startswith("split_"):
+        result[who + ("fold_" if val is None else "val_") + k[len("split_"):]] = v
+      else:
+        result[who + k] = v
+  result["per_layer"] = per_layer
+  if val is None and config.inner_folds and len(layer_names) > 1:
+    for who in ("", RANDOM):
+      nested = cross_validate(values[who], labels, config.folds, config.seed, config.inner_folds, probe,
+                              list(lset.classes))
+      result[who + "selected_" + key] = nested[key]
+      result[who + "selected_" + key + "_std"] = nested[key + "_std"]
+      result[who + "layers"] = nested["layers"]
+  counts = (labels == labelled.POSITIVE).sum(0) if labels.ndim == 2 else np.bincount(labels,
+                                                                                      minlength=len(lset.classes))
+  result.update({"classes": list(lset.classes), "images_per_class": counts.tolist(), "images": int(len(labels)),
+                 "image_size": config.image_size, "candidate_layers": list(layer_names),
+                 "probe_dims": config.probe_dims, "probe_pool": config.probe_pool})
+  if val is None:
+    result["folds"] = config.folds
+  else:
+    result.update({"train_images": int(len(splits[0][0])), "val_images": int(len(val))})
+  if labels.ndim == 1:
+    result.update({"chance": 1.0 / len(lset.classes), "majority": float(counts.max() / counts.sum())})
+  return result

@@ -11,6 +11,7 @@ from context_keras import decoding
 from context_keras import errors
 from context_keras import model as model_lib
 from context_keras import patches as patches_lib
+from context_keras import progress as progress_lib
 from context_keras import sources
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
@@ -40,7 +41,12 @@ def patch_database(source, seed, geometry="doersch"):
     patches = patches_lib.evaluation_patches(decoding.decode(contents), images_lib.image_seed(seed, index),
                                              geometry)["patches"]
     return tf.cast(tf.clip_by_value(tf.round(patches), 0, 255), tf.uint8), tf.fill(tf.shape(patches)[:1], index)
-  chunks = list(sources.finite_images(source).map(cut).ignore_errors())
+  chunks = []
+  progress = progress_lib.Progress("patch database", len(source.paths) if source.kind == "files" else None)
+  for chunk in sources.finite_images(source).map(cut).ignore_errors():
+    chunks.append(chunk)
+    progress.add(1)
+  progress.finish()
   if not chunks:
     raise errors.DataError(f"--data={source.description}: no image could be cut into patches")
   return np.concatenate([c[0].numpy() for c in chunks]), np.concatenate([c[1].numpy() for c in chunks])

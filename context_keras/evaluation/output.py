@@ -27,6 +27,11 @@ def emit(mode, metrics, result, eval_dir, step, write=True):
       elif key == "per_class_accuracy":
         for name, accuracy in value.items():
           tf.summary.scalar(f"{mode}/accuracy_{name}", accuracy)
+      elif key == "per_layer":  # {layer: {metric: number}} -> <mode>/<layer>/<metric>
+        for layer, entry in value.items():
+          for name, number in entry.items():
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+              tf.summary.scalar(f"{mode}/{layer}/{name}", number)
     for name, image in result.images.items():
       tf.summary.image(f"{mode}/{name}", image[np.newaxis], max_outputs=1)
   writer.close()

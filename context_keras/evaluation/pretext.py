@@ -11,6 +11,7 @@ from context_keras import augment as augment_lib
 from context_keras import decoding
 from context_keras import errors
 from context_keras import patches as patches_lib
+from context_keras import progress as progress_lib
 from context_keras import serving
 from context_keras import sources
 from context_keras.evaluation import images as images_lib
@@ -126,14 +127,17 @@ def evaluate(subject, config):
   num_classes = patches_lib.NUM_CLASSES
   confusion = np.zeros([num_classes, num_classes], np.int64)
   seen = too_small = 0
+  progress = progress_lib.Progress("pretext pairs", len(source.paths) if source.kind == "files" else None)
   for item in dataset:
     seen += 1
+    progress.add(1)
     if not item["usable"]:
       too_small += 1
       continue
     logits = subject.pair_logits(item["patches"], item["first"], item["second"])
     predicted = np.argmax(logits.numpy(), -1)
     np.add.at(confusion, (item["label"].numpy(), predicted), 1)
+  progress.finish()
   pairs = int(confusion.sum())
   if not pairs:
     raise errors.DataError(f"--data={source.description}: no image gave a pair ({seen} decoded, {too_small} too "

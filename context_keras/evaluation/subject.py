@@ -30,14 +30,11 @@ class Subject:
   pair_logits: object = None
   owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
   geometry: str = "doersch"
+  pooling: str = "auto"  # fold.POOLINGS: how the backbone pools, which the random-init baseline repeats
 
   @property
   def feature_layers(self):
     return model_lib.BACKBONES[self.model_config.backbone].features
-
-  @property
-  def probe_layers(self):
-    return model_lib.BACKBONES[self.model_config.backbone].probe_layers
 
   @property
   def patch_size(self):
@@ -47,19 +44,40 @@ class Subject:
   def preprocessing(self):
     return augment.preprocessing_mode(self.geometry, self.color_mode)
 
+  @property
+  def rescaled(self):
+    return bool(self.about.get("rescaled", False))
+
+  def trainable_backbone(self):
+    """A new float32 Keras copy of the folded backbone (fold.fold_tower: uint8-free, preprocessed input -> the
+    named maps) holding the subject's weights, to fine-tune without touching `features`."""
+    networks = next((owner for owner in self.owners if isinstance(owner, model_lib.Networks)), None)
+    if networks is not None:  # a run or a random-init network, built in this process: fold it again
+      return fold.fold_tower(networks.tower, self.model_config, self.pooling)
+    folded = fold.fold_tower(restore.build_networks(self.model_config).tower, self.model_config, self.pooling)
+    # An exported backbone: its weights, by the layer and weight names of the model it was saved from.
+    saved = serving.read_weights(self.about["saved_model"])
+    for variable in folded.weights:
+      source = saved.get(variable.path)
+      if source is None or tuple(source.shape) != tuple(variable.shape):
+        raise errors.UsageError(f"{self.about.get('saved_model')}: holds no weight {variable.path} of shape "
+                                f"{tuple(variable.shape)}; it does not match its metadata's architecture")
+      variable.assign(source)
+    return folded
+
   def random_init(self, seed):
     """The same architecture as it starts training (its initialisers, BN statistics mean 0, variance 1)."""
     keras.utils.set_random_seed(seed)
     networks = restore.build_networks(self.model_config)
-    module = _backbone_module(networks.tower, self.model_config, self.preprocessing)
+    module = _backbone_module(networks.tower, self.model_config, self.preprocessing, self.pooling)
     return Subject(about={"random_init_seed": seed}, step=self.step, model_config=self.model_config,
                    color_mode=self.color_mode, pixelation=self.pixelation, features=module.features,
                    pair_logits=_run_pair_logits(networks, self.model_config.patch_size), owners=(module, networks),
-                   geometry=self.geometry)
+                   geometry=self.geometry, pooling=self.pooling)
 
 
-def _backbone_module(tower, model_config, preprocessing):
-  return serving.BackboneModule(fold.fold_tower(tower, model_config), preprocessing, model_config.patch_size,
+def _backbone_module(tower, model_config, preprocessing, pooling="auto"):
+  return serving.BackboneModule(fold.fold_tower(tower, model_config, pooling), preprocessing, model_config.patch_size,
                                 model_lib.output_name(model_config.backbone))
 
 
@@ -105,4 +123,6 @@ def from_saved_model(path):
                         "rescaled": info.get("rescaled", False)},
                  step=int(info.get("step") or 0), model_config=model_config, color_mode=info["color_mode"],
                  pixelation=info.get("pixelation", True), features=backbone.features,
-                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier), geometry=geometry)
+                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier), geometry=geometry,
+                 # Exports of earlier versions pooled as the training tower does.
+                 pooling=info.get("pooling", "trained"))

@@ -1,0 +1,349 @@
+"""Linear evaluation at ImageNet scale: python -m context_keras.linear_eval
+(--model_dir=RUN | --saved_model=OUT/backbone) --train_data=... --val_data=... [--val_labels=FILE] --eval_dir=EVAL
+[--flagfile=flags/linear_imagenet.cfg]
+
+One linear head per named layer of the frozen backbone (each layer's map pooled to at most --probe_dims values),
+all trained jointly with SGD on features streamed through tf.data, never stored; then top-1 and top-5 per layer on
+the validation set and per-class top-1 (method.md §10.3). The defaults follow Goyal et al. 2019 as VISSL reproduces
+it; flags/linear_imagenet_100ep.cfg is the 100-epoch variant, flags/linear_patches.cfg Kolesnikov et al. 2019's
+patch-averaged protocol.
+
+Runs like training: under the same strategy (--strategy, several GPUs or workers), with checkpoints in EVAL that a
+re-run resumes from (at the exact input position), quit and pause files, SIGINT/SIGTERM (checkpoint and exit 0),
+TensorBoard logs in EVAL/train, and progress lines with images/s and ETA. The result is printed as one JSON object,
+the last line, and written to EVAL/linear_eval.json.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from context_keras import actions as actions_lib
+from context_keras import control as control_lib
+from context_keras import distribute
+from context_keras import errors
+from context_keras import labelled
+from context_keras import patches as patches_lib
+from context_keras import program
+from context_keras import progress as progress_lib
+from context_keras import resources
+from context_keras import restore
+from context_keras import run_dir
+from context_keras import writes
+from context_keras.evaluation import features as features_lib
+from context_keras.evaluation import linear_job
+from context_keras.evaluation import output
+from context_keras.evaluation import subject as subject_lib
+from context_keras.evaluation.result import Result
+from context_keras.flagsets import labelled as labelled_flags
+
+FLAGS = flags.FLAGS
+NAME = "linear_eval"
+CONFIG_FILE = "linear_eval_config.json"
+LOG_FILE = "linear_eval.log"
+DEFAULTS = linear_job.JobConfig()
+
+
+def define_flags():
+  with program.flag_group("subject"):
+    flags.DEFINE_string("model_dir", None, "Training run to evaluate (its latest checkpoint, or --checkpoint).")
+    flags.DEFINE_string("checkpoint", None, "With --model_dir: a checkpoint path (RUN/ckpt-N) or step N.")
+    flags.DEFINE_string("saved_model", None, "Instead of --model_dir: an exported backbone (OUT/backbone).")
+  labelled_flags.define_splits()
+  with program.flag_group("protocol"):
+    flags.DEFINE_enum("protocol", DEFAULTS.protocol, linear_job.PROTOCOLS, "image: the whole crop through the "
+                      "backbone (Goyal et al. 2019); patches: Kolesnikov et al. 2019, a 3x3 grid of patches cut "
+                      "from the crop, each layer's pooled features averaged over them (for backbones trained on "
+                      "patches; --crop_size / 3 must be at least the backbone's patch size).")
+    flags.DEFINE_list("layers", [], "Layers to probe (default: every named layer of the backbone).")
+    program.define_integer("probe_dims", DEFAULTS.probe_dims, "Each layer's map is pooled to at most this many "
+                           "values (about 9,000: Zhang et al. 2017, Goyal et al. 2019; Kolesnikov et al. 2019); 1 "
+                           "= global average pooling.", lower=1)
+    flags.DEFINE_enum("probe_pool", DEFAULTS.probe_pool, features_lib.POOL_MODES, "avg: adaptive average pooling to "
+                      "the largest square grid within --probe_dims; max: Kolesnikov et al.'s max pooling with "
+                      "kernel = stride = ceil(sqrt(HWC / probe_dims)).")
+    flags.DEFINE_bool("head_batchnorm", DEFAULTS.head_batchnorm, "Batch norm before each linear head (Goyal et al. "
+                      "2019 / VISSL); off: the plain linear layer of Kolesnikov et al. and MoCo.")
+    program.define_integer("resize_size", DEFAULTS.resize_size, "Validation (and random_crop training) images: "
+                           "shorter side resized to this, then the centre (random) --crop_size square.", lower=1)
+    program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees (>= 96).",
+                           lower=1)
+    flags.DEFINE_enum("train_augmentation", DEFAULTS.train_augmentation, linear_job.AUGMENTATIONS,
+                      "random_resized_crop: 8-100 percent of the area, aspect 3/4-4/3, resized to --crop_size "
+                      "(Goyal et al., VISSL, mmselfsup); random_crop: a --crop_size crop of the --resize_size image "
+                      "(Kolesnikov et al.); none: the validation transform.")
+    flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
+  with program.flag_group("optimisation"):
+    program.define_integer("batch_size", DEFAULTS.batch_size, "Global batch (images per step over all replicas).",
+                           lower=1)
+    program.define_float("epochs", DEFAULTS.epochs, "Epochs over the training set (Goyal et al. / VISSL: 28).",
+                         above=0)
+    program.define_float("learning_rate", DEFAULTS.learning_rate, "SGD learning rate per 256 images, scaled "
+                         "linearly with --batch_size (VISSL: 0.01; Kolesnikov et al.: 0.1).", above=0)
+    program.define_float("momentum", DEFAULTS.momentum, "SGD momentum.", lower=0, below=1)
+    flags.DEFINE_bool("nesterov", DEFAULTS.nesterov, "Nesterov momentum (VISSL: yes).")
+    program.define_float("weight_decay", DEFAULTS.weight_decay, "L2 on the heads' kernels, as in the loss (gradient "
+                         "+= this * weight; VISSL: 5e-4, Kolesnikov et al.: 0).", lower=0)
+    flags.DEFINE_list("decay_epochs", [str(e) for e in DEFAULTS.decay_epochs], "Epochs at which the learning rate is "
+                      "multiplied by --decay_factor (VISSL: 8,16,24).")
+    program.define_float("decay_factor", DEFAULTS.decay_factor, "Learning-rate factor at each --decay_epochs.",
+                         above=0, upper=1)
+    program.define_float("warmup_epochs", DEFAULTS.warmup_epochs, "Linear learning-rate warm-up.", lower=0)
+    program.define_integer("shuffle_buffer", DEFAULTS.shuffle_buffer, "Records shuffled together when reading "
+                           "TFRecord shards (files are permuted exactly every epoch).", lower=1)
+    program.define_integer("seed", DEFAULTS.seed, "Seed of the data order and augmentation.", lower=0)
+  with program.flag_group("run"):
+    flags.DEFINE_string("eval_dir", None, "Folder of the job: checkpoints, TensorBoard logs (train/), its log, "
+                        "config and linear_eval.json. A job resumes from its latest checkpoint here.")
+    program.define_integer("steps_per_loop", 20, "Steps per compiled call.", lower=1)
+    program.define_integer("log_every", 100, "Steps between progress lines and scalar summaries.", lower=1)
+    program.define_integer("checkpoint_every", 1000, "Steps between checkpoints.", lower=1)
+    program.define_integer("keep_checkpoints", 3, "Checkpoints kept in --eval_dir.", lower=1)
+    program.define_integer("eval_every", 0, "Steps between validation passes during training (0 = only at the end).",
+                           lower=0)
+    flags.DEFINE_string("quit_file", "linear_eval_quit", "When this file appears the job checkpoints and exits 0.")
+    flags.DEFINE_string("pause_file", "linear_eval_pause", "When this file appears the job checkpoints and waits "
+                        "until it is removed.")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"], "As training's.")
+    program.define_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each.",
+                           lower=1)
+    flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism: a resumed job ends with the same "
+                      "weights and accuracy as an uninterrupted one.")
+
+
+def job_config():
+  try:
+    decay = tuple(float(e) for e in FLAGS.decay_epochs)
+  except ValueError as e:
+    raise errors.UsageError(f"Invalid flags: --decay_epochs={','.join(FLAGS.decay_epochs)} must be numbers") from e
+  config = linear_job.JobConfig(
+      protocol=FLAGS.protocol, layers=tuple(FLAGS.layers), probe_dims=FLAGS.probe_dims, probe_pool=FLAGS.probe_pool,
+      head_batchnorm=FLAGS.head_batchnorm, resize_size=FLAGS.resize_size, crop_size=FLAGS.crop_size,
+      train_augmentation=FLAGS.train_augmentation, flip=FLAGS.flip, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
+      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
+      weight_decay=FLAGS.weight_decay, decay_epochs=decay, decay_factor=FLAGS.decay_factor,
+      warmup_epochs=FLAGS.warmup_epochs, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
+  side = config.crop_size // config.patch_grid if config.patch_grid else config.crop_size
+  if side < patches_lib.PATCH_SIZE:
+    raise errors.UsageError(f"Invalid flags: --crop_size={config.crop_size} gives "
+                            f"{'patches' if config.patch_grid else 'images'} of {side} px; the backbone needs at "
+                            f"least {patches_lib.PATCH_SIZE}")
+  if config.train_augmentation != "random_resized_crop" and config.resize_size < config.crop_size:
+    raise errors.UsageError(f"Invalid flags: --resize_size={config.resize_size} is smaller than --crop_size="
+                            f"{config.crop_size}")
+  return config
+
+
+def check_flags():
+  if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
+    raise errors.UsageError("give exactly one of --model_dir (a training run) and --saved_model (OUT/backbone)")
+  if not (FLAGS.train_data or FLAGS.train_labels):
+    raise errors.UsageError(f"--train_data is required: {labelled_flags.FORMS}")
+  if not (FLAGS.val_data or FLAGS.val_labels):
+    raise errors.UsageError("--val_data is required: the images the heads are scored on")
+  if not FLAGS.eval_dir:
+    raise errors.UsageError("--eval_dir is required: the job's folder (checkpoints, logs, results)")
+
+
+def check_resume(eval_dir, recorded):
+  """Refuses to resume a job of another protocol, backbone or data; records the job's configuration."""
+  path = os.path.join(eval_dir, CONFIG_FILE)
+  if tf.train.latest_checkpoint(eval_dir) and os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      earlier = json.load(f)
+    different = [f"{key}: {earlier.get(key)} then, {value} now" for key, value in recorded.items()
+                 if json.loads(json.dumps(value)) != earlier.get(key)]
+    if different:
+      raise errors.UsageError(f"--eval_dir={eval_dir} holds a job with other settings ({'; '.join(different[:4])}): "
+                              "use another --eval_dir, or delete it to start over")
+  writes.atomic_write_json(path, recorded)
+
+
+class Progress(actions_lib.Action):
+  """Training scalars after every call, and a progress line every `every` steps: loss, the training top-1 of each
+  head's batches, images/s and ETA."""
+
+  def __init__(self, writer, every, trainer, total, per_epoch, layers):
+    self.writer, self.every, self.trainer, self.total, self.per_epoch = writer, every, trainer, total, per_epoch
+    self.layers = layers
+    self.window = None
+    self.start = time.monotonic()
+    self.first_step = trainer.current_step()
+    self.images = 0
+
+  def __call__(self, output):
+    if not output.steps:
+      return
+    values = output.values
+    self.images += int(values["examples"] + values["unreadable"])
+    self.window = values if self.window is None else {k: self.window[k] + values[k] for k in values}
+    seconds = max(output.seconds, 1e-9)
+    examples = max(float(values["examples"]), 1.0)
+    with self.writer.at(output.step):
+      for name in self.layers:
+        tf.summary.scalar(f"loss/{name}", float(values["loss_" + name]) / examples)
+        tf.summary.scalar(f"train_top1/{name}", float(values["correct_" + name]) / examples)
+      tf.summary.scalar("images_per_second", float(values["examples"] + values["unreadable"]) / seconds)
+      tf.summary.scalar("learning_rate", self.trainer.learning_rate())
+    if self.is_due(output.step) or output.step >= self.total or output.status != linear_job.STATUS_OK:
+      window, self.window = self.window, None
+      done = max(float(window["examples"]), 1.0)
+      loss = sum(float(window["loss_" + n]) for n in self.layers) / done
+      best = max(self.layers, key=lambda n: float(window["correct_" + n]))
+      rate = self.rate()
+      eta = progress_lib.duration((self.total - output.step) * self.trainer.config.batch_size / rate) if rate else "?"
+      logging.info("step %d/%d (epoch %.2f/%g)  loss (sum of heads) %.4f  train top-1 %.3f (%s)  %.1f images/s  "
+                   "lr %.3g  unreadable %d  ETA %s", output.step, self.total, output.step / self.per_epoch,
+                   self.trainer.config.epochs, loss, float(window["correct_" + best]) / done, best, rate,
+                   self.trainer.learning_rate(), int(window["unreadable"]), eta)
+
+  def rate(self):
+    """Images per second of this invocation's training so far."""
+    elapsed = time.monotonic() - self.start
+    return self.images / elapsed if elapsed > 0 else 0.0
+
+
+class Validation(actions_lib.Action):
+  """A validation pass every `every` steps (0: none during training), logged and written to TensorBoard."""
+
+  def __init__(self, every, validate):
+    self.every, self.validate = every, validate
+
+  def __call__(self, output):
+    if output.steps and self.is_due(output.step):
+      self.validate(output.step)
+
+
+def summary_line(per_layer):
+  return ", ".join(f"{name} {entry['top1']:.4f}" for name, entry in per_layer.items())
+
+
+def run():
+  check_flags()
+  config = job_config()
+  eval_dir = writes.check_folder(FLAGS.eval_dir, "eval_dir")
+  strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+  is_chief, task = distribute.worker_role(strategy)
+  if config.batch_size % strategy.num_replicas_in_sync:
+    raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
+                            f"{strategy.num_replicas_in_sync} replicas")
+  write_dir = eval_dir if is_chief else run_dir.worker_scratch(eval_dir, task)
+  with contextlib.ExitStack() as stack:
+    if is_chief:
+      stack.enter_context(run_dir.Lock(eval_dir, "eval_dir", "linear evaluation"))
+      stack.enter_context(run_dir.LogFile(eval_dir, LOG_FILE))
+    else:
+      stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
+    if FLAGS.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels")
+    val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes)
+    logging.info("Training set: %s. Validation set: %s. Strategy: %s with %d replica(s).", train.description,
+                 val.description, type(strategy).__name__, strategy.num_replicas_in_sync)
+    with strategy.scope():
+      subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
+                 else subject_lib.from_saved_model(FLAGS.saved_model))
+    layers = config.layers or tuple(subject.feature_layers)
+    unknown = [name for name in layers if name not in subject.feature_layers]
+    if unknown:
+      raise errors.UsageError(f"--layers: {', '.join(unknown)} not among {', '.join(subject.feature_layers)}")
+    plans = features_lib.plan(subject.features, layers, config.crop_size, config.probe_dims, config.probe_pool,
+                              config.patch_grid)
+    extractor = features_lib.Extractor(subject.features, plans, config.patch_grid, owner=subject)
+    logging.info("Heads on %s.", ", ".join(f"{n} ({p.dims} dims)" for n, p in plans.items()))
+    per_epoch = linear_job.steps_per_epoch(train.size, config.batch_size)
+    total = linear_job.total_steps(config, train.size)
+    check_resume(eval_dir, {"subject": {k: v for k, v in subject.about.items() if k != "step"}, "step":
+                            subject.step, "config": dataclasses.asdict(config), "layers": list(layers),
+                            "train": train.description, "val": val.description, "classes": len(train.classes)})
+    trainer = linear_job.HeadTrainer(strategy, extractor, len(train.classes), config, per_epoch)
+    unreadable = tf.Variable(0, dtype=tf.int64, trainable=False, name="unreadable")
+    checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), unreadable=unreadable)
+    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=FLAGS.keep_checkpoints,
+                                         checkpoint_name=run_dir.CHECKPOINT_PREFIX)
+    latest = tf.train.latest_checkpoint(eval_dir)
+    if latest:
+      checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info("Resumed from %s at step %d of %d.", latest, trainer.current_step(), total)
+    else:
+      logging.info("Starting a new linear evaluation in %s: %d steps (%g epochs of %d images, batch %d).", eval_dir,
+                   total, config.epochs, train.size, config.batch_size)
+    start = trainer.current_step() * config.batch_size
+    iterator = iter(linear_job.distributed(strategy, config.batch_size,
+                                           lambda pipeline: linear_job.train_dataset(train, config, start, pipeline)))
+    writer = tf.summary.create_file_writer(run_dir.train_dir(write_dir)) if is_chief else (
+        tf.summary.create_noop_writer())
+    stack.callback(actions_lib.close_writer, writer)
+    control = stack.enter_context(control_lib.Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request))
+    checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
+    summaries = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
+    val_steps = linear_job.val_steps(val.size, config.batch_size)
+
+    validated = {}
+
+    def validate(step):
+      if step in validated:
+        return validated[step]
+      logging.info("Validation pass at step %d: %d images in %d batches.", step, val.size, val_steps)
+      began = time.monotonic()
+      dataset = linear_job.distributed(strategy, config.batch_size,
+                                       lambda pipeline: linear_job.val_dataset(val, config, val_steps, pipeline))
+      per_layer, examples, bad = trainer.evaluate(dataset, val_steps, train.classes)
+      logging.info("Validation at step %d (%.0f images/s): top-1 %s.", step, (examples + bad) / max(
+          time.monotonic() - began, 1e-9), summary_line(per_layer))
+      with summaries.at(step):
+        for name, entry in per_layer.items():
+          tf.summary.scalar(f"val_top1/{name}", entry["top1"])
+          tf.summary.scalar(f"val_top5/{name}", entry["top5"])
+      validated[step] = per_layer, examples, bad
+      return validated[step]
+
+    progress = Progress(summaries, FLAGS.log_every, trainer, total, per_epoch, layers)
+    periodic = [progress, checkpoints, Validation(FLAGS.eval_every, validate)]
+    began = time.monotonic()
+    step = trainer.current_step()
+    while step < total:
+      num_steps = actions_lib.steps_to_next(step, total, periodic, FLAGS.steps_per_loop)
+      clock = time.perf_counter()
+      values = trainer.train_loop(iterator, tf.constant(num_steps))
+      step = trainer.current_step()
+      values = {k: np.asarray(v) for k, v in values.items()}
+      unreadable.assign_add(int(values["unreadable"]))
+      out = actions_lib.LoopOutput(step=step, steps=int(values["steps"]), status=int(values["status"]),
+                                   values=values, seconds=time.perf_counter() - clock)
+      for action in periodic:
+        action(out)
+      if out.status == linear_job.STATUS_STOP_REQUESTED:
+        if control.honour(int(values["request"]), step, checkpoints.save):
+          return 0
+    checkpoints.save("end of training")
+    train_seconds = time.monotonic() - began
+    per_layer, examples, bad = validate(step)
+    best = max(per_layer, key=lambda name: per_layer[name]["top1"])
+    metrics = {"mode": NAME, **subject.about, "protocol": config.protocol, "train_data": train.description,
+               "val_data": val.description, "best_layer": best, "top1": per_layer[best]["top1"],
+               "top5": per_layer[best]["top5"],
+               "per_layer": {name: {k: v for k, v in entry.items() if k != "per_class_top1"}
+                             for name, entry in per_layer.items()},
+               "per_class_top1": per_layer[best]["per_class_top1"], "classes": len(train.classes),
+               "chance": 1.0 / len(train.classes), "val_images": examples, "val_unreadable": bad,
+               "train_images": train.size, "train_unreadable": int(unreadable.numpy()), "steps": step,
+               "epochs": config.epochs, "batch_size": config.batch_size,
+               "images_per_second": round(progress.rate(), 1), "train_seconds": round(train_seconds, 1),
+               "peak_rss_mb": round(resources.peak_rss_mb(), 1), "eval_dir": eval_dir}
+    logging.info("Linear evaluation finished at step %d: best layer %s, top-1 %.4f, top-5 %.4f. Peak memory: %.0f "
+                 "MB.", step, best, metrics["top1"], metrics["top5"], metrics["peak_rss_mb"])
+    if is_chief:
+      output.emit(NAME, metrics, Result(metrics), eval_dir, step)
+  return 0
+
+
+if __name__ == "__main__":
+  program.run(run, define_flags)

@@ -1,0 +1,129 @@
+"""Starting a new run from trained weights (train --init_from, method.md §11.7): another run's latest checkpoint, one
+checkpoint of a run, or an exported backbone (OUT/backbone, RUN/export/backbone_<step>).
+
+From a run or a checkpoint the tower is copied whole, batch-norm statistics included, and the pair head where its
+layers match. An exported backbone has its batch norm folded into the conv/dense weights (method.md §5.1): those
+weights are copied (fc6's 3x3 convolution back into the dense layer), and the new run's BN layers start with fresh
+statistics, which its first training steps set; the head starts from its random initialisation. Either way the
+optimizer and the step start anew: it is a new run, not a resumed one.
+"""
+import dataclasses
+import os
+
+from absl import logging
+from keras import layers
+import numpy as np
+import tensorflow as tf
+
+from context_keras import errors
+from context_keras import restore
+from context_keras import run_dir
+from context_keras import serving
+
+RUN, CHECKPOINT, BACKBONE = "run", "checkpoint", "backbone"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  kind: str   # RUN, CHECKPOINT or BACKBONE
+  path: str   # as given
+
+
+def find_source(path):
+  """What --init_from names; a UsageError when it is none of the three."""
+  if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    serving.read_metadata(path, "init_from")  # a SavedModel of context_keras, which says what it holds
+    return Source(BACKBONE, path)
+  if os.path.isfile(os.path.join(path, run_dir.CONFIG_FILE)) or os.path.isfile(os.path.join(path, run_dir.FLAGS_FILE)):
+    return Source(RUN, path)
+  if tf.io.gfile.exists(path + ".index"):
+    return Source(CHECKPOINT, path)
+  raise errors.UsageError(f"--init_from={path} is neither a run directory (with {run_dir.CONFIG_FILE}), a checkpoint "
+                          "(RUN/ckpt-N, with its .index file) nor an exported backbone (OUT/backbone, "
+                          "RUN/export/backbone_N)")
+
+
+def _mismatch(source, name, what, theirs, ours):
+  return errors.UsageError(f"--init_from={source}: layer {name}'s {what} has shape {tuple(theirs)} there but "
+                           f"{tuple(ours)} in this run's tower (check --backbone and --width_multiplier)")
+
+
+def _copy_layers(source, target, origin, strict):
+  """Copies the weights of `origin`'s layers into the same-named layers of `target`; a missing layer or another
+  shape is an error when `strict`, else that layer keeps its weights. Returns the names of the layers copied."""
+  copied = []
+  for layer in target.layers:
+    if not layer.weights:
+      continue
+    try:
+      other = origin.get_layer(layer.name)
+    except ValueError:
+      if strict:
+        raise errors.UsageError(f"--init_from={source} has no layer {layer.name} (check --backbone)") from None
+      continue
+    values = other.get_weights()
+    shapes = [(w.path.rsplit("/", 1)[-1], np.shape(v), tuple(w.shape)) for w, v in zip(layer.weights, values)]
+    bad = [s for s in shapes if s[1] != s[2]] + ([("weights", (len(values),), (len(layer.weights),))]
+                                                 if len(values) != len(layer.weights) else [])
+    if bad:
+      if strict:
+        raise _mismatch(source, layer.name, *bad[0])
+      continue
+    for weight, value in zip(layer.weights, values):
+      weight.assign(value)
+    copied.append(layer.name)
+  return copied
+
+
+def _from_run(networks, source):
+  model_dir = source.path if source.kind == RUN else os.path.dirname(os.path.abspath(source.path))
+  run = restore.load_run(model_dir, None if source.kind == RUN else source.path)
+  _copy_layers(source.path, networks.tower, run.networks.tower, strict=True)
+  head = _copy_layers(source.path, networks.head, run.networks.head, strict=False)
+  missing = [layer.name for layer in networks.head.layers if layer.weights and layer.name not in head]
+  if missing:
+    logging.warning("--init_from=%s: head layers %s do not match this run's and keep their initialisation.",
+                    source.path, ", ".join(missing))
+  return {"checkpoint": run.checkpoint, "step": run.step, "head": not missing}
+
+
+def _from_backbone(networks, model_config, source):
+  info = serving.read_metadata(source.path, "init_from")
+  if info.get("backbone") != model_config.backbone:
+    raise errors.UsageError(f"--init_from={source.path} is a {info.get('backbone')} backbone; this run trains "
+                            f"--backbone={model_config.backbone}")
+  weights = serving.read_weights(source.path)
+  for layer in networks.tower.layers:
+    if not isinstance(layer, (layers.Conv2D, layers.Dense)):
+      continue
+    for weight in layer.weights:
+      key = f"{layer.name}/{weight.path.rsplit('/', 1)[-1]}"
+      if key not in weights:
+        raise errors.UsageError(f"--init_from={source.path} has no weight {key} (check --backbone)")
+      value = weights[key]
+      if isinstance(layer, layers.Dense) and value.ndim == 4:
+        # The export's fully convolutional fc6: a kh x kw x C x D kernel over the map a Flatten flattened (h, w, c
+        # row-major), which reshapes back into the dense kernel.
+        if value.size != np.prod(weight.shape):
+          raise _mismatch(source.path, layer.name, "kernel", value.shape, weight.shape)
+        value = value.reshape(weight.shape)
+      if tuple(value.shape) != tuple(weight.shape):
+        raise _mismatch(source.path, layer.name, key.rsplit("/", 1)[-1], value.shape, weight.shape)
+      weight.assign(value)
+  return {"checkpoint": info.get("checkpoint"), "step": info.get("step"), "rescaled": info.get("rescaled", False),
+          "head": False}
+
+
+def initialise(networks, model_config, path):
+  """Loads the weights that --init_from=`path` names into a new run's `networks` (model.Networks); returns what
+  RUN/config.json records about it."""
+  source = find_source(path)
+  if source.kind == BACKBONE:
+    about = _from_backbone(networks, model_config, source)
+  else:
+    about = _from_run(networks, source)
+  record = {"source": path, "kind": source.kind, **about}
+  logging.info("Initialised from %s %s (%s): the tower%s.", source.kind, path,
+               f"step {about['step']}" if about.get("step") is not None else "step unknown",
+               " and the pair head" if about["head"] else "; the pair head keeps its random initialisation")
+  return record

@@ -1,0 +1,230 @@
+"""Labelled data and the scores of the labelled protocols (fast): labels files and ImageNet's layout, labelled shards of
+prepare --labels, the messages of bad labelled inputs, per-layer pooling, average precision against a hand-computed
+example, k-NN that can fail, and the linear job's input stream and its exact resume."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from context_keras import errors
+from context_keras import labelled as L
+from context_keras import prepare as PR
+from context_keras.evaluation import features as F
+from context_keras.evaluation import knn
+from context_keras.evaluation import linear
+from context_keras.evaluation import linear_job as J
+from context_keras.evaluation import metrics as M
+from helpers import write_png
+
+
+def image(value, size=100):
+  return np.full((size, size, 3), value, np.uint8)
+
+
+@pytest.fixture
+def imagenet(tmp_path):
+  """ImageNet's layout in small: train/<synset>/*.JPEG (PNG bytes), val/ flat with a labels file."""
+  for synset, count in (("n01440764", 3), ("n01443537", 2), ("n01484850", 2)):
+    (tmp_path / "train" / synset).mkdir(parents=True)
+    for i in range(count):
+      write_png(tmp_path / "train" / synset / f"{synset}_{i}.JPEG", image(40 * i))
+  (tmp_path / "val").mkdir()
+  for i in range(4):
+    write_png(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", image(10 * i))
+  (tmp_path / "val.txt").write_text("# name synset\nILSVRC2012_val_00000000 n01443537\n"
+                                    "ILSVRC2012_val_00000001.JPEG n01440764\nILSVRC2012_val_00000002 2\n"
+                                    "ILSVRC2012_val_00000003 n01443537\n")
+  return tmp_path
+
+
+def test_imagenet_layout_with_a_labels_file(imagenet):
+  train = L.find(str(imagenet / "train"), data_flag="--train_data")
+  assert train.classes == ("n01440764", "n01443537", "n01484850") and train.size == 7
+  assert train.labels.tolist() == [0, 0, 0, 1, 1, 2, 2] and train.counts().tolist() == [3, 2, 2]
+  val = L.find(str(imagenet / "val"), str(imagenet / "val.txt"), "--val_data", "--val_labels", classes=train.classes)
+  # Names without their extension, and a 0-based index into the training classes, both resolve.
+  assert [p.rsplit("/", 1)[1] for p in val.paths] == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(4)]
+  assert val.labels.tolist() == [1, 0, 2, 1] and val.classes == train.classes
+  records = list(L.records(val).as_numpy_iterator())
+  assert [int(r[0]) for r in records] == [0, 1, 2, 3] and [int(r[2]) for r in records] == [1, 0, 2, 1]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_class_folder", "--train_data={root}/nowhere: {root}/nowhere is not a folder"),
+    ("empty_class", "class n01484850 has no image"),
+    ("missing_files", "2 of the 3 images it names are not in {root}/val: ILSVRC2012_val_00000008 (line 2), "
+                      "ILSVRC2012_val_00000009 (line 3)"),
+    ("out_of_range", "line 1: label 3 is out of range: there are 3 classes (0-based indices 0-2)"),
+    ("unknown_class", "line 1: label 'n99999999' is not one of the 3 classes"),
+    ("two_labels", "line 1 gives 2 labels, not 1 (pass --multi_label"),
+    ("one_class", "needs at least 2 subfolders of images (classes)"),
+])
+def test_bad_labelled_inputs_name_the_problem(imagenet, case, message):
+  root = imagenet
+  train_dir, val_file = str(root / "train"), root / "bad.txt"
+  if case == "missing_class_folder":
+    train_dir = str(root / "nowhere")
+  elif case == "empty_class":
+    for f in (root / "train" / "n01484850").iterdir():
+      f.unlink()
+  elif case == "one_class":
+    (root / "single" / "only").mkdir(parents=True)
+    write_png(root / "single" / "only" / "a.png", image(1))
+    train_dir = str(root / "single")
+  val_file.write_text({"missing_files": "ILSVRC2012_val_00000000 0\nILSVRC2012_val_00000008 0\n"
+                                        "ILSVRC2012_val_00000009 1\n",
+                       "out_of_range": "ILSVRC2012_val_00000000 3\n",
+                       "unknown_class": "ILSVRC2012_val_00000000 n99999999\n",
+                       "two_labels": "ILSVRC2012_val_00000000 n01440764,n01443537\n"}.get(case, "x 0\n"))
+  with pytest.raises(errors.UsageError) as raised:
+    train = L.find(train_dir, data_flag="--train_data")
+    L.find(str(root / "val"), str(val_file), "--val_data", "--val_labels", classes=train.classes)
+  assert message.format(root=root) in str(raised.value)
+
+
+def test_multi_label_file_with_ignored_classes(tmp_path):
+  for i in range(3):
+    write_png(tmp_path / f"{i}.png", image(i))
+  (tmp_path / "labels.txt").write_text("0.png cat,dog\n1.png ?cat\n2.png dog, ?person\n")
+  found = L.find(None, str(tmp_path / "labels.txt"), multi_label=True)
+  assert found.classes == ("cat", "dog", "person") and found.multi_label
+  assert found.labels.tolist() == [[1, 1, 0], [-1, 0, 0], [0, 1, -1]]
+  assert found.counts().tolist() == [1, 2, 0]
+
+
+def test_prepare_labels_round_trip(imagenet, tmp_path):
+  # Without a training set to index into, prepare reads every label as a class name.
+  (imagenet / "val_synsets.txt").write_text((imagenet / "val.txt").read_text().replace(" 2\n", " n01484850\n"))
+  for labels, data, shards in (("folders", imagenet / "train", tmp_path / "train"),
+                               (str(imagenet / "val_synsets.txt"), imagenet / "val", tmp_path / "val")):
+    PR.prepare(PR.PrepareConfig(data=str(data), output=str(shards), num_shards=2, labels=labels))
+  train = L.find(str(tmp_path / "train" / "*.tfrecord"))
+  assert train.kind == "tfrecord" and train.classes == ("n01440764", "n01443537", "n01484850") and train.size == 7
+  index = json.loads((tmp_path / "val" / "index.json").read_text())
+  assert index["classes"] == ["n01440764", "n01443537", "n01484850"] and index["records"] == 4
+  val = L.find(str(tmp_path / "val" / "*.tfrecord"), classes=train.classes)
+  by_name = {}
+  for record in tf.data.TFRecordDataset(list(val.paths)):
+    example = tf.train.Example.FromString(record.numpy()).features.feature
+    name = example["image/filename"].bytes_list.value[0].decode()
+    by_name[name] = (example["image/class/index"].int64_list.value[0],
+                     example["image/class/name"].bytes_list.value[0].decode())
+  assert by_name == {"ILSVRC2012_val_00000000.JPEG": (1, "n01443537"), "ILSVRC2012_val_00000001.JPEG":
+                     (0, "n01440764"), "ILSVRC2012_val_00000002.JPEG": (2, "n01484850"),
+                     "ILSVRC2012_val_00000003.JPEG": (1, "n01443537")}
+  labels = sorted(int(label) for _, _, label in L.records(val).as_numpy_iterator())
+  assert labels == [0, 1, 1, 2]
+  # The linear job's stream of shards: every record once per epoch, resumable at any position.
+  stream = [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 0, 3).take(17).as_numpy_iterator()]
+  assert sorted(y for _, y, _ in stream[:7]) == [0, 0, 0, 1, 1, 2, 2] and stream[:7] != stream[7:14]
+  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 9, 3).take(8).as_numpy_iterator()
+          ] == stream[9:]
+  # Shards of unlabelled images are refused with the way to make labelled ones.
+  PR.prepare(PR.PrepareConfig(data=str(imagenet / "val"), output=str(tmp_path / "plain"), num_shards=1))
+  with pytest.raises(errors.DataError, match="lists no classes.*prepare --labels"):
+    L.find(str(tmp_path / "plain" / "*.tfrecord"))
+
+
+def test_pooling_plans_stay_within_the_budget():
+  assert F.plan_layer(48, 48, 96, 9000) == F.LayerPool("avg", 48, 48, 96, 9, 9)      # 7,776 values
+  assert F.plan_layer(6, 6, 384, 9000).dims == 4 * 4 * 384                             # 6,144
+  assert F.plan_layer(3, 3, 256, 9000).mode == "flat"                                  # 2,304: kept as is
+  assert F.plan_layer(1, 1, 4096, 9000).dims == 4096
+  assert F.plan_layer(5, 5, 4096, 9000).dims == 4096                                   # wider than the budget
+  # Kolesnikov et al.'s max pooling: ResNet-50 x2 on a 64-px patch (revisiting.md §3).
+  assert [F.plan_layer(h, h, c, 9000, "max").dims for h, c in ((32, 128), (32, 512), (16, 1024), (8, 2048),
+                                                                 (8, 4096))] == [8192, 8192, 4096, 8192, 4096]
+  maps = tf.reshape(tf.range(2 * 5 * 5 * 3, dtype=tf.float32), [2, 5, 5, 3])
+  pooled = F.pool(maps, F.LayerPool("avg", 5, 5, 3, 2, 2)).numpy().reshape(2, 2, 2, 3)
+  np.testing.assert_allclose(pooled[0, 0, 0], maps[0, :3, :3].numpy().mean((0, 1)))   # bins overlap at odd sizes
+  np.testing.assert_allclose(pooled[1, 1, 1], maps[1, 2:, 2:].numpy().mean((0, 1)))
+
+
+def test_patch_grid_is_row_major():
+  images = tf.reshape(tf.range(2 * 6 * 6 * 3), [2, 6, 6, 3])
+  patches = F.cut_patch_grid(images, 3).numpy()
+  assert patches.shape == (18, 2, 2, 3)
+  np.testing.assert_array_equal(patches[5], images[0, 2:4, 4:6])  # row 1, column 2
+  np.testing.assert_array_equal(patches[9], images[1, 0:2, 0:2])
+
+
+def test_average_precision_by_hand():
+  # Ranking by score: + - + (ignored) - +; 3 positives.
+  scores = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.5])
+  targets = np.array([1, 0, 1, -1, 0, 1])
+  # Precision/recall after each kept image: 1/1 @1/3, 1/2 @1/3, 2/3 @2/3, 2/4 @2/3, 3/5 @1.
+  # AUC: interpolated precision 1 on (0, 1/3], 2/3 on (1/3, 2/3], 3/5 on (2/3, 1].
+  assert M.average_precision(scores, targets) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+  # 11-point: t = 0..0.3 -> 1 (4 points), 0.4..0.6 -> 2/3 (3), 0.7..1.0 -> 3/5 (4).
+  assert M.average_precision(scores, targets, eleven_point=True) == pytest.approx((4 + 3 * 2 / 3 + 4 * 3 / 5) / 11)
+  result = M.mean_average_precision(np.stack([scores, -scores], 1), np.stack([targets, targets], 1), ["a", "b"])
+  assert result["per_class_ap"]["a"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+  assert result["map_auc"] == pytest.approx((result["per_class_ap"]["a"] + result["per_class_ap"]["b"]) / 2)
+  assert np.isnan(M.average_precision(scores, np.zeros(6)))
+
+
+def test_multi_label_probe_ranks_separable_classes():
+  rng = np.random.default_rng(0)
+  labels = (rng.random((120, 3)) < 0.4).astype(np.int8)
+  features = (labels * 4.0 + rng.normal(0, 1, labels.shape)).astype(np.float32)
+  labels[0, 0] = -1
+  splits = [(np.arange(80), np.arange(80, 120))]
+  result = linear.probe_layer(features, labels, splits, ["a", "b", "c"], linear.LinearProbe(epochs=100))
+  assert result["map_auc"] > 0.95 and result["map_11point"] > 0.9
+  shuffled = linear.probe_layer(features, labels[rng.permutation(120)], splits, ["a", "b", "c"],
+                                linear.LinearProbe(epochs=100))
+  assert shuffled["map_auc"] < 0.75
+
+
+def blobs(rng, classes=4, per_class=40, dim=16, separation=6.0):
+  centres = rng.normal(0, separation, (classes, dim))
+  labels = np.repeat(np.arange(classes), per_class)
+  return (centres[labels] + rng.normal(0, 1, (len(labels), dim))).astype(np.float32), labels
+
+
+def test_knn_separable_near_one_shuffled_near_chance():
+  rng = np.random.default_rng(0)
+  features, labels = blobs(rng)
+  features = knn.normalise(features)
+  queries, train = np.arange(0, 160, 4), np.setdiff1d(np.arange(160), np.arange(0, 160, 4))
+  # The training split is streamed in chunks of 7: the merged top k equals one pass over everything.
+  scores = knn.knn_scores(features[queries], knn.chunked(features[train], labels[train], 7), 20, 0.07, 4)
+  assert knn.accuracies(scores, labels[queries])["accuracy"] > 0.95
+  whole = knn.knn_scores(features[queries], [(features[train], labels[train])], 20, 0.07, 4)
+  np.testing.assert_allclose(scores, whole, rtol=1e-5)
+  shuffled = rng.permutation(labels)
+  scores = knn.knn_scores(features[queries], knn.chunked(features[train], shuffled[train], 7), 20, 0.07, 4)
+  assert abs(knn.accuracies(scores, shuffled[queries])["accuracy"] - 0.25) < 0.2
+
+
+def test_training_stream_resumes_at_any_position(tmp_path):
+  for i in range(5):
+    (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+    write_png(tmp_path / f"c{i % 2}" / f"{i}.png", image(i))
+  lset = L.find(str(tmp_path))
+
+  def take(start, count):
+    return [(int(i), p.decode(), int(y)) for i, p, y in
+            J.training_records(lset, seed=3, start=start, shuffle_buffer=4).take(count).as_numpy_iterator()]
+  stream = take(0, 17)
+  assert [s[0] for s in stream] == list(range(17))
+  assert all(sorted(s[1] for s in stream[e * 5:e * 5 + 5]) == sorted(lset.paths) for e in range(3))  # epochs
+  assert stream[:5] != stream[5:10]  # a new permutation every epoch
+  assert take(7, 10) == stream[7:]
+  assert take(7, 10) != [(i, p, y) for i, p, y in (
+      (int(i), p.decode(), int(y)) for i, p, y in
+      J.training_records(lset, seed=4, start=7, shuffle_buffer=4).take(10).as_numpy_iterator())]
+
+
+def test_unreadable_images_become_blank_examples_in_place(tmp_path):
+  for i in range(4):
+    (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+    write_png(tmp_path / f"c{i % 2}" / f"{i}.png", image(60 * i))
+  (tmp_path / "c1" / "9.png").write_bytes(b"not an image")
+  lset = L.find(str(tmp_path))
+  config = J.JobConfig(crop_size=96, resize_size=100, batch_size=5)
+  batch = next(iter(J.val_dataset(lset, config, 1, J.Pipeline(0, 1, 1, 5))))
+  assert batch["index"].numpy().tolist() == [0, 1, 2, 3, 4]
+  assert batch["weight"].numpy().tolist() == [1, 1, 1, 1, 0]  # 9.png, listed last, is blank
+  assert batch["image"].shape == (5, 96, 96, 3)

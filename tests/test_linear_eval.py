@@ -1,0 +1,122 @@
+"""linear_eval, the streaming job: per-layer numbers that can fail (a backbone whose conv1 separates the classes and
+whose other layers carry nothing), resume after kill -9 equal to an uninterrupted run, peak memory that does not grow
+with the data set, and exit 2 with a message for bad labelled inputs."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from context_keras import model as M
+from context_keras import patches as P
+from context_keras import serving
+from helpers import last_json
+from helpers import log_of
+from helpers import peak_mb
+from helpers import run_module
+from helpers import start_module
+from helpers import wait_for
+from helpers import write_png
+
+LAYERS = M.BACKBONES["alexnet_bn"].features
+
+
+class Informative(tf.Module):
+  """A stand-in backbone: conv1 is the image's brightness on a 4x4 grid (it separates dark from bright images);
+  every other layer is the same constant for every image (it separates nothing)."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+  def features(self, images):
+    count = tf.shape(images)[0]
+    brightness = tf.image.resize(tf.cast(images, tf.float32) / 255.0, [4, 4])
+    constant = tf.ones([count, 2, 2, 8])
+    return {name: brightness if name == "conv1" else constant for name in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def informative(tmp_path_factory):
+  path = tmp_path_factory.mktemp("informative") / "backbone"
+  tf.saved_model.save(Informative(), str(path))
+  serving.write_metadata(str(path), serving.metadata(M.ModelConfig(), "drop", step=0))
+  return path
+
+
+def write_set(folder, per_class, seed):
+  """Dark and bright 100-px images with random texture, class sub-folders."""
+  rng = np.random.default_rng(seed)
+  for name, low in (("dark", 0), ("bright", 140)):
+    (folder / name).mkdir(parents=True)
+    for i in range(per_class):
+      write_png(folder / name / f"{i}.png", rng.integers(low, low + 115, (100, 100, 3), dtype=np.uint8))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def brightness(tmp_path_factory):
+  root = tmp_path_factory.mktemp("brightness")
+  return write_set(root / "train", 24, 0), write_set(root / "val", 10, 1)
+
+
+def job(backbone, train, val, eval_dir, *extra):
+  return ["context_keras.linear_eval", f"--saved_model={backbone}", f"--train_data={train}", f"--val_data={val}",
+          f"--eval_dir={eval_dir}", f"--crop_size={P.PATCH_SIZE}", f"--resize_size={P.PATCH_SIZE + 4}",
+          "--batch_size=8", "--epochs=2", "--learning_rate=2.0", "--log_every=2", "--steps_per_loop=2", *extra]
+
+
+@pytest.mark.slow
+def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informative, brightness, tmp_path):
+  train, val = brightness
+  args = ["--deterministic", "--checkpoint_every=2"]
+  whole = run_module(job(informative, train, val, tmp_path / "whole", *args), cwd=tmp_path)
+  assert whole.returncode == 0, log_of(whole)
+  result = last_json(whole)
+  assert result == json.loads((tmp_path / "whole" / "linear_eval.json").read_text())
+  per_layer = result["per_layer"]
+  assert set(per_layer) == set(LAYERS) and result["best_layer"] == "conv1"
+  assert per_layer["conv1"]["top1"] >= 0.9 and per_layer["conv1"]["dims"] == 4 * 4 * 3
+  assert all(per_layer[name]["top1"] == 0.5 for name in LAYERS if name != "conv1")  # one class for every image
+  assert result["val_images"] == 20 and result["steps"] == 12 and result["per_class_top1"].keys() == {"dark",
+                                                                                                       "bright"}
+  assert "images/s" in log_of(whole) and "ETA" in log_of(whole)
+
+  log = tmp_path / "killed.txt"
+  process = start_module(job(informative, train, val, tmp_path / "killed", *args), tmp_path, log)
+  try:
+    wait_for(log, r"Checkpoint \S+ckpt-4 written", process)
+    process.send_signal(signal.SIGKILL)
+  finally:
+    process.wait()
+  assert not (tmp_path / "killed" / "linear_eval.json").exists()
+  resumed = run_module(job(informative, train, val, tmp_path / "killed", *args), cwd=tmp_path)
+  assert resumed.returncode == 0, log_of(resumed)
+  assert "Resumed from" in log_of(resumed)
+  assert last_json(resumed)["per_layer"] == per_layer
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_data_set(informative, tmp_path):
+  peaks = {}
+  for count in (8, 64):
+    folder = write_set(tmp_path / f"set{count}", count, 2)
+    log = tmp_path / f"memory{count}.txt"
+    process = start_module(job(informative, folder, folder, tmp_path / f"eval{count}", "--epochs=1"), tmp_path, log,
+                           measure=True)
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    peaks[count] = peak_mb(log.read_text())
+  # Eight times the images (train and validation): the same memory, within noise.
+  assert peaks[64] - peaks[8] < 40, peaks
+
+
+@pytest.mark.slow
+def test_bad_labelled_inputs_exit_2(informative, brightness, tmp_path):
+  train, _ = brightness
+  (tmp_path / "val").mkdir()
+  (tmp_path / "labels.txt").write_text("missing.JPEG dark\n")
+  result = run_module(job(informative, train, tmp_path / "val", tmp_path / "eval", f"--val_labels={tmp_path}/"
+                          "labels.txt"), cwd=tmp_path)
+  assert result.returncode == 2 and "Traceback" not in log_of(result)
+  assert f"--val_labels={tmp_path}/labels.txt: 1 of the 1 images it names are not in {tmp_path}/val: missing.JPEG " \
+         "(line 1)" in log_of(result)
+  assert not os.path.exists(tmp_path / "eval" / "ckpt-1.index")
