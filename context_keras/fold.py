@@ -31,7 +31,7 @@ def _clone(layer, **overrides):
   return type(layer).from_config(config)
 
 
-def _nodes(model):
+def call_nodes(model):
   """The model's own call nodes (not those of other models its layers were called in), inputs first."""
   return [node for depth in sorted(model._nodes_by_depth, reverse=True)  # pylint: disable=protected-access
           for node in model._nodes_by_depth[depth] if not node.is_input]  # pylint: disable=protected-access
@@ -41,7 +41,7 @@ def is_chain(model):
   """Whether every layer of a single-input model takes one tensor, which no other layer takes: a feed-forward
   chain (alexnet_bn, vgg16_bn), not a graph with residual additions (the ResNets)."""
   seen = set()
-  for node in _nodes(model):
+  for node in call_nodes(model):
     inputs = node.input_tensors
     if len(inputs) != 1 or id(inputs[0]) in seen:
       return False
@@ -96,7 +96,7 @@ def fold_batchnorm(model, fully_convolutional=False, outputs=None, caffe_pooling
   identical wherever the two agree (all sizes of a 96-px patch), Caffe's sizes and windows elsewhere; each such
   pool must take a ReLU's output.
   """
-  nodes = _nodes(model)
+  nodes = call_nodes(model)
   consumers = {}
   for node in nodes:
     for tensor in node.input_tensors:

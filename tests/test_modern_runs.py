@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import caffe_layers as CL
 from context_keras import data as D
 from context_keras import model as M
 from context_keras import restore as RS
 from context_keras import serving as SV
 from context_keras import trainer as trainer_lib
+from context_keras import warm_start as WS
 from helpers import REPO
 from helpers import demo_args
 from helpers import last_json
@@ -96,15 +98,41 @@ def test_resnet_revisiting_run_resumes_exactly_exports_and_evaluates(tmp_path):
   np.testing.assert_allclose(logits["logits"].numpy(), run.networks.context_model(
       [standardized, standardized[::-1]]).numpy(), rtol=1e-4, atol=1e-4)
 
-  for args in (["--mode=pretext", f"--model_dir={tmp_path / 'whole'}", "--images=2", "--pairs_per_image=12"],
-               ["--mode=neighbors", f"--saved_model={out / 'backbone'}", "--images=3", "--queries=2"]):
-    evaluated = run_module(["context_keras.evaluate", *args, *DEMO], cwd=tmp_path)
+  # The Keras file of standard layers, per-image standardisation included.
+  keras_file = keras.saving.load_model(str(out / SV.BACKBONE_KERAS_FILE))
+  got = keras_file(images)["pre_logits"].numpy().reshape(features.shape)
+  np.testing.assert_allclose(got, features, rtol=1e-4, atol=1e-4 * np.abs(features).max())
+
+  # Warm starts: from the run (tower and head copied), and from the export (folded weights, scale and shift back
+  # into the BN layers, which start with fresh statistics): both compute the run's features.
+  for source in (str(tmp_path / "whole"), str(out / "backbone")):
+    fresh = RS.build_networks(run.model_config)
+    record = WS.initialise(fresh, run.model_config, source)
+    assert record["step"] == 6 and record["head"] == (source == str(tmp_path / "whole"))
+    if source == str(out / "backbone"):
+      for layer in fresh.tower.layers:
+        if isinstance(layer, CL.CaffeBatchNorm):
+          for weight in (layer.mean_sum, layer.variance_sum, layer.scale_sum):
+            weight.assign(tf.zeros_like(weight))
+    np.testing.assert_allclose(fresh.tower([standardized, tf.ones([3])]).numpy(), features, rtol=1e-4,
+                               atol=1e-4 * np.abs(features).max())
+
+  labelled = make_labelled(tmp_path / "labelled")
+  for args in (["--mode=pretext", f"--model_dir={tmp_path / 'whole'}", "--images=2", "--pairs_per_image=12", *DEMO],
+               ["--mode=neighbors", f"--saved_model={out / 'backbone'}", "--images=3", "--queries=2", *DEMO],
+               ["--mode=linear", f"--saved_model={out / 'backbone'}", f"--data={labelled}", "--folds=2",
+                "--image_size=96", "--probe_epochs=20"],
+               ["--mode=knn", f"--model_dir={tmp_path / 'whole'}", f"--data={labelled}", "--folds=2",
+                "--image_size=96", "--knn_k=1"]):
+    evaluated = run_module(["context_keras.evaluate", *args], cwd=tmp_path)
     assert evaluated.returncode == 0, log_of(evaluated)
     result = last_json(evaluated)
     if result["mode"] == "pretext":
       assert result["geometry"] == "revisiting" and result["pairs"] == 24 and result["step"] == 6
-    else:
+    elif result["mode"] == "neighbors":
       assert result["layer"] == "pre_logits" and result["database_patches"] == 27
+    else:  # a probe per named output of the ResNet
+      assert list(result["per_layer"]) == list(M.BACKBONES["resnet50"].features), result["mode"]
 
 
 def test_vgg16_run_resumes_exactly_and_exports_rescaled(tmp_path):
@@ -120,9 +148,12 @@ def test_vgg16_run_resumes_exactly_and_exports_rescaled(tmp_path):
                                                                for i in range(1, n + 1)] + ["fc6"]
   labelled = make_labelled(tmp_path / "labelled")
   linear = run_module(["context_keras.evaluate", "--mode=linear", f"--saved_model={tmp_path / 'out' / 'backbone'}",
-                       f"--data={labelled}", "--folds=2", "--inner_folds=2", "--probe_epochs=20"], cwd=tmp_path)
+                       f"--data={labelled}", "--folds=2", "--inner_folds=2", "--image_size=96",
+                       "--probe_epochs=20"], cwd=tmp_path)
   assert linear.returncode == 0, log_of(linear)
-  assert set(last_json(linear)["layers"]) <= {"conv5_3", "pool5", "fc6"}
+  per_layer = last_json(linear)["per_layer"]
+  assert list(per_layer) == list(M.BACKBONES["vgg16_bn"].features)  # conv1_1 ... conv5_3, pool5, fc6
+  assert set(last_json(linear)["layers"]) <= set(per_layer)
 
 
 def make_labelled(folder):
