@@ -58,6 +58,7 @@ def test_named_outputs_have_the_published_sizes(backbone, size, expected):
   assert set(expected) <= set(M.BACKBONES[backbone].features)
 
 
+@pytest.mark.slow  # beyond the list of tests; keeps the fast tier's time
 def test_imagenet_strides_down_sample_32x():
   config = M.ModelConfig(backbone="resnet50", patch_size=64, resnet_stem_stride=2, resnet_strides=(1, 2, 2, 2),
                          width_multiplier=0.125)
@@ -125,6 +126,7 @@ def test_folding_with_scale_and_shift_equals_the_batchnorm_network(backbone, ver
                              networks.head([pairs, tf.ones([2])]).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # beyond the list of tests; keeps the fast tier's time
 def test_revisiting_head_in_grid_form_equals_the_context_model():
   config = M.ModelConfig(backbone="resnet18", head="revisiting", patch_size=64, width_multiplier=0.0625)
   networks = M.build(config)
