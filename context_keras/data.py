@@ -4,9 +4,12 @@ A batch is a set of patches plus (first, second, label) index arrays into it, so
 and every ordered pair gathers its two fc6 rows (method.md §2.5 and 3.3). Whole grids are packed into a batch until the
 next grid would overflow its patch or pair capacity, as the original packed grids into batches of at most 511
 patches; the rest of the static shape is padding, marked by `patch_mask` and `pair_mask`. Images come from
-sources.py, decoded by decoding.py; grids are cut by patches.cut_grids and augmented by augment.augment. The
-revisiting geometry (method.md §8.2) goes through the same packer: each image is one 3x3 grid whose pairs are its 8
-(neighbour, centre) pairs, cut by patches.cut_revisiting and augmented by augment.revisiting_augment.
+sources.py, decoded by decoding.py; grids are cut by patches.cut_grids as uint8 patches, each with its augmentation
+key (augment.patch_keys). augment_batch turns a batch's uint8 patches into what the tower takes (augment.augment):
+in the pipeline with --augment_on=host, in the training step on the replica's device with --augment_on=device.
+The revisiting geometry (method.md §8.2) goes through the same packer and the same two modes: each image is one 3x3
+grid of 64-px patches whose pairs are its 8 (neighbour, centre) pairs, cut by patches.cut_revisiting and augmented by
+augment.revisiting_augment.
 """
 import dataclasses
 
@@ -16,6 +19,16 @@ from context_keras import augment as augment_lib
 from context_keras import decoding
 from context_keras import patches as patches_lib
 from context_keras import sources
+
+AUGMENT_ON = ("host", "device")
+
+
+def resolve_augment_on(name):
+  """--augment_on as used: 'auto' becomes 'device' when a GPU is visible (the host then only cuts patches), else
+  'host' (on a CPU both share the same cores, and the pipeline overlaps the step)."""
+  if name != "auto":
+    return name
+  return "device" if tf.config.list_physical_devices("GPU") else "host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +43,12 @@ class InputConfig:
   shuffle_buffer: int = 2048
   seed: int = 0
   data_service: str | None = None
+  augment_on: str = "host"
   geometry: str = "doersch"
 
   def __post_init__(self):
+    if self.augment_on not in AUGMENT_ON:
+      raise ValueError(f"--augment_on={self.augment_on} is not one of {AUGMENT_ON}")
     if self.geometry not in patches_lib.GEOMETRIES:
       raise ValueError(f"--geometry={self.geometry} is not one of {patches_lib.GEOMETRIES}")
     if self.batch_patches < self.largest_grid[0]:
@@ -62,37 +78,69 @@ class InputConfig:
     return min(self.batch_patches // patches_lib.REVISITING_PATCHES, self.batch_pairs // patches_lib.REVISITING_PAIRS)
 
 
-def image_grids(image, seed, color_mode="drop", pixelation=True, geometry="doersch"):
-  """Resize one decoded image, cut its grids and augment their patches (method.md §1.2, 2.2, 2.4; the revisiting
-  geometry: §8.2).
+def image_grids(contents, seed, geometry="doersch"):
+  """Decode one encoded image at the size its random resize needs, resize it, cut its grids and key their patches
+  (method.md §1.2, 2.2, 2.4; the revisiting geometry: §8.2).
 
-  Returns patches.cut_grids's dict with the patches augmented: patches float32 [n, P, P, 3], grid_height and
-  grid_width int32 [g], usable bool; an image too small for a grid gives 0x0 grids, so that the packer counts it.
+  Returns patches.cut_grids's dict (patches uint8 [n, P, P, 3], grid_height and grid_width int32 [g], usable
+  bool) with patch_keys uint32 [n, 2]; an image too small for a grid gives 0x0 grids, so that the packer counts it.
   """
   if geometry == "revisiting":
+    # Decoded at full size: the 292x292 resize ignores the aspect, so a reduced JPEG decode (which keeps the pixel
+    # count, not each side) could leave the short side below 292.
     cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
-    grids = patches_lib.cut_revisiting(image, cut_seed)
-    return dict(grids, patches=augment_lib.revisiting_augment(grids["patches"], augment_seed))
+    grids = patches_lib.cut_revisiting(decoding.decode(contents), cut_seed)
+    return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, patches_lib.REVISITING_PATCHES))
   resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
+  image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
   grids = patches_lib.cut_grids(image, resize_seed, grid_seed)
-  return dict(grids, patches=augment_lib.augment(grids["patches"], augment_seed, color_mode, pixelation))
+  return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0]))
+
+
+def augment_batch(batch, config, static_shapes=False):
+  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key, or
+  augment.revisiting_augment for the revisiting geometry; padding patches zero), everything else unchanged.
+  static_shapes: see augment.random_pixelate."""
+  if config.geometry == "revisiting":
+    patches = augment_lib.revisiting_augment(batch["patches"], batch["patch_keys"], valid=batch["patch_mask"])
+    return dict(batch, patches=patches)
+  patches = augment_lib.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
+                                static_shapes=static_shapes, valid=batch["patch_mask"])
+  return dict(batch, patches=patches)
+
+
+def step_augmentation(config, jit_compile=False):
+  """What the training step applies to each batch: augment_batch with --augment_on=device, None with host (the
+  pipeline did it). Shapes are kept static on GPUs and under XLA (see augment.random_pixelate); on a CPU only the
+  pixelated third of the patches is resampled."""
+  if config.augment_on != "device":
+    return None
+  static_shapes = jit_compile or bool(tf.config.list_physical_devices("GPU"))
+  return lambda batch: augment_batch(batch, config, static_shapes)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Grids -> packed batches
 
-def _patch_shape(size):
-  return [size, size, 3]
+def _per_patch(size):
+  """What a batch holds per patch, packed in TensorLists (appending does not copy): name -> (dtype, shape of one
+  patch's value), for patches of size x size pixels."""
+  return {"patches": (tf.uint8, [size, size, 3]), "patch_keys": (tf.uint32, [2])}
 
 
-def _empty_patch_list(size):
-  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + _patch_shape(size), tf.int64),
-                                    max_num_elements=-1, element_dtype=tf.float32)
+_PER_PATCH = tuple(_per_patch(patches_lib.PATCH_SIZE))  # the names, the same for every size
 
 
-def _concat_patch_list(handle, size):
+def _empty_list(per_patch, name):
+  dtype, shape = per_patch[name]
+  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + shape, tf.int64), max_num_elements=-1,
+                                    element_dtype=dtype)
+
+
+def _concat_list(per_patch, name, handle):
+  dtype, shape = per_patch[name]
   values, _ = tf.raw_ops.TensorListConcatV2(
-      input_handle=handle, element_dtype=tf.float32, element_shape=tf.constant([-1] + _patch_shape(size), tf.int64),
+      input_handle=handle, element_dtype=dtype, element_shape=tf.constant([-1] + shape, tf.int64),
       leading_dims=tf.zeros([0], tf.int64))
   return values
 
@@ -103,7 +151,7 @@ def _grids_of_image(index, image):
   starts = tf.cumsum(sizes, exclusive=True)
 
   def grid(g):
-    return {"patches": image["patches"][starts[g]:starts[g] + sizes[g]],
+    return {**{k: image[k][starts[g]:starts[g] + sizes[g]] for k in _PER_PATCH},
             "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
             "position": tf.stack([index, g]), "usable": image["usable"]}
 
@@ -124,13 +172,13 @@ class _Packer:
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image = start_image
-    self.size = patches_lib.patch_size(geometry)
+    self.per_patch = _per_patch(patches_lib.patch_size(geometry))
     self.pairs = patches_lib.geometry_pairs(geometry)
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
-    return {"patches": _empty_patch_list(self.size), "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
-            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
+    return {**{k: _empty_list(self.per_patch, k) for k in _PER_PATCH}, "num_patches": tf.constant(0),
+            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
 
@@ -153,7 +201,7 @@ class _Packer:
 
     def append(s):
       offset = s["num_patches"]
-      return dict(s, patches=tf.raw_ops.TensorListPushBack(input_handle=s["patches"], tensor=grid["patches"]),
+      return dict(s, **{k: tf.raw_ops.TensorListPushBack(input_handle=s[k], tensor=grid[k]) for k in _PER_PATCH},
                   num_patches=offset + n, first=tf.concat([s["first"], first + offset], 0),
                   second=tf.concat([s["second"], second + offset], 0), label=tf.concat([s["label"], label], 0))
 
@@ -164,7 +212,7 @@ class _Packer:
       return append(dict(state, **counters)), self._nothing()
 
     def flush():
-      batch = {"ready": tf.constant(True), "patches": _concat_patch_list(state["patches"], self.size),
+      batch = {"ready": tf.constant(True), **{k: _concat_list(self.per_patch, k, state[k]) for k in _PER_PATCH},
                "first": state["first"], "second": state["second"], "label": state["label"],
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
                "resume": grid["position"]}
@@ -176,19 +224,20 @@ class _Packer:
 
   def _nothing(self):
     zero = tf.constant(0, tf.int64)
-    return {"ready": tf.constant(False), "patches": tf.zeros([0] + _patch_shape(self.size)),
-            "first": tf.zeros([0], tf.int32),
-            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "images": zero, "too_small": zero,
-            "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
+    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in self.per_patch.items()},
+            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
+            "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
 
 
 def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
   """Static shapes for XLA and tf.distribute: padding patches are zero and padding pairs point at patch 0."""
+  per_patch = _per_patch(size)
   num_patches = tf.shape(batch["patches"])[0]
   num_pairs = tf.shape(batch["first"])[0]
   pad_pairs = [[0, max_pairs - num_pairs]]
   out = {
-      "patches": tf.pad(batch["patches"], [[0, max_patches - num_patches], [0, 0], [0, 0], [0, 0]]),
+      **{k: tf.pad(batch[k], [[0, max_patches - num_patches]] + [[0, 0]] * len(shape))
+         for k, (_, shape) in per_patch.items()},
       "patch_mask": tf.range(max_patches) < num_patches,
       "first": tf.pad(batch["first"], pad_pairs),
       "second": tf.pad(batch["second"], pad_pairs),
@@ -199,7 +248,8 @@ def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
       "unreadable": batch["unreadable"],
       "resume": batch["resume"],
   }
-  out["patches"] = tf.ensure_shape(out["patches"], [max_patches, size, size, 3])
+  for key, (_, shape) in per_patch.items():
+    out[key] = tf.ensure_shape(out[key], [max_patches] + shape)
   for key in ("first", "second", "label", "pair_mask"):
     out[key] = tf.ensure_shape(out[key], [max_pairs])
   out["patch_mask"] = tf.ensure_shape(out["patch_mask"], [max_patches])
@@ -213,9 +263,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   start_image, start_grid = start
 
   def process(index, contents):
-    image_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    return index, image_grids(decoding.decode(contents), image_seed, config.color_mode, config.pixelation,
-                              config.geometry)
+    return index, image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index), config.geometry)
 
   grids = (images.enumerate(start=start_image)
            .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -224,9 +272,13 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
   packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry)
-  return (grids.scan(packer.initial_state(), packer)
-          .filter(lambda batch: batch["ready"])
-          .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))
+  batches = (grids.scan(packer.initial_state(), packer)
+             .filter(lambda batch: batch["ready"])
+             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))
+  if config.augment_on == "host":
+    batches = batches.map(lambda batch: augment_batch(batch, config), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+  return batches
 
 
 def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 0)):

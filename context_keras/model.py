@@ -55,6 +55,11 @@ class ModelConfig:
     object.__setattr__(self, "resnet_strides", tuple(int(s) for s in self.resnet_strides))
 
 
+# The ModelConfig fields that decide which variables the networks have and their shapes: a checkpoint can only be
+# restored into networks built with the same values (the others may change between resumes).
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier")
+
+
 def _width(channels, multiplier):
   return max(1, int(round(channels * multiplier)))
 

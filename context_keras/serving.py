@@ -41,14 +41,16 @@ RESCALE_FILE = "rescale.json"
 METADATA_FILE = os.path.join("assets.extra", "context_keras.json")
 # Name scope of the weight constants in the serving functions: weights/<layer>/<weight>, e.g. weights/conv1/kernel.
 WEIGHT_SCOPE = "weights"
-_COLOR_PREPROCESSING = ("uint8 RGB -> float; per image, each channel's mean is subtracted; then, by the run's "
-                        "--color_mode (method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) "
-                        "(the expected conv1 input over the kept channel); project: the green-magenta projection, "
-                        "then RMS 50; none: RMS 50")
+_COLOR_PREPROCESSING = ("upright uint8 RGB (the caller applies any EXIF orientation, as training's decoding did) -> "
+                        "float; per image, each channel's mean is subtracted; then, by the run's --color_mode "
+                        "(method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected "
+                        "conv1 input over the kept channel); project: the green-magenta projection, then RMS 50; "
+                        "none: RMS 50")
 PREPROCESSING = {mode: _COLOR_PREPROCESSING for mode in augment_lib.COLOR_MODES}
 PREPROCESSING[augment_lib.STANDARDIZATION] = (
-    "uint8 RGB -> float; per image, (x - mean) / max(std, 1/sqrt(values)) over all its pixels and channels "
-    "(tf.image.per_image_standardization; the revisiting geometry, method.md §8.2)")
+    "upright uint8 RGB (the caller applies any EXIF orientation) -> float; per image, (x - mean) / max(std, "
+    "1/sqrt(values)) over all its pixels and channels (tf.image.per_image_standardization; the revisiting geometry, "
+    "method.md §8.2)")
 
 
 def preprocess(images, mode):
@@ -87,7 +89,8 @@ class BackboneModule(tf.Module):
   """The folded backbone behind two functions (also its signatures); P is the patch size of the run's geometry
   (96, or 64 for the revisiting geometry) and OUTPUT the tower's last feature (fc6, or a ResNet's pre_logits).
 
-  features(images):      uint8 [N, H, W, 3], H and W >= P -> the backbone's named maps (model.BACKBONES: after BN
+  features(images):      uint8 [N, H, W, 3], H and W >= P, upright (pixels carry no EXIF orientation: the caller
+                         applies it, as decoding.decode does) -> the backbone's named maps (model.BACKBONES: after BN
                          and ReLU; pooling layers as they are), float32, the preprocessing built in.
   patch_features(patches): float32 [N, P, P, 3] already preprocessed as in training -> {OUTPUT: [N, C]}.
   """
@@ -119,7 +122,8 @@ class BackboneModule(tf.Module):
 class PairClassifierModule(tf.Module):
   """The context model, folded: where is patch B relative to patch A (labels as patches.NEIGHBOUR_OFFSETS).
 
-  logits(patch_a, patch_b):              uint8 [N, P, P, 3] each, preprocessing built in -> {"logits": [N, 8]}.
+  logits(patch_a, patch_b):              uint8 [N, P, P, 3] each, cut from upright images, preprocessing built
+                                         in -> {"logits": [N, 8]}.
   logits_preprocessed(patch_a, patch_b): float32 patches preprocessed as in training -> {"logits": [N, 8]}.
   """
 

@@ -81,9 +81,13 @@ def test_labels_are_reading_order():
   assert len(first) == 40  # 20 adjacencies in a 3x3 grid, both orders
 
 
+def keys(n, seed=0):
+  return A.patch_keys(tf.constant([seed, 99], tf.int64), n)
+
+
 def test_resize_keeps_aspect_and_target_range():
   for seed in range(20):
-    image = tf.zeros([300, 500, 3])
+    image = tf.zeros([300, 500, 3], tf.uint8)
     out = P.random_resize(image, tf.constant([seed, 1], tf.int64))
     h, w = out.shape[0], out.shape[1]
     assert P.MIN_TARGET_PIXELS * 0.99 <= h * w <= P.MAX_TARGET_PIXELS
@@ -105,18 +109,22 @@ def test_pixelate_identity_and_blocks():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-2)
 
 
-def test_random_pixelate_probability_and_area():
-  patches = tf.constant(np.random.default_rng(1).uniform(0, 255, (2000, 96, 96, 1)).astype(np.float32))
-  out = A.random_pixelate(patches, tf.constant([3, 4], tf.int64)).numpy()
-  changed = np.any(np.abs(out - np.floor(patches.numpy())) > 1e-3, axis=(1, 2, 3)) & np.any(
-      np.abs(out - patches.numpy()) > 1e-3, axis=(1, 2, 3))
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_random_pixelate_probability_and_area(static_shapes):
+  patches = tf.constant(np.random.default_rng(1).integers(0, 256, (2000, 96, 96, 1)).astype(np.float32))
+  out = A.random_pixelate(patches, keys(2000), static_shapes).numpy()
+  changed = np.any(np.abs(out - patches.numpy()) > 1e-3, axis=(1, 2, 3))
   assert 0.29 < changed.mean() < 0.37
+  # The side of each pixelated patch: the rank of the round trip, one per patch (area uniform in [100, 9025)).
+  sides = np.array([np.linalg.matrix_rank(p[:, :, 0], tol=1e-2) for p in out[changed][:200]])
+  assert sides.min() >= 10 and sides.max() <= 95
+  assert abs(np.mean(sides ** 2) - (100 + 9025) / 2) < 500
 
 
 def test_color_drop_statistics():
   rng = np.random.default_rng(2)
   patches = tf.constant(rng.uniform(0, 255, (1200, 96, 96, 3)).astype(np.float32))
-  out = A.color_transform(patches, tf.constant([5, 6], tf.int64), "drop").numpy()
+  out = A.color_transform(patches, keys(1200, 5), "drop").numpy()
   noise_like = np.all((out >= -0.5) & (out < 0.5), axis=(1, 2))  # [n, 3]
   assert np.all(noise_like.sum(1) == 2), "exactly two channels become noise"
   kept = np.argmin(noise_like, axis=1)
@@ -131,12 +139,12 @@ def test_color_drop_statistics():
 def test_color_drop_gaussian_and_project():
   rng = np.random.default_rng(3)
   patches = tf.constant(rng.uniform(0, 255, (200, 96, 96, 3)).astype(np.float32))
-  out = A.color_transform(patches, tf.constant([1, 2], tf.int64), "drop_gaussian").numpy()
+  out = A.color_transform(patches, keys(200, 1), "drop_gaussian").numpy()
   stds = out.std(axis=(1, 2))  # [n, 3]
   kept_std = stds.max(1)
   noise_std = np.sort(stds, 1)[:, :2]
   np.testing.assert_allclose(noise_std / kept_std[:, None], 0.01, rtol=0.05)
-  projected = A.color_transform(patches, tf.constant([1, 2], tf.int64), "project").numpy()
+  projected = A.color_transform(patches, keys(200, 1), "project").numpy()
   # Nothing is left along the green-magenta axis a = [-1, 2, -1].
   np.testing.assert_allclose(projected @ np.array([-1.0, 2.0, -1.0]), 0, atol=1e-2)
 
@@ -148,13 +156,34 @@ def test_rms_normalize():
   assert np.all(np.isfinite(A.rms_normalize(tf.zeros([1, 96, 96, 3])).numpy()))
 
 
-def test_augment_is_deterministic_per_seed():
-  patches = tf.constant(np.random.default_rng(5).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32))
-  a = A.augment(patches, tf.constant([9, 9], tf.int64))
-  b = A.augment(patches, tf.constant([9, 9], tf.int64))
-  c = A.augment(patches, tf.constant([9, 10], tf.int64))
-  np.testing.assert_array_equal(a.numpy(), b.numpy())
-  assert not np.allclose(a.numpy(), c.numpy())
+def test_augment_is_deterministic_per_key_whatever_the_batch():
+  patches = tf.constant(np.random.default_rng(5).integers(0, 256, (12, 96, 96, 3), dtype=np.uint8))
+  a = A.augment(patches, keys(12, 9))
+  np.testing.assert_array_equal(a.numpy(), A.augment(patches, keys(12, 9)).numpy())
+  assert not np.allclose(a.numpy(), A.augment(patches, keys(12, 10)).numpy())
+  # Each patch depends on its own pixels and key only: alone, or in another batch in another order, it is the same.
+  order = [7, 3, 11, 0]
+  some = A.augment(tf.gather(patches, order), tf.gather(keys(12, 9), order))
+  np.testing.assert_allclose(some.numpy(), a.numpy()[order], rtol=1e-6, atol=1e-5)
+  # The same pixels from uint8 or from floats of the same grey levels.
+  np.testing.assert_array_equal(A.augment(tf.cast(patches, tf.float32), keys(12, 9)).numpy(), a.numpy())
+
+
+def test_keyed_uniforms_are_uniform_and_independent():
+  k = keys(4000, 3)
+  draws = A.uniform(k, A.STREAM_NOISE, 64).numpy()
+  assert draws.min() >= 0 and draws.max() < 1
+  np.testing.assert_allclose(draws.mean(), 0.5, atol=0.002)
+  np.testing.assert_allclose(draws.var(), 1 / 12, rtol=0.01)
+  np.testing.assert_allclose(np.histogram(draws, 16, (0, 1))[0] / draws.size, 1 / 16, atol=0.0015)
+  # Neighbouring values of a patch, the same value of two patches and two streams of a patch are uncorrelated.
+  centred = draws - 0.5
+  for a, b in [(centred[:, :-1], centred[:, 1:]), (centred[:-1], centred[1:]),
+               (centred, A.uniform(k, A.STREAM_PIXELATION, 64).numpy() - 0.5)]:
+    assert abs(np.mean(a * b)) / (1 / 12) < 0.01
+  # Per image: one value for every patch of an image, different between images.
+  shared = A.uniform(tf.concat([k[:3], keys(2, 4)], 0), A.STREAM_NOISE, 5, per_image=True).numpy()
+  assert (shared[:3] == shared[0]).all() and (shared[3:] == shared[3]).all() and not (shared[0] == shared[3]).all()
 
 
 def test_largest_grid_bounds():
@@ -171,12 +200,20 @@ def test_revisiting_patches_lie_in_their_cells_and_pairs_point_the_right_way(see
   """A 292x292 image holding its own coordinates (the resize is then the identity): every patch lies inside the
   255 crop, inside its own 85-px cell, at an offset of 0-21 px in it; each pair's label is where the second patch
   (the centre) lies seen from the first."""
-  cut = P.cut_revisiting(coordinate_image(P.REVISITING_RESIZE, P.REVISITING_RESIZE), tf.constant([seed, 3], tf.int64))
-  patches = cut["patches"].numpy()
-  assert patches.shape == (9, 64, 64, 3) and bool(cut["usable"])
+  size = P.REVISITING_RESIZE
+  y, x = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  # uint8, as training cuts it: the low bytes of the row and column, and their high bits in channel 2.
+  image = np.stack([y % 256, x % 256, 2 * (y // 256) + x // 256], -1).astype(np.uint8)
+  cut = P.cut_revisiting(tf.constant(image), tf.constant([seed, 3], tf.int64))
+  assert cut["patches"].dtype == tf.uint8
+  patches = cut["patches"].numpy().astype(np.int64)
+  patches = np.stack([patches[..., 0] + 256 * (patches[..., 2] // 2), patches[..., 1] + 256 * (patches[..., 2] % 2)],
+                     -1)
+  assert patches.shape == (9, 64, 64, 2) and bool(cut["usable"])
   assert cut["grid_height"].numpy().tolist() == cut["grid_width"].numpy().tolist() == [3]
   ys, xs = patches[:, 0, 0, 0], patches[:, 0, 0, 1]
   np.testing.assert_array_equal(patches[:, -1, -1, 0], ys + 63)
+  np.testing.assert_array_equal(patches[:, -1, -1, 1], xs + 63)
   rows, cols = np.arange(9) // 3, np.arange(9) % 3
   for corner, index in ((ys, rows), (xs, cols)):
     # Some crop offset in [0, 37] puts every patch at 0-21 px into its cell: the range it can have is not empty.
@@ -205,14 +242,19 @@ def test_revisiting_offsets_cover_their_range():
 def test_revisiting_augment_grays_whole_images_and_standardises_each_patch():
   rng = np.random.default_rng(6)
   patches = tf.constant(rng.uniform(0, 255, (9, 64, 64, 3)).astype(np.float32))
-  seeds = tf.stack([tf.range(200, dtype=tf.int64), tf.ones([200], tf.int64)], 1)
-  small = patches[:, :4, :4]
-  outputs = tf.function(lambda s: tf.map_fn(lambda seed: A.revisiting_augment(small, seed), s,
-                                            fn_output_signature=tf.float32))(seeds).numpy()
-  gray = np.abs(outputs[..., 0] - outputs[..., 1]).max(axis=(2, 3)) < 1e-5  # [seed, patch]
+  # 200 images of the same 9 patches, each image with its own keys.
+  keys = tf.concat([A.patch_keys(tf.constant([i, 1], tf.int64), 9) for i in range(200)], 0)
+  small = tf.tile(patches[:, :4, :4], [200, 1, 1, 1])
+  outputs = A.revisiting_augment(small, keys).numpy().reshape(200, 9, 4, 4, 3)
+  gray = np.abs(outputs[..., 0] - outputs[..., 1]).max(axis=(2, 3)) < 1e-5  # [image, patch]
   assert np.all(gray.all(1) | ~gray.any(1)), "one draw per image"
   assert 0.58 < gray[:, 0].mean() < 0.74
-  out = A.revisiting_augment(patches, tf.constant([0, 1], tf.int64)).numpy()
+  # Each patch depends on its pixels and key only: alone, or with padding zeroed.
+  np.testing.assert_array_equal(A.revisiting_augment(small[9:18], keys[9:18]).numpy(), outputs[1])
+  padded = A.revisiting_augment(small[:12], keys[:12], valid=tf.range(12) < 9).numpy()
+  np.testing.assert_array_equal(padded[:9], outputs[0])
+  assert not padded[9:].any()
+  out = A.revisiting_augment(patches, A.patch_keys(tf.constant([0, 1], tf.int64), 9)).numpy()
   np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0, atol=1e-5)
   np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1, rtol=1e-4)
   # The grayscale is the mean of R, G and B, as theirs.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import augment as A
 from context_keras import data as D
 from context_keras import model as M
 from context_keras import trainer as trainer_lib
@@ -30,17 +31,21 @@ from helpers import wait_for
 # One step on two replicas equals the single-device step
 
 
-def two_batches(photo_dir, demo_list, geometry="doersch"):
+def input_config(photo_dir, demo_list, augment_on="host", geometry="doersch"):
   capacity = dict(batch_patches=27, batch_pairs=24) if geometry == "revisiting" else dict(batch_patches=64,
                                                                                            batch_pairs=320)
-  config = D.InputConfig(data=demo_list, data_root=photo_dir, geometry=geometry, **capacity)
-  return list(D.make_dataset(config).take(2))
+  return D.InputConfig(data=demo_list, data_root=photo_dir, augment_on=augment_on, geometry=geometry, **capacity)
+
+
+def two_batches(photo_dir, demo_list, augment_on="host", geometry="doersch"):
+  return list(D.make_dataset(input_config(photo_dir, demo_list, augment_on, geometry)).take(2))
 
 
 def concat_batches(a, b):
   """One batch holding both, as a single device would see the global batch."""
   n = a["patches"].shape[0]
-  out = {k: tf.concat([a[k], b[k]], 0) for k in ("patches", "patch_mask", "label", "pair_mask")}
+  per_patch = ("patches", "patch_mask") + (("patch_keys",) if "patch_keys" in a else ())
+  out = {k: tf.concat([a[k], b[k]], 0) for k in per_patch + ("label", "pair_mask")}
   for k in ("first", "second"):
     out[k] = tf.concat([a[k], b[k] + n], 0)
   for k in ("images", "too_small", "unreadable"):
@@ -54,12 +59,12 @@ def concat_batches(a, b):
 RESNET = dict(backbone="resnet18", patch_size=64)
 
 
-def make_trainer(strategy, sync, reduction, tower=None):
+def make_trainer(strategy, sync, reduction, tower=None, augment=None):
   keras.utils.set_random_seed(0)
   l2 = dict(l2_tower=1e-2, l2_head=5e-2) if tower else {}
   return trainer_lib.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync, **(tower or {})),
-                   trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4, momentum=0.9,
-                                 loss_reduction=reduction, **l2))
+                             trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4,
+                                                     momentum=0.9, loss_reduction=reduction, **l2), augment=augment)
 
 
 def mirrored_step(trainer, batches):
@@ -85,7 +90,7 @@ def two_replicas():
                          ids=["sum", "mean", "resnet18_revisiting"])
 def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduction, tower, geometry,
                                                      two_replicas):
-  batches = two_batches(photo_dir, demo_list, geometry)
+  batches = two_batches(photo_dir, demo_list, geometry=geometry)
   mirrored = make_trainer(two_replicas, True, reduction, tower)
   single = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
   for a, b in zip(weights_of(mirrored), weights_of(single)):
@@ -120,6 +125,35 @@ def test_two_replicas_sum_their_gradients(photo_dir, demo_list, two_replicas):
   single.optimizer.apply_gradients(zip(summed, single.trainable_variables))
   assert_same_updates(initial, [v.numpy() for v in mirrored.trainable_variables],
                       [v.numpy() for v in single.trainable_variables])
+
+
+@pytest.mark.slow
+def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
+  """--augment_on=device: the step augments the uint8 batch on each replica's device. One step on one device
+  updates the weights as the host-augmented batch does (same pixels), and two replicas as one device on the
+  concatenated batch (each patch is augmented from its own key, wherever it is)."""
+  config = input_config(photo_dir, demo_list, "device")
+  raw = two_batches(photo_dir, demo_list, "device")
+  host = two_batches(photo_dir, demo_list, "host")
+  augment = D.step_augmentation(config)
+  on_device = make_trainer(tf.distribute.get_strategy(), False, "sum", augment=augment)
+  on_host = make_trainer(tf.distribute.get_strategy(), False, "sum")
+  initial = weights_of(on_host)
+  tf.function(on_device.replica_step)(raw[0])
+  tf.function(on_host.replica_step)(host[0])
+  assert_same_updates(initial, weights_of(on_device), weights_of(on_host))
+  # The pairs the TensorBoard preview shows: the pixels the host gave, though augmented after the loop.
+  previews = [t.train_loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1))["preview"]
+              for t, b in ((on_device, raw[1]), (on_host, host[1]))]
+  for key in ("first", "second"):
+    np.testing.assert_allclose(previews[0][key].numpy(), previews[1][key].numpy(), atol=1e-5 * A.RMS_TARGET)
+  # Two replicas, sync BN: the same update as one device on both batches.
+  mirrored = make_trainer(two_replicas, True, "sum", augment=augment)
+  single = make_trainer(tf.distribute.get_strategy(), True, "sum", augment=augment)
+  initial = weights_of(single)
+  mirrored_step(mirrored, raw)
+  tf.function(single.replica_step)(concat_batches(*raw))
+  assert_same_updates(initial, weights_of(mirrored), weights_of(single))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -162,13 +196,14 @@ def test_train_resume_and_export(tmp_path):
 @pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
   """Same seed: 6 steps, stop, 6 more equals 12 in one go (weights and the data they saw). Op determinism makes
-  the comparison exact; without it, multi-threaded float sums drift apart over the steps."""
+  the comparison exact; without it, multi-threaded float sums drift apart over the steps. The interrupted run
+  augments in the step (--augment_on=device), the other in the pipeline: the same pixels either way."""
   common = ["--checkpoint_every=6", "--deterministic"]
-  whole = run_module(demo_args(tmp_path / "whole", *common, "--train_steps=12"), cwd=tmp_path)
+  whole = run_module(demo_args(tmp_path / "whole", *common, "--train_steps=12", "--augment_on=host"), cwd=tmp_path)
   assert whole.returncode == 0, log_of(whole)
-  part = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=6"), cwd=tmp_path)
+  part = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=6", "--augment_on=device"), cwd=tmp_path)
   assert part.returncode == 0, log_of(part)
-  rest = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=12"), cwd=tmp_path)
+  rest = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=12", "--augment_on=device"), cwd=tmp_path)
   assert rest.returncode == 0, log_of(rest)
   a = tf.train.load_checkpoint(str(tmp_path / "whole" / "ckpt-12"))
   b = tf.train.load_checkpoint(str(tmp_path / "parts" / "ckpt-12"))
@@ -188,11 +223,13 @@ def start_training(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_quit_file_stale_file_and_exact_step(tmp_path):
-  (tmp_path / "train_quit").write_text("")  # left over from an earlier run: reported, removed, not obeyed
+  (tmp_path / "train_quit").write_text("")  # left over from an earlier run (or another run's): reported, not obeyed
   process = start_training(tmp_path)
-  wait_for(tmp_path / "log.txt", r"Removing control file .*train_quit", process)
+  wait_for(tmp_path / "log.txt", r"Control file .*train_quit exists already .*: not obeyed unless created again",
+           process)
   wait_for(tmp_path / "log.txt", r"step 10 ", process)
-  (tmp_path / "train_quit").write_text("")
+  os.remove(tmp_path / "train_quit")
+  (tmp_path / "train_quit").write_text("")  # created anew: obeyed
   assert process.wait(timeout=120) == 0
   log = (tmp_path / "log.txt").read_text()
   stopped = int(re.search(r"Stopped at step (\d+) \(quit file", log).group(1))
@@ -345,12 +382,16 @@ def test_each_program_helps_with_its_own_flags_in_groups(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, expect", [
     (["--cpu_replicas=2"], "MirroredStrategy with 2 replica(s)"),
-    (["--mixed_precision=float16", "--jit_compile"], "_DefaultDistributionStrategy with 1 replica(s)"),
+    # The device augmentation: in XLA with static shapes, and on two replicas in bfloat16.
+    (["--mixed_precision=float16", "--jit_compile", "--augment_on=device"],
+     "_DefaultDistributionStrategy with 1 replica(s)"),
+    (["--cpu_replicas=2", "--mixed_precision=bfloat16", "--augment_on=device"], "MirroredStrategy with 2 replica(s)"),
 ])
 def test_program_runs_in_other_configurations(tmp_path, extra, expect):
   result = run_module(demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3", *extra), cwd=tmp_path)
   assert result.returncode == 0, log_of(result)
-  assert expect in log_of(result) and "Training finished at step 6" in log_of(
-      result)
+  assert expect in log_of(result) and "Training finished at step 6" in log_of(result)
+  where = "in the training step" if "--augment_on=device" in extra else "in the input pipeline"
+  assert f"Augmentation: {where}" in log_of(result)
   resumed = run_module(demo_args(tmp_path / "run", "--train_steps=8", *extra), cwd=tmp_path)
   assert resumed.returncode == 0 and "at step 6" in log_of(resumed), log_of(resumed)

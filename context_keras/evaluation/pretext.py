@@ -72,7 +72,8 @@ def pretext_pairs(image, seed, num_pairs, color_mode, pixelation):
         shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 5)
     pick = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(first)[0]), pick_seed)[:num_pairs]
     cut_patches = patches_lib.crop_patches(resized, ys, xs)
-    return (augment_lib.augment(cut_patches, augment_seed, color_mode, pixelation), tf.gather(first, pick),
+    keys = augment_lib.patch_keys(augment_seed, tf.shape(cut_patches)[0])
+    return (augment_lib.augment(cut_patches, keys, color_mode, pixelation), tf.gather(first, pick),
             tf.gather(second, pick), tf.gather(label, pick))
 
   def nothing():
@@ -90,15 +91,16 @@ def revisiting_pretext_pairs(image, seed, num_pairs):
   one image (grayscale with probability 0.66, per-patch standardisation), their (neighbour, centre) pairs pooled and
   num_pairs of them drawn without replacement. Returns pretext_pairs's dict."""
   cuts = -(-num_pairs // patches_lib.REVISITING_PAIRS)
-  cut_seed, gray_seed, pick_seed = tf.unstack(patches_lib.split_seed(seed, 3))
+  cut_seed, augment_seed, pick_seed = tf.unstack(patches_lib.split_seed(seed, 3))
   resized = patches_lib.revisiting_resize(image)
   corners = [patches_lib.revisiting_corners(s) for s in tf.unstack(patches_lib.split_seed(cut_seed, cuts))]
   ys = tf.concat([c[0] for c in corners], 0)
   xs = tf.concat([c[1] for c in corners], 0)
-  chosen = tf.repeat(tf.random.stateless_uniform([cuts], gray_seed) < augment_lib.GRAYSCALE_PROBABILITY,
-                     patches_lib.REVISITING_PATCHES)
-  patches = augment_lib.per_patch_standardization(augment_lib.grayscale(
-      patches_lib.crop_patches(resized, ys, xs, patches_lib.REVISITING_PATCH), chosen))
+  # Every cut keyed as one image of training, so that each draws its own grayscale.
+  keys = tf.concat([augment_lib.patch_keys(s, patches_lib.REVISITING_PATCHES)
+                    for s in tf.unstack(patches_lib.split_seed(augment_seed, cuts))], 0)
+  patches = augment_lib.revisiting_augment(patches_lib.crop_patches(resized, ys, xs, patches_lib.REVISITING_PATCH),
+                                           keys)
   first, second, label = patches_lib.revisiting_pairs()
   offsets = tf.repeat(tf.range(cuts) * patches_lib.REVISITING_PATCHES, patches_lib.REVISITING_PAIRS)
   first, second, label = tf.tile(first, [cuts]) + offsets, tf.tile(second, [cuts]) + offsets, tf.tile(label, [cuts])

@@ -42,6 +42,12 @@ def define_augmentation():
                       "the other two uniform noise (the validated code); drop_gaussian = Gaussian noise at 1/100 of "
                       "the kept channel's std (the paper); project = the paper's green-magenta projection; none.")
     flags.DEFINE_bool("pixelation", True, "Randomly pixelate 33% of the patches (method.md §2.4 step 1).")
+    flags.DEFINE_enum("augment_on", "auto", ["auto", *data_lib.AUGMENT_ON],
+                      "Where the per-patch augmentation runs: host = in the input pipeline; device = in the training "
+                      "step on each replica's device, the host only decoding, resizing and cutting uint8 patches "
+                      "(README, Cores per GPU: the host cores each mode needs); auto = device when a GPU is visible, "
+                      "else host. Both give the same pixels for the same seed (each patch is augmented from its own "
+                      "key).")
 
 
 def define_batching():
@@ -57,6 +63,9 @@ def define_batching():
     flags.DEFINE_string("data_service", None,
                         "grpc://HOST:PORT of a tf.data service dispatcher: decoding and patch building then run on "
                         "its workers (python -m context_keras.service), so CPU-only hosts can feed the accelerators.")
+    program.define_integer("data_service_timeout", 60, "Seconds to wait at start for the tf.data service of "
+                           "--data_service to deliver a first element (a dispatcher and at least one worker); then "
+                           "the run stops with a message naming the address.", lower=1)
 
 
 def input_config(seed):
@@ -65,6 +74,7 @@ def input_config(seed):
     return data_lib.InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
                                 pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
                                 batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed,
-                                data_service=FLAGS.data_service, geometry=FLAGS.geometry)
+                                data_service=FLAGS.data_service, geometry=FLAGS.geometry,
+                                augment_on=data_lib.resolve_augment_on(FLAGS.augment_on))
   except ValueError as e:
     raise errors.UsageError(f"Invalid flags: {e}") from e
