@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 
 DEMO = [f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data"]
 # 4 images (36 patches, 32 pairs) per step; an epoch of 12 images is 3 steps.
-# --train_steps=0: demo.cfg's 1000 steps would contradict --train_epochs.
-RESNET = ["--train_steps=0", "--backbone=resnet50", "--geometry=revisiting", "--head=revisiting",
+# --train_steps=0: demo.cfg's 1000 steps would contradict --train_epochs. --augment_on=device: the revisiting
+# augmentation in the step (the VGG run's is on the host).
+RESNET = ["--train_steps=0", "--augment_on=device", "--backbone=resnet50", "--geometry=revisiting", "--head=revisiting",
           "--batch_patches=36", "--batch_pairs=32", "--learning_rate=0.1", "--lr_scale_images=256", "--momentum=0.9",
           "--l2_tower=1e-4", "--l2_head=5e-4", "--loss_reduction=mean", "--bn_momentum=0.9", "--epoch_images=12",
           "--warmup_epochs=1", "--lr_schedule=steps", "--lr_decay_epochs=1", "--checkpoint_every=3", "--deterministic"]
