@@ -7,6 +7,9 @@ patches; the rest of the static shape is padding, marked by `patch_mask` and `pa
 sources.py, decoded by decoding.py; grids are cut by patches.cut_grids as uint8 patches, each with its augmentation
 key (augment.patch_keys). augment_batch turns a batch's uint8 patches into what the tower takes (augment.augment):
 in the pipeline with --augment_on=host, in the training step on the replica's device with --augment_on=device.
+The revisiting geometry (method.md §8.2) goes through the same packer and the same two modes: each image is one 3x3
+grid of 64-px patches whose pairs are its 8 (neighbour, centre) pairs, cut by patches.cut_revisiting and augmented by
+augment.revisiting_augment.
 """
 import dataclasses
 
@@ -41,25 +44,53 @@ class InputConfig:
   seed: int = 0
   data_service: str | None = None
   augment_on: str = "host"
+  geometry: str = "doersch"
 
   def __post_init__(self):
     if self.augment_on not in AUGMENT_ON:
       raise ValueError(f"--augment_on={self.augment_on} is not one of {AUGMENT_ON}")
-    if self.batch_patches < patches_lib.max_grid_cells():
+    if self.geometry not in patches_lib.GEOMETRIES:
+      raise ValueError(f"--geometry={self.geometry} is not one of {patches_lib.GEOMETRIES}")
+    if self.batch_patches < self.largest_grid[0]:
       raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
-                       f"({patches_lib.max_grid_cells()} patches)")
-    if self.batch_pairs < patches_lib.max_grid_pairs():
+                       f"({self.largest_grid[0]} patches)")
+    if self.batch_pairs < self.largest_grid[1]:
       raise ValueError(f"--batch_pairs={self.batch_pairs} cannot hold the pairs of the largest grid "
-                       f"({patches_lib.max_grid_pairs()})")
+                       f"({self.largest_grid[1]})")
+
+  @property
+  def largest_grid(self):
+    """(patches, pairs) of the largest grid of the geometry."""
+    if self.geometry == "revisiting":
+      return patches_lib.REVISITING_PATCHES, patches_lib.REVISITING_PAIRS
+    return patches_lib.max_grid_cells(), patches_lib.max_grid_pairs()
+
+  @property
+  def patch_size(self):
+    return patches_lib.patch_size(self.geometry)
+
+  @property
+  def images_per_batch(self):
+    """Images in every batch of one replica (revisiting: every image is one grid of 9 patches), or None when it
+    varies (doersch)."""
+    if self.geometry != "revisiting":
+      return None
+    return min(self.batch_patches // patches_lib.REVISITING_PATCHES, self.batch_pairs // patches_lib.REVISITING_PAIRS)
 
 
-def image_grids(contents, seed):
+def image_grids(contents, seed, geometry="doersch"):
   """Decode one encoded image at the size its random resize needs, resize it, cut its grids and key their patches
-  (method.md §1.2, 2.2, 2.4).
+  (method.md §1.2, 2.2, 2.4; the revisiting geometry: §8.2).
 
-  Returns patches.cut_grids's dict (patches uint8 [n, 96, 96, 3], grid_height and grid_width int32 [g], usable
+  Returns patches.cut_grids's dict (patches uint8 [n, P, P, 3], grid_height and grid_width int32 [g], usable
   bool) with patch_keys uint32 [n, 2]; an image too small for a grid gives 0x0 grids, so that the packer counts it.
   """
+  if geometry == "revisiting":
+    # Decoded at full size: the 292x292 resize ignores the aspect, so a reduced JPEG decode (which keeps the pixel
+    # count, not each side) could leave the short side below 292.
+    cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
+    grids = patches_lib.cut_revisiting(decoding.decode(contents), cut_seed)
+    return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, patches_lib.REVISITING_PATCHES))
   resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
   image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
   grids = patches_lib.cut_grids(image, resize_seed, grid_seed)
@@ -67,8 +98,12 @@ def image_grids(contents, seed):
 
 
 def augment_batch(batch, config, static_shapes=False):
-  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key; padding
-  patches zero), everything else unchanged. static_shapes: see augment.random_pixelate."""
+  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key, or
+  augment.revisiting_augment for the revisiting geometry; padding patches zero), everything else unchanged.
+  static_shapes: see augment.random_pixelate."""
+  if config.geometry == "revisiting":
+    patches = augment_lib.revisiting_augment(batch["patches"], batch["patch_keys"], valid=batch["patch_mask"])
+    return dict(batch, patches=patches)
   patches = augment_lib.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
                                 static_shapes=static_shapes, valid=batch["patch_mask"])
   return dict(batch, patches=patches)
@@ -87,19 +122,23 @@ def step_augmentation(config, jit_compile=False):
 # --------------------------------------------------------------------------------------------------------------
 # Grids -> packed batches
 
-# What a batch holds per patch, packed in TensorLists (appending does not copy): (dtype, shape of one patch's value).
-_PER_PATCH = {"patches": (tf.uint8, [patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3]),
-              "patch_keys": (tf.uint32, [2])}
+def _per_patch(size):
+  """What a batch holds per patch, packed in TensorLists (appending does not copy): name -> (dtype, shape of one
+  patch's value), for patches of size x size pixels."""
+  return {"patches": (tf.uint8, [size, size, 3]), "patch_keys": (tf.uint32, [2])}
 
 
-def _empty_list(name):
-  dtype, shape = _PER_PATCH[name]
+_PER_PATCH = tuple(_per_patch(patches_lib.PATCH_SIZE))  # the names, the same for every size
+
+
+def _empty_list(per_patch, name):
+  dtype, shape = per_patch[name]
   return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + shape, tf.int64), max_num_elements=-1,
                                     element_dtype=dtype)
 
 
-def _concat_list(name, handle):
-  dtype, shape = _PER_PATCH[name]
+def _concat_list(per_patch, name, handle):
+  dtype, shape = per_patch[name]
   values, _ = tf.raw_ops.TensorListConcatV2(
       input_handle=handle, element_dtype=dtype, element_shape=tf.constant([-1] + shape, tf.int64),
       leading_dims=tf.zeros([0], tf.int64))
@@ -129,15 +168,17 @@ class _Packer:
   there continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, max_patches, max_pairs, start_image=0):
+  def __init__(self, max_patches, max_pairs, start_image=0, geometry="doersch"):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image = start_image
+    self.per_patch = _per_patch(patches_lib.patch_size(geometry))
+    self.pairs = patches_lib.geometry_pairs(geometry)
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
-    return {**{k: _empty_list(k) for k in _PER_PATCH}, "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
-            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
+    return {**{k: _empty_list(self.per_patch, k) for k in _PER_PATCH}, "num_patches": tf.constant(0),
+            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
 
@@ -154,7 +195,7 @@ class _Packer:
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
-    first, second, label = patches_lib.grid_pairs(h, w)
+    first, second, label = self.pairs(h, w)
     fits = ((state["num_patches"] + n <= self.max_patches) &
             (tf.shape(state["first"])[0] + tf.shape(first)[0] <= self.max_pairs))
 
@@ -171,7 +212,7 @@ class _Packer:
       return append(dict(state, **counters)), self._nothing()
 
     def flush():
-      batch = {"ready": tf.constant(True), **{k: _concat_list(k, state[k]) for k in _PER_PATCH},
+      batch = {"ready": tf.constant(True), **{k: _concat_list(self.per_patch, k, state[k]) for k in _PER_PATCH},
                "first": state["first"], "second": state["second"], "label": state["label"],
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
                "resume": grid["position"]}
@@ -183,19 +224,20 @@ class _Packer:
 
   def _nothing(self):
     zero = tf.constant(0, tf.int64)
-    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in _PER_PATCH.items()},
+    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in self.per_patch.items()},
             "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
 
 
-def pad_batch(batch, max_patches, max_pairs):
+def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
   """Static shapes for XLA and tf.distribute: padding patches are zero and padding pairs point at patch 0."""
+  per_patch = _per_patch(size)
   num_patches = tf.shape(batch["patches"])[0]
   num_pairs = tf.shape(batch["first"])[0]
   pad_pairs = [[0, max_pairs - num_pairs]]
   out = {
       **{k: tf.pad(batch[k], [[0, max_patches - num_patches]] + [[0, 0]] * len(shape))
-         for k, (_, shape) in _PER_PATCH.items()},
+         for k, (_, shape) in per_patch.items()},
       "patch_mask": tf.range(max_patches) < num_patches,
       "first": tf.pad(batch["first"], pad_pairs),
       "second": tf.pad(batch["second"], pad_pairs),
@@ -206,7 +248,7 @@ def pad_batch(batch, max_patches, max_pairs):
       "unreadable": batch["unreadable"],
       "resume": batch["resume"],
   }
-  for key, (_, shape) in _PER_PATCH.items():
+  for key, (_, shape) in per_patch.items():
     out[key] = tf.ensure_shape(out[key], [max_patches] + shape)
   for key in ("first", "second", "label", "pair_mask"):
     out[key] = tf.ensure_shape(out[key], [max_pairs])
@@ -221,7 +263,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   start_image, start_grid = start
 
   def process(index, contents):
-    return index, image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index))
+    return index, image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index), config.geometry)
 
   grids = (images.enumerate(start=start_image)
            .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -229,10 +271,10 @@ def batches_from_images(images, config, seed, start=(0, 0)):
            .flat_map(_grids_of_image))
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
-  packer = _Packer(config.batch_patches, config.batch_pairs, start_image)
+  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry)
   batches = (grids.scan(packer.initial_state(), packer)
              .filter(lambda batch: batch["ready"])
-             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
+             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))
   if config.augment_on == "host":
     batches = batches.map(lambda batch: augment_batch(batch, config), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
