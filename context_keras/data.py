@@ -109,7 +109,8 @@ def grids_of_images(images, base_seed, start_image=0):
 
   return (images.enumerate(start=start_image)
           .map(parallel, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .map(one_at_a_time))
+          # One call at a time, explicitly: tf.data's map_parallelization would turn a plain map into a parallel one.
+          .map(one_at_a_time, num_parallel_calls=1, deterministic=True))
 
 
 def augment_batch(batch, config, static_shapes=False):

@@ -79,7 +79,9 @@ def image_size_from_header(contents):
 
 def _claimed_pixels(contents):
   """Pixels that a PNG, GIF, BMP, WebP or JPEG header claims, read in graph ops before any decoding; 0 otherwise."""
-  padded = tf.strings.join([contents, tf.constant(b"\0" * 32)])  # short files read zeros, not out of range
+  # The 32 header bytes, padded so that short files read zeros, not out of range (not the whole file: a copy of a
+  # 20 MB photo per decode would count N times in the pipeline's memory, method.md §4.5).
+  padded = tf.strings.join([tf.strings.substr(contents, 0, 32), tf.constant(b"\0" * 32)])
 
   def number(start, size, big_endian):
     digits = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, start, size), tf.uint8), tf.int64)
@@ -137,10 +139,9 @@ def _jpeg_frame_marker(contents):
   """The marker of a JPEG's frame header (0xC0 baseline, 0xC2 progressive, ...), walking its segments as
   image_size_from_header does (int32); 0 when none comes before the first scan or within 1,000 steps."""
   size = tf.strings.length(contents)
-  padded = tf.strings.join([contents, tf.constant(b"\0" * 4)])
 
-  def byte(i):
-    return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, i, 1), tf.uint8)[0], tf.int32)
+  def byte(i):  # past the end, the last byte (the walk then stops at the end)
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(contents, tf.minimum(i, size - 1), 1), tf.uint8)[0], tf.int32)
 
   def step(i, found):
     marker = byte(i + 1)
