@@ -97,6 +97,60 @@ def image_grids(contents, seed, geometry="doersch"):
   return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0]))
 
 
+# Images that decode to more pixels than this are decoded one at a time, after the parallel stage; all others, many
+# at once. Every JPEG within the bomb guard falls below it (a reduced decode keeps under 4x the resize target, or at
+# most MAX_DECODE_PIXELS / 64 = 1.56 MP), so the parallel decodes each hold a few MB whatever the core count, and
+# only a large PNG, WebP, BMP or GIF (no reduced decoding) pays for its size, once (README, What we guarantee:
+# memory; method.md §1.2).
+PARALLEL_DECODE_MAX_PIXELS = 4 * patches_lib.MAX_TARGET_PIXELS
+
+
+def decoded_pixels(contents, seed, geometry="doersch"):
+  """What image_grids(contents, seed, geometry) decodes, in pixels, read from the header (decoding.decoded_pixels).
+  The revisiting geometry decodes at full size (image_grids says why)."""
+  if geometry == "revisiting":
+    return decoding.decoded_pixels(contents, tf.constant(decoding.MAX_DECODE_PIXELS, tf.int64))
+  resize_seed = patches_lib.split_seed(seed, 3)[0]
+  return decoding.decoded_pixels(contents, patches_lib.resize_target(resize_seed))
+
+
+def _no_grids(geometry):
+  """image_grids's structure holding nothing: the place of an image left to the one-at-a-time stage."""
+  if geometry == "revisiting":
+    side, grids = patches_lib.REVISITING_PATCH, 1
+  else:
+    side, grids = patches_lib.PATCH_SIZE, patches_lib.GRIDS_PER_IMAGE
+  empty = tf.zeros([grids], tf.int32)
+  return {"patches": tf.zeros([0, side, side, 3], tf.uint8),
+          "grid_height": empty, "grid_width": empty, "usable": tf.constant(False),
+          "patch_keys": tf.zeros([0, 2], tf.uint32)}
+
+
+def grids_of_images(images, base_seed, start_image=0, geometry="doersch"):
+  """(index, image_grids) of each encoded image of `images`, its stream index counted from start_image; an image
+  that cannot be decoded gives an error element (the caller skips and counts it).
+
+  Memory is bounded by design, whatever the core count: tf.data's AUTOTUNE runs up to one decode per core, and each
+  of those decodes at most PARALLEL_DECODE_MAX_PIXELS; a larger image is passed on encoded, and decoded in a
+  sequential stage, so that at most one large decode is in memory at a time (README, What we guarantee: memory).
+  """
+  def seed_of(index):
+    return tf.random.experimental.stateless_fold_in(base_seed, index)
+
+  def parallel(index, contents):
+    large = decoded_pixels(contents, seed_of(index), geometry) > PARALLEL_DECODE_MAX_PIXELS
+    grids = tf.cond(large, lambda: _no_grids(geometry), lambda: image_grids(contents, seed_of(index), geometry))
+    return index, tf.where(large, contents, ""), large, grids  # only a large image's bytes travel on
+
+  def one_at_a_time(index, contents, large, grids):
+    return index, tf.cond(large, lambda: image_grids(contents, seed_of(index), geometry), lambda: grids)
+
+  return (images.enumerate(start=start_image)
+          .map(parallel, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          # One call at a time, explicitly: tf.data's map_parallelization would turn a plain map into a parallel one.
+          .map(one_at_a_time, num_parallel_calls=1, deterministic=True))
+
+
 def augment_batch(batch, config, static_shapes=False):
   """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key, or
   augment.revisiting_augment for the revisiting geometry; padding patches zero), everything else unchanged.
@@ -261,12 +315,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
   start_image, start_grid = start
-
-  def process(index, contents):
-    return index, image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index), config.geometry)
-
-  grids = (images.enumerate(start=start_image)
-           .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  grids = (grids_of_images(images, base_seed, start_image, config.geometry)
            .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
            .flat_map(_grids_of_image))
   if start_grid:

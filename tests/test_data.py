@@ -239,14 +239,14 @@ def test_uint8_resize_is_the_float_resize_rounded():
     np.testing.assert_array_equal(P.resize_uint8(image, *size).numpy(), np.round(expected).astype(np.uint8))
 
 
-def big_jpeg(photo_dir, name, scale, mode=None):
+def big_jpeg(photo_dir, name, scale, mode=None, progressive=False):
   """A sample photo upscaled (bicubic) and encoded as a JPEG, as a stand-in for a camera's large photo."""
   from PIL import Image  # test extra
   image = Image.open(os.path.join(photo_dir, name)).convert("RGB")
   image = image.resize((image.width * scale, image.height * scale), Image.BICUBIC)
   image = image.convert(mode) if mode else image
   buffer = io.BytesIO()
-  image.save(buffer, "JPEG", quality=90)
+  image.save(buffer, "JPEG", quality=90, progressive=progressive)
   return buffer.getvalue()
 
 
@@ -270,6 +270,35 @@ def test_large_jpegs_are_decoded_reduced(photo_dir):
     assert DEC.decode(big_jpeg(photo_dir, "coffee.png", 3, mode), target_pixels=150_000).shape == (600, 900, 3)
   png = tf.io.encode_png(full)
   assert DEC.decode(png, target_pixels=150_000).shape == (2048, 2048, 3)
+
+
+def test_large_decodes_leave_the_parallel_stage_and_give_the_same_grids(photo_dir):
+  """A large PNG (no reduced decoding) and a large progressive JPEG (libjpeg holds its coefficients at full size) are
+  decoded in the one-at-a-time stage, a baseline JPEG of the same size in the parallel one, each told from its
+  header; every image's grids are image_grids's, in stream order, a corrupt one an error element skipped in place."""
+  jpeg = big_jpeg(photo_dir, "astronaut.png", 4)  # 2048 x 2048 = 4.2 MP, decoded at 1/2 or 1/4
+  progressive = big_jpeg(photo_dir, "astronaut.png", 4, progressive=True)
+  png = tf.io.encode_png(DEC.decode(jpeg)).numpy()
+  small = tf.io.encode_png(DEC.decode(jpeg, target_pixels=150_000)[:500]).numpy()  # 500 x 512
+  stream = [small, png, b"\x89PNG corrupt", jpeg, png, progressive, small]
+  base_seed = tf.constant([3, 0], tf.int64)
+  seeds = [tf.random.experimental.stateless_fold_in(base_seed, tf.constant(i, tf.int64)) for i in range(len(stream))]
+  target = P.resize_target(P.split_seed(seeds[1], 3)[0])
+  assert int(DEC.decoded_pixels(png, target)) == 2048 * 2048 > D.PARALLEL_DECODE_MAX_PIXELS
+  assert int(D.decoded_pixels(png, seeds[1])) == 2048 * 2048
+  assert int(D.decoded_pixels(progressive, seeds[5])) == 2 * 2048 * 2048
+  assert 0 < int(D.decoded_pixels(jpeg, seeds[3])) <= D.PARALLEL_DECODE_MAX_PIXELS
+  height, width, _ = DEC.decode(jpeg, target).shape  # reduced, as decoded_pixels predicts
+  assert int(DEC.decoded_pixels(jpeg, target)) == height * width < 2048 * 2048 // 2
+  assert int(D.decoded_pixels(small, seeds[0])) == 500 * 512
+  out = list(D.grids_of_images(tf.data.Dataset.from_tensor_slices(stream), base_seed).ignore_errors())
+  assert [int(index) for index, _ in out] == [0, 1, 3, 4, 5, 6]
+  for index, grids in out:
+    expected = D.image_grids(stream[int(index)], seeds[int(index)])
+    assert set(grids) == set(expected)
+    for key in expected:
+      np.testing.assert_array_equal(grids[key].numpy(), expected[key].numpy(), err_msg=f"{key} of image {index}")
+  assert all(bool(grids["usable"]) and grids["patches"].shape[0] > 0 for _, grids in out)
 
 
 # ------------------------------------------------------------------------------------------------------------
