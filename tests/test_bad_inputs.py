@@ -634,7 +634,7 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
           "Invalid flags: --warmup_steps=10 is not less than --train_steps=10",
       "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
       "--batch_patches=8": "--batch_patches=8 cannot hold the largest grid",
-      "--backbone=resnet50": "flag --backbone=resnet50: value should be one of <alexnet_bn>",
+      "--backbone=resnet51": "flag --backbone=resnet51: value should be one of <alexnet_bn|resnet18|resnet34|resnet50|",
       f"--flagfile={typo}": "Unknown command line flag 'lerning_rate'. Did you mean: learning_rate ?",
       f"--data={tmp_path / 'empty'}": f"folder {tmp_path / 'empty'} holds no jpg/jpeg/png",
       f"--data={tmp_path / 'missing.txt'}": f"none of the 2 images tried can be used (first problem: "
