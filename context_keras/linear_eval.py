@@ -89,7 +89,7 @@ def define_flags():
                          above=0)
     program.define_float("learning_rate", DEFAULTS.learning_rate, "SGD learning rate per 256 images, scaled "
                          "linearly with --batch_size (VISSL: 0.01; Kolesnikov et al.: 0.1).", above=0)
-    program.define_float("momentum", DEFAULTS.momentum, "SGD momentum.", lower=0, below=1)
+    program.define_float("momentum", DEFAULTS.momentum, "SGD momentum (Goyal et al. / VISSL: 0.9).", lower=0, below=1)
     flags.DEFINE_bool("nesterov", DEFAULTS.nesterov, "Nesterov momentum (VISSL: yes).")
     program.define_float("weight_decay", DEFAULTS.weight_decay, "L2 on the heads' kernels, as in the loss (gradient "
                          "+= this * weight; VISSL: 5e-4, Kolesnikov et al.: 0).", lower=0)

@@ -529,16 +529,17 @@ def test_huge_jpegs_train_in_bounded_memory(huge_jpegs, tmp_path):
 # The training input pipeline alone with every AUTOTUNE forced to N calls on an N-thread pool: what a host of N cores
 # runs (tf.data's AUTOTUNE goes up to one call per core), forced on this 2-core machine. Prints its peak memory.
 FORCED_PARALLELISM = """
-import resource, sys
+import sys
 import tensorflow as tf
 folder, n = sys.argv[1], int(sys.argv[2])
 tf.data.AUTOTUNE = n
 from context_keras import data
+from context_keras.resources import peak_rss_mb
 options = tf.data.Options()
 options.threading.private_threadpool_size = n
 dataset = data.make_dataset(data.InputConfig(data=folder, batch_patches=64, batch_pairs=320)).with_options(options)
 images = sum(int(batch["images"]) for batch in dataset.take(8))
-print("IMAGES", images, "PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print("IMAGES", images, "PEAK_RSS_MB", int(peak_rss_mb()))
 """
 FORCED_PEAK_RSS_LIMIT_MB = 2000
 
