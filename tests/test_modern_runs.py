@@ -168,24 +168,28 @@ def make_labelled(folder):
   return folder
 
 
-@pytest.mark.parametrize("backbone, geometry, steps", [("resnet50", "revisiting", 60), ("vgg16_bn", "doersch", 60)])
-def test_a_short_run_learns_above_chance(backbone, geometry, steps):
-  """A few dozen steps of a narrow tower on the demo photos take the pretext accuracy on the training batches
-  clearly above chance (12.5 %)."""
+@pytest.mark.parametrize("backbone, geometry, steps", [("resnet50", "revisiting", 40), ("vgg16_bn", "doersch", 30)])
+def test_the_whole_network_trains_on_the_pretext(backbone, geometry, steps):
+  """A narrow tower with its pair head fits one batch of the demo photos' pairs, repeated: training accuracy far above
+  chance (12.5 %), and every trainable variable moved, so gradients reach every stage. (A fresh stream needs hundreds
+  of steps to leave chance: README, Pretext accuracy after equal time.)"""
   input_config = D.InputConfig(data=f"{REPO}/flags/demo_photos.txt", data_root="package:skimage.data",
-                               geometry=geometry, batch_patches=144 if geometry == "revisiting" else 128,
-                               batch_pairs=128 if geometry == "revisiting" else 640)
+                               geometry=geometry, batch_patches=72 if geometry == "revisiting" else 64,
+                               batch_pairs=64 if geometry == "revisiting" else 320)
   model_config = M.ModelConfig(backbone=backbone, width_multiplier=0.0625, patch_size=input_config.patch_size,
                                head="revisiting" if geometry == "revisiting" else "doersch", bn_momentum=0.9)
   keras.utils.set_random_seed(0)
   trainer = trainer_lib.Trainer(tf.distribute.get_strategy(), model_config,
                                 trainer_lib.OptimConfig(learning_rate=0.1 if geometry == "revisiting" else 0.01,
                                                         momentum=0.9, loss_reduction="mean"))
-  iterator = iter(D.make_dataset(input_config))
-  trainer.train_loop(iterator, tf.constant(steps - 20))
-  last = trainer.train_loop(iterator, tf.constant(20))
+  initial = [v.numpy() for v in trainer.trainable_variables]
+  iterator = iter(D.make_dataset(input_config).take(1).cache().repeat())
+  trainer.train_loop(iterator, tf.constant(steps - 10))
+  last = trainer.train_loop(iterator, tf.constant(10))
   accuracy = float(last["correct"] / last["pairs"])
-  assert accuracy > 0.25, accuracy
+  assert accuracy > 0.5, accuracy
+  still = [v.path for v, w in zip(trainer.trainable_variables, initial) if np.array_equal(v.numpy(), w)]
+  assert not still, still
 
 
 def test_torch_baseline_runs_both_networks_and_benchmark_reports_a_missing_one(tmp_path):
