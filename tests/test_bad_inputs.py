@@ -159,6 +159,7 @@ def assert_prefix_counts(totals, per_epoch):
 # In this process: decoding and the training pipeline
 
 
+@pytest.mark.slow
 def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
   folder, rgb = bad_folder
   listed = S.find_source(str(folder)).paths
@@ -185,6 +186,7 @@ def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
       assert DEC.image_size_from_header((folder / name).read_bytes())[1:] == (width, height), name
 
 
+@pytest.mark.slow
 def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
   folder, _ = bad_folder
   source = S.find_source(str(folder))
@@ -201,6 +203,7 @@ def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
   assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(UNREADABLE)})
 
 
+@pytest.mark.slow
 def test_list_files_naming_missing_files_empty_folders_and_loops(tmp_path, photo_dir):
   listing = tmp_path / "train.txt"
   listing.write_text("astronaut.png 0\nmissing_one.jpg 1\ncoffee.png 2\nsub/missing_two.png 3\n")
@@ -282,6 +285,7 @@ def shard_folder(tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow
 def test_damaged_and_compressed_shards(shard_folder, capfd, caplog):
   """GZIP and ZLIB shards are read (told by their content); a corrupt or cut-short shard gives its records up to
   the damage, then counts ONE unreadable image per pass over it, in stream order (not hundreds ahead of the shuffle
@@ -388,6 +392,7 @@ def _with_orientation(stored, fmt, k):
                     **({"quality": 95} if fmt == "JPEG" else {}))
 
 
+@pytest.mark.slow
 def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path):
   """A photo stored under each of the 8 EXIF orientations, as PNG (lossless) and JPEG: decoding gives the upright
   pixels (those Pillow's exif_transpose shows), training cuts the same grids from it as from the upright photo, and

@@ -42,6 +42,7 @@ def test_package_paths(photo_dir):
     S.resolve_path("package:no_such_package_here")
 
 
+@pytest.mark.slow
 def test_tfrecord_source_yields_batches(tmp_path, photo_dir):
   shard = str(tmp_path / "train-00000.tfrecord")
   with tf.io.TFRecordWriter(shard) as writer:
@@ -78,6 +79,7 @@ def test_no_readable_image_stops_at_start(tmp_path):
   assert str(tmp_path) in str(info.value)
 
 
+@pytest.mark.slow
 def test_batches_static_shapes_and_valid_pairs(demo_list, photo_dir):
   config = D.InputConfig(data=demo_list, data_root=photo_dir, **SMALL)
   for batch in D.make_dataset(config).take(4):
@@ -101,6 +103,7 @@ def test_batches_static_shapes_and_valid_pairs(demo_list, photo_dir):
     assert not patches[n:].any()
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_and_exact_resume(demo_list, photo_dir):
   """In device mode, whose batches carry each patch's uint8 pixels and augmentation key: the host mode's batches are
   these augmented (test_device_mode_batches_hold_uint8_patches_and_their_keys), so they resume as exactly."""
@@ -130,6 +133,7 @@ def test_pipelines_share_the_stream_without_overlap(tiny_image_dir):
   assert len(set(seen[0][:1] + seen[1][:1])) == 2
 
 
+@pytest.mark.slow
 def test_broken_and_small_images_are_skipped_and_counted(tmp_path, photo_dir):
   for name in ("astronaut.png", "coffee.png"):
     (tmp_path / name).write_bytes(open(os.path.join(photo_dir, name), "rb").read())
@@ -171,6 +175,7 @@ def test_capacity_must_hold_the_largest_grid():
     D.InputConfig(data="x", batch_pairs=40)
 
 
+@pytest.mark.slow
 def test_revisiting_batches_hold_whole_images_and_resume_exactly(tiny_image_dir):
   """The revisiting geometry through the same packer: every batch holds floor(min(patches/9, pairs/8)) images of 9
   standardised 64-px patches and their 8 (neighbour, centre) pairs; it counts images and resumes exactly. Any
@@ -272,6 +277,7 @@ def test_large_jpegs_are_decoded_reduced(photo_dir):
   assert DEC.decode(png, target_pixels=150_000).shape == (2048, 2048, 3)
 
 
+@pytest.mark.slow
 def test_large_decodes_leave_the_parallel_stage_and_give_the_same_grids(photo_dir):
   """A large PNG (no reduced decoding) and a large progressive JPEG (libjpeg holds its coefficients at full size) are
   decoded in the one-at-a-time stage, a baseline JPEG of the same size in the parallel one, each told from its
@@ -313,6 +319,7 @@ def raw_and_host_batches(demo_list, photo_dir):
   return config, raw, next(iter(D.make_dataset(config)))
 
 
+@pytest.mark.slow
 def test_device_mode_batches_hold_uint8_patches_and_their_keys(raw_and_host_batches):
   config, raw, host = raw_and_host_batches
   assert raw["patches"].dtype == tf.uint8 and raw["patch_keys"].dtype == tf.uint32
@@ -324,6 +331,7 @@ def test_device_mode_batches_hold_uint8_patches_and_their_keys(raw_and_host_batc
   np.testing.assert_array_equal(device["patches"].numpy(), host["patches"].numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("color_mode", A.COLOR_MODES)
 @pytest.mark.parametrize("pixelation", [True, False])
 def test_device_and_host_augmentation_are_equal_patch_for_patch(raw_and_host_batches, color_mode, pixelation):
@@ -346,6 +354,7 @@ def test_device_and_host_augmentation_are_equal_patch_for_patch(raw_and_host_bat
     assert not device[n:].any() and not host["patches"].numpy()[n:].any(), "padding stays zero"
 
 
+@pytest.mark.slow
 def test_revisiting_device_and_host_augmentation_are_equal_patch_for_patch(demo_list, photo_dir):
   """The revisiting geometry in both modes: the device mode's batches hold the uint8 64-px patches and their keys,
   and the step's augmentation of them is the host pipeline's batch; grayscale is drawn once per image."""

@@ -281,6 +281,7 @@ class EarlierBackbone(tf.Module):
     return self.model(preprocessed, training=False)
 
 
+@pytest.mark.slow
 def test_freezing_makes_earlier_exports_convertible(backbone, tmp_path):
   _, folded, _ = backbone
   earlier, frozen = str(tmp_path / "earlier"), str(tmp_path / "frozen")

@@ -246,6 +246,7 @@ def test_trainable_copy_of_an_export_computes_its_features(exported):
     np.testing.assert_allclose(copy[name], expected[name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_multi_label_fine_tuning_ignores_difficult_entries():
   """One step of the multi-label fine-tuner on a tiny random network: finite loss, and an IGNORED target is not
   learned from (changing it changes nothing)."""

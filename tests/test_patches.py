@@ -52,6 +52,7 @@ def test_grids_pairs_and_labels_match_true_offsets(height, width, seed):
   assert offset == len(ys)
 
 
+@pytest.mark.slow
 def test_grid_size_rule_and_jitter_range():
   height, width = 600, 800
   starts_seen, jitters = set(), []

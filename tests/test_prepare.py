@@ -224,6 +224,7 @@ def test_max_pixels_reencodes_only_large_images(tmp_path, photo_dir):
   assert reencoded == index["reencoded"] == 4  # astronaut, coffee, camera, rocket; not chelsea nor the GIF
 
 
+@pytest.mark.slow
 def test_training_pipeline_reads_the_shards(mixed_dir, tmp_path):
   output = tmp_path / "shards"
   PR.prepare(config(mixed_dir, output))

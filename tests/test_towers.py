@@ -98,6 +98,7 @@ def randomise_batchnorm(models, rng):
           layer.beta.assign(rng.normal(0, 1, channels).astype(np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, version, head, size", [
     ("vgg16_bn", 1, "doersch", 96), ("resnet50", 1, "revisiting", 64), ("resnet18", 2, "revisiting", 64)])
 def test_folding_with_scale_and_shift_equals_the_batchnorm_network(backbone, version, head, size):
