@@ -7,12 +7,13 @@ seed given, so the same seed gives the same pixels whatever the parallelism of t
 import tensorflow as tf
 
 from context_keras import patches as patches_lib
+from context_keras import shortcuts
 
 PIXELATE_PROBABILITY = 0.33  # method.md §2.4 step 1
 PIXELATE_MIN_SIDE = 10       # area uniform in [10^2, 95^2]
 PIXELATE_MAX_SIDE = patches_lib.PATCH_SIZE - 1
 RMS_TARGET = 50.0            # method.md §2.4 step 3
-COLOR_MODES = ("drop", "drop_gaussian", "project", "none")
+COLOR_MODES = ("drop", "drop_gaussian", "project", "none", "chroma_blur")
 
 
 def _bilinear_matrix(out_size, in_size, max_size):
@@ -73,7 +74,7 @@ PROJECTION = tuple(
           for c in range(3)) for r in range(3))
 
 
-def color_transform(patches, seed, mode):
+def color_transform(patches, seed, mode, chroma_blur_size=shortcuts.CHROMA_BLUR_SIZE):
   """Chromatic-aberration remedy of method.md §2.4 step 2, by `mode`, on float [n, P, P, 3] patches in 0-255 units.
 
   drop:          keep one random channel minus its mean; the other two become uniform noise in [-0.5, 0.5)
@@ -81,9 +82,14 @@ def color_transform(patches, seed, mode):
   drop_gaussian: as drop, but the noise is Gaussian with 1/100 of the kept channel's std (the paper's text).
   project:       per-channel means removed, then every pixel projected off the green-magenta axis (the paper).
   none:          per-channel means removed only.
+  chroma_blur:   the a and b channels of Lab blurred (chroma_blur_size, shortcuts.blur_chroma), then as none
+                 (Mundhenk et al., method.md §9.3).
   """
   if mode not in COLOR_MODES:
     raise ValueError(f"color mode {mode!r} is not one of {COLOR_MODES}")
+  if mode == "chroma_blur":
+    patches = shortcuts.blur_chroma(patches, chroma_blur_size)
+    mode = "none"
   if mode in ("none", "project"):
     centred = patches - tf.reduce_mean(patches, axis=[1, 2], keepdims=True)
     return centred if mode == "none" else tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, patches.dtype))
@@ -124,6 +130,8 @@ def standardize(images, color_mode="drop"):
   training kept one random channel, alone carrying the patch's RMS, so it reached RMS 50*sqrt(3); averaging the
   first layer's (linear) response over the three equally likely kept channels gives every channel centred and
   scaled to RMS 50/sqrt(3): the expected conv1 pre-activation, with the near-zero noise channels left out.
+  chroma_blur is none here: the blur removes a cue of the pretext task, which the uses of a backbone do not need
+  removed (method.md §9.3).
   """
   if color_mode not in COLOR_MODES:
     raise ValueError(f"color mode {color_mode!r} is not one of {COLOR_MODES}")

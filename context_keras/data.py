@@ -13,7 +13,11 @@ import tensorflow as tf
 from context_keras import augment as augment_lib
 from context_keras import decoding
 from context_keras import patches as patches_lib
+from context_keras import shortcuts
 from context_keras import sources
+
+
+YOKED_INTERPOLATIONS = ("random", *shortcuts.INTERPOLATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +32,38 @@ class InputConfig:
   shuffle_buffer: int = 2048
   seed: int = 0
   data_service: str | None = None
+  # method.md §9: the later fixes for the shortcuts, all off by default.
+  chroma_blur_size: int = shortcuts.CHROMA_BLUR_SIZE
+  yoked_jitter: bool = False
+  yoked_interpolation: str = "random"
+  random_aperture: bool = False
+  rotation_classes: bool = False
+  flip_relabel: bool = False
 
   def __post_init__(self):
+    if self.yoked_interpolation not in YOKED_INTERPOLATIONS:
+      raise ValueError(f"--yoked_interpolation={self.yoked_interpolation} is not one of {YOKED_INTERPOLATIONS}")
+    if self.chroma_blur_size < 1 or self.chroma_blur_size % 2 == 0:
+      raise ValueError(f"--chroma_blur_size={self.chroma_blur_size} must be a positive odd number")
     if self.batch_patches < patches_lib.max_grid_cells():
       raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
                        f"({patches_lib.max_grid_cells()} patches)")
     if self.batch_pairs < patches_lib.max_grid_pairs():
       raise ValueError(f"--batch_pairs={self.batch_pairs} cannot hold the pairs of the largest grid "
                        f"({patches_lib.max_grid_pairs()})")
+
+  @property
+  def num_classes(self):
+    return shortcuts.num_classes(self.rotation_classes)
+
+  @property
+  def transforms_grids(self):
+    return self.rotation_classes or self.flip_relabel
+
+  @property
+  def grid_jitter(self):
+    """The per-cell jitter of the grid: the original's +-7 px, or none when the yoked jitter replaces it."""
+    return 0 if self.yoked_jitter else patches_lib.JITTER
 
 
 def image_grids(image, seed, color_mode="drop", pixelation=True):
@@ -75,7 +103,8 @@ def _grids_of_image(index, image):
   def grid(g):
     return {"patches": image["patches"][starts[g]:starts[g] + sizes[g]],
             "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
-            "position": tf.stack([index, g]), "usable": image["usable"]}
+            "position": tf.stack([index, g]), "usable": image["usable"],
+            **{k: image[k][g] for k in ("flip", "rotation") if k in image}}
 
   return tf.data.Dataset.range(tf.shape(sizes, out_type=tf.int64)[0]).map(grid)
 
@@ -90,10 +119,11 @@ class _Packer:
   there continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, max_patches, max_pairs, start_image=0):
+  def __init__(self, max_patches, max_pairs, start_image=0, rotation_classes=False):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image = start_image
+    self.rotation_classes = rotation_classes
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
@@ -116,6 +146,8 @@ class _Packer:
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
     first, second, label = patches_lib.grid_pairs(h, w)
+    if "flip" in grid:  # the grid was transformed as a whole (method.md §9.6): its labels follow
+      label = shortcuts.relabel(label, grid["flip"], grid["rotation"], self.rotation_classes)
     fits = ((state["num_patches"] + n <= self.max_patches) &
             (tf.shape(state["first"])[0] + tf.shape(first)[0] <= self.max_pairs))
 
@@ -182,7 +214,10 @@ def batches_from_images(images, config, seed, start=(0, 0)):
 
   def process(index, contents):
     image_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    return index, image_grids(decoding.decode(contents), image_seed, config.color_mode, config.pixelation)
+    grids = image_grids(decoding.decode(contents), image_seed, config.color_mode, config.pixelation)
+    if config.transforms_grids:
+      grids = shortcuts.transform_grids(grids, image_seed, config.flip_relabel, config.rotation_classes)
+    return index, grids
 
   grids = (images.enumerate(start=start_image)
            .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -190,7 +225,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
            .flat_map(_grids_of_image))
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
-  packer = _Packer(config.batch_patches, config.batch_pairs, start_image)
+  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.rotation_classes)
   return (grids.scan(packer.initial_state(), packer)
           .filter(lambda batch: batch["ready"])
           .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))

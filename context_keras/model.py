@@ -2,8 +2,8 @@
 
 `build` returns the three Keras functional models that share the same layers:
   tower:         patches [N, 96, 96, 3] (+ per-patch validity) -> fc6 [N, 4096]
-  head:          fc6 of both patches concatenated [M, 8192] (+ per-pair validity) -> 8 logits
-  context_model: (patch_a, patch_b) -> 8 logits, the pair classifier of the paper (tower applied to both inputs)
+  head:          fc6 of both patches concatenated [M, 8192] (+ per-pair validity) -> num_classes (8) logits
+  context_model: (patch_a, patch_b) -> num_classes logits, the pair classifier of the paper (tower applied to both inputs)
 Training calls tower and head in grid form (tower once per patch, pairs gather their fc6 rows, method.md §3.3).
 """
 import dataclasses
@@ -24,6 +24,8 @@ class ModelConfig:
   width_multiplier: float = 1.0
   sync_batchnorm: bool = False
   bn_momentum: float = BN_MOMENTUM
+  # The pretext task's classes: 8 directions, or 32 with --rotation_classes (shortcuts.num_classes, method.md §9.6).
+  num_classes: int = patches_lib.NUM_CLASSES
 
 
 def _width(channels, multiplier):
@@ -90,7 +92,7 @@ def pair_head(config, feature_dim):
   x = layers.ReLU(name="relu7")(x)
   x = layers.Dense(_width(4096, m), activation="relu", name="fc8", **_dense_init())(x)
   # Logits stay float32 under mixed precision, for a stable softmax.
-  logits = layers.Dense(patches_lib.NUM_CLASSES, name="fc9", dtype="float32", **_dense_init())(x)
+  logits = layers.Dense(config.num_classes, name="fc9", dtype="float32", **_dense_init())(x)
   return keras.Model([pair, valid], logits, name="head")
 
 

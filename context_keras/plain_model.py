@@ -138,7 +138,8 @@ def _project(centred):
 
 def standardize(images, color_mode):
   """augment.standardize in standard layers: per image, channel means subtracted; then drop, drop_gaussian: each
-  channel to RMS 50/sqrt(3); project: the green-magenta projection, then RMS 50 over all values; none: RMS 50.
+  channel to RMS 50/sqrt(3); project: the green-magenta projection, then RMS 50 over all values; none and
+  chroma_blur: RMS 50.
   1/RMS is exp(-0.5 log(mean square)); a constant image gives zeros, as divide_no_nan does."""
   if color_mode not in augment_lib.COLOR_MODES:
     raise ValueError(f"color mode {color_mode!r} is not one of {augment_lib.COLOR_MODES}")

@@ -40,7 +40,7 @@ METADATA_FILE = os.path.join("assets.extra", "context_keras.json")
 WEIGHT_SCOPE = "weights"
 PREPROCESSING = ("uint8 RGB -> float; per image, each channel's mean is subtracted; then, by the run's --color_mode "
                  "(method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected conv1 "
-                 "input over the kept channel); project: the green-magenta projection, then RMS 50; none: RMS 50")
+                 "input over the kept channel); project: the green-magenta projection, then RMS 50; none, chroma_blur: RMS 50")
 
 
 def preprocess(images, color_mode):
@@ -130,7 +130,7 @@ def metadata(model_config, color_mode, folded=None, caffe_pooling=None, **extra)
   random-init baseline) and to use it. `caffe_pooling`: how the backbone pools (fold.caffe_pooling)."""
   info = {"backbone": model_config.backbone, "width_multiplier": model_config.width_multiplier,
           "color_mode": color_mode, "preprocessing": PREPROCESSING, "min_size": patches_lib.PATCH_SIZE,
-          "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS}
+          "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS, "num_classes": model_config.num_classes}
   if caffe_pooling is not None:
     info["pooling"] = "caffe" if caffe_pooling else "trained"
   if folded is not None:

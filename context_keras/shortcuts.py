@@ -233,3 +233,19 @@ def aperture(patches, masked, side, top, left):
   mean = tf.reduce_sum(patches * window, [1, 2], keepdims=True) / tf.reduce_sum(window, [1, 2], keepdims=True)
   keep = tf.maximum(window, 1.0 - tf.cast(masked, patches.dtype)[:, tf.newaxis, tf.newaxis, tf.newaxis])
   return patches * keep + mean * (1.0 - keep)
+
+
+# A stream of an image's seed for the grid transforms, folded in so that the other draws stay as they were.
+TRANSFORM_STREAM = 0x11
+
+
+def transform_grids(grids, seed, flip_relabel, rotation_classes):
+  """patches.cut_grids's dict with every grid mirrored and/or rotated as a whole (grid_transforms, drawn from
+  the image's `seed`): patches transformed, and per grid `flip` (bool [g]) and `rotation` (int32 [g]), which the
+  labels of its pairs must follow (relabel)."""
+  num_grids = tf.shape(grids["grid_height"])[0]
+  flip, k = grid_transforms(tf.random.experimental.stateless_fold_in(seed, TRANSFORM_STREAM), num_grids,
+                            flip_relabel, rotation_classes)
+  cells = grids["grid_height"] * grids["grid_width"]
+  patches = transform_patches(grids["patches"], tf.repeat(flip, cells), tf.repeat(k, cells))
+  return dict(grids, patches=patches, flip=flip, rotation=k)

@@ -33,6 +33,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   data_flags.define_source()
   data_flags.define_augmentation()
+  data_flags.define_shortcut_fixes()
   data_flags.define_batching()
   model_flags.define()
   optimisation_flags.define()
@@ -109,7 +110,8 @@ def run():
                  "" if task == "chief" else f"; this is {task}{' (chief)' if is_chief else ''}")
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
-    config = run_dir.RunConfig(model=model_flags.model_config(), input=data_flags.input_config(FLAGS.seed),
+    input_config = data_flags.input_config(FLAGS.seed)
+    config = run_dir.RunConfig(model=model_flags.model_config(input_config.num_classes), input=input_config,
                                optimisation=optimisation_flags.optim_config(FLAGS.train_steps))
     precision = config.optimisation.mixed_precision
     if precision != "none":

@@ -18,7 +18,8 @@ class Subject:
   """A trained run or an exported backbone, behind the functions the protocols need.
 
   features:    uint8 images [N, H, W, 3] -> {conv1 ... fc6} maps (serving.BackboneModule.features)
-  pair_logits: (patches preprocessed as in training [N, 96, 96, 3], first [M], second [M]) -> logits [M, 8], or
+  pair_logits: (patches preprocessed as in training [N, 96, 96, 3], first [M], second [M]) -> logits
+               [M, model_config.num_classes], or
                None when there is no pair classifier
   """
   about: dict
@@ -30,6 +31,9 @@ class Subject:
   pair_logits: object = None
   owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
   pooling: str = "auto"  # fold.POOLINGS: how the backbone pools, which the random-init baseline repeats
+  # How the pretext labels were made (method.md §9.6): grids rotated with rotation classes, mirrored and relabelled.
+  rotation_classes: bool = False
+  flip_relabel: bool = False
 
   @property
   def feature_layers(self):
@@ -64,7 +68,8 @@ class Subject:
                                     self.color_mode)
     return Subject(about={"random_init_seed": seed}, step=self.step, model_config=self.model_config,
                    color_mode=self.color_mode, pixelation=self.pixelation, features=module.features,
-                   pair_logits=_run_pair_logits(networks), owners=(module, networks), pooling=self.pooling)
+                   pair_logits=_run_pair_logits(networks), owners=(module, networks), pooling=self.pooling,
+                   rotation_classes=self.rotation_classes, flip_relabel=self.flip_relabel)
 
 
 def _patch_spec():
@@ -86,7 +91,8 @@ def from_run(run):
   module = serving.BackboneModule(fold.fold_tower(run.networks.tower, run.model_config), run.color_mode)
   return Subject(about=run.describe(), step=run.step, model_config=run.model_config, color_mode=run.color_mode,
                  pixelation=run.pixelation, features=module.features, pair_logits=_run_pair_logits(run.networks),
-                 owners=(module, run.networks))
+                 owners=(module, run.networks), rotation_classes=run.config.input.rotation_classes,
+                 flip_relabel=run.config.input.flip_relabel)
 
 
 def from_saved_model(path):
@@ -101,7 +107,8 @@ def from_saved_model(path):
 
   def pair_logits(patches, first, second):
     return classifier.logits_preprocessed(tf.gather(patches, first), tf.gather(patches, second))["logits"]
-  model_config = model_lib.ModelConfig(backbone=info["backbone"], width_multiplier=info["width_multiplier"])
+  model_config = model_lib.ModelConfig(backbone=info["backbone"], width_multiplier=info["width_multiplier"],
+                                       num_classes=info.get("num_classes", patches_lib.NUM_CLASSES))
   return Subject(about={"saved_model": path, "checkpoint": info.get("checkpoint"), "step": info.get("step", 0),
                         "backbone": info["backbone"], "width_multiplier": info["width_multiplier"],
                         "color_mode": info["color_mode"], "rescaled": info.get("rescaled", False)},
@@ -109,4 +116,5 @@ def from_saved_model(path):
                  pixelation=info.get("pixelation", True), features=backbone.features,
                  pair_logits=pair_logits if classifier else None, owners=(backbone, classifier),
                  # Exports of earlier versions pooled as the training tower does.
-                 pooling=info.get("pooling", "trained"))
+                 pooling=info.get("pooling", "trained"), rotation_classes=info.get("rotation_classes", False),
+                 flip_relabel=info.get("flip_relabel", False))

@@ -25,6 +25,8 @@ def define():
                       "normalises over one batch of at most --batch_patches patches, as the original did on one GPU.")
 
 
-def model_config():
+def model_config(num_classes=model_lib.ModelConfig.num_classes):
+  """The ModelConfig of the flags; num_classes: the pretext task's (data.InputConfig.num_classes)."""
   return model_lib.ModelConfig(backbone=FLAGS.backbone, width_multiplier=FLAGS.width_multiplier,
-                               sync_batchnorm=FLAGS.sync_batchnorm, bn_momentum=FLAGS.bn_momentum)
+                               sync_batchnorm=FLAGS.sync_batchnorm, bn_momentum=FLAGS.bn_momentum,
+                               num_classes=num_classes)
