@@ -1,0 +1,168 @@
+"""The later fixes for the shortcuts (method.md §9): labels under flips and rotations checked against where the
+patches really are, chroma blur, the yoked rescale and the aperture, and the class count through head and evaluation."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from context_keras import data as data_lib
+from context_keras import model as model_lib
+from context_keras import patches as P
+from context_keras import shortcuts as S
+from context_keras.evaluation import pretext
+from context_keras.evaluation import subject as subject_lib
+import helpers
+
+SIDE = 560
+
+
+def coordinate_photo(side=SIDE):
+  """uint8 image: red = x and green = y, each scaled to 0-255 over the image, blue constant. Bilinear resizing keeps
+  ramps linear, so a patch's mean red and green say where its centre was, and their gradients which way x and y run
+  in it after any flip or rotation."""
+  ramp = np.round(np.arange(side) * 255.0 / (side - 1))
+  x, y = np.meshgrid(ramp, ramp)
+  return np.stack([x, y, np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+def decode(patch):
+  """(centre (x, y) in the image's ramp units, the array-space directions (col, row) in which x and y increase)."""
+  patch = np.asarray(patch, np.float64)
+  centre = patch[..., 0].mean(), patch[..., 1].mean()
+  axes = []
+  for channel in (0, 1):
+    slopes = [np.mean(np.diff(patch[..., channel], axis=axis)) for axis in (1, 0)]  # along cols, along rows
+    axes.append(tuple(int(np.sign(s)) if abs(s) > 0.1 else 0 for s in slopes))
+  return centre, axes
+
+
+def rotation_of(x_axis, y_axis):
+  """(flip, k) whose transform sends the image's x axis to x_axis and y axis to y_axis (array directions), found by
+  transforming a tiny ramp with numpy, independently of shortcuts.transform_patches."""
+  ramp = np.stack(np.meshgrid(np.arange(3), np.arange(3)), -1)  # [row, col, (x, y)]
+  for flip in (0, 1):
+    for k in range(4):
+      seen = np.rot90(ramp[:, ::-1] if flip else ramp, k)
+      if decode(seen)[1] == [x_axis, y_axis]:
+        return flip, k
+  raise AssertionError(f"no transform gives axes {x_axis}, {y_axis}")
+
+
+def check_pairs(patches, first, second, label, rotation_classes):
+  """Every pair's label names where its second patch lies as the network sees it (and the rotation): returns the
+  (flip, k) seen."""
+  seen_transforms = set()
+  for a, b, lbl in zip(first, second, label):
+    (ca, axes), (cb, axes_b) = decode(patches[a]), decode(patches[b])
+    assert axes == axes_b, "the patches of a pair are transformed alike"
+    flip, k = rotation_of(*axes)
+    seen_transforms.add((flip, k))
+    # Offset in the image, then in what the network sees: x runs along axes[0], y along axes[1].
+    # Neighbours are a pitch (144 px, over 50 ramp units at any resize) apart, the jitter moves them < 10 units.
+    dx, dy = (int(np.sign(d)) if abs(d) > 25 else 0 for d in (cb[0] - ca[0], cb[1] - ca[1]))
+    seen = (int(dx * axes[0][0] + dy * axes[1][0]), int(dx * axes[0][1] + dy * axes[1][1]))
+    assert P.NEIGHBOUR_OFFSETS[lbl % 8] == seen, (lbl, seen, flip, k)
+    assert lbl // 8 == (k if rotation_classes else 0)
+    assert lbl < S.num_classes(rotation_classes)
+  return seen_transforms
+
+
+@pytest.mark.parametrize("rotation_classes,flip_relabel", [(True, True), (True, False), (False, True)])
+def test_pipeline_labels_name_where_the_second_patch_is(tmp_path, rotation_classes, flip_relabel):
+  helpers.write_png(tmp_path / "coords.png", coordinate_photo())
+  config = data_lib.InputConfig(data=str(tmp_path), batch_patches=64, batch_pairs=320, color_mode="none",
+                                pixelation=False, rotation_classes=rotation_classes, flip_relabel=flip_relabel,
+                                augment_on="device")
+  batches = data_lib.batches_from_images(tf.data.Dataset.from_tensors(tf.io.read_file(str(tmp_path / "coords.png")))
+                                         .repeat(6), config, seed=0)
+  seen = set()
+  for batch in batches.take(3):
+    n = int(batch["pair_mask"].numpy().sum())
+    seen |= check_pairs(batch["patches"].numpy(), batch["first"].numpy()[:n], batch["second"].numpy()[:n],
+                        batch["label"].numpy()[:n], rotation_classes)
+  assert {k for _, k in seen} == (set(range(4)) if rotation_classes else {0})
+  assert {f for f, _ in seen} == ({0, 1} if flip_relabel else {0})
+
+
+def test_pretext_evaluation_labels_follow_the_same_transforms(monkeypatch):
+  monkeypatch.setattr(pretext.augment_lib, "augment", lambda patches, *args, **kwargs: tf.cast(patches, tf.float32))
+  found = pretext.pretext_pairs(tf.constant(coordinate_photo()), tf.constant([3, 4], tf.int64), 64, "none", False,
+                                flip_relabel=True, rotation_classes=True)
+  seen = check_pairs(found["patches"].numpy(), found["first"].numpy(), found["second"].numpy(),
+                     found["label"].numpy(), True)
+  assert len({k for _, k in seen}) > 1
+
+
+def test_label_table_is_a_permutation_per_transform():
+  for rotation_classes in (False, True):
+    table = S.label_table(rotation_classes)
+    for flip in (0, 1):
+      for k in range(4):
+        assert sorted(table[flip, k] % 8) == list(range(8))
+        assert set(table[flip, k] // 8) == {k if rotation_classes else 0}
+  assert len(S.label_names(True)) == 32 and S.label_names(True)[9] == "up r90"
+
+
+def sample_patches(n=4):
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  image = skimage.data.astronaut()
+  return tf.constant(np.stack([image[96 * i:96 * (i + 1), 150:246] for i in range(n)]).astype(np.float32))
+
+
+def test_chroma_blur_keeps_lightness_and_blurs_only_chroma():
+  patches = sample_patches()
+  np.testing.assert_allclose(S.blur_chroma(patches, 1).numpy(), patches.numpy(), atol=1e-3)
+  lab = S.rgb_to_lab(patches).numpy()
+  blurred = S.rgb_to_lab(S.blur_chroma(patches, 13, clip=False)).numpy()
+  np.testing.assert_allclose(blurred[..., 0], lab[..., 0], atol=2e-3)
+  expected = tf.nn.avg_pool2d(lab[..., 1:], 13, 1, "SAME").numpy()
+  np.testing.assert_allclose(blurred[..., 1:], expected, atol=0.05)
+  # Blurring smooths: the chroma's pixel-to-pixel differences shrink a lot, the lightness's not at all.
+  assert np.abs(np.diff(blurred[..., 1:], axis=1)).mean() < 0.3 * np.abs(np.diff(lab[..., 1:], axis=1)).mean()
+
+
+def test_yoked_rescale_matches_resizing_and_cropping():
+  patches = sample_patches(2)
+  identity = S.yoked_rescale(patches, tf.constant([96, 96]), tf.constant([0, 0]), tf.constant([0, 0]),
+                             tf.constant([2, 3]))
+  np.testing.assert_array_equal(identity.numpy(), patches.numpy())
+  out = S.yoked_rescale(patches, tf.constant([128, 110]), tf.constant([5, 14]), tf.constant([32, 0]),
+                        tf.constant([0, 1])).numpy()
+  for i, (side, oy, ox, method) in enumerate([(128, 5, 32, "bilinear"), (110, 14, 0, "area")]):
+    reference = tf.round(tf.image.resize(patches[i:i + 1], [side, side], method=method))[0, oy:oy + 96, ox:ox + 96]
+    # The same weights; rounding may tip the other way where the two float sums straddle a half.
+    difference = np.abs(out[i] - reference.numpy())
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.02
+
+
+def test_aperture_windows_and_fill():
+  rng = np.random.default_rng(0)
+  patches = tf.constant(rng.uniform(0, 255, (400, 96, 96, 3)).astype(np.float32))
+  side, top, left = S.aperture_window(tf.constant(rng.uniform(size=(400, 3)), tf.float32), 96)
+  side, top, left = side.numpy(), top.numpy(), left.numpy()
+  assert side.min() == 64 and side.max() == 96 and (top + side).max() <= 96 and (left + side).max() <= 96
+  masked = rng.uniform(size=400) < 0.5
+  out = S.aperture(patches, masked, side, top, left).numpy()
+  for i in range(0, 400, 37):
+    window = out[i, top[i]:top[i] + side[i], left[i]:left[i] + side[i]]
+    np.testing.assert_array_equal(window, patches.numpy()[i, top[i]:top[i] + side[i], left[i]:left[i] + side[i]])
+    outside = np.ones([96, 96], bool)
+    outside[top[i]:top[i] + side[i], left[i]:left[i] + side[i]] = False
+    if masked[i] and outside.any():
+      np.testing.assert_allclose(out[i][outside], np.broadcast_to(window.mean((0, 1)), out[i][outside].shape),
+                                 rtol=1e-5)
+    elif not masked[i]:
+      np.testing.assert_array_equal(out[i], patches.numpy()[i])
+
+
+@pytest.mark.slow  # 11 s: a network and an evaluation
+def test_class_count_reaches_head_pair_classifier_and_pretext_evaluation(tmp_path):
+  config = model_lib.ModelConfig(width_multiplier=0.0625, num_classes=S.num_classes(True))
+  networks = model_lib.build(config)
+  assert networks.context_model.output.shape[-1] == 32 and networks.head.output.shape[-1] == 32
+  helpers.write_png(tmp_path / "coords.png", coordinate_photo())
+  base = subject_lib.Subject(about={}, step=0, model_config=config, color_mode="none", pixelation=False,
+                             features=None, rotation_classes=True, flip_relabel=True)
+  metrics = pretext.evaluate(base.random_init(0), pretext.Config(data=str(tmp_path), pairs_per_image=32)).metrics
+  assert metrics["num_classes"] == 32 and np.asarray(metrics["confusion_matrix"]).shape == (32, 32)
+  assert metrics["chance"] == 1 / 32 and len(metrics["per_class_accuracy"]) == 32
+  assert 0 <= metrics["rotation_accuracy"] <= 1 and metrics["direction_accuracy"] >= metrics["accuracy"]
