@@ -77,6 +77,7 @@ def define_flags():
     flags.DEFINE_string("probe_data", None, "Labelled images for the per-layer linear probe (a folder of class "
                         "folders, or images with --probe_labels); none: no probe.")
     flags.DEFINE_string("probe_labels", None, "Labels file of --probe_data (lines NAME LABEL).")
+    flags.DEFINE_string("probe_layer", None, "Probe only this layer of the backbone (default: every named layer).")
     program.define_integer("probe_folds", 5, "Probe: stratified cross-validation folds.", lower=2)
     program.define_integer("probe_image_size", 192, "Probe: side of the centre squares.", lower=96)
     program.define_integer("probe_epochs", linear.PROBE_EPOCHS, "Probe: full-batch steps of each logistic "
@@ -141,7 +142,7 @@ def evaluate_run(model_dir, seed):
             "pretext_direction_accuracy": found.get("direction_accuracy", found["accuracy"])}
   if FLAGS.probe_data:
     probed = linear.evaluate(subject, linear.Config(
-        data=FLAGS.probe_data, labels=FLAGS.probe_labels, folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size,
+        data=FLAGS.probe_data, labels=FLAGS.probe_labels, layer=FLAGS.probe_layer, folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size,
         probe_epochs=FLAGS.probe_epochs, seed=seed)).metrics
     scores["probe"] = {layer: entry["accuracy"] for layer, entry in probed["per_layer"].items()}
     scores["random_init_probe"] = {layer: entry[linear.RANDOM + "accuracy"]
