@@ -16,7 +16,6 @@ from context_keras import patches as patches_lib
 from context_keras import shortcuts
 from context_keras import sources
 
-
 YOKED_INTERPOLATIONS = ("random", *shortcuts.INTERPOLATIONS)
 
 

@@ -3,7 +3,8 @@
 `build` returns the three Keras functional models that share the same layers:
   tower:         patches [N, 96, 96, 3] (+ per-patch validity) -> fc6 [N, 4096]
   head:          fc6 of both patches concatenated [M, 8192] (+ per-pair validity) -> num_classes (8) logits
-  context_model: (patch_a, patch_b) -> num_classes logits, the pair classifier of the paper (tower applied to both inputs)
+  context_model: (patch_a, patch_b) -> num_classes logits, the pair classifier of the paper (the tower applied to
+                 both inputs)
 Training calls tower and head in grid form (tower once per patch, pairs gather their fc6 rows, method.md §3.3).
 """
 import dataclasses

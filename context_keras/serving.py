@@ -40,7 +40,8 @@ METADATA_FILE = os.path.join("assets.extra", "context_keras.json")
 WEIGHT_SCOPE = "weights"
 PREPROCESSING = ("uint8 RGB -> float; per image, each channel's mean is subtracted; then, by the run's --color_mode "
                  "(method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected conv1 "
-                 "input over the kept channel); project: the green-magenta projection, then RMS 50; none, chroma_blur: RMS 50")
+                 "input over the kept channel); project: the green-magenta projection, then RMS 50; none, chroma_blur: "
+                 "RMS 50")
 
 
 def preprocess(images, color_mode):

@@ -1,5 +1,6 @@
 """The later fixes for the shortcuts (method.md §9): labels under flips and rotations checked against where the
 patches really are, chroma blur, the yoked rescale and the aperture, and the class count through head and evaluation."""
+import helpers
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +11,6 @@ from context_keras import patches as P
 from context_keras import shortcuts as S
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
-import helpers
 
 SIDE = 560
 
