@@ -1,9 +1,11 @@
 """Measures speed: python -m context_keras.benchmark [--baseline_python=... --baseline_script=...]
 
-(a) the input pipeline alone on real photos (patches/s, pairs/s), (b) a training step on a preloaded batch of the
-same shape as ../shared/bench/torch_baseline.py --mode grid (56 3x3 grids: 504 patches, 2240 pairs), (c) end to end
-(pipeline + step), for fp32 and bf16. Each figure is the median of --repeats timed runs. With --baseline_python the
-PyTorch baseline runs in the same session and the ratios are reported. The last line printed is one JSON object.
+(a) the input pipeline alone on real photos (patches/s, pairs/s), with the augmentation on the host and without it
+(--augment_on=device: the host only decodes, resizes and cuts uint8 patches); (b) a training step on a preloaded
+batch of the same shape as ../shared/bench/torch_baseline.py --mode grid (56 3x3 grids: 504 patches, 2240 pairs),
+without augmentation and with the device augmentation in the step; (c) end to end (pipeline + step) in both modes,
+for fp32 and bf16. Each figure is the median of --repeats timed runs. With --baseline_python the PyTorch baseline
+runs in the same session and the ratios are reported. The last line printed is one JSON object.
 """
 import json
 import os
@@ -40,12 +42,15 @@ FLAGS = flags.FLAGS
 def define_flags():
   data_flags.define_source()
   with program.flag_group("benchmark"):
-    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "linear_eval"],
+    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "flops",
+                                "linear_eval"],
                       "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on "
                       "one core, for comparison with the input pipeline (needs scikit-image); training_rss is the "
-                      "peak memory of the training program with flags/deepcontext.cfg; linear_eval is the images/s "
-                      "of linear_eval's feature pass and training step (full-width backbone, 224-px crops, every "
-                      "layer pooled to 9,000 values, 1000 classes).")
+                      "peak memory of the training program with flags/deepcontext.cfg; flops are the network's "
+                      "floating-point operations per patch, from which (with the input figures) the host cores each "
+                      "GPU needs are estimated; linear_eval is the images/s of linear_eval's feature pass and "
+                      "training step (full-width backbone, 224-px crops, every layer pooled to 9,000 values, 1000 "
+                      "classes).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
     program.define_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch "
                            "baseline).", lower=1)
@@ -56,16 +61,25 @@ def define_flags():
     flags.DEFINE_string("baseline_script", "../shared/bench/torch_baseline.py", "The PyTorch baseline script.")
 
 PRECISION_POLICY = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+# The input pipeline's two modes: the result key and --augment_on.
+MODES = {"host_augment": "host", "device_augment": "device"}
+# Assumed sustained training throughput (TFLOP/s, 16-bit) of a GPU on these networks: a third to a sixth of the
+# dense tensor-core peak, as convolutional networks of this size reach (no GPU could run here to measure it).
+GPU_SUSTAINED_TFLOPS = {"T4": 15, "V100": 40, "A100": 80, "H100": 150}
 
 
-def grid_batch(num_grids, side=3, seed=0):
-  """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape)."""
+def grid_batch(num_grids, side=3, seed=0, device_augment=False):
+  """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape): as the tower
+  takes them, or as the pipeline gives them for the device augmentation (uint8 patches and their keys)."""
   first, second, label = (t.numpy() for t in patches_lib.grid_pairs(side, side))
   cells = side * side
   offsets = np.repeat(np.arange(num_grids) * cells, len(first))
   rng = np.random.default_rng(seed)
   n, m = num_grids * cells, num_grids * len(first)
-  return {"patches": rng.normal(size=(n, 96, 96, 3)).astype(np.float32), "patch_mask": np.ones(n, bool),
+  patches = (rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8) if device_augment
+             else rng.normal(size=(n, 96, 96, 3)).astype(np.float32))
+  keys = {"patch_keys": rng.integers(0, 2**32, (n, 3), dtype=np.uint32)} if device_augment else {}
+  return {"patches": patches, **keys, "patch_mask": np.ones(n, bool),
           "first": (np.tile(first, num_grids) + offsets).astype(np.int32),
           "second": (np.tile(second, num_grids) + offsets).astype(np.int32),
           "label": np.tile(label, num_grids).astype(np.int32), "pair_mask": np.ones(m, bool),
@@ -73,10 +87,11 @@ def grid_batch(num_grids, side=3, seed=0):
           "resume": np.zeros(2, np.int64)}
 
 
-def make_trainer(precision, optim_config):
+def make_trainer(precision, optim_config, input_config):
   keras.mixed_precision.set_global_policy(PRECISION_POLICY[precision])
   try:
-    return trainer_lib.Trainer(tf.distribute.get_strategy(), model_lib.ModelConfig(), optim_config)
+    return trainer_lib.Trainer(tf.distribute.get_strategy(), model_lib.ModelConfig(), optim_config,
+                               augment=data_lib.step_augmentation(input_config, optim_config.jit_compile))
   finally:
     keras.mixed_precision.set_global_policy("float32")
 
@@ -106,8 +121,31 @@ def measure_input(config):
       pairs += int(tf.reduce_sum(tf.cast(batch["pair_mask"], tf.int32)))
     seconds = time.perf_counter() - start
     rates.append((patches / seconds, pairs / seconds))
+  del iterator, dataset  # a live pipeline keeps prefetching and would slow what is measured next
   return {"patches_per_s": round(statistics.median(r[0] for r in rates), 1),
-          "pairs_per_s": round(statistics.median(r[1] for r in rates), 1)}
+          "pairs_per_s": round(statistics.median(r[1] for r in rates), 1), "cores": os.cpu_count()}
+
+
+def training_flops_per_patch(num_grids):
+  """Floating-point operations of a training step per patch, on the baseline's batch shape: the forward pass as
+  TensorFlow's profiler counts it (the tower once per patch, the pair head once per pair), times 3 for the backward
+  pass (two products per forward one)."""
+  networks = model_lib.build(model_lib.ModelConfig())
+  batch = grid_batch(num_grids)
+  spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in batch.items()}
+  graph = tf.function(lambda b: model_lib.grid_logits(networks, b, training=True)).get_concrete_function(spec).graph
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options["output"] = "none"
+  forward = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+  return 3 * forward / len(batch["patches"])
+
+
+def cores_per_gpu(flops_per_patch, input_result):
+  """Host cores each GPU needs in each mode: the patches/s it consumes (its assumed sustained FLOP/s over the
+  training FLOPs per patch) over the host pipeline's patches/s per core."""
+  return {gpu: {mode: round(tflops * 1e12 / flops_per_patch / (input_result[mode]["patches_per_s"] /
+                                                              input_result[mode]["cores"]), 1)
+                for mode in MODES} for gpu, tflops in GPU_SUSTAINED_TFLOPS.items()}
 
 
 def original_loader(paths, seconds, seed=0):
@@ -186,15 +224,21 @@ def main():
   scratch = tempfile.TemporaryDirectory()
   # By default the demo's sample photos, re-encoded as JPEG.
   data = FLAGS.data or jpeg_copies("flags/demo_photos.txt", "package:skimage.data", scratch.name)
-  input_config = data_lib.InputConfig(data=data, data_root=FLAGS.data_root,
-                                      batch_patches=9 * FLAGS.grids, batch_pairs=40 * FLAGS.grids)
+  configs = {mode: data_lib.InputConfig(data=data, data_root=FLAGS.data_root, batch_patches=9 * FLAGS.grids,
+                                        batch_pairs=40 * FLAGS.grids, augment_on=where)
+             for mode, where in MODES.items()}
+  input_config = configs["host_augment"]
   optim_config = trainer_lib.OptimConfig(divergence_factor=0)
   if FLAGS.baseline_python:
     # First, while no pipeline of ours is alive to take CPU from it.
     result["torch_grid"] = {p: run_baseline(p) for p in FLAGS.precisions}
   if "input" in FLAGS.parts:
-    result["input"] = measure_input(input_config)
-    result["input"]["cores"] = os.cpu_count()
+    modes = {mode: measure_input(config) for mode, config in configs.items()}
+    # The old keys are the host mode's (the pipeline as it was before --augment_on).
+    result["input"] = dict(modes["host_augment"], **{mode: {k: v[k] for k in ("patches_per_s", "cores")}
+                                                      for mode, v in modes.items()})
+    result["input"]["device_vs_host_per_core"] = round(
+        modes["device_augment"]["patches_per_s"] / modes["host_augment"]["patches_per_s"], 2)
     logging.info("input: %s", result["input"])
   if "original_loader" in FLAGS.parts:
     paths = sources.find_source(input_config.data, input_config.data_root).paths
@@ -203,22 +247,29 @@ def main():
     if "input" in result:
       result["input_per_core_ratio_vs_original"] = round(
           result["input"]["patches_per_s"] / os.cpu_count() / result["original_loader"]["patches_per_s"], 2)
-  preloaded = grid_batch(FLAGS.grids)
-  for part in ("step", "end_to_end"):
-    if part not in FLAGS.parts:
+  # (result key, input mode, whether the batches come from the pipeline)
+  runs = {"step": ("host_augment", False), "step_device_augment": ("device_augment", False),
+          "end_to_end": ("host_augment", True), "end_to_end_device_augment": ("device_augment", True)}
+  for key, (mode, pipeline) in runs.items():
+    if ("end_to_end" if pipeline else "step") not in FLAGS.parts:
       continue
-    result[part] = {}
+    result[key] = {}
     for precision in FLAGS.precisions:
-      trainer = make_trainer(precision, optim_config)
-      if part == "step":
-        iterator = iter(tf.data.Dataset.from_tensors(preloaded).repeat())
+      trainer = make_trainer(precision, optim_config, configs[mode])
+      if pipeline:
+        iterator = iter(data_lib.make_dataset(configs[mode]))
       else:
-        iterator = iter(data_lib.make_dataset(input_config))
+        preloaded = grid_batch(FLAGS.grids, device_augment=mode == "device_augment")
+        iterator = iter(tf.data.Dataset.from_tensors(preloaded).repeat())
       seconds, pairs = time_steps(trainer, iterator, FLAGS.timed_steps, FLAGS.repeats)
       del trainer, iterator  # a live pipeline keeps prefetching and would slow what is measured next
-      result[part][precision] = {"pairs_per_s": round(pairs / seconds, 1), "step_s": round(seconds, 3),
-                                 "pairs_per_step": pairs}
-      logging.info("%s %s: %s", part, precision, result[part][precision])
+      result[key][precision] = {"pairs_per_s": round(pairs / seconds, 1), "step_s": round(seconds, 3),
+                                "pairs_per_step": pairs}
+      logging.info("%s %s: %s", key, precision, result[key][precision])
+  if "step" in result:
+    # What moving the augmentation into the step costs the device, per step.
+    result["device_augment_step_cost_s"] = {p: round(result["step_device_augment"][p]["step_s"] -
+                                                     result["step"][p]["step_s"], 3) for p in FLAGS.precisions}
   if FLAGS.baseline_python:
     if "step" in result:
       result["step_ratio_vs_torch"] = {p: round(result["step"][p]["pairs_per_s"] /
@@ -226,6 +277,15 @@ def main():
   if "step" in result and "end_to_end" in result:
     result["end_to_end_ratio_vs_step"] = {p: round(result["end_to_end"][p]["pairs_per_s"] /
                                                    result["step"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
+    result["end_to_end_device_vs_host"] = {p: round(result["end_to_end_device_augment"][p]["pairs_per_s"] /
+                                                    result["end_to_end"][p]["pairs_per_s"], 2)
+                                           for p in FLAGS.precisions}
+  if "flops" in FLAGS.parts:
+    flops = training_flops_per_patch(FLAGS.grids)
+    result["training_gflop_per_patch"] = round(flops / 1e9, 3)
+    if "input" in result:
+      result["cores_per_gpu"] = {"assumed_sustained_tflops": GPU_SUSTAINED_TFLOPS,
+                                 **cores_per_gpu(flops, result["input"])}
   if "linear_eval" in FLAGS.parts:
     backbone = serving.BackboneModule(fold.fold_tower(restore.build_networks(model_lib.ModelConfig()).tower,
                                                       model_lib.ModelConfig()), "drop")

@@ -4,7 +4,9 @@ A batch is a set of patches plus (first, second, label) index arrays into it, so
 and every ordered pair gathers its two fc6 rows (method.md §2.5 and 3.3). Whole grids are packed into a batch until the
 next grid would overflow its patch or pair capacity, as the original packed grids into batches of at most 511
 patches; the rest of the static shape is padding, marked by `patch_mask` and `pair_mask`. Images come from
-sources.py, decoded by decoding.py; grids are cut by patches.cut_grids and augmented by augment.augment.
+sources.py, decoded by decoding.py; grids are cut by patches.cut_grids as uint8 patches, each with its augmentation
+key (augment.patch_keys). augment_batch turns a batch's uint8 patches into what the tower takes (augment.augment):
+in the pipeline with --augment_on=host, in the training step on the replica's device with --augment_on=device.
 """
 import dataclasses
 
@@ -15,6 +17,17 @@ from context_keras import decoding
 from context_keras import patches as patches_lib
 from context_keras import shortcuts
 from context_keras import sources
+
+AUGMENT_ON = ("host", "device")
+
+
+def resolve_augment_on(name):
+  """--augment_on as used: 'auto' becomes 'device' when a GPU is visible (the host then only cuts patches), else
+  'host' (on a CPU both share the same cores, and the pipeline overlaps the step)."""
+  if name != "auto":
+    return name
+  return "device" if tf.config.list_physical_devices("GPU") else "host"
+
 
 YOKED_INTERPOLATIONS = ("random", *shortcuts.INTERPOLATIONS)
 
@@ -39,7 +52,11 @@ class InputConfig:
   rotation_classes: bool = False
   flip_relabel: bool = False
 
+  augment_on: str = "host"
+
   def __post_init__(self):
+    if self.augment_on not in AUGMENT_ON:
+      raise ValueError(f"--augment_on={self.augment_on} is not one of {AUGMENT_ON}")
     if self.yoked_interpolation not in YOKED_INTERPOLATIONS:
       raise ValueError(f"--yoked_interpolation={self.yoked_interpolation} is not one of {YOKED_INTERPOLATIONS}")
     if self.chroma_blur_size < 1 or self.chroma_blur_size % 2 == 0:
@@ -60,36 +77,71 @@ class InputConfig:
     return self.rotation_classes or self.flip_relabel
 
   @property
+  def patch_ops(self):
+    return shortcuts.PatchOps(yoked_jitter=self.yoked_jitter, yoked_interpolation=self.yoked_interpolation,
+                              random_aperture=self.random_aperture, chroma_blur_size=self.chroma_blur_size)
+
+  @property
   def grid_jitter(self):
     """The per-cell jitter of the grid: the original's +-7 px, or none when the yoked jitter replaces it."""
     return 0 if self.yoked_jitter else patches_lib.JITTER
 
 
-def image_grids(image, seed, color_mode="drop", pixelation=True):
-  """Resize one decoded image, cut its grids and augment their patches (method.md §1.2, 2.2, 2.4).
+def image_grids(contents, seed, config=None):
+  """Decode one encoded image at the size its random resize needs, resize it, cut its grids and key their patches
+  (method.md §1.2, 2.2, 2.4); with an InputConfig whose grids are mirrored or rotated, transform them (method.md
+  §9.6).
 
-  Returns patches.cut_grids's dict with the patches augmented: patches float32 [n, 96, 96, 3], grid_height and
-  grid_width int32 [g], usable bool; an image too small for a grid gives 0x0 grids, so that the packer counts it.
+  Returns patches.cut_grids's dict (patches uint8 [n, 96, 96, 3], grid_height and grid_width int32 [g], usable
+  bool) with patch_keys uint32 [n, 3] (and with transforms, flip and rotation [g]); an image too small for a grid
+  gives 0x0 grids, so that the packer counts it.
   """
   resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
-  grids = patches_lib.cut_grids(image, resize_seed, grid_seed)
-  return dict(grids, patches=augment_lib.augment(grids["patches"], augment_seed, color_mode, pixelation))
+  image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
+  grids = patches_lib.cut_grids(image, resize_seed, grid_seed, jitter=config.grid_jitter if config else
+                                patches_lib.JITTER)
+  if config is not None and config.transforms_grids:
+    grids = shortcuts.transform_grids(grids, seed, config.flip_relabel, config.rotation_classes)
+  cells = grids["grid_height"] * grids["grid_width"]
+  return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0], cells))
+
+
+def augment_batch(batch, config, static_shapes=False):
+  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key; padding
+  patches zero), everything else unchanged. static_shapes: see augment.random_pixelate."""
+  patches = augment_lib.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
+                                static_shapes=static_shapes, valid=batch["patch_mask"], ops=config.patch_ops)
+  return dict(batch, patches=patches)
+
+
+def step_augmentation(config, jit_compile=False):
+  """What the training step applies to each batch: augment_batch with --augment_on=device, None with host (the
+  pipeline did it). Shapes are kept static on GPUs and under XLA (see augment.random_pixelate); on a CPU only the
+  pixelated third of the patches is resampled."""
+  if config.augment_on != "device":
+    return None
+  static_shapes = jit_compile or bool(tf.config.list_physical_devices("GPU"))
+  return lambda batch: augment_batch(batch, config, static_shapes)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Grids -> packed batches
 
-_PATCH_SHAPE = [patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3]
+# What a batch holds per patch, packed in TensorLists (appending does not copy): (dtype, shape of one patch's value).
+_PER_PATCH = {"patches": (tf.uint8, [patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3]),
+              "patch_keys": (tf.uint32, [3])}
 
 
-def _empty_patch_list():
-  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + _PATCH_SHAPE, tf.int64), max_num_elements=-1,
-                                    element_dtype=tf.float32)
+def _empty_list(name):
+  dtype, shape = _PER_PATCH[name]
+  return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + shape, tf.int64), max_num_elements=-1,
+                                    element_dtype=dtype)
 
 
-def _concat_patch_list(handle):
+def _concat_list(name, handle):
+  dtype, shape = _PER_PATCH[name]
   values, _ = tf.raw_ops.TensorListConcatV2(
-      input_handle=handle, element_dtype=tf.float32, element_shape=tf.constant([-1] + _PATCH_SHAPE, tf.int64),
+      input_handle=handle, element_dtype=dtype, element_shape=tf.constant([-1] + shape, tf.int64),
       leading_dims=tf.zeros([0], tf.int64))
   return values
 
@@ -100,7 +152,7 @@ def _grids_of_image(index, image):
   starts = tf.cumsum(sizes, exclusive=True)
 
   def grid(g):
-    return {"patches": image["patches"][starts[g]:starts[g] + sizes[g]],
+    return {**{k: image[k][starts[g]:starts[g] + sizes[g]] for k in _PER_PATCH},
             "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
             "position": tf.stack([index, g]), "usable": image["usable"],
             **{k: image[k][g] for k in ("flip", "rotation") if k in image}}
@@ -126,7 +178,7 @@ class _Packer:
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
-    return {"patches": _empty_patch_list(), "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
+    return {**{k: _empty_list(k) for k in _PER_PATCH}, "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
             "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
@@ -152,7 +204,7 @@ class _Packer:
 
     def append(s):
       offset = s["num_patches"]
-      return dict(s, patches=tf.raw_ops.TensorListPushBack(input_handle=s["patches"], tensor=grid["patches"]),
+      return dict(s, **{k: tf.raw_ops.TensorListPushBack(input_handle=s[k], tensor=grid[k]) for k in _PER_PATCH},
                   num_patches=offset + n, first=tf.concat([s["first"], first + offset], 0),
                   second=tf.concat([s["second"], second + offset], 0), label=tf.concat([s["label"], label], 0))
 
@@ -163,7 +215,7 @@ class _Packer:
       return append(dict(state, **counters)), self._nothing()
 
     def flush():
-      batch = {"ready": tf.constant(True), "patches": _concat_patch_list(state["patches"]),
+      batch = {"ready": tf.constant(True), **{k: _concat_list(k, state[k]) for k in _PER_PATCH},
                "first": state["first"], "second": state["second"], "label": state["label"],
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
                "resume": grid["position"]}
@@ -175,9 +227,9 @@ class _Packer:
 
   def _nothing(self):
     zero = tf.constant(0, tf.int64)
-    return {"ready": tf.constant(False), "patches": tf.zeros([0] + _PATCH_SHAPE), "first": tf.zeros([0], tf.int32),
-            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32), "images": zero, "too_small": zero,
-            "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
+    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in _PER_PATCH.items()},
+            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
+            "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
 
 
 def pad_batch(batch, max_patches, max_pairs):
@@ -186,7 +238,8 @@ def pad_batch(batch, max_patches, max_pairs):
   num_pairs = tf.shape(batch["first"])[0]
   pad_pairs = [[0, max_pairs - num_pairs]]
   out = {
-      "patches": tf.pad(batch["patches"], [[0, max_patches - num_patches], [0, 0], [0, 0], [0, 0]]),
+      **{k: tf.pad(batch[k], [[0, max_patches - num_patches]] + [[0, 0]] * len(shape))
+         for k, (_, shape) in _PER_PATCH.items()},
       "patch_mask": tf.range(max_patches) < num_patches,
       "first": tf.pad(batch["first"], pad_pairs),
       "second": tf.pad(batch["second"], pad_pairs),
@@ -197,8 +250,8 @@ def pad_batch(batch, max_patches, max_pairs):
       "unreadable": batch["unreadable"],
       "resume": batch["resume"],
   }
-  size = patches_lib.PATCH_SIZE
-  out["patches"] = tf.ensure_shape(out["patches"], [max_patches, size, size, 3])
+  for key, (_, shape) in _PER_PATCH.items():
+    out[key] = tf.ensure_shape(out[key], [max_patches] + shape)
   for key in ("first", "second", "label", "pair_mask"):
     out[key] = tf.ensure_shape(out[key], [max_pairs])
   out["patch_mask"] = tf.ensure_shape(out["patch_mask"], [max_patches])
@@ -212,11 +265,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   start_image, start_grid = start
 
   def process(index, contents):
-    image_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-    grids = image_grids(decoding.decode(contents), image_seed, config.color_mode, config.pixelation)
-    if config.transforms_grids:
-      grids = shortcuts.transform_grids(grids, image_seed, config.flip_relabel, config.rotation_classes)
-    return index, grids
+    return index, image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index), config)
 
   grids = (images.enumerate(start=start_image)
            .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -225,9 +274,13 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
   packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.rotation_classes)
-  return (grids.scan(packer.initial_state(), packer)
-          .filter(lambda batch: batch["ready"])
-          .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
+  batches = (grids.scan(packer.initial_state(), packer)
+             .filter(lambda batch: batch["ready"])
+             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
+  if config.augment_on == "host":
+    batches = batches.map(lambda batch: augment_batch(batch, config), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+  return batches
 
 
 def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 0)):

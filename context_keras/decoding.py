@@ -107,14 +107,37 @@ def _claimed_pixels(contents):
                  default=lambda: jpeg)
 
 
-def decode(contents):
+JPEG_RATIOS = (1, 2, 4, 8)  # the scalings libjpeg's decoder can apply while decoding (method.md §1.2)
+
+
+def _jpeg_ratio_index(pixels, target_pixels):
+  """Index into JPEG_RATIOS of the largest ratio r with pixels / r^2 >= target_pixels: an image decoded at 1/r of
+  its sides still has at least the target's pixels, so each side is at least the side it is resized to."""
+  pixels = tf.cast(pixels, tf.int64)
+  target = tf.cast(target_pixels, tf.int64)
+  return tf.reduce_sum(tf.cast([pixels >= r * r * target for r in JPEG_RATIOS[1:]], tf.int32))
+
+
+def decode(contents, target_pixels=None):
   """RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md §1.1).
 
   An image whose header claims more than MAX_DECODE_PIXELS is refused before decoding (an error, so the pipeline
   skips and counts it): a small file can claim a huge image, a decompression bomb.
+
+  With target_pixels (the size the caller will resize to), a JPEG of at least 4x that many pixels is decoded at
+  1/2, 1/4 or 1/8 of its sides, the most that keeps at least target_pixels: libjpeg scales in its inverse DCT, so
+  neither the time nor the memory of a full-size decode is spent. Other formats are decoded at full size.
   """
-  check = tf.debugging.assert_less_equal(_claimed_pixels(contents), tf.constant(MAX_DECODE_PIXELS, tf.int64),
+  claimed = _claimed_pixels(contents)
+  check = tf.debugging.assert_less_equal(claimed, tf.constant(MAX_DECODE_PIXELS, tf.int64),
                                          message="image header claims more pixels than MAX_DECODE_PIXELS")
   with tf.control_dependencies([check]):
-    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    def full():
+      return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
+    if target_pixels is None:
+      return full()
+    ratio = tf.where(tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),
+                     _jpeg_ratio_index(claimed, target_pixels), 0)
+    branches = [full] + [lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r) for r in JPEG_RATIOS[1:]]
+    return tf.ensure_shape(tf.switch_case(ratio, branches), [None, None, 3])

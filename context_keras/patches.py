@@ -41,18 +41,38 @@ def resized_shape(height, width, target_pixels):
   return tf.cast(height * scale, tf.int32), tf.cast(width * scale, tf.int32)
 
 
-def random_resize(image, seed):
-  """Bilinear resize of an HxWx3 float image to a uniform random 150,000-450,000 pixels (method.md §1.2).
+def resize_target(seed):
+  """The pixel count of an image's random resize, uniform in [150,000, 450,000] (method.md §1.2)."""
+  return tf.random.stateless_uniform([], seed, minval=MIN_TARGET_PIXELS, maxval=MAX_TARGET_PIXELS + 1, dtype=tf.int32)
 
-  The original resized with zero padding outside the image (a boundary artefact, method.md §1.2 and 7); TF's bilinear
-  resize clamps at the border instead, which is the deviation README lists.
+
+# tf.image.resize's bilinear kernel runs faster on float input than on uint8, so images up to this size are cast
+# first; larger ones (those the JPEG decoder could not reduce, decoding.decode) are resized from uint8, so that no
+# float copy of a big image is made.
+FLOAT_RESIZE_MAX_PIXELS = 4 * MAX_TARGET_PIXELS
+
+
+def resize_uint8(image, height, width):
+  """Bilinear resize of a uint8 HxWxC image to height x width, rounded to uint8: within half a grey level of the
+  float result, which is the same either way (the kernel computes in float32).
+
+  No anti-aliasing: the original's skimage resize had none either (method.md §1.2). The original resized with zero
+  padding outside the image (a boundary artefact, method.md §1.2 and 7); TF's bilinear resize clamps at the border
+  instead, which is the deviation README lists.
   """
-  target = tf.random.stateless_uniform(
-      [], seed, minval=MIN_TARGET_PIXELS, maxval=MAX_TARGET_PIXELS + 1, dtype=tf.int32)
+  size = tf.stack([height, width])
+  small = tf.size(image) <= FLOAT_RESIZE_MAX_PIXELS * 3
+  resized = tf.cond(small, lambda: tf.image.resize(tf.cast(image, tf.float32), size, antialias=False),
+                    lambda: tf.image.resize(image, size, antialias=False))
+  return tf.cast(tf.round(resized), tf.uint8)  # bilinear weights are convex: the values stay in [0, 255]
+
+
+def random_resize(image, seed):
+  """An HxWx3 uint8 image resized to a uniform random 150,000-450,000 pixels with its aspect kept (method.md §1.2),
+  as uint8 (resize_uint8)."""
   shape = tf.shape(image)
-  new_h, new_w = resized_shape(shape[0], shape[1], target)
-  # No anti-aliasing: the original's skimage resize had none either (method.md §1.2).
-  return tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=False)
+  new_h, new_w = resized_shape(shape[0], shape[1], resize_target(seed))
+  return resize_uint8(image, new_h, new_w)
 
 
 def sample_grids(seed, height, width, num_grids=GRIDS_PER_IMAGE, jitter=JITTER):
@@ -122,8 +142,8 @@ def num_grid_pairs(grid_height, grid_width):
 
 def resize_for_grids(image, seed):
   """The random resize of one image before its grids are cut (method.md §1.2), and whether the result is usable: both
-  sides must exceed MIN_SIDE, which guarantees at least one cell per grid. image: [H, W, 3] in 0-255 units."""
-  resized = random_resize(tf.cast(image, tf.float32), seed)
+  sides must exceed MIN_SIDE, which guarantees at least one cell per grid. image: uint8 [H, W, 3]."""
+  resized = random_resize(image, seed)
   height, width = tf.shape(resized)[0], tf.shape(resized)[1]
   return resized, (height > MIN_SIDE) & (width > MIN_SIDE)
 
@@ -131,7 +151,7 @@ def resize_for_grids(image, seed):
 def cut_grids(image, resize_seed, grid_seed, num_grids=GRIDS_PER_IMAGE, jitter=JITTER):
   """Resize one image, check it is usable and cut `num_grids` random grids of patches (method.md §1.2, 2.2).
 
-  Returns a dict: patches float32 [n, 96, 96, 3] in 0-255 units (un-augmented), grid_height and grid_width int32
+  Returns a dict: patches uint8 [n, 96, 96, 3] (un-augmented), grid_height and grid_width int32
   [num_grids] (the cells of grid 0 in row-major order come first, then grid 1 ...), usable bool. An image too small
   for a grid after its resize gives no patch and num_grids 0x0 grids.
   """
@@ -143,7 +163,7 @@ def cut_grids(image, resize_seed, grid_seed, num_grids=GRIDS_PER_IMAGE, jitter=J
 
   def nothing():
     empty = tf.zeros([num_grids], tf.int32)
-    return tf.zeros([0, PATCH_SIZE, PATCH_SIZE, 3]), empty, empty
+    return tf.zeros([0, PATCH_SIZE, PATCH_SIZE, 3], tf.uint8), empty, empty
 
   grid_patches, grid_h, grid_w = tf.cond(usable, cut, nothing)
   return {"patches": grid_patches, "grid_height": grid_h, "grid_width": grid_w, "usable": usable}

@@ -174,7 +174,7 @@ def sample_patches(source, num_patches, seed):
   for rounds in range(10):
     def cut(index, contents, rounds=rounds):
       image_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, rounds], tf.int64), index)
-      return patches_lib.grid_patches(decoding.decode(contents), image_seed)["patches"]
+      return tf.cast(patches_lib.grid_patches(decoding.decode(contents), image_seed)["patches"], tf.float32)
     for patches in sources.finite_images(source).map(cut).ignore_errors():
       chunks.append(patches.numpy())
       total += len(chunks[-1])

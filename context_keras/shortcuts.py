@@ -6,6 +6,8 @@ and per-patch ops whose random draws are shared by the patches of one grid (yoke
 window) or need none (chroma blur), applied by augment.augment. All are exact functions of their inputs and draws,
 so a patch gets the same pixels wherever they run.
 """
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -21,6 +23,15 @@ APERTURE_MIN_SHARE = 64 / 96
 # whether a patch is masked says nothing about where it lies (method.md §9.5).
 APERTURE_PROBABILITY = 0.5
 CHROMA_BLUR_SIZE = 13  # method.md §9.3: the 13x13 a/b blur of their patch set
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchOps:
+  """The per-patch fixes augment.augment applies (the chroma blur is a colour mode; its size is here)."""
+  yoked_jitter: bool = False
+  yoked_interpolation: str = "random"
+  random_aperture: bool = False
+  chroma_blur_size: int = CHROMA_BLUR_SIZE
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,11 +126,14 @@ _DELTA = 6 / 29
 
 
 def rgb_to_lab(rgb):
-  """CIE L*a*b* (D65) of sRGB values in 0-255 units, [..., 3] float32."""
-  c = rgb / 255.0
-  linear = tf.where(c <= 0.04045, c / 12.92, tf.pow(tf.maximum(c + 0.055, 1e-6) / 1.055, 2.4))
+  """CIE L*a*b* (D65) of sRGB values in 0-255 units, [..., 3] float32.
+
+  Constants divide by multiplying with their reciprocals here: graph optimisers turn a division by a constant into
+  such a product in some graphs (tf.data's) and not in others, which would make host and device pixels differ."""
+  c = rgb * (1 / 255.0)
+  linear = tf.where(c <= 0.04045, c * (1 / 12.92), tf.pow(tf.maximum(c + 0.055, 1e-6) * (1 / 1.055), 2.4))
   xyz = tf.einsum("...c,dc->...d", linear, tf.constant(_RGB_TO_XYZ / _WHITE[:, None], tf.float32))
-  f = tf.where(xyz > _DELTA ** 3, tf.pow(tf.maximum(xyz, _DELTA ** 3), 1 / 3), xyz / (3 * _DELTA ** 2) + 4 / 29)
+  f = tf.where(xyz > _DELTA ** 3, tf.pow(tf.maximum(xyz, _DELTA ** 3), 1 / 3), xyz * (1 / (3 * _DELTA ** 2)) + 4 / 29)
   fx, fy, fz = tf.unstack(f, axis=-1)
   return tf.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
 
@@ -127,9 +141,9 @@ def rgb_to_lab(rgb):
 def lab_to_rgb(lab):
   """sRGB in 0-255 units of CIE L*a*b* (D65) values, [..., 3] float32; not clipped (out-of-gamut values stay)."""
   lightness, a, b = tf.unstack(lab, axis=-1)
-  fy = (lightness + 16) / 116
-  f = tf.stack([fy + a / 500, fy, fy - b / 200], axis=-1)
-  xyz = tf.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4 / 29))
+  fy = (lightness + 16) * (1 / 116)
+  f = tf.stack([fy + a * (1 / 500), fy, fy - b * (1 / 200)], axis=-1)
+  xyz = tf.where(f > _DELTA, f * f * f, 3 * _DELTA ** 2 * (f - 4 / 29))
   linear = tf.einsum("...c,dc->...d", xyz, tf.constant(np.linalg.inv(_RGB_TO_XYZ / _WHITE[:, None]), tf.float32))
   c = tf.where(linear <= 0.0031308, 12.92 * linear, 1.055 * tf.pow(tf.maximum(linear, 0.0031308), 1 / 2.4) - 0.055)
   return c * 255.0
@@ -142,7 +156,12 @@ def blur_chroma(patches, size=CHROMA_BLUR_SIZE, clip=True):
   lab = rgb_to_lab(tf.cast(patches, tf.float32))
   lightness, chroma = lab[..., :1], lab[..., 1:]
   if size > 1:
-    chroma = tf.nn.avg_pool2d(chroma, size, 1, "SAME")  # TF's SAME average leaves the padding out of the mean
+    # The mean over the part of the window inside the patch: a box sum over the zero-padded chroma times the
+    # reciprocal of the window's count (avg_pool would divide, see rgb_to_lab).
+    ones = tf.ones_like(chroma[:1, ..., :1])
+    box = tf.ones([size, size, 1, 1], chroma.dtype)
+    sums = tf.nn.depthwise_conv2d(chroma, tf.tile(box, [1, 1, 2, 1]), [1, 1, 1, 1], "SAME")
+    chroma = sums * tf.math.reciprocal(tf.nn.conv2d(ones, box, 1, "SAME"))
   rgb = lab_to_rgb(tf.concat([lightness, chroma], -1))
   return tf.clip_by_value(rgb, 0.0, 255.0) if clip else rgb
 

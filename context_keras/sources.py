@@ -184,7 +184,8 @@ def check_readable(source, limit=None):
   for name, contents in candidates:
     tried += 1
     try:
-      shape = decoding.decode(contents()).shape
+      # As small as training decodes it (a large JPEG at a fraction of its size): the aspect is what matters here.
+      shape = decoding.decode(contents(), target_pixels=patches_lib.MIN_TARGET_PIXELS).shape
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
             tf.errors.UnknownError) as e:
       message = errors.tf_error_message(e)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from context_keras import actions as actions_lib
 from context_keras import control as control_lib
+from context_keras import data as data_lib
 from context_keras import distribute
 from context_keras import errors
 from context_keras import program
@@ -125,8 +126,13 @@ def run():
     logging.info("Data: %s%s.", source.description, f", processed by the tf.data service at "
                  f"{config.input.data_service}" if config.input.data_service else "")
 
+    on_device = config.input.augment_on == "device"
+    logging.info("Augmentation: %s%s.", "in the training step, on each replica's device" if on_device else
+                 "in the input pipeline, on the host", "" if FLAGS.augment_on != "auto" else
+                 " (--augment_on=auto: a GPU is visible)" if on_device else " (--augment_on=auto: no GPU visible)")
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
-    trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic)
+    trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic,
+                                  augment=data_lib.step_augmentation(config.input, config.optimisation.jit_compile))
     counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in trainer_lib.COUNTERS}
     with strategy.scope():
       checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)

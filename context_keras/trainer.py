@@ -70,9 +70,13 @@ def make_optimizer(config):
 class Trainer:
   """Networks, optimizer and the compiled multi-step loop, all built in `strategy`'s scope."""
 
-  def __init__(self, strategy, model_config, optim_config, time_input=True):
+  def __init__(self, strategy, model_config, optim_config, time_input=True, augment=None):
+    """augment: with --augment_on=device, what turns a batch of uint8 patches into the tower's input
+    (data.augment_batch), run in the step on each replica's device, inside XLA with --jit_compile; None when the
+    input pipeline augmented the patches."""
     self.strategy = strategy
     self.config = optim_config
+    self.augment = augment
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
     self.time_input = time_input
     with strategy.scope():
@@ -110,6 +114,8 @@ class Trainer:
             "grad_norm_average": self.grad_norm_average, "input_positions": self.input_positions}
 
   def _gradients_impl(self, batch, global_pairs):
+    if self.augment is not None:
+      batch = self.augment(batch)
     with tf.GradientTape() as tape:
       logits = model_lib.grid_logits(self.networks, batch, training=True)
       valid = tf.cast(batch["pair_mask"], tf.float32)
@@ -150,13 +156,29 @@ class Trainer:
     return stats
 
   def _preview(self, batch):
-    """The first pairs of a batch as the model sees them, for the image summary (pair capacity >= 8 always)."""
-    size = patches_lib.PATCH_SIZE
+    """The first pairs of a batch (pair capacity >= 8 always): their patches as the batch holds them and, in device
+    mode, their keys."""
     head = {k: tf.ensure_shape(batch[k][:PREVIEW_PAIRS], [PREVIEW_PAIRS])
             for k in ("first", "second", "label", "pair_mask")}
-    return {"first": tf.ensure_shape(tf.gather(batch["patches"], head["first"]), [PREVIEW_PAIRS, size, size, 3]),
-            "second": tf.ensure_shape(tf.gather(batch["patches"], head["second"]), [PREVIEW_PAIRS, size, size, 3]),
-            "label": head["label"], "valid": head["pair_mask"]}
+    preview = {"label": head["label"], "valid": head["pair_mask"]}
+    for side in ("first", "second"):
+      preview[side] = tf.gather(batch["patches"], head[side])
+      if self.augment is not None:
+        preview[side + "_keys"] = tf.gather(batch["patch_keys"], head[side])
+    return preview
+
+  def _as_seen(self, preview):
+    """The preview pairs as the model saw them. In device mode their patches are augmented here with their own keys,
+    which gives the pixels the step gave them."""
+    if self.augment is None:
+      return preview
+    n = PREVIEW_PAIRS
+    pairs = {"patches": tf.concat([preview["first"], preview["second"]], 0),
+             "patch_keys": tf.concat([preview["first_keys"], preview["second_keys"]], 0),
+             "patch_mask": tf.ones([2 * n], tf.bool), "first": tf.range(n), "second": tf.range(n, 2 * n),
+             "label": preview["label"], "pair_mask": preview["valid"]}
+    patches = self.augment(pairs)["patches"]
+    return {"first": patches[:n], "second": patches[n:], "label": preview["label"], "valid": preview["valid"]}
 
   def _train_loop_impl(self, iterator, num_steps):
     """Runs up to num_steps steps. Stops early, on every worker at the same step, when a worker asks for a pause
@@ -190,7 +212,8 @@ class Trainer:
           request = tf.constant(control.REQUEST_PAUSE)
         if request != control.REQUEST_NONE:
           status = tf.constant(STATUS_STOP_REQUESTED)
-    return {"steps": steps, "status": status, "request": request, "preview": preview, **totals, **counts}
+    return {"steps": steps, "status": status, "request": request, "preview": self._as_seen(preview), **totals,
+            **counts}
 
   def _check_divergence(self, loss_sum, grad_norm):
     if not tf.math.is_finite(loss_sum):
@@ -211,8 +234,10 @@ class Trainer:
   def _empty_batch(self):
     size = patches_lib.PATCH_SIZE
     pairs = tf.zeros([PREVIEW_PAIRS], tf.int32)
-    return {"patches": tf.zeros([1, size, size, 3]), "first": pairs, "second": pairs, "label": pairs,
-            "pair_mask": tf.zeros([PREVIEW_PAIRS], tf.bool)}
+    batch = {"first": pairs, "second": pairs, "label": pairs, "pair_mask": tf.zeros([PREVIEW_PAIRS], tf.bool)}
+    if self.augment is None:
+      return dict(batch, patches=tf.zeros([1, size, size, 3]))
+    return dict(batch, patches=tf.zeros([1, size, size, 3], tf.uint8), patch_keys=tf.zeros([1, 3], tf.uint32))
 
 
 def weights_digest(trainer):

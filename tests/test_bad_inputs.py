@@ -160,9 +160,10 @@ def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
   # The symlink loop is not followed twice: every file once, the dangling link included.
   assert sorted(os.path.basename(p) for p in listed) == sorted([*USED, *TOO_SMALL, *UNREADABLE])
   for name in USED + tuple(TOO_SMALL):
-    image = DEC.decode(tf.io.read_file(str(folder / name)))
+    contents = tf.io.read_file(str(folder / name))
+    image = DEC.decode(contents)
     assert image.dtype == tf.uint8 and image.shape[2] == 3, name
-    usable = D.image_grids(image, tf.constant([0, 1], tf.int64))["usable"]
+    usable = D.image_grids(contents, tf.constant([0, 1], tf.int64))["usable"]
     assert bool(usable) == (name in USED), name
   decoded = {name: DEC.decode(tf.io.read_file(str(folder / name))).numpy() for name in USED}
   for name in ("rgba.png", "sixteen_bit.png"):  # alpha dropped; 16 bits scaled to 8
@@ -272,6 +273,47 @@ def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_pa
                                                                            len(unreadable))
   assert result["pairs"] == 16 * len(USED)
   assert _result_json(neighbors)["images"] == len(USED)
+
+
+# Large camera photos: (width, height, how many). Decoded at full size and cast to float32 before resizing, eight
+# 48-megapixel JPEGs took a trainer to 3.5 GB and four 90-megapixel ones to 6.8 GB.
+HUGE_PHOTOS = {"48mp": (8000, 6000, 8), "90mp": (11000, 8200, 4)}
+HUGE_PEAK_RSS_LIMIT_MB = 2000
+
+
+@pytest.fixture(scope="session")
+def huge_jpegs(tmp_path_factory):
+  """Folders of large JPEGs: two sample photos upscaled, with Gaussian noise of 8 grey levels so that they weigh
+  what a camera's do (0.25 bytes per pixel at quality 90: 12 MB for 48 megapixels), copied to make up the count
+  (decoding a copy costs what decoding another photo would). Made once per session."""
+  from PIL import ImageChops  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("huge")
+  for kind, (width, height, count) in HUGE_PHOTOS.items():
+    (root / kind).mkdir()
+    noise = Image.merge("RGB", [Image.effect_noise((width, height), 8) for _ in range(3)])
+    for i, name in enumerate(("astronaut.png", "coffee.png")):
+      photo = Image.open(os.path.join(skimage_photo_dir(), name)).convert("RGB")
+      ImageChops.add(photo.resize((width, height), Image.BILINEAR), noise, offset=-128).save(
+          root / kind / f"{kind}_{i}.jpg", quality=90)
+    for i in range(2, count):
+      shutil.copy(root / kind / f"{kind}_{i % 2}.jpg", root / kind / f"{kind}_{i}.jpg")
+  return root
+
+
+@pytest.mark.slow
+def test_huge_jpegs_train_in_bounded_memory(huge_jpegs, tmp_path):
+  """Eight 48-megapixel and four 90-megapixel JPEGs, each set trained on with the default parallelism: peak memory
+  under 2 GB, because a JPEG is decoded at 1/2-1/8 of its sides when that still gives its resize target, and
+  resized in uint8 (README, Speed: memory)."""
+  results = run_all([(demo_args(tmp_path / kind, f"--data={huge_jpegs / kind}", "--data_root=", "--train_steps=10",
+                                "--checkpoint_every=10"), None) for kind in HUGE_PHOTOS], tmp_path)
+  peaks = {kind: peak_mb(text) for kind, (_, text) in zip(HUGE_PHOTOS, results)}
+  print("peak memory (MB) on huge JPEGs:", peaks)
+  for (code, text), kind in zip(results, HUGE_PHOTOS):
+    assert code == 0 and "Training finished at step 10." in text, text[-3000:]
+    images = int(re.findall(r"step 10/10 .* images (\d+) \(too small 0, unreadable 0\)", text)[-1])
+    assert images >= HUGE_PHOTOS[kind][2], (kind, images)  # every photo went into a batch
+    assert peaks[kind] < HUGE_PEAK_RSS_LIMIT_MB, (kind, peaks[kind])
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,14 @@
-"""The input pipeline: sources, decoding, packing into static-shape batches, counting what is skipped."""
+"""The input pipeline: sources, decoding, packing into static-shape batches, counting what is skipped; the lean host
+path (uint8 patches, reduced JPEG decoding) and augmentation on the host or in the step."""
+import dataclasses
+import io
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import augment as A
 from context_keras import data as D
 from context_keras import decoding as DEC
 from context_keras import errors
@@ -97,8 +101,9 @@ def test_batches_static_shapes_and_valid_pairs(demo_list, photo_dir):
     assert not patches[n:].any()
 
 
-def test_same_seed_same_batches_and_exact_resume(demo_list, photo_dir):
-  config = D.InputConfig(data=demo_list, data_root=photo_dir, **SMALL)
+@pytest.mark.parametrize("augment_on", D.AUGMENT_ON)
+def test_same_seed_same_batches_and_exact_resume(demo_list, photo_dir, augment_on):
+  config = D.InputConfig(data=demo_list, data_root=photo_dir, augment_on=augment_on, **SMALL)
   first_run = list(D.make_dataset(config).take(6))
   again = list(D.make_dataset(config).take(6))
   for a, b in zip(first_run, again):
@@ -111,6 +116,8 @@ def test_same_seed_same_batches_and_exact_resume(demo_list, photo_dir):
   for a, b in zip(first_run[3:], resumed):
     np.testing.assert_array_equal(a["patches"].numpy(), b["patches"].numpy())
     np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
+    if augment_on == "device":
+      np.testing.assert_array_equal(a["patch_keys"].numpy(), b["patch_keys"].numpy())
 
 
 def test_pipelines_share_the_stream_without_overlap(tiny_image_dir):
@@ -162,3 +169,123 @@ def test_capacity_must_hold_the_largest_grid():
     D.InputConfig(data="x", batch_patches=8)
   with pytest.raises(ValueError, match="batch_pairs"):
     D.InputConfig(data="x", batch_pairs=40)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The lean host path: uint8 patches, resizing in uint8, reduced JPEG decoding
+
+
+def float_path_patches(image, seed):
+  """The patches the host path cut before --augment_on (same seeds): a float32 copy of the whole image, resized and
+  cut in float."""
+  resize_seed, grid_seed, _ = tf.unstack(P.split_seed(seed, 3))
+  height, width = P.resized_shape(tf.shape(image)[0], tf.shape(image)[1], P.resize_target(resize_seed))
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]), antialias=False)
+  ys, xs, _, _ = P.sample_grids(grid_seed, height, width)
+  return P.crop_patches(resized, ys, xs).numpy()
+
+
+def test_uint8_patches_carry_the_pixels_of_the_float_path(photo_dir):
+  differences = []
+  for i, name in enumerate(("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")):
+    contents = tf.io.read_file(os.path.join(photo_dir, name))
+    seed = tf.constant([i, 5], tf.int64)
+    cut = D.image_grids(contents, seed)
+    assert cut["patches"].dtype == tf.uint8 and cut["patch_keys"].shape == (cut["patches"].shape[0], 3)
+    before = float_path_patches(DEC.decode(contents), seed)
+    # Exactly the float path's pixels, rounded: the same geometry, within half a grey level.
+    np.testing.assert_array_equal(cut["patches"].numpy(), np.round(before).astype(np.uint8))
+    differences.append(np.abs(cut["patches"].numpy() - before).mean())
+  assert max(differences) < 0.26  # rounding: a quarter of a grey level on average
+  # Augmentation takes the uint8 patches as floats of the same grey levels.
+  keys = cut["patch_keys"]
+  np.testing.assert_array_equal(A.augment(cut["patches"], keys).numpy(),
+                                A.augment(tf.cast(cut["patches"], tf.float32), keys).numpy())
+
+
+def test_uint8_resize_is_the_float_resize_rounded():
+  image = tf.constant(np.random.default_rng(7).integers(0, 256, (1500, 1400, 3), dtype=np.uint8))
+  # Larger than FLOAT_RESIZE_MAX_PIXELS: resized from uint8, with no float copy; the same numbers.
+  assert 1500 * 1400 > P.FLOAT_RESIZE_MAX_PIXELS
+  for size in ((300, 280), (1700, 1600)):
+    expected = tf.image.resize(tf.cast(image, tf.float32), size, antialias=False).numpy()
+    np.testing.assert_array_equal(P.resize_uint8(image, *size).numpy(), np.round(expected).astype(np.uint8))
+
+
+def big_jpeg(photo_dir, name, scale, mode=None):
+  """A sample photo upscaled (bicubic) and encoded as a JPEG, as a stand-in for a camera's large photo."""
+  from PIL import Image  # test extra
+  image = Image.open(os.path.join(photo_dir, name)).convert("RGB")
+  image = image.resize((image.width * scale, image.height * scale), Image.BICUBIC)
+  image = image.convert(mode) if mode else image
+  buffer = io.BytesIO()
+  image.save(buffer, "JPEG", quality=90)
+  return buffer.getvalue()
+
+
+def test_large_jpegs_are_decoded_reduced(photo_dir):
+  contents = big_jpeg(photo_dir, "astronaut.png", 4)  # 2048 x 2048
+  full = DEC.decode(contents)
+  # (target pixels, the ratio that keeps at least that many, the largest mean difference from the full decode)
+  for target, ratio, within in ((1_048_577, 1, 0.5), (1_048_576, 2, 1.0), (450_000, 2, 1.0), (262_145, 2, 1.0),
+                                (262_144, 4, 1.5)):
+    reduced = DEC.decode(contents, target_pixels=target)
+    assert reduced.shape == (2048 // ratio, 2048 // ratio, 3), target
+    # Resized to the target, a decode at half size gives the pixels of the full one within a grey level on average
+    # (0.7 here); at a quarter somewhat more, because libjpeg averages 4x4 pixels where the full decode's resize,
+    # without anti-aliasing (method.md §1.2), samples one of them.
+    side = int(target ** 0.5)
+    expected = tf.image.resize(tf.cast(full, tf.float32), (side, side), antialias=False).numpy()
+    got = P.resize_uint8(reduced, side, side).numpy()
+    assert np.abs(got - expected).mean() < within, target
+  # Grey and CMYK JPEGs too; other formats are decoded at full size.
+  for mode in ("L", "CMYK"):
+    assert DEC.decode(big_jpeg(photo_dir, "coffee.png", 3, mode), target_pixels=150_000).shape == (600, 900, 3)
+  png = tf.io.encode_png(full)
+  assert DEC.decode(png, target_pixels=150_000).shape == (2048, 2048, 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Augmentation on the host or in the step: the same pixels
+
+
+@pytest.fixture(scope="module")
+def raw_and_host_batches(demo_list, photo_dir):
+  """The first batch of the demo photos as the pipeline gives it with --augment_on=device and with host."""
+  config = D.InputConfig(data=demo_list, data_root=photo_dir, **SMALL)
+  raw = next(iter(D.make_dataset(dataclasses.replace(config, augment_on="device"))))
+  return config, raw, next(iter(D.make_dataset(config)))
+
+
+def test_device_mode_batches_hold_uint8_patches_and_their_keys(raw_and_host_batches):
+  config, raw, host = raw_and_host_batches
+  assert raw["patches"].dtype == tf.uint8 and raw["patch_keys"].dtype == tf.uint32
+  assert host["patches"].dtype == tf.float32
+  for key in ("first", "second", "label", "patch_mask", "pair_mask", "resume"):
+    np.testing.assert_array_equal(raw[key].numpy(), host[key].numpy())
+  # The step's augmentation of the device-mode batch is the host pipeline's batch.
+  device = tf.function(D.step_augmentation(dataclasses.replace(config, augment_on="device")))(raw)
+  np.testing.assert_array_equal(device["patches"].numpy(), host["patches"].numpy())
+
+
+# chroma_blur: tests/test_shortcuts.py (slow tier), with the other fixes of method.md §9.
+@pytest.mark.parametrize("color_mode", [mode for mode in A.COLOR_MODES if mode != "chroma_blur"])
+@pytest.mark.parametrize("pixelation", [True, False])
+def test_device_and_host_augmentation_are_equal_patch_for_patch(raw_and_host_batches, color_mode, pixelation):
+  config, raw, _ = raw_and_host_batches
+  config = dataclasses.replace(config, color_mode=color_mode, pixelation=pixelation)
+  # The host mode's map, in tf.data, as make_dataset applies it.
+  host = next(iter(tf.data.Dataset.from_tensors(raw).map(lambda batch: D.augment_batch(batch, config))))
+  device_config = dataclasses.replace(config, augment_on="device")
+  # In a compiled function as in the step: on a CPU (only the pixelated third resampled), on a GPU (static
+  # shapes), and under XLA (--jit_compile) for one configuration, which compiles slowly.
+  variants = [(False, False), (True, False)] + ([(True, True)] if color_mode == "drop_gaussian" else [])
+  n = int(raw["patch_mask"].numpy().sum())
+  for static_shapes, jit in variants:
+    step = tf.function(lambda batch: D.augment_batch(batch, device_config, static_shapes), jit_compile=jit)
+    device = step(raw)["patches"].numpy()
+    # Within 1e-5 of the patches' scale (RMS 50): float32 sums in another order (XLA's) move the mean and RMS of
+    # a patch by about 1e-7 of them. Without XLA the two are bit for bit the same here.
+    np.testing.assert_allclose(device[:n], host["patches"].numpy()[:n], rtol=0, atol=1e-5 * A.RMS_TARGET,
+                               err_msg=f"static_shapes={static_shapes} jit={jit}")
+    assert not device[n:].any() and not host["patches"].numpy()[n:].any(), "padding stays zero"

@@ -29,6 +29,7 @@ def free_ports(count):
 
 
 def test_two_workers_train_in_lockstep_and_the_chief_writes(tmp_path):
+  """With the augmentation in the step (--augment_on=device), then resumed with it in the pipeline."""
   ports = free_ports(2)
   cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
   processes, logs = [], []
@@ -40,7 +41,8 @@ def test_two_workers_train_in_lockstep_and_the_chief_writes(tmp_path):
     log = open(workdir / "log.txt", "w")
     logs.append(workdir / "log.txt")
     processes.append(subprocess.Popen(
-        [sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3")],
+        [sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3",
+                                          "--augment_on=device")],
         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT))
   codes = [p.wait(timeout=600) for p in processes]
   texts = [path.read_text() for path in logs]
@@ -72,11 +74,13 @@ def test_training_through_the_data_service(tmp_path):
   address = dispatcher.target.split("://")[1]
   worker = service.start_worker(address, worker_address="localhost:%port%")
   try:
-    result = run_module(demo_args(tmp_path / "run", "--train_steps=4", f"--data_service={dispatcher.target}"),
-                        cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, log_of(result)
-    assert "processed by the tf.data service" in log_of(result)
-    assert "Training finished at step 4" in log_of(result)
+    # The service workers augment (host), or cut uint8 patches that the trainer augments (device).
+    for augment_on, steps in (("host", 4), ("device", 6)):
+      result = run_module(demo_args(tmp_path / "run", f"--train_steps={steps}", f"--augment_on={augment_on}",
+                                    f"--data_service={dispatcher.target}"), cwd=tmp_path, timeout=600)
+      assert result.returncode == 0, log_of(result)
+      assert "processed by the tf.data service" in log_of(result)
+      assert f"Training finished at step {steps}" in log_of(result)
   finally:
     worker._stop()
     dispatcher._stop()

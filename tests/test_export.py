@@ -29,7 +29,8 @@ def real_patches(photo_dir, demo_list, num=24, color_mode="drop"):
   """Patches of the demo photos, preprocessed as in training (colour dropping, RMS 50)."""
   source = S.find_source(demo_list, photo_dir)
   raw = R.sample_patches(source, num, seed=1)
-  return A.augment(tf.constant(raw), tf.constant([3, 4], tf.int64), color_mode, pixelation=False)
+  return A.augment(tf.constant(raw), A.patch_keys(tf.constant([3, 4], tf.int64), len(raw)), color_mode,
+                   pixelation=False)
 
 
 @pytest.mark.slow

@@ -81,9 +81,13 @@ def test_labels_are_reading_order():
   assert len(first) == 40  # 20 adjacencies in a 3x3 grid, both orders
 
 
+def keys(n, seed=0):
+  return A.patch_keys(tf.constant([seed, 99], tf.int64), n)
+
+
 def test_resize_keeps_aspect_and_target_range():
   for seed in range(20):
-    image = tf.zeros([300, 500, 3])
+    image = tf.zeros([300, 500, 3], tf.uint8)
     out = P.random_resize(image, tf.constant([seed, 1], tf.int64))
     h, w = out.shape[0], out.shape[1]
     assert P.MIN_TARGET_PIXELS * 0.99 <= h * w <= P.MAX_TARGET_PIXELS
@@ -105,18 +109,22 @@ def test_pixelate_identity_and_blocks():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-2)
 
 
-def test_random_pixelate_probability_and_area():
-  patches = tf.constant(np.random.default_rng(1).uniform(0, 255, (2000, 96, 96, 1)).astype(np.float32))
-  out = A.random_pixelate(patches, tf.constant([3, 4], tf.int64)).numpy()
-  changed = np.any(np.abs(out - np.floor(patches.numpy())) > 1e-3, axis=(1, 2, 3)) & np.any(
-      np.abs(out - patches.numpy()) > 1e-3, axis=(1, 2, 3))
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_random_pixelate_probability_and_area(static_shapes):
+  patches = tf.constant(np.random.default_rng(1).integers(0, 256, (2000, 96, 96, 1)).astype(np.float32))
+  out = A.random_pixelate(patches, keys(2000), static_shapes).numpy()
+  changed = np.any(np.abs(out - patches.numpy()) > 1e-3, axis=(1, 2, 3))
   assert 0.29 < changed.mean() < 0.37
+  # The side of each pixelated patch: the rank of the round trip, one per patch (area uniform in [100, 9025)).
+  sides = np.array([np.linalg.matrix_rank(p[:, :, 0], tol=1e-2) for p in out[changed][:200]])
+  assert sides.min() >= 10 and sides.max() <= 95
+  assert abs(np.mean(sides ** 2) - (100 + 9025) / 2) < 500
 
 
 def test_color_drop_statistics():
   rng = np.random.default_rng(2)
   patches = tf.constant(rng.uniform(0, 255, (1200, 96, 96, 3)).astype(np.float32))
-  out = A.color_transform(patches, tf.constant([5, 6], tf.int64), "drop").numpy()
+  out = A.color_transform(patches, keys(1200, 5), "drop").numpy()
   noise_like = np.all((out >= -0.5) & (out < 0.5), axis=(1, 2))  # [n, 3]
   assert np.all(noise_like.sum(1) == 2), "exactly two channels become noise"
   kept = np.argmin(noise_like, axis=1)
@@ -131,12 +139,12 @@ def test_color_drop_statistics():
 def test_color_drop_gaussian_and_project():
   rng = np.random.default_rng(3)
   patches = tf.constant(rng.uniform(0, 255, (200, 96, 96, 3)).astype(np.float32))
-  out = A.color_transform(patches, tf.constant([1, 2], tf.int64), "drop_gaussian").numpy()
+  out = A.color_transform(patches, keys(200, 1), "drop_gaussian").numpy()
   stds = out.std(axis=(1, 2))  # [n, 3]
   kept_std = stds.max(1)
   noise_std = np.sort(stds, 1)[:, :2]
   np.testing.assert_allclose(noise_std / kept_std[:, None], 0.01, rtol=0.05)
-  projected = A.color_transform(patches, tf.constant([1, 2], tf.int64), "project").numpy()
+  projected = A.color_transform(patches, keys(200, 1), "project").numpy()
   # Nothing is left along the green-magenta axis a = [-1, 2, -1].
   np.testing.assert_allclose(projected @ np.array([-1.0, 2.0, -1.0]), 0, atol=1e-2)
 
@@ -148,13 +156,34 @@ def test_rms_normalize():
   assert np.all(np.isfinite(A.rms_normalize(tf.zeros([1, 96, 96, 3])).numpy()))
 
 
-def test_augment_is_deterministic_per_seed():
-  patches = tf.constant(np.random.default_rng(5).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32))
-  a = A.augment(patches, tf.constant([9, 9], tf.int64))
-  b = A.augment(patches, tf.constant([9, 9], tf.int64))
-  c = A.augment(patches, tf.constant([9, 10], tf.int64))
-  np.testing.assert_array_equal(a.numpy(), b.numpy())
-  assert not np.allclose(a.numpy(), c.numpy())
+def test_augment_is_deterministic_per_key_whatever_the_batch():
+  patches = tf.constant(np.random.default_rng(5).integers(0, 256, (12, 96, 96, 3), dtype=np.uint8))
+  a = A.augment(patches, keys(12, 9))
+  np.testing.assert_array_equal(a.numpy(), A.augment(patches, keys(12, 9)).numpy())
+  assert not np.allclose(a.numpy(), A.augment(patches, keys(12, 10)).numpy())
+  # Each patch depends on its own pixels and key only: alone, or in another batch in another order, it is the same.
+  order = [7, 3, 11, 0]
+  some = A.augment(tf.gather(patches, order), tf.gather(keys(12, 9), order))
+  np.testing.assert_allclose(some.numpy(), a.numpy()[order], rtol=1e-6, atol=1e-5)
+  # The same pixels from uint8 or from floats of the same grey levels.
+  np.testing.assert_array_equal(A.augment(tf.cast(patches, tf.float32), keys(12, 9)).numpy(), a.numpy())
+
+
+def test_keyed_uniforms_are_uniform_and_independent():
+  k = keys(4000, 3)
+  draws = A.uniform(k, A.STREAM_NOISE, 64).numpy()
+  assert draws.min() >= 0 and draws.max() < 1
+  np.testing.assert_allclose(draws.mean(), 0.5, atol=0.002)
+  np.testing.assert_allclose(draws.var(), 1 / 12, rtol=0.01)
+  np.testing.assert_allclose(np.histogram(draws, 16, (0, 1))[0] / draws.size, 1 / 16, atol=0.0015)
+  # Neighbouring values of a patch, the same value of two patches and two streams of a patch are uncorrelated.
+  centred = draws - 0.5
+  for a, b in [(centred[:, :-1], centred[:, 1:]), (centred[:-1], centred[1:]),
+               (centred, A.uniform(k, A.STREAM_PIXELATION, 64).numpy() - 0.5)]:
+    assert abs(np.mean(a * b)) / (1 / 12) < 0.01
+  # Per image: one value for every patch of an image, different between images.
+  shared = A.uniform(tf.concat([k[:3], keys(2, 4)], 0), A.STREAM_NOISE, 5, per_image=True).numpy()
+  assert (shared[:3] == shared[0]).all() and (shared[3:] == shared[3]).all() and not (shared[0] == shared[3]).all()
 
 
 def test_largest_grid_bounds():

@@ -1,10 +1,13 @@
 """The later fixes for the shortcuts (method.md §9): labels under flips and rotations checked against where the
 patches really are, chroma blur, the yoked rescale and the aperture, and the class count through head and evaluation."""
 import helpers
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import augment as A
 from context_keras import data as data_lib
 from context_keras import model as model_lib
 from context_keras import patches as P
@@ -51,8 +54,9 @@ def check_pairs(patches, first, second, label, rotation_classes):
   """Every pair's label names where its second patch lies as the network sees it (and the rotation): returns the
   (flip, k) seen."""
   seen_transforms = set()
+  decoded = {i: decode(patches[i]) for i in set(first) | set(second)}
   for a, b, lbl in zip(first, second, label):
-    (ca, axes), (cb, axes_b) = decode(patches[a]), decode(patches[b])
+    (ca, axes), (cb, axes_b) = decoded[a], decoded[b]
     assert axes == axes_b, "the patches of a pair are transformed alike"
     flip, k = rotation_of(*axes)
     seen_transforms.add((flip, k))
@@ -66,8 +70,9 @@ def check_pairs(patches, first, second, label, rotation_classes):
   return seen_transforms
 
 
-@pytest.mark.parametrize("rotation_classes,flip_relabel", [(True, True), (True, False), (False, True)])
-def test_pipeline_labels_name_where_the_second_patch_is(tmp_path, rotation_classes, flip_relabel):
+@pytest.mark.slow  # 12 s
+def test_pipeline_labels_name_where_the_second_patch_is(tmp_path):
+  rotation_classes = flip_relabel = True
   helpers.write_png(tmp_path / "coords.png", coordinate_photo())
   config = data_lib.InputConfig(data=str(tmp_path), batch_patches=64, batch_pairs=320, color_mode="none",
                                 pixelation=False, rotation_classes=rotation_classes, flip_relabel=flip_relabel,
@@ -75,7 +80,7 @@ def test_pipeline_labels_name_where_the_second_patch_is(tmp_path, rotation_class
   batches = data_lib.batches_from_images(tf.data.Dataset.from_tensors(tf.io.read_file(str(tmp_path / "coords.png")))
                                          .repeat(6), config, seed=0)
   seen = set()
-  for batch in batches.take(3):
+  for batch in batches.take(2):
     n = int(batch["pair_mask"].numpy().sum())
     seen |= check_pairs(batch["patches"].numpy(), batch["first"].numpy()[:n], batch["second"].numpy()[:n],
                         batch["label"].numpy()[:n], rotation_classes)
@@ -83,13 +88,15 @@ def test_pipeline_labels_name_where_the_second_patch_is(tmp_path, rotation_class
   assert {f for f, _ in seen} == ({0, 1} if flip_relabel else {0})
 
 
-def test_pretext_evaluation_labels_follow_the_same_transforms(monkeypatch):
+@pytest.mark.parametrize("rotation_classes,flip_relabel", [(True, True), (True, False), (False, True)])
+def test_pretext_evaluation_labels_follow_the_same_transforms(monkeypatch, rotation_classes, flip_relabel):
   monkeypatch.setattr(pretext.augment_lib, "augment", lambda patches, *args, **kwargs: tf.cast(patches, tf.float32))
-  found = pretext.pretext_pairs(tf.constant(coordinate_photo()), tf.constant([3, 4], tf.int64), 64, "none", False,
-                                flip_relabel=True, rotation_classes=True)
+  found = pretext.pretext_pairs(tf.constant(coordinate_photo()), tf.constant([3, 4], tf.int64), 256, "none", False,
+                                flip_relabel=flip_relabel, rotation_classes=rotation_classes)
   seen = check_pairs(found["patches"].numpy(), found["first"].numpy(), found["second"].numpy(),
-                     found["label"].numpy(), True)
-  assert len({k for _, k in seen}) > 1
+                     found["label"].numpy(), rotation_classes)
+  # Every pair is checked above; the grids (4-6 here) must also have been transformed in more than one way.
+  assert (len({k for _, k in seen}) > 1) == rotation_classes and (len({f for f, _ in seen}) > 1) == flip_relabel
 
 
 def test_label_table_is_a_permutation_per_transform():
@@ -136,13 +143,13 @@ def test_yoked_rescale_matches_resizing_and_cropping():
 
 def test_aperture_windows_and_fill():
   rng = np.random.default_rng(0)
-  patches = tf.constant(rng.uniform(0, 255, (400, 96, 96, 3)).astype(np.float32))
-  side, top, left = S.aperture_window(tf.constant(rng.uniform(size=(400, 3)), tf.float32), 96)
+  patches = tf.constant(rng.uniform(0, 255, (100, 96, 96, 3)).astype(np.float32))
+  side, top, left = S.aperture_window(tf.constant(rng.uniform(size=(100, 3)), tf.float32), 96)
   side, top, left = side.numpy(), top.numpy(), left.numpy()
   assert side.min() == 64 and side.max() == 96 and (top + side).max() <= 96 and (left + side).max() <= 96
-  masked = rng.uniform(size=400) < 0.5
+  masked = rng.uniform(size=100) < 0.5
   out = S.aperture(patches, masked, side, top, left).numpy()
-  for i in range(0, 400, 37):
+  for i in range(0, 100, 9):
     window = out[i, top[i]:top[i] + side[i], left[i]:left[i] + side[i]]
     np.testing.assert_array_equal(window, patches.numpy()[i, top[i]:top[i] + side[i], left[i]:left[i] + side[i]])
     outside = np.ones([96, 96], bool)
@@ -166,3 +173,49 @@ def test_class_count_reaches_head_pair_classifier_and_pretext_evaluation(tmp_pat
   assert metrics["num_classes"] == 32 and np.asarray(metrics["confusion_matrix"]).shape == (32, 32)
   assert metrics["chance"] == 1 / 32 and len(metrics["per_class_accuracy"]) == 32
   assert 0 <= metrics["rotation_accuracy"] <= 1 and metrics["direction_accuracy"] >= metrics["accuracy"]
+
+
+@pytest.mark.slow  # 20 s
+def test_fixes_give_the_same_pixels_on_host_and_device(demo_list, photo_dir):
+  config = data_lib.InputConfig(data=demo_list, data_root=photo_dir, batch_patches=64, batch_pairs=320,
+                                color_mode="chroma_blur", yoked_jitter=True, random_aperture=True,
+                                rotation_classes=True, flip_relabel=True)
+  raw = next(iter(data_lib.make_dataset(dataclasses.replace(config, augment_on="device"))))
+  host = next(iter(data_lib.make_dataset(config)))
+  n = int(raw["patch_mask"].numpy().sum())
+  # Static shapes, as on a GPU (the fixes' ops have them anyway); within test_data's tolerance for that mode.
+  device = tf.function(data_lib.step_augmentation(dataclasses.replace(config, augment_on="device"),
+                                                  jit_compile=True))(raw)["patches"].numpy()
+  np.testing.assert_allclose(device[:n], host["patches"].numpy()[:n], rtol=0, atol=1e-5 * 50)
+  np.testing.assert_array_equal(raw["label"].numpy(), host["label"].numpy())
+
+
+def ramp_patches(n):
+  """uint8 patches [n, 96, 96, 3]: red rises along columns, green along rows, the same for every patch."""
+  ramp = np.arange(96) * 2 + 30
+  x, y = np.meshgrid(ramp, ramp)
+  return tf.constant(np.broadcast_to(np.stack([x, y, np.full_like(x, 90)], -1), (n, 96, 96, 3)).astype(np.uint8))
+
+
+def test_yoked_patches_of_a_grid_share_scale_and_offset_and_grids_differ():
+  cells = tf.constant([6, 6, 9, 4])
+  keys = A.patch_keys(tf.constant([5, 6], tf.int64), 25, cells)
+  out = A.augment(ramp_patches(25), keys, color_mode="none", pixelation=False,
+                  ops=S.PatchOps(yoked_jitter=True, yoked_interpolation="bilinear")).numpy()
+  # The ramp after enlarging by s and cropping at o: red at column j is 2 (j + o + 1/2) 96 / s - 1 + 30, so its
+  # slope gives the scale and its start the offset (after centring and RMS scaling, the slope of red relative to
+  # the slope of green is 1 when both axes share the scale, and the red/green ramps recover both).
+  def fit(patch):
+    red = patch[48, 10:86, 0]
+    green = patch[10:86, 48, 1]
+    return np.round(np.polyfit(np.arange(76), red, 1), 3), np.round(np.polyfit(np.arange(76), green, 1), 3)
+
+  fits = [fit(p) for p in out]
+  starts = np.cumsum([0, 6, 6, 9, 4])
+  per_grid = []
+  for g in range(4):
+    members = fits[starts[g]:starts[g + 1]]
+    for f in members[1:]:
+      np.testing.assert_allclose(np.concatenate(f), np.concatenate(members[0]), atol=2e-3)
+    per_grid.append(np.concatenate(members[0]))
+  assert len({tuple(v) for v in per_grid}) == 4, "each grid its own draw"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import augment as A
 from context_keras import data as D
 from context_keras import model as M
 from context_keras import trainer as trainer_lib
@@ -30,15 +31,19 @@ from helpers import wait_for
 # One step on two replicas equals the single-device step
 
 
-def two_batches(photo_dir, demo_list):
-  config = D.InputConfig(data=demo_list, data_root=photo_dir, batch_patches=64, batch_pairs=320)
-  return list(D.make_dataset(config).take(2))
+def input_config(photo_dir, demo_list, augment_on="host"):
+  return D.InputConfig(data=demo_list, data_root=photo_dir, batch_patches=64, batch_pairs=320, augment_on=augment_on)
+
+
+def two_batches(photo_dir, demo_list, augment_on="host"):
+  return list(D.make_dataset(input_config(photo_dir, demo_list, augment_on)).take(2))
 
 
 def concat_batches(a, b):
   """One batch holding both, as a single device would see the global batch."""
   n = a["patches"].shape[0]
-  out = {k: tf.concat([a[k], b[k]], 0) for k in ("patches", "patch_mask", "label", "pair_mask")}
+  per_patch = ("patches", "patch_mask") + (("patch_keys",) if "patch_keys" in a else ())
+  out = {k: tf.concat([a[k], b[k]], 0) for k in per_patch + ("label", "pair_mask")}
   for k in ("first", "second"):
     out[k] = tf.concat([a[k], b[k] + n], 0)
   for k in ("images", "too_small", "unreadable"):
@@ -47,11 +52,11 @@ def concat_batches(a, b):
   return out
 
 
-def make_trainer(strategy, sync, reduction):
+def make_trainer(strategy, sync, reduction, augment=None):
   keras.utils.set_random_seed(0)
   return trainer_lib.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync),
-                   trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4, momentum=0.9,
-                                 loss_reduction=reduction))
+                             trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4,
+                                                     momentum=0.9, loss_reduction=reduction), augment=augment)
 
 
 def mirrored_step(trainer, batches):
@@ -111,6 +116,35 @@ def test_two_replicas_sum_their_gradients(photo_dir, demo_list, two_replicas):
                       [v.numpy() for v in single.trainable_variables])
 
 
+@pytest.mark.slow
+def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
+  """--augment_on=device: the step augments the uint8 batch on each replica's device. One step on one device
+  updates the weights as the host-augmented batch does (same pixels), and two replicas as one device on the
+  concatenated batch (each patch is augmented from its own key, wherever it is)."""
+  config = input_config(photo_dir, demo_list, "device")
+  raw = two_batches(photo_dir, demo_list, "device")
+  host = two_batches(photo_dir, demo_list, "host")
+  augment = D.step_augmentation(config)
+  on_device = make_trainer(tf.distribute.get_strategy(), False, "sum", augment)
+  on_host = make_trainer(tf.distribute.get_strategy(), False, "sum")
+  initial = weights_of(on_host)
+  tf.function(on_device.replica_step)(raw[0])
+  tf.function(on_host.replica_step)(host[0])
+  assert_same_updates(initial, weights_of(on_device), weights_of(on_host))
+  # The pairs the TensorBoard preview shows: the pixels the host gave, though augmented after the loop.
+  previews = [t.train_loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1))["preview"]
+              for t, b in ((on_device, raw[1]), (on_host, host[1]))]
+  for key in ("first", "second"):
+    np.testing.assert_allclose(previews[0][key].numpy(), previews[1][key].numpy(), atol=1e-5 * A.RMS_TARGET)
+  # Two replicas, sync BN: the same update as one device on both batches.
+  mirrored = make_trainer(two_replicas, True, "sum", augment)
+  single = make_trainer(tf.distribute.get_strategy(), True, "sum", augment)
+  initial = weights_of(single)
+  mirrored_step(mirrored, raw)
+  tf.function(single.replica_step)(concat_batches(*raw))
+  assert_same_updates(initial, weights_of(mirrored), weights_of(single))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The program, in subprocesses
 
@@ -151,13 +185,14 @@ def test_train_resume_and_export(tmp_path):
 @pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
   """Same seed: 6 steps, stop, 6 more equals 12 in one go (weights and the data they saw). Op determinism makes
-  the comparison exact; without it, multi-threaded float sums drift apart over the steps."""
+  the comparison exact; without it, multi-threaded float sums drift apart over the steps. The interrupted run
+  augments in the step (--augment_on=device), the other in the pipeline: the same pixels either way."""
   common = ["--checkpoint_every=6", "--deterministic"]
-  whole = run_module(demo_args(tmp_path / "whole", *common, "--train_steps=12"), cwd=tmp_path)
+  whole = run_module(demo_args(tmp_path / "whole", *common, "--train_steps=12", "--augment_on=host"), cwd=tmp_path)
   assert whole.returncode == 0, log_of(whole)
-  part = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=6"), cwd=tmp_path)
+  part = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=6", "--augment_on=device"), cwd=tmp_path)
   assert part.returncode == 0, log_of(part)
-  rest = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=12"), cwd=tmp_path)
+  rest = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=12", "--augment_on=device"), cwd=tmp_path)
   assert rest.returncode == 0, log_of(rest)
   a = tf.train.load_checkpoint(str(tmp_path / "whole" / "ckpt-12"))
   b = tf.train.load_checkpoint(str(tmp_path / "parts" / "ckpt-12"))
@@ -325,12 +360,16 @@ def test_each_program_helps_with_its_own_flags_in_groups(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, expect", [
     (["--cpu_replicas=2"], "MirroredStrategy with 2 replica(s)"),
-    (["--mixed_precision=float16", "--jit_compile"], "_DefaultDistributionStrategy with 1 replica(s)"),
+    # The device augmentation: in XLA with static shapes, and on two replicas in bfloat16.
+    (["--mixed_precision=float16", "--jit_compile", "--augment_on=device"],
+     "_DefaultDistributionStrategy with 1 replica(s)"),
+    (["--cpu_replicas=2", "--mixed_precision=bfloat16", "--augment_on=device"], "MirroredStrategy with 2 replica(s)"),
 ])
 def test_program_runs_in_other_configurations(tmp_path, extra, expect):
   result = run_module(demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3", *extra), cwd=tmp_path)
   assert result.returncode == 0, log_of(result)
-  assert expect in log_of(result) and "Training finished at step 6" in log_of(
-      result)
+  assert expect in log_of(result) and "Training finished at step 6" in log_of(result)
+  where = "in the training step" if "--augment_on=device" in extra else "in the input pipeline"
+  assert f"Augmentation: {where}" in log_of(result)
   resumed = run_module(demo_args(tmp_path / "run", "--train_steps=8", *extra), cwd=tmp_path)
   assert resumed.returncode == 0 and "at step 6" in log_of(resumed), log_of(resumed)

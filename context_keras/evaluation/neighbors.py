@@ -38,7 +38,7 @@ def patch_database(source, seed):
   """One random grid of un-augmented patches per image (training geometry): uint8 [N, 96, 96, 3], image ids [N]."""
   def cut(index, contents):
     patches = patches_lib.grid_patches(decoding.decode(contents), images_lib.image_seed(seed, index))["patches"]
-    return tf.cast(tf.clip_by_value(tf.round(patches), 0, 255), tf.uint8), tf.fill(tf.shape(patches)[:1], index)
+    return patches, tf.fill(tf.shape(patches)[:1], index)
   chunks = []
   progress = progress_lib.Progress("patch database", len(source.paths) if source.kind == "files" else None)
   for chunk in sources.finite_images(source).map(cut).ignore_errors():

@@ -80,7 +80,8 @@ def pretext_pairs(image, seed, num_pairs, color_mode, pixelation, flip_relabel=F
       cut_patches = shortcuts.transform_patches(cut_patches, tf.gather(flip, patch_grid), tf.gather(k, patch_grid))
       pair_grid = tf.gather(patch_grid, first)
       label = shortcuts.relabel(label, tf.gather(flip, pair_grid), tf.gather(k, pair_grid), rotation_classes)
-    return (augment_lib.augment(cut_patches, augment_seed, color_mode, pixelation), tf.gather(first, pick),
+    keys = augment_lib.patch_keys(augment_seed, tf.shape(cut_patches)[0])
+    return (augment_lib.augment(cut_patches, keys, color_mode, pixelation), tf.gather(first, pick),
             tf.gather(second, pick), tf.gather(label, pick))
 
   def nothing():
