@@ -3,9 +3,10 @@ python -m context_keras.ablation --flagfile=flags/ablation_demo.cfg --variants=b
 
 Every variant is the training flags (any flag of context_keras.train, from --flagfile or the command line) plus the
 variant's own flags; each is trained with context_keras.train for the same --train_steps on the same images, once per
---seeds, in DIR/runs/VARIANT_sSEED (a run that already reached --train_steps is reused). Each run is then evaluated
-as context_keras.evaluate does: pretext accuracy on the held-out --eval_data and, with --probe_data, the per-layer
-linear probe (with the random-init baseline). Writes DIR/ablation.json, DIR/ablation.md (one table: the mean over
+--seeds, in DIR/runs/VARIANT_sSEED (a run that already reached --train_steps is reused, and so is its evaluation
+while the evaluation flags stay the same). Each run is then evaluated as context_keras.evaluate does: pretext
+accuracy on the held-out --eval_data and, with --probe_data, the per-layer linear probe (with the random-init
+baseline). Writes DIR/ablation.json, DIR/ablation.md (one table: the mean over
 seeds and the spread between them) and DIR/ablation.png (accuracy per variant and layer), and prints the JSON path.
 
 Variants:
@@ -54,6 +55,7 @@ VARIANTS = {
 __doc__ += "\n".join(f"  {name:<16}{variant.help}" for name, variant in VARIANTS.items())
 RUNS_DIR = "runs"
 JSON_FILE, TABLE_FILE, PLOT_FILE = "ablation.json", "ablation.md", "ablation.png"
+EVAL_FILE = "ablation_eval.json"  # in each run directory
 # The flags a variant's run gets from the ablation itself, not from the training flags.
 OWN_TRAIN_FLAGS = ("model_dir", "seed")
 
@@ -130,9 +132,25 @@ def train_run(name, seed, model_dir):
                             f"{tail[0] if tail else ''} (log: {log_path})")
 
 
+def evaluation_settings(seed):
+  """What an evaluation's figures depend on besides the run: kept with them, so that a later call reuses them."""
+  names = ("eval_data", "eval_data_root", "eval_images", "pairs_per_image", "probe_data", "probe_labels",
+           "probe_layer", "probe_folds", "probe_image_size", "probe_epochs")
+  return dict({name: FLAGS[name].value for name in names}, seed=seed)
+
+
 def evaluate_run(model_dir, seed):
-  """Pretext accuracy (and per-layer probes) of one trained run: {metric: value}."""
+  """Pretext accuracy (and per-layer probes) of one trained run: {metric: value}. Kept in RUN/ablation_eval.json
+  with its settings and step, and reused while they stay the same."""
+  cache = os.path.join(model_dir, EVAL_FILE)
   run = restore.load_run(model_dir)
+  settings = dict(evaluation_settings(seed), step=run.step, checkpoint=os.path.basename(run.checkpoint))
+  if os.path.isfile(cache):
+    with open(cache, encoding="utf-8") as f:
+      kept = json.load(f)
+    if kept.get("settings") == settings:
+      logging.info("Reusing the evaluation of %s (%s).", model_dir, cache)
+      return kept["scores"]
   subject = subject_lib.from_run(run)
   found = pretext.evaluate(subject, pretext.Config(data=FLAGS.eval_data, data_root=FLAGS.eval_data_root,
                                                    images=FLAGS.eval_images, pairs_per_image=FLAGS.pairs_per_image,
@@ -147,6 +165,7 @@ def evaluate_run(model_dir, seed):
     scores["probe"] = {layer: entry["accuracy"] for layer, entry in probed["per_layer"].items()}
     scores["random_init_probe"] = {layer: entry[linear.RANDOM + "accuracy"]
                                    for layer, entry in probed["per_layer"].items()}
+  writes.atomic_write_json(cache, {"settings": settings, "scores": scores})
   return scores
 
 
