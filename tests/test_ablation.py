@@ -48,9 +48,9 @@ def test_ablation_trains_every_variant_alike_and_writes_table_json_and_plot(tmp_
   plot = tf.io.decode_png(tf.io.read_file(str(out / "ablation.png"))).numpy()
   assert plot.shape[0] > 200 and len(np.unique(plot.reshape(-1, plot.shape[-1]), axis=0)) > 4
   # A second call reuses the trained runs and, with the same evaluation flags, their evaluations.
-  again = run_module(ablation_args(tmp_path, "--variants=baseline", "--seeds=0",
-                                   f"--probe_data={tmp_path / 'labelled'}", "--probe_folds=2", "--probe_layer=conv3", "--probe_image_size=96",
-                                   "--probe_epochs=5"), cwd=tmp_path, timeout=300)
+  probe = [f"--probe_data={tmp_path / 'labelled'}", "--probe_folds=2", "--probe_layer=conv3",
+           "--probe_image_size=96", "--probe_epochs=5"]
+  again = run_module(ablation_args(tmp_path, "--variants=baseline", "--seeds=0", *probe), cwd=tmp_path, timeout=300)
   assert again.returncode == 0 and "Reusing the evaluation" in log_of(again), log_of(again)
   assert "nothing to train" in (out / "runs" / "baseline_s0" / "ablation_train.log").read_text()
 
