@@ -219,3 +219,11 @@ def test_yoked_patches_of_a_grid_share_scale_and_offset_and_grids_differ():
       np.testing.assert_allclose(np.concatenate(f), np.concatenate(members[0]), atol=2e-3)
     per_grid.append(np.concatenate(members[0]))
   assert len({tuple(v) for v in per_grid}) == 4, "each grid its own draw"
+
+
+def test_pair_preview_places_rotation_classes_by_their_direction():
+  from context_keras import actions  # pylint: disable=import-outside-toplevel
+  patch = np.zeros([96, 96, 3], np.float32)
+  image = actions.preview_image({"first": [patch], "second": [patch + 1], "label": [8 * 3 + 4], "valid": [True]})
+  cell = 96 + 8
+  assert image.shape == (1, 3 * cell, 3 * cell, 3) and image[0, cell + 5, 2 * cell + 5, 0] == 0  # right of centre
