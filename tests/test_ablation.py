@@ -20,7 +20,7 @@ def ablation_args(tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_ablation_trains_every_variant_alike_and_writes_table_json_and_plot(tmp_path, photo_dir):
+def test_ablation_trains_evaluates_and_writes_table_json_and_plot(tmp_path, photo_dir):
   rng = np.random.default_rng(0)
   for name in ("astronaut", "coffee"):
     (tmp_path / "labelled" / name).mkdir(parents=True)
@@ -28,38 +28,31 @@ def test_ablation_trains_every_variant_alike_and_writes_table_json_and_plot(tmp_
     for i in range(4):
       y, x = rng.integers(0, image.shape[0] - 100), rng.integers(0, image.shape[1] - 100)
       write_png(tmp_path / "labelled" / name / f"{i}.png", image[y:y + 100, x:x + 100])
-  result = run_module(ablation_args(tmp_path, "--variants=baseline,mundhenk", "--seeds=0",
-                                    f"--probe_data={tmp_path / 'labelled'}", "--probe_folds=2", "--probe_layer=conv3",
-                                    "--probe_image_size=96", "--probe_epochs=5"), cwd=tmp_path, timeout=600)
+  probe = [f"--probe_data={tmp_path / 'labelled'}", "--probe_folds=2", "--probe_layer=conv3",
+           "--probe_image_size=96", "--probe_epochs=5"]
+  # One variant keeps the test short: all five fixes, 32 classes; the baseline is the same code without flags.
+  result = run_module(ablation_args(tmp_path, "--variants=mundhenk", "--seeds=0", *probe), cwd=tmp_path, timeout=600)
   assert result.returncode == 0, log_of(result)
   out = tmp_path / "out"
   report = json.loads((out / "ablation.json").read_text())
-  assert set(report["summary"]) == {"baseline", "mundhenk"} and report["budget"]["steps"] == 4
-  for name, classes in (("baseline", 8), ("mundhenk", 32)):
-    run = report["variants"][name]["runs"]["0"]
-    assert run["step"] == 4 and run["pretext_classes"] == classes
-    assert set(run["probe"]) == {"conv3"} and 0 <= run["probe"]["conv3"] <= 1
-    config = json.loads((out / "runs" / f"{name}_s0" / "config.json").read_text())
-    assert config["model"]["num_classes"] == classes and config["model"]["width_multiplier"] == 0.0625
-  mundhenk = json.loads((out / "runs" / "mundhenk_s0" / "config.json").read_text())["input"]
-  assert mundhenk["color_mode"] == "chroma_blur" and mundhenk["yoked_jitter"] and mundhenk["random_aperture"]
+  assert set(report["summary"]) == {"mundhenk"} and report["budget"]["steps"] == 4
+  run = report["variants"]["mundhenk"]["runs"]["0"]
+  assert run["step"] == 4 and run["pretext_classes"] == 32 and 0 <= run["pretext_direction_accuracy"] <= 1
+  assert set(run["probe"]) == {"conv3"} and 0 <= run["probe"]["conv3"] <= 1
+  config = json.loads((out / "runs" / "mundhenk_s0" / "config.json").read_text())
+  assert config["model"]["num_classes"] == 32 and config["model"]["width_multiplier"] == 0.0625
+  assert config["input"]["color_mode"] == "chroma_blur" and config["input"]["yoked_jitter"]
+  assert config["input"]["random_aperture"] and config["input"]["flip_relabel"]
   table = (out / "ablation.md").read_text()
   assert "| mundhenk |" in table and "| random init |" in table and "probe conv3" in table
   plot = tf.io.decode_png(tf.io.read_file(str(out / "ablation.png"))).numpy()
   assert plot.shape[0] > 200 and len(np.unique(plot.reshape(-1, plot.shape[-1]), axis=0)) > 4
-  # A second call reuses the trained runs and, with the same evaluation flags, their evaluations.
-  probe = [f"--probe_data={tmp_path / 'labelled'}", "--probe_folds=2", "--probe_layer=conv3",
-           "--probe_image_size=96", "--probe_epochs=5"]
-  again = run_module(ablation_args(tmp_path, "--variants=baseline", "--seeds=0", *probe), cwd=tmp_path, timeout=300)
-  assert again.returncode == 0 and "Reusing the evaluation" in log_of(again), log_of(again)
-  assert "nothing to train" in (out / "runs" / "baseline_s0" / "ablation_train.log").read_text()
+  assert json.loads((out / "runs" / "mundhenk_s0" / "ablation_eval.json").read_text())["scores"] == run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra,message", [
     (["--variants=baseline,nonsense"], "--variants=baseline,nonsense: unknown nonsense"),
-    (["--seeds=0,0"], "--seeds=0,0 must be distinct"),
-    (["--seed=3"], "--seed is set by the ablation"),
 ])
 def test_ablation_usage_errors(tmp_path, extra, message):
   result = run_module(ablation_args(tmp_path, *extra), cwd=tmp_path, timeout=120)
