@@ -3,7 +3,7 @@
 Training applies augment() to every cut patch (pixelation, colour handling, RMS normalisation: method.md §2.4);
 the exported models apply standardize(), its deterministic counterpart.
 
-Every patch carries a key (patch_keys: its image's key and its own) and every random number of its augmentation is
+Every patch carries a key (patch_keys: its image's key, its own and its grid's) and every random number of its augmentation is
 a hash of that key and a counter (uniform), so a patch gets the same pixels wherever it is augmented: in the input
 pipeline (--augment_on=host) or in the training step on the replica's device (--augment_on=device), alone or in any
 batch, whatever the parallelism. A new per-patch op goes into augment() and draws from its own stream of the keys;
@@ -124,7 +124,7 @@ def pixelate(patches, sides):
 def random_pixelate(patches, keys, static_shapes=False):
   """With probability 0.33 per patch, pixelate it to an area uniform in [100, 9025] px (method.md §2.4 step 1).
 
-  patches: float [n, P, P, C] of whole grey levels (the original cast to uint8 before resizing); keys: uint32 [n, 2].
+  patches: float [n, P, P, C] of whole grey levels (the original cast to uint8 before resizing); keys: uint32 [n, 3].
   Only the chosen third is resampled, unless static_shapes: then every patch goes through the matrices, the others
   at full size, whose matrix is the identity (exact), so that no shape depends on the draws (no device-to-host wait
   on an accelerator, and XLA can compile it).
