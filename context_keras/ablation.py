@@ -101,9 +101,11 @@ def check_flags():
       raise errors.UsageError(f"--{name} is required")
   if not FLAGS.train_steps:
     raise errors.UsageError("--train_steps must be > 0: every variant trains for the same number of steps")
-  for name in ("model_dir", "seed"):
-    if FLAGS[name].present:
-      raise errors.UsageError(f"--{name} is set by the ablation for each run (use --output and --seeds)")
+  if FLAGS["model_dir"].present:
+    raise errors.UsageError("--model_dir is set by the ablation for each run: give --output")
+  if FLAGS["seed"].present:  # base flagfiles such as deepcontext.cfg set it
+    logging.warning("--seed=%d is not used: every variant is trained with each of --seeds=%s.", FLAGS.seed,
+                    ",".join(FLAGS.seeds))
 
 
 def training_args(variant, seed, model_dir):
