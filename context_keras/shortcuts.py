@@ -125,6 +125,12 @@ _WHITE = _RGB_TO_XYZ.sum(1)
 _DELTA = 6 / 29
 
 
+def _colour_matrix(values, matrix):
+  """matrix [3, 3] applied to every colour of values [..., 3], as one matmul (an einsum is 4x slower here)."""
+  flat = tf.matmul(tf.reshape(values, [-1, 3]), tf.constant(matrix.T, tf.float32))
+  return tf.reshape(flat, tf.shape(values))
+
+
 def rgb_to_lab(rgb):
   """CIE L*a*b* (D65) of sRGB values in 0-255 units, [..., 3] float32.
 
@@ -132,7 +138,7 @@ def rgb_to_lab(rgb):
   such a product in some graphs (tf.data's) and not in others, which would make host and device pixels differ."""
   c = rgb * (1 / 255.0)
   linear = tf.where(c <= 0.04045, c * (1 / 12.92), tf.pow(tf.maximum(c + 0.055, 1e-6) * (1 / 1.055), 2.4))
-  xyz = tf.einsum("...c,dc->...d", linear, tf.constant(_RGB_TO_XYZ / _WHITE[:, None], tf.float32))
+  xyz = _colour_matrix(linear, _RGB_TO_XYZ / _WHITE[:, None])
   f = tf.where(xyz > _DELTA ** 3, tf.pow(tf.maximum(xyz, _DELTA ** 3), 1 / 3), xyz * (1 / (3 * _DELTA ** 2)) + 4 / 29)
   fx, fy, fz = tf.unstack(f, axis=-1)
   return tf.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
@@ -144,7 +150,7 @@ def lab_to_rgb(lab):
   fy = (lightness + 16) * (1 / 116)
   f = tf.stack([fy + a * (1 / 500), fy, fy - b * (1 / 200)], axis=-1)
   xyz = tf.where(f > _DELTA, f * f * f, 3 * _DELTA ** 2 * (f - 4 / 29))
-  linear = tf.einsum("...c,dc->...d", xyz, tf.constant(np.linalg.inv(_RGB_TO_XYZ / _WHITE[:, None]), tf.float32))
+  linear = _colour_matrix(xyz, np.linalg.inv(_RGB_TO_XYZ / _WHITE[:, None]))
   c = tf.where(linear <= 0.0031308, 12.92 * linear, 1.055 * tf.pow(tf.maximum(linear, 0.0031308), 1 / 2.4) - 0.055)
   return c * 255.0
 
@@ -156,12 +162,17 @@ def blur_chroma(patches, size=CHROMA_BLUR_SIZE, clip=True):
   lab = rgb_to_lab(tf.cast(patches, tf.float32))
   lightness, chroma = lab[..., :1], lab[..., 1:]
   if size > 1:
-    # The mean over the part of the window inside the patch: a box sum over the zero-padded chroma times the
-    # reciprocal of the window's count (avg_pool would divide, see rgb_to_lab).
-    ones = tf.ones_like(chroma[:1, ..., :1])
-    box = tf.ones([size, size, 1, 1], chroma.dtype)
-    sums = tf.nn.depthwise_conv2d(chroma, tf.tile(box, [1, 1, 2, 1]), [1, 1, 1, 1], "SAME")
-    chroma = sums * tf.math.reciprocal(tf.nn.conv2d(ones, box, 1, "SAME"))
+    # The mean over the part of the window inside the patch: box sums over the zero-padded chroma, one axis at a
+    # time (2 x size products per value instead of size^2), times the reciprocal of the window's count (avg_pool
+    # would divide, see rgb_to_lab).
+    rows = tf.ones([size, 1, 2, 1], chroma.dtype)
+    cols = tf.ones([1, size, 2, 1], chroma.dtype)
+    sums = tf.nn.depthwise_conv2d(tf.nn.depthwise_conv2d(chroma, rows, [1, 1, 1, 1], "SAME"), cols, [1, 1, 1, 1],
+                                  "SAME")
+    ones = tf.ones_like(chroma[:1])
+    counts = tf.nn.depthwise_conv2d(tf.nn.depthwise_conv2d(ones, rows, [1, 1, 1, 1], "SAME"), cols, [1, 1, 1, 1],
+                                    "SAME")
+    chroma = sums * tf.math.reciprocal(counts)
   rgb = lab_to_rgb(tf.concat([lightness, chroma], -1))
   return tf.clip_by_value(rgb, 0.0, 255.0) if clip else rgb
 
