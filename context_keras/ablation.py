@@ -204,8 +204,9 @@ def markdown(summary, budget):
                 [_cell(entry["probe"][layer]) for layer in layers])
   if layers:
     rows.append(["random init", "", ""] + [_cell(first["random_init_probe"][layer]) for layer in layers])
-  spread = " ± spread between the seeds (largest minus smallest)" if len(FLAGS.seeds) > 1 else ""
-  lines = [f"Accuracy in % (mean over seeds {', '.join(FLAGS.seeds)}{spread}).",
+  seeds = (f"mean over seeds {', '.join(FLAGS.seeds)} ± the spread between them (largest minus smallest)"
+           if len(FLAGS.seeds) > 1 else f"seed {FLAGS.seeds[0]}")
+  lines = [f"Accuracy in % ({seeds}).",
            "Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items()) + ".", ""]
   return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
