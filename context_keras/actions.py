@@ -9,6 +9,7 @@ exact steps whatever --steps_per_loop is.
 import contextlib
 import dataclasses
 import os
+import time
 
 from absl import logging
 import numpy as np
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 from context_keras import errors
 from context_keras import patches as patches_lib
+from context_keras import progress as progress_lib
 from context_keras import run_dir
 from context_keras import serving
 from context_keras import trainer as trainer_lib
@@ -45,13 +47,14 @@ def steps_to_next(step, train_steps, actions, steps_per_loop):
 class Action:
   """The interval logic every action shares; subclasses add __call__(output)."""
   every = 0
+  every_call = False  # called even after a call that did not move the step (train.py)
 
   def due_in(self, step):
     """Distances to the steps at which this action must run (the loop stops there)."""
     return [self.every - step % self.every] if self.every else []
 
   def is_due(self, step):
-    return bool(self.every) and step % self.every == 0
+    return bool(self.every) and step > 0 and step % self.every == 0
 
 
 class SummaryWriter:
@@ -73,15 +76,28 @@ class SummaryWriter:
 
 class Summaries(Action):
   """Scalars after every call (loss, accuracy, rate, input wait, learning rate, image counters), and the progress
-  line every `every` steps, at the end, and whenever a call stopped early."""
+  line every `every` steps, at the last step, and whenever a call stopped early; never twice for one step. The line
+  ends with the time since this invocation began and, with --train_steps, an estimate of the time left (from the
+  steps after the first call, whose tracing would skew it). float16's loss scaling skips the updates whose
+  gradients overflow, so the step stands still meanwhile; the line counts those updates."""
+  every_call = True
 
   def __init__(self, writer, every, trainer, counters, train_steps):
     self.writer, self.every, self.trainer, self.counters = writer, every, trainer, counters
     self.train_steps = train_steps
+    self.start = time.monotonic()
+    self.previous_step = self.logged_step = trainer.current_step()
+    self.rate_origin = None  # (time, step) at the end of the first call
+    self.skipped = 0
 
   def __call__(self, output):
     if not output.steps:
       return
+    self.skipped += output.steps - (output.step - self.previous_step)
+    self.previous_step = output.step
+    now = time.monotonic()
+    if self.rate_origin is None:
+      self.rate_origin = (now, output.step)
     values = output.values
     pairs = float(values["pairs"])
     loss = float(values["loss_sum"]) / max(pairs, 1.0)
@@ -97,12 +113,30 @@ class Summaries(Action):
       tf.summary.scalar("input_wait_share", input_share)
       for k, variable in self.counters.items():
         tf.summary.scalar(f"images/{k}", int(variable))
-    if self.is_due(output.step) or output.status != trainer_lib.STATUS_OK:
+    last = bool(self.train_steps) and output.step >= self.train_steps
+    if output.step != self.logged_step and (self.is_due(output.step) or last or
+                                            output.status != trainer_lib.STATUS_OK):
+      self.logged_step = output.step
       total = f"/{self.train_steps}" if self.train_steps else ""
       logging.info("step %d%s  loss/pair %.4f  accuracy %.3f  %.0f pairs/s  input wait %.0f%%  lr %.3g  "
-                   "images %d (too small %d, unreadable %d)", output.step, total, loss, accuracy,
+                   "images %d (too small %d, unreadable %d)  %s", output.step, total, loss, accuracy,
                    pairs / output.seconds, 100 * input_share, rate, int(self.counters["images"]),
-                   int(self.counters["too_small"]), int(self.counters["unreadable"]))
+                   int(self.counters["too_small"]), int(self.counters["unreadable"]), self.timing(output.step, now))
+
+  def timing(self, step, now):
+    parts = [f"elapsed {progress_lib.duration(now - self.start)}"]
+    if self.train_steps:
+      origin_time, origin_step = self.rate_origin
+      left = self.train_steps - step
+      if not left:
+        parts.append("ETA 0:00:00")
+      elif step > origin_step:
+        parts.append(f"ETA {progress_lib.duration(left * (now - origin_time) / (step - origin_step))}")
+      else:
+        parts.append("ETA ?")
+    if self.skipped:
+      parts.append(f"float16 overflows skipped {self.skipped} updates")
+    return "  ".join(parts)
 
 
 class PairImages(Action):

@@ -1,9 +1,12 @@
-"""Encoded image bytes to RGB pixels, with a guard against decompression bombs read from the header.
+"""Encoded image bytes to upright RGB pixels, with a guard against decompression bombs read from the header.
 
 image_size_from_header (Python) and decode's in-graph check read the same header fields of every format that
 tf.io.decode_image reads, so that a small file claiming a huge image is refused before anything is allocated.
+decode turns every image upright by its EXIF orientation (exif.py), which TensorFlow's decoders ignore.
 """
 import tensorflow as tf
+
+from context_keras import exif
 
 # Larger than any camera's photo; a header that claims more is taken for a decompression bomb.
 MAX_DECODE_PIXELS = 100_000_000
@@ -119,7 +122,9 @@ def _jpeg_ratio_index(pixels, target_pixels):
 
 
 def decode(contents, target_pixels=None):
-  """RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md §1.1).
+  """Upright RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md
+  §1.1), and the EXIF orientation is applied, so that a phone photo stored sideways (orientation 6) comes out as
+  it was taken: for context prediction the direction between two patches is the label.
 
   An image whose header claims more than MAX_DECODE_PIXELS is refused before decoding (an error, so the pipeline
   skips and counts it): a small file can claim a huge image, a decompression bomb.
@@ -136,8 +141,13 @@ def decode(contents, target_pixels=None):
       return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
     if target_pixels is None:
-      return full()
-    ratio = tf.where(tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),
-                     _jpeg_ratio_index(claimed, target_pixels), 0)
-    branches = [full] + [lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r) for r in JPEG_RATIOS[1:]]
-    return tf.ensure_shape(tf.switch_case(ratio, branches), [None, None, 3])
+      image = full()
+    else:
+      ratio = tf.where(tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),
+                       _jpeg_ratio_index(claimed, target_pixels), 0)
+      branches = [full] + [lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r) for r in JPEG_RATIOS[1:]]
+      image = tf.ensure_shape(tf.switch_case(ratio, branches), [None, None, 3])
+  # Here, before training's random resize, which would be cheaper: flips do not commute exactly with the bilinear
+  # resize (they differ by up to 0.04 grey levels), so upright-then-resize is the one order that gives every caller
+  # (training, prepare, evaluation) the same pixels. (A reduced JPEG decode is turned the same way.)
+  return exif.apply_orientation(image, exif.orientation(contents))

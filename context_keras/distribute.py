@@ -1,6 +1,8 @@
 """tf.distribute: which strategy a run uses, which worker this process is, and one input pipeline per worker."""
 import json
 import os
+import re
+import threading
 
 import tensorflow as tf
 
@@ -38,6 +40,29 @@ def make_strategy(name, cpu_replicas):
   return tf.distribute.get_strategy()
 
 
+# What a collective op or the coordination service raises on the other workers when one dies or stops answering.
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                      tf.errors.CancelledError)
+
+
+def local_replicas(strategy):
+  """Replicas of this host (of this worker, under MultiWorkerMirroredStrategy)."""
+  try:
+    return len(strategy.extended.worker_devices)
+  except RuntimeError:  # the default strategy: one
+    return 1
+
+
+def is_multi_worker(strategy):
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def lost_tasks(error, this_task):
+  """The tasks ("worker_1") that an error of LOST_WORKER_ERRORS names, other than this one."""
+  named = {f"{job}_{index}" for job, index in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", str(error))}
+  return sorted(named - {this_task})
+
+
 def worker_role(strategy):
   """(is_chief, task name) of this process: the chief writes the run; other workers write to temporary places."""
   resolver = getattr(strategy, "cluster_resolver", None)
@@ -62,3 +87,29 @@ def distributed_batches(strategy, input_config, source, positions):
     return data_lib.make_dataset(input_config, source, context.input_pipeline_id, context.num_input_pipelines,
                                  start=start)
   return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def check_data_service(address, timeout):
+  """Stops with a UsageError naming `address` unless a tf.data service there (a dispatcher and at least one worker)
+  delivers an element of a one-element dataset within `timeout` seconds. Without this, an unreachable address makes
+  training wait forever inside TensorFlow, which retries without a word. The probe runs in a thread, so that the
+  wait can end: a probe that never returns is left behind in the daemon thread when the process exits."""
+  outcome = {}
+
+  def fetch():
+    try:
+      probe = tf.data.Dataset.range(1).apply(tf.data.experimental.service.distribute(
+          processing_mode="parallel_epochs", service=address))  # registering it with the dispatcher can block too
+      outcome["element"] = int(next(iter(probe)))
+    except Exception as e:  # pylint: disable=broad-except  # reported below, in the main thread
+      outcome["error"] = e
+
+  thread = threading.Thread(target=fetch, daemon=True, name="data-service-probe")
+  thread.start()
+  thread.join(timeout)
+  if "error" in outcome:
+    raise errors.UsageError(f"--data_service={address}: {errors.tf_error_message(outcome['error'], 200)}")
+  if "element" not in outcome:
+    raise errors.UsageError(f"--data_service={address}: no tf.data service answered within --data_service_timeout="
+                            f"{timeout} s: is a dispatcher running there (python -m context_keras.service "
+                            "--role=dispatcher), with at least one worker registered?")

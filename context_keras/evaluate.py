@@ -31,6 +31,7 @@ from context_keras import errors
 from context_keras import program
 from context_keras import restore
 from context_keras import run_dir
+from context_keras import writes
 from context_keras.evaluation import PROTOCOLS
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import finetune
@@ -145,11 +146,20 @@ def protocol_config(mode):
 
 
 def eval_dir_for(model_dir, saved_model, eval_dir):
+  """--eval_dir, or its default beside the run or the export, checked before the evaluation begins: a read-only
+  run directory is refused at once, naming the flag that picks another folder."""
   if eval_dir:
-    return eval_dir
-  if model_dir:
-    return run_dir.eval_dir(model_dir)
-  return os.path.join(os.path.dirname(os.path.normpath(saved_model)), run_dir.EVAL_DIR)
+    return writes.check_folder(eval_dir, "eval_dir")
+  default = (run_dir.eval_dir(model_dir) if model_dir
+             else os.path.join(os.path.dirname(os.path.normpath(saved_model)), run_dir.EVAL_DIR))
+  if not os.path.isdir(os.path.dirname(default)):
+    return default  # no such run or export: loading it says so
+  try:
+    return writes.check_folder(default, "eval_dir")
+  except errors.UsageError as e:
+    reason = str(e).rsplit(": ", 1)[-1]
+    raise errors.UsageError(f"The results go to {default} unless --eval_dir names another folder, and that one "
+                            f"cannot be written ({reason}): give --eval_dir=A_WRITABLE_FOLDER") from e
 
 
 def evaluate_and_emit(mode, subject, config, eval_dir, about=None):
@@ -194,6 +204,9 @@ def main():
     raise errors.UsageError(f"--mode is required: one of {', '.join(sorted(PROTOCOLS))}")
   if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
     raise errors.UsageError("give exactly one of --model_dir (a training run) and --saved_model (OUT/backbone)")
+  if FLAGS.checkpoint and not FLAGS.model_dir:
+    raise errors.UsageError("--checkpoint picks a checkpoint of --model_dir; an exported --saved_model has one set of "
+                            "weights")
   if FLAGS.watch and not FLAGS.model_dir:
     raise errors.UsageError("--watch evaluates the new checkpoints of a --model_dir")
   if not FLAGS.data and mode in (pretext.NAME, neighbors.NAME):

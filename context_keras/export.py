@@ -150,8 +150,8 @@ def define_flags():
                         "on (method.md §5.2). Without it the backbone is exported as folded.")
     program.define_integer("rescale_patches", rescale_lib.NUM_PATCHES, "Patches for the rescaling statistics "
                            "(magic_init: 10 batches of 16).", lower=1)
-    flags.DEFINE_float("rescale_bias", rescale_lib.BIAS, "beta: the mean each unit's pre-activation gets from the "
-                       "within-layer step (magic_init's --bias).")
+    program.define_float("rescale_bias", rescale_lib.BIAS, "beta: the mean each unit's pre-activation gets from the "
+                         "within-layer step (magic_init's --bias).")
     flags.DEFINE_bool("rescale_within_layer", True, "Apply the within-layer step (Algorithm 1) to every layer "
                       "before the between-layer calibration; magic_init applies it only to new, all-zero layers.")
     program.define_integer("rescale_iterations", rescale_lib.ITERATIONS, "Most between-layer calibration "

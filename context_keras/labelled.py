@@ -39,6 +39,7 @@ class LabelledSet:
   size: int             # examples
   description: str
   multi_label: bool = False
+  shards: tuple = ()    # shards: their compression and sizes (sources.Source.shards), for sources.shard_records
 
   def subset(self, indices, what):
     """The files at `indices` (a split of a set of files)."""
@@ -217,7 +218,7 @@ def labelled_shards(data, flag="--data", classes=None):
                              f"{len(classes)} classes of the training set")
   return LabelledSet("tfrecord", source.paths, None, tuple(classes or own), int(index.get("records", 0)),
                      f"{len(source.paths)} labelled TFRecord shards {path} ({index.get('records', '?')} images, "
-                     f"{len(own)} classes)")
+                     f"{len(own)} classes)", shards=source.shards)
 
 
 def _class_index(classes):
@@ -249,7 +250,7 @@ def records(lset):
     return tf.data.Dataset.from_tensor_slices((list(lset.paths), lset.labels)).map(
         lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE).enumerate().map(
             lambda i, pair: (i, pair[0], pair[1]))
-  return shard_records(tf.data.TFRecordDataset(list(lset.paths)), lset.classes).enumerate().map(
+  return shard_records(sources.all_records(lset), lset.classes).enumerate().map(
       lambda i, pair: (i, pair[0], pair[1]))
 
 

@@ -48,6 +48,8 @@ FLAGS = flags.FLAGS
 NAME = "linear_eval"
 CONFIG_FILE = "linear_eval_config.json"
 LOG_FILE = "linear_eval.log"
+QUIT_FILE = "linear_eval_quit"    # control files (control.run_files): EVAL_DIR/<name> speaks to this job alone
+PAUSE_FILE = "linear_eval_pause"
 DEFAULTS = linear_job.JobConfig()
 
 
@@ -108,9 +110,10 @@ def define_flags():
     program.define_integer("keep_checkpoints", 3, "Checkpoints kept in --eval_dir.", lower=1)
     program.define_integer("eval_every", 0, "Steps between validation passes during training (0 = only at the end).",
                            lower=0)
-    flags.DEFINE_string("quit_file", "linear_eval_quit", "When this file appears the job checkpoints and exits 0.")
-    flags.DEFINE_string("pause_file", "linear_eval_pause", "When this file appears the job checkpoints and waits "
-                        "until it is removed.")
+    flags.DEFINE_string("quit_file", QUIT_FILE, "When this file (or EVAL_DIR/linear_eval_quit, which speaks to "
+                        "this job alone) appears the job checkpoints and exits 0.")
+    flags.DEFINE_string("pause_file", PAUSE_FILE, "When this file (or EVAL_DIR/linear_eval_pause) appears the job "
+                        "checkpoints and waits until it is removed.")
     flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"], "As training's.")
     program.define_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each.",
                            lower=1)
@@ -226,10 +229,13 @@ def summary_line(per_layer):
 
 
 def run():
+  # From here on SIGINT and SIGTERM end the process at once, until the loop can stop gracefully.
+  signals = control_lib.Signals()
   check_flags()
   config = job_config()
   eval_dir = writes.check_folder(FLAGS.eval_dir, "eval_dir")
   strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+  signals.install()
   is_chief, task = distribute.worker_role(strategy)
   if config.batch_size % strategy.num_replicas_in_sync:
     raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
@@ -237,7 +243,7 @@ def run():
   write_dir = eval_dir if is_chief else run_dir.worker_scratch(eval_dir, task)
   with contextlib.ExitStack() as stack:
     if is_chief:
-      stack.enter_context(run_dir.Lock(eval_dir, "eval_dir", "linear evaluation"))
+      stack.enter_context(run_dir.lock(eval_dir, "eval_dir", "linear evaluation"))
       stack.enter_context(run_dir.LogFile(eval_dir, LOG_FILE))
     else:
       stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
@@ -281,7 +287,9 @@ def run():
     writer = tf.summary.create_file_writer(run_dir.train_dir(write_dir)) if is_chief else (
         tf.summary.create_noop_writer())
     stack.callback(actions_lib.close_writer, writer)
-    control = stack.enter_context(control_lib.Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request))
+    control = stack.enter_context(control_lib.Control(
+        control_lib.run_files(eval_dir, QUIT_FILE, FLAGS.quit_file, is_chief),
+        control_lib.run_files(eval_dir, PAUSE_FILE, FLAGS.pause_file, is_chief), trainer.request, signals))
     checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
     summaries = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
     val_steps = linear_job.val_steps(val.size, config.batch_size)

@@ -29,6 +29,11 @@ class ModelConfig:
   num_classes: int = patches_lib.NUM_CLASSES
 
 
+# The ModelConfig fields that decide which variables the networks have and their shapes: a checkpoint can only be
+# restored into networks built with the same values (the others may change between resumes).
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier")
+
+
 def _width(channels, multiplier):
   return max(1, int(round(channels * multiplier)))
 

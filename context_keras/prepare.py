@@ -7,12 +7,13 @@ output folder checked against an earlier run -> one image (read, header guard, d
 shard (written to a temporary name, renamed when complete) -> the shards in a thread pool with a progress line ->
 rejected.txt and index.json -> the program's flags and main.
 
-Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes (or a
-JPEG re-encoding of a downscaled copy when --max_pixels asks for it); image/height, image/width and image/filename
-ride along for inspection. With --labels (folders: the class sub-folder of --data; or a labels file, lines 'NAME
-CLASS') each record also holds its class index and name (sources.TFRECORD_CLASS_INDEX_KEY, _NAME_KEY) and
-index.json the list of classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what a re-run
-needs: the manifest of the input and, per complete shard, its counts and rejected files.
+Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes, EXIF
+orientation included (training's decoding applies it), or a JPEG re-encoding of a downscaled upright copy when
+--max_pixels asks for it; image/height, image/width (the upright size) and image/filename ride along for
+inspection. With --labels (folders: the class sub-folder of --data; or a labels file, lines 'NAME CLASS') each record
+also holds its class index and name (sources.TFRECORD_CLASS_INDEX_KEY, _NAME_KEY) and index.json the list of
+classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what a re-run needs: the manifest of the
+input and, per complete shard, its counts and rejected files.
 """
 import concurrent.futures
 import dataclasses
@@ -102,15 +103,6 @@ def assign_shards(paths, num_shards, seed):
   order = np.random.default_rng(seed).permutation(len(paths))
   bounds = [i * len(paths) // num_shards for i in range(num_shards + 1)]
   return [[paths[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(num_shards)]
-
-
-def relative_names(paths):
-  """The paths relative to their common folder: what identifies the input, wherever the folder is."""
-  absolute = [os.path.abspath(p) for p in paths]
-  root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
-  if root in absolute:  # a single file, or a file that is also a prefix of the others
-    root = os.path.dirname(root)
-  return [os.path.relpath(p, root) for p in absolute]
 
 
 def make_manifest(config, names):
@@ -361,8 +353,13 @@ def prepare(config, stop=None):
                            "list file")
   labelled_paths, labels, classes = labels_of(config)
   prepare_output(config.output)
-  paths = labelled_paths or list(source.paths)
-  names = dict(zip(paths, relative_names(paths)))
+  # Two runs on one --output would remove each other's partial shards.
+  with writes.folder_lock(config.output, "output", "prepare", then="wait for it to finish, or choose another"):
+    return _prepare_locked(config, source, stop, labelled_paths or list(source.paths), labels, classes)
+
+
+def _prepare_locked(config, source, stop, paths, labels, classes):
+  names = dict(zip(paths, sources.relative_names(paths)))
   check_earlier_run(config.output, make_manifest(config, [names[p] for p in paths]))
   if config.num_shards > len(paths):
     logging.warning("--num_shards=%d is more than the %d images: some shards will be empty.", config.num_shards,

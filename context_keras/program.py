@@ -5,12 +5,17 @@
 
 - Flags are defined in groups (`with program.flag_group("data"): ...`), by the program itself or by the shared
   groups of context_keras.flagsets, so that `--help` lists exactly the flags the program defined, under their group.
-- A numeric flag's bounds are declared with its definition (define_integer / define_float) and checked in one place
-  after parsing: every violation is reported at once, "Invalid flags: --x=v must be >= 0; ...".
+- A numeric flag's bounds are declared with its definition (define_integer / define_float), and a check that
+  involves several flags is registered beside them (define_check); all are checked in one place after parsing and
+  every violation is reported at once, "Invalid flags: --x=v must be >= 0; ...". A float must also be finite, an
+  integer at most MAX_INTEGER (TensorFlow counts steps and sizes in int32 in places).
 - A mistyped flag, a bad value, a violated bound or a errors.UsageError raised by the program: one line, exit 2, no
   traceback. errors.WriteError: one line, exit 1.
 """
 import contextlib
+import logging as std_logging
+import math
+import os
 import sys
 import textwrap
 
@@ -18,16 +23,23 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import context_keras
 from context_keras import errors
 
 FLAGS = flags.FLAGS
 
 EXIT_WRITE_FAILED = 1
 EXIT_USAGE = 2
+# A worker of a multi-worker run was lost: restart the whole job (sysexits.h's EX_TEMPFAIL, "try again later").
+EXIT_WORKER_LOST = 75
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
+
+MAX_INTEGER = 2**31 - 1
+PACKAGE_DIR = os.path.dirname(os.path.abspath(context_keras.__file__)) + os.sep
 
 _GROUPS = {}   # group title -> names of the flags defined in it, in order
 _BOUNDS = {}   # flag name -> [(holds(value), "must be ...")]
+_CHECKS = []   # callables of no argument returning a problem ("--a=x ...") or None
 
 
 @contextlib.contextmanager
@@ -58,25 +70,39 @@ def _bounded(name, lower=None, upper=None, above=None, below=None):
 
 
 def define_integer(name, default, help_text, lower=None, upper=None):
-  """An integer flag whose bounds (inclusive) are checked by check_bounds."""
+  """An integer flag whose bounds (inclusive; upper at most MAX_INTEGER) are checked by check_bounds."""
   flags.DEFINE_integer(name, default, help_text, module_name=_caller_module())
-  _bounded(name, lower=lower, upper=upper)
+  _bounded(name, lower=lower, upper=MAX_INTEGER if upper is None else min(upper, MAX_INTEGER))
 
 
 def define_float(name, default, help_text, lower=None, upper=None, above=None, below=None):
-  """A float flag whose bounds (lower/upper inclusive, above/below exclusive) are checked by check_bounds."""
+  """A finite float flag whose bounds (lower/upper inclusive, above/below exclusive) are checked by check_bounds."""
   flags.DEFINE_float(name, default, help_text, module_name=_caller_module())
   _bounded(name, lower=lower, upper=upper, above=above, below=below)
+  _BOUNDS[name].insert(0, (math.isfinite, "must be a finite number"))
+
+
+def define_check(check):
+  """Registers a check that involves several flags: `check()` returns the problem ('--a=x needs --b ...') or None.
+  Defined with the flags it reads, run by check_bounds with the bounds."""
+  _CHECKS.append(check)
+  return check
 
 
 def bound_problems():
-  """'--name=value must be ...' for every defined flag whose value breaks its declared bounds."""
-  problems = []
+  """'--name=value must be ...' for every defined flag whose value breaks its declared bounds (the first broken
+  bound of each), then the problems of the registered checks whose flags are all valid."""
+  problems, broken = [], set()
   for name, checks in _BOUNDS.items():
     if name not in FLAGS or FLAGS[name].value is None:
       continue
     value = FLAGS[name].value
-    problems.extend(f"--{name}={value} {message}" for holds, message in checks if not holds(value))
+    failed = next((message for holds, message in checks if not holds(value)), None)
+    if failed:
+      problems.append(f"--{name}={value} {failed}")
+      broken.add(name)
+  if not broken:
+    problems.extend(problem for problem in (check() for check in _CHECKS) if problem)
   return problems
 
 
@@ -114,8 +140,26 @@ def parse_flags(argv):
     sys.exit(EXIT_USAGE)
 
 
+class _OwnLines(std_logging.Filter):
+  """Keeps the package's own log records, and warnings and errors from anywhere."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(PACKAGE_DIR)
+
+
+def quiet_library_logs():
+  """At the default verbosity, the log (stderr and RUN/train.log) holds our own lines: TensorFlow's and Keras's
+  INFO chatter (checkpoint sharding durations, SavedModel input renaming, fingerprints, collective all-reduce
+  set-ups) is dropped; their warnings stay. -v 1 shows everything."""
+  if FLAGS.verbosity >= 1 or context_keras.shows_tensorflow_logs():
+    return
+  logging.get_absl_logger().addFilter(_OwnLines())
+  std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+
+
 def _guarded(main):
   def guarded(argv):
+    quiet_library_logs()
     try:
       if len(argv) > 1:
         raise errors.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")

@@ -1,6 +1,7 @@
 """A trained run rebuilt from its directory: the networks of its recorded config with a checkpoint's weights, in
 float32, for export and evaluation (run_dir.py says where things are; this builds and restores them)."""
 import dataclasses
+import os
 
 from absl import logging
 import tensorflow as tf
@@ -19,12 +20,26 @@ def build_networks(model_config):
 
 def restore(networks, path):
   """Loads the tower and head of a training checkpoint (trainer.Trainer.checkpoint_items) into `networks`."""
-  status = tf.train.Checkpoint(tower=networks.tower, head=networks.head).restore(path)
   try:
+    status = tf.train.Checkpoint(tower=networks.tower, head=networks.head).restore(path)
     status.assert_existing_objects_matched()
-  except AssertionError as e:
-    raise errors.UsageError(f"checkpoint {path} does not match the run's architecture: {str(e)[:300]}") from e
+  except (AssertionError, ValueError) as e:  # variables missing, or of other shapes
+    raise errors.UsageError(f"checkpoint {path} does not match the run's architecture: "
+                            f"{str(e).splitlines()[0][:300]}") from e
   status.expect_partial()  # the optimizer and the run's counters are not needed here
+
+
+def check_checkpoint_origin(model_dir, config, path):
+  """A --checkpoint from another run directory must hold the architecture that --model_dir's config describes: a
+  UsageError naming the fields that differ."""
+  origin = os.path.dirname(os.path.abspath(path))
+  if origin == os.path.abspath(model_dir) or not run_dir.recorded_in(origin):
+    return
+  differences = run_dir.architecture_differences(config, run_dir.read_config(origin).model)
+  if differences:
+    named = ", ".join(f"--{name}={theirs} (--model_dir's run: {ours})" for name, ours, theirs in differences)
+    raise errors.UsageError(f"--checkpoint={path} belongs to the run in {origin}, trained with {named}: give a "
+                            f"checkpoint of --model_dir={model_dir}, or that run's own directory as --model_dir")
 
 
 @dataclasses.dataclass
@@ -75,6 +90,7 @@ def load_run(model_dir, checkpoint=None):
   networks = build_networks(config.model)
   for _ in range(ATTEMPTS):
     path = run_dir.find_checkpoint(model_dir, checkpoint)
+    check_checkpoint_origin(model_dir, config, path)
     try:
       restore(networks, path)
       step = run_dir.checkpoint_step(path)

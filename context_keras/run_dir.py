@@ -6,18 +6,17 @@ resume), so that every path in it and every way of reading it back has one home.
   RUN/checkpoint, ckpt-N tf.train checkpoints (tf.train.CheckpointManager's state file and checkpoints)
   RUN/train.log          the log of every training invocation, appended
   RUN/.lock              held (flock) by the training process while it runs
+  RUN/train_quit, RUN/train_pause  control files of this run alone (besides --quit_file and --pause_file)
   RUN/train/             TensorBoard logs of training
   RUN/export/backbone_N/ SavedModels of the backbone written by training
   RUN/eval/              evaluation results (evaluate's default --eval_dir)
   RUN/workertemp_<task>/ scratch of a non-chief worker of multi-worker training, removed at its end
 """
 import dataclasses
-import fcntl
 import glob
 import json
 import logging as std_logging
 import os
-import socket
 import sys
 
 from absl import logging
@@ -32,11 +31,13 @@ from context_keras import writes
 FLAGS_FILE = "flags.txt"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
-LOCK_FILE = ".lock"
+LOCK_FILE = writes.LOCK_FILE
 TRAIN_DIR = "train"
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
 CHECKPOINT_PREFIX = "ckpt"
+QUIT_FILE = "train_quit"    # control files of this run alone (control.py)
+PAUSE_FILE = "train_pause"
 # Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items).
 STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -68,32 +69,9 @@ def create(model_dir):
   return writes.check_folder(model_dir, "model_dir")
 
 
-class Lock:
-  """Keeps a second trainer off a run directory. An flock on RUN/.lock: the kernel releases it when its process
-  ends, even by kill -9, so a crashed run never leaves it stuck. (flock is per host: on a shared file system, runs
-  on two hosts are not kept apart.)"""
-
-  def __init__(self, model_dir, flag="model_dir", what="training process"):
-    self.path = os.path.join(model_dir, LOCK_FILE)
-    self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or "another process"
-      self._file.close()
-      raise errors.UsageError(f"--{flag}={model_dir} is in use by {holder} (lock {self.path}); stop that run "
-                              f"first, or choose another --{flag}") from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(f"{what} {os.getpid()} on {socket.gethostname()}\n")
-    self._file.flush()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self._file.close()
+def lock(model_dir, flag="model_dir", holder="training"):
+  """Keeps a second trainer (or linear evaluation job) off a run directory: RUN/.lock (writes.folder_lock)."""
+  return writes.folder_lock(model_dir, flag, holder, then="stop that run first, or choose another")
 
 
 class _LogFileHandler(std_logging.FileHandler):
@@ -218,6 +196,36 @@ def read_config(model_dir):
                      _from_values(trainer_lib.OptimConfig, parts[2]), init_from)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: {e}") from e
+
+
+def recorded_in(model_dir):
+  """Where a run records its configuration (config.json, or flags.txt of older runs), or None."""
+  for name in (CONFIG_FILE, FLAGS_FILE):
+    if os.path.isfile(os.path.join(model_dir, name)):
+      return os.path.join(model_dir, name)
+  return None
+
+
+def architecture_differences(recorded, model_config):
+  """(field, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
+  differs between the RunConfig `recorded` and `model_config`."""
+  return [(name, getattr(recorded.model, name), getattr(model_config, name))
+          for name in model_lib.ARCHITECTURE_FIELDS if getattr(model_config, name) != getattr(recorded.model, name)]
+
+
+def check_resume(model_dir, model_config):
+  """Stops with a UsageError naming the flags when the architecture of `model_config` is not the one that the run
+  in `model_dir` recorded: its checkpoints cannot be restored into other shapes."""
+  where = recorded_in(model_dir)
+  if not where:
+    return
+  differences = architecture_differences(read_config(model_dir), model_config)
+  if differences:
+    named = ", ".join(f"--{name}={given} (the run: {then})" for name, then, given in differences)
+    raise errors.UsageError(f"Invalid flags: {named}: --model_dir={model_dir} holds a run of another "
+                            f"architecture ({where}), which its checkpoints cannot be restored into. Give the run's "
+                            f"values (--flagfile={os.path.join(model_dir, FLAGS_FILE)} repeats them), or another "
+                            "--model_dir")
 
 
 def find_checkpoint(model_dir, choice=None):

@@ -38,9 +38,10 @@ RESCALE_FILE = "rescale.json"
 METADATA_FILE = os.path.join("assets.extra", "context_keras.json")
 # Name scope of the weight constants in the serving functions: weights/<layer>/<weight>, e.g. weights/conv1/kernel.
 WEIGHT_SCOPE = "weights"
-PREPROCESSING = ("uint8 RGB -> float; per image, each channel's mean is subtracted; then, by the run's --color_mode "
-                 "(method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected conv1 "
-                 "input over the kept channel); project: the green-magenta projection, then RMS 50; none, chroma_blur: "
+PREPROCESSING = ("upright uint8 RGB (the caller applies any EXIF orientation, as training's decoding did) -> float; "
+                 "per image, each channel's mean is subtracted; then, by the run's --color_mode (method.md §2.4): "
+                 "drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected conv1 input over the kept "
+                 "channel); project: the green-magenta projection, then RMS 50; none, chroma_blur: "
                  "RMS 50")
 
 
@@ -74,7 +75,8 @@ def _flat_fc6(maps):
 class BackboneModule(tf.Module):
   """The folded backbone behind two functions (also its signatures).
 
-  features(images):      uint8 [N, H, W, 3], H and W >= 96 -> {conv1 ... conv5, pool5, fc6} float32 maps (after
+  features(images):      uint8 [N, H, W, 3], H and W >= 96, upright (pixels carry no EXIF orientation: the caller
+                         applies it, as decoding.decode does) -> {conv1 ... conv5, pool5, fc6} float32 maps (after
                          ReLU; pool5 after pooling), the preprocessing built in.
   patch_features(patches): float32 [N, 96, 96, 3] already preprocessed as in training -> {"fc6": [N, C]}.
   """
@@ -103,7 +105,8 @@ class BackboneModule(tf.Module):
 class PairClassifierModule(tf.Module):
   """The context model, folded: where is patch B relative to patch A (labels as patches.NEIGHBOUR_OFFSETS).
 
-  logits(patch_a, patch_b):              uint8 [N, 96, 96, 3] each, preprocessing built in -> {"logits": [N, 8]}.
+  logits(patch_a, patch_b):              uint8 [N, 96, 96, 3] each, cut from upright images, preprocessing built
+                                         in -> {"logits": [N, 8]}.
   logits_preprocessed(patch_a, patch_b): float32 patches preprocessed as in training -> {"logits": [N, 8]}.
   """
 

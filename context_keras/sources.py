@@ -5,10 +5,15 @@ The one reader of every form: training (data.py), prepare, export's rescaling an
 through find_source and these datasets, and TFRecord records through parse_record.
 """
 import dataclasses
+import functools
 import glob
+import hashlib
 import importlib.util
 import os
+import sys
+import zlib
 
+from absl import logging
 import tensorflow as tf
 
 from context_keras import decoding
@@ -53,10 +58,11 @@ def list_folder(folder):
 
 
 def read_list_file(list_file, data_root=None):
-  """File names of a list in the original's format (method.md §1.1): the first token of each non-empty line."""
+  """File names of a list in the original's format (method.md §1.1): the first token of each non-empty line. A
+  UTF-8 byte-order mark (which some editors write) is not part of the first name."""
   root = resolve_path(data_root) if data_root else os.path.dirname(os.path.abspath(list_file))
   names = []
-  with open(list_file, encoding="utf-8") as f:
+  with open(list_file, encoding="utf-8-sig") as f:
     for line in f:
       tokens = line.split()
       if tokens and not tokens[0].startswith("#"):
@@ -73,6 +79,112 @@ class Source:
   kind: str    # "files" or "tfrecord"
   paths: tuple  # image files, or TFRecord shards, in a deterministic order
   description: str
+  # TFRecord shards only, one per path: (compression "", "GZIP" or "ZLIB", the bytes its records take uncompressed,
+  # whether that count is only known modulo 2^32 (GZIP's trailer)).
+  shards: tuple = ()
+
+  def fingerprint(self):
+    """A number that changes when the listing changes (a file added, removed or renamed, a shard's size): what a
+    checkpoint records so that a resume can tell whether its stream positions still mean the same images."""
+    names = relative_names(self.paths)
+    if self.kind == "tfrecord":
+      names = [f"{name} {os.path.getsize(path) if os.path.exists(path) else -1}"
+               for name, path in zip(names, self.paths)]
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def relative_names(paths):
+  """The paths relative to their common folder: what identifies a listing, wherever its folder is."""
+  if not paths:
+    return []
+  absolute = [os.path.abspath(p) for p in paths]
+  root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
+  if root in absolute:  # a single file, or a file that is also a prefix of the others
+    root = os.path.dirname(root)
+  return [os.path.relpath(p, root) for p in absolute]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TFRecord shards: their compression, told from their first bytes, and what a complete read of them gives
+
+_RECORD_OVERHEAD = 16  # a record's length (8 bytes), its checksum (4), then its data and the data's checksum (4)
+
+
+def _crc32c_table():
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data):
+  """TFRecord's checksum: CRC-32C, rotated and offset ("masked")."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _zlib_payload(path):
+  """Bytes a ZLIB-compressed shard decompresses to, or None if it is corrupt or cut short. ZLIB stores no length,
+  so this reads the shard once."""
+  stream = zlib.decompressobj()
+  total = 0
+  try:
+    with open(path, "rb") as f:
+      while chunk := f.read(1 << 20):
+        total += len(stream.decompress(chunk))
+  except zlib.error:
+    return None
+  return total if stream.eof else None
+
+
+def shard_format(path):
+  """(compression, payload bytes, payload known modulo 2^32) of a TFRecord shard, told from its content: a plain
+  shard starts with a record length and its checksum, a GZIP one with 1f 8b, a ZLIB one with a zlib header. Raises
+  ValueError saying what is wrong when it is none of them (OSError when it cannot be read)."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(12)
+    if head[:2] == b"\x1f\x8b" and size >= 18:
+      f.seek(size - 4)
+      return "GZIP", int.from_bytes(f.read(4), "little"), True  # ISIZE: the payload's size modulo 2^32
+  if not head:
+    return "", 0, False
+  if len(head) == 12 and _masked_crc32c(head[:8]) == int.from_bytes(head[8:], "little"):
+    return "", size, False
+  if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (head[0] << 8 | head[1]) % 31 == 0:
+    payload = _zlib_payload(path)
+    if payload is None:
+      raise ValueError("a ZLIB-compressed file that is corrupt or cut short")
+    return "ZLIB", payload, False
+  if head[:2] == b"\x1f\x8b":
+    raise ValueError("a GZIP file cut short")
+  raise ValueError(f"not a TFRecord file, plain or GZIP/ZLIB-compressed (it starts with {head[:8].hex(' ')})")
+
+
+def _check_shards(paths, data):
+  """The usable shards of `paths` with their formats; each unusable one is named once, in a warning."""
+  usable, problems = [], []
+  for path in paths:
+    try:
+      usable.append((path, shard_format(path)))
+    except (OSError, ValueError) as e:
+      problem = f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+      problems.append(problem)
+      logging.warning("TFRecord shard %s is left out.", problem)
+  if not usable:
+    raise errors.DataError(f"--data={data}: none of the {len(paths)} TFRecord shards can be read (first problem: "
+                           f"{problems[0]})")
+  return usable
 
 
 def find_source(data, data_root=None):
@@ -90,16 +202,48 @@ def find_source(data, data_root=None):
     shards = sorted(glob.glob(path))
     if not shards:
       raise errors.DataError(f"--data={data}: no TFRecord shard matches {path}")
-    return Source("tfrecord", tuple(shards), f"{len(shards)} TFRecord shards {path}")
+    usable = _check_shards(shards, data)
+    left_out = f", {len(shards) - len(usable)} left out" if len(usable) < len(shards) else ""
+    compressed = "/".join(sorted({fmt[0] for _, fmt in usable} - {""}))
+    return Source("tfrecord", tuple(p for p, _ in usable),
+                  f"{len(usable)} TFRecord shards {path}{left_out}{f' ({compressed})' if compressed else ''}",
+                  tuple(fmt for _, fmt in usable))
   if os.path.isfile(path):
+    _refuse_non_list(data, path)
     try:
       files = read_list_file(path, data_root)
-    except (UnicodeDecodeError, OSError) as e:
-      raise errors.DataError(f"--data={data}: cannot read list file {path}: {e}") from e
+    except UnicodeDecodeError as e:
+      raise errors.DataError(f"--data={data}: {path} is not a list file (byte {e.start} is not UTF-8 text): give a "
+                             "folder of images, a list file or a glob of TFRecord shards") from e
+    except OSError as e:
+      raise errors.DataError(f"--data={data}: cannot read list file {path}: {e.strerror or e}") from e
     if not files:
       raise errors.DataError(f"--data={data}: list file {path} names no image")
     return Source("files", tuple(files), f"list {path} ({len(files)} images)")
   raise errors.DataError(f"--data={data}: {path} does not exist")
+
+
+def _refuse_non_list(data, path):
+  """A single image (or a lone shard without a TFRecord suffix) given as --data is not a list file: say so."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(1 << 16)
+  except OSError as e:
+    raise errors.DataError(f"--data={data}: cannot read {path}: {e.strerror or e}") from e
+  if path.lower().endswith(IMAGE_EXTENSIONS) or (decoding.image_size_from_header(head) and _binary(head)):
+    raise errors.DataError(f"--data={data}: {path} is a single image, not a list file; give its folder "
+                           f"(--data={os.path.dirname(os.path.abspath(path))}) or a list file naming it")
+
+
+def _binary(head):
+  """Whether bytes read from the start of a file are not text (a list file is UTF-8 text without NUL bytes)."""
+  if b"\0" in head:
+    return True
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return e.start < len(head) - 3  # not merely a character cut at the end of what was read
+  return False
 
 
 def epoch_order(num, seed, epoch):
@@ -116,44 +260,111 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   resuming at an image index reproduces the stream exactly. TFRecord shards are read with interleave and a shuffle
   buffer, whose order cannot be resumed: a resumed run reads them in a fresh order.
   """
-  paths = tf.constant(source.paths)
   num_paths = len(source.paths)
 
-  def epoch_paths(epoch):
-    return tf.data.Dataset.from_tensor_slices(tf.gather(paths, epoch_order(num_paths, tf.constant(seed, tf.int64),
-                                                                            epoch)))
+  def order_of(epoch):
+    return epoch_order(num_paths, tf.constant(seed, tf.int64), epoch)
 
   if source.kind == "files":
+    paths = tf.constant(source.paths)
     first = start_image * num_pipelines + pipeline_id  # index in the stream shared by all pipelines
-    names = (tf.data.Dataset.range(first // num_paths, 2**62).flat_map(epoch_paths)
+    names = (tf.data.Dataset.range(first // num_paths, 2**62)
+             .flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(tf.gather(paths, order_of(epoch))))
              .skip(first % num_paths)
              .shard(num_pipelines, 0))
     return names.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
 
   order_seed = seed + start_image
-  shards = tf.data.Dataset.range(2**62).flat_map(
-      lambda epoch: epoch_paths(epoch + tf.constant(order_seed, tf.int64) * 1_000_003))
-  if len(source.paths) >= num_pipelines:
+  table = shard_table(source)
+
+  def epoch_shards(epoch):
+    order = order_of(epoch + tf.constant(order_seed, tf.int64) * 1_000_003)
+    return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in table.items()}).map(
+        lambda shard: dict(shard, first_visit=tf.equal(epoch, 0)))
+
+  shards = tf.data.Dataset.range(2**62).flat_map(epoch_shards)
+  if num_paths >= num_pipelines:
     shards = shards.shard(num_pipelines, pipeline_id)
-  records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(source.paths)),
+  records = shards.interleave(lambda shard: shard_records(**shard), cycle_length=min(8, num_paths),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if len(source.paths) < num_pipelines:
+  if num_paths < num_pipelines:
     records = records.shard(num_pipelines, pipeline_id)
   records = records.shuffle(shuffle_buffer, seed=order_seed * 7919 + pipeline_id, reshuffle_each_iteration=True)
   return records.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+# The stand-in for the unread rest of a damaged shard: parse_record refuses it, so that it is skipped and counted
+# where the damage lies in the stream (once per read of the shard), not raised by the reader ahead of the shuffle
+# buffer (where one damaged shard of a small data set made hundreds of errors before the first batch).
+DAMAGED_SHARD = b"\0context_keras: damaged TFRecord shard\0"
+
+
+def shard_table(source):
+  """The shards of a TFRecord source (or a labelled set of shards: anything with .paths and .shards) as columns of
+  tensors, for shard_records."""
+  compression, payload, modulo = zip(*source.shards) if source.shards else ((),) * 3
+  return {"path": tf.constant(source.paths, tf.string), "compression": tf.constant(compression, tf.string),
+          "payload": tf.constant(payload, tf.int64), "modulo": tf.constant(modulo, tf.bool)}
+
+
+def shard_records(path, compression, payload, modulo, first_visit=True):
+  """The records of one shard; if the read ends before the shard does (a corrupt record, a cut-short file: the
+  reader then stops), one DAMAGED_SHARD stand-in after them. A complete read's records take exactly `payload`
+  bytes (modulo 2^32 when `modulo`, as GZIP records the size). On a first visit the damage is named on stderr."""
+  records = tf.data.TFRecordDataset(path, compression_type=compression).ignore_errors()
+  ended = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
+  marked = records.map(lambda record: (record, tf.constant(False))).concatenate(ended)
+
+  def tally(read, element):
+    record, end = element
+    read += tf.where(end, tf.constant(0, tf.int64), _RECORD_OVERHEAD + tf.cast(tf.strings.length(record), tf.int64))
+    return read, (record, end, read)
+
+  def complete(read):
+    return tf.where(modulo, tf.equal(read % 2**32, payload), tf.equal(read, payload))
+
+  def stand_in(record, end, read):
+    def damaged():
+      message = tf.strings.join(["W context_keras: TFRecord shard ", path, " is corrupt or cut short after ",
+                                 tf.strings.as_string(read), " bytes of records; the rest of it is skipped, counted "
+                                 "as one unreadable image per pass over it."])
+
+      def say():
+        with tf.control_dependencies([tf.print(message, output_stream=sys.stderr)]):
+          return tf.constant(True)
+
+      printed = tf.cond(tf.convert_to_tensor(first_visit), say, lambda: tf.constant(False))
+      with tf.control_dependencies([printed]):
+        return tf.strings.join([DAMAGED_SHARD, path])
+    return tf.cond(end, damaged, lambda: record)
+
+  return (marked.scan(tf.constant(0, tf.int64), tally)
+          .filter(lambda record, end, read: ~end | ~complete(read))
+          .map(stand_in))
+
+
 def parse_record(record, labelled=False):
   """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature); with
-  `labelled`, (bytes, class index, class name) of a labelled shard (a record without them gives -1 and '')."""
+  `labelled`, (bytes, class index, class name) of a labelled shard (a record without them gives -1 and ''). An error
+  for the DAMAGED_SHARD stand-in, naming its shard."""
+  damaged = tf.equal(tf.strings.substr(record, 0, len(DAMAGED_SHARD)), DAMAGED_SHARD)
+  check = tf.debugging.Assert(~damaged, [tf.strings.join(["TFRecord shard ", tf.strings.substr(
+      record, len(DAMAGED_SHARD), -1), " is corrupt or cut short here"])])
   spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
   if labelled:
     spec[TFRECORD_CLASS_INDEX_KEY] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
     spec[TFRECORD_CLASS_NAME_KEY] = tf.io.FixedLenFeature([], tf.string, default_value="")
-  parsed = tf.io.parse_single_example(record, spec)
+  with tf.control_dependencies([check]):
+    parsed = tf.io.parse_single_example(record, spec)
   if labelled:
     return parsed[TFRECORD_IMAGE_KEY], parsed[TFRECORD_CLASS_INDEX_KEY], parsed[TFRECORD_CLASS_NAME_KEY]
   return parsed[TFRECORD_IMAGE_KEY]
+
+
+def all_records(source):
+  """Every record of a TFRecord source (or labelled set of shards), shard after shard in listing order, each read
+  with its compression."""
+  return tf.data.Dataset.from_tensor_slices(shard_table(source)).flat_map(lambda shard: shard_records(**shard))
 
 
 def finite_images(source, limit=None):
@@ -163,10 +374,24 @@ def finite_images(source, limit=None):
     paths = source.paths[:limit] if limit else source.paths
     contents = tf.data.Dataset.from_tensor_slices(list(paths)).map(tf.io.read_file)
   else:
-    contents = tf.data.TFRecordDataset(list(source.paths)).map(parse_record)
+    contents = all_records(source).map(parse_record)
     if limit:
       contents = contents.take(limit)
   return contents.enumerate()
+
+
+def _first_records(source):
+  """(name, contents) of the records of each shard in listing order; a damaged shard is left at its stand-in."""
+  for path, (compression, payload, modulo) in zip(source.paths, source.shards):
+    for i, record in enumerate(shard_records(path, compression, payload, modulo, False)):
+      if record.numpy().startswith(DAMAGED_SHARD):
+        yield f"{path} record {i}", functools.partial(_damaged, path, i)
+        break
+      yield f"{path} record {i}", lambda r=record: parse_record(r)
+
+
+def _damaged(path, records):
+  raise tf.errors.DataLossError(None, None, f"{path} is corrupt or cut short after {records} readable records")
 
 
 def check_readable(source, limit=None):
@@ -178,8 +403,7 @@ def check_readable(source, limit=None):
   if source.kind == "files":
     candidates = ((p, lambda p=p: tf.io.read_file(p)) for p in source.paths)
   else:
-    candidates = ((f"record {i}", lambda r=r: parse_record(r))
-                  for i, r in enumerate(tf.data.TFRecordDataset(list(source.paths))))
+    candidates = _first_records(source)
   problems = []
   for name, contents in candidates:
     tried += 1
@@ -187,7 +411,7 @@ def check_readable(source, limit=None):
       # As small as training decodes it (a large JPEG at a fraction of its size): the aspect is what matters here.
       shape = decoding.decode(contents(), target_pixels=patches_lib.MIN_TARGET_PIXELS).shape
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.PermissionDeniedError,
-            tf.errors.UnknownError) as e:
+            tf.errors.UnknownError, tf.errors.DataLossError) as e:
       message = errors.tf_error_message(e)
       problems.append(message if message.startswith(name) else f"{name}: {message}")
     else:

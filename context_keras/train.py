@@ -61,9 +61,11 @@ def define_flags():
                            "sees them.", lower=1)
     program.define_integer("histogram_every", 1000, "Steps between weight histograms.", lower=1)
     flags.DEFINE_string("quit_file", "train_quit", "When this file appears the run finishes its step, writes a "
-                        "checkpoint and exits 0. Relative paths are in the working directory, as the original's.")
-    flags.DEFINE_string("pause_file", "train_pause", "When this file appears the run writes a checkpoint and "
-                        "waits, idle, until it is removed.")
+                        "checkpoint and exits 0. Relative paths are in the working directory, as the original's, so "
+                        "it speaks to every run started there; RUN/train_quit speaks to this run alone. A file that "
+                        "exists at start is not obeyed unless created again.")
+    flags.DEFINE_string("pause_file", "train_pause", "When this file (or RUN/train_pause) appears the run writes a "
+                        "checkpoint and waits, idle, until it is removed.")
     flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"],
                       "auto: MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several tasks, else "
                       "MirroredStrategy over the visible GPUs (CUDA_VISIBLE_DEVICES picks them) or over "
@@ -75,33 +77,50 @@ def define_flags():
     flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to "
                       "RUN/train/plugins/profile (view it in TensorBoard's Profile tab, from the "
                       "tensorboard-plugin-profile package).")
+  program.define_check(schedule_problem)
+  program.define_check(profile_problem)
+
+
+def schedule_problem():
+  """What --train_steps makes of the learning-rate schedule."""
+  if FLAGS.lr_schedule == "cosine" and not FLAGS.train_steps:
+    return "--lr_schedule=cosine needs --train_steps > 0 to know where the cosine ends"
+  if FLAGS.train_steps and FLAGS.warmup_steps >= FLAGS.train_steps:
+    return (f"--warmup_steps={FLAGS.warmup_steps} is not less than --train_steps={FLAGS.train_steps}: the learning "
+            "rate would never reach --learning_rate")
+  return None
+
+
+def profile_problem():
+  steps = FLAGS.profile_steps
+  if steps and (len(steps) != 2 or not all(v.isdigit() for v in steps) or int(steps[0]) >= int(steps[1])):
+    return f"--profile_steps={','.join(steps)} must be two step numbers A,B with A < B"
+  return None
 
 
 def profile_span():
-  """(A, B) of --profile_steps, or (0, 0)."""
+  """(A, B) of --profile_steps (checked by profile_problem), or (0, 0)."""
   steps = FLAGS.profile_steps
-  if not steps:
-    return 0, 0
-  if len(steps) != 2 or not all(v.isdigit() for v in steps) or int(steps[0]) >= int(steps[1]):
-    raise errors.UsageError(f"Invalid flags: --profile_steps={','.join(steps)} must be two step numbers A,B with "
-                            "A < B")
-  return int(steps[0]), int(steps[1])
+  return (int(steps[0]), int(steps[1])) if steps else (0, 0)
 
 
 def run():
+  # From here on SIGINT and SIGTERM end the process at once, until the loop can stop gracefully.
+  signals = control_lib.Signals()
   profile = profile_span()
   model_dir = run_dir.create(FLAGS.model_dir)
   if FLAGS.init_from and not tf.train.latest_checkpoint(model_dir):
     warm_start.find_source(FLAGS.init_from)  # a bad path stops here, before any work
   # MultiWorkerMirroredStrategy must exist before other TensorFlow work.
   strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+  signals.install()
   is_chief, task = distribute.worker_role(strategy)
   # The chief writes the run; another worker writes its checkpoints and exports to a scratch folder (all workers
   # must save, because saving distributed variables can involve every worker) that it removes at the end.
   write_dir = model_dir if is_chief else run_dir.worker_scratch(model_dir, task)
   with contextlib.ExitStack() as stack:
     if is_chief:
-      stack.enter_context(run_dir.Lock(model_dir))
+      stack.enter_context(run_dir.lock(model_dir))
       stack.enter_context(run_dir.LogFile(model_dir))
     else:
       stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
@@ -120,11 +139,23 @@ def run():
     if FLAGS.mixed_precision == "auto":
       logging.info("Precision: %s (--mixed_precision=auto on this hardware).", precision)
     keras.utils.set_random_seed(FLAGS.seed)
+    # Every worker restores the chief's latest checkpoint.
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest:
+      run_dir.check_resume(model_dir, config.model)
+      step = run_dir.checkpoint_step(latest)
+      if FLAGS.train_steps and step >= FLAGS.train_steps:
+        # Before anything is written: flags.txt and config.json keep saying how the checkpoints were made.
+        logging.info("Step %d of %s already reaches --train_steps=%d: nothing to train.", step, latest,
+                     FLAGS.train_steps)
+        return 0
 
     source = sources.find_source(config.input.data, config.input.data_root)
     sources.check_readable(source)
     logging.info("Data: %s%s.", source.description, f", processed by the tf.data service at "
                  f"{config.input.data_service}" if config.input.data_service else "")
+    if config.input.data_service:
+      distribute.check_data_service(config.input.data_service, FLAGS.data_service_timeout)
 
     on_device = config.input.augment_on == "device"
     logging.info("Augmentation: %s%s.", "in the training step, on each replica's device" if on_device else
@@ -133,15 +164,16 @@ def run():
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
     trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic,
                                   augment=data_lib.step_augmentation(config.input, config.optimisation.jit_compile))
+    resources.check_step_memory(trainer.networks, config.input, distribute.local_replicas(strategy),
+                                keras.mixed_precision.global_policy().compute_dtype, config.model.backbone,
+                                activations_on_host=not tf.config.list_logical_devices("GPU"))
     counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in trainer_lib.COUNTERS}
     with strategy.scope():
       checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)
       manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=FLAGS.keep_checkpoints,
                                            checkpoint_name=run_dir.CHECKPOINT_PREFIX)
-      # Every worker restores the chief's latest checkpoint.
-      latest = tf.train.latest_checkpoint(model_dir)
       if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        restore(latest, trainer, counters)
         logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
         config = dataclasses.replace(config, init_from=recorded_init_from(model_dir))
         if FLAGS.init_from:
@@ -165,7 +197,9 @@ def run():
     else:
       writer = tf.summary.create_noop_writer()
     stack.callback(actions_lib.close_writer, writer)
-    control = stack.enter_context(control_lib.Control(FLAGS.quit_file, FLAGS.pause_file, trainer.request))
+    control = stack.enter_context(control_lib.Control(
+        control_lib.run_files(model_dir, run_dir.QUIT_FILE, FLAGS.quit_file, is_chief),
+        control_lib.run_files(model_dir, run_dir.PAUSE_FILE, FLAGS.pause_file, is_chief), trainer.request, signals))
 
     checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
     exports = actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input.color_mode,
@@ -176,7 +210,40 @@ def run():
                 actions_lib.PairImages(summary_writer, FLAGS.image_summary_every),
                 actions_lib.Histograms(summary_writer, FLAGS.histogram_every, trainer.trainable_variables),
                 checkpoints, exports, profiler]
-    return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler)
+    try:
+      return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler)
+    except distribute.LOST_WORKER_ERRORS as e:
+      if not distribute.is_multi_worker(strategy):
+        raise
+      return worker_lost(e, task, trainer, checkpoints, model_dir)
+
+
+def worker_lost(error, task, trainer, checkpoints, model_dir):
+  """What a worker says when another one of a multi-worker run dies or stops answering (TensorFlow's coordination
+  service notices within seconds and aborts the collective ops of all): which, when, and where the job resumes."""
+  lost = distribute.lost_tasks(error, task)
+  try:
+    when = f"at step {trainer.current_step() + 1}"
+  except (tf.errors.OpError, RuntimeError):
+    when = f"after step {checkpoints.last_step}"
+  logging.error("Lost %s %s (%s). Restart the whole job, every worker with the same command and TF_CONFIG: all "
+                "resume from %s. Exit code %d means: restart the job.",
+                " and ".join(lost) if lost else "another worker", when, errors.tf_error_message(error, 200),
+                tf.train.latest_checkpoint(model_dir) or "scratch (no checkpoint yet)", program.EXIT_WORKER_LOST)
+  return program.EXIT_WORKER_LOST
+
+
+def restore(latest, trainer, counters):
+  """Restores the trainer and counters from checkpoint `latest` (a checkpoint written before the input listing was
+  recorded has none, which is then left at zero)."""
+  items = dict(trainer.checkpoint_items(), **counters)
+  if not tf.train.load_checkpoint(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
+    del items[trainer_lib.LISTING_KEY]
+  try:
+    tf.train.Checkpoint(**items).restore(latest).assert_existing_objects_matched()
+  except (ValueError, AssertionError) as e:  # shapes or variables that the architecture check could not foresee
+    raise errors.UsageError(f"--model_dir: checkpoint {latest} does not fit the networks of these flags: "
+                            f"{str(e).splitlines()[0][:300]}") from e
 
 
 def recorded_init_from(model_dir):
@@ -189,11 +256,23 @@ def recorded_init_from(model_dir):
 
 def input_stream(strategy, input_config, source, trainer, latest):
   """The distributed batches, resuming where the checkpoint's batches ended: the positions are in the checkpoint,
-  the buffers of a tf.data iterator (hundreds of MB of patches) are not. A fresh stream must not repeat the first."""
+  the buffers of a tf.data iterator (hundreds of MB of patches) are not. A fresh stream must not repeat the first.
+  The positions index the listing of --data, so a listing that changed since the checkpoint (its fingerprint is
+  in the checkpoint too) cannot resume them either."""
   positions = trainer.input_positions.numpy()
-  if latest and (len(positions) != strategy.num_replicas_in_sync or input_config.data_service):
-    logging.warning("The input cannot resume at its exact position (%s): reading a fresh stream.",
-                    "tf.data service" if input_config.data_service else "the replica count changed")
+  recorded_listing, recorded_images = (int(v) for v in trainer.input_listing.numpy())
+  listing = source.fingerprint()
+  trainer.input_listing.assign([listing, len(source.paths)])
+  reason = None
+  if latest and input_config.data_service:
+    reason = "tf.data service"
+  elif latest and len(positions) != strategy.num_replicas_in_sync:
+    reason = "the replica count changed"
+  elif latest and recorded_images and recorded_listing != listing:
+    reason = (f"the listing of --data changed since the checkpoint: {recorded_images} "
+              f"{'shards' if source.kind == 'tfrecord' else 'images'} then, {len(source.paths)} now, or other names")
+  if reason:
+    logging.warning("The input cannot resume at its exact position (%s): reading a fresh stream.", reason)
     input_config = dataclasses.replace(input_config, seed=input_config.seed + trainer.current_step())
   return distribute.distributed_batches(strategy, input_config, source, positions)
 
@@ -201,15 +280,12 @@ def input_stream(strategy, input_config, source, trainer, latest):
 def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler):
   """The loop: compiled calls of up to --steps_per_loop steps, each ending where a periodic action is due."""
   step, train_steps = trainer.current_step(), FLAGS.train_steps
-  if train_steps and step >= train_steps:
-    logging.info("Step %d already reaches --train_steps=%d: nothing to train.", step, train_steps)
-    return 0
   while not train_steps or step < train_steps:
     profiler.before(step)
     num_steps = actions_lib.steps_to_next(step, train_steps, periodic, FLAGS.steps_per_loop)
     start = time.perf_counter()
     values = trainer.train_loop(iterator, tf.constant(num_steps))
-    step = trainer.current_step()
+    before, step = step, trainer.current_step()
     output = actions_lib.LoopOutput(step=step, steps=int(values["steps"]), status=int(values["status"]),
                                     values=values, seconds=time.perf_counter() - start)
     for k, variable in counters.items():
@@ -221,8 +297,10 @@ def train(trainer, iterator, counters, control, periodic, checkpoints, exports, 
                     "examine the run, then re-run to resume from %s.", step, what, checkpoints.last_step,
                     checkpoints.latest or "scratch")
       return 1
+    # A call whose every update was skipped (float16 overflows) left the step where it was: nothing new is due.
     for action in periodic:
-      action(output)
+      if step > before or output.status != trainer_lib.STATUS_OK or action.every_call:
+        action(output)
     if output.status == trainer_lib.STATUS_STOP_REQUESTED:
       if control.honour(int(values["request"]), step, checkpoints.save):
         logging.info("Weights digest: %.10e", trainer_lib.weights_digest(trainer))

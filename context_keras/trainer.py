@@ -20,6 +20,7 @@ PREVIEW_PAIRS = 8
 # Why a compiled loop stopped early.
 STATUS_OK, STATUS_STOP_REQUESTED, STATUS_NOT_FINITE, STATUS_EXPLODED = 0, 1, 2, 3
 COUNTERS = ("images", "too_small", "unreadable")
+LISTING_KEY = "input_listing"  # its name among the checkpoint's items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,8 @@ class Trainer:
     # (data.make_dataset). Its shape follows the replica count, so a run can resume on another topology.
     self.input_positions = tf.Variable(tf.zeros([strategy.num_replicas_in_sync, 2], tf.int64), trainable=False,
                                        shape=tf.TensorShape([None, 2]), name="input_positions")
+    # (fingerprint, length) of the listing of --data that the positions index (sources.Source.fingerprint).
+    self.input_listing = tf.Variable(tf.zeros([2], tf.int64), trainable=False, name=LISTING_KEY)
     # XLA compiles the forward and backward pass only: the optimizer's cross-replica update stays outside it.
     self._gradients = (tf.function(self._gradients_impl, jit_compile=True) if optim_config.jit_compile
                        else self._gradients_impl)
@@ -111,7 +114,8 @@ class Trainer:
 
   def checkpoint_items(self):
     return {"tower": self.networks.tower, "head": self.networks.head, "optimizer": self.optimizer,
-            "grad_norm_average": self.grad_norm_average, "input_positions": self.input_positions}
+            "grad_norm_average": self.grad_norm_average, "input_positions": self.input_positions,
+            LISTING_KEY: self.input_listing}
 
   def _gradients_impl(self, batch, global_pairs):
     if self.augment is not None:

@@ -12,10 +12,13 @@ import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 
 from context_keras import errors
+
+LOCK_FILE = ".lock"
 
 # The process's umask (read by setting it, so set it back): atomic_write gives its files the usual permissions.
 _UMASK = os.umask(0)
@@ -140,32 +143,56 @@ def recover_folder(path, owned=None):
       os.rename(old, path)
 
 
-class _FolderLock:
-  """An flock on DIR/.NAME.lock while a process writes DIR/NAME; the kernel drops it when the process dies."""
+class FileLock:
+  """An exclusive flock on the file `path`, which names its holder; a second process that tries it stops with a
+  UsageError made by `busy(holder)`. The kernel releases it when its process ends, even by kill -9, so a crashed
+  writer never leaves it stuck. (flock is per host: on a shared file system, processes on two hosts are not kept
+  apart.)"""
 
-  def __init__(self, path):
-    folder, name = os.path.split(path)
-    self.path = os.path.join(folder, f".{name}.lock")
+  def __init__(self, path, holder, busy):
+    self.path = path
     self._file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       self._file.seek(0)
-      holder = self._file.read().strip() or "another process"
+      other = self._file.read().strip() or "another process"
       self._file.close()
-      raise errors.UsageError(f"{path} is being written by {holder} (lock {self.path}); wait for it to "
-                              "finish") from None
+      raise busy(other) from None
     self._file.seek(0)
     self._file.truncate()
-    self._file.write(f"process {os.getpid()}\n")
+    self._file.write(f"{holder + ' ' if holder else ''}process {os.getpid()} on {socket.gethostname()}\n")
     self._file.flush()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self):
+    self._file.close()
+
   def release(self):
-    # Removed while still held: a process that opened it meanwhile fails to lock it and stops; one that opens it
-    # later creates a new lock file.
+    """Closes and removes the lock file. Removed while still held: a process that opened it meanwhile fails to lock
+    it and stops; one that opens it later creates a new lock file."""
     with contextlib.suppress(OSError):
       os.remove(self.path)
     self._file.close()
+
+
+def folder_lock(folder, flag, holder, then="stop that one first, or choose another"):
+  """Keeps a second process off a folder that one program writes (a run directory, prepare's output): FOLDER/.lock,
+  naming `holder`; the second one stops with a message naming --flag."""
+  return FileLock(os.path.join(folder, LOCK_FILE), holder, lambda other: errors.UsageError(
+      f"--{flag}={folder} is in use by {other} (lock {os.path.join(folder, LOCK_FILE)}); {then} --{flag}"))
+
+
+def _writing_lock(path):
+  """atomic_folder's lock while a process writes DIR/NAME: DIR/.NAME.lock."""
+  folder, name = os.path.split(path)
+  return FileLock(os.path.join(folder, f".{name}.lock"), "", lambda other: errors.UsageError(
+      f"{path} is being written by {other} (lock {os.path.join(folder, f'.{name}.lock')}); wait for it to finish"))
 
 
 @contextlib.contextmanager
@@ -181,7 +208,7 @@ def atomic_folder(path, owned=None):
   # Through a symbolic link: the folder is replaced where it lies, and the link stays.
   path = os.path.realpath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  lock = _FolderLock(path)
+  lock = _writing_lock(path)
   try:
     recover_folder(path, owned)
     token = uuid.uuid4().hex[:12]
@@ -206,7 +233,7 @@ def recover_folders(parent):
       name = os.path.basename(leftover)[1:].rsplit(f".{kind}-", 1)[0]
       targets.add(os.path.join(parent, name))
   for target in sorted(targets):
-    lock = _FolderLock(target)
+    lock = _writing_lock(target)
     try:
       recover_folder(target)
     finally:

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from PIL import ImageOps
 
 from context_keras import data as D
 from context_keras import decoding as DEC
 from context_keras import errors
+from context_keras import prepare as PREP
 from context_keras import sources as S
 from helpers import REPO
 from helpers import demo_args
@@ -223,6 +225,211 @@ def test_list_files_naming_missing_files_empty_folders_and_loops(tmp_path, photo
       S.find_source(str(tmp_path / name))
 
 
+def test_list_file_with_a_byte_order_mark_keeps_its_first_entry(tmp_path, photo_dir):
+  """Editors on Windows save UTF-8 with a byte-order mark; it must not become part of the first file name."""
+  listing = tmp_path / "bom.txt"
+  listing.write_bytes("\ufeffastronaut.png 0\ncoffee.png 1\n".encode("utf-8"))
+  source = S.find_source(str(listing), photo_dir)
+  assert source.paths == (os.path.join(photo_dir, "astronaut.png"), os.path.join(photo_dir, "coffee.png"))
+  one_line = tmp_path / "one.txt"
+  one_line.write_bytes(b"\xef\xbb\xbfastronaut.png\n")
+  S.check_readable(S.find_source(str(one_line), photo_dir))  # used, not "none of the 1 images tried can be used"
+
+
+def test_a_single_image_or_a_binary_file_as_data_is_named_as_such(tmp_path, photo_dir):
+  photo = os.path.join(photo_dir, "rocket.jpg")
+  with pytest.raises(errors.DataError, match=rf"{re.escape(photo)} is a single image, not a list file; give its "
+                                             rf"folder \(--data={re.escape(photo_dir)}\)"):
+    S.find_source(photo)
+  renamed = tmp_path / "photo.dat"  # known by its content, whatever its name
+  shutil.copy(photo, renamed)
+  with pytest.raises(errors.DataError, match="is a single image, not a list file"):
+    S.find_source(str(renamed))
+  binary = tmp_path / "weights.bin"
+  binary.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(errors.DataError, match=rf"{re.escape(str(binary))} is not a list file \(byte 128 is not UTF-8 "
+                                             r"text\): give a folder of images, a list file or a glob of TFRecord"):
+    S.find_source(str(binary))
+  text = tmp_path / "BMW.txt"  # a list whose first name happens to start like a BMP header is still a list
+  text.write_text("BMW_at_night_with_a_long_name.png 1\nrocket.jpg 2\n")
+  assert len(S.find_source(str(text), photo_dir).paths) == 2
+
+
+def _write_shard(path, compression=None, images=5):
+  """A shard of `images` PNGs of smooth colour ramps (a few KB each, big enough for a grid), as prepare writes them."""
+  y, x = np.meshgrid(np.arange(300), np.arange(400), indexing="ij")
+  with tf.io.TFRecordWriter(str(path), options=compression) as writer:
+    for i in range(images):
+      ramp = np.stack([x * 255 // 399, y * 255 // 299, np.full_like(x, 40 * i)], -1).astype(np.uint8)
+      contents = tf.io.encode_png(ramp).numpy()
+      writer.write(PREP.make_example(PREP.Outcome(contents=contents, height=300, width=400), f"{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+  """Shards a (plain), b (a corrupt record in the middle), c (cut short), d (GZIP), e (ZLIB), 5 photos each."""
+  folder = tmp_path_factory.mktemp("shards")
+  for name, compression in (("a", None), ("b", None), ("c", None), ("d", "GZIP"), ("e", "ZLIB")):
+    _write_shard(folder / f"{name}.tfrecord", compression)
+  corrupt = bytearray((folder / "b.tfrecord").read_bytes())
+  corrupt[len(corrupt) // 2] ^= 0xFF
+  (folder / "b.tfrecord").write_bytes(bytes(corrupt))
+  whole = (folder / "c.tfrecord").read_bytes()
+  (folder / "c.tfrecord").write_bytes(whole[:len(whole) * 3 // 4])
+  return folder
+
+
+def test_damaged_and_compressed_shards(shard_folder, capfd, caplog):
+  """GZIP and ZLIB shards are read (told by their content); a corrupt or cut-short shard gives its records up to
+  the damage, then counts ONE unreadable image per pass over it, in stream order (not hundreds ahead of the shuffle
+  buffer), and is named once; a file that is no TFRecord at all is left out at start, named."""
+  source = S.find_source(str(shard_folder / "*.tfrecord"))
+  assert source.description.endswith("(GZIP/ZLIB)") and [f[0] for f in source.shards] == ["", "", "", "GZIP", "ZLIB"]
+  read, damaged = 0, []
+  iterator = iter(S.finite_images(source))
+  while True:
+    try:
+      next(iterator)
+      read += 1
+    except StopIteration:
+      break
+    except tf.errors.InvalidArgumentError as e:
+      damaged.append(re.search(r"TFRecord shard (\S+) is corrupt or cut short here", str(e)).group(1))
+  assert damaged == [str(shard_folder / "b.tfrecord"), str(shard_folder / "c.tfrecord")]
+  assert 15 + 2 <= read <= 15 + 8  # a, d, e whole; b and c up to their damage
+  capfd.readouterr()
+  totals = {"images": 0, "too_small": 0, "unreadable": 0}
+  for batch in D.make_dataset(D.InputConfig(data=str(shard_folder / "*.tfrecord"), **SMALL), source).take(5):
+    for kind in totals:
+      totals[kind] += int(batch[kind])
+  passes = (totals["images"] + totals["unreadable"]) / (read + 2)
+  assert totals["images"] > 0 and totals["too_small"] == 0, totals
+  assert totals["unreadable"] <= 2 * (passes + 2), (totals, passes)  # was 346 unreadable for 30 images
+  named = capfd.readouterr().err
+  for shard in ("b", "c"):
+    assert named.count(f"TFRecord shard {shard_folder / shard}.tfrecord is corrupt or cut short after") == 1, named
+  assert "a.tfrecord is" not in named and "d.tfrecord is" not in named and "e.tfrecord is" not in named
+
+  (shard_folder / "notes.tfrecord").write_text("not a shard\n")
+  try:
+    assert S.find_source(str(shard_folder / "*.tfrecord")).paths == source.paths
+    assert f"TFRecord shard {shard_folder / 'notes.tfrecord'}: not a TFRecord file" in caplog.text
+  finally:
+    os.remove(shard_folder / "notes.tfrecord")
+
+
+def test_damaged_or_compressed_shard_sorting_first_at_start(shard_folder, tmp_path):
+  """The start-up check reads past a damaged first shard, reads a GZIP one, and stops with a DataError naming the
+  shard (not a DataLossError traceback) when no shard gives an image."""
+  for first, name in (("b", "0_corrupt"), ("d", "0_gzip")):
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(shard_folder / f"{first}.tfrecord", folder / "0.tfrecord")
+    shutil.copy(shard_folder / "a.tfrecord", folder / "1.tfrecord")
+    S.check_readable(S.find_source(str(folder / "*.tfrecord")))
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  whole = (shard_folder / "a.tfrecord").read_bytes()
+  first_record = 16 + int.from_bytes(whole[:8], "little")
+  (broken / "0.tfrecord").write_bytes(whole[:first_record - 5])  # cut inside its first record
+  (broken / "1.tfrecord").write_bytes(b"\x1f\x8b" + whole[2:40])  # a GZIP header, then nothing of GZIP
+  with pytest.raises(errors.DataError, match=rf"none of the 2 images tried can be used \(first problem: "
+                                             rf"{re.escape(str(broken / '0.tfrecord'))} record 0: "
+                                             rf"{re.escape(str(broken / '0.tfrecord'))} is corrupt or cut short after "
+                                             r"0 readable records\)"):
+    S.check_readable(S.find_source(str(broken / "*.tfrecord")))
+  os.remove(broken / "0.tfrecord")
+  (broken / "1.tfrecord").write_bytes(b"\x1f\x8b\x08\0")
+  (broken / "2.tfrecord").write_bytes(b"\x89PNG\r\n\x1a\n" + whole[:40])
+  with pytest.raises(errors.DataError, match=rf"none of the 2 TFRecord shards can be read \(first problem: "
+                                             rf"{re.escape(str(broken / '1.tfrecord'))}: a GZIP file cut short\)"):
+    S.find_source(str(broken / "*.tfrecord"))
+
+
+def test_batch_sizes_whose_step_cannot_fit_are_refused_with_the_estimate(monkeypatch):
+  """The estimate of one step's memory comes from the layer shapes of the tower in use: it grows with the width
+  and linearly with the batch; about 2.7 GB for flags/deepcontext.cfg (measured peak of the whole process: 3.1 GB,
+  README); a batch beyond the memory available is refused, naming both batch flags and the estimate."""
+  from context_keras import model as M  # pylint: disable=import-outside-toplevel
+  from context_keras import resources as R  # pylint: disable=import-outside-toplevel
+  full, narrow = (M.build(M.ModelConfig(width_multiplier=w)) for w in (1.0, 0.0625))
+  default = sum(R.step_memory(full, 511, 2560, 1, 4).values())
+  assert 2.0e9 < default < 4.0e9, default
+  assert sum(R.step_memory(narrow, 511, 2560, 1, 4).values()) < default / 4
+  one, two = (R.step_memory(full, patches, 5 * patches, replicas, 4) for patches, replicas in ((511, 1), (1022, 1)))
+  assert two["activations and their gradients"] == 2 * one["activations and their gradients"]
+  assert R.step_memory(full, 511, 2560, 1, 4, activations_on_host=False)["activations and their gradients"] == 0
+  monkeypatch.setattr(R, "available_memory", lambda: 2e9)
+  with pytest.raises(errors.UsageError, match=r"--batch_patches=511 and --batch_pairs=2560 need about 2\.\d\d GB "
+                                              r"for one training step on 1 replica\(s\) \(activations and their "
+                                              r"gradients 1\.\d\d GB, input batches .* of the alexnet_bn tower\), more "
+                                              r"than the 2\.00 GB of memory available here: lower both"):
+    R.check_step_memory(full, D.InputConfig(data="unused"), 1, "float32", "alexnet_bn")
+  R.check_step_memory(narrow, D.InputConfig(data="unused"), 1, "float32", "alexnet_bn")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Phone photos: the EXIF orientation
+
+# How a camera stores an upright picture U under each EXIF orientation (TIFF 6.0, tag 274): the stored pixels S
+# are the inverse of the transform the tag asks for, which is what a viewer applies to show U.
+STORED = {1: lambda u: u, 2: lambda u: u[:, ::-1], 3: lambda u: u[::-1, ::-1], 4: lambda u: u[::-1],
+          5: lambda u: u.transpose(1, 0, 2), 6: lambda u: np.rot90(u, 1), 7: lambda u: u[::-1, ::-1].transpose(1, 0, 2),
+          8: lambda u: np.rot90(u, -1)}
+
+
+def _with_orientation(stored, fmt, k):
+  exif = Image.Exif()
+  exif[0x0112] = k
+  return _pil_bytes(Image.fromarray(np.ascontiguousarray(stored)), fmt, exif=exif.tobytes(),
+                    **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def test_exif_orientation_is_honoured_in_decoding_training_and_prepare(tmp_path):
+  """A photo stored under each of the 8 EXIF orientations, as PNG (lossless) and JPEG: decoding gives the upright
+  pixels (those Pillow's exif_transpose shows), training cuts the same grids from it as from the upright photo, and
+  prepare records the upright size and, when it downscales, re-encodes upright."""
+  upright = np.asarray(Image.open(os.path.join(skimage_photo_dir(), "chelsea.png")).convert("RGB"))  # 451 x 300
+  height, width = upright.shape[:2]
+  seed = tf.constant([3, 4], tf.int64)
+  expected_grids = D.image_grids(_pil_bytes(Image.fromarray(upright), "PNG"), seed)
+  for k, store in STORED.items():
+    png = _with_orientation(store(upright), "PNG", k)
+    assert DEC.image_size_from_header(png)[1:] == (width, height)[::1 if k <= 4 else -1], k  # stored sideways
+    np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(png)))), upright,
+                                  err_msg=f"the test's table, orientation {k}")
+    decoded = DEC.decode(png).numpy()
+    np.testing.assert_array_equal(decoded, upright, err_msg=f"PNG, orientation {k}")
+    grids = D.image_grids(png, seed)
+    np.testing.assert_array_equal(grids["patches"].numpy(), expected_grids["patches"].numpy(), err_msg=str(k))
+    # JPEG: the same decoder's stored pixels, turned upright as the tag says.
+    jpeg = _with_orientation(store(upright), "JPEG", k)
+    raw = tf.io.decode_image(jpeg, channels=3).numpy()
+    np.testing.assert_array_equal(DEC.decode(jpeg).numpy(), np.asarray(ImageOps.exif_transpose(
+        _exif_image(raw, k))), err_msg=f"JPEG, orientation {k}")
+    assert np.abs(DEC.decode(jpeg).numpy().astype(int) - upright).mean() < 3, k  # and close to the photo
+    for name, contents in (("png", png), ("jpg", jpeg)):
+      (tmp_path / f"{k}.{name}").write_bytes(contents)
+      kept = PREP.examine(str(tmp_path / f"{k}.{name}"))
+      assert (kept.height, kept.width, kept.contents) == (height, width, contents), (k, name)
+      if k not in (3, 6):  # a re-encoding for two of them: a rotation and a sideways one
+        continue
+      small = PREP.examine(str(tmp_path / f"{k}.{name}"), max_pixels=height * width // 4)
+      assert small.reencoded and (small.height, small.width) == (height // 2, width // 2), (k, name)
+      again = DEC.decode(small.contents).numpy()  # no orientation left in the re-encoded bytes
+      assert again.shape == (height // 2, width // 2, 3)
+      smaller = tf.image.resize(upright, again.shape[:2], method="area").numpy()
+      assert np.abs(again - smaller).mean() < 3, (k, name)
+
+
+def _exif_image(pixels, k):
+  image = Image.fromarray(pixels)
+  exif = Image.Exif()
+  exif[0x0112] = k
+  image.info["exif"] = exif.tobytes()
+  return image
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The programs, in subprocesses
 
@@ -365,9 +572,21 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
   all_bad.mkdir()
   for name in ("corrupt.jpg", "empty.jpg", "bomb.webp", "thin.png"):
     shutil.copy(bad_folder[0] / name, all_bad / name)
+  shards = tmp_path / "broken_shards"
+  shards.mkdir()
+  (shards / "0.tfrecord").write_text("not a shard\n")
+  _write_shard(shards / "1.tfrecord")
+  whole = (shards / "1.tfrecord").read_bytes()
+  (shards / "1.tfrecord").write_bytes(whole[:12 + int.from_bytes(whole[:8], "little") // 2])  # in its 1st record
   train_cases = {
       "--train_steps=-5": "Invalid flags: --train_steps=-5 must be >= 0",
-      "--momentum=1.5": "Invalid flags: --momentum=1.5 must be < 1",
+      ("--momentum=1.5", "--seed=-1", "--bn_momentum=2", "--weight_decay=-1", "--divergence_factor=-1",
+       "--learning_rate=inf", "--steps_per_loop=3000000000"):
+          ("Invalid flags: --bn_momentum=2.0 must be < 1; --learning_rate=inf must be a finite number; --momentum=1.5 "
+           "must be < 1; --weight_decay=-1.0 must be >= 0; --divergence_factor=-1.0 must be >= 0; --seed=-1 must be "
+           ">= 0; --steps_per_loop=3000000000 must be <= 2147483647"),
+      ("--lr_schedule=cosine", "--warmup_steps=10", "--train_steps=10"):
+          "Invalid flags: --warmup_steps=10 is not less than --train_steps=10",
       "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
       "--batch_patches=8": "--batch_patches=8 cannot hold the largest grid",
       "--backbone=resnet50": "flag --backbone=resnet50: value should be one of <alexnet_bn>",
@@ -376,13 +595,32 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       f"--data={tmp_path / 'missing.txt'}": f"none of the 2 images tried can be used (first problem: "
                                             f"{tmp_path / 'gone.jpg'}; No such file or directory",
       f"--data={all_bad}": f"--data=folder {all_bad} (4 images): none of the 4 images tried can be used",
+      f"--data={shards}/*.tfrecord": f"(first problem: {shards}/1.tfrecord record 0: {shards}/1.tfrecord is corrupt "
+                                     "or cut short after 0 readable records)",
+      "--width_multiplier=0.125": "Invalid flags: --width_multiplier=0.125 (the run: 0.0625): --model_dir={run} holds "
+                                  "a run of another architecture ({run}/config.json)",
+      "--batch_patches=100000000": "Invalid flags: --batch_patches=100000000 and --batch_pairs=320 need about",
   }
   runs = []
   for i, flag in enumerate(train_cases):
     runs.append(tmp_path / f"run_{i}")
     shutil.copytree(small_run, runs[-1])
   state = run_state(small_run)
+  # A run directory whose config.json says another width than its checkpoints hold, and a checkpoint of a run of
+  # another width given to evaluate: both refused by name, not with "Shapes ... are incompatible".
+  misrecorded, other_width = tmp_path / "misrecorded", tmp_path / "other_width"
+  for run in (misrecorded, other_width):
+    shutil.copytree(small_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["width_multiplier"] = 0.125
+    (run / "config.json").write_text(json.dumps(config))
   other_cases = {
+      ("context_keras.export", f"--model_dir={misrecorded}", f"--output={tmp_path / 'out'}"):
+          f"checkpoint {misrecorded}/ckpt-10 does not match the run's architecture",
+      ("context_keras.evaluate", "--mode=pretext", f"--model_dir={small_run}", f"--checkpoint={other_width}/ckpt-10",
+       f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data", f"--eval_dir={tmp_path / 'e'}"):
+          f"--checkpoint={other_width}/ckpt-10 belongs to the run in {other_width}, trained with "
+          "--width_multiplier=0.125 (--model_dir's run: 0.0625)",
       ("context_keras.prepare", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
       ("context_keras.prepare", f"--data={all_bad}", f"--output={tmp_path / 'shards'}", "--num_shards=1"):
           f"--data={all_bad}: none of the 4 images is usable (reasons in {tmp_path / 'shards'}/rejected.txt)",
@@ -390,13 +628,63 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       ("context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--data={tmp_path}", "--folds=1"):
           "Invalid flags: --folds=1 must be >= 2",
   }
-  commands = [(demo_args(run, flag, *(["--data_root="] if flag.startswith("--data=") else [])), None)
-              for run, flag in zip(runs, train_cases)]
+  train_args = [[flag] if isinstance(flag, str) else list(flag) for flag in train_cases]
+  commands = [(demo_args(run, *args, *(["--data_root="] if args[0].startswith("--data=") else [])), None)
+              for run, args in zip(runs, train_args)]
   commands += [(list(args), None) for args in other_cases]
   results = run_all(commands, tmp_path)
-  for message, (code, text) in zip([*train_cases.values(), *other_cases.values()], results):
+  messages = [message.format(run=run) for run, message in zip(runs, train_cases.values())]
+  for message, (code, text) in zip([*messages, *other_cases.values()], results):
     assert code == 2, (message, text[-3000:])
     assert message in text and "Traceback" not in text, (message, text[-3000:])
   for run in runs:
     assert run_state(run) == state, run
   assert run_state(small_run) == state
+
+
+@pytest.mark.slow
+def test_resume_with_nothing_to_train_or_another_listing(small_run, photo_dir, tmp_path):
+  """Resuming a finished run (its --train_steps reached) with other flags rewrites nothing: flags.txt and
+  config.json keep saying how the checkpoints were made. Resuming on a listing of --data that gained a file says
+  that the input cannot resume at its exact position; the same listing resumes silently."""
+  runs = {name: tmp_path / name for name in ("finished", "grown", "same")}
+  for run in runs.values():
+    shutil.copytree(small_run, run)
+  state = run_state(small_run)
+  grown = tmp_path / "grown.txt"
+  grown.write_text(open(f"{REPO}/flags/demo_photos.txt", encoding="utf-8").read() + "coffee.png\nchelsea.png\n"
+                   "page.png\n")
+  results = run_all([(demo_args(runs["finished"], "--train_steps=10", "--learning_rate=0.5"), None),
+                     (demo_args(runs["grown"], f"--data={grown}", "--train_steps=12"), None),
+                     (demo_args(runs["same"], "--train_steps=12"), None)], tmp_path)
+  for code, text in results:
+    assert code == 0 and "Traceback" not in text, text[-3000:]
+  finished, grown_log, same = (text for _, text in results)
+  assert f"Step 10 of {runs['finished']}/ckpt-10 already reaches --train_steps=10: nothing to train." in finished
+  assert run_state(runs["finished"]) == state  # flags.txt and config.json included
+  assert ("The input cannot resume at its exact position (the listing of --data changed since the checkpoint: 18 "
+          "images then, 21 now, or other names): reading a fresh stream.") in grown_log, grown_log[-3000:]
+  assert "Resumed from" in same and "cannot resume at its exact position" not in same, same[-3000:]
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_read_only_run_names_the_flag_to_give(small_run, ordinary_user, tmp_path):
+  """A run directory the user may not write (a colleague's, a read-only mount): evaluate stops at once, before
+  evaluating, saying that --eval_dir picks another folder; given one, it evaluates."""
+  run = tmp_path / "read_only_run"
+  shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("eval"))
+  state = run_state(run)
+  args = ["context_keras.evaluate", "--mode=pretext", f"--model_dir={run}", f"--data={REPO}/flags/demo_photos.txt",
+          "--data_root=package:skimage.data", "--images=2", "--pairs_per_image=4"]
+  run.chmod(0o555)
+  try:
+    results = run_all([(args, ordinary_user), (args + [f"--eval_dir={tmp_path / 'eval'}"], ordinary_user)], tmp_path)
+  finally:
+    run.chmod(0o755)
+  (refused, refused_text), (code, text) = results
+  assert refused == 2 and "Traceback" not in refused_text, refused_text[-3000:]
+  assert (f"The results go to {run}/eval unless --eval_dir names another folder, and that one cannot be written "
+          "(Permission denied): give --eval_dir=A_WRITABLE_FOLDER") in refused_text, refused_text[-3000:]
+  assert '"mode": "pretext"' not in refused_text  # refused before evaluating
+  assert code == 0 and _result_json(text)["pairs"] == 8, text[-3000:]
+  assert (tmp_path / "eval" / "pretext.json").exists() and run_state(run) == state

@@ -9,21 +9,26 @@ stays uid 0 but the kernel checks its file accesses as an ordinary owner's. (Swi
 here: the virtualenv's interpreter lives under /root, mode 0700.) As a non-root user the tests need no such step.
 """
 import glob
+import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
 import tensorflow as tf
 
+from helpers import REPO
 from helpers import assert_complete_checkpoint
 from helpers import checkpoint_steps
 from helpers import demo_args
 from helpers import log_of
+from helpers import module_env
 from helpers import run_all
 from helpers import run_module
 from helpers import run_state
@@ -314,3 +319,229 @@ def test_unusable_model_dirs_stop_before_any_work(tmp_path, small_run, ordinary_
   for name, state in states.items():
     assert run_state(tmp_path / name) == state, name
   assert not (tmp_path / "read_only_parent" / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two runs in one working directory: control files
+
+
+def test_a_second_run_leaves_the_first_runs_pause_file_alone(tmp_path):
+  """Run A is paused by ./train_pause; run B starts in the same folder: B says the file exists already and does not
+  obey it, and neither removes it, so A stays paused. RUN/train_quit stops one run alone; removing ./train_pause
+  lets A go on."""
+  logs = {name: tmp_path / f"{name}.txt" for name in "ab"}
+  first = start_module(demo_args(tmp_path / "a", "--train_steps=0", "--checkpoint_every=100000"), tmp_path,
+                       logs["a"])
+  second = None
+  try:
+    wait_for(logs["a"], r"step 5 ", first)
+    (tmp_path / "train_pause").write_text("")
+    wait_for(logs["a"], r"Paused: remove", first)
+    second = start_module(demo_args(tmp_path / "b", "--train_steps=0", "--checkpoint_every=100000"), tmp_path,
+                          logs["b"])
+    wait_for(logs["b"], r"Control file \S*train_pause exists already \(another run's, or left from an earlier "
+             r"one\): not obeyed unless created again", second)
+    wait_for(logs["b"], r"step 10 ", second)
+    assert (tmp_path / "train_pause").exists() and "continuing" not in logs["a"].read_text()
+    (tmp_path / "b" / "train_quit").write_text("")
+    assert second.wait(timeout=120) == 0, logs["b"].read_text()[-3000:]
+    assert re.search(r"Stopped at step \d+ \(quit file \S*b/train_quit\)", logs["b"].read_text())
+    assert first.poll() is None and "continuing" not in logs["a"].read_text()  # B's quit file was B's alone
+    size = len(logs["a"].read_text())
+    os.remove(tmp_path / "train_pause")
+    wait_for(logs["a"], r"Pause file removed: continuing", first, after=size)
+    wait_for(logs["a"], r"step \d+ ", first, after=size)
+    (tmp_path / "a" / "train_quit").write_text("")
+    assert first.wait(timeout=120) == 0, logs["a"].read_text()[-3000:]
+  finally:
+    for process in (first, second):
+      if process is not None and process.poll() is None:
+        process.kill()
+  for name in "ab":
+    assert "Traceback" not in logs[name].read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The tf.data service: unreachable, and gone mid-run
+
+
+def test_unreachable_data_service_times_out_and_signals_stop_at_any_time(tmp_path):
+  """An address where no tf.data service answers: exit 2 after --data_service_timeout, naming it. SIGINT while it
+  waits: exit 130 at once. A service that goes away mid-run leaves the run waiting inside TensorFlow: the first
+  SIGINT asks for a graceful stop that cannot come, the second ends the run at once; the last checkpoint is whole."""
+  from context_keras import service  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    nobody = f"grpc://127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+  start = time.time()
+  timed_out = run_module(demo_args(tmp_path / "a", f"--data_service={nobody}", "--data_service_timeout=3"),
+                         cwd=tmp_path, timeout=120)
+  assert timed_out.returncode == 2, log_of(timed_out)
+  assert (f"--data_service={nobody}: no tf.data service answered within --data_service_timeout=3 s: is a "
+          "dispatcher running there") in log_of(timed_out) and "Traceback" not in log_of(timed_out)
+  print(f"unreachable service: exit 2 after {time.time() - start:.1f} s (TensorFlow import included)")
+
+  log = tmp_path / "b.txt"
+  waiting = start_module(demo_args(tmp_path / "b", f"--data_service={nobody}", "--data_service_timeout=600"),
+                         tmp_path, log)
+  try:
+    wait_for(log, r"processed by the tf.data service at", waiting)
+    time.sleep(1)
+    waiting.send_signal(signal.SIGINT)
+    assert waiting.wait(timeout=20) == 130, log.read_text()[-3000:]
+  finally:
+    if waiting.poll() is None:
+      waiting.kill()
+  assert "SIGINT while no checkpoint can be written: exiting now" in log.read_text()
+
+  dispatcher = service.start_dispatcher()
+  worker = service.start_worker(dispatcher.target.split("://")[1], worker_address="localhost:%port%")
+  log = tmp_path / "c.txt"
+  run = tmp_path / "c"
+  process = start_module(demo_args(run, f"--data_service={dispatcher.target}", "--train_steps=0",
+                                   "--checkpoint_every=5"), tmp_path, log)
+  try:
+    wait_for(log, r"Checkpoint \S+ written", process)
+    worker._stop()  # pylint: disable=protected-access
+    dispatcher._stop()  # pylint: disable=protected-access
+    deadline = time.time() + 60  # until the batches it had in hand are used up and it waits
+    size = -1
+    while time.time() < deadline and size != len(log.read_text()):
+      size = len(log.read_text())
+      time.sleep(5)
+    process.send_signal(signal.SIGINT)
+    wait_for(log, r"SIGINT received: finishing the current step", process)
+    time.sleep(2)
+    assert process.poll() is None, log.read_text()[-3000:]  # the step cannot finish without its input
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=20) == 130, log.read_text()[-3000:]
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert "SIGINT again while stopping (SIGINT): exiting now" in log.read_text()
+  assert_complete_checkpoint(run, latest_step(run))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two prepare runs on one output folder
+
+
+def test_second_prepare_on_the_same_output_is_refused(tmp_path):
+  """The first prepare holds --output (stopped with SIGSTOP in the middle, to be sure): the second exits 2 naming
+  it; the first then completes all its shards."""
+  output = tmp_path / "shards"
+  args = ["context_keras.prepare", f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data",
+          f"--output={output}", "--num_shards=3", "--workers=1"]
+  log = tmp_path / "first.txt"
+  first = start_module(args, tmp_path, log)
+  try:
+    wait_for(log, r"3 shard\(s\) to write", first)
+    first.send_signal(signal.SIGSTOP)
+    second = run_module(args, cwd=tmp_path, timeout=120)
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert second.returncode == 2, log_of(second)
+  assert re.search(rf"--output={re.escape(str(output))} is in use by prepare process {first.pid} on \S+ \(lock "
+                   rf"{re.escape(str(output / '.lock'))}\); wait for it to finish, or choose another --output",
+                   log_of(second)), log_of(second)
+  assert "Traceback" not in log_of(second)
+  assert json.loads((output / "index.json").read_text())["records"] == 18
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A worker of a multi-worker run dies
+
+
+def test_a_lost_worker_is_named_with_the_step_and_the_checkpoint_to_resume_from(tmp_path):
+  """kill -9 of one of two workers on loopback: the other stops within seconds with exit code 75 (restart the job),
+  naming the lost worker, the step and the checkpoint every worker resumes from; the restarted job resumes there."""
+  with socket.socket() as a, socket.socket() as b:
+    a.bind(("127.0.0.1", 0))
+    b.bind(("127.0.0.1", 0))
+    cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in (a, b)]}
+  run = tmp_path / "run"
+
+  def start(index, *extra):
+    env = dict(module_env(), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+    (tmp_path / f"w{index}").mkdir(exist_ok=True)
+    log = open(tmp_path / f"w{index}" / "log.txt", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    return subprocess.Popen([sys.executable, "-m", *demo_args(run, *extra)], cwd=tmp_path / f"w{index}", env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+  workers = [start(i, "--train_steps=0", "--checkpoint_every=10") for i in range(2)]
+  logs = [tmp_path / f"w{i}" / "log.txt" for i in range(2)]
+  try:
+    wait_for(logs[0], r"Checkpoint \S+/ckpt-10 written", workers[0])
+    wait_for(logs[0], r"step 15 ", workers[0])
+    workers[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    code = workers[0].wait(timeout=120)
+    seconds = time.time() - killed
+  finally:
+    for process in workers:
+      if process.poll() is None:
+        process.kill()
+  text = logs[0].read_text()
+  assert code == 75, text[-3000:]
+  match = re.search(r"Lost worker_1 at step (\d+) \(.*\)\. Restart the whole job, every worker with the same "
+                    r"command and TF_CONFIG: all resume from (\S+)\. Exit code 75 means: restart the job\.", text)
+  assert match, text[-3000:]
+  resume = match.group(2)
+  assert int(match.group(1)) > 15 and resume == str(run / f"ckpt-{latest_step(run)}"), (match.groups(), text[-2000:])
+  assert "Traceback" not in text
+  print(f"the surviving worker stopped {seconds:.1f} s after the kill")
+  workers = [start(i, f"--train_steps={latest_step(run) + 2}") for i in range(2)]
+  try:
+    codes = [p.wait(timeout=300) for p in workers]
+  finally:
+    for process in workers:
+      if process.poll() is None:
+        process.kill()
+  assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+  assert f"Resumed from {resume} at step" in logs[0].read_text()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What a run says: our own lines, progress with an ETA, float16's skipped updates
+
+
+BANNER = re.compile(r"absl::InitializeLog|cudart_stub|cuInit|cpu_feature_guard|oneDNN custom operations|"
+                    r"^[IWEF]\d{4} [\d:. ]+\d+ \w+\.cc:\d+\]", re.M)
+CHATTER = ("Sharding callback duration", "Writing fingerprint", "unsupported characters", "Assets written to",
+           "Collective all_reduce")
+
+
+def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, small_run):
+  """At the default verbosity no TensorFlow start-up banner and no library chatter (checkpoint sharding, SavedModel
+  naming) reach the output or RUN/train.log; -v 1 brings them back. Progress lines come at every --log_every step
+  and at the last one, with the elapsed time and an ETA; float16's skipped updates never repeat a step's line."""
+  results = run_all([
+      (["context_keras.service"], None),
+      (["context_keras.service", "-v", "1"], None),
+      (demo_args(tmp_path / "verbose", "-v", "1", "--train_steps=5", "--checkpoint_every=5"), None),
+      (demo_args(tmp_path / "eta", "--train_steps=12", "--log_every=5", "--steps_per_loop=5"), None),
+      (demo_args(tmp_path / "fp16", "--mixed_precision=float16", "--train_steps=4", "--log_every=1",
+                 "--steps_per_loop=1"), None),
+  ], tmp_path)
+  (quiet_code, quiet), (verbose_code, verbose), (trained, verbose_run), (eta_code, eta), (fp16_code, fp16) = results
+  assert quiet_code == verbose_code == 2 and "--role is required" in quiet, quiet
+  assert not BANNER.search(quiet), quiet
+  assert BANNER.search(verbose), verbose
+  assert trained == eta_code == fp16_code == 0, [text[-2000:] for _, text in results[2:]]
+  train_log = (small_run / "train.log").read_text()
+  for chatter in CHATTER:
+    assert chatter not in train_log, chatter
+  assert not BANNER.search(eta) and not any(chatter in eta for chatter in CHATTER), eta[-3000:]
+  assert "Sharding callback duration" in (tmp_path / "verbose" / "train.log").read_text()
+
+  lines = re.findall(r"step (\d+)/12 .*\(too small \d+, unreadable \d+\)  elapsed (\d+:\d\d:\d\d)  ETA (\S+)", eta)
+  assert [int(step) for step, _, _ in lines] == [5, 10, 12], eta[-3000:]
+  assert re.fullmatch(r"\d+:\d\d:\d\d", lines[1][2]) and lines[-1][2] == "0:00:00", lines
+  steps = [int(step) for step in re.findall(r"step (\d+)/4 ", fp16)]
+  assert steps == sorted(set(steps)) and steps[-1] == 4 and 0 not in steps, fp16[-3000:]
+  skipped = re.findall(r"float16 overflows skipped (\d+) updates", fp16)
+  assert skipped and int(skipped[-1]) > 0, fp16[-3000:]  # the loss scale starts at 2^15 and comes down
+  print(f"float16: {skipped[-1]} updates skipped at the start; progress lines at steps {steps}")

@@ -120,6 +120,23 @@ def test_prepare_labels_round_trip(imagenet, tmp_path):
   assert sorted(y for _, y, _ in stream[:7]) == [0, 0, 0, 1, 1, 2, 2] and stream[:7] != stream[7:14]
   assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 9, 3).take(8).as_numpy_iterator()
           ] == stream[9:]
+  # The same shards compressed with GZIP (told by their content, as training's) give the same records and streams.
+  (tmp_path / "gzip").mkdir()
+  for name in ("train", "val"):
+    (tmp_path / "gzip" / name).mkdir()
+    (tmp_path / "gzip" / name / "index.json").write_text((tmp_path / name / "index.json").read_text())
+    for shard in sorted((tmp_path / name).glob("*.tfrecord")):
+      with tf.io.TFRecordWriter(str(tmp_path / "gzip" / name / shard.name), "GZIP") as writer:
+        for record in tf.data.TFRecordDataset(str(shard)):
+          writer.write(record.numpy())
+  gzip_train = L.find(str(tmp_path / "gzip" / "train" / "*.tfrecord"))
+  gzip_val = L.find(str(tmp_path / "gzip" / "val" / "*.tfrecord"), classes=train.classes)
+  assert [c for c, _, _ in gzip_train.shards] == ["GZIP", "GZIP"]
+  assert sorted(int(label) for _, _, label in L.records(gzip_val).as_numpy_iterator()) == [0, 1, 1, 2]
+  assert [int(y) for _, _, y in J.val_records(gzip_val).as_numpy_iterator()] == [
+      int(y) for _, _, y in J.val_records(val).as_numpy_iterator()]
+  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(gzip_train, 1, 0, 3).take(17)
+          .as_numpy_iterator()] == stream
   # Shards of unlabelled images are refused with the way to make labelled ones.
   PR.prepare(PR.PrepareConfig(data=str(imagenet / "val"), output=str(tmp_path / "plain"), num_shards=1))
   with pytest.raises(errors.DataError, match="lists no classes.*prepare --labels"):

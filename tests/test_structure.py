@@ -74,3 +74,19 @@ def test_no_python_callbacks_in_the_graph_code():
   for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
     source = open(path, encoding="utf-8").read()
     assert "py_function" not in source and "numpy_function" not in source, path
+
+
+def test_every_numeric_flag_is_defined_with_bounds_in_the_scaffold():
+  """Numeric flags are defined only through program.define_integer/define_float, so that check_bounds sees them
+  all (the scaffold adds finiteness and the int32 limit to every one); every integer flag has a lower bound."""
+  for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+    if short(module_name(path)) == "program":
+      continue
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in ast.walk(tree):
+      if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        continue
+      name = node.func.attr
+      assert name not in ("DEFINE_integer", "DEFINE_float"), f"{path}:{node.lineno} defines a numeric flag unchecked"
+      if name == "define_integer":
+        assert "lower" in {k.arg for k in node.keywords}, f"{path}:{node.lineno}: integer flag without a lower bound"

@@ -212,11 +212,13 @@ def start_training(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_quit_file_stale_file_and_exact_step(tmp_path):
-  (tmp_path / "train_quit").write_text("")  # left over from an earlier run: reported, removed, not obeyed
+  (tmp_path / "train_quit").write_text("")  # left over from an earlier run (or another run's): reported, not obeyed
   process = start_training(tmp_path)
-  wait_for(tmp_path / "log.txt", r"Removing control file .*train_quit", process)
+  wait_for(tmp_path / "log.txt", r"Control file .*train_quit exists already .*: not obeyed unless created again",
+           process)
   wait_for(tmp_path / "log.txt", r"step 10 ", process)
-  (tmp_path / "train_quit").write_text("")
+  os.remove(tmp_path / "train_quit")
+  (tmp_path / "train_quit").write_text("")  # created anew: obeyed
   assert process.wait(timeout=120) == 0
   log = (tmp_path / "log.txt").read_text()
   stopped = int(re.search(r"Stopped at step (\d+) \(quit file", log).group(1))

@@ -130,14 +130,14 @@ def training_records(lset, seed, start, shuffle_buffer):
     stream = tf.data.Dataset.range(start // size, 2**62).flat_map(epoch).skip(start % size)
     return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), stream)).map(
         lambda i, pair: (i, pair[0], pair[1]))
-  shards = tf.constant(lset.paths)
+  shards = sources.shard_table(lset)
   table = labelled.class_table(lset.classes)
 
   def epoch(e):
     order = sources.epoch_order(len(lset.paths), tf.constant(seed, tf.int64), e)
-    raw = tf.data.Dataset.from_tensor_slices(tf.gather(shards, order)).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(8, len(lset.paths)), block_length=1,
-        num_parallel_calls=min(8, len(lset.paths)), deterministic=True)
+    raw = tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in shards.items()}).interleave(
+        lambda shard: sources.shard_records(**shard, first_visit=tf.equal(e, 0)), cycle_length=min(8, len(lset.paths)),
+        block_length=1, num_parallel_calls=min(8, len(lset.paths)), deterministic=True)
     # A Python seed (a tensor seed breaks under a global seed): each epoch's buffer shuffles the same way, but
     # its input, the shards' order, is new every epoch.
     return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1, reshuffle_each_iteration=False)
@@ -191,7 +191,7 @@ def val_records(lset):
   def parse(index, record):
     contents, _, name = sources.parse_record(record, labelled=True)
     return index, contents, table.lookup(name)
-  return tf.data.TFRecordDataset(list(lset.paths)).enumerate().map(parse)
+  return sources.all_records(lset).enumerate().map(parse)
 
 
 def train_dataset(lset, config, start, pipeline):

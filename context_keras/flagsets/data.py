@@ -78,6 +78,9 @@ def define_batching():
     flags.DEFINE_string("data_service", None,
                         "grpc://HOST:PORT of a tf.data service dispatcher: decoding and patch building then run on "
                         "its workers (python -m context_keras.service), so CPU-only hosts can feed the accelerators.")
+    program.define_integer("data_service_timeout", 60, "Seconds to wait at start for the tf.data service of "
+                           "--data_service to deliver a first element (a dispatcher and at least one worker); then "
+                           "the run stops with a message naming the address.", lower=1)
 
 
 def input_config(seed):

@@ -1,7 +1,6 @@
 """The optimisation group: the SGD update, its schedule, precision, and the divergence guard."""
 from absl import flags
 
-from context_keras import errors
 from context_keras import program
 from context_keras import resources
 from context_keras import trainer as trainer_lib
@@ -36,12 +35,10 @@ def define():
 
 
 def optim_config(train_steps):
-  if FLAGS.lr_schedule == "cosine" and not train_steps:
-    raise errors.UsageError("Invalid flags: --lr_schedule=cosine needs --train_steps > 0 to know where the cosine "
-                            "ends")
+  """The OptimConfig of the flags (the program checks --lr_schedule and --warmup_steps against train_steps)."""
   return trainer_lib.OptimConfig(
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
       lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps, train_steps=train_steps,
       loss_reduction=FLAGS.loss_reduction, mixed_precision=resources.resolve_precision(FLAGS.mixed_precision),
-      jit_compile=FLAGS.jit_compile,
-      divergence_factor=FLAGS.divergence_factor, inject_nan_at_step=FLAGS.inject_nan_at_step)
+      jit_compile=FLAGS.jit_compile, divergence_factor=FLAGS.divergence_factor,
+      inject_nan_at_step=FLAGS.inject_nan_at_step)

@@ -1,0 +1,138 @@
+"""EXIF orientation, read and applied in TensorFlow graph ops (no Python callback), for tf.data maps and eager code.
+
+TensorFlow's decoders ignore the EXIF orientation tag, so a phone photo stored sideways with orientation 6 decodes
+sideways. For context prediction the direction between two patches is the label, so such a photo would teach wrong
+directions. Turn every decoded image upright first:
+
+  image = apply_orientation(tf.io.decode_image(contents, channels=3, expand_animations=False), orientation(contents))
+
+This module is the one place where EXIF is parsed. It reads the orientation from a JPEG's APP1 "Exif" segment, a
+PNG's eXIf chunk (before the image data) and a WebP's EXIF chunk; other formats carry none and read as 1. Only the
+first IFD of the TIFF block is read, where the tag lives, and only its standard form (type SHORT, one value). Callers
+that take already-decoded pixels (the exported uint8 signature) cannot see the tag: their input must already be
+upright.
+"""
+import tensorflow as tf
+
+ORIENTATION_TAG = 0x0112
+SCAN_BYTES = 1 << 17  # JPEG and PNG: metadata lies near the start; WebP puts EXIF after the bitstream, so whole file
+MAX_SEGMENTS = 64     # JPEG segments, PNG or WebP chunks walked before giving up
+MAX_ENTRIES = 256     # IFD0 entries examined; cameras write a few dozen at most
+
+_JPEG, _PNG, _WEBP, _OTHER = range(4)
+
+
+def _fourcc(name):
+  return int.from_bytes(name, "big")
+
+
+def _walk_step(fmt, number, pos):
+  """One segment or chunk of the walk at `pos`: (next position, TIFF start, TIFF end, stop)."""
+  not_found = tf.constant(-1, tf.int64)
+
+  def jpeg():
+    marker = number(pos + 1, 1, False)
+    length = number(pos + 2, 2, False)
+    fill = tf.equal(marker, 0xFF)  # any number of 0xFF may precede a marker
+    standalone = tf.equal(marker, 0x01) | ((marker >= 0xD0) & (marker <= 0xD8))  # TEM, RSTn, SOI: no length field
+    exif = (tf.equal(marker, 0xE1) & tf.equal(number(pos + 4, 4, False), _fourcc(b"Exif")) &
+            tf.equal(number(pos + 8, 2, False), 0))
+    # A scan (SOS) or end of image means no metadata follows; a non-marker or bad length means a broken file.
+    broken = ~tf.equal(number(pos, 1, False), 0xFF) | (~fill & ~standalone & (length < 2))
+    stop = exif | broken | tf.equal(marker, 0xDA) | tf.equal(marker, 0xD9)
+    step = tf.where(fill, tf.constant(1, tf.int64), tf.where(standalone, tf.constant(2, tf.int64), 2 + length))
+    return (pos + step, tf.where(exif, pos + 10, not_found), tf.where(exif, pos + 2 + length, not_found), stop)
+
+  def png():  # chunks: length (big-endian), type, data, CRC
+    length, kind = number(pos, 4, False), number(pos + 4, 4, False)
+    exif = tf.equal(kind, _fourcc(b"eXIf"))
+    stop = exif | tf.equal(kind, _fourcc(b"IDAT")) | tf.equal(kind, _fourcc(b"IEND"))
+    return pos + 12 + length, tf.where(exif, pos + 8, not_found), tf.where(exif, pos + 8 + length, not_found), stop
+
+  def webp():  # RIFF chunks: type, length (little-endian), data padded to an even length
+    kind, length = number(pos, 4, False), number(pos + 4, 4, True)
+    exif = tf.equal(kind, _fourcc(b"EXIF"))
+    # Some writers keep JPEG's "Exif\0\0" in front of the TIFF header.
+    prefixed = tf.equal(number(pos + 8, 4, False), _fourcc(b"Exif")) & tf.equal(number(pos + 12, 2, False), 0)
+    start = pos + 8 + tf.where(prefixed, tf.constant(6, tf.int64), tf.constant(0, tf.int64))
+    next_pos = pos + 8 + length + tf.bitwise.bitwise_and(length, 1)
+    return next_pos, tf.where(exif, start, not_found), tf.where(exif, pos + 8 + length, not_found), exif
+
+  def other():
+    return pos, not_found, not_found, tf.constant(True)
+
+  return tf.switch_case(fmt, [jpeg, png, webp, other])
+
+
+@tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+def orientation(contents):
+  """EXIF orientation 1..8 of an encoded image, as a scalar int32.
+
+  1 (upright) when there is no EXIF orientation, or it is malformed, out of range or cut short, or the bytes are
+  not a JPEG, PNG or WebP: never an error, whatever the bytes.
+  """
+  head = tf.strings.join([tf.strings.substr(contents, 0, 12), b"\0" * 12])  # short files compare as padded
+  is_webp = tf.equal(tf.strings.substr(head, 0, 4), b"RIFF") & tf.equal(tf.strings.substr(head, 8, 4), b"WEBP")
+  fmt = tf.case([(tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8"), lambda: _JPEG),
+                 (tf.equal(tf.strings.substr(head, 0, 8), b"\x89PNG\r\n\x1a\n"), lambda: _PNG),
+                 (is_webp, lambda: _WEBP)], default=lambda: _OTHER)
+  window = tf.strings.substr(contents, 0, tf.where(is_webp, tf.strings.length(contents), SCAN_BYTES))
+  # One zero byte after the window: every read past the end is clamped onto it, so no read can fail.
+  raw = tf.io.decode_raw(tf.strings.join([window, b"\0"]), tf.uint8)
+  size = tf.cast(tf.strings.length(window), tf.int64)
+
+  def number(pos, width, little):
+    """Unsigned integer of `width` bytes at `pos` (any shape of positions); bytes past the window read as 0."""
+    index = tf.clip_by_value(tf.expand_dims(pos, -1) + tf.range(width, dtype=tf.int64), 0, size)
+    digits = tf.cast(tf.gather(raw, index), tf.int64)
+    weights = 256 ** tf.range(width, dtype=tf.int64)
+    return tf.reduce_sum(digits * tf.where(little, weights, tf.reverse(weights, [0])), -1)
+
+  first = tf.constant([2, 8, 12, 0], tf.int64)[fmt]  # after SOI, the PNG signature, the RIFF/WEBP header
+
+  def walk(count, pos, start, end, stop):
+    next_pos, start, end, stop = _walk_step(fmt, number, pos)
+    return count + 1, next_pos, start, end, stop | (next_pos >= size)
+
+  _, _, start, end, _ = tf.while_loop(
+      lambda count, pos, start, end, stop: ~stop & (count < MAX_SEGMENTS), walk,
+      (tf.constant(0), first, tf.constant(-1, tf.int64), tf.constant(-1, tf.int64), first >= size))
+
+  # The TIFF block: byte order, 42, offset of IFD0 (from the block's start), then 12-byte entries.
+  end = tf.minimum(end, size)
+  little = tf.equal(number(start, 2, False), 0x4949)  # "II"; "MM" is big-endian
+  tiff = ((start >= 0) & (little | tf.equal(number(start, 2, False), 0x4D4D)) &
+          tf.equal(number(start + 2, 2, little), 42))
+  ifd = start + number(start + 4, 4, little)
+  index = tf.range(MAX_ENTRIES, dtype=tf.int64)
+  entry = ifd + 2 + 12 * index
+  match = ((index < number(ifd, 2, little)) & (entry + 12 <= end) &
+           tf.equal(number(entry, 2, little), ORIENTATION_TAG) & tf.equal(number(entry + 2, 2, little), 3) &
+           tf.equal(number(entry + 4, 4, little), 1))
+  value = number(entry + 8, 2, little)[tf.argmax(tf.cast(match, tf.int32))]
+  valid = tiff & tf.reduce_any(match) & (value >= 1) & (value <= 8)
+  return tf.cast(tf.where(valid, value, 1), tf.int32)
+
+
+def apply_orientation(image, orientation):
+  """`image` [H, W, C] (any dtype) turned upright as EXIF orientation 1..8 asks; other values leave it unchanged.
+
+  The orientation names where the stored rows and columns belong (TIFF 6.0, tag 274): 2 mirrors left-right, 3
+  rotates 180 degrees, 4 mirrors top-bottom, 5 transposes (swaps rows and columns), 6 rotates 90 degrees
+  clockwise, 7 transposes across the other diagonal, 8 rotates 90 degrees counter-clockwise. A 5-8 image comes out
+  W x H.
+  """
+  image = tf.convert_to_tensor(image)
+
+  def transposed():
+    return tf.transpose(image, [1, 0, 2])
+
+  branches = [lambda: image,
+              lambda: tf.reverse(image, [1]),
+              lambda: tf.reverse(image, [0, 1]),
+              lambda: tf.reverse(image, [0]),
+              transposed,
+              lambda: tf.reverse(transposed(), [1]),
+              lambda: tf.reverse(transposed(), [0, 1]),
+              lambda: tf.reverse(transposed(), [0])]
+  return tf.switch_case(tf.cast(orientation, tf.int32) - 1, branches, default=lambda: image)
