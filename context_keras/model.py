@@ -31,7 +31,7 @@ class ModelConfig:
 
 # The ModelConfig fields that decide which variables the networks have and their shapes: a checkpoint can only be
 # restored into networks built with the same values (the others may change between resumes).
-ARCHITECTURE_FIELDS = ("backbone", "width_multiplier")
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "num_classes")
 
 
 def _width(channels, multiplier):
