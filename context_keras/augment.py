@@ -4,10 +4,10 @@ Training applies augment() to every cut patch (pixelation, colour handling, RMS 
 the exported models apply standardize(), its deterministic counterpart.
 
 Every patch carries a key (patch_keys: its image's key, its own and its grid's) and every random number of its
-augmentation is a hash of that key and a counter (uniform), so a patch gets the same pixels wherever it is augmented: in the input
-pipeline (--augment_on=host) or in the training step on the replica's device (--augment_on=device), alone or in any
-batch, whatever the parallelism. A new per-patch op goes into augment() and draws from its own stream of the keys;
-both modes then apply it.
+augmentation is a hash of that key and a counter (uniform), so a patch gets the same pixels wherever it is augmented:
+in the input pipeline (--augment_on=host) or in the training step on the replica's device (--augment_on=device),
+alone or in any batch, whatever the parallelism. A new per-patch op goes into augment() and draws from its own stream
+of the keys; both modes then apply it.
 """
 import tensorflow as tf
 
