@@ -1,12 +1,14 @@
 """Measures speed: python -m context_keras.benchmark [--baseline_python=... --baseline_script=...]
 
 (a) the input pipeline alone on real photos (patches/s, pairs/s), with the augmentation on the host and without it
-(--augment_on=device: the host only decodes, resizes and cuts uint8 patches); (b) a training step on a preloaded
+(--augment_on=device: the host only decodes, resizes and cuts uint8 patches), and the cost per image of each of its
+stages on one thread (input_stages); (b) a training step on a preloaded
 batch of the same shape as ../shared/bench/torch_baseline.py --mode grid (56 3x3 grids: 504 patches, 2240 pairs),
 without augmentation and with the device augmentation in the step; (c) end to end (pipeline + step) in both modes,
 for fp32 and bf16. Each figure is the median of --repeats timed runs. With --baseline_python the PyTorch baseline
 runs in the same session and the ratios are reported. The last line printed is one JSON object.
 """
+import dataclasses
 import json
 import os
 import re
@@ -42,14 +44,16 @@ FLAGS = flags.FLAGS
 def define_flags():
   data_flags.define_source()
   with program.flag_group("benchmark"):
-    flags.DEFINE_list("parts", ["input", "original_loader", "step", "end_to_end", "training_rss", "flops",
-                                "linear_eval"],
-                      "What to measure; original_loader is the original's per-patch numpy/scikit-image loader, on "
-                      "one core, for comparison with the input pipeline (needs scikit-image); training_rss is the "
-                      "peak memory of the training program with flags/deepcontext.cfg; flops are the network's "
-                      "floating-point operations per patch, from which (with the input figures) the host cores each "
-                      "GPU needs are estimated; linear_eval is the images/s of linear_eval's feature pass and "
-                      "training step (full-width backbone, 224-px crops, every layer pooled to 9,000 values, 1000 "
+    flags.DEFINE_list("parts", ["input", "input_stages", "original_loader", "step", "end_to_end", "training_rss",
+                                "flops", "linear_eval"],
+                      "What to measure; input_stages is the host's cost per image of each stage of the input "
+                      "pipeline, on one thread (where its time goes); original_loader is the original's per-patch "
+                      "numpy/scikit-image loader, on one core, for comparison with the input pipeline (needs "
+                      "scikit-image); training_rss is the peak memory of the training program with "
+                      "flags/deepcontext.cfg; flops are the network's floating-point operations per patch, from "
+                      "which (with the input figures) the host cores each GPU needs are estimated; linear_eval is "
+                      "the images/s of linear_eval's feature pass and training step (full-width backbone, 224-px "
+                      "crops, every layer pooled to 9,000 values, 1000 "
                       "classes).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
     program.define_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch "
@@ -124,6 +128,71 @@ def measure_input(config):
   del iterator, dataset  # a live pipeline keeps prefetching and would slow what is measured next
   return {"patches_per_s": round(statistics.median(r[0] for r in rates), 1),
           "pairs_per_s": round(statistics.median(r[1] for r in rates), 1), "cores": os.cpu_count()}
+
+
+def measure_input_stages(config, images=72):
+  """Where the host pipeline's time goes: milliseconds per image (and patches/s) of its stages on one thread, each
+  timed as a tf.data pipeline of its own on the same encoded photos (read into memory first), cumulatively: decoding
+  (at the reduced JPEG size the resize needs), + the random resize, + placing the grids and cutting their uint8
+  patches with their keys (data.image_grids), + packing them into padded batches (the whole host pipeline of
+  --augment_on=device), + the augmentation (the whole pipeline of --augment_on=host). The last two are timed over
+  whole batches and divided by the images they took. Median of --repeats runs of `images` images."""
+  paths = sources.find_source(config.data, config.data_root).paths
+  contents = tf.data.Dataset.from_tensor_slices([tf.io.read_file(p) for p in paths]).repeat()
+  base_seed = tf.constant([config.seed, 0], tf.int64)
+
+  def seeds(index):
+    seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+    resize_seed, _, _ = tf.unstack(patches_lib.split_seed(seed, 3))
+    return seed, resize_seed
+
+  def decoded(index, image):
+    _, resize_seed = seeds(index)
+    return decoding.decode(image, target_pixels=patches_lib.resize_target(resize_seed))
+
+  def count_patches(index, image):
+    return tf.shape(data_lib.image_grids(image, seeds(index)[0])["patches"])[0]
+
+  per_image = {
+      # One pixel of the result, which needs all of it.
+      "decode": lambda i, c: decoded(i, c)[0, 0, 0],
+      "decode_resize": lambda i, c: patches_lib.resize_for_grids(decoded(i, c), seeds(i)[1])[0][0, 0, 0],
+      "decode_resize_cut": count_patches,
+  }
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.enabled = False
+
+  def timed(dataset, count):
+    iterator = iter(dataset.with_options(options))
+    next(iterator)
+    runs = []
+    for _ in range(FLAGS.repeats):
+      done_images = done_patches = 0
+      start = time.perf_counter()
+      while done_images < images:
+        got_images, got_patches = count(next(iterator))
+        done_images += got_images
+        done_patches += got_patches
+      seconds = time.perf_counter() - start
+      runs.append((seconds / done_images, done_patches / seconds))
+    return {"ms_per_image": round(1e3 * statistics.median(r[0] for r in runs), 2),
+            "patches_per_s_per_core": round(statistics.median(r[1] for r in runs), 1)}
+
+  # The patches of the images each per-image stage takes, for its patches/s: the cut stage's count.
+  patch_counts = [int(count_patches(tf.constant(i, tf.int64), c)) for i, c in enumerate(contents.take(len(paths)))]
+  mean_patches = sum(patch_counts) / len(patch_counts)
+  result = {}
+  for name, stage in per_image.items():
+    dataset = contents.enumerate().map(stage)
+    result[name] = timed(dataset, lambda patches: (1, mean_patches))
+  for name, where in (("packed_device_mode", "device"), ("packed_host_mode", "host")):
+    batches = data_lib.batches_from_images(contents, dataclasses.replace(config, augment_on=where), seed=0)
+    result[name] = timed(batches, lambda batch: (int(batch["images"]) + int(batch["too_small"]),
+                                                 int(tf.reduce_sum(tf.cast(batch["patch_mask"], tf.int32)))))
+  result["mean_patches_per_image"] = round(mean_patches, 1)
+  return result
 
 
 def training_flops_per_patch(num_grids):
@@ -240,6 +309,9 @@ def main():
     result["input"]["device_vs_host_per_core"] = round(
         modes["device_augment"]["patches_per_s"] / modes["host_augment"]["patches_per_s"], 2)
     logging.info("input: %s", result["input"])
+  if "input_stages" in FLAGS.parts:
+    result["input_stages"] = measure_input_stages(input_config)
+    logging.info("input stages: %s", result["input_stages"])
   if "original_loader" in FLAGS.parts:
     paths = sources.find_source(input_config.data, input_config.data_root).paths
     result["original_loader"] = original_loader(paths, seconds=30)

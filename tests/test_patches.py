@@ -109,10 +109,11 @@ def test_pixelate_identity_and_blocks():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-2)
 
 
-@pytest.mark.parametrize("static_shapes", [False, True])
-def test_random_pixelate_probability_and_area(static_shapes):
+def test_random_pixelate_probability_and_area():
+  # Only the pixelated third resampled; the static-shape variant, which resamples every patch, gives the same
+  # patches (test_data.test_device_and_host_augmentation_are_equal_patch_for_patch).
   patches = tf.constant(np.random.default_rng(1).integers(0, 256, (2000, 96, 96, 1)).astype(np.float32))
-  out = A.random_pixelate(patches, keys(2000), static_shapes).numpy()
+  out = A.random_pixelate(patches, keys(2000)).numpy()
   changed = np.any(np.abs(out - patches.numpy()) > 1e-3, axis=(1, 2, 3))
   assert 0.29 < changed.mean() < 0.37
   # The side of each pixelated patch: the rank of the round trip, one per patch (area uniform in [100, 9025)).
