@@ -24,6 +24,8 @@ setup(
         "cuda": ["tensorflow[and-cuda]>=2.16"],
         # scikit-image ships the sample photos of flags/demo.cfg.
         "demo": ["scikit-image"],
+        # benchmarks/torch_baseline.py, the PyTorch baseline that `python -m context_keras.benchmark` runs.
+        "bench": ["torch", "scikit-image"],
         # Deployment: ONNX conversion (export --onnx) and its runtime; the LiteRT interpreter (the converter is part
         # of TensorFlow). Verified with TensorFlow 2.21 and numpy 2.4; tf2onnx 1.16 pins protobuf 3.20, which breaks
         # TensorFlow >= 2.20.

@@ -200,9 +200,9 @@ class Exports(Action):
   """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end, each
   written whole or not at all (writes.atomic_folder); what a killed run left half-written is cleaned up first."""
 
-  def __init__(self, write_dir, every, trainer, model_config, color_mode, latest_checkpoint):
+  def __init__(self, write_dir, every, trainer, model_config, input_config, latest_checkpoint):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
-    self.model_config, self.color_mode, self.latest_checkpoint = model_config, color_mode, latest_checkpoint
+    self.model_config, self.input_config, self.latest_checkpoint = model_config, input_config, latest_checkpoint
     folder = os.path.dirname(run_dir.export_path(write_dir, 0))
     if os.path.isdir(folder):
       writes.recover_folders(folder)
@@ -215,7 +215,8 @@ class Exports(Action):
     step = self.trainer.current_step()
     path = run_dir.export_path(self.write_dir, step)
     try:
-      serving.export_backbone(self.trainer.networks.tower, self.model_config, path, color_mode=self.color_mode)
+      serving.export_backbone(self.trainer.networks.tower, self.model_config, path,
+                              color_mode=self.input_config.color_mode, geometry=self.input_config.geometry)
     except (OSError, tf.errors.OpError) as e:
       raise run_dir.write_failure(f"the backbone SavedModel of step {step}", path, e,
                                   self.latest_checkpoint()) from e
@@ -253,7 +254,7 @@ def preview_image(preview):
   """Pairs as a picture: each pair is a 3x3 board with the first patch in the centre and the second patch in the
   cell its label names (method.md §2.3; with rotation classes the label's direction part, label mod 8, which names
   where the second patch lies as the network sees it, method.md §9.6)."""
-  size, gap = patches_lib.PATCH_SIZE, 8
+  size, gap = preview["first"].shape[1], 8
   cell = size + gap
   boards = []
   for first, second, label, valid in zip(preview["first"], preview["second"], preview["label"], preview["valid"]):

@@ -1,13 +1,14 @@
 """Per-patch augmentation and inference preprocessing of context prediction, as small TensorFlow ops.
 
-Training applies augment() to every cut patch (pixelation, colour handling, RMS normalisation: method.md §2.4);
-the exported models apply standardize(), its deterministic counterpart.
+Training applies augment() to every cut patch of the doersch geometry (pixelation, colour handling, RMS normalisation:
+method.md §2.4) and revisiting_augment() to those of the revisiting geometry (grayscale, per-patch standardisation:
+method.md §8.2); the exported models apply standardize(), the deterministic counterpart.
 
 Every patch carries a key (patch_keys: its image's key, its own and its grid's) and every random number of its
 augmentation is a hash of that key and a counter (uniform), so a patch gets the same pixels wherever it is augmented:
 in the input pipeline (--augment_on=host) or in the training step on the replica's device (--augment_on=device),
-alone or in any batch, whatever the parallelism. A new per-patch op goes into augment() and draws from its own stream
-of the keys; both modes then apply it.
+alone or in any batch, whatever the parallelism. A new per-patch op goes into augment() (or revisiting_augment()) and
+draws from its own stream of the keys; both modes then apply it.
 """
 import tensorflow as tf
 
@@ -19,9 +20,20 @@ PIXELATE_MIN_SIDE = 10       # area uniform in [10^2, 95^2]
 PIXELATE_MAX_SIDE = patches_lib.PATCH_SIZE - 1
 RMS_TARGET = 50.0            # method.md §2.4 step 3
 COLOR_MODES = ("drop", "drop_gaussian", "project", "none", "chroma_blur")
+GRAYSCALE_PROBABILITY = 0.66  # method.md §8.2: per image, Kolesnikov et al.'s config
+# The inference preprocessing of the revisiting geometry: tf.image.per_image_standardization, per image or patch.
+STANDARDIZATION = "standardization"
+PREPROCESSING_MODES = COLOR_MODES + (STANDARDIZATION,)
+
+
+def preprocessing_mode(geometry, color_mode):
+  """What the exported models apply to their uint8 input: the run's colour mode's counterpart (doersch), or per-image
+  standardisation (revisiting)."""
+  return STANDARDIZATION if geometry == "revisiting" else color_mode
 
 # The streams of a patch's random numbers, one per kind of draw, so that adding a draw changes no other.
-STREAM_PIXELATION, STREAM_KEPT_CHANNEL, STREAM_NOISE, STREAM_YOKE, STREAM_WINDOW, STREAM_MASKED = range(6)
+(STREAM_PIXELATION, STREAM_KEPT_CHANNEL, STREAM_NOISE, STREAM_GRAYSCALE, STREAM_YOKE, STREAM_WINDOW,
+ STREAM_MASKED) = range(7)
 _STREAM_LENGTH = 1 << 24  # counters per stream: more than the values of any patch
 _PER_IMAGE = 0x5BD1E995   # stands in for the patch's own key in draws shared by the patches of an image
 _PER_GRID = 0x2545F491    # a stream of the image's seed for its grids' keys
@@ -222,8 +234,40 @@ def augment(patches, keys, color_mode="drop", pixelation=True, static_shapes=Fal
   return rms_normalize(color_transform(patches, keys, color_mode, ops.chroma_blur_size), valid)
 
 
+def grayscale(patches, chosen):
+  """The chosen patches (bool [n]) replaced by the mean of their R, G and B in all three channels, as Kolesnikov et
+  al.'s to_gray; the others unchanged."""
+  gray = tf.broadcast_to(tf.reduce_mean(patches, axis=-1, keepdims=True), tf.shape(patches))
+  return tf.where(chosen[:, tf.newaxis, tf.newaxis, tf.newaxis], gray, patches)
+
+
+def per_patch_standardization(patches):
+  """Each patch to mean 0 and standard deviation 1 over all its values, (x - mean) / max(std, 1/sqrt(values)):
+  tf.image.per_image_standardization, which Kolesnikov et al. apply to every patch (method.md §8.2)."""
+  return tf.image.per_image_standardization(patches)
+
+
+def revisiting_augment(patches, keys, probability=GRAYSCALE_PROBABILITY, valid=None):
+  """The augmentation of the revisiting geometry (method.md §8.2): with probability 0.66 per image all of its
+  patches become grayscale (one draw per image from its key, as their to_gray on the whole image: the mean of the
+  channels commutes with resizing and cropping), then every patch is standardised.
+
+  patches: uint8 [n, P, P, 3] (or floats in 0-255 units); keys: uint32 [n, 3] (patch_keys). Returns float32; each
+  patch depends on its own pixels and its image's key only. With `valid` (bool [n]) the others become zero (the
+  padding of a batch).
+  """
+  patches = tf.cast(patches, tf.float32)
+  chosen = uniform(keys, STREAM_GRAYSCALE, 1, per_image=True)[:, 0] < probability
+  patches = per_patch_standardization(grayscale(patches, chosen))
+  if valid is not None:
+    patches *= tf.cast(valid, tf.float32)[:, tf.newaxis, tf.newaxis, tf.newaxis]
+  return patches
+
+
 def standardize(images, color_mode="drop"):
-  """The deterministic counterpart of color_transform + rms_normalize, for inference (method.md §2.4 steps 2-3).
+  """The deterministic counterpart of color_transform + rms_normalize, for inference (method.md §2.4 steps 2-3), or
+  with color_mode "standardization" (preprocessing_mode of the revisiting geometry) per-image standardisation, the
+  revisiting augmentation without its random grayscale.
 
   images: float [n, H, W, 3] in 0-255 units (patches, or whole images for the fully convolutional backbone); the
   statistics are per image. project and none are the training transforms exactly. For drop (and drop_gaussian),
@@ -233,8 +277,10 @@ def standardize(images, color_mode="drop"):
   chroma_blur is none here: the blur removes a cue of the pretext task, which the uses of a backbone do not need
   removed (method.md §9.3).
   """
+  if color_mode == STANDARDIZATION:
+    return per_patch_standardization(images)
   if color_mode not in COLOR_MODES:
-    raise ValueError(f"color mode {color_mode!r} is not one of {COLOR_MODES}")
+    raise ValueError(f"color mode {color_mode!r} is not one of {PREPROCESSING_MODES}")
   centred = images - image_mean(images)
   if color_mode in ("drop", "drop_gaussian"):
     channel_rms = tf.sqrt(image_mean(tf.square(centred)))

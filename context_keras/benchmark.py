@@ -1,12 +1,13 @@
-"""Measures speed: python -m context_keras.benchmark [--baseline_python=... --baseline_script=...]
+"""Measures speed: python -m context_keras.benchmark [--backbone=resnet50 --geometry=revisiting] [--parts=...]
 
 (a) the input pipeline alone on real photos (patches/s, pairs/s), with the augmentation on the host and without it
 (--augment_on=device: the host only decodes, resizes and cuts uint8 patches), and the cost per image of each of its
-stages on one thread (input_stages); (b) a training step on a preloaded
-batch of the same shape as ../shared/bench/torch_baseline.py --mode grid (56 3x3 grids: 504 patches, 2240 pairs),
-without augmentation and with the device augmentation in the step; (c) end to end (pipeline + step) in both modes,
-for fp32 and bf16. Each figure is the median of --repeats timed runs. With --baseline_python the PyTorch baseline
-runs in the same session and the ratios are reported. The last line printed is one JSON object.
+stages on one thread (input_stages; doersch geometry); (b) a training step on a preloaded batch of the PyTorch
+baseline's shape (doersch geometry: 56 3x3 grids, 504 patches, 2240 pairs; revisiting: 16 images, 144 patches, 128
+pairs), without augmentation and with the device augmentation in the step; (c) end to end (pipeline + step) in both
+modes, for fp32 and bf16; (d) the same step of our PyTorch baseline (benchmarks/torch_baseline.py, the same network)
+in the same session, and the ratios. Each figure is the median of --repeats timed runs. The last line printed is one
+JSON object.
 """
 import dataclasses
 import json
@@ -37,32 +38,44 @@ from context_keras import sources
 from context_keras import trainer as trainer_lib
 from context_keras.evaluation import linear_job
 from context_keras.flagsets import data as data_flags
+from context_keras.flagsets import model as model_flags
 
 FLAGS = flags.FLAGS
+# Our PyTorch baseline lives beside the package in the repository (benchmarks/), not in the installed package.
+OUR_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                            "torch_baseline.py")
+DEFAULT_GRIDS = {"doersch": 56, "revisiting": 16}
 
 
 def define_flags():
   data_flags.define_source()
+  data_flags.define_geometry()
+  model_flags.define()
   with program.flag_group("benchmark"):
     flags.DEFINE_list("parts", ["input", "input_stages", "original_loader", "step", "end_to_end", "training_rss",
                                 "flops", "linear_eval"],
                       "What to measure; input_stages is the host's cost per image of each stage of the input "
-                      "pipeline, on one thread (where its time goes); original_loader is the original's per-patch "
-                      "numpy/scikit-image loader, on one core, for comparison with the input pipeline (needs "
-                      "scikit-image); training_rss is the peak memory of the training program with "
-                      "flags/deepcontext.cfg; flops are the network's floating-point operations per patch, from "
-                      "which (with the input figures) the host cores each GPU needs are estimated; linear_eval is "
-                      "the images/s of linear_eval's feature pass and training step (full-width backbone, 224-px "
-                      "crops, every layer pooled to 9,000 values, 1000 "
+                      "pipeline, on one thread (where its time goes; doersch geometry); original_loader is the "
+                      "original's per-patch numpy/scikit-image loader, on one core, for comparison with the input "
+                      "pipeline (needs scikit-image; doersch geometry); training_rss is the peak memory of the "
+                      "training program with flags/deepcontext.cfg (doersch geometry); flops are the network's "
+                      "floating-point operations per patch, from which (with the input figures) the host cores each "
+                      "GPU needs are estimated; linear_eval is the images/s of linear_eval's feature pass and "
+                      "training step (full-width AlexNet-BN backbone, 224-px crops, every layer pooled to 9,000 "
+                      "values, 1000 "
                       "classes).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
-    program.define_integer("grids", 56, "3x3 grids per preloaded batch (56 -> 504 patches, as the PyTorch "
-                           "baseline).", lower=1)
+    program.define_integer("grids", 0, "3x3 grids per preloaded batch (revisiting: images, 9 patches each); 0 = the "
+                           "PyTorch baseline's default, 56 grids (doersch) or 16 images (revisiting).", lower=0)
     program.define_integer("timed_steps", 3, "Training steps per timed run.", lower=1)
     program.define_integer("input_batches", 10, "Batches per timed run of the input pipeline.", lower=1)
     program.define_integer("repeats", 3, "Timed runs per figure; the median is reported.", lower=1)
-    flags.DEFINE_string("baseline_python", None, "Python with PyTorch, to run the baseline in the same session.")
-    flags.DEFINE_string("baseline_script", "../shared/bench/torch_baseline.py", "The PyTorch baseline script.")
+    flags.DEFINE_bool("baseline", True, "Run the PyTorch baseline of the same network in the same session (first, "
+                      "while no pipeline of ours takes CPU from it) and report our step's ratio to it.")
+    flags.DEFINE_string("baseline_python", sys.executable, "Python with PyTorch for the baseline (pip install "
+                        "'.[bench]').")
+    flags.DEFINE_list("baseline_script", [OUR_BASELINE], "PyTorch baseline scripts, each with torch_baseline.py's "
+                      "command line; ratios are to the first. Default: ours, benchmarks/torch_baseline.py.")
 
 PRECISION_POLICY = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 # The input pipeline's two modes: the result key and --augment_on.
@@ -72,16 +85,18 @@ MODES = {"host_augment": "host", "device_augment": "device"}
 GPU_SUSTAINED_TFLOPS = {"T4": 15, "V100": 40, "A100": 80, "H100": 150}
 
 
-def grid_batch(num_grids, side=3, seed=0, device_augment=False):
-  """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape): as the tower
-  takes them, or as the pipeline gives them for the device augmentation (uint8 patches and their keys)."""
-  first, second, label = (t.numpy() for t in patches_lib.grid_pairs(side, side))
+def grid_batch(num_grids, side=3, seed=0, geometry="doersch", device_augment=False):
+  """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape): every
+  8-neighbour pair (doersch) or the 8 (neighbour, centre) pairs (revisiting); the patches as the tower takes them, or
+  as the pipeline gives them for the device augmentation (uint8 patches and their keys)."""
+  first, second, label = (t.numpy() for t in patches_lib.geometry_pairs(geometry)(side, side))
+  size = patches_lib.patch_size(geometry)
   cells = side * side
   offsets = np.repeat(np.arange(num_grids) * cells, len(first))
   rng = np.random.default_rng(seed)
   n, m = num_grids * cells, num_grids * len(first)
-  patches = (rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8) if device_augment
-             else rng.normal(size=(n, 96, 96, 3)).astype(np.float32))
+  patches = (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) if device_augment
+             else rng.normal(size=(n, size, size, 3)).astype(np.float32))
   keys = {"patch_keys": rng.integers(0, 2**32, (n, 3), dtype=np.uint32)} if device_augment else {}
   return {"patches": patches, **keys, "patch_mask": np.ones(n, bool),
           "first": (np.tile(first, num_grids) + offsets).astype(np.int32),
@@ -91,10 +106,10 @@ def grid_batch(num_grids, side=3, seed=0, device_augment=False):
           "resume": np.zeros(2, np.int64)}
 
 
-def make_trainer(precision, optim_config, input_config):
+def make_trainer(precision, model_config, optim_config, input_config):
   keras.mixed_precision.set_global_policy(PRECISION_POLICY[precision])
   try:
-    return trainer_lib.Trainer(tf.distribute.get_strategy(), model_lib.ModelConfig(), optim_config,
+    return trainer_lib.Trainer(tf.distribute.get_strategy(), model_config, optim_config,
                                augment=data_lib.step_augmentation(input_config, optim_config.jit_compile))
   finally:
     keras.mixed_precision.set_global_policy("float32")
@@ -195,12 +210,12 @@ def measure_input_stages(config, images=72):
   return result
 
 
-def training_flops_per_patch(num_grids):
+def training_flops_per_patch(num_grids, model_config, geometry):
   """Floating-point operations of a training step per patch, on the baseline's batch shape: the forward pass as
   TensorFlow's profiler counts it (the tower once per patch, the pair head once per pair), times 3 for the backward
   pass (two products per forward one)."""
-  networks = model_lib.build(model_lib.ModelConfig())
-  batch = grid_batch(num_grids)
+  networks = model_lib.build(model_config)
+  batch = grid_batch(num_grids, geometry=geometry)
   spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in batch.items()}
   graph = tf.function(lambda b: model_lib.grid_logits(networks, b, training=True)).get_concrete_function(spec).graph
   options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
@@ -269,14 +284,60 @@ def training_peak_rss(input_config):
   return float(re.search(r"Peak memory: ([\d.]+) MB", out.stderr).group(1))
 
 
-def run_baseline(precision):
-  command = [FLAGS.baseline_python, FLAGS.baseline_script, "--mode", "grid", "--precision", precision,
-             "--grids", str(FLAGS.grids), "--steps", str(FLAGS.timed_steps)]
+def baseline_tower(model_config, geometry):
+  """The baseline network that is ours (torch_baseline.py --tower), or None when the configuration has none."""
+  if (model_config.backbone, model_config.head, geometry) == ("alexnet_bn", "doersch", "doersch"):
+    return "alexnet_bn"
+  if ((model_config.backbone, model_config.head, geometry, model_config.resnet_version) ==
+      ("resnet50", "revisiting", "revisiting", 1) and model_config.resnet_stem_stride == 1 and
+      model_config.resnet_strides == (1, 2, 2, 1)):
+    return "resnet50_rpl"
+  return None
+
+
+def run_baseline(script, tower, width, precision, grids):
+  """The median pairs/s of --repeats runs of a baseline script, or {"error": one line} when it cannot run."""
+  command = [FLAGS.baseline_python, script, "--tower", tower, "--mode", "grid", "--precision", precision,
+             "--grids", str(grids), "--steps", str(FLAGS.timed_steps)]
+  if tower == "resnet50_rpl":
+    command += ["--width", str(width)]
   runs = []
   for _ in range(FLAGS.repeats):
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
-    runs.append(json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"])
+    try:
+      out = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as e:
+      return {"error": f"cannot run --baseline_python={FLAGS.baseline_python}: {e}"}
+    if out.returncode != 0:
+      lines = (out.stderr or out.stdout).strip().splitlines() or [f"exit code {out.returncode}"]
+      hint = " (pip install '.[bench]' adds PyTorch)" if "No module named 'torch'" in lines[-1] else ""
+      return {"error": f"{script}: {lines[-1][:300]}{hint}"}
+    try:
+      runs.append(json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"])
+    except (ValueError, KeyError, IndexError):
+      return {"error": f"{script}: no JSON result line in its output"}
   return {"pairs_per_s": statistics.median(runs), "runs": runs}
+
+
+def baselines(model_config, geometry, grids):
+  """{script: {precision: result}} of every --baseline_script, or {} (logged) when there is none to run."""
+  tower = baseline_tower(model_config, geometry)
+  if tower is None:
+    logging.warning("No PyTorch baseline of --backbone=%s --head=%s --geometry=%s: the baselines are alexnet_bn "
+                    "(doersch) and resnet50 v1 (revisiting geometry and head, default strides).",
+                    model_config.backbone, model_config.head, geometry)
+    return {}
+  # The baseline's width is Kolesnikov et al.'s filters factor: 4 is the standard ResNet-50.
+  width = int(round(4 * model_config.width_multiplier))
+  results = {}
+  for script in FLAGS.baseline_script:
+    results[script] = {}
+    for precision in FLAGS.precisions:
+      results[script][precision] = run_baseline(script, tower, width, precision, grids)
+      if "error" in results[script][precision]:
+        logging.warning("PyTorch baseline skipped: %s", results[script][precision]["error"])
+        break
+      logging.info("PyTorch %s %s: %s", os.path.basename(script), precision, results[script][precision])
+  return results
 
 
 def jpeg_copies(list_file, data_root, folder, quality=90):
@@ -291,16 +352,26 @@ def jpeg_copies(list_file, data_root, folder, quality=90):
 def main():
   result = {}
   scratch = tempfile.TemporaryDirectory()
+  geometry = FLAGS.geometry
+  model_config = model_flags.model_config()
+  if not FLAGS["head"].present and geometry == "revisiting":
+    model_config = dataclasses.replace(model_config, head="revisiting")  # the geometry's own head, as the baseline
+  grids = FLAGS.grids or DEFAULT_GRIDS[geometry]
+  result["network"] = {"backbone": model_config.backbone, "head": model_config.head, "geometry": geometry,
+                       "width_multiplier": model_config.width_multiplier, "grids": grids}
   # By default the demo's sample photos, re-encoded as JPEG.
   data = FLAGS.data or jpeg_copies("flags/demo_photos.txt", "package:skimage.data", scratch.name)
-  configs = {mode: data_lib.InputConfig(data=data, data_root=FLAGS.data_root, batch_patches=9 * FLAGS.grids,
-                                        batch_pairs=40 * FLAGS.grids, augment_on=where)
+  largest = data_lib.InputConfig(data=data, geometry=geometry).largest_grid
+  configs = {mode: data_lib.InputConfig(data=data, data_root=FLAGS.data_root, geometry=geometry,
+                                        batch_patches=max(9 * grids, largest[0]),
+                                        batch_pairs=max((40 if geometry == "doersch" else 8) * grids, largest[1]),
+                                        augment_on=where)
              for mode, where in MODES.items()}
   input_config = configs["host_augment"]
   optim_config = trainer_lib.OptimConfig(divergence_factor=0)
-  if FLAGS.baseline_python:
+  if FLAGS.baseline:
     # First, while no pipeline of ours is alive to take CPU from it.
-    result["torch_grid"] = {p: run_baseline(p) for p in FLAGS.precisions}
+    result["torch"] = baselines(model_config, geometry, grids)
   if "input" in FLAGS.parts:
     modes = {mode: measure_input(config) for mode, config in configs.items()}
     # The old keys are the host mode's (the pipeline as it was before --augment_on).
@@ -309,10 +380,10 @@ def main():
     result["input"]["device_vs_host_per_core"] = round(
         modes["device_augment"]["patches_per_s"] / modes["host_augment"]["patches_per_s"], 2)
     logging.info("input: %s", result["input"])
-  if "input_stages" in FLAGS.parts:
+  if "input_stages" in FLAGS.parts and geometry == "doersch":
     result["input_stages"] = measure_input_stages(input_config)
     logging.info("input stages: %s", result["input_stages"])
-  if "original_loader" in FLAGS.parts:
+  if "original_loader" in FLAGS.parts and geometry == "doersch":
     paths = sources.find_source(input_config.data, input_config.data_root).paths
     result["original_loader"] = original_loader(paths, seconds=30)
     logging.info("original loader: %s", result["original_loader"])
@@ -327,11 +398,11 @@ def main():
       continue
     result[key] = {}
     for precision in FLAGS.precisions:
-      trainer = make_trainer(precision, optim_config, configs[mode])
+      trainer = make_trainer(precision, model_config, optim_config, configs[mode])
       if pipeline:
         iterator = iter(data_lib.make_dataset(configs[mode]))
       else:
-        preloaded = grid_batch(FLAGS.grids, device_augment=mode == "device_augment")
+        preloaded = grid_batch(grids, geometry=geometry, device_augment=mode == "device_augment")
         iterator = iter(tf.data.Dataset.from_tensors(preloaded).repeat())
       seconds, pairs = time_steps(trainer, iterator, FLAGS.timed_steps, FLAGS.repeats)
       del trainer, iterator  # a live pipeline keeps prefetching and would slow what is measured next
@@ -342,10 +413,11 @@ def main():
     # What moving the augmentation into the step costs the device, per step.
     result["device_augment_step_cost_s"] = {p: round(result["step_device_augment"][p]["step_s"] -
                                                      result["step"][p]["step_s"], 3) for p in FLAGS.precisions}
-  if FLAGS.baseline_python:
-    if "step" in result:
-      result["step_ratio_vs_torch"] = {p: round(result["step"][p]["pairs_per_s"] /
-                                                result["torch_grid"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
+  torch_results = result.get("torch") or {}
+  if "step" in result and torch_results:
+    first = torch_results[FLAGS.baseline_script[0]]
+    result["step_ratio_vs_torch"] = {p: round(result["step"][p]["pairs_per_s"] / first[p]["pairs_per_s"], 2)
+                                     for p in FLAGS.precisions if "pairs_per_s" in first.get(p, {})}
   if "step" in result and "end_to_end" in result:
     result["end_to_end_ratio_vs_step"] = {p: round(result["end_to_end"][p]["pairs_per_s"] /
                                                    result["step"][p]["pairs_per_s"], 2) for p in FLAGS.precisions}
@@ -353,7 +425,7 @@ def main():
                                                     result["end_to_end"][p]["pairs_per_s"], 2)
                                            for p in FLAGS.precisions}
   if "flops" in FLAGS.parts:
-    flops = training_flops_per_patch(FLAGS.grids)
+    flops = training_flops_per_patch(grids, model_config, geometry)
     result["training_gflop_per_patch"] = round(flops / 1e9, 3)
     if "input" in result:
       result["cores_per_gpu"] = {"assumed_sustained_tflops": GPU_SUSTAINED_TFLOPS,
@@ -365,7 +437,7 @@ def main():
                                                linear_job.JobConfig(), repeats=FLAGS.repeats)
     logging.info("linear_eval: %s", result["linear_eval"])
   result["peak_rss_mb"] = round(resources.peak_rss_mb(), 1)
-  if "training_rss" in FLAGS.parts:
+  if "training_rss" in FLAGS.parts and geometry == "doersch":
     result["training_peak_rss_mb"] = training_peak_rss(input_config)
   print(json.dumps(result))
 

@@ -9,19 +9,29 @@ BN_MOMENTUM = 0.999    # method.md §3.2, moving_average_fraction
 
 
 class CaffeBatchNorm(layers.Layer):
-  """Batch normalisation as the original's Caffe layer (method.md §3.2): no scale or shift, eps 1e-5, and Caffe's
-  normalised moving average (s <- 0.999 s + 1, sum_mu <- mu + 0.999 sum_mu, sum_var <- m/(m-1) var + 0.999 sum_var;
-  the estimate is sum / s), which has no start-up bias.
+  """Batch normalisation over the valid samples of a padded batch, with Caffe's moving average (method.md §3.2).
 
-  Statistics are taken over the valid samples only (`valid`, [N] of 0/1), so batch padding never shifts them;
-  with `synchronized` they are summed over all replicas first.
+  As the original's Caffe layer by default: no scale or shift, eps 1e-5, and Caffe's normalised moving average
+  (s <- m s + 1, sum_mu <- mu + m sum_mu, sum_var <- n/(n-1) var + m sum_var with m the momentum; the estimate is
+  sum / s), which has no start-up bias. The modern towers (method.md §8.5) add a learned scale and shift (`scale`,
+  `center`), as standard batch norm; their other settings come from the tower.
+
+  Statistics are taken over the valid samples only (`valid`, [N] of 0/1), so batch padding never shifts them; with
+  `synchronized` they are summed over all replicas first. They are computed in two passes, the mean first and then
+  the mean of the centred squares, in float32 whatever the compute precision: one pass (mean of squares minus the
+  squared mean) loses every digit of the variance once the mean is some thousand times the standard deviation.
+  A batch without padding whose statistics stay on this replica goes through TensorFlow's fused kernel instead
+  (the same two-pass statistics, with a far cheaper gradient); padded or synchronised batches take the masked path.
   """
 
-  def __init__(self, synchronized=False, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs):
+  def __init__(self, synchronized=False, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=False, scale=False,
+               **kwargs):
     super().__init__(**kwargs)
     self.synchronized = synchronized
     self.momentum = momentum
     self.epsilon = epsilon
+    self.center = center
+    self.scale = scale
 
   def build(self, input_shape):
     channels = input_shape[0][-1]
@@ -29,6 +39,10 @@ class CaffeBatchNorm(layers.Layer):
     self.mean_sum = self.add_weight(name="mean_sum", shape=(channels,), **common)
     self.variance_sum = self.add_weight(name="variance_sum", shape=(channels,), **common)
     self.scale_sum = self.add_weight(name="scale_sum", shape=(), **common)
+    self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones",
+                                 autocast=False) if self.scale else None
+    self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
+                                autocast=False) if self.center else None
 
   def moving_statistics(self):
     """(mean, variance) estimates for inference; mean 0 and variance 1 before any training step."""
@@ -38,36 +52,77 @@ class CaffeBatchNorm(layers.Layer):
     variance = tf.where(has_stats, self.variance_sum / scale, 1.0)
     return mean, variance
 
+  def affine(self):
+    """(gamma, beta) of the learned scale and shift: ones and zeros where the layer has none."""
+    channels = self.mean_sum.shape[0]
+    gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
+    beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+    return gamma, beta
+
+  def _replicas(self):
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if self.synchronized and context is not None else 1
+
+  def _all_reduce(self, values):
+    if self._replicas() > 1:
+      return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+    return values
+
+  def batch_statistics(self, x32, valid):
+    """(mean, biased variance, count) of the valid samples, over every axis but the last, in two passes."""
+    weights = tf.cast(tf.reshape(valid, [-1] + [1] * (len(x32.shape) - 1)), tf.float32)
+    axes = list(range(len(x32.shape) - 1))
+    count = tf.reduce_sum(weights * tf.ones_like(x32[..., :1]))
+    count, sums = self._all_reduce([count, tf.reduce_sum(weights * x32, axes)])
+    count = tf.maximum(count, 1.0)
+    mean = sums / count
+    squares = self._all_reduce(tf.reduce_sum(weights * tf.square(x32 - mean), axes))
+    return mean, squares / count, count
+
+  def _normalize(self, x, mean, variance):
+    multiplier = tf.math.rsqrt(variance + self.epsilon)
+    if self.scale:
+      multiplier *= self.gamma
+    y = (tf.cast(x, tf.float32) - mean) * multiplier
+    if self.center:
+      y += self.beta
+    return tf.cast(y, x.dtype)
+
+  def _masked(self, x, valid):
+    mean, variance, count = self.batch_statistics(tf.cast(x, tf.float32), valid)
+    return self._normalize(x, mean, variance), mean, variance, count
+
+  def _fused(self, x):
+    """TensorFlow's fused batch norm (in the compute precision, statistics in float32) on a batch with no padding."""
+    shape = tf.shape(x)
+    x4 = x if len(x.shape) == 4 else tf.reshape(x, [shape[0], 1, 1, x.shape[-1]])
+    gamma, beta = self.affine()
+    y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(x4, gamma, beta, epsilon=self.epsilon, is_training=True)
+    count = tf.cast(tf.size(x4) // x.shape[-1], tf.float32)
+    # The kernel returns the variance with Bessel's correction; the normalisation used the biased one.
+    return tf.reshape(y, shape), mean, unbiased * (count - 1.0) / tf.maximum(count, 1.0), count
+
   def call(self, inputs, training=False):
     x, valid = inputs
-    x32 = tf.cast(x, tf.float32)
-    if training:
-      weights = tf.cast(tf.reshape(valid, [-1] + [1] * (len(x.shape) - 1)), tf.float32)
-      axes = list(range(len(x.shape) - 1))
-      count = tf.reduce_sum(weights * tf.ones_like(x32[..., :1]))
-      sums = tf.reduce_sum(weights * x32, axes)
-      squares = tf.reduce_sum(weights * tf.square(x32), axes)
-      if self.synchronized:
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-          count, sums, squares = context.all_reduce(tf.distribute.ReduceOp.SUM, [count, sums, squares])
-      count = tf.maximum(count, 1.0)
-      mean = sums / count
-      variance = tf.maximum(squares / count - tf.square(mean), 0.0)
-      unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-      self.scale_sum.assign(self.momentum * self.scale_sum + 1.0)
-      self.mean_sum.assign(self.momentum * self.mean_sum + tf.stop_gradient(mean))
-      self.variance_sum.assign(self.momentum * self.variance_sum + tf.stop_gradient(unbiased))
+    if not training:
+      return self._normalize(x, *self.moving_statistics())
+    if len(x.shape) in (2, 4) and self._replicas() == 1:
+      y, mean, variance, count = tf.cond(tf.reduce_all(valid > 0), lambda: self._fused(x),
+                                         lambda: self._masked(x, valid))
     else:
-      mean, variance = self.moving_statistics()
-    y = (x32 - mean) * tf.math.rsqrt(variance + self.epsilon)
-    return tf.cast(y, x.dtype)
+      y, mean, variance, count = self._masked(x, valid)
+    unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+    self.scale_sum.assign(self.momentum * self.scale_sum + 1.0)
+    self.mean_sum.assign(self.momentum * self.mean_sum + tf.stop_gradient(mean))
+    self.variance_sum.assign(self.momentum * self.variance_sum + tf.stop_gradient(unbiased))
+    return y
 
   def compute_output_shape(self, input_shape):
     return input_shape[0]
 
   def get_config(self):
-    return dict(super().get_config(), synchronized=self.synchronized, momentum=self.momentum, epsilon=self.epsilon)
+    return dict(super().get_config(), synchronized=self.synchronized, momentum=self.momentum, epsilon=self.epsilon,
+                center=self.center, scale=self.scale)
 
 
 class LocalResponseNorm(layers.Layer):

@@ -7,6 +7,9 @@ patches; the rest of the static shape is padding, marked by `patch_mask` and `pa
 sources.py, decoded by decoding.py; grids are cut by patches.cut_grids as uint8 patches, each with its augmentation
 key (augment.patch_keys). augment_batch turns a batch's uint8 patches into what the tower takes (augment.augment):
 in the pipeline with --augment_on=host, in the training step on the replica's device with --augment_on=device.
+The revisiting geometry (method.md §8.2) goes through the same packer and the same two modes: each image is one 3x3
+grid of 64-px patches whose pairs are its 8 (neighbour, centre) pairs, cut by patches.cut_revisiting and augmented by
+augment.revisiting_augment.
 """
 import dataclasses
 
@@ -53,20 +56,50 @@ class InputConfig:
   flip_relabel: bool = False
 
   augment_on: str = "host"
+  geometry: str = "doersch"
 
   def __post_init__(self):
     if self.augment_on not in AUGMENT_ON:
       raise ValueError(f"--augment_on={self.augment_on} is not one of {AUGMENT_ON}")
+    if self.geometry not in patches_lib.GEOMETRIES:
+      raise ValueError(f"--geometry={self.geometry} is not one of {patches_lib.GEOMETRIES}")
     if self.yoked_interpolation not in YOKED_INTERPOLATIONS:
       raise ValueError(f"--yoked_interpolation={self.yoked_interpolation} is not one of {YOKED_INTERPOLATIONS}")
     if self.chroma_blur_size < 1 or self.chroma_blur_size % 2 == 0:
       raise ValueError(f"--chroma_blur_size={self.chroma_blur_size} must be a positive odd number")
-    if self.batch_patches < patches_lib.max_grid_cells():
+    if self.geometry == "revisiting":
+      # The revisiting augmentation (augment.revisiting_augment) has no colour modes and no per-patch ops of §9 yet.
+      # Nor does the pretext evaluation's revisiting cutter mirror or rotate its grid (evaluation/pretext.py).
+      for flag, given in (("--color_mode=chroma_blur", self.color_mode == "chroma_blur"),
+                          ("--yoked_jitter", self.yoked_jitter), ("--random_aperture", self.random_aperture),
+                          ("--rotation_classes", self.rotation_classes), ("--flip_relabel", self.flip_relabel)):
+        if given:
+          raise ValueError(f"{flag} does not work with --geometry=revisiting yet (method.md §9.9)")
+    if self.batch_patches < self.largest_grid[0]:
       raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
-                       f"({patches_lib.max_grid_cells()} patches)")
-    if self.batch_pairs < patches_lib.max_grid_pairs():
+                       f"({self.largest_grid[0]} patches)")
+    if self.batch_pairs < self.largest_grid[1]:
       raise ValueError(f"--batch_pairs={self.batch_pairs} cannot hold the pairs of the largest grid "
-                       f"({patches_lib.max_grid_pairs()})")
+                       f"({self.largest_grid[1]})")
+
+  @property
+  def largest_grid(self):
+    """(patches, pairs) of the largest grid of the geometry."""
+    if self.geometry == "revisiting":
+      return patches_lib.REVISITING_PATCHES, patches_lib.REVISITING_PAIRS
+    return patches_lib.max_grid_cells(), patches_lib.max_grid_pairs()
+
+  @property
+  def patch_size(self):
+    return patches_lib.patch_size(self.geometry)
+
+  @property
+  def images_per_batch(self):
+    """Images in every batch of one replica (revisiting: every image is one grid of 9 patches), or None when it
+    varies (doersch)."""
+    if self.geometry != "revisiting":
+      return None
+    return min(self.batch_patches // patches_lib.REVISITING_PATCHES, self.batch_pairs // patches_lib.REVISITING_PAIRS)
 
   @property
   def num_classes(self):
@@ -89,26 +122,98 @@ class InputConfig:
 
 def image_grids(contents, seed, config=None):
   """Decode one encoded image at the size its random resize needs, resize it, cut its grids and key their patches
-  (method.md §1.2, 2.2, 2.4); with an InputConfig whose grids are mirrored or rotated, transform them (method.md
-  §9.6).
+  (method.md §1.2, 2.2, 2.4; the revisiting geometry of an InputConfig with --geometry=revisiting: §8.2); with an
+  InputConfig whose grids are mirrored or rotated, transform them (method.md §9.6). Without a config: the doersch
+  geometry, no transforms.
 
-  Returns patches.cut_grids's dict (patches uint8 [n, 96, 96, 3], grid_height and grid_width int32 [g], usable
+  Returns patches.cut_grids's dict (patches uint8 [n, P, P, 3], grid_height and grid_width int32 [g], usable
   bool) with patch_keys uint32 [n, 3] (and with transforms, flip and rotation [g]); an image too small for a grid
   gives 0x0 grids, so that the packer counts it.
   """
-  resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
-  image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
-  grids = patches_lib.cut_grids(image, resize_seed, grid_seed, jitter=config.grid_jitter if config else
-                                patches_lib.JITTER)
+  geometry = config.geometry if config is not None else "doersch"
+  if geometry == "revisiting":
+    # Decoded at full size: the 292x292 resize ignores the aspect, so a reduced JPEG decode (which keeps the pixel
+    # count, not each side) could leave the short side below 292.
+    cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
+    grids = patches_lib.cut_revisiting(decoding.decode(contents), cut_seed)
+  else:
+    resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
+    image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
+    grids = patches_lib.cut_grids(image, resize_seed, grid_seed,
+                                  jitter=config.grid_jitter if config is not None else patches_lib.JITTER)
   if config is not None and config.transforms_grids:
     grids = shortcuts.transform_grids(grids, seed, config.flip_relabel, config.rotation_classes)
   cells = grids["grid_height"] * grids["grid_width"]
   return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0], cells))
 
 
+# Images that decode to more pixels than this are decoded one at a time, after the parallel stage; all others, many
+# at once. Every JPEG within the bomb guard falls below it (a reduced decode keeps under 4x the resize target, or at
+# most MAX_DECODE_PIXELS / 64 = 1.56 MP), so the parallel decodes each hold a few MB whatever the core count, and
+# only a large PNG, WebP, BMP or GIF (no reduced decoding) pays for its size, once (README, What we guarantee:
+# memory; method.md §1.2).
+PARALLEL_DECODE_MAX_PIXELS = 4 * patches_lib.MAX_TARGET_PIXELS
+
+
+def decoded_pixels(contents, seed, geometry="doersch"):
+  """What image_grids(contents, seed, geometry) decodes, in pixels, read from the header (decoding.decoded_pixels).
+  The revisiting geometry decodes at full size (image_grids says why)."""
+  if geometry == "revisiting":
+    return decoding.decoded_pixels(contents, tf.constant(decoding.MAX_DECODE_PIXELS, tf.int64))
+  resize_seed = patches_lib.split_seed(seed, 3)[0]
+  return decoding.decoded_pixels(contents, patches_lib.resize_target(resize_seed))
+
+
+def _no_grids(config=None):
+  """image_grids's structure (for the same config) holding nothing: the place of an image left to the one-at-a-time
+  stage."""
+  if config is not None and config.geometry == "revisiting":
+    side, grids = patches_lib.REVISITING_PATCH, 1
+  else:
+    side, grids = patches_lib.PATCH_SIZE, patches_lib.GRIDS_PER_IMAGE
+  empty = tf.zeros([grids], tf.int32)
+  nothing = {"patches": tf.zeros([0, side, side, 3], tf.uint8),
+             "grid_height": empty, "grid_width": empty, "usable": tf.constant(False),
+             "patch_keys": tf.zeros([0, 3], tf.uint32)}
+  if config is not None and config.transforms_grids:
+    nothing.update(flip=tf.zeros([grids], tf.bool), rotation=empty)
+  return nothing
+
+
+def grids_of_images(images, base_seed, start_image=0, config=None):
+  """(index, image_grids(..., config)) of each encoded image of `images`, its stream index counted from start_image;
+  an image that cannot be decoded gives an error element (the caller skips and counts it).
+
+  Memory is bounded by design, whatever the core count: tf.data's AUTOTUNE runs up to one decode per core, and each
+  of those decodes at most PARALLEL_DECODE_MAX_PIXELS; a larger image is passed on encoded, and decoded in a
+  sequential stage, so that at most one large decode is in memory at a time (README, What we guarantee: memory).
+  """
+  def seed_of(index):
+    return tf.random.experimental.stateless_fold_in(base_seed, index)
+
+  geometry = config.geometry if config is not None else "doersch"
+
+  def parallel(index, contents):
+    large = decoded_pixels(contents, seed_of(index), geometry) > PARALLEL_DECODE_MAX_PIXELS
+    grids = tf.cond(large, lambda: _no_grids(config), lambda: image_grids(contents, seed_of(index), config))
+    return index, tf.where(large, contents, ""), large, grids  # only a large image's bytes travel on
+
+  def one_at_a_time(index, contents, large, grids):
+    return index, tf.cond(large, lambda: image_grids(contents, seed_of(index), config), lambda: grids)
+
+  return (images.enumerate(start=start_image)
+          .map(parallel, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          # One call at a time, explicitly: tf.data's map_parallelization would turn a plain map into a parallel one.
+          .map(one_at_a_time, num_parallel_calls=1, deterministic=True))
+
+
 def augment_batch(batch, config, static_shapes=False):
-  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key; padding
-  patches zero), everything else unchanged. static_shapes: see augment.random_pixelate."""
+  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key, or
+  augment.revisiting_augment for the revisiting geometry; padding patches zero), everything else unchanged.
+  static_shapes: see augment.random_pixelate."""
+  if config.geometry == "revisiting":
+    patches = augment_lib.revisiting_augment(batch["patches"], batch["patch_keys"], valid=batch["patch_mask"])
+    return dict(batch, patches=patches)
   patches = augment_lib.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
                                 static_shapes=static_shapes, valid=batch["patch_mask"], ops=config.patch_ops)
   return dict(batch, patches=patches)
@@ -127,19 +232,23 @@ def step_augmentation(config, jit_compile=False):
 # --------------------------------------------------------------------------------------------------------------
 # Grids -> packed batches
 
-# What a batch holds per patch, packed in TensorLists (appending does not copy): (dtype, shape of one patch's value).
-_PER_PATCH = {"patches": (tf.uint8, [patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3]),
-              "patch_keys": (tf.uint32, [3])}
+def _per_patch(size):
+  """What a batch holds per patch, packed in TensorLists (appending does not copy): name -> (dtype, shape of one
+  patch's value), for patches of size x size pixels."""
+  return {"patches": (tf.uint8, [size, size, 3]), "patch_keys": (tf.uint32, [3])}
 
 
-def _empty_list(name):
-  dtype, shape = _PER_PATCH[name]
+_PER_PATCH = tuple(_per_patch(patches_lib.PATCH_SIZE))  # the names, the same for every size
+
+
+def _empty_list(per_patch, name):
+  dtype, shape = per_patch[name]
   return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + shape, tf.int64), max_num_elements=-1,
                                     element_dtype=dtype)
 
 
-def _concat_list(name, handle):
-  dtype, shape = _PER_PATCH[name]
+def _concat_list(per_patch, name, handle):
+  dtype, shape = per_patch[name]
   values, _ = tf.raw_ops.TensorListConcatV2(
       input_handle=handle, element_dtype=dtype, element_shape=tf.constant([-1] + shape, tf.int64),
       leading_dims=tf.zeros([0], tf.int64))
@@ -170,16 +279,18 @@ class _Packer:
   there continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, max_patches, max_pairs, start_image=0, rotation_classes=False):
+  def __init__(self, max_patches, max_pairs, start_image=0, geometry="doersch", rotation_classes=False):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image = start_image
+    self.per_patch = _per_patch(patches_lib.patch_size(geometry))
+    self.pairs = patches_lib.geometry_pairs(geometry)
     self.rotation_classes = rotation_classes
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
-    return {**{k: _empty_list(k) for k in _PER_PATCH}, "num_patches": tf.constant(0), "first": tf.zeros([0], tf.int32),
-            "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
+    return {**{k: _empty_list(self.per_patch, k) for k in _PER_PATCH}, "num_patches": tf.constant(0),
+            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
 
@@ -196,7 +307,7 @@ class _Packer:
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
-    first, second, label = patches_lib.grid_pairs(h, w)
+    first, second, label = self.pairs(h, w)
     if "flip" in grid:  # the grid was transformed as a whole (method.md §9.6): its labels follow
       label = shortcuts.relabel(label, grid["flip"], grid["rotation"], self.rotation_classes)
     fits = ((state["num_patches"] + n <= self.max_patches) &
@@ -215,7 +326,7 @@ class _Packer:
       return append(dict(state, **counters)), self._nothing()
 
     def flush():
-      batch = {"ready": tf.constant(True), **{k: _concat_list(k, state[k]) for k in _PER_PATCH},
+      batch = {"ready": tf.constant(True), **{k: _concat_list(self.per_patch, k, state[k]) for k in _PER_PATCH},
                "first": state["first"], "second": state["second"], "label": state["label"],
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
                "resume": grid["position"]}
@@ -227,19 +338,20 @@ class _Packer:
 
   def _nothing(self):
     zero = tf.constant(0, tf.int64)
-    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in _PER_PATCH.items()},
+    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in self.per_patch.items()},
             "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
 
 
-def pad_batch(batch, max_patches, max_pairs):
+def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
   """Static shapes for XLA and tf.distribute: padding patches are zero and padding pairs point at patch 0."""
+  per_patch = _per_patch(size)
   num_patches = tf.shape(batch["patches"])[0]
   num_pairs = tf.shape(batch["first"])[0]
   pad_pairs = [[0, max_pairs - num_pairs]]
   out = {
       **{k: tf.pad(batch[k], [[0, max_patches - num_patches]] + [[0, 0]] * len(shape))
-         for k, (_, shape) in _PER_PATCH.items()},
+         for k, (_, shape) in per_patch.items()},
       "patch_mask": tf.range(max_patches) < num_patches,
       "first": tf.pad(batch["first"], pad_pairs),
       "second": tf.pad(batch["second"], pad_pairs),
@@ -250,7 +362,7 @@ def pad_batch(batch, max_patches, max_pairs):
       "unreadable": batch["unreadable"],
       "resume": batch["resume"],
   }
-  for key, (_, shape) in _PER_PATCH.items():
+  for key, (_, shape) in per_patch.items():
     out[key] = tf.ensure_shape(out[key], [max_patches] + shape)
   for key in ("first", "second", "label", "pair_mask"):
     out[key] = tf.ensure_shape(out[key], [max_pairs])
@@ -263,20 +375,15 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
   start_image, start_grid = start
-
-  def process(index, contents):
-    return index, image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index), config)
-
-  grids = (images.enumerate(start=start_image)
-           .map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  grids = (grids_of_images(images, base_seed, start_image, config)
            .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
            .flat_map(_grids_of_image))
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
-  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.rotation_classes)
+  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry, config.rotation_classes)
   batches = (grids.scan(packer.initial_state(), packer)
              .filter(lambda batch: batch["ready"])
-             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs)))
+             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))
   if config.augment_on == "host":
     batches = batches.map(lambda batch: augment_batch(batch, config), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)

@@ -79,7 +79,9 @@ def image_size_from_header(contents):
 
 def _claimed_pixels(contents):
   """Pixels that a PNG, GIF, BMP, WebP or JPEG header claims, read in graph ops before any decoding; 0 otherwise."""
-  padded = tf.strings.join([contents, tf.constant(b"\0" * 32)])  # short files read zeros, not out of range
+  # The 32 header bytes, padded so that short files read zeros, not out of range (not the whole file: a copy of a
+  # 20 MB photo per decode would count N times in the pipeline's memory, method.md §4.5).
+  padded = tf.strings.join([tf.strings.substr(contents, 0, 32), tf.constant(b"\0" * 32)])
 
   def number(start, size, big_endian):
     digits = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, start, size), tf.uint8), tf.int64)
@@ -121,6 +123,60 @@ def _jpeg_ratio_index(pixels, target_pixels):
   return tf.reduce_sum(tf.cast([pixels >= r * r * target for r in JPEG_RATIOS[1:]], tf.int32))
 
 
+def _ratio_index(contents, claimed, target_pixels):
+  """Index into JPEG_RATIOS of the scaling decode applies: 0 (full size) unless a JPEG can be reduced."""
+  return tf.where(tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),
+                  _jpeg_ratio_index(claimed, target_pixels), 0)
+
+
+# Frame headers of progressive JPEGs. libjpeg holds every DCT coefficient of such an image until its last scan: 2
+# bytes per sample at full size (3 bytes per pixel with 4:2:0 chroma, 6 with 4:4:4) whatever the decode's ratio; a
+# baseline JPEG is decoded a few rows of blocks at a time.
+_PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
+
+
+def _jpeg_frame_marker(contents):
+  """The marker of a JPEG's frame header (0xC0 baseline, 0xC2 progressive, ...), walking its segments as
+  image_size_from_header does (int32); 0 when none comes before the first scan or within 1,000 steps."""
+  size = tf.strings.length(contents)
+
+  def byte(i):  # past the end, the last byte (the walk then stops at the end)
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(contents, tf.minimum(i, size - 1), 1), tf.uint8)[0], tf.int32)
+
+  def step(i, found):
+    marker = byte(i + 1)
+    at_marker = tf.equal(byte(i), 0xFF)
+    frame = (marker >= 0xC0) & (marker <= 0xCF) & tf.logical_not(
+        tf.equal(marker, 0xC4) | tf.equal(marker, 0xC8) | tf.equal(marker, 0xCC))
+    no_segment = (tf.equal(marker, 0x00) | tf.equal(marker, 0x01) | tf.equal(marker, 0xD8) |
+                  ((marker >= 0xD0) & (marker <= 0xD7)))
+    scan_or_end = tf.equal(marker, 0xDA) | tf.equal(marker, 0xD9)
+    # Stray bytes and fill bytes (0xFF 0xFF) are stepped over one at a time, as libjpeg does.
+    after = tf.where(tf.logical_not(at_marker) | tf.equal(marker, 0xFF), i + 1,
+                     tf.where(no_segment, i + 2, i + 2 + byte(i + 2) * 256 + byte(i + 3)))
+    found = tf.where(at_marker & frame, marker, tf.where(at_marker & scan_or_end, 0, found))
+    return after, found
+
+  _, found = tf.while_loop(lambda i, found: (found < 0) & (i < size), step, (tf.constant(2), tf.constant(-1)),
+                           maximum_iterations=1000)
+  return tf.maximum(found, 0)
+
+
+def decoded_pixels(contents, target_pixels):
+  """The memory decode(contents, target_pixels) holds, in RGB pixels (3 bytes each), from the header alone (int64):
+  a baseline JPEG's claimed pixels divided by its ratio squared; twice a progressive JPEG's full claimed pixels (its
+  coefficients, at worst 6 bytes per pixel, whatever the ratio); the claimed pixels of any other format (0 for no
+  known header). The input pipeline tells by it which images are cheap enough to decode many at once
+  (data.PARALLEL_DECODE_MAX_PIXELS)."""
+  claimed = _claimed_pixels(contents)
+  ratio_index = _ratio_index(contents, claimed, target_pixels)
+  ratio = tf.gather(tf.constant(JPEG_RATIOS, tf.int64), ratio_index)
+  is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
+  progressive = tf.cond(is_jpeg, lambda: tf.reduce_any(tf.equal(_jpeg_frame_marker(contents), _PROGRESSIVE_SOF)),
+                        lambda: tf.constant(False))
+  return tf.where(progressive, 2 * claimed, claimed // (ratio * ratio))
+
+
 def decode(contents, target_pixels=None):
   """Upright RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md
   §1.1), and the EXIF orientation is applied, so that a phone photo stored sideways (orientation 6) comes out as
@@ -143,8 +199,7 @@ def decode(contents, target_pixels=None):
     if target_pixels is None:
       image = full()
     else:
-      ratio = tf.where(tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),
-                       _jpeg_ratio_index(claimed, target_pixels), 0)
+      ratio = _ratio_index(contents, claimed, target_pixels)
       branches = [full] + [lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r) for r in JPEG_RATIOS[1:]]
       image = tf.ensure_shape(tf.switch_case(ratio, branches), [None, None, 3])
   # Here, before training's random resize, which would be cheaper: flips do not commute exactly with the bilinear

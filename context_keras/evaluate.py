@@ -64,7 +64,8 @@ def define_flags():
     program.define_integer("pairs_per_image", pretext.PAIRS_PER_IMAGE, "Pretext: random pairs per image (the "
                            "paper: 256).", lower=1)
     flags.DEFINE_string("layer", None, "Feature layer: linear and knn default = every named layer of the backbone "
-                        "(the best is reported); finetune default = the last one; neighbors default = fc6.")
+                        "(the best is reported); finetune default = the last one; neighbors default = the tower's "
+                        "output (fc6; ResNet: pre_logits).")
     program.define_integer("folds", 5, "Labelled modes with --data: stratified cross-validation folds (finetune "
                            "holds out fold 0).", lower=2)
     program.define_integer("inner_folds", 0, "Linear with --data: also report selected_accuracy, the layer chosen "

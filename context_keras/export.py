@@ -3,16 +3,18 @@
 
 writes (serving.py describes each)
   OUT/backbone/           SavedModel of the tower with its batch norm folded into the preceding conv/dense weights
-                          (method.md §5.1) and fc6 as a 3x3 convolution, so it takes images of any size >= 96 px.
-                          serving_default = features(images: uint8 [N, H, W, 3]) -> conv1 ... conv5, pool5, fc6 maps,
-                          with the preprocessing (augment.standardize) built in. Pools follow Caffe's ceil rounding
+                          (method.md §5.1, 8.5) and fc6 as a convolution, so it takes images of any size >= one
+                          patch (96 px; 64 for the revisiting geometry). serving_default = features(images: uint8
+                          [N, H, W, 3]) -> the backbone's named maps (conv1 ... fc6; after_root ... pre_logits), with
+                          the preprocessing (augment.standardize) built in. Pools follow Caffe's ceil rounding
                           (--pooling, method.md §11.4).
   OUT/backbone.keras      the same backbone as a Keras file of standard layers (plain_model.py): keras.saving.load_model
                           opens it without context_keras, and any optimizer fine-tunes it.
-  OUT/pair_classifier/    SavedModel: serving_default = logits(patch_a, patch_b: uint8 [N, 96, 96, 3]) -> 8 logits.
+  OUT/pair_classifier/    SavedModel: serving_default = logits(patch_a, patch_b: uint8 [N, P, P, 3]) -> 8 logits.
   OUT/context_model.keras the two-input training model (unfolded, with its BN statistics) as a Keras file.
   OUT/rescale.json        with --rescale_data: Krähenbühl et al.'s rescaling of the backbone (method.md §5.2,
-                          rescale.py), which OUT/backbone, backbone.keras and the conversions then hold.
+                          rescale.py; chain towers only: alexnet_bn, vgg16_bn), which OUT/backbone, backbone.keras and
+                          the conversions then hold.
   OUT/backbone.tflite, OUT/backbone_float16.tflite, OUT/backbone.onnx   with --litert, --litert_float16, --onnx:
                           OUT/backbone converted for LiteRT and ONNX runtimes (convert.py, method.md §11).
 Everything is written into a folder beside OUT that then replaces it (writes.atomic_folder): a kill leaves the old
@@ -67,6 +69,9 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
   if onnx:
     convert.check_onnx()
   run = restore.load_run(model_dir, checkpoint)
+  folded = fold.fold_tower(run.networks.tower, run.model_config, pooling)
+  if rescale_data:
+    check_rescalable(folded, run.model_config)
   logging.info("Exporting %s (step %d) to %s.", run.checkpoint, run.step, output)
   caffe_pooling = fold.caffe_pooling(run.model_config, pooling)
   about = {"checkpoint": run.checkpoint, "step": run.step, "pixelation": run.pixelation, "rescaled": False,
@@ -74,15 +79,14 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
            "rotation_classes": run.config.input.rotation_classes, "flip_relabel": run.config.input.flip_relabel}
   summary = dict(run.describe(), output=output, pooling="caffe" if caffe_pooling else "trained")
 
-  folded = fold.fold_tower(run.networks.tower, run.model_config, pooling)
   report = None
   if rescale_data:
     options = dict(rescale_options or {})
     num_patches = options.pop("num_patches", rescale_lib.NUM_PATCHES)
     source = sources.find_source(rescale_data, data_root)
-    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0))
+    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.geometry)
     logging.info("Rescaling on %d patches from %s.", len(patches), source.description)
-    report = rescale_lib.rescale(folded, serving.preprocess(patches, run.color_mode), **options)
+    report = rescale_lib.rescale(folded, serving.preprocess(patches, run.preprocessing), **options)
     report = dict(data=source.description, patches=len(patches), **report)
     about["rescaled"] = True
     calibration = report["between_layer"]
@@ -97,12 +101,14 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
       return os.path.join(staging, name)
 
     backbone = path(serving.BACKBONE_DIR)
-    serving.save_backbone(folded, backbone, run.color_mode,
-                          serving.metadata(run.model_config, run.color_mode, folded, caffe_pooling, **about))
-    plain_model.backbone_model(folded, run.color_mode).save(path(serving.BACKBONE_KERAS_FILE))
+    serving.save_backbone(folded, backbone, run.preprocessing,
+                          serving.metadata(run.model_config, run.color_mode, folded, caffe_pooling, run.geometry,
+                                           **about))
+    plain_model.backbone_model(folded, run.preprocessing).save(path(serving.BACKBONE_KERAS_FILE))
     # The pair classifier keeps the unrescaled tower: rescaling changes the features its head was trained on.
-    serving.save_pair_classifier(run.networks, run.model_config, path(serving.PAIR_CLASSIFIER_DIR), run.color_mode,
-                                 serving.metadata(run.model_config, run.color_mode, **dict(about, rescaled=False)))
+    serving.save_pair_classifier(run.networks, run.model_config, path(serving.PAIR_CLASSIFIER_DIR), run.preprocessing,
+                                 serving.metadata(run.model_config, run.color_mode, geometry=run.geometry,
+                                                  **dict(about, rescaled=False)))
     run.networks.context_model.save(path(serving.CONTEXT_MODEL_FILE))
     if report is not None:
       writes.atomic_write_json(path(serving.RESCALE_FILE), report)
@@ -117,6 +123,15 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
       convert.to_onnx(backbone, path(convert.ONNX_FILE), opset=onnx_opset)
   summary["written"] = written
   return summary
+
+
+def check_rescalable(folded, model_config):
+  """Krähenbühl et al.'s calibration (method.md §5.2) is defined layer after layer of a feed-forward chain; a ResNet's
+  residual additions have no such order (scaling a branch changes its share of every sum), so it is refused."""
+  if not fold.is_chain(folded):
+    raise errors.UsageError(f"--rescale_data: rescaling (method.md §5.2) handles chain towers (alexnet_bn, "
+                            f"vgg16_bn); --backbone={model_config.backbone} adds residual branches, for which "
+                            "Krähenbühl et al.'s per-layer calibration is not defined. Export without --rescale_data")
 
 
 def define_flags():

@@ -1,4 +1,5 @@
-"""Folding batch norm into the layer before it (method.md §5.1): a float32 copy of a chain model without any BN.
+"""Folding batch norm into the layer before it (method.md §5.1, 8.5): a float32 copy of a tower or head without any
+batch-norm layer, for any graph of layers (chains, and the ResNets' residual additions).
 
 Training's exports, the export program and every evaluation use fold_tower; the pair classifier folds the head too.
 The copy can also replace 'same' max pooling by Caffe's ceil-mode pooling (method.md §11.4), which the training
@@ -25,14 +26,27 @@ def float32_policy():
     keras.config.set_dtype_policy(previous)
 
 
-def _producer(tensor):
-  """The layer that produced a symbolic Keras tensor."""
-  return tensor._keras_history.operation  # pylint: disable=protected-access
-
-
 def _clone(layer, **overrides):
   config = dict(layer.get_config(), dtype="float32", **overrides)
   return type(layer).from_config(config)
+
+
+def call_nodes(model):
+  """The model's own call nodes (not those of other models its layers were called in), inputs first."""
+  return [node for depth in sorted(model._nodes_by_depth, reverse=True)  # pylint: disable=protected-access
+          for node in model._nodes_by_depth[depth] if not node.is_input]  # pylint: disable=protected-access
+
+
+def is_chain(model):
+  """Whether every layer of a single-input model takes one tensor, which no other layer takes: a feed-forward
+  chain (alexnet_bn, vgg16_bn), not a graph with residual additions (the ResNets)."""
+  seen = set()
+  for node in call_nodes(model):
+    inputs = node.input_tensors
+    if len(inputs) != 1 or id(inputs[0]) in seen:
+      return False
+    seen.add(id(inputs[0]))
+  return True
 
 
 POOLINGS = ("auto", "caffe", "trained")
@@ -57,84 +71,120 @@ def _caffe_pool(layer, x):
   return _clone(layer, padding="valid")(x)
 
 
+def _bn_affine(layer):
+  """(a, c) of a batch-norm layer in inference: y = a x + c per channel, float64, from the moving statistics and
+  the learned scale and shift: a = gamma / sqrt(var + eps), c = beta - a mean."""
+  mean, variance = (np.asarray(t, np.float64) for t in layer.moving_statistics())
+  gamma, beta = (np.asarray(t, np.float64) for t in layer.affine())
+  a = gamma / np.sqrt(variance + layer.epsilon)
+  return a, beta - a * mean
+
+
 def fold_batchnorm(model, fully_convolutional=False, outputs=None, caffe_pooling=False):
-  """A float32 copy of a chain model (the tower or the head) with every CaffeBatchNorm folded into the conv/dense
-  layer before it: W' = W/s, b' = (b - mu)/s with s = sqrt(var + eps) from the moving statistics (method.md §5.1),
-  so that W'x + b' is the BN output of inference. No BN remains.
+  """A float32 copy of a model (the tower or the head) with every CaffeBatchNorm folded away (method.md §5.1):
+  with a = gamma/s, s = sqrt(var + eps), from the moving statistics, a BN whose input is a conv or dense layer's
+  output (and nothing else's input) is folded into that layer, W' = a W, b' = a (b - mu) + beta, so that W'x + b'
+  is the BN output of inference; any other BN (the pre-activation ones of a ResNet v2, on a residual sum) becomes
+  the same per-channel affine map as a 1x1 depthwise convolution. No BN remains.
 
   Activations fused into a layer are split off (`<name>_relu`), so that a conv's output is its pre-activation (for
-  rescale.py). With fully_convolutional, the input takes any height and width and the Flatten + Dense (fc6) becomes
-  a valid convolution over the flattened map's extent (3x3 for a 96-px patch), as the paper's detection network
-  turns fc6 into conv6 (method.md §6.1). `outputs`: names of layers whose activated outputs the model returns as a dict
-  (a conv or dense layer after its ReLU, a pooling layer as is); default, the last layer's output. With
-  caffe_pooling, every 'same' max pooling becomes Caffe's ceil-mode pooling (_caffe_pool): identical wherever the
-  two agree (all sizes of a 96-px patch), Caffe's sizes and windows elsewhere; each such pool must follow a ReLU.
+  rescale.py). With fully_convolutional, the input takes any height and width, a Flatten + Dense (fc6) becomes a
+  valid convolution over the flattened map's extent (3x3 for a 96-px patch), as the paper's detection network turns
+  fc6 into conv6 (method.md §6.1), and a global average pool keeps its 1x1 map. `outputs`: names of layers whose
+  outputs the model returns as a dict (a conv or dense layer after its BN and ReLU, any other layer as is); default,
+  the model's output. With caffe_pooling, every 'same' max pooling becomes Caffe's ceil-mode pooling (_caffe_pool):
+  identical wherever the two agree (all sizes of a 96-px patch), Caffe's sizes and windows elsewhere; each such
+  pool must take a ReLU's output.
   """
+  nodes = call_nodes(model)
+  consumers = {}
+  for node in nodes:
+    for tensor in node.input_tensors:
+      consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
   main_input = model.inputs[0]
   with float32_policy():
     shape = (None, None, main_input.shape[-1]) if fully_convolutional else tuple(main_input.shape[1:])
     new_input = keras.Input(shape, name="images" if fully_convolutional else main_input.name)
-    x = new_input
-    previous = _producer(main_input)
-    weights = {}          # new weighted layer -> [kernel, bias] as float64, folded later by its BN
-    activated = {}        # layer name -> its output after any following BN/ReLU
-    last_weighted = None  # (old layer, new layer) whose output x still is (before its activation)
-    flattened = None      # spatial extent of the map a skipped Flatten would have flattened
-    after_relu = False    # whether x is a ReLU's output (>= 0)
-    for layer in model.layers:
-      if isinstance(layer, layers.InputLayer):
-        continue
-      inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
-      if _producer(inputs[0]) is not previous:
-        raise ValueError(f"fold_batchnorm handles chains of layers; {layer.name} does not follow {previous.name}")
-      previous = layer
+    tensors = {id(main_input): new_input}  # old tensor -> new tensor
+    weights = {}      # new conv/dense layer -> [kernel, bias] as float64, folded later by its BN
+    linear = {}       # old tensor -> new conv/dense layer whose linear output it is (a BN may still fold into it)
+    parameter_of = {}  # new tensor -> name of the conv/dense layer whose (normalised) output it is
+    flattened = {}    # new tensor -> spatial extent of the map a skipped Flatten would have flattened
+    activated = {}    # layer name -> its output (a conv/dense layer: after its BN and ReLU)
+    non_negative = set()  # new tensors that are a ReLU's output, or a max pool of one
+    for node in nodes:
+      layer = node.operation
+      old_x = node.input_tensors[0]
+      out = node.outputs[0]
       if isinstance(layer, caffe_layers.CaffeBatchNorm):
-        if last_weighted is None or _producer(inputs[0]) is not last_weighted[0]:
-          raise ValueError(f"{layer.name} does not directly follow a conv or dense layer: it cannot be folded")
-        mean, variance = (np.asarray(t, np.float64) for t in layer.moving_statistics())
-        scale = np.sqrt(variance + layer.epsilon)
-        kernel, bias = weights[last_weighted[1]]
-        weights[last_weighted[1]] = [kernel / scale, (bias - mean) / scale]
+        a, c = _bn_affine(layer)
+        x = tensors[id(old_x)]
+        producer = linear.get(id(old_x))
+        if producer is not None and consumers[id(old_x)] == 1:
+          kernel, bias = weights[producer]
+          weights[producer] = [kernel * a, bias * a + c]
+          linear[id(out)] = producer
+        else:
+          if len(x.shape) != 4:
+            raise ValueError(f"{layer.name} follows no conv or dense layer and is not on a map: it cannot be folded")
+          affine = layers.DepthwiseConv2D(1, name=layer.name, dtype="float32")
+          x = affine(x)
+          weights[affine] = [a.reshape(1, 1, -1, 1), c]
+          parameter_of[id(x)] = None
+        tensors[id(out)] = x
+        activated[layer.name] = x
         continue
+      x = tensors[id(old_x)]
       if isinstance(layer, layers.Flatten) and fully_convolutional:
-        flattened = tuple(layer.input.shape[1:3])
+        tensors[id(out)] = x
+        flattened[id(x)] = tuple(old_x.shape[1:3])
         continue
       if isinstance(layer, (layers.Conv2D, layers.Dense)):
-        kernel, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
+        kernel = np.asarray(layer.kernel, np.float64)
+        bias = np.asarray(layer.bias, np.float64) if layer.use_bias else np.zeros(kernel.shape[-1])
         activation = layer.get_config()["activation"]
         if isinstance(layer, layers.Dense) and fully_convolutional:
-          if flattened is None:
+          if id(x) not in flattened:
             raise ValueError(f"{layer.name}: a dense layer of a fully convolutional copy must follow a Flatten")
-          new = layers.Conv2D(kernel.shape[-1], flattened, padding="valid", name=layer.name, dtype="float32")
-          # Keras flattens (h, w, c) row-major, so the dense kernel is the 3x3 conv kernel, reshaped.
-          kernel = kernel.reshape(flattened + (-1, kernel.shape[-1]))
-          flattened = None
+          extent = flattened[id(x)]
+          new = layers.Conv2D(kernel.shape[-1], extent, padding="valid", name=layer.name, dtype="float32")
+          # Keras flattens (h, w, c) row-major, so the dense kernel is the conv kernel, reshaped.
+          kernel = kernel.reshape(extent + (-1, kernel.shape[-1]))
         else:
-          new = _clone(layer, activation="linear")
-        x = new(x)
+          new = _clone(layer, activation="linear", use_bias=True)
+        y = new(x)
         weights[new] = [kernel, bias]
-        last_weighted = (layer, new)
-        activated[layer.name] = x
-        after_relu = activation == "relu"
-        if activation not in ("linear", None):
-          x = layers.Activation(activation, name=f"{layer.name}_{activation}", dtype="float32")(x)
-          activated[layer.name] = x
+        parameter_of[id(y)] = layer.name
+        activated[layer.name] = y
+        if activation in ("linear", None):
+          linear[id(out)] = new
+        else:
+          y = layers.Activation(activation, name=f"{layer.name}_{activation}", dtype="float32")(y)
+          activated[layer.name] = y
+          if activation == "relu":
+            non_negative.add(id(y))
+        tensors[id(out)] = y
         continue
       if caffe_pooling and isinstance(layer, layers.MaxPooling2D) and layer.padding == "same":
-        if not after_relu:
+        if id(x) not in non_negative:
           raise ValueError(f"{layer.name} does not follow a ReLU: its Caffe pooling would pad with zeros that a "
                            "max does not ignore")
-        x = _caffe_pool(layer, x)
+        y = _caffe_pool(layer, x)
       else:
-        x = _clone(layer)(x)
-        after_relu = _is_relu(layer) or (after_relu and isinstance(layer, layers.MaxPooling2D))
-      if isinstance(layer, (layers.ReLU, layers.Activation)) and last_weighted is not None:
-        activated[last_weighted[0].name] = x
-      else:
-        activated[layer.name] = x
-        last_weighted = None
+        if isinstance(layer, layers.GlobalAveragePooling2D) and fully_convolutional:
+          new = _clone(layer, keepdims=True)
+        else:
+          new = _clone(layer)
+        args, kwargs = node.arguments.fill_in(tensors)
+        y = new(*args, **kwargs)
+      if _is_relu(layer) or (isinstance(layer, layers.MaxPooling2D) and id(x) in non_negative):
+        non_negative.add(id(y))
+      tensors[id(out)] = y
+      activated[layer.name] = y
+      if isinstance(layer, (layers.ReLU, layers.Activation)) and parameter_of.get(id(x)):
+        activated[parameter_of[id(x)]] = y
     if outputs is None:
-      result = keras.Model(new_input, x, name=f"{model.name}_folded")
+      result = keras.Model(new_input, tensors[id(model.outputs[0])], name=f"{model.name}_folded")
     else:
       missing = [name for name in outputs if name not in activated]
       if missing:

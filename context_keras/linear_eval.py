@@ -30,7 +30,6 @@ from context_keras import control as control_lib
 from context_keras import distribute
 from context_keras import errors
 from context_keras import labelled
-from context_keras import patches as patches_lib
 from context_keras import program
 from context_keras import progress as progress_lib
 from context_keras import resources
@@ -75,7 +74,8 @@ def define_flags():
                       "2019 / VISSL); off: the plain linear layer of Kolesnikov et al. and MoCo.")
     program.define_integer("resize_size", DEFAULTS.resize_size, "Validation (and random_crop training) images: "
                            "shorter side resized to this, then the centre (random) --crop_size square.", lower=1)
-    program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees (>= 96).",
+    program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees (at least one "
+                           "patch: 96 px, 64 in the revisiting geometry; with --protocol=patches, each third of it).",
                            lower=1)
     flags.DEFINE_enum("train_augmentation", DEFAULTS.train_augmentation, linear_job.AUGMENTATIONS,
                       "random_resized_crop: 8-100 percent of the area, aspect 3/4-4/3, resized to --crop_size "
@@ -133,11 +133,6 @@ def job_config():
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
       weight_decay=FLAGS.weight_decay, decay_epochs=decay, decay_factor=FLAGS.decay_factor,
       warmup_epochs=FLAGS.warmup_epochs, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
-  side = config.crop_size // config.patch_grid if config.patch_grid else config.crop_size
-  if side < patches_lib.PATCH_SIZE:
-    raise errors.UsageError(f"Invalid flags: --crop_size={config.crop_size} gives "
-                            f"{'patches' if config.patch_grid else 'images'} of {side} px; the backbone needs at "
-                            f"least {patches_lib.PATCH_SIZE}")
   if config.train_augmentation != "random_resized_crop" and config.resize_size < config.crop_size:
     raise errors.UsageError(f"Invalid flags: --resize_size={config.resize_size} is smaller than --crop_size="
                             f"{config.crop_size}")
@@ -228,6 +223,15 @@ def summary_line(per_layer):
   return ", ".join(f"{name} {entry['top1']:.4f}" for name, entry in per_layer.items())
 
 
+def check_side(config, patch_size):
+  """The crop (or each of its patches) must hold one of the backbone's patches: 96 px, 64 in the revisiting geometry."""
+  side = config.crop_size // config.patch_grid if config.patch_grid else config.crop_size
+  if side < patch_size:
+    raise errors.UsageError(f"Invalid flags: --crop_size={config.crop_size} gives "
+                            f"{'patches' if config.patch_grid else 'images'} of {side} px; the backbone needs at "
+                            f"least {patch_size}")
+
+
 def run():
   # From here on SIGINT and SIGTERM end the process at once, until the loop can stop gracefully.
   signals = control_lib.Signals()
@@ -256,6 +260,7 @@ def run():
     with strategy.scope():
       subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
                  else subject_lib.from_saved_model(FLAGS.saved_model))
+    check_side(config, subject.patch_size)
     layers = config.layers or tuple(subject.feature_layers)
     unknown = [name for name in layers if name not in subject.feature_layers]
     if unknown:

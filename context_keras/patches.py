@@ -1,9 +1,11 @@
 """Patch geometry of context prediction, as pure TensorFlow functions: resizing, grids, patches, pairs, labels.
 
-Everything here is graph code with stateless randomness: the same seed gives the same grids, pairs and pixels,
-whatever the parallelism of the input pipeline. cut_grids is the one grid cutter: training (data.py), the pretext
-and neighbours evaluations and rescaling all call it, so they cannot drift from the training geometry.
-Per-patch augmentation is augment.py's.
+Two geometries (--geometry): doersch, the original's random grids of 96-px patches with every 8-neighbour pair
+(method.md §2.1-2.3), and revisiting, Kolesnikov et al.'s 3x3 grid of 64-px patches with the 8 (neighbour, centre) pairs
+(method.md §8.2). Everything here is graph code with stateless randomness: the same seed gives the same grids, pairs and
+pixels, whatever the parallelism of the input pipeline. cut_grids and cut_revisiting are the one cutter of each
+geometry: training (data.py), the pretext and neighbours evaluations and rescaling all call them (evaluation_patches),
+so they cannot drift from the training geometry. Per-patch augmentation is augment.py's.
 """
 import functools
 
@@ -26,6 +28,26 @@ MIN_SIDE = 2 * PATCH_SIZE + GAP + JITTER
 #   5 6 7
 NEIGHBOUR_OFFSETS = ((-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1))
 NUM_CLASSES = len(NEIGHBOUR_OFFSETS)
+
+GEOMETRIES = ("doersch", "revisiting")
+# method.md §8.2: Kolesnikov et al.'s geometry (their config/relative_patch_location/imagenet.sh and
+# self_supervision/patch_model_preprocess.py).
+REVISITING_RESIZE = 292   # both sides, the aspect not kept
+REVISITING_CROP = 255     # a random square of the resized image
+REVISITING_SIDE = 3       # cells per side
+REVISITING_CELL = REVISITING_CROP // REVISITING_SIDE  # 85
+REVISITING_PATCH = 64
+REVISITING_JITTER = REVISITING_CELL - REVISITING_PATCH  # 21: the patch's offset in its cell is uniform in [0, 21]
+REVISITING_CENTRE = (REVISITING_SIDE ** 2) // 2
+REVISITING_PATCHES = REVISITING_SIDE ** 2
+REVISITING_PAIRS = REVISITING_PATCHES - 1
+
+
+def patch_size(geometry):
+  """Side of a geometry's patches: 96 (doersch) or 64 (revisiting)."""
+  if geometry not in GEOMETRIES:
+    raise ValueError(f"--geometry={geometry} is not one of {GEOMETRIES}")
+  return REVISITING_PATCH if geometry == "revisiting" else PATCH_SIZE
 
 
 def split_seed(seed, num):
@@ -107,8 +129,8 @@ def sample_grids(seed, height, width, num_grids=GRIDS_PER_IMAGE, jitter=JITTER):
 _CROPS_PER_ITERATION = 8
 
 
-def crop_patches(image, ys, xs):
-  """The PATCH_SIZE x PATCH_SIZE patches with upper-left corners (ys, xs) of an HxWxC image, exactly.
+def crop_patches(image, ys, xs, size=PATCH_SIZE):
+  """The size x size patches with upper-left corners (ys, xs) of an HxWxC image, exactly.
 
   Slices, _CROPS_PER_ITERATION per loop iteration (the last one's spare slices cut the corner (0, 0) and are
   dropped): a gather of every pixel (one index per 3-byte pixel) took about half of the host's time per image in
@@ -120,13 +142,11 @@ def crop_patches(image, ys, xs):
   corners = tf.reshape(tf.pad(tf.stack([ys, xs], axis=1), [[0, padded - count], [0, 0]]), [-1, k, 2])
 
   def cut(chunk):
-    return tf.stack([image[chunk[j, 0]:chunk[j, 0] + PATCH_SIZE, chunk[j, 1]:chunk[j, 1] + PATCH_SIZE]
-                     for j in range(k)])
+    return tf.stack([image[chunk[j, 0]:chunk[j, 0] + size, chunk[j, 1]:chunk[j, 1] + size] for j in range(k)])
 
   channels = image.shape[2]
-  chunks = tf.map_fn(cut, corners, fn_output_signature=tf.TensorSpec([k, PATCH_SIZE, PATCH_SIZE, channels],
-                                                                     image.dtype))
-  return tf.reshape(chunks, [-1, PATCH_SIZE, PATCH_SIZE, channels if channels is not None else -1])[:count]
+  chunks = tf.map_fn(cut, corners, fn_output_signature=tf.TensorSpec([k, size, size, channels], image.dtype))
+  return tf.reshape(chunks, [-1, size, size, channels if channels is not None else -1])[:count]
 
 
 def grid_pairs(grid_height, grid_width):
@@ -188,6 +208,71 @@ def grid_patches(image, seed, num_grids=1):
   patches with the training geometry but not the training augmentation: cut_grids with `seed` split in two."""
   resize_seed, grid_seed = tf.unstack(split_seed(seed, 2))
   return cut_grids(image, resize_seed, grid_seed, num_grids)
+
+
+def revisiting_corners(seed):
+  """Upper-left corners (ys, xs), int32 [9] each, of the 9 patches of one image in the revisiting geometry, in the
+  292x292 resized image (method.md §8.2): a random 255x255 crop, cut into 3x3 cells of 85 px in row-major order,
+  in each cell a 64-px patch at a uniform random offset in [0, 21] per axis, drawn independently per cell."""
+  crop_seed, cell_seed = tf.unstack(split_seed(seed, 2))
+  crop = tf.random.stateless_uniform([2], crop_seed, minval=0, maxval=REVISITING_RESIZE - REVISITING_CROP + 1,
+                                     dtype=tf.int32)
+  offsets = tf.random.stateless_uniform([REVISITING_PATCHES, 2], cell_seed, minval=0, maxval=REVISITING_JITTER + 1,
+                                        dtype=tf.int32)
+  cells = tf.range(REVISITING_PATCHES)
+  ys = crop[0] + (cells // REVISITING_SIDE) * REVISITING_CELL + offsets[:, 0]
+  xs = crop[1] + (cells % REVISITING_SIDE) * REVISITING_CELL + offsets[:, 1]
+  return ys, xs
+
+
+def revisiting_pairs():
+  """(first, second, label), int32 [8] each, of one image's 9 patches (row-major): the 8 (neighbour, centre) pairs of
+  Kolesnikov et al., neighbours in row-major order. The label follows our convention (NEIGHBOUR_OFFSETS: where the
+  second patch lies relative to the first), here where the centre lies seen from the neighbour; so it is 7 minus
+  their label, which names the neighbour's position seen from the centre (method.md §8.2)."""
+  first, label = [], []
+  for cell in range(REVISITING_PATCHES):
+    if cell == REVISITING_CENTRE:
+      continue
+    row, col = divmod(cell, REVISITING_SIDE)
+    centre_row, centre_col = divmod(REVISITING_CENTRE, REVISITING_SIDE)
+    first.append(cell)
+    label.append(NEIGHBOUR_OFFSETS.index((centre_col - col, centre_row - row)))
+  return (tf.constant(first, tf.int32), tf.fill([len(first)], tf.constant(REVISITING_CENTRE, tf.int32)),
+          tf.constant(label, tf.int32))
+
+
+def revisiting_resize(image):
+  """Bilinear resize of a uint8 HxWx3 image to 292x292, the aspect not kept (method.md §8.2), as uint8
+  (resize_uint8)."""
+  return resize_uint8(image, REVISITING_RESIZE, REVISITING_RESIZE)
+
+
+def cut_revisiting(image, seed):
+  """One image's patches in the revisiting geometry (method.md §8.2): bilinear resize to 292x292, then the 9 patches
+  of revisiting_corners. Returns cut_grids's dict for one 3x3 grid: patches uint8 [9, 64, 64, 3] (un-augmented),
+  grid_height and grid_width [1] (both 3), usable (always: the resize ignores the aspect)."""
+  resized = revisiting_resize(image)
+  ys, xs = revisiting_corners(seed)
+  side = tf.constant([REVISITING_SIDE], tf.int32)
+  return {"patches": crop_patches(resized, ys, xs, REVISITING_PATCH), "grid_height": side, "grid_width": side,
+          "usable": tf.constant(True)}
+
+
+def geometry_pairs(geometry):
+  """The pairs of one grid of a geometry, as a function (grid_height, grid_width) -> (first, second, label)."""
+  if geometry == "revisiting":
+    return lambda grid_height, grid_width: revisiting_pairs()
+  return grid_pairs
+
+
+def evaluation_patches(image, seed, geometry="doersch"):
+  """Un-augmented patches of one image with a geometry, for evaluation and rescaling (which need real patches as
+  training cuts them, without the augmentation): one random grid (doersch), or the 9 patches (revisiting). Returns
+  cut_grids's dict."""
+  if geometry == "revisiting":
+    return cut_revisiting(image, seed)
+  return grid_patches(image, seed)
 
 
 def _resized_shape_py(height, width, target_pixels):

@@ -2,10 +2,11 @@
 keras.saving.load_model opens in safe mode in a process that has never seen context_keras, and which any Keras
 optimizer trains as is.
 
-  images [N, H, W, 3] (0-255, float or uint8; H, W >= 96)
+  images [N, H, W, 3] (0-255, float or uint8; H, W >= one patch: 96, or 64 in the revisiting geometry)
     -> the preprocessing of the SavedModels (augment.standardize), in standard layers
     -> the layer "features": the folded backbone (input "preprocessed"), a copy of fold.fold_tower's model
-    -> {conv1 ... fc6} maps, as the SavedModel's features signature returns them.
+    -> the backbone's named maps ({conv1 ... fc6}, {after_root ... pre_logits}), as the SavedModel's features
+       signature returns them.
 
 The copy is made layer by layer from the folded model: Keras layers are cloned with their weights; a layer of
 context_keras is replaced by its STANDARD_FORMS entry, standard layers computing the same function.
@@ -136,13 +137,31 @@ def _project(centred):
   return layers.Subtract(name="projected", **FLOAT)([centred, component])
 
 
+def _per_image_standardization(images):
+  """augment.STANDARDIZATION (the revisiting geometry, method.md §8.2): (x - mean) / std over all pixels and channels
+  of each image. tf.image.per_image_standardization divides by max(std, 1/sqrt(values)); here 1/std is
+  exp(-0.5 log(variance)) and _log clamps at 3.2e-4, so the floor is std 0.018 instead of 1/sqrt(values) (0.009 for
+  one 64-px patch, less for larger images): the two differ only on images whose values spread by less than 0.018
+  grey levels, such as a uniform image with a few pixels one level off; a constant image gives zeros in both."""
+  mean = _channel_mean(_image_mean(images, "mean"), "mean_all")
+  centred = layers.Subtract(name="centred", **FLOAT)([images, mean])
+  squares = layers.Multiply(name="squares", **FLOAT)([centred, centred])
+  variance = _channel_mean(_image_mean(squares, "mean_square"), "variance")
+  inverse_std = layers.Activation("exponential", name="inverse_std", **FLOAT)(
+      layers.Rescaling(-0.5, name="times_minus_half", **FLOAT)(_log(variance, "variance_log")))
+  return layers.Multiply(name="standardized", **FLOAT)([centred, inverse_std])
+
+
 def standardize(images, color_mode):
   """augment.standardize in standard layers: per image, channel means subtracted; then drop, drop_gaussian: each
   channel to RMS 50/sqrt(3); project: the green-magenta projection, then RMS 50 over all values; none and
   chroma_blur: RMS 50.
-  1/RMS is exp(-0.5 log(mean square)); a constant image gives zeros, as divide_no_nan does."""
+  1/RMS is exp(-0.5 log(mean square)); a constant image gives zeros, as divide_no_nan does. `color_mode` may also be
+  augment.STANDARDIZATION, the revisiting geometry's (_per_image_standardization)."""
+  if color_mode == augment_lib.STANDARDIZATION:
+    return _per_image_standardization(images)
   if color_mode not in augment_lib.COLOR_MODES:
-    raise ValueError(f"color mode {color_mode!r} is not one of {augment_lib.COLOR_MODES}")
+    raise ValueError(f"color mode {color_mode!r} is not one of {augment_lib.PREPROCESSING_MODES}")
   centred = layers.Subtract(name="centred", **FLOAT)([images, _image_mean(images, "mean")])
   if color_mode == "project":
     centred = _project(centred)
@@ -161,7 +180,8 @@ def standardize(images, color_mode):
 
 def backbone_model(folded, color_mode):
   """The Keras model of OUT/backbone.keras: uint8 or float images (0-255) -> the folded backbone's maps, the
-  SavedModel's preprocessing built in. model.get_layer("features") takes preprocessed input instead."""
+  SavedModel's preprocessing (`color_mode`: the run's preprocessing mode, augment.preprocessing_mode) built in.
+  model.get_layer("features") takes preprocessed input instead."""
   images = keras.Input((None, None, 3), name="images")
   features = standard_copy(folded)
   return keras.Model(images, features(standardize(images, color_mode)), name="backbone")

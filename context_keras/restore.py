@@ -6,6 +6,7 @@ import os
 from absl import logging
 import tensorflow as tf
 
+from context_keras import augment
 from context_keras import errors
 from context_keras import fold
 from context_keras import model as model_lib
@@ -60,13 +61,22 @@ class Run:
     return self.config.input.color_mode
 
   @property
+  def geometry(self):
+    return self.config.input.geometry
+
+  @property
+  def preprocessing(self):
+    """The exported models' preprocessing of uint8 input (augment.preprocessing_mode)."""
+    return augment.preprocessing_mode(self.geometry, self.color_mode)
+
+  @property
   def pixelation(self):
     return self.config.input.pixelation
 
   def describe(self):
     return {"model_dir": self.model_dir, "checkpoint": self.checkpoint, "step": self.step,
             "backbone": self.model_config.backbone, "width_multiplier": self.model_config.width_multiplier,
-            "color_mode": self.color_mode}
+            "head": self.model_config.head, "geometry": self.geometry, "color_mode": self.color_mode}
 
 
 # How often a run's latest checkpoint may vanish while it is read before load_run gives up.

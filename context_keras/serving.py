@@ -2,7 +2,8 @@
 with explicit signatures and the preprocessing built in, plus the metadata file that describes them.
 
 An export folder OUT (python -m context_keras.export) holds
-  OUT/backbone/            BackboneModule: features (uint8 images of any size >= 96 px -> maps) and patch_features
+  OUT/backbone/            BackboneModule: features (uint8 images of any size >= one patch -> maps) and
+                           patch_features
   OUT/backbone.keras       the same backbone as a Keras file of standard layers (plain_model.py)
   OUT/pair_classifier/     PairClassifierModule: logits (uint8 patch pairs -> 8 logits) and logits_preprocessed
   OUT/context_model.keras  the two-input training model (unfolded, with its BN statistics)
@@ -15,6 +16,7 @@ The modules hold their weights as constants of the traced functions, not as vari
 that tracks a Keras model saves Keras's variable wrappers, which TensorFlow Lite's converter then leaves unfrozen
 (its models read uninitialised variables: NaN). read_weights gets the weights back.
 """
+import dataclasses
 import json
 import os
 
@@ -26,6 +28,7 @@ from context_keras import augment as augment_lib
 from context_keras import caffe_layers
 from context_keras import errors
 from context_keras import fold
+from context_keras import model as model_lib
 from context_keras import patches as patches_lib
 from context_keras import writes
 
@@ -38,16 +41,22 @@ RESCALE_FILE = "rescale.json"
 METADATA_FILE = os.path.join("assets.extra", "context_keras.json")
 # Name scope of the weight constants in the serving functions: weights/<layer>/<weight>, e.g. weights/conv1/kernel.
 WEIGHT_SCOPE = "weights"
-PREPROCESSING = ("upright uint8 RGB (the caller applies any EXIF orientation, as training's decoding did) -> float; "
-                 "per image, each channel's mean is subtracted; then, by the run's --color_mode (method.md §2.4): "
-                 "drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected conv1 input over the kept "
-                 "channel); project: the green-magenta projection, then RMS 50; none, chroma_blur: "
-                 "RMS 50")
+_COLOR_PREPROCESSING = ("upright uint8 RGB (the caller applies any EXIF orientation, as training's decoding did) -> "
+                        "float; per image, each channel's mean is subtracted; then, by the run's --color_mode "
+                        "(method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected "
+                        "conv1 input over the kept channel); project: the green-magenta projection, then RMS 50; "
+                        "none, chroma_blur: RMS 50")
+PREPROCESSING = {mode: _COLOR_PREPROCESSING for mode in augment_lib.COLOR_MODES}
+PREPROCESSING[augment_lib.STANDARDIZATION] = (
+    "upright uint8 RGB (the caller applies any EXIF orientation) -> float; per image, (x - mean) / max(std, "
+    "1/sqrt(values)) over all its pixels and channels (tf.image.per_image_standardization; the revisiting geometry, "
+    "method.md §8.2)")
 
 
-def preprocess(images, color_mode):
-  """What the SavedModels apply to their uint8 input (README 'Export and evaluation'): augment.standardize."""
-  return augment_lib.standardize(tf.cast(images, tf.float32), color_mode)
+def preprocess(images, mode):
+  """What the SavedModels apply to their uint8 input (README 'Export and evaluation'): augment.standardize with the
+  run's preprocessing mode (augment.preprocessing_mode: its colour mode, or standardization)."""
+  return augment_lib.standardize(tf.cast(images, tf.float32), mode)
 
 
 def constant_function(model):
@@ -67,73 +76,85 @@ def constant_function(model):
   return tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32, name=model.input.name)])
 
 
-def _flat_fc6(maps):
-  fc6 = maps["fc6"]
-  return tf.reshape(fc6, [tf.shape(fc6)[0], fc6.shape[-1]])
+def _flat(maps, name):
+  value = maps[name]
+  return tf.reshape(value, [tf.shape(value)[0], value.shape[-1]])
+
+
+def _patch_spec(size, dtype, name):
+  return tf.TensorSpec([None, size, size, 3], dtype, name=name)
 
 
 class BackboneModule(tf.Module):
-  """The folded backbone behind two functions (also its signatures).
+  """The folded backbone behind two functions (also its signatures); P is the patch size of the run's geometry
+  (96, or 64 for the revisiting geometry) and OUTPUT the tower's last feature (fc6, or a ResNet's pre_logits).
 
-  features(images):      uint8 [N, H, W, 3], H and W >= 96, upright (pixels carry no EXIF orientation: the caller
-                         applies it, as decoding.decode does) -> {conv1 ... conv5, pool5, fc6} float32 maps (after
-                         ReLU; pool5 after pooling), the preprocessing built in.
-  patch_features(patches): float32 [N, 96, 96, 3] already preprocessed as in training -> {"fc6": [N, C]}.
+  features(images):      uint8 [N, H, W, 3], H and W >= P, upright (pixels carry no EXIF orientation: the caller
+                         applies it, as decoding.decode does) -> the backbone's named maps (model.BACKBONES: after BN
+                         and ReLU; pooling layers as they are), float32, the preprocessing built in.
+  patch_features(patches): float32 [N, P, P, 3] already preprocessed as in training -> {OUTPUT: [N, C]}.
   """
 
-  def __init__(self, folded, color_mode):
+  def __init__(self, folded, preprocessing, patch_size=patches_lib.PATCH_SIZE, output="fc6"):
     super().__init__()
     self._backbone = constant_function(folded)
-    self.color_mode = color_mode
+    self.preprocessing = preprocessing
+    self.patch_size = patch_size
+    self.output = output
+    self.features = tf.function(self._features, input_signature=[
+        tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    self.patch_features = tf.function(self._patch_features, input_signature=[
+        _patch_spec(patch_size, tf.float32, "patches")])
 
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-  def features(self, images):
+  def _features(self, images):
     size = tf.shape(images)[1:3]
     check = tf.debugging.assert_greater_equal(
-        size, patches_lib.PATCH_SIZE, message=f"images must be at least {patches_lib.PATCH_SIZE}x"
-        f"{patches_lib.PATCH_SIZE} pixels (one patch)")
+        size, self.patch_size, message=f"images must be at least {self.patch_size}x{self.patch_size} pixels (one "
+        "patch)")
     with tf.control_dependencies([check]):
-      x = preprocess(images, self.color_mode)
+      x = preprocess(images, self.preprocessing)
     return self._backbone(x)
 
-  @tf.function(input_signature=[tf.TensorSpec([None, patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3],
-                                              tf.float32, name="patches")])
-  def patch_features(self, patches):
-    return {"fc6": _flat_fc6(self._backbone(patches))}
+  def _patch_features(self, patches):
+    return {self.output: _flat(self._backbone(patches), self.output)}
 
 
 class PairClassifierModule(tf.Module):
   """The context model, folded: where is patch B relative to patch A (labels as patches.NEIGHBOUR_OFFSETS).
 
-  logits(patch_a, patch_b):              uint8 [N, 96, 96, 3] each, cut from upright images, preprocessing built
+  logits(patch_a, patch_b):              uint8 [N, P, P, 3] each, cut from upright images, preprocessing built
                                          in -> {"logits": [N, 8]}.
   logits_preprocessed(patch_a, patch_b): float32 patches preprocessed as in training -> {"logits": [N, 8]}.
   """
 
-  def __init__(self, folded_tower, folded_head, color_mode):
+  def __init__(self, folded_tower, folded_head, preprocessing, patch_size=patches_lib.PATCH_SIZE, output="fc6"):
     super().__init__()
     self._tower = constant_function(folded_tower)
     self._head = constant_function(folded_head)
-    self.color_mode = color_mode
+    self.preprocessing = preprocessing
+    self.output = output
+    self.logits = tf.function(self._logits, input_signature=[
+        _patch_spec(patch_size, tf.uint8, name) for name in ("patch_a", "patch_b")])
+    self.logits_preprocessed = tf.function(self._logits_preprocessed, input_signature=[
+        _patch_spec(patch_size, tf.float32, name) for name in ("patch_a", "patch_b")])
 
-  @tf.function(input_signature=[tf.TensorSpec([None, patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3], tf.uint8,
-                                              name=name) for name in ("patch_a", "patch_b")])
-  def logits(self, patch_a, patch_b):
-    return self.logits_preprocessed(preprocess(patch_a, self.color_mode), preprocess(patch_b, self.color_mode))
+  def _logits(self, patch_a, patch_b):
+    return self.logits_preprocessed(preprocess(patch_a, self.preprocessing), preprocess(patch_b, self.preprocessing))
 
-  @tf.function(input_signature=[tf.TensorSpec([None, patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3],
-                                              tf.float32, name=name) for name in ("patch_a", "patch_b")])
-  def logits_preprocessed(self, patch_a, patch_b):
+  def _logits_preprocessed(self, patch_a, patch_b):
     n = tf.shape(patch_a)[0]
-    fc6 = _flat_fc6(self._tower(tf.concat([patch_a, patch_b], 0)))
-    return {"logits": self._head(tf.concat([fc6[:n], fc6[n:]], -1))}
+    features = _flat(self._tower(tf.concat([patch_a, patch_b], 0)), self.output)
+    return {"logits": self._head(tf.concat([features[:n], features[n:]], -1))}
 
 
-def metadata(model_config, color_mode, folded=None, caffe_pooling=None, **extra):
+def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry="doersch", **extra):
   """What a SavedModel's assets.extra/context_keras.json says: enough to rebuild the architecture (evaluate.py's
   random-init baseline) and to use it. `caffe_pooling`: how the backbone pools (fold.caffe_pooling)."""
+  mode = augment_lib.preprocessing_mode(geometry, color_mode)
   info = {"backbone": model_config.backbone, "width_multiplier": model_config.width_multiplier,
-          "color_mode": color_mode, "preprocessing": PREPROCESSING, "min_size": patches_lib.PATCH_SIZE,
+          "model": dataclasses.asdict(model_config), "geometry": geometry, "color_mode": color_mode,
+          "preprocessing_mode": mode, "preprocessing": PREPROCESSING[mode], "min_size": model_config.patch_size,
+          "patch_size": model_config.patch_size, "output": model_lib.output_name(model_config.backbone),
           "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS, "num_classes": model_config.num_classes}
   if caffe_pooling is not None:
     info["pooling"] = "caffe" if caffe_pooling else "trained"
@@ -177,11 +198,12 @@ def read_weights(path):
   return weights
 
 
-def save_backbone(folded, path, color_mode, info, serving_default="features"):
+def save_backbone(folded, path, preprocessing, info, serving_default="features"):
   """Writes the folded backbone as a SavedModel with signatures features and patch_features; `serving_default`
-  names the one that is also the default. (Signatures given as the tf.functions, not as their concrete functions,
-  which tf.saved_model.save would trace a second time, with a second copy of the weights.)"""
-  module = BackboneModule(folded, color_mode)
+  names the one that is also the default; `preprocessing` is the run's mode (augment.preprocessing_mode) and `info`
+  metadata()'s. (Signatures given as the tf.functions, not as their concrete functions, which tf.saved_model.save
+  would trace a second time, with a second copy of the weights.)"""
+  module = BackboneModule(folded, preprocessing, info["patch_size"], info["output"])
   signatures = {"features": module.features, "patch_features": module.patch_features}
   signatures["serving_default"] = signatures[serving_default]
   tf.saved_model.save(module, path, signatures=signatures)
@@ -189,26 +211,26 @@ def save_backbone(folded, path, color_mode, info, serving_default="features"):
   return path
 
 
-def export_backbone(tower, model_config, path, color_mode="drop"):
+def export_backbone(tower, model_config, path, color_mode="drop", geometry="doersch"):
   """The folded, fully convolutional backbone of `tower` as a SavedModel at `path` (train.py's exports), written
   whole or not at all (writes.atomic_folder).
 
   The same module as the export command's OUT/backbone, both signatures included, but serving_default stays
-  patch_features (preprocessed float32 patches -> {"fc6": [N, C]}), the contract RUN/export/backbone_<step> has
-  always had; features (uint8 images) is the other signature.
+  patch_features (preprocessed float32 patches -> {OUTPUT: [N, C]}, fc6 or pre_logits), the contract
+  RUN/export/backbone_<step> has always had; features (uint8 images) is the other signature.
   """
   folded = fold.fold_tower(tower, model_config)
-  info = metadata(model_config, color_mode, folded, fold.caffe_pooling(model_config))
+  info = metadata(model_config, color_mode, folded, fold.caffe_pooling(model_config), geometry)
   with writes.atomic_folder(path) as staging:
-    save_backbone(folded, staging, color_mode, info, serving_default="patch_features")
+    save_backbone(folded, staging, info["preprocessing_mode"], info, serving_default="patch_features")
   return path
 
 
-def save_pair_classifier(networks, model_config, path, color_mode, info):
-  """The pair classifier of `networks` as a SavedModel at `path`: tower and head folded, on 96-px patches (where
-  Caffe's and the training tower's pooling agree)."""
+def save_pair_classifier(networks, model_config, path, preprocessing, info):
+  """The pair classifier of `networks` as a SavedModel at `path`: tower and head folded, on the training patches
+  (96 px, where Caffe's and the training tower's pooling agree; 64 px in the revisiting geometry)."""
   module = PairClassifierModule(fold.fold_tower(networks.tower, model_config), fold.fold_batchnorm(networks.head),
-                                color_mode)
+                                preprocessing, model_config.patch_size, model_lib.output_name(model_config.backbone))
   signatures = {"logits": module.logits, "logits_preprocessed": module.logits_preprocessed}
   signatures["serving_default"] = signatures["logits"]
   tf.saved_model.save(module, path, signatures=signatures)

@@ -9,6 +9,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import zlib
@@ -223,6 +224,25 @@ def find_source(data, data_root=None):
   raise errors.DataError(f"--data={data}: {path} does not exist")
 
 
+PREPARED_INDEX = "index.json"  # written by context_keras.prepare beside its shards
+
+
+def count_images(source):
+  """The images of a source, for counting epochs: its files, or for TFRecord shards the records that the
+  index.json beside them (context_keras.prepare's) gives for each of them; None when that is unknown."""
+  if source.kind == "files":
+    return len(source.paths)
+  folder = os.path.dirname(source.paths[0])
+  try:
+    with open(os.path.join(folder, PREPARED_INDEX), encoding="utf-8") as f:
+      records = {os.path.join(folder, shard["file"]): int(shard["records"]) for shard in json.load(f)["shards"]}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  if not all(path in records for path in source.paths):
+    return None
+  return sum(records[path] for path in source.paths)
+
+
 def _refuse_non_list(data, path):
   """A single image (or a lone shard without a TFRecord suffix) given as --data is not a list file: say so."""
   try:
@@ -394,8 +414,9 @@ def _damaged(path, records):
   raise tf.errors.DataLossError(None, None, f"{path} is corrupt or cut short after {records} readable records")
 
 
-def check_readable(source, limit=None):
-  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid.
+def check_readable(source, limit=None, geometry="doersch"):
+  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid (any decodable
+  image holds the revisiting geometry's, whose resize ignores the aspect).
 
   Images are tried in listing order until one works (the first, normally), at most `limit` of them.
   """
@@ -415,7 +436,7 @@ def check_readable(source, limit=None):
       message = errors.tf_error_message(e)
       problems.append(message if message.startswith(name) else f"{name}: {message}")
     else:
-      if patches_lib.can_hold_grid(shape[0], shape[1]):
+      if geometry == "revisiting" or patches_lib.can_hold_grid(shape[0], shape[1]):
         return
       problems.append(f"{name}: {shape[1]}x{shape[0]} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px "
                       "patches")

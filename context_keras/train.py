@@ -33,6 +33,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   data_flags.define_source()
+  data_flags.define_geometry()
   data_flags.define_augmentation()
   data_flags.define_shortcut_fixes()
   data_flags.define_batching()
@@ -83,8 +84,8 @@ def define_flags():
 
 def schedule_problem():
   """What --train_steps makes of the learning-rate schedule."""
-  if FLAGS.lr_schedule == "cosine" and not FLAGS.train_steps:
-    return "--lr_schedule=cosine needs --train_steps > 0 to know where the cosine ends"
+  if FLAGS.lr_schedule == "cosine" and not FLAGS.train_steps and not FLAGS.train_epochs:
+    return "--lr_schedule=cosine needs --train_steps > 0 (or --train_epochs) to know where the cosine ends"
   if FLAGS.train_steps and FLAGS.warmup_steps >= FLAGS.train_steps:
     return (f"--warmup_steps={FLAGS.warmup_steps} is not less than --train_steps={FLAGS.train_steps}: the learning "
             "rate would never reach --learning_rate")
@@ -131,8 +132,10 @@ def run():
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
     input_config = data_flags.input_config(FLAGS.seed)
-    config = run_dir.RunConfig(model=model_flags.model_config(input_config.num_classes), input=input_config,
-                               optimisation=optimisation_flags.optim_config(FLAGS.train_steps))
+    model_config = model_flags.model_config(input_config.num_classes)
+    source = sources.find_source(input_config.data, input_config.data_root)
+    config = run_dir.RunConfig(model=model_config, input=input_config,
+                               optimisation=optim_config(input_config, source, strategy.num_replicas_in_sync))
     precision = config.optimisation.mixed_precision
     if precision != "none":
       keras.mixed_precision.set_global_policy("mixed_" + precision)
@@ -150,8 +153,7 @@ def run():
                      FLAGS.train_steps)
         return 0
 
-    source = sources.find_source(config.input.data, config.input.data_root)
-    sources.check_readable(source)
+    sources.check_readable(source, geometry=input_config.geometry)
     logging.info("Data: %s%s.", source.description, f", processed by the tf.data service at "
                  f"{config.input.data_service}" if config.input.data_service else "")
     if config.input.data_service:
@@ -163,6 +165,7 @@ def run():
                  " (--augment_on=auto: a GPU is visible)" if on_device else " (--augment_on=auto: no GPU visible)")
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
     trainer = trainer_lib.Trainer(strategy, config.model, config.optimisation, time_input=not FLAGS.deterministic,
+                                  seed=FLAGS.seed,
                                   augment=data_lib.step_augmentation(config.input, config.optimisation.jit_compile))
     resources.check_step_memory(trainer.networks, config.input, distribute.local_replicas(strategy),
                                 keras.mixed_precision.global_policy().compute_dtype, config.model.backbone,
@@ -202,16 +205,17 @@ def run():
         control_lib.run_files(model_dir, run_dir.PAUSE_FILE, FLAGS.pause_file, is_chief), trainer.request, signals))
 
     checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
-    exports = actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input.color_mode,
+    exports = actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input,
                                   lambda: checkpoints.latest)
     profiler = actions_lib.Profile(*profile, run_dir.train_dir(write_dir))
     summary_writer = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
-    periodic = [actions_lib.Summaries(summary_writer, FLAGS.log_every, trainer, counters, FLAGS.train_steps),
+    periodic = [actions_lib.Summaries(summary_writer, FLAGS.log_every, trainer, counters, config.train_steps),
                 actions_lib.PairImages(summary_writer, FLAGS.image_summary_every),
                 actions_lib.Histograms(summary_writer, FLAGS.histogram_every, trainer.trainable_variables),
                 checkpoints, exports, profiler]
     try:
-      return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler)
+      return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler,
+                   config.train_steps)
     except distribute.LOST_WORKER_ERRORS as e:
       if not distribute.is_multi_worker(strategy):
         raise
@@ -246,6 +250,25 @@ def restore(latest, trainer, counters):
                             f"{str(e).splitlines()[0][:300]}") from e
 
 
+def optim_config(input_config, source, replicas):
+  """The optimisation config, its epochs counted in steps of the global batch (revisiting geometry)."""
+  images_per_step = input_config.images_per_batch and input_config.images_per_batch * replicas
+  epoch_images = None
+  if optimisation_flags.uses_epochs() and images_per_step:
+    epoch_images = FLAGS.epoch_images or sources.count_images(source)
+    if not epoch_images:
+      raise errors.UsageError(f"--data={source.description}: the number of images of an epoch is unknown (no "
+                              f"{sources.PREPARED_INDEX} of context_keras.prepare beside the shards); give "
+                              "--epoch_images")
+    logging.info("An epoch: %d images, %d steps of %d images.", epoch_images, epoch_images // images_per_step,
+                 images_per_step)
+  config = optimisation_flags.optim_config(FLAGS.train_steps, images_per_step, epoch_images)
+  if FLAGS.lr_scale_images:
+    logging.info("Learning rate %.4g: %.4g per %d images, for %d images per step.", config.learning_rate,
+                 FLAGS.learning_rate, FLAGS.lr_scale_images, images_per_step)
+  return config
+
+
 def recorded_init_from(model_dir):
   """What a resumed run started from, as its config.json says (None for older runs or random initialisation)."""
   try:
@@ -277,9 +300,12 @@ def input_stream(strategy, input_config, source, trainer, latest):
   return distribute.distributed_batches(strategy, input_config, source, positions)
 
 
-def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler):
+def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler, train_steps):
   """The loop: compiled calls of up to --steps_per_loop steps, each ending where a periodic action is due."""
-  step, train_steps = trainer.current_step(), FLAGS.train_steps
+  step = trainer.current_step()
+  if train_steps and step >= train_steps:
+    logging.info("Step %d already reaches the run's %d steps: nothing to train.", step, train_steps)
+    return 0
   while not train_steps or step < train_steps:
     profiler.before(step)
     num_steps = actions_lib.steps_to_next(step, train_steps, periodic, FLAGS.steps_per_loop)

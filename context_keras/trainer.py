@@ -13,7 +13,6 @@ import tensorflow as tf
 from context_keras import control
 from context_keras import errors
 from context_keras import model as model_lib
-from context_keras import patches as patches_lib
 
 DIVERGENCE_WARMUP_STEPS = 100
 PREVIEW_PAIRS = 8
@@ -30,19 +29,29 @@ class OptimConfig:
   weight_decay: float = 0.0
   lr_schedule: str = "constant"
   warmup_steps: int = 0
+  lr_decay_steps: tuple = ()
+  lr_decay_factor: float = 0.1
   train_steps: int = 0
+  l2_tower: float = 0.0
+  l2_head: float = 0.0
   loss_reduction: str = "sum"
   mixed_precision: str = "none"
   jit_compile: bool = False
   divergence_factor: float = 10.0
   inject_nan_at_step: int = 0
 
+  def __post_init__(self):
+    # config.json stores the boundaries as a list.
+    object.__setattr__(self, "lr_decay_steps", tuple(int(s) for s in self.lr_decay_steps))
+
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-  """Constant or cosine-to-zero, with optional linear warm-up."""
+  """Constant, cosine-to-zero, or piecewise constant (times `factor` at each of `boundaries`), with optional linear
+  warm-up."""
 
-  def __init__(self, base, warmup_steps=0, decay_steps=0):
+  def __init__(self, base, warmup_steps=0, decay_steps=0, boundaries=(), factor=0.1):
     self.base, self.warmup_steps, self.decay_steps = base, warmup_steps, decay_steps
+    self.boundaries, self.factor = tuple(boundaries), factor
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
@@ -52,17 +61,22 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
     if self.decay_steps:
       progress = tf.minimum(step, self.decay_steps) / self.decay_steps
       rate *= 0.5 * (1.0 + tf.cos(math.pi * progress))
+    if self.boundaries:
+      passed = tf.reduce_sum(tf.cast(step >= tf.constant(self.boundaries, tf.float32), tf.float32))
+      rate *= tf.pow(tf.constant(self.factor, tf.float32), passed)
     return rate
 
   def get_config(self):
-    return {"base": self.base, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
+    return {"base": self.base, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps,
+            "boundaries": self.boundaries, "factor": self.factor}
 
 
 def make_optimizer(config):
   decay_steps = config.train_steps if config.lr_schedule == "cosine" else 0
+  boundaries = config.lr_decay_steps if config.lr_schedule == "steps" else ()
   optimizer = keras.optimizers.SGD(
-      LearningRate(config.learning_rate, config.warmup_steps, decay_steps), momentum=config.momentum,
-      weight_decay=config.weight_decay or None)
+      LearningRate(config.learning_rate, config.warmup_steps, decay_steps, boundaries, config.lr_decay_factor),
+      momentum=config.momentum, weight_decay=config.weight_decay or None)
   if config.mixed_precision == "float16":
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer
@@ -71,19 +85,22 @@ def make_optimizer(config):
 class Trainer:
   """Networks, optimizer and the compiled multi-step loop, all built in `strategy`'s scope."""
 
-  def __init__(self, strategy, model_config, optim_config, time_input=True, augment=None):
+  def __init__(self, strategy, model_config, optim_config, time_input=True, augment=None, seed=0):
     """augment: with --augment_on=device, what turns a batch of uint8 patches into the tower's input
     (data.augment_batch), run in the step on each replica's device, inside XLA with --jit_compile; None when the
-    input pipeline augmented the patches."""
+    input pipeline augmented the patches. seed: the run's, for the dropout masks of the revisiting head."""
     self.strategy = strategy
     self.config = optim_config
     self.augment = augment
+    self.patch_size = model_config.patch_size
+    self.seed = seed
     # tf.timestamp is refused under op determinism, so the input wait is then not measured.
     self.time_input = time_input
     with strategy.scope():
       self.networks = model_lib.build(model_config)
       self.optimizer = make_optimizer(optim_config)
       self.optimizer.build(self.trainable_variables)
+      self.l2_kernels = model_lib.regularised_kernels(self.networks)
       # Running mean of the gradient norm, for the divergence guard; checkpointed with the run.
       self.grad_norm_average = tf.Variable(0.0, trainable=False, name="grad_norm_average")
     self.request = tf.Variable(control.REQUEST_NONE, trainable=False, name="request")
@@ -117,11 +134,25 @@ class Trainer:
             "grad_norm_average": self.grad_norm_average, "input_positions": self.input_positions,
             LISTING_KEY: self.input_listing}
 
+  def _l2_penalty(self):
+    """(l2_tower/2) |tower kernels|^2 + (l2_head/2) |head kernels|^2: TF1's l2_regularizer (and PyTorch's weight
+    decay) convention, whose gradient is l2 * w, as Kolesnikov et al.'s code adds it (method.md §8.4)."""
+    penalty = tf.constant(0.0)
+    for scale, kernels in zip((self.config.l2_tower, self.config.l2_head), self.l2_kernels):
+      if scale:
+        penalty += 0.5 * scale * tf.add_n([tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in kernels])
+    return penalty
+
   def _gradients_impl(self, batch, global_pairs):
     if self.augment is not None:
       batch = self.augment(batch)
+    context = tf.distribute.get_replica_context()
+    # The dropout masks of a step: a pure function of the run's seed, the step and the replica.
+    seed = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.step, tf.int64)]),
+        tf.cast(context.replica_id_in_sync_group, tf.int64))
     with tf.GradientTape() as tape:
-      logits = model_lib.grid_logits(self.networks, batch, training=True)
+      logits = model_lib.grid_logits(self.networks, batch, training=True, seed=seed)
       valid = tf.cast(batch["pair_mask"], tf.float32)
       per_pair = keras.losses.sparse_categorical_crossentropy(batch["label"], logits, from_logits=True)
       loss_sum = tf.reduce_sum(per_pair * valid)
@@ -131,6 +162,9 @@ class Trainer:
       # Gradients are summed over replicas, so each replica's share of the global objective is its own sum
       # (or its sum over the global pair count): correct for any number of replicas.
       loss = loss_sum if self.config.loss_reduction == "sum" else loss_sum / tf.maximum(global_pairs, 1.0)
+      if self.config.l2_tower or self.config.l2_head:
+        # Every replica adds its share, so that the summed gradients hold the penalty's once.
+        loss += self._l2_penalty() / context.num_replicas_in_sync
       if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
         loss = self.optimizer.scale_loss(loss)
     gradients = tape.gradient(loss, self.trainable_variables)
@@ -236,7 +270,7 @@ class Trainer:
     return tf.constant(STATUS_OK)
 
   def _empty_batch(self):
-    size = patches_lib.PATCH_SIZE
+    size = self.patch_size
     pairs = tf.zeros([PREVIEW_PAIRS], tf.int32)
     batch = {"first": pairs, "second": pairs, "label": pairs, "pair_mask": tf.zeros([PREVIEW_PAIRS], tf.bool)}
     if self.augment is None:

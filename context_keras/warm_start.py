@@ -4,8 +4,12 @@ checkpoint of a run, or an exported backbone (OUT/backbone, RUN/export/backbone_
 From a run or a checkpoint the tower is copied whole, batch-norm statistics included, and the pair head where its
 layers match. An exported backbone has its batch norm folded into the conv/dense weights (method.md §5.1): those
 weights are copied (fc6's 3x3 convolution back into the dense layer), and the new run's BN layers start with fresh
-statistics, which its first training steps set; the head starts from its random initialisation. Either way the
-optimizer and the step start anew: it is a new run, not a resumed one.
+statistics, which its first training steps set; the head starts from its random initialisation. A tower whose BN has
+a learned scale and shift (the modern towers, method.md §8.5) gets them from the export too: the shift of a BN after a
+bias-free conv is that conv's folded bias, and a BN that was not folded into a layer (a ResNet v2's pre-activation,
+exported as a per-channel affine map) takes that map as its scale and shift; so with fresh statistics (mean 0,
+variance 1) the new tower computes the exported features. Either way the optimizer and the step start anew: it is a
+new run, not a resumed one.
 """
 import dataclasses
 import os
@@ -15,7 +19,9 @@ from keras import layers
 import numpy as np
 import tensorflow as tf
 
+from context_keras import caffe_layers
 from context_keras import errors
+from context_keras import fold
 from context_keras import restore
 from context_keras import run_dir
 from context_keras import serving
@@ -110,8 +116,36 @@ def _from_backbone(networks, model_config, source):
       if tuple(value.shape) != tuple(weight.shape):
         raise _mismatch(source.path, layer.name, key.rsplit("/", 1)[-1], value.shape, weight.shape)
       weight.assign(value)
+  _affine_from_backbone(networks.tower, weights, source)
   return {"checkpoint": info.get("checkpoint"), "step": info.get("step"), "rescaled": info.get("rescaled", False),
           "head": False}
+
+
+def _affine_from_backbone(tower, weights, source):
+  """The learned scale and shift of each BN with them, from the folded export, for fresh statistics (mean 0,
+  variance 1): gamma * x / sqrt(1 + eps) + beta must give the export's a * x + c, where (a, c) is (1, the folded
+  bias) after a bias-free conv, or the export's per-channel affine map (a DepthwiseConv2D named as the BN)."""
+  for node in fold.call_nodes(tower):
+    layer = node.operation
+    if not isinstance(layer, caffe_layers.CaffeBatchNorm) or layer.beta is None:
+      continue
+    producer = node.input_tensors[0]._keras_history.operation  # pylint: disable=protected-access
+    if isinstance(producer, (layers.Conv2D, layers.Dense)):
+      # Folded into that layer: its bias holds the shift, unless the layer has a bias of its own, which was copied.
+      key = f"{producer.name}/bias"
+      scale = np.ones(layer.beta.shape)
+      shift = np.zeros(layer.beta.shape) if producer.use_bias else weights.get(key)
+    else:
+      key = f"{layer.name}/bias"
+      scale, shift = weights.get(f"{layer.name}/kernel"), weights.get(key)
+      scale = None if scale is None else scale.reshape(-1)
+    if shift is None or scale is None:
+      raise errors.UsageError(f"--init_from={source.path} has no weight {key} (check --backbone)")
+    if tuple(shift.shape) != tuple(layer.beta.shape):
+      raise _mismatch(source.path, layer.name, "shift", shift.shape, layer.beta.shape)
+    layer.beta.assign(shift)
+    if layer.gamma is not None:
+      layer.gamma.assign(scale * np.sqrt(1 + layer.epsilon))
 
 
 def initialise(networks, model_config, path):

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -27,6 +29,7 @@ from context_keras import prepare as PREP
 from context_keras import sources as S
 from helpers import REPO
 from helpers import demo_args
+from helpers import module_env
 from helpers import peak_mb
 from helpers import run_all
 from helpers import run_state
@@ -511,7 +514,7 @@ def huge_jpegs(tmp_path_factory):
 def test_huge_jpegs_train_in_bounded_memory(huge_jpegs, tmp_path):
   """Eight 48-megapixel and four 90-megapixel JPEGs, each set trained on with the default parallelism: peak memory
   under 2 GB, because a JPEG is decoded at 1/2-1/8 of its sides when that still gives its resize target, and
-  resized in uint8 (README, Speed: memory)."""
+  resized in uint8 (README, What we guarantee: memory; method.md §4.5)."""
   results = run_all([(demo_args(tmp_path / kind, f"--data={huge_jpegs / kind}", "--data_root=", "--train_steps=10",
                                 "--checkpoint_every=10"), None) for kind in HUGE_PHOTOS], tmp_path)
   peaks = {kind: peak_mb(text) for kind, (_, text) in zip(HUGE_PHOTOS, results)}
@@ -521,6 +524,48 @@ def test_huge_jpegs_train_in_bounded_memory(huge_jpegs, tmp_path):
     images = int(re.findall(r"step 10/10 .* images (\d+) \(too small 0, unreadable 0\)", text)[-1])
     assert images >= HUGE_PHOTOS[kind][2], (kind, images)  # every photo went into a batch
     assert peaks[kind] < HUGE_PEAK_RSS_LIMIT_MB, (kind, peaks[kind])
+
+
+# The training input pipeline alone with every AUTOTUNE forced to N calls on an N-thread pool: what a host of N cores
+# runs (tf.data's AUTOTUNE goes up to one call per core), forced on this 2-core machine. Prints its peak memory.
+FORCED_PARALLELISM = """
+import resource, sys
+import tensorflow as tf
+folder, n = sys.argv[1], int(sys.argv[2])
+tf.data.AUTOTUNE = n
+from context_keras import data
+options = tf.data.Options()
+options.threading.private_threadpool_size = n
+dataset = data.make_dataset(data.InputConfig(data=folder, batch_patches=64, batch_pairs=320)).with_options(options)
+images = sum(int(batch["images"]) for batch in dataset.take(8))
+print("IMAGES", images, "PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+FORCED_PEAK_RSS_LIMIT_MB = 2000
+
+
+@pytest.mark.slow
+def test_sixteen_parallel_decodes_of_images_that_cannot_be_reduced_stay_bounded(tmp_path):
+  """What a 16-core host does with 30-megapixel PNGs and 24-megapixel progressive JPEGs, which no reduced decode
+  makes small (a PNG is decoded at full size; libjpeg holds a progressive JPEG's coefficients at full size): such
+  decodes run one at a time (data.grids_of_images), so 16-way parallelism keeps the pipeline's peak under 2 GB
+  (1.65 GB measured on the PNGs, most of it their files in flight); when all 16 ran at once it reached 2.5 GB
+  (PNGs) and 2.6 GB (progressive JPEGs) (README, What we guarantee: memory)."""
+  photo = Image.open(os.path.join(skimage_photo_dir(), "astronaut.png")).convert("RGB").resize((6000, 5000))
+  (tmp_path / "png").mkdir()
+  (tmp_path / "progressive").mkdir()
+  photo.save(tmp_path / "png" / "0.png", compress_level=1)
+  photo.resize((6000, 4000)).save(tmp_path / "progressive" / "0.jpg", quality=90, progressive=True)
+  for kind, name in (("png", "0.png"), ("progressive", "0.jpg")):
+    for i in range(1, 16):
+      shutil.copy(tmp_path / kind / name, tmp_path / kind / f"{i}{os.path.splitext(name)[1]}")
+  for kind in ("png", "progressive"):
+    result = subprocess.run([sys.executable, "-c", FORCED_PARALLELISM, str(tmp_path / kind), "16"], env=module_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images, peak = map(int, re.findall(r"IMAGES (\d+) PEAK_RSS_MB (\d+)", result.stdout)[-1])
+    print(f"16-way decoding of {kind}: peak {peak} MB, {images} images")
+    assert images >= 8, kind
+    assert peak < FORCED_PEAK_RSS_LIMIT_MB, (kind, peak)
 
 
 @pytest.fixture(scope="module")

@@ -171,6 +171,33 @@ def test_capacity_must_hold_the_largest_grid():
     D.InputConfig(data="x", batch_pairs=40)
 
 
+def test_revisiting_batches_hold_whole_images_and_resume_exactly(tiny_image_dir):
+  """The revisiting geometry through the same packer: every batch holds floor(min(patches/9, pairs/8)) images of 9
+  standardised 64-px patches and their 8 (neighbour, centre) pairs; it counts images and resumes exactly. Any
+  decodable image holds the geometry: an elongated one the doersch geometry refuses is used."""
+  write_png(tiny_image_dir / "long.png", np.full((20, 600, 3), 7, np.uint8))
+  config = D.InputConfig(data=str(tiny_image_dir), geometry="revisiting", batch_patches=40, batch_pairs=36)
+  assert config.images_per_batch == 4 and config.patch_size == 64
+  batches = list(D.make_dataset(config).take(4))
+  first, second, label = (t.numpy() for t in P.revisiting_pairs())
+  for batch in batches:
+    assert batch["patches"].shape == (40, 64, 64, 3) and int(batch["images"]) == 4
+    assert int(batch["too_small"]) == int(batch["unreadable"]) == 0
+    assert batch["patch_mask"].numpy().sum() == 36 and batch["pair_mask"].numpy().sum() == 32
+    offsets = np.repeat(np.arange(4) * 9, 8)
+    np.testing.assert_array_equal(batch["first"].numpy()[:32], np.tile(first, 4) + offsets)
+    np.testing.assert_array_equal(batch["second"].numpy()[:32], np.tile(second, 4) + offsets)
+    np.testing.assert_array_equal(batch["label"].numpy()[:32], np.tile(label, 4))
+    std = batch["patches"].numpy()[:36].std(axis=(1, 2, 3))
+    assert np.all((np.abs(std - 1) < 1e-3) | (std == 0))  # a constant patch stays 0
+  assert [int(b["resume"][0]) for b in batches] == [4, 8, 12, 16]
+  resumed = list(D.make_dataset(config, start=tuple(int(v) for v in batches[1]["resume"].numpy())).take(2))
+  for a, b in zip(batches[2:], resumed):
+    np.testing.assert_array_equal(a["patches"].numpy(), b["patches"].numpy())
+  with pytest.raises(ValueError, match="batch_pairs"):
+    D.InputConfig(data="x", geometry="revisiting", batch_patches=9, batch_pairs=7)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The lean host path: uint8 patches, resizing in uint8, reduced JPEG decoding
 
@@ -212,14 +239,14 @@ def test_uint8_resize_is_the_float_resize_rounded():
     np.testing.assert_array_equal(P.resize_uint8(image, *size).numpy(), np.round(expected).astype(np.uint8))
 
 
-def big_jpeg(photo_dir, name, scale, mode=None):
+def big_jpeg(photo_dir, name, scale, mode=None, progressive=False):
   """A sample photo upscaled (bicubic) and encoded as a JPEG, as a stand-in for a camera's large photo."""
   from PIL import Image  # test extra
   image = Image.open(os.path.join(photo_dir, name)).convert("RGB")
   image = image.resize((image.width * scale, image.height * scale), Image.BICUBIC)
   image = image.convert(mode) if mode else image
   buffer = io.BytesIO()
-  image.save(buffer, "JPEG", quality=90)
+  image.save(buffer, "JPEG", quality=90, progressive=progressive)
   return buffer.getvalue()
 
 
@@ -243,6 +270,35 @@ def test_large_jpegs_are_decoded_reduced(photo_dir):
     assert DEC.decode(big_jpeg(photo_dir, "coffee.png", 3, mode), target_pixels=150_000).shape == (600, 900, 3)
   png = tf.io.encode_png(full)
   assert DEC.decode(png, target_pixels=150_000).shape == (2048, 2048, 3)
+
+
+def test_large_decodes_leave_the_parallel_stage_and_give_the_same_grids(photo_dir):
+  """A large PNG (no reduced decoding) and a large progressive JPEG (libjpeg holds its coefficients at full size) are
+  decoded in the one-at-a-time stage, a baseline JPEG of the same size in the parallel one, each told from its
+  header; every image's grids are image_grids's, in stream order, a corrupt one an error element skipped in place."""
+  jpeg = big_jpeg(photo_dir, "astronaut.png", 4)  # 2048 x 2048 = 4.2 MP, decoded at 1/2 or 1/4
+  progressive = big_jpeg(photo_dir, "astronaut.png", 4, progressive=True)
+  png = tf.io.encode_png(DEC.decode(jpeg)).numpy()
+  small = tf.io.encode_png(DEC.decode(jpeg, target_pixels=150_000)[:500]).numpy()  # 500 x 512
+  stream = [small, png, b"\x89PNG corrupt", jpeg, png, progressive, small]
+  base_seed = tf.constant([3, 0], tf.int64)
+  seeds = [tf.random.experimental.stateless_fold_in(base_seed, tf.constant(i, tf.int64)) for i in range(len(stream))]
+  target = P.resize_target(P.split_seed(seeds[1], 3)[0])
+  assert int(DEC.decoded_pixels(png, target)) == 2048 * 2048 > D.PARALLEL_DECODE_MAX_PIXELS
+  assert int(D.decoded_pixels(png, seeds[1])) == 2048 * 2048
+  assert int(D.decoded_pixels(progressive, seeds[5])) == 2 * 2048 * 2048
+  assert 0 < int(D.decoded_pixels(jpeg, seeds[3])) <= D.PARALLEL_DECODE_MAX_PIXELS
+  height, width, _ = DEC.decode(jpeg, target).shape  # reduced, as decoded_pixels predicts
+  assert int(DEC.decoded_pixels(jpeg, target)) == height * width < 2048 * 2048 // 2
+  assert int(D.decoded_pixels(small, seeds[0])) == 500 * 512
+  out = list(D.grids_of_images(tf.data.Dataset.from_tensor_slices(stream), base_seed).ignore_errors())
+  assert [int(index) for index, _ in out] == [0, 1, 3, 4, 5, 6]
+  for index, grids in out:
+    expected = D.image_grids(stream[int(index)], seeds[int(index)])
+    assert set(grids) == set(expected)
+    for key in expected:
+      np.testing.assert_array_equal(grids[key].numpy(), expected[key].numpy(), err_msg=f"{key} of image {index}")
+  assert all(bool(grids["usable"]) and grids["patches"].shape[0] > 0 for _, grids in out)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -289,3 +345,23 @@ def test_device_and_host_augmentation_are_equal_patch_for_patch(raw_and_host_bat
     np.testing.assert_allclose(device[:n], host["patches"].numpy()[:n], rtol=0, atol=1e-5 * A.RMS_TARGET,
                                err_msg=f"static_shapes={static_shapes} jit={jit}")
     assert not device[n:].any() and not host["patches"].numpy()[n:].any(), "padding stays zero"
+
+
+def test_revisiting_device_and_host_augmentation_are_equal_patch_for_patch(demo_list, photo_dir):
+  """The revisiting geometry in both modes: the device mode's batches hold the uint8 64-px patches and their keys,
+  and the step's augmentation of them is the host pipeline's batch; grayscale is drawn once per image."""
+  config = D.InputConfig(data=demo_list, data_root=photo_dir, geometry="revisiting", batch_patches=40, batch_pairs=36)
+  device_config = dataclasses.replace(config, augment_on="device")
+  step = tf.function(D.step_augmentation(device_config))
+  gray = []
+  for raw, host in zip(D.make_dataset(device_config).take(3), D.make_dataset(config).take(3)):
+    assert raw["patches"].dtype == tf.uint8 and raw["patches"].shape == (40, 64, 64, 3)
+    for key in ("first", "second", "label", "patch_mask", "pair_mask", "resume"):
+      np.testing.assert_array_equal(raw[key].numpy(), host[key].numpy())
+    device, expected = step(raw)["patches"].numpy(), host["patches"].numpy()
+    np.testing.assert_allclose(device[:36], expected[:36], rtol=0, atol=1e-5)
+    assert not device[36:].any() and not expected[36:].any(), "padding stays zero"
+    gray.append(np.all(device[:36] == device[:36, :, :, :1], axis=(1, 2, 3)).reshape(4, 9))
+  gray = np.concatenate(gray)
+  assert np.all(gray == gray[:, :1]), "all the patches of an image are gray, or none"
+  assert gray[:, 0].any() and not gray[:, 0].all()

@@ -388,6 +388,66 @@ def test_a_layer_without_standard_form_is_named():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The modern towers (method.md §8) through every format, at 1/16 width
+
+
+MODERN = {"resnet50_v1": (M.ModelConfig(backbone="resnet50", width_multiplier=0.0625, head="revisiting",
+                                        patch_size=64), "revisiting"),
+          "resnet18_v2": (M.ModelConfig(backbone="resnet18", width_multiplier=0.0625, head="revisiting",
+                                        patch_size=64, resnet_version=2), "revisiting"),
+          "vgg16_bn": (M.ModelConfig(backbone="vgg16_bn", width_multiplier=0.0625), "doersch")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODERN))
+def test_modern_towers_in_every_format(tmp_path, name):
+  """SavedModel (constants), the Keras file, LiteRT, ONNX where installed, and a warm start from the export: each
+  computes the folded tower's maps, learned BN scale and shift and arbitrary statistics included."""
+  config, geometry = MODERN[name]
+  networks = arbitrary_networks(config)
+  rng = np.random.default_rng(5)
+  for layer in networks.tower.layers:
+    if isinstance(layer, CL.CaffeBatchNorm) and layer.gamma is not None:
+      layer.gamma.assign(rng.uniform(0.5, 2, layer.gamma.shape).astype(np.float32))
+      layer.beta.assign(rng.normal(0, 1, layer.beta.shape).astype(np.float32))
+  folded = FO.fold_tower(networks.tower, config)
+  info = SV.metadata(config, "drop", folded, FO.caffe_pooling(config), geometry, step=3)
+  mode, names = info["preprocessing_mode"], M.BACKBONES[config.backbone].features
+  path = str(tmp_path / "backbone")
+  SV.save_backbone(folded, path, mode, info)
+  assert not tf.saved_model.load(path).signatures["features"].variables
+  images = photos(config.patch_size + 19, config.patch_size + 37, 2)
+  reference = {k: v.numpy() for k, v in folded(A.standardize(tf.constant(images, tf.float32), mode)).items()}
+  assert sorted(reference) == sorted(names)
+  saved = reference_features(path, images)
+  keras_path = str(tmp_path / "backbone.keras")
+  PM.backbone_model(folded, mode).save(keras_path)
+  from_file = keras.saving.load_model(keras_path)(images)
+  runner, _ = litert_runner(CV.to_litert(path, str(tmp_path / "backbone.tflite")), tf.lite.Interpreter,
+                            tf.lite.experimental.OpResolverType, True)
+  litert = runner.get_signature_runner("features")(images=images)
+  onnx = None
+  if has("tf2onnx") and has("onnxruntime"):
+    import onnxruntime  # pylint: disable=import-outside-toplevel
+    session = onnxruntime.InferenceSession(CV.to_onnx(path, str(tmp_path / "backbone.onnx")),
+                                           providers=["CPUExecutionProvider"])
+    onnx = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": images})))
+  for layer in names:
+    assert max_rel(saved[layer], reference[layer]) < 1e-5, layer
+    assert max_rel(from_file[layer], reference[layer]) < 1e-5, layer
+    assert max_rel(litert[layer], reference[layer]) < TOLERANCE, layer
+    if onnx is not None:
+      assert max_rel(onnx[layer], reference[layer]) < TOLERANCE, layer
+  # A warm start from the export, BN statistics fresh, computes the same output.
+  fresh = RS.build_networks(config)
+  WS.initialise(fresh, config, path)
+  patches = A.standardize(tf.constant(photos(config.patch_size, config.patch_size), tf.float32), mode)
+  output = M.output_name(config.backbone)
+  expected = folded(patches)[output].numpy()
+  assert max_rel(fresh.tower([patches, tf.ones([4])]).numpy().reshape(expected.shape), expected) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Atomic folders (writes.atomic_folder)
 
 

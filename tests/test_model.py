@@ -77,6 +77,57 @@ def test_batchnorm_ignores_padding_and_follows_caffe_average():
   np.testing.assert_allclose(out, (x[:1] - est_mean) / np.sqrt(est_var + 1e-5), rtol=1e-4, atol=1e-4)
 
 
+def test_batchnorm_statistics_survive_a_large_mean():
+  """Two-pass statistics: at mean/std = 1000 the variance of float32 values keeps its digits (one pass, the mean of
+  squares minus the squared mean, gives output stds of 0.7-2.8 here)."""
+  rng = np.random.default_rng(4)
+  x = (1000.0 + rng.normal(size=(64, 6, 6, 8))).astype(np.float32)
+  # All valid: TensorFlow's fused kernel; one padding sample: the masked path.
+  for valid in (np.ones(64, np.float32), np.array([1.0] * 63 + [0.0], np.float32)):
+    y = CL.CaffeBatchNorm()([x, valid], training=True).numpy()[valid > 0]
+    np.testing.assert_allclose(y.std(axis=(0, 1, 2)), 1.0, rtol=0.01)
+  one_pass = (x ** 2).mean(axis=(0, 1, 2), dtype=np.float32) - x.mean(axis=(0, 1, 2), dtype=np.float32) ** 2
+  assert np.abs(np.sqrt(np.maximum(one_pass, 0) / x.var(axis=(0, 1, 2), dtype=np.float64)) - 1).max() > 0.1
+
+
+@pytest.mark.parametrize("valid", [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], ids=["masked", "fused"])
+@pytest.mark.parametrize("rank", [2, 4])
+def test_batchnorm_with_scale_and_shift(valid, rank):
+  """Both paths (padded batches: masked sums; full ones: TensorFlow's fused kernel) give the same outputs, moving
+  statistics and gradients."""
+  layer = CL.CaffeBatchNorm(center=True, scale=True, momentum=0.99, epsilon=1e-3)
+  rng = np.random.default_rng(5)
+  x = rng.normal(2.0, 3.0, size=(5, 3, 3, 4) if rank == 4 else (5, 4)).astype(np.float32)
+  valid = np.array(valid, np.float32)
+  layer([x, valid])
+  gamma, beta = np.array([1.0, 2.0, -1.0, 0.5], np.float32), np.array([0.0, 1.0, 2.0, -3.0], np.float32)
+  layer.gamma.assign(gamma)
+  layer.beta.assign(beta)
+  with tf.GradientTape() as tape:
+    inputs = tf.constant(x)
+    tape.watch(inputs)
+    y = layer([inputs, valid], training=True)
+    loss = tf.reduce_sum(tf.sin(y) * valid.reshape([-1] + [1] * (rank - 1)))
+  grads = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
+  kept = x[valid > 0]
+  axes = tuple(range(rank - 1))
+  mean, var = kept.mean(axis=axes), kept.var(axis=axes)
+  np.testing.assert_allclose(y.numpy(), (x - mean) / np.sqrt(var + 1e-3) * gamma + beta, rtol=1e-4, atol=1e-4)
+  m = kept.size // 4
+  np.testing.assert_allclose(layer.moving_statistics()[1].numpy(), var * m / (m - 1), rtol=1e-4)
+  assert {w.name for w in layer.trainable_weights} == {"gamma", "beta"}
+  # The gradient of the batch statistics, as autodiff of the formula in float64 gives it.
+  x64 = tf.constant(x, tf.float64)
+  with tf.GradientTape() as tape:
+    tape.watch(x64)
+    w = tf.constant(valid.reshape([-1] + [1] * (rank - 1)), tf.float64)
+    mu = tf.reduce_sum(x64 * w, axes) / m
+    sigma2 = tf.reduce_sum(tf.square(x64 - mu) * w, axes) / m
+    y64 = (x64 - mu) / tf.sqrt(sigma2 + 1e-3) * gamma.astype(np.float64) + beta.astype(np.float64)
+    reference = tf.reduce_sum(tf.sin(y64) * w)
+  np.testing.assert_allclose(grads[0].numpy(), tape.gradient(reference, x64).numpy(), rtol=1e-3, atol=1e-5)
+
+
 def test_batchnorm_before_training_is_identity():
   layer = CL.CaffeBatchNorm()
   x = np.arange(12, dtype=np.float32).reshape(3, 4)

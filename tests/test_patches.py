@@ -190,3 +190,78 @@ def test_keyed_uniforms_are_uniform_and_independent():
 def test_largest_grid_bounds():
   assert P.max_grid_cells() >= 16 and P.max_grid_pairs() >= P.num_grid_pairs(4, 4)
   assert not P.can_hold_grid(100, 2000) and P.can_hold_grid(100, 100)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The revisiting geometry (method.md §8.2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_revisiting_patches_lie_in_their_cells_and_pairs_point_the_right_way(seed):
+  """A 292x292 image holding its own coordinates (the resize is then the identity): every patch lies inside the
+  255 crop, inside its own 85-px cell, at an offset of 0-21 px in it; each pair's label is where the second patch
+  (the centre) lies seen from the first."""
+  size = P.REVISITING_RESIZE
+  y, x = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  # uint8, as training cuts it: the low bytes of the row and column, and their high bits in channel 2.
+  image = np.stack([y % 256, x % 256, 2 * (y // 256) + x // 256], -1).astype(np.uint8)
+  cut = P.cut_revisiting(tf.constant(image), tf.constant([seed, 3], tf.int64))
+  assert cut["patches"].dtype == tf.uint8
+  patches = cut["patches"].numpy().astype(np.int64)
+  patches = np.stack([patches[..., 0] + 256 * (patches[..., 2] // 2), patches[..., 1] + 256 * (patches[..., 2] % 2)],
+                     -1)
+  assert patches.shape == (9, 64, 64, 2) and bool(cut["usable"])
+  assert cut["grid_height"].numpy().tolist() == cut["grid_width"].numpy().tolist() == [3]
+  ys, xs = patches[:, 0, 0, 0], patches[:, 0, 0, 1]
+  np.testing.assert_array_equal(patches[:, -1, -1, 0], ys + 63)
+  np.testing.assert_array_equal(patches[:, -1, -1, 1], xs + 63)
+  rows, cols = np.arange(9) // 3, np.arange(9) % 3
+  for corner, index in ((ys, rows), (xs, cols)):
+    # Some crop offset in [0, 37] puts every patch at 0-21 px into its cell: the range it can have is not empty.
+    in_cell = corner - index * P.REVISITING_CELL
+    lowest = max(0, int(np.max(in_cell)) - P.REVISITING_JITTER)
+    assert lowest <= min(int(np.min(in_cell)), P.REVISITING_RESIZE - P.REVISITING_CROP)
+  first, second, label = (t.numpy() for t in P.revisiting_pairs())
+  assert (second == 4).all() and sorted(first) == [0, 1, 2, 3, 5, 6, 7, 8]
+  for a, b, lbl in zip(first, second, label):
+    dx, dy = P.NEIGHBOUR_OFFSETS[lbl]
+    for d, e in ((xs[b] - xs[a], dx), (ys[b] - ys[a], dy)):
+      if e == 0:
+        assert abs(d) <= P.REVISITING_JITTER
+      else:  # a cell apart, give or take the offsets: the gap between the patches is 0-42 px
+        assert np.sign(d) == e and P.REVISITING_PATCH <= abs(d) <= P.REVISITING_CELL + P.REVISITING_JITTER
+
+
+def test_revisiting_offsets_cover_their_range():
+  """The top-left patch's corner is the crop's offset (0-37) plus its cell offset (0-21): both ends are reached."""
+  seeds = tf.stack([tf.range(400, dtype=tf.int64), tf.zeros([400], tf.int64)], 1)
+  corners = tf.function(lambda s: tf.map_fn(lambda seed: P.revisiting_corners(seed)[0][0], s,
+                                            fn_output_signature=tf.int32))(seeds).numpy()
+  assert corners.min() <= 2 and corners.max() >= P.REVISITING_RESIZE - P.REVISITING_CROP + P.REVISITING_JITTER - 2
+
+
+def test_revisiting_augment_grays_whole_images_and_standardises_each_patch():
+  rng = np.random.default_rng(6)
+  patches = tf.constant(rng.uniform(0, 255, (9, 64, 64, 3)).astype(np.float32))
+  # 200 images of the same 9 patches, each image with its own keys.
+  keys = tf.concat([A.patch_keys(tf.constant([i, 1], tf.int64), 9) for i in range(200)], 0)
+  small = tf.tile(patches[:, :4, :4], [200, 1, 1, 1])
+  outputs = A.revisiting_augment(small, keys).numpy().reshape(200, 9, 4, 4, 3)
+  gray = np.abs(outputs[..., 0] - outputs[..., 1]).max(axis=(2, 3)) < 1e-5  # [image, patch]
+  assert np.all(gray.all(1) | ~gray.any(1)), "one draw per image"
+  assert 0.58 < gray[:, 0].mean() < 0.74
+  # Each patch depends on its pixels and key only: alone, or with padding zeroed.
+  np.testing.assert_array_equal(A.revisiting_augment(small[9:18], keys[9:18]).numpy(), outputs[1])
+  padded = A.revisiting_augment(small[:12], keys[:12], valid=tf.range(12) < 9).numpy()
+  np.testing.assert_array_equal(padded[:9], outputs[0])
+  assert not padded[9:].any()
+  out = A.revisiting_augment(patches, A.patch_keys(tf.constant([0, 1], tf.int64), 9)).numpy()
+  np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+  np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1, rtol=1e-4)
+  # The grayscale is the mean of R, G and B, as theirs.
+  chosen = A.grayscale(patches, tf.constant([True] + [False] * 8)).numpy()
+  np.testing.assert_allclose(chosen[0, ..., 2], patches.numpy()[0].mean(-1), rtol=1e-6)
+  np.testing.assert_array_equal(chosen[1:], patches.numpy()[1:])
+  # Inference: the same standardisation without the random grayscale.
+  np.testing.assert_allclose(A.standardize(patches, A.STANDARDIZATION).numpy(),
+                             tf.image.per_image_standardization(patches).numpy())

@@ -31,12 +31,14 @@ from helpers import wait_for
 # One step on two replicas equals the single-device step
 
 
-def input_config(photo_dir, demo_list, augment_on="host"):
-  return D.InputConfig(data=demo_list, data_root=photo_dir, batch_patches=64, batch_pairs=320, augment_on=augment_on)
+def input_config(photo_dir, demo_list, augment_on="host", geometry="doersch"):
+  capacity = dict(batch_patches=27, batch_pairs=24) if geometry == "revisiting" else dict(batch_patches=64,
+                                                                                           batch_pairs=320)
+  return D.InputConfig(data=demo_list, data_root=photo_dir, augment_on=augment_on, geometry=geometry, **capacity)
 
 
-def two_batches(photo_dir, demo_list, augment_on="host"):
-  return list(D.make_dataset(input_config(photo_dir, demo_list, augment_on)).take(2))
+def two_batches(photo_dir, demo_list, augment_on="host", geometry="doersch"):
+  return list(D.make_dataset(input_config(photo_dir, demo_list, augment_on, geometry)).take(2))
 
 
 def concat_batches(a, b):
@@ -52,11 +54,17 @@ def concat_batches(a, b):
   return out
 
 
-def make_trainer(strategy, sync, reduction, augment=None):
+# The modern towers' case: ResNet-18 with batch norm's scale and shift, in the revisiting geometry (its head has
+# dropout, whose masks differ with the replica, so the doersch head here), and the L2 terms each replica adds.
+RESNET = dict(backbone="resnet18", patch_size=64)
+
+
+def make_trainer(strategy, sync, reduction, tower=None, augment=None):
   keras.utils.set_random_seed(0)
-  return trainer_lib.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync),
+  l2 = dict(l2_tower=1e-2, l2_head=5e-2) if tower else {}
+  return trainer_lib.Trainer(strategy, M.ModelConfig(width_multiplier=0.0625, sync_batchnorm=sync, **(tower or {})),
                              trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4,
-                                                     momentum=0.9, loss_reduction=reduction), augment=augment)
+                                                     momentum=0.9, loss_reduction=reduction, **l2), augment=augment)
 
 
 def mirrored_step(trainer, batches):
@@ -77,16 +85,19 @@ def two_replicas():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduction, two_replicas):
-  batches = two_batches(photo_dir, demo_list)
-  mirrored = make_trainer(two_replicas, True, reduction)
-  single = make_trainer(tf.distribute.get_strategy(), True, reduction)
+@pytest.mark.parametrize("reduction, tower, geometry", [("sum", None, "doersch"), ("mean", None, "doersch"),
+                                                        ("mean", RESNET, "revisiting")],
+                         ids=["sum", "mean", "resnet18_revisiting"])
+def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduction, tower, geometry,
+                                                     two_replicas):
+  batches = two_batches(photo_dir, demo_list, geometry=geometry)
+  mirrored = make_trainer(two_replicas, True, reduction, tower)
+  single = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
   for a, b in zip(weights_of(mirrored), weights_of(single)):
     np.testing.assert_array_equal(a, b)
   mirrored_step(mirrored, batches)
   tf.function(single.replica_step)(concat_batches(*batches))
-  initial = make_trainer(tf.distribute.get_strategy(), True, reduction)
+  initial = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
   assert_same_updates(weights_of(initial), weights_of(mirrored), weights_of(single))
 
 
@@ -125,7 +136,7 @@ def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
   raw = two_batches(photo_dir, demo_list, "device")
   host = two_batches(photo_dir, demo_list, "host")
   augment = D.step_augmentation(config)
-  on_device = make_trainer(tf.distribute.get_strategy(), False, "sum", augment)
+  on_device = make_trainer(tf.distribute.get_strategy(), False, "sum", augment=augment)
   on_host = make_trainer(tf.distribute.get_strategy(), False, "sum")
   initial = weights_of(on_host)
   tf.function(on_device.replica_step)(raw[0])
@@ -137,8 +148,8 @@ def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
   for key in ("first", "second"):
     np.testing.assert_allclose(previews[0][key].numpy(), previews[1][key].numpy(), atol=1e-5 * A.RMS_TARGET)
   # Two replicas, sync BN: the same update as one device on both batches.
-  mirrored = make_trainer(two_replicas, True, "sum", augment)
-  single = make_trainer(tf.distribute.get_strategy(), True, "sum", augment)
+  mirrored = make_trainer(two_replicas, True, "sum", augment=augment)
+  single = make_trainer(tf.distribute.get_strategy(), True, "sum", augment=augment)
   initial = weights_of(single)
   mirrored_step(mirrored, raw)
   tf.function(single.replica_step)(concat_batches(*raw))
@@ -319,14 +330,28 @@ from context_keras import program
 ours = program.defined_flags()
 for flag in ours.values():
   assert flag.help and len(flag.help) > 15, flag.name
-for name in ("demo.cfg", "deepcontext.cfg", "paper.cfg"):
+import glob, os
+from context_keras.flagsets import data as data_flags
+from context_keras.flagsets import model as model_flags
+# The flagfiles of other programs: ablation_demo.cfg is context_keras.ablation's (test_ablation parses it with that
+# program), linear_*.cfg context_keras.linear_eval's.
+def train_flagfile(name):
+  return name != "ablation_demo.cfg" and not name.startswith("linear_")
+names = sorted(n for n in (os.path.basename(p) for p in glob.glob("flags/*.cfg")) if train_flagfile(n))
+assert {"demo.cfg", "deepcontext.cfg", "paper.cfg", "revisiting_resnet50.cfg", "demo_revisiting.cfg"} <= set(names)
+for name in names:
   args = flags.FLAGS.read_flags_from_files([f"--flagfile=flags/{name}"], force_gnu=False)
   assert args, name
   for arg in args:
     flag_name = arg[2:].split("=")[0]
     flag_name = flag_name[2:] if flag_name not in ours and flag_name.startswith("no") else flag_name
     assert flag_name in ours, f"{name}: unknown flag {arg}"
-print("checked", len(ours))
+  # Every value parses, keeps its bounds, and the model it names can be built.
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["train", f"--flagfile=flags/{name}"])
+  program.check_bounds()
+  model_flags.model_config(data_flags.input_config(0).num_classes)
+print("checked", len(ours), "flags and", len(names), "flagfiles")
 """
 
 

@@ -19,8 +19,8 @@ import tensorflow as tf
 
 from context_keras import decoding
 from context_keras import errors
+from context_keras import fold
 from context_keras import labelled
-from context_keras import patches as patches_lib
 from context_keras import rescale as rescale_lib
 from context_keras import serving
 from context_keras import sources
@@ -65,8 +65,8 @@ class FineTuner:
   """A folded backbone (Keras, preprocessed input -> named maps) and a new linear head on the global average pool
   of one map, trained with a compiled step."""
 
-  def __init__(self, backbone, layer, classes, multi_label, color_mode, config, steps):
-    self.backbone, self.layer, self.multi_label, self.color_mode = backbone, layer, multi_label, color_mode
+  def __init__(self, backbone, layer, classes, multi_label, preprocessing, config, steps):
+    self.backbone, self.layer, self.multi_label, self.preprocessing = backbone, layer, multi_label, preprocessing
     self.config = config
     width = backbone.output[layer].shape[-1]
     self.head = keras.Sequential([keras.Input((width,)), keras.layers.Dense(classes, kernel_initializer="zeros")])
@@ -89,7 +89,7 @@ class FineTuner:
     self.logits = tf.function(self._logits)
 
   def _logits(self, images):
-    maps = self.backbone(serving.preprocess(images, self.color_mode), training=False)
+    maps = self.backbone(serving.preprocess(images, self.preprocessing), training=False)
     return self.head(tf.reduce_mean(maps[self.layer], axis=[1, 2]))
 
   def _loss(self, labels, logits):
@@ -107,11 +107,14 @@ class FineTuner:
     return loss, norm
 
 
-def rescale_backbone(backbone, train, color_mode, num_patches, seed):
-  """Krähenbühl et al.'s rescaling of `backbone` in place, on patches of the training images."""
+def rescale_backbone(backbone, train, preprocessing, geometry, num_patches, seed):
+  """Krähenbühl et al.'s rescaling of `backbone` in place, on patches of the training images (its geometry's).
+  Residual towers are left as they are: the calibration is defined for chains only (export.check_rescalable)."""
+  if not fold.is_chain(backbone):
+    return {"skipped": "a residual tower: rescaling is defined for chain towers only (method.md §5.2)"}
   source = sources.Source(train.kind, train.paths, train.description)
-  patches = rescale_lib.sample_patches(source, num_patches, seed)
-  report = rescale_lib.rescale(backbone, serving.preprocess(patches, color_mode), seed=seed)
+  patches = rescale_lib.sample_patches(source, num_patches, seed, geometry)
+  report = rescale_lib.rescale(backbone, serving.preprocess(patches, preprocessing), seed=seed)
   return {"patches": len(patches), "converged": report["between_layer"]["converged"],
           "max_deviation_after": report["between_layer"]["after"]["max_deviation"]}
 
@@ -127,11 +130,12 @@ def training_examples(lset, size, seed, batch_size, epoch):
           .map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(1))
 
 
-def fine_tune(backbone, rescale, train, val, config, layer, color_mode, who):
+def fine_tune(backbone, rescale, train, val, config, layer, preprocessing, geometry, who):
   """Trains one FineTuner; returns its validation metrics and the first and last epoch's mean loss."""
-  report = rescale_backbone(backbone, train, color_mode, config.rescale_patches, config.seed) if rescale else None
+  report = (rescale_backbone(backbone, train, preprocessing, geometry, config.rescale_patches, config.seed)
+            if rescale else None)
   steps = config.epochs * math.ceil(train.size / config.batch_size)
-  tuner = FineTuner(backbone, layer, len(train.classes), train.multi_label, color_mode, config, steps)
+  tuner = FineTuner(backbone, layer, len(train.classes), train.multi_label, preprocessing, config, steps)
   losses = []
   for epoch in range(config.epochs):
     epoch_losses = [float(tuner.train_step(images, labels)[0])
@@ -160,8 +164,8 @@ def evaluate(subject, config):
   for flag, value in (("layer", layer), ("freeze_up_to", config.freeze_up_to)):
     if value and value not in subject.feature_layers:
       raise errors.UsageError(f"--{flag}={value} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < patches_lib.PATCH_SIZE:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {patches_lib.PATCH_SIZE}")
+  if config.image_size < subject.patch_size:
+    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
   train, val = images_lib.labelled_sets(config)
   if val is None:
     if train.kind != "files":
@@ -179,7 +183,8 @@ def evaluate(subject, config):
     keras.utils.set_random_seed(config.seed)
     rescale = config.rescale and not one.rescaled
     scored, frozen = images_lib.read_or_explain(train, "--train_data", lambda one=one, rescale=rescale: fine_tune(
-        one.trainable_backbone(), rescale, train, val, config, layer, subject.color_mode, who))
+        one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing, subject.geometry,
+        who))
     result.update({who + k: v for k, v in scored.items()})
   result.update({"layer": layer, "frozen_layers": frozen, "classes": list(train.classes),
                  "train_images": train.size, "val_images": val.size, "epochs": config.epochs,

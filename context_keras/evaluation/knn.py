@@ -14,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import patches as patches_lib
 from context_keras import progress as progress_lib
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
@@ -103,8 +102,8 @@ def evaluate(subject, config):
   layer_names = (config.layer,) if config.layer else tuple(subject.feature_layers)
   if config.layer and config.layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < patches_lib.PATCH_SIZE:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {patches_lib.PATCH_SIZE}")
+  if config.image_size < subject.patch_size:
+    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
   lset, val = images_lib.labelled_sets(config, multi_label_ok=False)
   extract = gap_extractors(subject, layer_names, config.image_size, config.seed)
   classes = len(lset.classes)

@@ -1,4 +1,5 @@
-"""Nearest neighbours, the paper's section 4.1 (method.md §6.4): fc6 (or --layer) features of --queries random patches,
+"""Nearest neighbours, the paper's section 4.1 (method.md §6.4): fc6 (the tower's output, or --layer) features of
+--queries random patches,
 normalised correlation against all patches of the set (other images only), the top --top_k, drawn as one row per
 query; with compare_random_init also the rows of a random-init network."""
 import dataclasses
@@ -8,6 +9,7 @@ import tensorflow as tf
 
 from context_keras import decoding
 from context_keras import errors
+from context_keras import model as model_lib
 from context_keras import patches as patches_lib
 from context_keras import progress as progress_lib
 from context_keras import sources
@@ -15,7 +17,6 @@ from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
 
 NAME = "neighbors"
-LAYER = "fc6"          # method.md §6.4
 IMAGE_FILE = "neighbors.png"
 TRAINED_COLOUR = (40, 90, 200)
 RANDOM_COLOUR = (170, 170, 170)
@@ -34,10 +35,11 @@ class Config:
   compare_random_init: bool = False
 
 
-def patch_database(source, seed):
-  """One random grid of un-augmented patches per image (training geometry): uint8 [N, 96, 96, 3], image ids [N]."""
+def patch_database(source, seed, geometry="doersch"):
+  """One random grid of un-augmented patches per image (training geometry): uint8 [N, P, P, 3], image ids [N]."""
   def cut(index, contents):
-    patches = patches_lib.grid_patches(decoding.decode(contents), images_lib.image_seed(seed, index))["patches"]
+    patches = patches_lib.evaluation_patches(decoding.decode(contents), images_lib.image_seed(seed, index),
+                                             geometry)["patches"]
     return patches, tf.fill(tf.shape(patches)[:1], index)
   chunks = []
   progress = progress_lib.Progress("patch database", len(source.paths) if source.kind == "files" else None)
@@ -68,7 +70,7 @@ def nearest_neighbours(features, image_ids, queries, top_k):
 def neighbours_image(patches, rows, gap=4):
   """rows: [(query index, neighbour indices, bar colour)]: one row per entry, a colour bar, the query, a gap, the
   neighbours in order of similarity."""
-  size = patches_lib.PATCH_SIZE
+  size = patches.shape[1]
   top_k = max(len(r[1]) for r in rows)
   width = 8 + size + 3 * gap + top_k * (size + gap)
   image = np.full((len(rows) * (size + gap) + gap, width, 3), 255, np.uint8)
@@ -84,13 +86,13 @@ def neighbours_image(patches, rows, gap=4):
 
 def evaluate(subject, config):
   """Nearest neighbours of random query patches, for the subject and, with compare_random_init, its random init."""
-  layer = config.layer or LAYER
+  layer = config.layer or model_lib.output_name(subject.model_config.backbone)
   if layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={layer} is not one of {', '.join(subject.feature_layers)}")
   seed, top_k, batch_size = config.seed, config.top_k, config.batch_size
   source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, seed)
   random_subject = subject.random_init(seed) if config.compare_random_init else None
-  patches, image_ids = patch_database(source, seed)
+  patches, image_ids = patch_database(source, seed, subject.geometry)
   if len(np.unique(image_ids)) < 2:
     raise errors.DataError(f"--data={source.description}: nearest neighbours need patches of at least 2 images")
   top_k = min(top_k, len(patches) - 1)

@@ -1,7 +1,8 @@
 """Pretext accuracy, the paper's protocol (method.md §6.3): for each of up to --images held-out images,
 --pairs_per_image (256) random pairs cut with the training geometry and preprocessing of the run, all seeded, so
 the figure is reproducible; accuracy over the run's classes (8 directions, 32 with rotation classes) overall and per
-class, and the confusion matrix."""
+class, and the confusion matrix. For the revisiting geometry the pairs come from repeated random cuts of the image
+(method.md §8.2)."""
 import dataclasses
 
 import numpy as np
@@ -93,6 +94,30 @@ def pretext_pairs(image, seed, num_pairs, color_mode, pixelation, flip_relabel=F
   return {"patches": patches, "first": first, "second": second, "label": label, "usable": usable}
 
 
+def revisiting_pretext_pairs(image, seed, num_pairs):
+  """num_pairs random pairs of one image in the revisiting geometry (method.md §8.2): ceil(num_pairs / 8) cuts as
+  training makes them (a random 255 crop of the 292x292 image, a random 64-px patch per cell), each augmented as
+  one image (grayscale with probability 0.66, per-patch standardisation), their (neighbour, centre) pairs pooled and
+  num_pairs of them drawn without replacement. Returns pretext_pairs's dict."""
+  cuts = -(-num_pairs // patches_lib.REVISITING_PAIRS)
+  cut_seed, augment_seed, pick_seed = tf.unstack(patches_lib.split_seed(seed, 3))
+  resized = patches_lib.revisiting_resize(image)
+  corners = [patches_lib.revisiting_corners(s) for s in tf.unstack(patches_lib.split_seed(cut_seed, cuts))]
+  ys = tf.concat([c[0] for c in corners], 0)
+  xs = tf.concat([c[1] for c in corners], 0)
+  # Every cut keyed as one image of training, so that each draws its own grayscale.
+  keys = tf.concat([augment_lib.patch_keys(s, patches_lib.REVISITING_PATCHES)
+                    for s in tf.unstack(patches_lib.split_seed(augment_seed, cuts))], 0)
+  patches = augment_lib.revisiting_augment(patches_lib.crop_patches(resized, ys, xs, patches_lib.REVISITING_PATCH),
+                                           keys)
+  first, second, label = patches_lib.revisiting_pairs()
+  offsets = tf.repeat(tf.range(cuts) * patches_lib.REVISITING_PATCHES, patches_lib.REVISITING_PAIRS)
+  first, second, label = tf.tile(first, [cuts]) + offsets, tf.tile(second, [cuts]) + offsets, tf.tile(label, [cuts])
+  pick = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(first)[0]), pick_seed)[:num_pairs]
+  return {"patches": patches, "first": tf.gather(first, pick), "second": tf.gather(second, pick),
+          "label": tf.gather(label, pick), "usable": tf.constant(True)}
+
+
 def evaluate(subject, config):
   """Accuracy of the subject's pair classifier on pairs from config.data, over its classes."""
   if subject.pair_logits is None:
@@ -101,11 +126,19 @@ def evaluate(subject, config):
   color_mode = subject.color_mode if config.color_mode is None else config.color_mode
   pixelation = subject.pixelation if config.pixelation is None else config.pixelation
   source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, config.seed)
-  dataset = sources.finite_images(source).map(
-      lambda i, contents: pretext_pairs(decoding.decode(contents), images_lib.image_seed(config.seed, i),
-                                        config.pairs_per_image, color_mode, pixelation, subject.flip_relabel,
-                                        subject.rotation_classes),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors().prefetch(2)
+  if subject.geometry == "revisiting" and (subject.rotation_classes or subject.flip_relabel):
+    raise errors.UsageError(f"{subject.about}: rotation classes and flip relabelling do not work with "
+                            "--geometry=revisiting yet (method.md §9.9)")
+
+  def pairs(i, contents):
+    image, seed = decoding.decode(contents), images_lib.image_seed(config.seed, i)
+    if subject.geometry == "revisiting":
+      return revisiting_pretext_pairs(image, seed, config.pairs_per_image)
+    return pretext_pairs(image, seed, config.pairs_per_image, color_mode, pixelation, subject.flip_relabel,
+                         subject.rotation_classes)
+
+  dataset = sources.finite_images(source).map(pairs, num_parallel_calls=tf.data.AUTOTUNE,
+                                              deterministic=True).ignore_errors().prefetch(2)
   num_classes = subject.model_config.num_classes
   if num_classes != shortcuts.num_classes(subject.rotation_classes):
     raise errors.UsageError(f"{subject.about}: its pair classifier has {num_classes} classes, which its recorded "
@@ -136,7 +169,9 @@ def evaluate(subject, config):
              "confusion_matrix": confusion.tolist(), "confusion_labels": names, "pairs": pairs,
              "images": seen - too_small, "too_small": too_small,
              "unreadable": (len(source.paths) - seen) if source.kind == "files" else 0,
-             "pairs_per_image": config.pairs_per_image, "color_mode": color_mode, "pixelation": pixelation}
+             "pairs_per_image": config.pairs_per_image, "geometry": subject.geometry}
+  if subject.geometry == "doersch":
+    metrics.update(color_mode=color_mode, pixelation=pixelation)
   if subject.rotation_classes:
     # The two halves of a rotation class: is the direction right, is the rotation right (method.md §9.6)?
     directions = len(patches_lib.NEIGHBOUR_OFFSETS)

@@ -5,10 +5,10 @@ import os
 import keras
 import tensorflow as tf
 
+from context_keras import augment
 from context_keras import errors
 from context_keras import fold
 from context_keras import model as model_lib
-from context_keras import patches as patches_lib
 from context_keras import restore
 from context_keras import serving
 
@@ -17,8 +17,8 @@ from context_keras import serving
 class Subject:
   """A trained run or an exported backbone, behind the functions the protocols need.
 
-  features:    uint8 images [N, H, W, 3] -> {conv1 ... fc6} maps (serving.BackboneModule.features)
-  pair_logits: (patches preprocessed as in training [N, 96, 96, 3], first [M], second [M]) -> logits
+  features:    uint8 images [N, H, W, 3] -> the backbone's named maps (serving.BackboneModule.features)
+  pair_logits: (patches preprocessed as in training [N, P, P, 3], first [M], second [M]) -> logits
                [M, model_config.num_classes], or
                None when there is no pair classifier
   """
@@ -30,6 +30,7 @@ class Subject:
   features: object
   pair_logits: object = None
   owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
+  geometry: str = "doersch"
   pooling: str = "auto"  # fold.POOLINGS: how the backbone pools, which the random-init baseline repeats
   # How the pretext labels were made (method.md §9.6): grids rotated with rotation classes, mirrored and relabelled.
   rotation_classes: bool = False
@@ -38,6 +39,14 @@ class Subject:
   @property
   def feature_layers(self):
     return model_lib.BACKBONES[self.model_config.backbone].features
+
+  @property
+  def patch_size(self):
+    return self.model_config.patch_size
+
+  @property
+  def preprocessing(self):
+    return augment.preprocessing_mode(self.geometry, self.color_mode)
 
   @property
   def rescaled(self):
@@ -61,24 +70,26 @@ class Subject:
     return folded
 
   def random_init(self, seed):
-    """The same architecture as it starts training (LeCun-uniform, zero biases, BN statistics mean 0, variance 1)."""
+    """The same architecture as it starts training (its initialisers, BN statistics mean 0, variance 1)."""
     keras.utils.set_random_seed(seed)
     networks = restore.build_networks(self.model_config)
-    module = serving.BackboneModule(fold.fold_tower(networks.tower, self.model_config, self.pooling),
-                                    self.color_mode)
+    module = _backbone_module(networks.tower, self.model_config, self.preprocessing, self.pooling)
     return Subject(about={"random_init_seed": seed}, step=self.step, model_config=self.model_config,
                    color_mode=self.color_mode, pixelation=self.pixelation, features=module.features,
-                   pair_logits=_run_pair_logits(networks), owners=(module, networks), pooling=self.pooling,
-                   rotation_classes=self.rotation_classes, flip_relabel=self.flip_relabel)
+                   pair_logits=_run_pair_logits(networks, self.model_config.patch_size), owners=(module, networks),
+                   geometry=self.geometry, pooling=self.pooling, rotation_classes=self.rotation_classes,
+                   flip_relabel=self.flip_relabel)
 
 
-def _patch_spec():
-  return tf.TensorSpec([None, patches_lib.PATCH_SIZE, patches_lib.PATCH_SIZE, 3], tf.float32)
+def _backbone_module(tower, model_config, preprocessing, pooling="auto"):
+  return serving.BackboneModule(fold.fold_tower(tower, model_config, pooling), preprocessing, model_config.patch_size,
+                                model_lib.output_name(model_config.backbone))
 
 
-def _run_pair_logits(networks):
+def _run_pair_logits(networks, patch_size):
   """Pair logits of the training networks in inference mode: the tower once per patch (method.md §3.3)."""
-  @tf.function(input_signature=[_patch_spec(), tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)])
+  @tf.function(input_signature=[tf.TensorSpec([None, patch_size, patch_size, 3], tf.float32),
+                                tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)])
   def pair_logits(patches, first, second):
     fc6 = networks.tower([patches, tf.ones(tf.shape(patches)[:1])], training=False)
     pairs = tf.concat([tf.gather(fc6, first), tf.gather(fc6, second)], -1)
@@ -88,11 +99,12 @@ def _run_pair_logits(networks):
 
 def from_run(run):
   """The subject of a restored run (restore.Run)."""
-  module = serving.BackboneModule(fold.fold_tower(run.networks.tower, run.model_config), run.color_mode)
+  module = _backbone_module(run.networks.tower, run.model_config, run.preprocessing)
   return Subject(about=run.describe(), step=run.step, model_config=run.model_config, color_mode=run.color_mode,
-                 pixelation=run.pixelation, features=module.features, pair_logits=_run_pair_logits(run.networks),
-                 owners=(module, run.networks), rotation_classes=run.config.input.rotation_classes,
-                 flip_relabel=run.config.input.flip_relabel)
+                 pixelation=run.pixelation, features=module.features,
+                 pair_logits=_run_pair_logits(run.networks, run.model_config.patch_size),
+                 owners=(module, run.networks), geometry=run.geometry,
+                 rotation_classes=run.config.input.rotation_classes, flip_relabel=run.config.input.flip_relabel)
 
 
 def from_saved_model(path):
@@ -107,14 +119,17 @@ def from_saved_model(path):
 
   def pair_logits(patches, first, second):
     return classifier.logits_preprocessed(tf.gather(patches, first), tf.gather(patches, second))["logits"]
-  model_config = model_lib.ModelConfig(backbone=info["backbone"], width_multiplier=info["width_multiplier"],
-                                       num_classes=info.get("num_classes", patches_lib.NUM_CLASSES))
+  # Exports written before the model config was recorded are of the original's architecture (8 classes).
+  model_config = model_lib.ModelConfig(**info.get("model", {"backbone": info["backbone"],
+                                                              "width_multiplier": info["width_multiplier"]}))
+  geometry = info.get("geometry", "doersch")
   return Subject(about={"saved_model": path, "checkpoint": info.get("checkpoint"), "step": info.get("step", 0),
                         "backbone": info["backbone"], "width_multiplier": info["width_multiplier"],
-                        "color_mode": info["color_mode"], "rescaled": info.get("rescaled", False)},
+                        "head": model_config.head, "geometry": geometry, "color_mode": info["color_mode"],
+                        "rescaled": info.get("rescaled", False)},
                  step=int(info.get("step") or 0), model_config=model_config, color_mode=info["color_mode"],
                  pixelation=info.get("pixelation", True), features=backbone.features,
-                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier),
+                 pair_logits=pair_logits if classifier else None, owners=(backbone, classifier), geometry=geometry,
                  # Exports of earlier versions pooled as the training tower does.
                  pooling=info.get("pooling", "trained"), rotation_classes=info.get("rotation_classes", False),
                  flip_relabel=info.get("flip_relabel", False))

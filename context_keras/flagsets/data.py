@@ -1,4 +1,4 @@
-"""The data group: where images come from, how patches are augmented, and how batches are packed."""
+"""The data group: where images come from, how patches are cut and augmented, and how batches are packed."""
 from absl import flags
 
 from context_keras import augment
@@ -23,6 +23,17 @@ def define_source(data=True):
           "written 'package:NAME' means the folder of the installed Python package NAME.")
     flags.DEFINE_string("data_root", None, "Folder that the names in a --data list file are relative to (default: "
                         "the list file's folder). Accepts 'package:NAME' like --data.")
+
+
+def define_geometry():
+  with program.flag_group(GROUP):
+    flags.DEFINE_enum("geometry", "doersch", ["doersch", "revisiting"],
+                      "Patch geometry: doersch = the original's random grids of 96-px patches, 48-px gaps, +-7 px "
+                      "jitter and every 8-neighbour pair, augmented by --color_mode and --pixelation (method.md "
+                      "§2); revisiting = Kolesnikov et al.'s: the image resized to 292x292, a random 255 crop, a "
+                      "3x3 grid of 85-px cells with a random 64-px patch in each, grayscale with probability 0.66 "
+                      "per image, per-patch standardisation, and the 8 (neighbour, centre) pairs (method.md §8.2). "
+                      "A revisiting batch holds floor(min(--batch_patches/9, --batch_pairs/8)) images.")
 
 
 def define_augmentation():
@@ -89,10 +100,10 @@ def input_config(seed):
     return data_lib.InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
                                 pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
                                 batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed,
-                                data_service=FLAGS.data_service, chroma_blur_size=FLAGS.chroma_blur_size,
-                                yoked_jitter=FLAGS.yoked_jitter, yoked_interpolation=FLAGS.yoked_interpolation,
-                                random_aperture=FLAGS.random_aperture, rotation_classes=FLAGS.rotation_classes,
-                                flip_relabel=FLAGS.flip_relabel,
+                                data_service=FLAGS.data_service, geometry=FLAGS.geometry,
+                                chroma_blur_size=FLAGS.chroma_blur_size, yoked_jitter=FLAGS.yoked_jitter,
+                                yoked_interpolation=FLAGS.yoked_interpolation, random_aperture=FLAGS.random_aperture,
+                                rotation_classes=FLAGS.rotation_classes, flip_relabel=FLAGS.flip_relabel,
                                 augment_on=data_lib.resolve_augment_on(FLAGS.augment_on))
   except ValueError as e:
     raise errors.UsageError(f"Invalid flags: {e}") from e
