@@ -94,6 +94,10 @@ def check_flags():
   if unknown or not FLAGS.variants:
     raise errors.UsageError(f"--variants={','.join(FLAGS.variants)}: unknown {', '.join(unknown) or 'none given'}; "
                             f"choose from {', '.join(VARIANTS)}")
+  fixes = [v for v in FLAGS.variants if VARIANTS[v].flags]
+  if FLAGS.geometry == "revisiting" and fixes:
+    # Checked here, not after the baseline has trained: the fixes work with the doersch geometry only (method.md §9.9).
+    raise errors.UsageError(f"--variants={','.join(fixes)} do not work with --geometry=revisiting yet (method.md §9.9)")
   if not all(s.isdigit() for s in FLAGS.seeds) or not FLAGS.seeds or len(set(FLAGS.seeds)) != len(FLAGS.seeds):
     raise errors.UsageError(f"--seeds={','.join(FLAGS.seeds)} must be distinct non-negative integers")
   for name in ("output", "data", "eval_data"):

@@ -58,3 +58,8 @@ def test_flagfiles_parse_and_usage_errors_are_one_line(tmp_path):
                        "--variants=baseline,nonsense"], cwd=REPO, timeout=120)
   assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
   assert "--variants=baseline,nonsense: unknown nonsense" in log_of(result), log_of(result)
+  # The fixes with the revisiting geometry are refused before the baseline trains (method.md §9.9).
+  result = run_module(["context_keras.ablation", "--flagfile=flags/ablation_demo.cfg", "--geometry=revisiting",
+                       "--variants=baseline,flip"], cwd=REPO, timeout=120)
+  assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
+  assert "--variants=flip do not work with --geometry=revisiting" in log_of(result), log_of(result)

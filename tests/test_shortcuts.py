@@ -173,6 +173,39 @@ def test_class_count_reaches_head_pair_classifier_and_pretext_evaluation(tmp_pat
   assert metrics["chance"] == 1 / 32 and len(metrics["per_class_accuracy"]) == 32
   assert 0 <= metrics["rotation_accuracy"] <= 1 and metrics["direction_accuracy"] >= metrics["accuracy"]
 
+  # The revisiting head too (method.md §8.2).
+  revisiting = model_lib.ModelConfig(backbone="resnet18", head="revisiting", patch_size=64, width_multiplier=0.0625,
+                                     num_classes=32)
+  assert model_lib.build(revisiting).context_model.output.shape[-1] == 32
+
+
+@pytest.mark.parametrize("fix", [dict(color_mode="chroma_blur"), dict(yoked_jitter=True), dict(random_aperture=True),
+                                 dict(rotation_classes=True), dict(flip_relabel=True)])
+def test_fixes_are_refused_with_the_revisiting_geometry(fix):
+  """Each fix names itself and --geometry=revisiting, which does not apply it yet (method.md §9.9)."""
+  data_lib.InputConfig(data="x", **fix)
+  (name, value), = fix.items()
+  flag = f"--{name}=chroma_blur" if name == "color_mode" else f"--{name}"
+  with pytest.raises(ValueError, match=f"^{flag} does not work with --geometry=revisiting"):
+    data_lib.InputConfig(data="x", geometry="revisiting", **fix)
+
+
+@pytest.mark.slow  # 7-11 s
+def test_large_decodes_keep_the_grid_transforms(monkeypatch):
+  """An image too large for the parallel decode stage gets the same grids, flips and rotations in the one-at-a-time
+  stage as image_grids gives it (its placeholder has their structure). The bound is lowered to keep this fast."""
+  monkeypatch.setattr(data_lib, "PARALLEL_DECODE_MAX_PIXELS", 300 * 300)
+  large, small = (tf.io.encode_png(coordinate_photo(side)).numpy() for side in (400, 200))
+  config = data_lib.InputConfig(data="x", rotation_classes=True, flip_relabel=True)
+  base_seed = tf.constant([5, 0], tf.int64)
+  out = list(data_lib.grids_of_images(tf.data.Dataset.from_tensor_slices([small, large]), base_seed, config=config))
+  for (index, grids), contents in zip(out, (small, large)):
+    expected = data_lib.image_grids(contents, tf.random.experimental.stateless_fold_in(base_seed, index), config)
+    assert sorted(grids) == sorted(expected) and "flip" in grids and "rotation" in grids
+    for key in expected:
+      np.testing.assert_array_equal(grids[key].numpy(), expected[key].numpy(), err_msg=key)
+    assert grids["patch_keys"].shape[1] == 3
+
 
 @pytest.mark.slow  # 20 s
 def test_fixes_give_the_same_pixels_on_host_and_device(demo_list, photo_dir):
@@ -223,6 +256,7 @@ def test_yoked_patches_of_a_grid_share_scale_and_offset_and_grids_differ():
 def test_pair_preview_places_rotation_classes_by_their_direction():
   from context_keras import actions  # pylint: disable=import-outside-toplevel
   patch = np.zeros([96, 96, 3], np.float32)
-  image = actions.preview_image({"first": [patch], "second": [patch + 1], "label": [8 * 3 + 4], "valid": [True]})
+  image = actions.preview_image({"first": patch[np.newaxis], "second": patch[np.newaxis] + 1,
+                                 "label": np.array([8 * 3 + 4]), "valid": np.array([True])})
   cell = 96 + 8
   assert image.shape == (1, 3 * cell, 3 * cell, 3) and image[0, cell + 5, 2 * cell + 5, 0] == 0  # right of centre
