@@ -252,7 +252,8 @@ class Profile(Action):
 
 def preview_image(preview):
   """Pairs as a picture: each pair is a 3x3 board with the first patch in the centre and the second patch in the
-  cell its label names (method.md §2.3)."""
+  cell its label names (method.md §2.3; with rotation classes the label's direction part, label mod 8, which names
+  where the second patch lies as the network sees it, method.md §9.6)."""
   size, gap = preview["first"].shape[1], 8
   cell = size + gap
   boards = []
@@ -260,7 +261,7 @@ def preview_image(preview):
     if not valid:
       continue
     board = np.full((3 * cell, 3 * cell, 3), 0.5, np.float32)
-    dx, dy = patches_lib.NEIGHBOUR_OFFSETS[int(label)]
+    dx, dy = patches_lib.NEIGHBOUR_OFFSETS[int(label) % len(patches_lib.NEIGHBOUR_OFFSETS)]
     for patch, (cx, cy) in ((first, (1, 1)), (second, (1 + dx, 1 + dy))):
       lo, hi = patch.min(), patch.max()
       board[cy * cell:cy * cell + size, cx * cell:cx * cell + size] = (patch - lo) / max(hi - lo, 1e-6)

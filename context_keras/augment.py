@@ -4,21 +4,22 @@ Training applies augment() to every cut patch of the doersch geometry (pixelatio
 method.md §2.4) and revisiting_augment() to those of the revisiting geometry (grayscale, per-patch standardisation:
 method.md §8.2); the exported models apply standardize(), the deterministic counterpart.
 
-Every patch carries a key (patch_keys: its image's key and its own) and every random number of its augmentation is
-a hash of that key and a counter (uniform), so a patch gets the same pixels wherever it is augmented: in the input
-pipeline (--augment_on=host) or in the training step on the replica's device (--augment_on=device), alone or in any
-batch, whatever the parallelism. A new per-patch op goes into augment() (or revisiting_augment()) and draws from its
-own stream of the keys; both modes then apply it.
+Every patch carries a key (patch_keys: its image's key, its own and its grid's) and every random number of its
+augmentation is a hash of that key and a counter (uniform), so a patch gets the same pixels wherever it is augmented:
+in the input pipeline (--augment_on=host) or in the training step on the replica's device (--augment_on=device),
+alone or in any batch, whatever the parallelism. A new per-patch op goes into augment() (or revisiting_augment()) and
+draws from its own stream of the keys; both modes then apply it.
 """
 import tensorflow as tf
 
 from context_keras import patches as patches_lib
+from context_keras import shortcuts
 
 PIXELATE_PROBABILITY = 0.33  # method.md §2.4 step 1
 PIXELATE_MIN_SIDE = 10       # area uniform in [10^2, 95^2]
 PIXELATE_MAX_SIDE = patches_lib.PATCH_SIZE - 1
 RMS_TARGET = 50.0            # method.md §2.4 step 3
-COLOR_MODES = ("drop", "drop_gaussian", "project", "none")
+COLOR_MODES = ("drop", "drop_gaussian", "project", "none", "chroma_blur")
 GRAYSCALE_PROBABILITY = 0.66  # method.md §8.2: per image, Kolesnikov et al.'s config
 # The inference preprocessing of the revisiting geometry: tf.image.per_image_standardization, per image or patch.
 STANDARDIZATION = "standardization"
@@ -31,16 +32,27 @@ def preprocessing_mode(geometry, color_mode):
   return STANDARDIZATION if geometry == "revisiting" else color_mode
 
 # The streams of a patch's random numbers, one per kind of draw, so that adding a draw changes no other.
-STREAM_PIXELATION, STREAM_KEPT_CHANNEL, STREAM_NOISE, STREAM_GRAYSCALE = range(4)
+(STREAM_PIXELATION, STREAM_KEPT_CHANNEL, STREAM_NOISE, STREAM_GRAYSCALE, STREAM_YOKE, STREAM_WINDOW,
+ STREAM_MASKED) = range(7)
 _STREAM_LENGTH = 1 << 24  # counters per stream: more than the values of any patch
 _PER_IMAGE = 0x5BD1E995   # stands in for the patch's own key in draws shared by the patches of an image
+_PER_GRID = 0x2545F491    # a stream of the image's seed for its grids' keys
 
 
-def patch_keys(seed, num_patches):
-  """Keys of the num_patches patches of one image, uint32 [n, 2], from a stateless seed [2]: column 0 is the
-  image's key (every row the same), column 1 each patch's own."""
+def patch_keys(seed, num_patches, grid_cells=None):
+  """Keys of the num_patches patches of one image, uint32 [n, 3], from a stateless seed [2]: column 0 is the
+  image's key (every row the same), column 1 each patch's own, column 2 its grid's (grid_cells: int32 [g], the
+  patches of each grid, which come grid after grid; without it, one grid). The grid's key keys the draws that the
+  patches of a grid share (the yoked jitter and the aperture window, method.md §9.2); columns 0 and 1 are drawn as
+  before it existed, so the other draws did not change."""
   bits = tf.random.stateless_uniform([num_patches + 1], seed, minval=None, maxval=None, dtype=tf.uint32)
-  return tf.stack([tf.fill([num_patches], bits[0]), bits[1:]], axis=1)
+  if grid_cells is None:
+    grid_bits = tf.fill([num_patches], _mix(bits[0] ^ tf.constant(_PER_GRID, tf.uint32)))
+  else:
+    grid_seed = tf.random.experimental.stateless_fold_in(seed, _PER_GRID)
+    grid_bits = tf.repeat(tf.random.stateless_uniform(tf.shape(grid_cells), grid_seed, minval=None, maxval=None,
+                                                      dtype=tf.uint32), grid_cells)
+  return tf.stack([tf.fill([num_patches], bits[0]), bits[1:], grid_bits], axis=1)
 
 
 def _mix(x):
@@ -56,7 +68,7 @@ def _mix(x):
   return x ^ shift(x, 16)
 
 
-def uniform(keys, stream, count, per_image=False):
+def uniform(keys, stream, count, per_image=False, per_grid=False):
   """float32 [n, count], uniform in [0, 1) with 16 random bits: draw j of `stream` of patch i comes from a hash of
   the patch's seed (its two key words, hashed once per patch) xor'ed with a hash of the counter (stream, j) (hashed
   once per batch), so it depends on nothing else (a counter-based generator, vectorised over patches).
@@ -64,12 +76,12 @@ def uniform(keys, stream, count, per_image=False):
   Each 32-bit hash gives two draws, its high and low halves: the noise of colour dropping takes 18,432 draws per
   patch, and hashing them was most of the host's augmentation time (one hash per value instead of two halves it).
 
-  keys: uint32 [n, 2] (patch_keys). With per_image the draws depend on the image's key only, so that every patch of
-  an image gets the same values.
+  keys: uint32 [n, 3] (patch_keys). With per_image the draws depend on the image's key only, so that every patch of
+  an image gets the same values; with per_grid on the image's and the grid's keys, the same for a grid's patches.
   """
   hashes = (count + 1) // 2
   counter = _mix(tf.cast(tf.range(hashes, dtype=tf.int64) + stream * _STREAM_LENGTH, tf.uint32))[tf.newaxis, :]
-  own = tf.constant(_PER_IMAGE, tf.uint32) if per_image else keys[:, 1]
+  own = tf.constant(_PER_IMAGE, tf.uint32) if per_image else keys[:, 2] if per_grid else keys[:, 1]
   seed = _mix(_mix(keys[:, 0]) ^ own)[:, tf.newaxis]  # [n, 1]
   bits = _mix(seed ^ counter)  # [n, hashes]
   halves = tf.concat([tf.bitwise.right_shift(bits, tf.constant(16, tf.uint32)),
@@ -124,7 +136,7 @@ def pixelate(patches, sides):
 def random_pixelate(patches, keys, static_shapes=False):
   """With probability 0.33 per patch, pixelate it to an area uniform in [100, 9025] px (method.md §2.4 step 1).
 
-  patches: float [n, P, P, C] of whole grey levels (the original cast to uint8 before resizing); keys: uint32 [n, 2].
+  patches: float [n, P, P, C] of whole grey levels (the original cast to uint8 before resizing); keys: uint32 [n, 3].
   Only the chosen third is resampled, unless static_shapes: then every patch goes through the matrices, the others
   at full size, whose matrix is the identity (exact), so that no shape depends on the draws (no device-to-host wait
   on an accelerator, and XLA can compile it).
@@ -147,7 +159,7 @@ PROJECTION = tuple(
           for c in range(3)) for r in range(3))
 
 
-def color_transform(patches, keys, mode):
+def color_transform(patches, keys, mode, chroma_blur_size=shortcuts.CHROMA_BLUR_SIZE):
   """Chromatic-aberration remedy of method.md §2.4 step 2, by `mode`, on float [n, P, P, 3] patches in 0-255 units.
 
   drop:          keep one random channel minus its mean; the other two become uniform noise in [-0.5, 0.5)
@@ -155,9 +167,14 @@ def color_transform(patches, keys, mode):
   drop_gaussian: as drop, but the noise is Gaussian with 1/100 of the kept channel's std (the paper's text).
   project:       per-channel means removed, then every pixel projected off the green-magenta axis (the paper).
   none:          per-channel means removed only.
+  chroma_blur:   the a and b channels of Lab blurred (chroma_blur_size, shortcuts.blur_chroma), then as none
+                 (Mundhenk et al., method.md §9.3).
   """
   if mode not in COLOR_MODES:
     raise ValueError(f"color mode {mode!r} is not one of {COLOR_MODES}")
+  if mode == "chroma_blur":
+    patches = shortcuts.blur_chroma(patches, chroma_blur_size)
+    mode = "none"
   if mode in ("none", "project"):
     centred = patches - tf.reduce_mean(patches, axis=[1, 2], keepdims=True)
     return centred if mode == "none" else tf.einsum("nhwc,dc->nhwd", centred, tf.constant(PROJECTION, patches.dtype))
@@ -192,17 +209,29 @@ def rms_normalize(patches, valid=None):
   return patches * scale
 
 
-def augment(patches, keys, color_mode="drop", pixelation=True, static_shapes=False, valid=None):
-  """The per-patch preprocessing of method.md §2.4, in order: pixelation, colour handling, RMS normalisation.
+def augment(patches, keys, color_mode="drop", pixelation=True, static_shapes=False, valid=None, ops=None):
+  """The per-patch preprocessing of method.md §2.4, in order: pixelation, colour handling, RMS normalisation; with
+  `ops` (shortcuts.PatchOps, method.md §9), the yoked rescale first and the aperture after the pixelation.
 
-  patches: uint8 [n, P, P, 3] (or floats of whole grey levels); keys: uint32 [n, 2] (patch_keys). Returns float32
+  patches: uint8 [n, P, P, 3] (or floats of whole grey levels); keys: uint32 [n, 3] (patch_keys). Returns float32
   patches in RMS-50 units; each depends on its own pixels and key only. static_shapes: see random_pixelate; valid:
   see rms_normalize.
   """
+  ops = ops or shortcuts.PatchOps()
   patches = tf.cast(patches, tf.float32)
+  size = patches.shape[1]
+  if ops.yoked_jitter:
+    scale, offset_y, offset_x, method = shortcuts.yoked_draws(uniform(keys, STREAM_YOKE, 4, per_grid=True), size)
+    if ops.yoked_interpolation != "random":
+      method = tf.fill(tf.shape(method), shortcuts.INTERPOLATIONS.index(ops.yoked_interpolation))
+    patches = shortcuts.yoked_rescale(patches, scale, offset_y, offset_x, method)
   if pixelation:
     patches = random_pixelate(patches, keys, static_shapes)
-  return rms_normalize(color_transform(patches, keys, color_mode), valid)
+  if ops.random_aperture:
+    window = shortcuts.aperture_window(uniform(keys, STREAM_WINDOW, 3, per_grid=True), size)
+    masked = uniform(keys, STREAM_MASKED, 1)[:, 0] < shortcuts.APERTURE_PROBABILITY
+    patches = shortcuts.aperture(patches, masked, *window)
+  return rms_normalize(color_transform(patches, keys, color_mode, ops.chroma_blur_size), valid)
 
 
 def grayscale(patches, chosen):
@@ -223,7 +252,7 @@ def revisiting_augment(patches, keys, probability=GRAYSCALE_PROBABILITY, valid=N
   patches become grayscale (one draw per image from its key, as their to_gray on the whole image: the mean of the
   channels commutes with resizing and cropping), then every patch is standardised.
 
-  patches: uint8 [n, P, P, 3] (or floats in 0-255 units); keys: uint32 [n, 2] (patch_keys). Returns float32; each
+  patches: uint8 [n, P, P, 3] (or floats in 0-255 units); keys: uint32 [n, 3] (patch_keys). Returns float32; each
   patch depends on its own pixels and its image's key only. With `valid` (bool [n]) the others become zero (the
   padding of a batch).
   """
@@ -245,6 +274,8 @@ def standardize(images, color_mode="drop"):
   training kept one random channel, alone carrying the patch's RMS, so it reached RMS 50*sqrt(3); averaging the
   first layer's (linear) response over the three equally likely kept channels gives every channel centred and
   scaled to RMS 50/sqrt(3): the expected conv1 pre-activation, with the near-zero noise channels left out.
+  chroma_blur is none here: the blur removes a cue of the pretext task, which the uses of a backbone do not need
+  removed (method.md §9.3).
   """
   if color_mode == STANDARDIZATION:
     return per_patch_standardization(images)

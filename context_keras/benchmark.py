@@ -97,7 +97,7 @@ def grid_batch(num_grids, side=3, seed=0, geometry="doersch", device_augment=Fal
   n, m = num_grids * cells, num_grids * len(first)
   patches = (rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) if device_augment
              else rng.normal(size=(n, size, size, 3)).astype(np.float32))
-  keys = {"patch_keys": rng.integers(0, 2**32, (n, 2), dtype=np.uint32)} if device_augment else {}
+  keys = {"patch_keys": rng.integers(0, 2**32, (n, 3), dtype=np.uint32)} if device_augment else {}
   return {"patches": patches, **keys, "patch_mask": np.ones(n, bool),
           "first": (np.tile(first, num_grids) + offsets).astype(np.int32),
           "second": (np.tile(second, num_grids) + offsets).astype(np.int32),

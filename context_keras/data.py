@@ -18,6 +18,7 @@ import tensorflow as tf
 from context_keras import augment as augment_lib
 from context_keras import decoding
 from context_keras import patches as patches_lib
+from context_keras import shortcuts
 from context_keras import sources
 
 AUGMENT_ON = ("host", "device")
@@ -29,6 +30,9 @@ def resolve_augment_on(name):
   if name != "auto":
     return name
   return "device" if tf.config.list_physical_devices("GPU") else "host"
+
+
+YOKED_INTERPOLATIONS = ("random", *shortcuts.INTERPOLATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,14 @@ class InputConfig:
   shuffle_buffer: int = 2048
   seed: int = 0
   data_service: str | None = None
+  # method.md §9: the later fixes for the shortcuts, all off by default.
+  chroma_blur_size: int = shortcuts.CHROMA_BLUR_SIZE
+  yoked_jitter: bool = False
+  yoked_interpolation: str = "random"
+  random_aperture: bool = False
+  rotation_classes: bool = False
+  flip_relabel: bool = False
+
   augment_on: str = "host"
   geometry: str = "doersch"
 
@@ -51,6 +63,18 @@ class InputConfig:
       raise ValueError(f"--augment_on={self.augment_on} is not one of {AUGMENT_ON}")
     if self.geometry not in patches_lib.GEOMETRIES:
       raise ValueError(f"--geometry={self.geometry} is not one of {patches_lib.GEOMETRIES}")
+    if self.yoked_interpolation not in YOKED_INTERPOLATIONS:
+      raise ValueError(f"--yoked_interpolation={self.yoked_interpolation} is not one of {YOKED_INTERPOLATIONS}")
+    if self.chroma_blur_size < 1 or self.chroma_blur_size % 2 == 0:
+      raise ValueError(f"--chroma_blur_size={self.chroma_blur_size} must be a positive odd number")
+    if self.geometry == "revisiting":
+      # The revisiting augmentation (augment.revisiting_augment) has no colour modes and no per-patch ops of §9 yet.
+      # Nor does the pretext evaluation's revisiting cutter mirror or rotate its grid (evaluation/pretext.py).
+      for flag, given in (("--color_mode=chroma_blur", self.color_mode == "chroma_blur"),
+                          ("--yoked_jitter", self.yoked_jitter), ("--random_aperture", self.random_aperture),
+                          ("--rotation_classes", self.rotation_classes), ("--flip_relabel", self.flip_relabel)):
+        if given:
+          raise ValueError(f"{flag} does not work with --geometry=revisiting yet (method.md §9.9)")
     if self.batch_patches < self.largest_grid[0]:
       raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
                        f"({self.largest_grid[0]} patches)")
@@ -77,24 +101,50 @@ class InputConfig:
       return None
     return min(self.batch_patches // patches_lib.REVISITING_PATCHES, self.batch_pairs // patches_lib.REVISITING_PAIRS)
 
+  @property
+  def num_classes(self):
+    return shortcuts.num_classes(self.rotation_classes)
 
-def image_grids(contents, seed, geometry="doersch"):
+  @property
+  def transforms_grids(self):
+    return self.rotation_classes or self.flip_relabel
+
+  @property
+  def patch_ops(self):
+    return shortcuts.PatchOps(yoked_jitter=self.yoked_jitter, yoked_interpolation=self.yoked_interpolation,
+                              random_aperture=self.random_aperture, chroma_blur_size=self.chroma_blur_size)
+
+  @property
+  def grid_jitter(self):
+    """The per-cell jitter of the grid: the original's +-7 px, or none when the yoked jitter replaces it."""
+    return 0 if self.yoked_jitter else patches_lib.JITTER
+
+
+def image_grids(contents, seed, config=None):
   """Decode one encoded image at the size its random resize needs, resize it, cut its grids and key their patches
-  (method.md §1.2, 2.2, 2.4; the revisiting geometry: §8.2).
+  (method.md §1.2, 2.2, 2.4; the revisiting geometry of an InputConfig with --geometry=revisiting: §8.2); with an
+  InputConfig whose grids are mirrored or rotated, transform them (method.md §9.6). Without a config: the doersch
+  geometry, no transforms.
 
   Returns patches.cut_grids's dict (patches uint8 [n, P, P, 3], grid_height and grid_width int32 [g], usable
-  bool) with patch_keys uint32 [n, 2]; an image too small for a grid gives 0x0 grids, so that the packer counts it.
+  bool) with patch_keys uint32 [n, 3] (and with transforms, flip and rotation [g]); an image too small for a grid
+  gives 0x0 grids, so that the packer counts it.
   """
+  geometry = config.geometry if config is not None else "doersch"
   if geometry == "revisiting":
     # Decoded at full size: the 292x292 resize ignores the aspect, so a reduced JPEG decode (which keeps the pixel
     # count, not each side) could leave the short side below 292.
     cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
     grids = patches_lib.cut_revisiting(decoding.decode(contents), cut_seed)
-    return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, patches_lib.REVISITING_PATCHES))
-  resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
-  image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
-  grids = patches_lib.cut_grids(image, resize_seed, grid_seed)
-  return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0]))
+  else:
+    resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
+    image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
+    grids = patches_lib.cut_grids(image, resize_seed, grid_seed,
+                                  jitter=config.grid_jitter if config is not None else patches_lib.JITTER)
+  if config is not None and config.transforms_grids:
+    grids = shortcuts.transform_grids(grids, seed, config.flip_relabel, config.rotation_classes)
+  cells = grids["grid_height"] * grids["grid_width"]
+  return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0], cells))
 
 
 # Images that decode to more pixels than this are decoded one at a time, after the parallel stage; all others, many
@@ -114,21 +164,25 @@ def decoded_pixels(contents, seed, geometry="doersch"):
   return decoding.decoded_pixels(contents, patches_lib.resize_target(resize_seed))
 
 
-def _no_grids(geometry):
-  """image_grids's structure holding nothing: the place of an image left to the one-at-a-time stage."""
-  if geometry == "revisiting":
+def _no_grids(config=None):
+  """image_grids's structure (for the same config) holding nothing: the place of an image left to the one-at-a-time
+  stage."""
+  if config is not None and config.geometry == "revisiting":
     side, grids = patches_lib.REVISITING_PATCH, 1
   else:
     side, grids = patches_lib.PATCH_SIZE, patches_lib.GRIDS_PER_IMAGE
   empty = tf.zeros([grids], tf.int32)
-  return {"patches": tf.zeros([0, side, side, 3], tf.uint8),
-          "grid_height": empty, "grid_width": empty, "usable": tf.constant(False),
-          "patch_keys": tf.zeros([0, 2], tf.uint32)}
+  nothing = {"patches": tf.zeros([0, side, side, 3], tf.uint8),
+             "grid_height": empty, "grid_width": empty, "usable": tf.constant(False),
+             "patch_keys": tf.zeros([0, 3], tf.uint32)}
+  if config is not None and config.transforms_grids:
+    nothing.update(flip=tf.zeros([grids], tf.bool), rotation=empty)
+  return nothing
 
 
-def grids_of_images(images, base_seed, start_image=0, geometry="doersch"):
-  """(index, image_grids) of each encoded image of `images`, its stream index counted from start_image; an image
-  that cannot be decoded gives an error element (the caller skips and counts it).
+def grids_of_images(images, base_seed, start_image=0, config=None):
+  """(index, image_grids(..., config)) of each encoded image of `images`, its stream index counted from start_image;
+  an image that cannot be decoded gives an error element (the caller skips and counts it).
 
   Memory is bounded by design, whatever the core count: tf.data's AUTOTUNE runs up to one decode per core, and each
   of those decodes at most PARALLEL_DECODE_MAX_PIXELS; a larger image is passed on encoded, and decoded in a
@@ -137,13 +191,15 @@ def grids_of_images(images, base_seed, start_image=0, geometry="doersch"):
   def seed_of(index):
     return tf.random.experimental.stateless_fold_in(base_seed, index)
 
+  geometry = config.geometry if config is not None else "doersch"
+
   def parallel(index, contents):
     large = decoded_pixels(contents, seed_of(index), geometry) > PARALLEL_DECODE_MAX_PIXELS
-    grids = tf.cond(large, lambda: _no_grids(geometry), lambda: image_grids(contents, seed_of(index), geometry))
+    grids = tf.cond(large, lambda: _no_grids(config), lambda: image_grids(contents, seed_of(index), config))
     return index, tf.where(large, contents, ""), large, grids  # only a large image's bytes travel on
 
   def one_at_a_time(index, contents, large, grids):
-    return index, tf.cond(large, lambda: image_grids(contents, seed_of(index), geometry), lambda: grids)
+    return index, tf.cond(large, lambda: image_grids(contents, seed_of(index), config), lambda: grids)
 
   return (images.enumerate(start=start_image)
           .map(parallel, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -159,7 +215,7 @@ def augment_batch(batch, config, static_shapes=False):
     patches = augment_lib.revisiting_augment(batch["patches"], batch["patch_keys"], valid=batch["patch_mask"])
     return dict(batch, patches=patches)
   patches = augment_lib.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
-                                static_shapes=static_shapes, valid=batch["patch_mask"])
+                                static_shapes=static_shapes, valid=batch["patch_mask"], ops=config.patch_ops)
   return dict(batch, patches=patches)
 
 
@@ -179,7 +235,7 @@ def step_augmentation(config, jit_compile=False):
 def _per_patch(size):
   """What a batch holds per patch, packed in TensorLists (appending does not copy): name -> (dtype, shape of one
   patch's value), for patches of size x size pixels."""
-  return {"patches": (tf.uint8, [size, size, 3]), "patch_keys": (tf.uint32, [2])}
+  return {"patches": (tf.uint8, [size, size, 3]), "patch_keys": (tf.uint32, [3])}
 
 
 _PER_PATCH = tuple(_per_patch(patches_lib.PATCH_SIZE))  # the names, the same for every size
@@ -207,7 +263,8 @@ def _grids_of_image(index, image):
   def grid(g):
     return {**{k: image[k][starts[g]:starts[g] + sizes[g]] for k in _PER_PATCH},
             "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
-            "position": tf.stack([index, g]), "usable": image["usable"]}
+            "position": tf.stack([index, g]), "usable": image["usable"],
+            **{k: image[k][g] for k in ("flip", "rotation") if k in image}}
 
   return tf.data.Dataset.range(tf.shape(sizes, out_type=tf.int64)[0]).map(grid)
 
@@ -222,12 +279,13 @@ class _Packer:
   there continues with exactly the batches that would have followed.
   """
 
-  def __init__(self, max_patches, max_pairs, start_image=0, geometry="doersch"):
+  def __init__(self, max_patches, max_pairs, start_image=0, geometry="doersch", rotation_classes=False):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image = start_image
     self.per_patch = _per_patch(patches_lib.patch_size(geometry))
     self.pairs = patches_lib.geometry_pairs(geometry)
+    self.rotation_classes = rotation_classes
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
@@ -250,6 +308,8 @@ class _Packer:
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
     first, second, label = self.pairs(h, w)
+    if "flip" in grid:  # the grid was transformed as a whole (method.md §9.6): its labels follow
+      label = shortcuts.relabel(label, grid["flip"], grid["rotation"], self.rotation_classes)
     fits = ((state["num_patches"] + n <= self.max_patches) &
             (tf.shape(state["first"])[0] + tf.shape(first)[0] <= self.max_pairs))
 
@@ -315,12 +375,12 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
   start_image, start_grid = start
-  grids = (grids_of_images(images, base_seed, start_image, config.geometry)
+  grids = (grids_of_images(images, base_seed, start_image, config)
            .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
            .flat_map(_grids_of_image))
   if start_grid:
     grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
-  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry)
+  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry, config.rotation_classes)
   batches = (grids.scan(packer.initial_state(), packer)
              .filter(lambda batch: batch["ready"])
              .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))

@@ -1,8 +1,8 @@
 """Measures what a run learned: python -m context_keras.evaluate --mode=pretext|linear|knn|finetune|neighbors
 (--model_dir=RUN | --saved_model=OUT/backbone) (--data=... | --train_data=... --val_data=...) [--watch]
 
-  pretext    the paper's protocol: 8-way accuracy of the pair classifier on pairs cut from held-out images with
-             the training geometry and preprocessing (evaluation/pretext.py).
+  pretext    the paper's protocol: accuracy of the pair classifier (8 directions; 32 classes with rotation classes)
+             on pairs cut from held-out images with the training geometry and preprocessing (evaluation/pretext.py).
   linear     a linear probe per layer on frozen features pooled to at most --probe_dims values, against a random-init
              network of the same architecture on the same folds; --multi_label for mAP (evaluation/linear.py).
   knn        weighted k-NN on each layer's pooled features (Wu et al. 2018), against random init (evaluation/knn.py).

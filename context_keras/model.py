@@ -2,8 +2,9 @@
 
 `build` returns the three Keras functional models that share the same layers:
   tower:         patches [N, P, P, 3] (+ per-patch validity) -> features [N, D] (fc6, or a ResNet's pre_logits)
-  head:          the features of both patches concatenated [M, 2D] (+ per-pair validity) -> 8 logits
-  context_model: (patch_a, patch_b) -> 8 logits, the pair classifier of the paper (tower applied to both inputs)
+  head:          the features of both patches concatenated [M, 2D] (+ per-pair validity) -> num_classes (8) logits
+  context_model: (patch_a, patch_b) -> num_classes logits, the pair classifier of the paper (the tower applied to
+                 both inputs)
 Training calls tower and head in grid form (tower once per patch, pairs gather their feature rows, method.md §3.3).
 Towers: alexnet_bn (the original's), vgg16_bn (the paper's VGG-style tower), resnet18/34/50 v1 or v2 (Kolesnikov et
 al.'s); heads: doersch (fc7-fc9 of the original) and revisiting (Kolesnikov et al.'s embedding and fc head).
@@ -49,6 +50,8 @@ class ModelConfig:
   resnet_version: int = 1
   resnet_stem_stride: int = RESNET_STEM_STRIDE
   resnet_strides: tuple = RESNET_STRIDES
+  # The pretext task's classes: 8 directions, or 32 with --rotation_classes (shortcuts.num_classes, method.md §9.6).
+  num_classes: int = patches_lib.NUM_CLASSES
 
   def __post_init__(self):
     # config.json stores the strides as a list.
@@ -57,7 +60,7 @@ class ModelConfig:
 
 # The ModelConfig fields that decide which variables the networks have and their shapes: a checkpoint can only be
 # restored into networks built with the same values (the others may change between resumes).
-ARCHITECTURE_FIELDS = ("backbone", "width_multiplier")
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "num_classes")
 
 
 def _width(channels, multiplier):
@@ -254,14 +257,15 @@ def pair_head(config, feature_dim):
   x = layers.ReLU(name="relu7")(x)
   x = layers.Dense(_width(4096, m), activation="relu", name="fc8", **_dense_init())(x)
   # Logits stay float32 under mixed precision, for a stable softmax.
-  logits = layers.Dense(patches_lib.NUM_CLASSES, name="fc9", dtype="float32", **_dense_init())(x)
+  logits = layers.Dense(config.num_classes, name="fc9", dtype="float32", **_dense_init())(x)
   return keras.Model([pair, valid], logits, name="head")
 
 
 def revisiting_head(config, feature_dim):
   """Kolesnikov et al.'s pair head (method.md §8.2): each patch's features to a 1000-d embedding (their trunk's
-  logits layer), the two embeddings concatenated, fc 4096 -> BN (scale and shift) -> ReLU -> dropout 0.5 -> 8
-  logits. Narrow towers (--width_multiplier < 1) get a head narrowed by the same factor; wider ones keep theirs."""
+  logits layer), the two embeddings concatenated, fc 4096 -> BN (scale and shift) -> ReLU -> dropout 0.5 ->
+  num_classes (8) logits. Narrow towers (--width_multiplier < 1) get a head narrowed by the same factor; wider ones
+  keep theirs."""
   m = min(config.width_multiplier, 1.0)
   pair = keras.Input((2 * feature_dim,), name="pair_features")
   valid = keras.Input((), name="valid")
@@ -275,7 +279,7 @@ def revisiting_head(config, feature_dim):
                                   center=True, scale=True, name="bn7")([x, valid])
   x = layers.ReLU(name="relu7")(x)
   x = layers.Dropout(REVISITING_DROPOUT, name="dropout7")(x)
-  logits = layers.Dense(patches_lib.NUM_CLASSES, name="fc8", dtype="float32", kernel_initializer=init)(x)
+  logits = layers.Dense(config.num_classes, name="fc8", dtype="float32", kernel_initializer=init)(x)
   return keras.Model([pair, valid], logits, name="head")
 
 

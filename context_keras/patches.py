@@ -97,8 +97,9 @@ def random_resize(image, seed):
   return resize_uint8(image, new_h, new_w)
 
 
-def sample_grids(seed, height, width, num_grids=GRIDS_PER_IMAGE):
-  """Upper-left corners of the cells of `num_grids` random grids in an image of the given size (method.md §2.2).
+def sample_grids(seed, height, width, num_grids=GRIDS_PER_IMAGE, jitter=JITTER):
+  """Upper-left corners of the cells of `num_grids` random grids in an image of the given size (method.md §2.2),
+  each cell moved by up to +-jitter px per axis (0 with --yoked_jitter, method.md §9.4).
 
   Returns (ys, xs, grid_height, grid_width): ys and xs are int32 [num_patches], the cells of grid 0 in row-major
   order, then grid 1 and so on; grid_height and grid_width are int32 [num_grids]. The image must have both sides
@@ -117,10 +118,11 @@ def sample_grids(seed, height, width, num_grids=GRIDS_PER_IMAGE):
   corner_y = starts[:, 0, tf.newaxis, tf.newaxis] + gy[tf.newaxis] * PITCH
   corner_x = starts[:, 1, tf.newaxis, tf.newaxis] + gx[tf.newaxis] * PITCH
   corners = tf.stack([tf.boolean_mask(corner_y, valid), tf.boolean_mask(corner_x, valid)], axis=-1)
-  jitter = tf.random.stateless_uniform(tf.shape(corners), jitter_seed, minval=-JITTER, maxval=JITTER + 1,
-                                       dtype=tf.int32)
+  if jitter:
+    corners += tf.random.stateless_uniform(tf.shape(corners), jitter_seed, minval=-jitter, maxval=jitter + 1,
+                                           dtype=tf.int32)
   # Clamping is the original's only boundary treatment (method.md §2.2); it moves a corner by at most JITTER.
-  corners = tf.clip_by_value(corners + jitter, 0, tf.stack([height, width]) - PATCH_SIZE)
+  corners = tf.clip_by_value(corners, 0, tf.stack([height, width]) - PATCH_SIZE)
   return corners[:, 0], corners[:, 1], grid_h, grid_w
 
 
@@ -180,7 +182,7 @@ def resize_for_grids(image, seed):
   return resized, (height > MIN_SIDE) & (width > MIN_SIDE)
 
 
-def cut_grids(image, resize_seed, grid_seed, num_grids=GRIDS_PER_IMAGE):
+def cut_grids(image, resize_seed, grid_seed, num_grids=GRIDS_PER_IMAGE, jitter=JITTER):
   """Resize one image, check it is usable and cut `num_grids` random grids of patches (method.md §1.2, 2.2).
 
   Returns a dict: patches uint8 [n, 96, 96, 3] (un-augmented), grid_height and grid_width int32
@@ -190,7 +192,7 @@ def cut_grids(image, resize_seed, grid_seed, num_grids=GRIDS_PER_IMAGE):
   resized, usable = resize_for_grids(image, resize_seed)
 
   def cut():
-    ys, xs, grid_h, grid_w = sample_grids(grid_seed, tf.shape(resized)[0], tf.shape(resized)[1], num_grids)
+    ys, xs, grid_h, grid_w = sample_grids(grid_seed, tf.shape(resized)[0], tf.shape(resized)[1], num_grids, jitter)
     return crop_patches(resized, ys, xs), grid_h, grid_w
 
   def nothing():

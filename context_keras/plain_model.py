@@ -154,7 +154,8 @@ def _per_image_standardization(images):
 
 def standardize(images, color_mode):
   """augment.standardize in standard layers: per image, channel means subtracted; then drop, drop_gaussian: each
-  channel to RMS 50/sqrt(3); project: the green-magenta projection, then RMS 50 over all values; none: RMS 50.
+  channel to RMS 50/sqrt(3); project: the green-magenta projection, then RMS 50 over all values; none and
+  chroma_blur: RMS 50.
   1/RMS is exp(-0.5 log(mean square)); a constant image gives zeros, as divide_no_nan does. `color_mode` may also be
   augment.STANDARDIZATION, the revisiting geometry's (_per_image_standardization)."""
   if color_mode == augment_lib.STANDARDIZATION:

@@ -209,8 +209,12 @@ def recorded_in(model_dir):
 def architecture_differences(recorded, model_config):
   """(field, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
   differs between the RunConfig `recorded` and `model_config`."""
-  return [(name, getattr(recorded.model, name), getattr(model_config, name))
-          for name in model_lib.ARCHITECTURE_FIELDS if getattr(model_config, name) != getattr(recorded.model, name)]
+  differences = [(name, getattr(recorded.model, name), getattr(model_config, name))
+                 for name in model_lib.ARCHITECTURE_FIELDS
+                 if getattr(model_config, name) != getattr(recorded.model, name)]
+  # The class count is set by --rotation_classes (method.md §9.6): name that flag.
+  return [("rotation_classes", then > model_lib.ModelConfig.num_classes, given > model_lib.ModelConfig.num_classes)
+          if name == "num_classes" else (name, then, given) for name, then, given in differences]
 
 
 def check_resume(model_dir, model_config):

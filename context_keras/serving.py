@@ -45,7 +45,7 @@ _COLOR_PREPROCESSING = ("upright uint8 RGB (the caller applies any EXIF orientat
                         "float; per image, each channel's mean is subtracted; then, by the run's --color_mode "
                         "(method.md §2.4): drop/drop_gaussian: each channel scaled to RMS 50/sqrt(3) (the expected "
                         "conv1 input over the kept channel); project: the green-magenta projection, then RMS 50; "
-                        "none: RMS 50")
+                        "none, chroma_blur: RMS 50")
 PREPROCESSING = {mode: _COLOR_PREPROCESSING for mode in augment_lib.COLOR_MODES}
 PREPROCESSING[augment_lib.STANDARDIZATION] = (
     "upright uint8 RGB (the caller applies any EXIF orientation) -> float; per image, (x - mean) / max(std, "
@@ -155,7 +155,7 @@ def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry
           "model": dataclasses.asdict(model_config), "geometry": geometry, "color_mode": color_mode,
           "preprocessing_mode": mode, "preprocessing": PREPROCESSING[mode], "min_size": model_config.patch_size,
           "patch_size": model_config.patch_size, "output": model_lib.output_name(model_config.backbone),
-          "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS}
+          "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS, "num_classes": model_config.num_classes}
   if caffe_pooling is not None:
     info["pooling"] = "caffe" if caffe_pooling else "trained"
   if folded is not None:

@@ -35,6 +35,7 @@ def define_flags():
   data_flags.define_source()
   data_flags.define_geometry()
   data_flags.define_augmentation()
+  data_flags.define_shortcut_fixes()
   data_flags.define_batching()
   model_flags.define()
   optimisation_flags.define()
@@ -130,8 +131,8 @@ def run():
                  "" if task == "chief" else f"; this is {task}{' (chief)' if is_chief else ''}")
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
-    model_config = model_flags.model_config()
     input_config = data_flags.input_config(FLAGS.seed)
+    model_config = model_flags.model_config(input_config.num_classes)
     source = sources.find_source(input_config.data, input_config.data_root)
     config = run_dir.RunConfig(model=model_config, input=input_config,
                                optimisation=optim_config(input_config, source, strategy.num_replicas_in_sync))

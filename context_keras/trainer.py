@@ -275,7 +275,7 @@ class Trainer:
     batch = {"first": pairs, "second": pairs, "label": pairs, "pair_mask": tf.zeros([PREVIEW_PAIRS], tf.bool)}
     if self.augment is None:
       return dict(batch, patches=tf.zeros([1, size, size, 3]))
-    return dict(batch, patches=tf.zeros([1, size, size, 3], tf.uint8), patch_keys=tf.zeros([1, 2], tf.uint32))
+    return dict(batch, patches=tf.zeros([1, size, size, 3], tf.uint8), patch_keys=tf.zeros([1, 3], tf.uint32))
 
 
 def weights_digest(trainer):

@@ -651,6 +651,8 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       "--width_multiplier=0.125": "Invalid flags: --width_multiplier=0.125 (the run: 0.0625): --model_dir={run} holds "
                                   "a run of another architecture ({run}/config.json)",
       "--batch_patches=100000000": "Invalid flags: --batch_patches=100000000 and --batch_pairs=320 need about",
+      "--rotation_classes": "Invalid flags: --rotation_classes=True (the run: False): --model_dir={run} holds a run "
+                            "of another architecture ({run}/config.json)",
   }
   runs = []
   for i, flag in enumerate(train_cases):

@@ -7,7 +7,7 @@ import os
 from helpers import REPO
 
 PACKAGE = os.path.join(REPO, "context_keras")
-PROGRAMS = {"train", "prepare", "export", "evaluate", "benchmark", "service", "linear_eval"}
+PROGRAMS = {"train", "prepare", "export", "evaluate", "benchmark", "service", "linear_eval", "ablation"}
 
 
 def module_name(path):

@@ -351,6 +351,7 @@ name = sys.argv[1]
 module = importlib.import_module("context_keras." + name)
 module.define_flags()
 from context_keras import program
+from context_keras.flagsets import data as data_flags
 from context_keras.flagsets import model as model_flags
 ours = program.defined_flags()
 for flag in ours.values():
@@ -365,14 +366,18 @@ for flagfile in sys.argv[2:]:
   flags.FLAGS.unparse_flags()
   flags.FLAGS([name, f"--flagfile=flags/{flagfile}"])
   program.check_bounds()
-  model_flags.model_config() if name == "train" else module.job_config()  # (only these two have flagfiles)
+  if name == "train":
+    model_flags.model_config(data_flags.input_config(0).num_classes)
+  elif name == "linear_eval":
+    module.job_config()
 print("checked", len(ours), "flags of", name, "and", len(sys.argv) - 2, "flagfiles")
 """
 
 
 def flagfile_program(name):
-  """The program a flagfile in flags/ is written for."""
-  return "linear_eval" if name.startswith("linear_") else "train"
+  """The program a flagfile in flags/ is written for (ablation_demo.cfg is given with mundhenk.cfg in
+  test_ablation)."""
+  return {"linear": "linear_eval", "ablation": "ablation"}.get(name.split("_")[0], "train")
 
 
 @pytest.mark.slow
@@ -380,7 +385,7 @@ def test_every_flag_has_help_and_flagfiles_parse(tmp_path):
   names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
   assert {"demo.cfg", "deepcontext.cfg", "paper.cfg", "revisiting_resnet50.cfg", "demo_revisiting.cfg",
           "linear_imagenet.cfg"} <= set(names)
-  for name in ("train", "linear_eval", "prepare", "export", "evaluate", "benchmark", "service"):
+  for name in ("train", "linear_eval", "ablation", "prepare", "export", "evaluate", "benchmark", "service"):
     mine = [n for n in names if flagfile_program(n) == name]
     result = subprocess.run([sys.executable, "-c", FLAG_CHECK, name, *mine], cwd=REPO, env=module_env(),
                             capture_output=True, text=True, timeout=300)

@@ -1,7 +1,8 @@
 """Pretext accuracy, the paper's protocol (method.md §6.3): for each of up to --images held-out images,
 --pairs_per_image (256) random pairs cut with the training geometry and preprocessing of the run, all seeded, so
-the figure is reproducible; 8-way accuracy overall and per class, and the confusion matrix. For the revisiting
-geometry the pairs come from repeated random cuts of the image (method.md §8.2)."""
+the figure is reproducible; accuracy over the run's classes (8 directions, 32 with rotation classes) overall and per
+class, and the confusion matrix. For the revisiting geometry the pairs come from repeated random cuts of the image
+(method.md §8.2)."""
 import dataclasses
 
 import numpy as np
@@ -13,6 +14,7 @@ from context_keras import errors
 from context_keras import patches as patches_lib
 from context_keras import progress as progress_lib
 from context_keras import serving
+from context_keras import shortcuts
 from context_keras import sources
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
@@ -34,17 +36,18 @@ class Config:
   pixelation: bool | None = None  # None: the subject's
 
 
-def label_names():
-  """'up-left', 'up', ... for the labels 0-7 (patches.NEIGHBOUR_OFFSETS: where the second patch is)."""
-  vertical = {-1: "up", 0: "", 1: "down"}
-  horizontal = {-1: "left", 0: "", 1: "right"}
-  return ["-".join(p for p in (vertical[dy], horizontal[dx]) if p) for dx, dy in patches_lib.NEIGHBOUR_OFFSETS]
+def label_names(rotation_classes=False):
+  """'up-left', 'up', ... for the labels 0-7 (patches.NEIGHBOUR_OFFSETS: where the second patch is), and the
+  rotations' names after them with rotation classes (shortcuts.label_names)."""
+  return shortcuts.label_names(rotation_classes)
 
 
-def pretext_pairs(image, seed, num_pairs, color_mode, pixelation):
+def pretext_pairs(image, seed, num_pairs, color_mode, pixelation, flip_relabel=False, rotation_classes=False):
   """Up to num_pairs random pairs of one image, cut with the training geometry and preprocessing (method.md §1.2,
   2.2-2.4): one random resize, grids added one at a time until they hold num_pairs pairs, the pairs drawn without
-  replacement, every patch augmented as in training.
+  replacement, every patch augmented as in training. Grids are mirrored and rotated, their labels following, as the
+  run's training made its labels (method.md §9.6); the yoked jitter and the aperture are not applied, as Mundhenk et
+  al. tested without them.
 
   Returns {patches [n, 96, 96, 3], first, second, label [m], usable}; an image too small for a grid is not usable.
   """
@@ -53,25 +56,31 @@ def pretext_pairs(image, seed, num_pairs, color_mode, pixelation):
   height, width = tf.shape(resized)[0], tf.shape(resized)[1]
 
   def cut():
-    def more(i, ys, xs, first, second, label):
-      del ys, xs, second, label
+    def more(i, ys, xs, first, second, label, patch_grid):
+      del ys, xs, second, label, patch_grid
       return (tf.shape(first)[0] < num_pairs) & (i < MAX_GRIDS)
 
-    def grid(i, ys, xs, first, second, label):
+    def grid(i, ys, xs, first, second, label, patch_grid):
       grid_ys, grid_xs, grid_h, grid_w = patches_lib.sample_grids(
           tf.random.experimental.stateless_fold_in(grid_seed, tf.cast(i, tf.int64)), height, width, num_grids=1)
       pair_first, pair_second, pair_label = patches_lib.grid_pairs(grid_h[0], grid_w[0])
       offset = tf.shape(ys)[0]
       return (i + 1, tf.concat([ys, grid_ys], 0), tf.concat([xs, grid_xs], 0),
               tf.concat([first, pair_first + offset], 0), tf.concat([second, pair_second + offset], 0),
-              tf.concat([label, pair_label], 0))
+              tf.concat([label, pair_label], 0), tf.concat([patch_grid, tf.fill(tf.shape(grid_ys), i)], 0))
 
     empty = tf.zeros([0], tf.int32)
-    _, ys, xs, first, second, label = tf.while_loop(
-        more, grid, (tf.constant(0), empty, empty, empty, empty, empty),
-        shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 5)
+    _, ys, xs, first, second, label, patch_grid = tf.while_loop(
+        more, grid, (tf.constant(0), empty, empty, empty, empty, empty, empty),
+        shape_invariants=(tf.TensorShape([]),) + (tf.TensorShape([None]),) * 6)
     pick = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(first)[0]), pick_seed)[:num_pairs]
     cut_patches = patches_lib.crop_patches(resized, ys, xs)
+    if flip_relabel or rotation_classes:
+      flip, k = shortcuts.grid_transforms(tf.random.experimental.stateless_fold_in(seed, shortcuts.TRANSFORM_STREAM),
+                                          MAX_GRIDS, flip_relabel, rotation_classes)
+      cut_patches = shortcuts.transform_patches(cut_patches, tf.gather(flip, patch_grid), tf.gather(k, patch_grid))
+      pair_grid = tf.gather(patch_grid, first)
+      label = shortcuts.relabel(label, tf.gather(flip, pair_grid), tf.gather(k, pair_grid), rotation_classes)
     keys = augment_lib.patch_keys(augment_seed, tf.shape(cut_patches)[0])
     return (augment_lib.augment(cut_patches, keys, color_mode, pixelation), tf.gather(first, pick),
             tf.gather(second, pick), tf.gather(label, pick))
@@ -110,23 +119,30 @@ def revisiting_pretext_pairs(image, seed, num_pairs):
 
 
 def evaluate(subject, config):
-  """8-way accuracy of the subject's pair classifier on pairs from config.data."""
+  """Accuracy of the subject's pair classifier on pairs from config.data, over its classes."""
   if subject.pair_logits is None:
     raise errors.UsageError("--mode=pretext needs the pair classifier: give --model_dir, or a --saved_model "
                             f"exported by context_keras.export (with {serving.PAIR_CLASSIFIER_DIR}/ beside it)")
   color_mode = subject.color_mode if config.color_mode is None else config.color_mode
   pixelation = subject.pixelation if config.pixelation is None else config.pixelation
   source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, config.seed)
+  if subject.geometry == "revisiting" and (subject.rotation_classes or subject.flip_relabel):
+    raise errors.UsageError(f"{subject.about}: rotation classes and flip relabelling do not work with "
+                            "--geometry=revisiting yet (method.md §9.9)")
 
   def pairs(i, contents):
     image, seed = decoding.decode(contents), images_lib.image_seed(config.seed, i)
     if subject.geometry == "revisiting":
       return revisiting_pretext_pairs(image, seed, config.pairs_per_image)
-    return pretext_pairs(image, seed, config.pairs_per_image, color_mode, pixelation)
+    return pretext_pairs(image, seed, config.pairs_per_image, color_mode, pixelation, subject.flip_relabel,
+                         subject.rotation_classes)
 
   dataset = sources.finite_images(source).map(pairs, num_parallel_calls=tf.data.AUTOTUNE,
                                               deterministic=True).ignore_errors().prefetch(2)
-  num_classes = patches_lib.NUM_CLASSES
+  num_classes = subject.model_config.num_classes
+  if num_classes != shortcuts.num_classes(subject.rotation_classes):
+    raise errors.UsageError(f"{subject.about}: its pair classifier has {num_classes} classes, which its recorded "
+                            "label settings do not explain")
   confusion = np.zeros([num_classes, num_classes], np.int64)
   seen = too_small = 0
   progress = progress_lib.Progress("pretext pairs", len(source.paths) if source.kind == "files" else None)
@@ -145,8 +161,10 @@ def evaluate(subject, config):
     raise errors.DataError(f"--data={source.description}: no image gave a pair ({seen} decoded, {too_small} too "
                            "small)")
   per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-  names = label_names()
+  names = label_names(subject.rotation_classes)
   metrics = {"data": source.description, "accuracy": float(confusion.trace() / pairs), "chance": 1.0 / num_classes,
+             "num_classes": num_classes, "rotation_classes": subject.rotation_classes,
+             "flip_relabel": subject.flip_relabel,
              "per_class_accuracy": dict(zip(names, per_class.round(4).tolist())),
              "confusion_matrix": confusion.tolist(), "confusion_labels": names, "pairs": pairs,
              "images": seen - too_small, "too_small": too_small,
@@ -154,6 +172,12 @@ def evaluate(subject, config):
              "pairs_per_image": config.pairs_per_image, "geometry": subject.geometry}
   if subject.geometry == "doersch":
     metrics.update(color_mode=color_mode, pixelation=pixelation)
+  if subject.rotation_classes:
+    # The two halves of a rotation class: is the direction right, is the rotation right (method.md §9.6)?
+    directions = len(patches_lib.NEIGHBOUR_OFFSETS)
+    folded = confusion.reshape(shortcuts.ROTATIONS, directions, shortcuts.ROTATIONS, directions)
+    metrics["direction_accuracy"] = float(np.trace(folded.sum((0, 2))) / pairs)
+    metrics["rotation_accuracy"] = float(np.trace(folded.sum((1, 3))) / pairs)
   return Result(metrics, images={"confusion_true_rows_predicted_columns": confusion_image(confusion)})
 
 

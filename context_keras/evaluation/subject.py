@@ -18,7 +18,8 @@ class Subject:
   """A trained run or an exported backbone, behind the functions the protocols need.
 
   features:    uint8 images [N, H, W, 3] -> the backbone's named maps (serving.BackboneModule.features)
-  pair_logits: (patches preprocessed as in training [N, P, P, 3], first [M], second [M]) -> logits [M, 8], or
+  pair_logits: (patches preprocessed as in training [N, P, P, 3], first [M], second [M]) -> logits
+               [M, model_config.num_classes], or
                None when there is no pair classifier
   """
   about: dict
@@ -31,6 +32,9 @@ class Subject:
   owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
   geometry: str = "doersch"
   pooling: str = "auto"  # fold.POOLINGS: how the backbone pools, which the random-init baseline repeats
+  # How the pretext labels were made (method.md §9.6): grids rotated with rotation classes, mirrored and relabelled.
+  rotation_classes: bool = False
+  flip_relabel: bool = False
 
   @property
   def feature_layers(self):
@@ -73,7 +77,8 @@ class Subject:
     return Subject(about={"random_init_seed": seed}, step=self.step, model_config=self.model_config,
                    color_mode=self.color_mode, pixelation=self.pixelation, features=module.features,
                    pair_logits=_run_pair_logits(networks, self.model_config.patch_size), owners=(module, networks),
-                   geometry=self.geometry, pooling=self.pooling)
+                   geometry=self.geometry, pooling=self.pooling, rotation_classes=self.rotation_classes,
+                   flip_relabel=self.flip_relabel)
 
 
 def _backbone_module(tower, model_config, preprocessing, pooling="auto"):
@@ -98,7 +103,8 @@ def from_run(run):
   return Subject(about=run.describe(), step=run.step, model_config=run.model_config, color_mode=run.color_mode,
                  pixelation=run.pixelation, features=module.features,
                  pair_logits=_run_pair_logits(run.networks, run.model_config.patch_size),
-                 owners=(module, run.networks), geometry=run.geometry)
+                 owners=(module, run.networks), geometry=run.geometry,
+                 rotation_classes=run.config.input.rotation_classes, flip_relabel=run.config.input.flip_relabel)
 
 
 def from_saved_model(path):
@@ -113,7 +119,7 @@ def from_saved_model(path):
 
   def pair_logits(patches, first, second):
     return classifier.logits_preprocessed(tf.gather(patches, first), tf.gather(patches, second))["logits"]
-  # Exports written before the model config was recorded are of the original's architecture.
+  # Exports written before the model config was recorded are of the original's architecture (8 classes).
   model_config = model_lib.ModelConfig(**info.get("model", {"backbone": info["backbone"],
                                                               "width_multiplier": info["width_multiplier"]}))
   geometry = info.get("geometry", "doersch")
@@ -125,4 +131,5 @@ def from_saved_model(path):
                  pixelation=info.get("pixelation", True), features=backbone.features,
                  pair_logits=pair_logits if classifier else None, owners=(backbone, classifier), geometry=geometry,
                  # Exports of earlier versions pooled as the training tower does.
-                 pooling=info.get("pooling", "trained"))
+                 pooling=info.get("pooling", "trained"), rotation_classes=info.get("rotation_classes", False),
+                 flip_relabel=info.get("flip_relabel", False))

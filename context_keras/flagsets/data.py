@@ -5,6 +5,7 @@ from context_keras import augment
 from context_keras import data as data_lib
 from context_keras import errors
 from context_keras import program
+from context_keras import shortcuts
 
 FLAGS = flags.FLAGS
 GROUP = "data"
@@ -50,6 +51,31 @@ def define_augmentation():
                       "key).")
 
 
+def define_shortcut_fixes():
+  """The later fixes for the shortcuts (Mundhenk et al. 2018, method.md §9); flags/mundhenk.cfg combines them."""
+  with program.flag_group(GROUP):
+    program.define_integer("chroma_blur_size", shortcuts.CHROMA_BLUR_SIZE,
+                           "Side of the box blur of the a and b channels with --color_mode=chroma_blur (13 as "
+                           "Mundhenk et al.'s patch set; 1 = no blur). Odd.", lower=1)
+    flags.DEFINE_bool("yoked_jitter", False,
+                      "Mundhenk et al.'s yoked jitter (method.md §9.4): all patches of a grid enlarged to one random "
+                      "side in [96, 128] px and cropped back to 96 px at one random offset; replaces the original's "
+                      "independent +-7 px jitter of each cell.")
+    flags.DEFINE_enum("yoked_interpolation", "random", data_lib.YOKED_INTERPOLATIONS,
+                      "Interpolation of --yoked_jitter: one of bilinear, area, bicubic, lanczos drawn per grid "
+                      "(random, as the paper describes), or always one (their released code: bilinear).")
+    flags.DEFINE_bool("random_aperture", False,
+                      "Mundhenk et al.'s random aperture (method.md §9.5): each patch, with probability 1/2, keeps "
+                      "only a random square window of 64-96 px (one window per grid), the rest filled with the "
+                      "window's mean colour.")
+    flags.DEFINE_bool("rotation_classes", False,
+                      "Rotation with classification (method.md §9.6): every grid rotated by k x 90 degrees, k "
+                      "random, and the label becomes direction + 8k: 32 classes.")
+    flags.DEFINE_bool("flip_relabel", False,
+                      "Mirror every grid left-right with probability 1/2, the direction label remapped so that it "
+                      "still names where the second patch lies (method.md §9.6).")
+
+
 def define_batching():
   with program.flag_group(GROUP):
     program.define_integer(
@@ -69,12 +95,15 @@ def define_batching():
 
 
 def input_config(seed):
-  """The InputConfig of the flags (every group above defined); the config's own checks become usage errors."""
+  """The InputConfig of the flags (every group of this module defined); the config's own checks become usage errors."""
   try:
     return data_lib.InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
                                 pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
                                 batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed,
                                 data_service=FLAGS.data_service, geometry=FLAGS.geometry,
+                                chroma_blur_size=FLAGS.chroma_blur_size, yoked_jitter=FLAGS.yoked_jitter,
+                                yoked_interpolation=FLAGS.yoked_interpolation, random_aperture=FLAGS.random_aperture,
+                                rotation_classes=FLAGS.rotation_classes, flip_relabel=FLAGS.flip_relabel,
                                 augment_on=data_lib.resolve_augment_on(FLAGS.augment_on))
   except ValueError as e:
     raise errors.UsageError(f"Invalid flags: {e}") from e

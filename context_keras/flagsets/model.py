@@ -45,8 +45,9 @@ def define():
                       "normalises over one batch of at most --batch_patches patches, as the original did on one GPU.")
 
 
-def model_config():
-  """The ModelConfig of the flags; needs the data group's --geometry (the patch size)."""
+def model_config(num_classes=model_lib.ModelConfig.num_classes):
+  """The ModelConfig of the flags; needs the data group's --geometry (the patch size). num_classes: the pretext task's
+  (data.InputConfig.num_classes)."""
   try:
     strides = tuple(int(s) for s in FLAGS.resnet_strides)
   except ValueError as e:
@@ -54,7 +55,8 @@ def model_config():
   config = model_lib.ModelConfig(
       backbone=FLAGS.backbone, width_multiplier=FLAGS.width_multiplier, sync_batchnorm=FLAGS.sync_batchnorm,
       bn_momentum=FLAGS.bn_momentum, head=FLAGS.head, patch_size=patches_lib.patch_size(FLAGS.geometry),
-      resnet_version=int(FLAGS.resnet_version), resnet_stem_stride=FLAGS.resnet_stem_stride, resnet_strides=strides)
+      resnet_version=int(FLAGS.resnet_version), resnet_stem_stride=FLAGS.resnet_stem_stride, resnet_strides=strides,
+      num_classes=num_classes)
   try:
     model_lib.check(config)
   except ValueError as e:
