@@ -23,6 +23,7 @@ import numpy as np
 
 from context_keras import chart
 from context_keras import errors
+from context_keras import labelled
 from context_keras import program
 from context_keras import restore
 from context_keras import train
@@ -166,8 +167,8 @@ def evaluate_run(model_dir, seed):
             "pretext_direction_accuracy": found.get("direction_accuracy", found["accuracy"])}
   if FLAGS.probe_data:
     probed = linear.evaluate(subject, linear.Config(
-        data=FLAGS.probe_data, labels=FLAGS.probe_labels, layer=FLAGS.probe_layer, folds=FLAGS.probe_folds,
-        image_size=FLAGS.probe_image_size, probe_epochs=FLAGS.probe_epochs, seed=seed)).metrics
+        splits=labelled.Splits(data=FLAGS.probe_data, labels=FLAGS.probe_labels), layer=FLAGS.probe_layer,
+        folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size, probe_epochs=FLAGS.probe_epochs, seed=seed)).metrics
     scores["probe"] = {layer: entry["accuracy"] for layer, entry in probed["per_layer"].items()}
     scores["random_init_probe"] = {layer: entry[linear.RANDOM + "accuracy"]
                                    for layer, entry in probed["per_layer"].items()}

@@ -12,10 +12,24 @@ import threading
 import time
 
 from absl import logging
+import tensorflow as tf
 
 # What a worker asks of all; every step sums the requests of all replicas.
 REQUEST_NONE, REQUEST_PAUSE, REQUEST_QUIT = 0, 1, 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def votes(request):
+  """A replica's vote (in a compiled step): the request variable as the two counts that the step sums over every
+  replica and worker, so that one worker's request stops all of them after the same step."""
+  return {"pause_votes": tf.cast(tf.equal(request, REQUEST_PAUSE), tf.int32),
+          "quit_votes": tf.cast(tf.equal(request, REQUEST_QUIT), tf.int32)}
+
+
+def agreed_request(summed):
+  """The request that the votes summed over all replicas make: quit before pause, else none."""
+  return tf.where(summed["quit_votes"] > 0, REQUEST_QUIT,
+                  tf.where(summed["pause_votes"] > 0, REQUEST_PAUSE, REQUEST_NONE))
 
 
 class Signals:

@@ -28,6 +28,7 @@ from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras import labelled
 from context_keras import program
 from context_keras import restore
 from context_keras import run_dir
@@ -120,29 +121,29 @@ def define_flags():
 
 def protocol_config(mode):
   """The chosen protocol's Config from the flags."""
-  common = {"data": FLAGS.data, "seed": FLAGS.seed}
-  labelled_data = {"labels": FLAGS.labels, "train_data": FLAGS.train_data, "train_labels": FLAGS.train_labels,
-                   "val_data": FLAGS.val_data, "val_labels": FLAGS.val_labels, "multi_label": FLAGS.multi_label,
-                   "folds": FLAGS.folds, "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size,
-                   "layer": FLAGS.layer}
+  splits = labelled.Splits(data=FLAGS.data, labels=FLAGS.labels, train_data=FLAGS.train_data,
+                           train_labels=FLAGS.train_labels, val_data=FLAGS.val_data, val_labels=FLAGS.val_labels,
+                           multi_label=FLAGS.multi_label)
+  labelled_data = {"splits": splits, "seed": FLAGS.seed, "folds": FLAGS.folds,
+                   "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "layer": FLAGS.layer}
   if mode == pretext.NAME:
-    return pretext.Config(**common, data_root=FLAGS.data_root, images=FLAGS.images,
+    return pretext.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root, images=FLAGS.images,
                           pairs_per_image=FLAGS.pairs_per_image,
                           # The run's own preprocessing unless given on the command line.
                           color_mode=FLAGS.color_mode if FLAGS["color_mode"].present else None,
                           pixelation=FLAGS.pixelation if FLAGS["pixelation"].present else None)
   if mode == linear.NAME:
-    return linear.Config(**common, **labelled_data, inner_folds=FLAGS.inner_folds, probe_epochs=FLAGS.probe_epochs,
+    return linear.Config(**labelled_data, inner_folds=FLAGS.inner_folds, probe_epochs=FLAGS.probe_epochs,
                          probe_learning_rate=FLAGS.probe_learning_rate, probe_l2=FLAGS.probe_l2,
                          probe_dims=FLAGS.probe_dims, probe_pool=FLAGS.probe_pool)
   if mode == knn.NAME:
-    return knn.Config(**common, **labelled_data, k=FLAGS.knn_k, temperature=FLAGS.knn_temperature)
+    return knn.Config(**labelled_data, k=FLAGS.knn_k, temperature=FLAGS.knn_temperature)
   if mode == finetune.NAME:
-    return finetune.Config(**common, **labelled_data, freeze_up_to=FLAGS.freeze_up_to, epochs=FLAGS.finetune_epochs,
+    return finetune.Config(**labelled_data, freeze_up_to=FLAGS.freeze_up_to, epochs=FLAGS.finetune_epochs,
                            learning_rate=FLAGS.finetune_learning_rate, weight_decay=FLAGS.finetune_weight_decay,
                            rescale=FLAGS.finetune_rescale)
-  return neighbors.Config(**common, data_root=FLAGS.data_root, images=FLAGS.images, layer=FLAGS.layer,
-                          queries=FLAGS.queries, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
+  return neighbors.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root, images=FLAGS.images,
+                          layer=FLAGS.layer, queries=FLAGS.queries, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
                           compare_random_init=FLAGS.compare_random_init)
 
 

@@ -54,6 +54,45 @@ class LabelledSet:
     return np.bincount(self.labels, minlength=len(self.classes))
 
 
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """Where a labelled evaluation's images are: one set scored by cross-validation (`data`, with `labels` for images
+  and a labels file), or a training set and a validation set; `multi_label` reads the labels as sets of classes."""
+  data: str | None = None
+  labels: str | None = None
+  train_data: str | None = None
+  train_labels: str | None = None
+  val_data: str | None = None
+  val_labels: str | None = None
+  multi_label: bool = False
+
+  def named(self):
+    """{"data", "train_data", "val_data"}: each set as the user named it (its folder, shards or labels file)."""
+    return {"data": self.data or self.labels, "train_data": self.train_data or self.train_labels,
+            "val_data": self.val_data or self.val_labels}
+
+  def flag(self, which):
+    """`--data=...` (or `--train_data`, `--val_data`): the set `which` as its flag, for messages."""
+    return f"--{which}={self.named()[which]}"
+
+  def find(self, multi_label_ok=True):
+    """(set, None) for a cross-validated --data [--labels], or (training set, validation set) for --train_data and
+    --val_data, each checked (find)."""
+    split = any((self.train_data, self.train_labels, self.val_data, self.val_labels))
+    if self.multi_label and not multi_label_ok:
+      raise errors.UsageError("--multi_label works in --mode=linear and --mode=finetune")
+    if split and (self.data or self.labels):
+      raise errors.UsageError("give either --data (cross-validated folds) or --train_data and --val_data, not both")
+    if not split:
+      return find(self.data, self.labels, multi_label=self.multi_label), None
+    if not (self.val_data or self.val_labels):
+      raise errors.UsageError("--val_data is required with --train_data: the images the evaluation is scored on")
+    train = find(self.train_data, self.train_labels, "--train_data", "--train_labels", multi_label=self.multi_label)
+    val = find(self.val_data, self.val_labels, "--val_data", "--val_labels", classes=train.classes,
+               multi_label=self.multi_label)
+    return train, val
+
+
 def find(data, labels_file=None, data_flag="--data", labels_flag="--labels", classes=None, multi_label=False):
   """The labelled set that `data` (and `labels_file`) name; `classes`: those of its training set, which a
   validation set's labels are read against."""

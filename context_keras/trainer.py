@@ -187,8 +187,7 @@ class Trainer:
     replicas = context.num_replicas_in_sync
     stats["positions"] = tf.one_hot(context.replica_id_in_sync_group, replicas, dtype=tf.int64)[:, tf.newaxis] * (
         batch["resume"][tf.newaxis, :])
-    stats["pause_votes"] = tf.cast(tf.equal(self.request, control.REQUEST_PAUSE), tf.int32)
-    stats["quit_votes"] = tf.cast(tf.equal(self.request, control.REQUEST_QUIT), tf.int32)
+    stats.update(control.votes(self.request))
     for k in COUNTERS:
       stats[k] = batch[k]
     return stats
@@ -244,10 +243,7 @@ class Trainer:
       steps += 1
       status = self._check_divergence(stats["loss_sum"], tf.sqrt(stats["grad_norm_squared"]))
       if status == STATUS_OK:
-        if stats["quit_votes"] > 0:
-          request = tf.constant(control.REQUEST_QUIT)
-        elif stats["pause_votes"] > 0:
-          request = tf.constant(control.REQUEST_PAUSE)
+        request = control.agreed_request(stats)
         if request != control.REQUEST_NONE:
           status = tf.constant(STATUS_STOP_REQUESTED)
     return {"steps": steps, "status": status, "request": request, "preview": self._as_seen(preview), **totals,

@@ -252,7 +252,7 @@ def test_multi_label_fine_tuning_ignores_difficult_entries():
   learned from (changing it changes nothing)."""
   model_config = MD.ModelConfig(width_multiplier=0.0625)
   images = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3)), tf.uint8)
-  config = finetune.Config(data="x", epochs=1, learning_rate=0.1)
+  config = finetune.Config(epochs=1, learning_rate=0.1)
   logits = []
   for ignored in (1, 0):
     keras.utils.set_random_seed(0)

@@ -3,6 +3,7 @@ whose other layers carry nothing), resume after kill -9 equal to an uninterrupte
 with the data set, and exit 2 with a message for bad labelled inputs."""
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -93,6 +94,31 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   assert resumed.returncode == 0, log_of(resumed)
   assert "Resumed from" in log_of(resumed)
   assert last_json(resumed)["per_layer"] == per_layer
+
+
+@pytest.mark.slow
+def test_quit_file_stops_at_a_checkpoint_and_a_rerun_finishes(informative, brightness, tmp_path):
+  """EVAL_DIR/linear_eval_quit, created while the job runs: it stops after the step in flight with a checkpoint there
+  and exit 0, and a re-run resumes from it to the end."""
+  train, val = brightness
+  eval_dir = tmp_path / "job"
+  log = tmp_path / "log.txt"
+  args = job(informative, train, val, eval_dir, "--epochs=50", "--checkpoint_every=1000")
+  process = start_module(args, tmp_path, log)
+  try:
+    wait_for(log, r"step 4/", process)
+    (eval_dir / "linear_eval_quit").write_text("")
+    assert process.wait(timeout=120) == 0
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  stopped = int(re.search(r"Stopped at step (\d+) \(quit file", log.read_text()).group(1))
+  assert 4 <= stopped < 300 and not (eval_dir / "linear_eval.json").exists()
+  assert tf.train.latest_checkpoint(str(eval_dir)).endswith(f"ckpt-{stopped}")
+  resumed = run_module(args, cwd=tmp_path)
+  assert resumed.returncode == 0 and "Resumed from" in log_of(resumed), log_of(resumed)
+  assert last_json(resumed)["steps"] == 300
 
 
 @pytest.mark.slow

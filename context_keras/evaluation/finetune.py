@@ -40,13 +40,7 @@ RANDOM = linear.RANDOM
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  data: str | None = None
-  labels: str | None = None
-  train_data: str | None = None
-  train_labels: str | None = None
-  val_data: str | None = None
-  val_labels: str | None = None
-  multi_label: bool = False
+  splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
   freeze_up_to: str | None = None
   folds: int = 5
@@ -166,7 +160,7 @@ def evaluate(subject, config):
       raise errors.UsageError(f"--{flag}={value} is not one of {', '.join(subject.feature_layers)}")
   if config.image_size < subject.patch_size:
     raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
-  train, val = images_lib.labelled_sets(config)
+  train, val = config.splits.find()
   if val is None:
     if train.kind != "files":
       raise errors.UsageError("--mode=finetune on labelled TFRecord shards needs --train_data and --val_data")
@@ -175,8 +169,7 @@ def evaluate(subject, config):
                   train.subset(np.flatnonzero(assignment == 0), f"fold 0 of {config.folds}"))
   if not train.size or not val.size:
     raise errors.DataError("--mode=finetune: the training or validation split is empty")
-  result = {"data": config.data or config.labels, "train_data": config.train_data or config.train_labels,
-            "val_data": config.val_data or config.val_labels}
+  result = config.splits.named()
   result = {k: v for k, v in result.items() if v is not None}
   random_subject = subject.random_init(config.seed)
   for who, one in (("", subject), (RANDOM, random_subject)):

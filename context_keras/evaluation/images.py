@@ -79,25 +79,6 @@ def batched_features(features_fn, images, names, batch_size, pool=True):
   return {name: np.concatenate(v) for name, v in out.items()}
 
 
-def labelled_sets(config, multi_label_ok=True):
-  """(set, None) for a cross-validated --data [--labels], or (training set, validation set) for --train_data and
-  --val_data (each a folder of class sub-folders, images with a labels file, or labelled TFRecord shards)."""
-  split = any((config.train_data, config.train_labels, config.val_data, config.val_labels))
-  if config.multi_label and not multi_label_ok:
-    raise errors.UsageError("--multi_label works in --mode=linear and --mode=finetune")
-  if split and (config.data or config.labels):
-    raise errors.UsageError("give either --data (cross-validated folds) or --train_data and --val_data, not both")
-  if not split:
-    return labelled.find(config.data, config.labels, multi_label=config.multi_label), None
-  if not (config.val_data or config.val_labels):
-    raise errors.UsageError("--val_data is required with --train_data: the images the evaluation is scored on")
-  train = labelled.find(config.train_data, config.train_labels, "--train_data", "--train_labels",
-                        multi_label=config.multi_label)
-  val = labelled.find(config.val_data, config.val_labels, "--val_data", "--val_labels", classes=train.classes,
-                      multi_label=config.multi_label)
-  return train, val
-
-
 def labelled_squares(lset, size):
   """A dataset of (uint8 centre square of `size`, label) over a labelled set, in its order."""
   return labelled.records(lset).map(

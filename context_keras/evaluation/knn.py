@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras import labelled
 from context_keras import progress as progress_lib
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
@@ -28,13 +29,7 @@ RANDOM = linear.RANDOM
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  data: str | None = None
-  labels: str | None = None
-  train_data: str | None = None
-  train_labels: str | None = None
-  val_data: str | None = None
-  val_labels: str | None = None
-  multi_label: bool = False
+  splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
   k: int = K
   temperature: float = TEMPERATURE
@@ -104,13 +99,13 @@ def evaluate(subject, config):
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
   if config.image_size < subject.patch_size:
     raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
-  lset, val = images_lib.labelled_sets(config, multi_label_ok=False)
+  lset, val = config.splits.find(multi_label_ok=False)
   extract = gap_extractors(subject, layer_names, config.image_size, config.seed)
   classes = len(lset.classes)
   scored = {"": {}, RANDOM: {}}
   if val is None:
     squares = images_lib.labelled_squares(lset, config.image_size)
-    values, labels = images_lib.read_or_explain(lset, f"--data={config.data or config.labels}", lambda: (
+    values, labels = images_lib.read_or_explain(lset, config.splits.flag("data"), lambda: (
         features_lib.extract(extract, squares, lset.size, "features", config.batch_size)))
     assignment = linear.stratified_folds(labels, config.folds, config.seed)
     for who in scored:
@@ -131,8 +126,7 @@ def evaluate(subject, config):
                for name in layer_names}
   for name, entry in per_layer.items():
     logging.info("k-NN %s: accuracy %.4f, random init %.4f", name, entry["accuracy"], entry[RANDOM + "accuracy"])
-  result = {"data": config.data or config.labels, "train_data": config.train_data or config.train_labels,
-            "val_data": config.val_data or config.val_labels}
+  result = config.splits.named()
   result = {k: v for k, v in result.items() if v is not None}
   for who in scored:
     best = max(layer_names, key=lambda name: scored[who][name]["accuracy"])
@@ -153,7 +147,7 @@ def streamed(extract, train, val, config, layer_names, classes):
   """k-NN of the validation images against the training images, the training features streamed batch by batch."""
   val_squares = images_lib.labelled_squares(val, config.image_size)
   val_values, val_labels = images_lib.read_or_explain(
-      val, f"--val_data={config.val_data or config.val_labels}",
+      val, config.splits.flag("val_data"),
       lambda: features_lib.extract(extract, val_squares, val.size, "validation features", config.batch_size))
   neighbours = {who: {name: Neighbours(normalise(val_values[who][name]), config.k) for name in layer_names}
                 for who in extract}
@@ -170,10 +164,10 @@ def streamed(extract, train, val, config, layer_names, classes):
       progress.add(int(labels.shape[0]))
     return seen
 
-  seen = images_lib.read_or_explain(train, f"--train_data={config.train_data or config.train_labels}", stream)
+  seen = images_lib.read_or_explain(train, config.splits.flag("train_data"), stream)
   progress.finish()
   if not seen:
-    raise errors.DataError(f"--train_data={config.train_data}: no image")
+    raise errors.DataError(f"{config.splits.flag('train_data')}: no image")
   scored = {who: {name: accuracies(neighbours[who][name].class_scores(classes, config.temperature), val_labels)
                   for name in layer_names} for who in extract}
   return scored, {"train_images": seen, "val_images": int(len(val_labels))}

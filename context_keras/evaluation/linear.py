@@ -28,13 +28,7 @@ RANDOM = "random_init_"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  data: str | None = None
-  labels: str | None = None
-  train_data: str | None = None
-  train_labels: str | None = None
-  val_data: str | None = None
-  val_labels: str | None = None
-  multi_label: bool = False
+  splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
   folds: int = 5
   inner_folds: int = 0
@@ -192,13 +186,13 @@ def evaluate(subject, config):
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
   if config.image_size < subject.patch_size:
     raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
-  lset, val = images_lib.labelled_sets(config)
+  lset, val = config.splits.find()
   multi_label = lset.multi_label
   if val is None and not multi_label:
     counts = lset.counts() if lset.kind == "files" else None
     if counts is not None and counts.min() < config.folds:
       raise errors.UsageError(f"--folds={config.folds} needs at least {config.folds} images in every class of "
-                              f"--data={config.data}; {lset.classes[int(counts.argmin())]} has {counts.min()}")
+                              f"{config.splits.flag('data')}; {lset.classes[int(counts.argmin())]} has {counts.min()}")
   extract, plans = extractors(subject, config, layer_names, config.image_size)
 
   def features_of(one, flag, what):
@@ -207,13 +201,13 @@ def evaluate(subject, config):
         extract, squares, one.size, what, config.batch_size))
 
   if val is None:
-    values, labels = features_of(lset, f"--data={config.data or config.labels}", "features")
+    values, labels = features_of(lset, config.splits.flag("data"), "features")
     splits = [(np.flatnonzero(assignment != k), np.flatnonzero(assignment == k))
               for assignment in [stratified_folds(labels, config.folds, config.seed)] for k in range(config.folds)]
   else:
-    train_values, train_labels = features_of(lset, f"--train_data={config.train_data or config.train_labels}",
+    train_values, train_labels = features_of(lset, config.splits.flag("train_data"),
                                              "training features")
-    val_values, val_labels = features_of(val, f"--val_data={config.val_data or config.val_labels}",
+    val_values, val_labels = features_of(val, config.splits.flag("val_data"),
                                          "validation features")
     values = {key: {name: np.concatenate([train_values[key][name], val_values[key][name]]) for name in layer_names}
               for key in train_values}
@@ -223,7 +217,7 @@ def evaluate(subject, config):
     counts = np.bincount(labels, minlength=len(lset.classes))
     if counts.min() < config.folds:
       raise errors.UsageError(f"--folds={config.folds} needs at least {config.folds} images in every class of "
-                              f"--data={config.data}; {lset.classes[int(counts.argmin())]} has {counts.min()}")
+                              f"{config.splits.flag('data')}; {lset.classes[int(counts.argmin())]} has {counts.min()}")
   probe = LinearProbe(config.probe_epochs, config.probe_learning_rate, config.probe_l2)
   key = primary_metric(labels)
   per_layer, scored = {}, {"": {}, RANDOM: {}}
@@ -246,8 +240,7 @@ def logging_line(name, entry, key):
 def summary(config, lset, splits, labels, layer_names, per_layer, scored, key, values, probe):
   """The result JSON: the best layer's figures under the keys of a single probe, and per_layer."""
   val = None if len(splits) > 1 else splits[0][1]
-  result = {"data": config.data or config.labels, "train_data": config.train_data or config.train_labels,
-            "val_data": config.val_data or config.val_labels, "protocol": "folds" if val is None else "split"}
+  result = {**config.splits.named(), "protocol": "folds" if val is None else "split"}
   result = {k: v for k, v in result.items() if v is not None}
   for who in ("", RANDOM):
     best = max(layer_names, key=lambda name: scored[who][name][key])

@@ -302,8 +302,7 @@ class HeadTrainer:
       stats["correct_" + name] = tf.reduce_sum(correct * weight)
     stats["examples"] = tf.reduce_sum(weight)
     stats["unreadable"] = _unreadable(batch)
-    stats["quit_votes"] = tf.cast(tf.equal(self.request, control.REQUEST_QUIT), tf.float32)
-    stats["pause_votes"] = tf.cast(tf.equal(self.request, control.REQUEST_PAUSE), tf.float32)
+    stats.update(control.votes(self.request))
     return stats
 
   def _train_loop_impl(self, iterator, num_steps):
@@ -316,10 +315,7 @@ class HeadTrainer:
       stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
       totals = {k: totals[k] + tf.cast(stats[k], tf.float64) for k in totals}
       steps += 1
-      if stats["quit_votes"] > 0:
-        request = tf.constant(control.REQUEST_QUIT)
-      elif stats["pause_votes"] > 0:
-        request = tf.constant(control.REQUEST_PAUSE)
+      request = control.agreed_request(stats)
       if request != control.REQUEST_NONE:
         status = tf.constant(STATUS_STOP_REQUESTED)
     return {"steps": steps, "status": status, "request": request, **totals}
