@@ -181,8 +181,9 @@ def _no_grids(config=None):
 
 
 def grids_of_images(images, base_seed, start_image=0, config=None):
-  """(index, image_grids(..., config)) of each encoded image of `images`, its stream index counted from start_image;
-  an image that cannot be decoded gives an error element (the caller skips and counts it).
+  """(index, image_grids(..., config)) of each image of `images` (encoded bytes, or {"path"} of a file, read in the
+  decoding stage: sources.training_images), its stream index counted from start_image; an image that cannot be read
+  or decoded gives an error element (the caller skips and counts it).
 
   Memory is bounded by design, whatever the core count: tf.data's AUTOTUNE runs up to one decode per core, and each
   of those decodes at most PARALLEL_DECODE_MAX_PIXELS; a larger image is passed on encoded, and decoded in a
@@ -193,7 +194,8 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
 
   geometry = config.geometry if config is not None else "doersch"
 
-  def parallel(index, contents):
+  def parallel(index, image):
+    contents = tf.io.read_file(image["path"]) if isinstance(image, dict) else image
     large = decoded_pixels(contents, seed_of(index), geometry) > PARALLEL_DECODE_MAX_PIXELS
     grids = tf.cond(large, lambda: _no_grids(config), lambda: image_grids(contents, seed_of(index), config))
     return index, tf.where(large, contents, ""), large, grids  # only a large image's bytes travel on
@@ -371,8 +373,8 @@ def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
 
 
 def batches_from_images(images, config, seed, start=(0, 0)):
-  """Packed batches from a dataset of encoded images whose first element is image start[0] of the stream;
-  the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
+  """Packed batches from a dataset of images (either form of grids_of_images) whose first element is image start[0]
+  of the stream; the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
   start_image, start_grid = start
   grids = (grids_of_images(images, base_seed, start_image, config)
