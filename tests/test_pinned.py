@@ -8,8 +8,11 @@ commit ce82de6 no longer apply), on this project's 2-core x86-64 development mac
 --deterministic, and re-recorded after issue 9's batch norm (statistics in two passes, centred then squared,
 method.md §3.2): its rounding-level differences leave the first four losses equal to 8 digits, then grow through the
 run's discrete decisions (max pooling, ReLU) to at most 8e-3 at step 11; the same code with one-pass statistics gave
-the earlier pins within 2e-6 up to step 11. A different CPU's kernels may round differently, hence the
-tolerances, which are far below what any change of the data, augmentation or update would move (a changed augmentation seed moves the first loss by ~1e-2).
+the earlier pins within 2e-6 up to step 11. Another CPU's kernels round differently in the same way (this machine
+is sometimes an Intel with AVX-512 and AMX, where TensorFlow turns oneDNN on, sometimes an AMD EPYC with AVX2): the
+first four losses, before rounding has gone through those decisions, are held to 1e-5, far below what any change of
+the data, augmentation or update moves them by (a changed augmentation seed moves the first loss by ~1e-2); the
+later ones and the weights' digest to 1e-2, which catches a change of the run's course, not of its rounding.
 """
 import re
 import shutil
@@ -40,9 +43,11 @@ def test_deterministic_demo_run_gives_the_pinned_losses_and_weights(tmp_path):
   result = run_module([*PINNED_COMMAND, f"--model_dir={tmp_path / 'run'}"], cwd=REPO)
   assert result.returncode == 0, log_of(result)
   losses = [value for _, value in scalars(tmp_path / "run" / "train", "loss_per_pair")]
-  np.testing.assert_allclose(losses, PINNED_LOSSES, rtol=2e-6)
+  assert len(losses) == len(PINNED_LOSSES)
+  np.testing.assert_allclose(losses[:4], PINNED_LOSSES[:4], rtol=1e-5)
+  np.testing.assert_allclose(losses, PINNED_LOSSES, rtol=1e-2)
   digest = float(re.search(r"Weights digest: (\S+)", log_of(result)).group(1))
-  assert digest == pytest.approx(PINNED_DIGEST, rel=1e-7)
+  assert digest == pytest.approx(PINNED_DIGEST, rel=1e-2)
 
 
 def test_a_run_written_before_config_json_resumes_exports_and_evaluates(tmp_path):
