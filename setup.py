@@ -32,6 +32,6 @@ setup(
         "onnx": ONNX,
         "litert": LITERT,
         # The deployment tests run the exports in these runtimes, so CI installs them.
-        "test": ["pytest", "pytest-timeout", "scikit-image", "pillow"] + ONNX + LITERT,
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scikit-image", "pillow"] + ONNX + LITERT,
     },
 )
