@@ -132,9 +132,10 @@ def image_grids(contents, seed, config=None):
   """
   geometry = config.geometry if config is not None else "doersch"
   if geometry == "revisiting":
-    # The 292x292 resize ignores the aspect: a JPEG is decoded reduced only as far as keeps its short side >= 292.
+    # Decoded at full size: the 292x292 resize ignores the aspect, so a reduced JPEG decode (which keeps the pixel
+    # count, not each side) could leave the short side below 292.
     cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
-    grids = patches_lib.cut_revisiting(decoding.decode(contents, min_side=patches_lib.REVISITING_RESIZE), cut_seed)
+    grids = patches_lib.cut_revisiting(decoding.decode(contents), cut_seed)
   else:
     resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
     image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
@@ -155,9 +156,10 @@ PARALLEL_DECODE_MAX_PIXELS = 4 * patches_lib.MAX_TARGET_PIXELS
 
 
 def decoded_pixels(contents, seed, geometry="doersch"):
-  """What image_grids(contents, seed, geometry) decodes, in pixels, read from the header (decoding.decoded_pixels)."""
+  """What image_grids(contents, seed, geometry) decodes, in pixels, read from the header (decoding.decoded_pixels).
+  The revisiting geometry decodes at full size (image_grids says why)."""
   if geometry == "revisiting":
-    return decoding.decoded_pixels(contents, min_side=patches_lib.REVISITING_RESIZE)
+    return decoding.decoded_pixels(contents, tf.constant(decoding.MAX_DECODE_PIXELS, tf.int64))
   resize_seed = patches_lib.split_seed(seed, 3)[0]
   return decoding.decoded_pixels(contents, patches_lib.resize_target(resize_seed))
 

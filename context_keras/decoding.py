@@ -123,18 +123,10 @@ def _jpeg_ratio_index(pixels, target_pixels):
   return tf.reduce_sum(tf.cast([pixels >= r * r * target for r in JPEG_RATIOS[1:]], tf.int32))
 
 
-def _ratio_index(contents, claimed, target_pixels=None, min_side=None):
-  """Index into JPEG_RATIOS of the scaling decode applies: 0 (full size) unless a JPEG can be reduced and keep at
-  least target_pixels pixels, or with min_side, keep both sides at least min_side long."""
-  is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
-  if min_side is None:
-    return tf.where(is_jpeg, _jpeg_ratio_index(claimed, target_pixels), 0)
-
-  def by_side():
-    side = tf.cast(tf.reduce_min(tf.io.extract_jpeg_shape(contents)[:2]), tf.int64)
-    return tf.reduce_sum(tf.cast([side >= r * min_side for r in JPEG_RATIOS[1:]], tf.int32))
-
-  return tf.cond(is_jpeg, by_side, lambda: tf.constant(0))
+def _ratio_index(contents, claimed, target_pixels):
+  """Index into JPEG_RATIOS of the scaling decode applies: 0 (full size) unless a JPEG can be reduced."""
+  return tf.where(tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff"),
+                  _jpeg_ratio_index(claimed, target_pixels), 0)
 
 
 # Frame headers of progressive JPEGs. libjpeg holds every DCT coefficient of such an image until its last scan: 2
@@ -170,14 +162,14 @@ def _jpeg_frame_marker(contents):
   return tf.maximum(found, 0)
 
 
-def decoded_pixels(contents, target_pixels=None, min_side=None):
-  """The memory decode(contents, target_pixels, min_side) holds, in RGB pixels (3 bytes each), from the header alone (int64):
+def decoded_pixels(contents, target_pixels):
+  """The memory decode(contents, target_pixels) holds, in RGB pixels (3 bytes each), from the header alone (int64):
   a baseline JPEG's claimed pixels divided by its ratio squared; twice a progressive JPEG's full claimed pixels (its
   coefficients, at worst 6 bytes per pixel, whatever the ratio); the claimed pixels of any other format (0 for no
   known header). The input pipeline tells by it which images are cheap enough to decode many at once
   (data.PARALLEL_DECODE_MAX_PIXELS)."""
   claimed = _claimed_pixels(contents)
-  ratio_index = _ratio_index(contents, claimed, target_pixels, min_side)
+  ratio_index = _ratio_index(contents, claimed, target_pixels)
   ratio = tf.gather(tf.constant(JPEG_RATIOS, tf.int64), ratio_index)
   is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
   progressive = tf.cond(is_jpeg, lambda: tf.reduce_any(tf.equal(_jpeg_frame_marker(contents), _PROGRESSIVE_SOF)),
@@ -185,7 +177,7 @@ def decoded_pixels(contents, target_pixels=None, min_side=None):
   return tf.where(progressive, 2 * claimed, claimed // (ratio * ratio))
 
 
-def decode(contents, target_pixels=None, min_side=None):
+def decode(contents, target_pixels=None):
   """Upright RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md
   §1.1), and the EXIF orientation is applied, so that a phone photo stored sideways (orientation 6) comes out as
   it was taken: for context prediction the direction between two patches is the label.
@@ -195,9 +187,7 @@ def decode(contents, target_pixels=None, min_side=None):
 
   With target_pixels (the size the caller will resize to), a JPEG of at least 4x that many pixels is decoded at
   1/2, 1/4 or 1/8 of its sides, the most that keeps at least target_pixels: libjpeg scales in its inverse DCT, so
-  neither the time nor the memory of a full-size decode is spent. With min_side instead (a caller that resizes each
-  side to min_side, whatever the aspect), the most that keeps both sides at least min_side long. Other formats are
-  decoded at full size.
+  neither the time nor the memory of a full-size decode is spent. Other formats are decoded at full size.
   """
   claimed = _claimed_pixels(contents)
   check = tf.debugging.assert_less_equal(claimed, tf.constant(MAX_DECODE_PIXELS, tf.int64),
@@ -206,10 +196,10 @@ def decode(contents, target_pixels=None, min_side=None):
     def full():
       return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
-    if target_pixels is None and min_side is None:
+    if target_pixels is None:
       image = full()
     else:
-      ratio = _ratio_index(contents, claimed, target_pixels, min_side)
+      ratio = _ratio_index(contents, claimed, target_pixels)
       branches = [full] + [lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r) for r in JPEG_RATIOS[1:]]
       image = tf.ensure_shape(tf.switch_case(ratio, branches), [None, None, 3])
   # Here, before training's random resize, which would be cheaper: flips do not commute exactly with the bilinear

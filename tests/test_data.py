@@ -277,21 +277,6 @@ def test_large_jpegs_are_decoded_reduced(photo_dir):
   assert DEC.decode(png, target_pixels=150_000).shape == (2048, 2048, 3)
 
 
-def test_revisiting_decodes_large_jpegs_reduced_keeping_the_short_side(photo_dir):
-  """The revisiting geometry resizes each side to 292 px whatever the aspect: a JPEG is decoded at 1/r of its sides
-  for the largest r that keeps its short side >= 292, so a phone photo stays in the parallel stage, and its 292x292
-  image is within a few grey levels of the full decode's."""
-  contents = tf.io.encode_jpeg(tf.image.resize(DEC.decode(big_jpeg(photo_dir, "astronaut.png", 4)), (1300, 2048),
-                                               antialias=True).numpy().round().astype(np.uint8), quality=95)
-  for min_side, shape in ((292, (325, 512)), (325, (325, 512)), (326, (650, 1024)), (651, (1300, 2048))):
-    assert DEC.decode(contents, min_side=min_side).shape == (*shape, 3), min_side
-  assert int(DEC.decoded_pixels(contents, min_side=292)) == 325 * 512 <= D.PARALLEL_DECODE_MAX_PIXELS
-  full = P.revisiting_resize(DEC.decode(contents)).numpy().astype(np.float32)
-  reduced = P.revisiting_resize(DEC.decode(contents, min_side=P.REVISITING_RESIZE)).numpy().astype(np.float32)
-  assert np.abs(full - reduced).mean() < 4.0
-  assert DEC.decode(tf.io.encode_png(DEC.decode(contents)), min_side=292).shape == (1300, 2048, 3)  # PNG: full size
-
-
 @pytest.mark.slow
 def test_large_decodes_leave_the_parallel_stage_and_give_the_same_grids(photo_dir):
   """A large PNG (no reduced decoding) and a large progressive JPEG (libjpeg holds its coefficients at full size) are
