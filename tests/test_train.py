@@ -122,12 +122,14 @@ def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduct
 
 def assert_same_updates(initial, got, expected, noise=None):
   """The updates agree to float32 summation-order noise: 1e-4 of each variable's update, or where `noise` (each
-  variable's difference between two orderings of the same computation) is given, a few times that noise. (Biases
+  variable's difference between two orderings of the same computation) is given, 30 times that noise: one ordering's
+  difference is itself a draw, and has been 12 times smaller than another's; without synchronisation the updates
+  differ by 20 to 570 times it (median over variables), so the check still fails them. (Biases
   right before a BN have a zero gradient in exact arithmetic, so their updates are pure noise: hence the atol.)"""
   moved = 0
   for name, (w0, a, b) in enumerate(zip(initial, got, expected)):
     update_a, update_b = a - w0, b - w0
-    floor = 8 * np.linalg.norm(noise[name]) if noise is not None else 0.0
+    floor = 30 * np.linalg.norm(noise[name]) if noise is not None else 0.0
     assert np.linalg.norm(update_a - update_b) <= floor + 1e-4 * np.linalg.norm(update_b) + 1e-7, name
     moved += np.linalg.norm(update_b) > 1e-6
   assert moved >= len(initial) // 2
