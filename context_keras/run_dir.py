@@ -81,9 +81,18 @@ class _LogFileHandler(std_logging.FileHandler):
   failed = False
 
   def handleError(self, record):
+    self._say(sys.exc_info()[1])
+
+  def close(self):
+    try:  # closing flushes: on a full disk that fails too, after the run has said why it stopped
+      super().close()
+    except OSError as e:
+      self._say(e)
+
+  def _say(self, error):
     if not self.failed:
       self.failed = True
-      sys.stderr.write(f"Could not append to {self.baseFilename}: {sys.exc_info()[1]}; messages go to stderr only.\n")
+      sys.stderr.write(f"Could not append to {self.baseFilename}: {error}; messages go to stderr only.\n")
 
 
 class LogFile:
