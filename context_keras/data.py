@@ -194,12 +194,16 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
 
   geometry = config.geometry if config is not None else "doersch"
 
+  # This module's functions are graph code (tf.cond, tf.where, no Python control flow on tensors), so tf.data is told
+  # not to run AutoGraph on them: converting their source only cost seconds at every program's start.
+  @tf.autograph.experimental.do_not_convert
   def parallel(index, image):
     contents = tf.io.read_file(image["path"]) if isinstance(image, dict) else image
     large = decoded_pixels(contents, seed_of(index), geometry) > PARALLEL_DECODE_MAX_PIXELS
     grids = tf.cond(large, lambda: _no_grids(config), lambda: image_grids(contents, seed_of(index), config))
     return index, tf.where(large, contents, ""), large, grids  # only a large image's bytes travel on
 
+  @tf.autograph.experimental.do_not_convert
   def one_at_a_time(index, contents, large, grids):
     return index, tf.cond(large, lambda: image_grids(contents, seed_of(index), config), lambda: grids)
 
@@ -257,11 +261,13 @@ def _concat_list(per_patch, name, handle):
   return values
 
 
+@tf.autograph.experimental.do_not_convert
 def _grids_of_image(index, image):
   """One element per grid of an image, each with its (image, grid) position in the stream."""
   sizes = image["grid_height"] * image["grid_width"]
   starts = tf.cumsum(sizes, exclusive=True)
 
+  @tf.autograph.experimental.do_not_convert
   def grid(g):
     return {**{k: image[k][starts[g]:starts[g] + sizes[g]] for k in _PER_PATCH},
             "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
@@ -296,6 +302,7 @@ class _Packer:
             "last_image": tf.constant(self.start_image - 1, tf.int64),
             "images": zero, "too_small": zero, "unreadable": zero}
 
+  @tf.autograph.experimental.do_not_convert
   def __call__(self, state, grid):
     h, w = grid["grid_height"], grid["grid_width"]
     n = h * w
@@ -380,14 +387,16 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   grids = (grids_of_images(images, base_seed, start_image, config)
            .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
            .flat_map(_grids_of_image))
+  graph_code = tf.autograph.experimental.do_not_convert  # see grids_of_images
   if start_grid:
-    grids = grids.filter(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid))
+    grids = grids.filter(graph_code(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid)))
   packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry, config.rotation_classes)
   batches = (grids.scan(packer.initial_state(), packer)
-             .filter(lambda batch: batch["ready"])
-             .map(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs, config.patch_size)))
+             .filter(graph_code(lambda batch: batch["ready"]))
+             .map(graph_code(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs,
+                                                     config.patch_size))))
   if config.augment_on == "host":
-    batches = batches.map(lambda batch: augment_batch(batch, config), num_parallel_calls=tf.data.AUTOTUNE,
+    batches = batches.map(graph_code(lambda batch: augment_batch(batch, config)), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
   return batches
 

@@ -73,7 +73,8 @@ def constant_function(model):
     outputs, _ = model.stateless_call(trainable, fixed, inputs, training=False)
     return outputs
   shape = [None] + list(model.input.shape[1:])
-  return tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32, name=model.input.name)])
+  # Graph code throughout this module: AutoGraph would only add tracing time to every export.
+  return tf.function(call, input_signature=[tf.TensorSpec(shape, tf.float32, name=model.input.name)], autograph=False)
 
 
 def _flat(maps, name):
@@ -101,9 +102,9 @@ class BackboneModule(tf.Module):
     self.preprocessing = preprocessing
     self.patch_size = patch_size
     self.output = output
-    self.features = tf.function(self._features, input_signature=[
+    self.features = tf.function(self._features, autograph=False, input_signature=[
         tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    self.patch_features = tf.function(self._patch_features, input_signature=[
+    self.patch_features = tf.function(self._patch_features, autograph=False, input_signature=[
         _patch_spec(patch_size, tf.float32, "patches")])
 
   def _features(self, images):
@@ -133,9 +134,9 @@ class PairClassifierModule(tf.Module):
     self._head = constant_function(folded_head)
     self.preprocessing = preprocessing
     self.output = output
-    self.logits = tf.function(self._logits, input_signature=[
+    self.logits = tf.function(self._logits, autograph=False, input_signature=[
         _patch_spec(patch_size, tf.uint8, name) for name in ("patch_a", "patch_b")])
-    self.logits_preprocessed = tf.function(self._logits_preprocessed, input_signature=[
+    self.logits_preprocessed = tf.function(self._logits_preprocessed, autograph=False, input_signature=[
         _patch_spec(patch_size, tf.float32, name) for name in ("patch_a", "patch_b")])
 
   def _logits(self, patch_a, patch_b):

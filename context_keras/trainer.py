@@ -116,6 +116,8 @@ class Trainer:
     if optim_config.jit_compile and model_config.sync_batchnorm and strategy.num_replicas_in_sync > 1:
       raise errors.UsageError("--jit_compile and --sync_batchnorm cannot be combined with several replicas: the "
                               "batch statistics' all-reduce cannot run inside a compiled function")
+    # AutoGraph turns the loop's Python `while` and `if` into graph ops; the step's own methods are written as graph
+    # code and marked do_not_convert, since converting their source would only add seconds to every start.
     self.train_loop = tf.function(self._train_loop_impl)
 
   @property
@@ -143,6 +145,7 @@ class Trainer:
         penalty += 0.5 * scale * tf.add_n([tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in kernels])
     return penalty
 
+  @tf.autograph.experimental.do_not_convert
   def _gradients_impl(self, batch, global_pairs):
     if self.augment is not None:
       batch = self.augment(batch)
@@ -172,6 +175,7 @@ class Trainer:
                                     tf.float32) * valid)
     return gradients, {"loss_sum": loss_sum, "pairs": tf.reduce_sum(valid), "correct": correct}
 
+  @tf.autograph.experimental.do_not_convert
   def replica_step(self, batch):
     context = tf.distribute.get_replica_context()
     global_pairs = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.cast(batch["pair_mask"],
@@ -192,6 +196,7 @@ class Trainer:
       stats[k] = batch[k]
     return stats
 
+  @tf.autograph.experimental.do_not_convert
   def _preview(self, batch):
     """The first pairs of a batch (pair capacity >= 8 always): their patches as the batch holds them and, in device
     mode, their keys."""
@@ -204,6 +209,7 @@ class Trainer:
         preview[side + "_keys"] = tf.gather(batch["patch_keys"], head[side])
     return preview
 
+  @tf.autograph.experimental.do_not_convert
   def _as_seen(self, preview):
     """The preview pairs as the model saw them. In device mode their patches are augmented here with their own keys,
     which gives the pixels the step gave them."""

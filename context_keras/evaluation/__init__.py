@@ -17,5 +17,4 @@ from context_keras.evaluation import neighbors
 from context_keras.evaluation import pretext
 from context_keras.evaluation.result import Result  # noqa: F401  (the interface)
 
-
 PROTOCOLS = {module.NAME: module for module in (pretext, linear, knn, finetune, neighbors)}
