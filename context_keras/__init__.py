@@ -4,7 +4,6 @@ Importing the package imports TensorFlow without its start-up banners (quiet_ten
 output holds its own lines; `-v 1` (or TF_CPP_MIN_LOG_LEVEL=0 or 1) shows them, with TensorFlow's other log lines.
 """
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -12,13 +11,6 @@ import tempfile
 # TensorFlow's C++ INFO and WARNING lines (CUDA probing on CPU hosts, libpng's colour-profile notes on every
 # sample photo) drown the training log; errors still show. TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-# TensorFlow takes oneDNN's CPU kernels only where the CPU has AVX-512 VNNI/BF16 or AMX, and Eigen's elsewhere; on
-# an AVX2 x86-64 CPU Eigen trains the ResNet-50 step at 0.57 times oneDNN's speed (method.md §8.6). Read once, when
-# TensorFlow loads: TF_ENABLE_ONEDNN_OPTS=0 in the environment keeps Eigen, and a program that imported TensorFlow
-# before this package keeps whatever it had.
-if platform.machine().lower() in ("x86_64", "amd64"):
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # Lines TensorFlow's libraries print while they load and probe for CUDA, before absl::InitializeLog() has run, so
 # that TF_CPP_MIN_LOG_LEVEL cannot hold them back: they go to file descriptor 2 whatever it says.

@@ -12,9 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-# Before TensorFlow: the package's choice of CPU kernels (context_keras/__init__.py) then holds in this process too.
-import context_keras  # noqa: E402,F401  # pylint: disable=unused-import
 import tensorflow as tf  # noqa: E402
 
 import helpers  # noqa: E402
