@@ -359,7 +359,8 @@ def main():
   grids = FLAGS.grids or DEFAULT_GRIDS[geometry]
   result["network"] = {"backbone": model_config.backbone, "head": model_config.head, "geometry": geometry,
                        "width_multiplier": model_config.width_multiplier, "grids": grids}
-  # Which CPU kernels TensorFlow loaded (the package's default on x86-64 is oneDNN: README, Speed, CPU kernels).
+  # Which CPU kernels the figures come from: "1" oneDNN, "0" Eigen; unset leaves TensorFlow's own choice (oneDNN
+  # only on AVX-512 VNNI/BF16 or AMX CPUs). README, Speed, CPU kernels.
   result["tf_enable_onednn_opts"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
   # By default the demo's sample photos, re-encoded as JPEG.
   data = FLAGS.data or jpeg_copies("flags/demo_photos.txt", "package:skimage.data", scratch.name)
