@@ -127,8 +127,10 @@ def image_grids(contents, seed, config=None):
   geometry, no transforms.
 
   Returns patches.cut_grids's dict (patches uint8 [n, P, P, 3], grid_height and grid_width int32 [g], usable
-  bool) with patch_keys uint32 [n, 3] (and with transforms, flip and rotation [g]); an image too small for a grid
-  gives 0x0 grids, so that the packer counts it.
+  bool) with patch_keys uint32 [n, 3], the pairs of patches.pairs_of_grids (first, second, label int32 [m], each
+  grid's cells counted from its own first; grid_pairs int32 [g]), their labels following the grid's transform (and
+  with transforms, flip and rotation [g]); an image too small for a grid gives 0x0 grids, so that the packer counts
+  it. The pairs are placed here, in the parallel stage, so that the sequential packer only moves them.
   """
   geometry = config.geometry if config is not None else "doersch"
   if geometry == "revisiting":
@@ -141,10 +143,15 @@ def image_grids(contents, seed, config=None):
     image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
     grids = patches_lib.cut_grids(image, resize_seed, grid_seed,
                                   jitter=config.grid_jitter if config is not None else patches_lib.JITTER)
+  first, second, label, grid_pairs = patches_lib.pairs_of_grids(grids["grid_height"], grids["grid_width"], geometry)
   if config is not None and config.transforms_grids:
     grids = shortcuts.transform_grids(grids, seed, config.flip_relabel, config.rotation_classes)
+    # method.md §9.6: a transformed grid's labels follow it.
+    label = shortcuts.relabel(label, tf.repeat(grids["flip"], grid_pairs), tf.repeat(grids["rotation"], grid_pairs),
+                              config.rotation_classes)
   cells = grids["grid_height"] * grids["grid_width"]
-  return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0], cells))
+  return dict(grids, patch_keys=augment_lib.patch_keys(augment_seed, tf.shape(grids["patches"])[0], cells),
+              first=first, second=second, label=label, grid_pairs=grid_pairs)
 
 
 # Images that decode to more pixels than this are decoded one at a time, after the parallel stage; all others, many
@@ -172,9 +179,11 @@ def _no_grids(config=None):
   else:
     side, grids = patches_lib.PATCH_SIZE, patches_lib.GRIDS_PER_IMAGE
   empty = tf.zeros([grids], tf.int32)
+  no_pairs = tf.zeros([0], tf.int32)
   nothing = {"patches": tf.zeros([0, side, side, 3], tf.uint8),
              "grid_height": empty, "grid_width": empty, "usable": tf.constant(False),
-             "patch_keys": tf.zeros([0, 3], tf.uint32)}
+             "patch_keys": tf.zeros([0, 3], tf.uint32),
+             "first": no_pairs, "second": no_pairs, "label": no_pairs, "grid_pairs": empty}
   if config is not None and config.transforms_grids:
     nothing.update(flip=tf.zeros([grids], tf.bool), rotation=empty)
   return nothing
@@ -261,39 +270,29 @@ def _concat_list(per_patch, name, handle):
   return values
 
 
-@tf.autograph.experimental.do_not_convert
-def _grids_of_image(index, image):
-  """One element per grid of an image, each with its (image, grid) position in the stream."""
-  sizes = image["grid_height"] * image["grid_width"]
-  starts = tf.cumsum(sizes, exclusive=True)
-
-  @tf.autograph.experimental.do_not_convert
-  def grid(g):
-    return {**{k: image[k][starts[g]:starts[g] + sizes[g]] for k in _PER_PATCH},
-            "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
-            "position": tf.stack([index, g]), "usable": image["usable"],
-            **{k: image[k][g] for k in ("flip", "rotation") if k in image}}
-
-  return tf.data.Dataset.range(tf.shape(sizes, out_type=tf.int64)[0]).map(grid)
-
-
 class _Packer:
   """tf.data scan state machine that packs whole grids into batches of bounded patch and pair counts.
+
+  It takes one image per step (grids_of_images's element) and goes through its grids in order; a grid that does not
+  fit completes the pending batch, and starts the next. The batches completed in a step (none at most steps; several
+  only when a batch holds fewer grids than an image has) come out stacked, [k, ...], padded to their static shapes,
+  and unbatch() makes them elements: one function call per image, not a dataset and a call per grid, as the host's
+  sequential stage costs every core's share of its time (README, Speed).
 
   The patches of pending grids are held in a TensorList (appending does not copy them) and concatenated once per
   batch. Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable
   since the previous batch (unreadable images are dropped before this stage, so they show as gaps in the index).
   Each batch also carries `resume`, the (image, grid) position of the first grid after it: a pipeline started
-  there continues with exactly the batches that would have followed.
+  there continues with exactly the batches that would have followed (its first start[1] grids of image start[0] are
+  skipped, as they went into the batch before).
   """
 
-  def __init__(self, max_patches, max_pairs, start_image=0, geometry="doersch", rotation_classes=False):
+  def __init__(self, max_patches, max_pairs, start=(0, 0), geometry="doersch"):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
-    self.start_image = start_image
+    self.start_image, self.start_grid = start
     self.per_patch = _per_patch(patches_lib.patch_size(geometry))
-    self.pairs = patches_lib.geometry_pairs(geometry)
-    self.rotation_classes = rotation_classes
+    self.num_grids = 1 if geometry == "revisiting" else patches_lib.GRIDS_PER_IMAGE
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
@@ -303,7 +302,28 @@ class _Packer:
             "images": zero, "too_small": zero, "unreadable": zero}
 
   @tf.autograph.experimental.do_not_convert
-  def __call__(self, state, grid):
+  def __call__(self, state, element):
+    index, image = element
+    cells = image["grid_height"] * image["grid_width"]
+    cell_starts = tf.cumsum(cells, exclusive=True)
+    pair_starts = tf.cumsum(image["grid_pairs"], exclusive=True)
+    completed = []
+    for g in range(self.num_grids):
+      grid = {**{k: image[k][cell_starts[g]:cell_starts[g] + cells[g]] for k in _PER_PATCH},
+              **{k: image[k][pair_starts[g]:pair_starts[g] + image["grid_pairs"][g]]
+                 for k in ("first", "second", "label")},
+              "grid_height": image["grid_height"][g], "grid_width": image["grid_width"][g],
+              "position": tf.stack([index, tf.constant(g, tf.int64)]), "usable": image["usable"]}
+      if g < self.start_grid:  # skipped in the image a resumed pipeline starts with
+        state, batch = tf.cond(index == self.start_image, lambda s=state: (s, self._nothing()),
+                               lambda s=state, grid=grid: self._add(s, grid))
+      else:
+        state, batch = self._add(state, grid)
+      completed.append(batch)
+    return state, self._rows(completed)
+
+  def _add(self, state, grid):
+    """The state after one grid, and the batch it completed (or _nothing)."""
     h, w = grid["grid_height"], grid["grid_width"]
     n = h * w
     image_index = grid["position"][0]
@@ -316,17 +336,15 @@ class _Packer:
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
-    first, second, label = self.pairs(h, w)
-    if "flip" in grid:  # the grid was transformed as a whole (method.md §9.6): its labels follow
-      label = shortcuts.relabel(label, grid["flip"], grid["rotation"], self.rotation_classes)
     fits = ((state["num_patches"] + n <= self.max_patches) &
-            (tf.shape(state["first"])[0] + tf.shape(first)[0] <= self.max_pairs))
+            (tf.shape(state["first"])[0] + tf.shape(grid["first"])[0] <= self.max_pairs))
 
     def append(s):
       offset = s["num_patches"]
       return dict(s, **{k: tf.raw_ops.TensorListPushBack(input_handle=s[k], tensor=grid[k]) for k in _PER_PATCH},
-                  num_patches=offset + n, first=tf.concat([s["first"], first + offset], 0),
-                  second=tf.concat([s["second"], second + offset], 0), label=tf.concat([s["label"], label], 0))
+                  num_patches=offset + n, first=tf.concat([s["first"], grid["first"] + offset], 0),
+                  second=tf.concat([s["second"], grid["second"] + offset], 0),
+                  label=tf.concat([s["label"], grid["label"]], 0))
 
     def keep():
       return dict(state, **counters), self._nothing()
@@ -335,10 +353,17 @@ class _Packer:
       return append(dict(state, **counters)), self._nothing()
 
     def flush():
-      batch = {"ready": tf.constant(True), **{k: _concat_list(self.per_patch, k, state[k]) for k in _PER_PATCH},
-               "first": state["first"], "second": state["second"], "label": state["label"],
+      # The batch comes out padded to its static shapes in one copy: the padding is pushed onto the lists before
+      # they are concatenated.
+      num_pairs = tf.shape(state["first"])[0]
+      batch = {**{k: _concat_list(self.per_patch, k, tf.raw_ops.TensorListPushBack(
+                   input_handle=state[k], tensor=tf.zeros([self.max_patches - state["num_patches"]] + shape, dtype)))
+                  for k, (dtype, shape) in self.per_patch.items()},
+               "patch_mask": tf.range(self.max_patches) < state["num_patches"],
+               **{k: tf.pad(state[k], [[0, self.max_pairs - num_pairs]]) for k in ("first", "second", "label")},
+               "pair_mask": tf.range(self.max_pairs) < num_pairs,  # padding pairs point at patch 0
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
-               "resume": grid["position"]}
+               "resume": grid["position"], "ready": tf.constant(True)}
       fresh = dict(self.initial_state(), last_image=counters["last_image"])
       fresh.update({k: counters[k] - state[k] for k in ("images", "too_small", "unreadable")})
       return append(fresh), batch
@@ -346,56 +371,47 @@ class _Packer:
     return tf.cond(~has_pairs, keep, lambda: tf.cond(fits, add, flush))
 
   def _nothing(self):
+    """flush's batch, holding nothing: the place of a batch in a step that completed none."""
     zero = tf.constant(0, tf.int64)
-    return {"ready": tf.constant(False), **{k: tf.zeros([0] + s, d) for k, (d, s) in self.per_patch.items()},
-            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
-            "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64)}
+    no_pairs = tf.zeros([0], tf.int32)
+    return {**{k: tf.zeros([0] + s, d) for k, (d, s) in self.per_patch.items()}, "patch_mask": tf.zeros([0], tf.bool),
+            "first": no_pairs, "second": no_pairs, "label": no_pairs, "pair_mask": tf.zeros([0], tf.bool),
+            "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64),
+            "ready": tf.constant(False)}
 
+  def _rows(self, batches):
+    """The ready ones of `batches` (one per grid of the step; the others are _nothing, holding no patches), stacked:
+    [k, ...] with each batch's static shape, k from 0 to the grids of an image."""
+    ready = tf.stack([b["ready"] for b in batches])
+    shapes = {**{k: [self.max_patches] + s for k, (_, s) in self.per_patch.items()}, "patch_mask": [self.max_patches],
+              **{k: [self.max_pairs] for k in ("first", "second", "label", "pair_mask")}}
 
-def pad_batch(batch, max_patches, max_pairs, size=patches_lib.PATCH_SIZE):
-  """Static shapes for XLA and tf.distribute: padding patches are zero and padding pairs point at patch 0."""
-  per_patch = _per_patch(size)
-  num_patches = tf.shape(batch["patches"])[0]
-  num_pairs = tf.shape(batch["first"])[0]
-  pad_pairs = [[0, max_pairs - num_pairs]]
-  out = {
-      **{k: tf.pad(batch[k], [[0, max_patches - num_patches]] + [[0, 0]] * len(shape))
-         for k, (_, shape) in per_patch.items()},
-      "patch_mask": tf.range(max_patches) < num_patches,
-      "first": tf.pad(batch["first"], pad_pairs),
-      "second": tf.pad(batch["second"], pad_pairs),
-      "label": tf.pad(batch["label"], pad_pairs),
-      "pair_mask": tf.range(max_pairs) < num_pairs,
-      "images": batch["images"],
-      "too_small": batch["too_small"],
-      "unreadable": batch["unreadable"],
-      "resume": batch["resume"],
-  }
-  for key, (_, shape) in per_patch.items():
-    out[key] = tf.ensure_shape(out[key], [max_patches] + shape)
-  for key in ("first", "second", "label", "pair_mask"):
-    out[key] = tf.ensure_shape(out[key], [max_pairs])
-  out["patch_mask"] = tf.ensure_shape(out["patch_mask"], [max_patches])
-  return out
+    def stacked(chosen):  # a ready batch's value has the full shape; _nothing's has none of it
+      return lambda: {k: tf.concat([tf.reshape(b[k], [-1] + shape) for b in chosen], 0) for k, shape in shapes.items()}
+
+    # Most steps complete no batch and a few complete one, which comes out as it is; only a step completing
+    # several (batches of few grids) pays for a copy.
+    count = tf.reduce_sum(tf.cast(ready, tf.int32))
+    which = tf.where(count == 1, 1 + tf.argmax(tf.cast(ready, tf.int32), output_type=tf.int32),
+                     tf.where(count == 0, 0, len(batches) + 1))
+    out = tf.switch_case(which, [stacked([batches[0]])] + [stacked([b]) for b in batches] + [stacked(batches)])
+    for key in batches[0]:
+      if key not in shapes and key != "ready":
+        out[key] = tf.boolean_mask(tf.stack([b[key] for b in batches]), ready)
+    return out
 
 
 def batches_from_images(images, config, seed, start=(0, 0)):
   """Packed batches from a dataset of images (either form of grids_of_images) whose first element is image start[0]
   of the stream; the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
-  start_image, start_grid = start
-  grids = (grids_of_images(images, base_seed, start_image, config)
-           .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
-           .flat_map(_grids_of_image))
-  graph_code = tf.autograph.experimental.do_not_convert  # see grids_of_images
-  if start_grid:
-    grids = grids.filter(graph_code(lambda g: (g["position"][0] != start_image) | (g["position"][1] >= start_grid)))
-  packer = _Packer(config.batch_patches, config.batch_pairs, start_image, config.geometry, config.rotation_classes)
-  batches = (grids.scan(packer.initial_state(), packer)
-             .filter(graph_code(lambda batch: batch["ready"]))
-             .map(graph_code(lambda batch: pad_batch(batch, config.batch_patches, config.batch_pairs,
-                                                     config.patch_size))))
+  packer = _Packer(config.batch_patches, config.batch_pairs, start, config.geometry)
+  batches = (grids_of_images(images, base_seed, start[0], config)
+             .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
+             .scan(packer.initial_state(), packer)
+             .unbatch())
   if config.augment_on == "host":
+    graph_code = tf.autograph.experimental.do_not_convert  # see grids_of_images
     batches = batches.map(graph_code(lambda batch: augment_batch(batch, config)), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
   return batches

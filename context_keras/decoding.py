@@ -140,12 +140,12 @@ def _jpeg_frame_marker(contents):
   image_size_from_header does (int32); 0 when none comes before the first scan or within 1,000 steps."""
   size = tf.strings.length(contents)
 
-  def byte(i):  # past the end, the last byte (the walk then stops at the end)
-    return tf.cast(tf.io.decode_raw(tf.strings.substr(contents, tf.minimum(i, size - 1), 1), tf.uint8)[0], tf.int32)
-
   def step(i, found):
-    marker = byte(i + 1)
-    at_marker = tf.equal(byte(i), 0xFF)
+    # The 4 bytes a step needs, read at once (the walk runs for every JPEG the pipeline takes); zeros past the end,
+    # where the walk then stops. Not the whole file padded: that would copy it.
+    four = tf.strings.substr(tf.strings.join([tf.strings.substr(contents, i, 4), b"\0" * 4]), 0, 4)
+    lead, marker, high, low = tf.unstack(tf.cast(tf.io.decode_raw(four, tf.uint8), tf.int32), num=4)
+    at_marker = tf.equal(lead, 0xFF)
     frame = (marker >= 0xC0) & (marker <= 0xCF) & tf.logical_not(
         tf.equal(marker, 0xC4) | tf.equal(marker, 0xC8) | tf.equal(marker, 0xCC))
     no_segment = (tf.equal(marker, 0x00) | tf.equal(marker, 0x01) | tf.equal(marker, 0xD8) |
@@ -153,7 +153,7 @@ def _jpeg_frame_marker(contents):
     scan_or_end = tf.equal(marker, 0xDA) | tf.equal(marker, 0xD9)
     # Stray bytes and fill bytes (0xFF 0xFF) are stepped over one at a time, as libjpeg does.
     after = tf.where(tf.logical_not(at_marker) | tf.equal(marker, 0xFF), i + 1,
-                     tf.where(no_segment, i + 2, i + 2 + byte(i + 2) * 256 + byte(i + 3)))
+                     tf.where(no_segment, i + 2, i + 2 + high * 256 + low))
     found = tf.where(at_marker & frame, marker, tf.where(at_marker & scan_or_end, 0, found))
     return after, found
 

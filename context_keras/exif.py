@@ -26,42 +26,70 @@ def _fourcc(name):
   return int.from_bytes(name, "big")
 
 
-def _walk_step(fmt, number, pos):
-  """One segment or chunk of the walk at `pos`: (next position, TIFF start, TIFF end, stop)."""
+# Each step of the walk reads the bytes at its position once and takes every field it needs from them as one
+# weighted sum: the walk runs for every image the pipeline decodes, and a field per read cost it an op per byte.
+def _fields(*fields):
+  """Weights [width, len(fields)] that turn the `width` bytes at a position into the unsigned integers (offset,
+  size, little-endian) given, one per column."""
+  width = max(offset + size for offset, size, _ in fields)
+  weights = [[0] * len(fields) for _ in range(width)]
+  for column, (offset, size, little) in enumerate(fields):
+    for i in range(size):
+      weights[offset + i][column] = 256 ** (i if little else size - 1 - i)
+  return tf.constant(weights, tf.int64)
+
+
+# JPEG segment: 0xFF, marker, length (big-endian, counting itself), then APP1's "Exif\0\0".
+_JPEG_SEGMENT = _fields((0, 1, False), (1, 1, False), (2, 2, False), (4, 4, False), (8, 2, False))
+# PNG chunk: length (big-endian), type, data, CRC.
+_PNG_CHUNK = _fields((0, 4, False), (4, 4, False))
+# RIFF chunk: type, length (little-endian), data padded to an even length; some writers keep JPEG's "Exif\0\0" in
+# front of the TIFF header.
+_WEBP_CHUNK = _fields((0, 4, False), (4, 4, True), (8, 4, False), (12, 2, False))
+
+
+def _segment_walk(fmt, read, first, size):
+  """The TIFF block (start, end) of the first EXIF segment or chunk found walking from `first`, (-1, -1) if none
+  within MAX_SEGMENTS steps."""
   not_found = tf.constant(-1, tf.int64)
 
-  def jpeg():
-    marker = number(pos + 1, 1, False)
-    length = number(pos + 2, 2, False)
+  def walk(step):
+    def body(count, pos, start, end, stop):
+      next_pos, start, end, stop = step(pos)
+      return count + 1, next_pos, start, end, stop | (next_pos >= size)
+
+    _, _, start, end, _ = tf.while_loop(
+        lambda count, pos, start, end, stop: ~stop & (count < MAX_SEGMENTS), body,
+        (tf.constant(0), first, not_found, not_found, first >= size))
+    return start, end
+
+  def jpeg(pos):
+    lead, marker, length, name, zero = tf.unstack(read(pos, _JPEG_SEGMENT))
     fill = tf.equal(marker, 0xFF)  # any number of 0xFF may precede a marker
     standalone = tf.equal(marker, 0x01) | ((marker >= 0xD0) & (marker <= 0xD8))  # TEM, RSTn, SOI: no length field
-    exif = (tf.equal(marker, 0xE1) & tf.equal(number(pos + 4, 4, False), _fourcc(b"Exif")) &
-            tf.equal(number(pos + 8, 2, False), 0))
+    exif = tf.equal(marker, 0xE1) & tf.equal(name, _fourcc(b"Exif")) & tf.equal(zero, 0)
     # A scan (SOS) or end of image means no metadata follows; a non-marker or bad length means a broken file.
-    broken = ~tf.equal(number(pos, 1, False), 0xFF) | (~fill & ~standalone & (length < 2))
+    broken = ~tf.equal(lead, 0xFF) | (~fill & ~standalone & (length < 2))
     stop = exif | broken | tf.equal(marker, 0xDA) | tf.equal(marker, 0xD9)
     step = tf.where(fill, tf.constant(1, tf.int64), tf.where(standalone, tf.constant(2, tf.int64), 2 + length))
-    return (pos + step, tf.where(exif, pos + 10, not_found), tf.where(exif, pos + 2 + length, not_found), stop)
+    return pos + step, tf.where(exif, pos + 10, not_found), tf.where(exif, pos + 2 + length, not_found), stop
 
-  def png():  # chunks: length (big-endian), type, data, CRC
-    length, kind = number(pos, 4, False), number(pos + 4, 4, False)
+  def png(pos):
+    length, kind = tf.unstack(read(pos, _PNG_CHUNK))
     exif = tf.equal(kind, _fourcc(b"eXIf"))
     stop = exif | tf.equal(kind, _fourcc(b"IDAT")) | tf.equal(kind, _fourcc(b"IEND"))
     return pos + 12 + length, tf.where(exif, pos + 8, not_found), tf.where(exif, pos + 8 + length, not_found), stop
 
-  def webp():  # RIFF chunks: type, length (little-endian), data padded to an even length
-    kind, length = number(pos, 4, False), number(pos + 4, 4, True)
+  def webp(pos):
+    kind, length, prefix, zero = tf.unstack(read(pos, _WEBP_CHUNK))
     exif = tf.equal(kind, _fourcc(b"EXIF"))
-    # Some writers keep JPEG's "Exif\0\0" in front of the TIFF header.
-    prefixed = tf.equal(number(pos + 8, 4, False), _fourcc(b"Exif")) & tf.equal(number(pos + 12, 2, False), 0)
+    prefixed = tf.equal(prefix, _fourcc(b"Exif")) & tf.equal(zero, 0)
     start = pos + 8 + tf.where(prefixed, tf.constant(6, tf.int64), tf.constant(0, tf.int64))
     next_pos = pos + 8 + length + tf.bitwise.bitwise_and(length, 1)
     return next_pos, tf.where(exif, start, not_found), tf.where(exif, pos + 8 + length, not_found), exif
 
-  def other():
-    return pos, not_found, not_found, tf.constant(True)
-
-  return tf.switch_case(fmt, [jpeg, png, webp, other])
+  return tf.switch_case(fmt, [lambda: walk(jpeg), lambda: walk(png), lambda: walk(webp),
+                              lambda: (not_found, not_found)])
 
 
 # Graph code (tf.while_loop, tf.switch_case): AutoGraph would only add tracing time.
@@ -82,6 +110,11 @@ def orientation(contents):
   raw = tf.io.decode_raw(tf.strings.join([window, b"\0"]), tf.uint8)
   size = tf.cast(tf.strings.length(window), tf.int64)
 
+  def read(pos, weights):
+    """The integers `weights` (_fields) names, of the bytes at `pos` (a scalar); bytes past the window read as 0."""
+    index = tf.clip_by_value(pos + tf.range(weights.shape[0], dtype=tf.int64), 0, size)
+    return tf.reduce_sum(tf.cast(tf.gather(raw, index), tf.int64)[:, tf.newaxis] * weights, 0)
+
   def number(pos, width, little):
     """Unsigned integer of `width` bytes at `pos` (any shape of positions); bytes past the window read as 0."""
     index = tf.clip_by_value(tf.expand_dims(pos, -1) + tf.range(width, dtype=tf.int64), 0, size)
@@ -90,29 +123,25 @@ def orientation(contents):
     return tf.reduce_sum(digits * tf.where(little, weights, tf.reverse(weights, [0])), -1)
 
   first = tf.constant([2, 8, 12, 0], tf.int64)[fmt]  # after SOI, the PNG signature, the RIFF/WEBP header
+  start, end = _segment_walk(fmt, read, first, size)
 
-  def walk(count, pos, start, end, stop):
-    next_pos, start, end, stop = _walk_step(fmt, number, pos)
-    return count + 1, next_pos, start, end, stop | (next_pos >= size)
+  def from_tiff():
+    # The TIFF block: byte order, 42, offset of IFD0 (from the block's start), then 12-byte entries.
+    end_ = tf.minimum(end, size)
+    little = tf.equal(number(start, 2, False), 0x4949)  # "II"; "MM" is big-endian
+    tiff = ((little | tf.equal(number(start, 2, False), 0x4D4D)) & tf.equal(number(start + 2, 2, little), 42))
+    ifd = start + number(start + 4, 4, little)
+    index = tf.range(MAX_ENTRIES, dtype=tf.int64)
+    entry = ifd + 2 + 12 * index
+    match = ((index < number(ifd, 2, little)) & (entry + 12 <= end_) &
+             tf.equal(number(entry, 2, little), ORIENTATION_TAG) & tf.equal(number(entry + 2, 2, little), 3) &
+             tf.equal(number(entry + 4, 4, little), 1))
+    value = number(entry + 8, 2, little)[tf.argmax(tf.cast(match, tf.int32))]
+    valid = tiff & tf.reduce_any(match) & (value >= 1) & (value <= 8)
+    return tf.cast(tf.where(valid, value, 1), tf.int32)
 
-  _, _, start, end, _ = tf.while_loop(
-      lambda count, pos, start, end, stop: ~stop & (count < MAX_SEGMENTS), walk,
-      (tf.constant(0), first, tf.constant(-1, tf.int64), tf.constant(-1, tf.int64), first >= size))
-
-  # The TIFF block: byte order, 42, offset of IFD0 (from the block's start), then 12-byte entries.
-  end = tf.minimum(end, size)
-  little = tf.equal(number(start, 2, False), 0x4949)  # "II"; "MM" is big-endian
-  tiff = ((start >= 0) & (little | tf.equal(number(start, 2, False), 0x4D4D)) &
-          tf.equal(number(start + 2, 2, little), 42))
-  ifd = start + number(start + 4, 4, little)
-  index = tf.range(MAX_ENTRIES, dtype=tf.int64)
-  entry = ifd + 2 + 12 * index
-  match = ((index < number(ifd, 2, little)) & (entry + 12 <= end) &
-           tf.equal(number(entry, 2, little), ORIENTATION_TAG) & tf.equal(number(entry + 2, 2, little), 3) &
-           tf.equal(number(entry + 4, 4, little), 1))
-  value = number(entry + 8, 2, little)[tf.argmax(tf.cast(match, tf.int32))]
-  valid = tiff & tf.reduce_any(match) & (value >= 1) & (value <= 8)
-  return tf.cast(tf.where(valid, value, 1), tf.int32)
+  # Most photos carry no EXIF block at all (the walk found none): they skip the IFD's reads.
+  return tf.cond(start >= 0, from_tiff, lambda: tf.constant(1, tf.int32))
 
 
 def apply_orientation(image, orientation):

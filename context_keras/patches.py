@@ -126,26 +126,29 @@ def sample_grids(seed, height, width, num_grids=GRIDS_PER_IMAGE, jitter=JITTER):
   return corners[:, 0], corners[:, 1], grid_h, grid_w
 
 
-_CROPS_PER_ITERATION = 8
+_CROPS_PER_ITERATION = 16
 
 
 def crop_patches(image, ys, xs, size=PATCH_SIZE):
   """The size x size patches with upper-left corners (ys, xs) of an HxWxC image, exactly.
 
   Slices, _CROPS_PER_ITERATION per loop iteration (the last one's spare slices cut the corner (0, 0) and are
-  dropped): a gather of every pixel (one index per 3-byte pixel) took about half of the host's time per image in
-  --augment_on=device, three times what the slices take; one slice per patch unrolled made the graph slow to build.
+  dropped), each taking its begin from one unstacked row of corners: a gather of every pixel (one index per 3-byte
+  pixel) took about half of the host's time per image in --augment_on=device, three times what the slices take; one
+  slice per patch unrolled made the graph slow to build; and every op per patch costs the pipeline's executor time.
   """
   count = tf.shape(ys)[0]
   k = _CROPS_PER_ITERATION
   padded = (count + k - 1) // k * k
-  corners = tf.reshape(tf.pad(tf.stack([ys, xs], axis=1), [[0, padded - count], [0, 0]]), [-1, k, 2])
+  begins = tf.stack([ys, xs, tf.zeros_like(ys)], axis=1)
+  begins = tf.reshape(tf.pad(begins, [[0, padded - count], [0, 0]]), [-1, k, 3])
+  channels = image.shape[2]
+  shape = [size, size, channels if channels is not None else -1]
 
   def cut(chunk):
-    return tf.stack([image[chunk[j, 0]:chunk[j, 0] + size, chunk[j, 1]:chunk[j, 1] + size] for j in range(k)])
+    return tf.stack([tf.slice(image, begin, shape) for begin in tf.unstack(chunk, num=k)])
 
-  channels = image.shape[2]
-  chunks = tf.map_fn(cut, corners, fn_output_signature=tf.TensorSpec([k, size, size, channels], image.dtype))
+  chunks = tf.map_fn(cut, begins, fn_output_signature=tf.TensorSpec([k, size, size, channels], image.dtype))
   return tf.reshape(chunks, [-1, size, size, channels if channels is not None else -1])[:count]
 
 
@@ -155,17 +158,8 @@ def grid_pairs(grid_height, grid_width):
   Indices are row-major cell indices of the grid; the label is the position of `second` relative to `first`.
   Both orders of each adjacency appear, with opposite labels.
   """
-  y, x = tf.meshgrid(tf.range(grid_height), tf.range(grid_width), indexing="ij")
-  y = tf.reshape(y, [-1, 1])
-  x = tf.reshape(x, [-1, 1])
-  offsets = tf.constant(NEIGHBOUR_OFFSETS, tf.int32)  # [8, 2] as (dx, dy)
-  ny = y + offsets[tf.newaxis, :, 1]
-  nx = x + offsets[tf.newaxis, :, 0]
-  valid = (ny >= 0) & (ny < grid_height) & (nx >= 0) & (nx < grid_width)  # [cells, 8]
-  first = tf.broadcast_to(y * grid_width + x, tf.shape(valid))
-  second = ny * grid_width + nx
-  label = tf.broadcast_to(tf.range(NUM_CLASSES)[tf.newaxis, :], tf.shape(valid))
-  return tf.boolean_mask(first, valid), tf.boolean_mask(second, valid), tf.boolean_mask(label, valid)
+  first, second, label, _ = pairs_of_grids(tf.reshape(grid_height, [1]), tf.reshape(grid_width, [1]))
+  return first, second, label
 
 
 def num_grid_pairs(grid_height, grid_width):
@@ -264,6 +258,34 @@ def geometry_pairs(geometry):
   if geometry == "revisiting":
     return lambda grid_height, grid_width: revisiting_pairs()
   return grid_pairs
+
+
+def pairs_of_grids(grid_height, grid_width, geometry="doersch"):
+  """The pairs of every grid of an image (grid_height, grid_width: int32 [g]), concatenated in grid order: (first,
+  second, label) int32 [m] each, as grid_pairs gives them for each grid, its cell indices counted from its own first
+  cell; and the pairs of each grid, int32 [g]. The revisiting geometry has one grid per image and its own pairs
+  (revisiting_pairs).
+
+  All grids at once, in a few ops: the input pipeline places the pairs of every image it cuts.
+  """
+  if geometry == "revisiting":
+    first, second, label = revisiting_pairs()
+    return first, second, label, tf.fill(tf.shape(grid_height), REVISITING_PAIRS)
+  cells = grid_height * grid_width
+  grid = tf.repeat(tf.range(tf.size(cells)), cells)  # each cell's grid
+  cell = tf.range(tf.reduce_sum(cells)) - tf.gather(tf.cumsum(cells, exclusive=True), grid)  # row-major in its grid
+  height = tf.gather(grid_height, grid)[:, tf.newaxis]
+  width = tf.gather(grid_width, grid)[:, tf.newaxis]  # > 0: the grid has this cell
+  y, x = cell[:, tf.newaxis] // width, cell[:, tf.newaxis] % width
+  offsets = tf.constant(NEIGHBOUR_OFFSETS, tf.int32)  # [8, 2] as (dx, dy)
+  ny = y + offsets[tf.newaxis, :, 1]
+  nx = x + offsets[tf.newaxis, :, 0]
+  valid = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)  # [cells, 8]
+  first = tf.broadcast_to(cell[:, tf.newaxis], tf.shape(valid))
+  label = tf.broadcast_to(tf.range(NUM_CLASSES)[tf.newaxis, :], tf.shape(valid))
+  per_grid = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.cast(valid, tf.int32), 1), grid, tf.size(cells))
+  return (tf.boolean_mask(first, valid), tf.boolean_mask(ny * width + nx, valid), tf.boolean_mask(label, valid),
+          per_grid)
 
 
 def evaluation_patches(image, seed, geometry="doersch"):
