@@ -29,14 +29,15 @@ def _fourcc(name):
 # Each step of the walk reads the bytes at its position once and takes every field it needs from them as one
 # weighted sum: the walk runs for every image the pipeline decodes, and a field per read cost it an op per byte.
 def _fields(*fields):
-  """Weights [width, len(fields)] that turn the `width` bytes at a position into the unsigned integers (offset,
+  """Weights [width][len(fields)] (nested lists: no tensor is made at import, which would start TensorFlow before
+  the programs configure its devices) that turn the `width` bytes at a position into the unsigned integers (offset,
   size, little-endian) given, one per column."""
   width = max(offset + size for offset, size, _ in fields)
   weights = [[0] * len(fields) for _ in range(width)]
   for column, (offset, size, little) in enumerate(fields):
     for i in range(size):
       weights[offset + i][column] = 256 ** (i if little else size - 1 - i)
-  return tf.constant(weights, tf.int64)
+  return weights
 
 
 # JPEG segment: 0xFF, marker, length (big-endian, counting itself), then APP1's "Exif\0\0".
@@ -112,8 +113,8 @@ def orientation(contents):
 
   def read(pos, weights):
     """The integers `weights` (_fields) names, of the bytes at `pos` (a scalar); bytes past the window read as 0."""
-    index = tf.clip_by_value(pos + tf.range(weights.shape[0], dtype=tf.int64), 0, size)
-    return tf.reduce_sum(tf.cast(tf.gather(raw, index), tf.int64)[:, tf.newaxis] * weights, 0)
+    index = tf.clip_by_value(pos + tf.range(len(weights), dtype=tf.int64), 0, size)
+    return tf.reduce_sum(tf.cast(tf.gather(raw, index), tf.int64)[:, tf.newaxis] * tf.constant(weights, tf.int64), 0)
 
   def number(pos, width, little):
     """Unsigned integer of `width` bytes at `pos` (any shape of positions); bytes past the window read as 0."""

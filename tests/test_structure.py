@@ -3,6 +3,10 @@ no cycles; flags defined only by programs and flag groups; no Python callbacks i
 import ast
 import glob
 import os
+import subprocess
+import sys
+
+import pytest
 
 from helpers import REPO
 
@@ -90,3 +94,18 @@ def test_every_numeric_flag_is_defined_with_bounds_in_the_scaffold():
       assert name not in ("DEFINE_integer", "DEFINE_float"), f"{path}:{node.lineno} defines a numeric flag unchecked"
       if name == "define_integer":
         assert "lower" in {k.arg for k in node.keywords}, f"{path}:{node.lineno}: integer flag without a lower bound"
+
+
+@pytest.mark.slow  # a fresh interpreter importing every module: 6-8 s
+def test_importing_the_package_leaves_tensorflow_unstarted():
+  """No module makes a tensor when it is imported: that would start TensorFlow's runtime before the programs set
+  up their devices (two logical CPUs, collective ops for several workers), which then fail or see one device."""
+  modules = sorted(module_name(p) for p in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True))
+  code = ("import importlib, sys\n"
+          f"for name in {modules!r}: importlib.import_module(name)\n"
+          "from tensorflow.python.eager import context\n"
+          "print('started' if context.context()._initialized else 'not started')\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split()[-2:] == ["not", "started"], result.stdout
