@@ -124,7 +124,10 @@ def orientation(contents):
     return tf.reduce_sum(digits * tf.where(little, weights, tf.reverse(weights, [0])), -1)
 
   first = tf.constant([2, 8, 12, 0], tf.int64)[fmt]  # after SOI, the PNG signature, the RIFF/WEBP header
-  start, end = _segment_walk(fmt, read, first, size)
+  # A JPEG's EXIF segment starts "Exif\0\0": when those bytes occur nowhere in the window, the walk (which would go
+  # through every segment up to the scan: most JPEGs carry no EXIF) cannot find one. One pass over the bytes.
+  jpeg_without_exif = tf.equal(fmt, _JPEG) & tf.equal(tf.size(tf.strings.split(window, sep=b"Exif\0\0")), 1)
+  start, end = _segment_walk(tf.where(jpeg_without_exif, _OTHER, fmt), read, first, size)
 
   def from_tiff():
     # The TIFF block: byte order, 42, offset of IFD0 (from the block's start), then 12-byte entries.
