@@ -123,6 +123,30 @@ def test_same_seed_same_batches_and_exact_resume(demo_list, photo_dir):
       np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
 
 
+@pytest.mark.slow
+def test_batches_that_hold_one_grid_each_resume_exactly(demo_list, photo_dir):
+  """At the smallest capacity (the largest grid), one image's grids fill several batches, which the packer (one image
+  per step) completes in one step: each batch holds whole grids, its pairs inside its own patches, and starting at
+  a resume position inside an image continues with exactly the batches that followed."""
+  cells, pairs = P.max_grid_cells(), P.max_grid_pairs()
+  config = D.InputConfig(data=demo_list, data_root=photo_dir, augment_on="device", batch_patches=cells,
+                         batch_pairs=pairs)
+  run = list(D.make_dataset(config).take(8))
+  resumes = [tuple(int(v) for v in b["resume"].numpy()) for b in run]
+  # Batches i and i + 1 both end inside image resumes[i][0]: that image's grids went into at least three batches.
+  inside = [i for i in range(len(run) - 3) if resumes[i][1] > 0 and resumes[i + 1][0] == resumes[i][0]]
+  assert inside, f"no image filled several batches: {resumes}"
+  for batch in run:
+    n, m = int(batch["patch_mask"].numpy().sum()), int(batch["pair_mask"].numpy().sum())
+    assert 0 < n <= cells and 0 < m <= pairs
+    assert batch["first"].numpy()[:m].max() < n and batch["second"].numpy()[:m].max() < n
+  i = inside[0]
+  resumed = list(D.make_dataset(config, start=resumes[i]).take(3))
+  for a, b in zip(run[i + 1:], resumed):
+    for key in ("patches", "patch_keys", "first", "second", "label", "resume"):
+      np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=f"{key} after batch {i}")
+
+
 def test_pipelines_share_the_stream_without_overlap(tiny_image_dir):
   source = S.find_source(str(tiny_image_dir))
   seen = []
