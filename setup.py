@@ -1,5 +1,6 @@
 """context_keras: self-supervised learning by context prediction (Doersch, Gupta & Efros, ICCV 2015) in TF2/Keras 3."""
-from setuptools import find_packages, setup
+from setuptools import find_packages
+from setuptools import setup
 
 ONNX = ["tf2onnx>=1.17.0,<1.18", "onnx>=1.23.2,<1.24", "onnxruntime>=1.32.0,<1.33"]
 LITERT = ["ai-edge-litert>=2.3.0,<2.4"]

@@ -10,7 +10,8 @@ written the way a PyTorch user would, trained for a few steps on random input of
                          v1 with the stride on the 3x3 convolutions, stem stride 1, stage strides 1,2,2,1, widths times
                          --width/4 (4 = the standard ResNet-50, 8 = the 2x model), on 64-px patches, 9 per image
                          (--grids counts images); each patch's pooled features to a 1000-d embedding, the 8
-                         (neighbour, centre) pairs of every image concatenated, fc 4096, BN, ReLU, dropout 0.5, 8 logits.
+                         (neighbour, centre) pairs of every image concatenated, fc 4096, BN, ReLU,
+                         dropout 0.5, 8 logits.
 
 A step is the forward pass, the summed cross-entropy's backward pass and an SGD update. The last line printed is one
 JSON object: impl, version, tower, mode, precision, pairs_per_step, patches_per_step, step_s, pairs_per_s,

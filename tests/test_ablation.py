@@ -2,14 +2,15 @@
 usage errors."""
 import json
 
+import numpy as np
+import pytest
+import tensorflow as tf
+
 from helpers import REPO
 from helpers import SMALL_MODEL
 from helpers import log_of
 from helpers import run_module
 from helpers import write_png
-import numpy as np
-import pytest
-import tensorflow as tf
 
 
 def ablation_args(tmp_path, *extra):

@@ -17,10 +17,10 @@ import sys
 import zlib
 
 import numpy as np
-import pytest
-import tensorflow as tf
 from PIL import Image
 from PIL import ImageOps
+import pytest
+import tensorflow as tf
 
 from context_keras import data as D
 from context_keras import decoding as DEC

@@ -96,7 +96,7 @@ def test_batches_static_shapes_and_valid_pairs(demo_list, photo_dir):
     # Every ordered pair appears with its reverse, carrying the opposite label.
     opposite = {i: P.NEIGHBOUR_OFFSETS.index((-dx, -dy)) for i, (dx, dy) in enumerate(P.NEIGHBOUR_OFFSETS)}
     pairs = dict(zip(zip(first, second), labels))
-    assert all(pairs[(b, a)] == opposite[l] for (a, b), l in pairs.items())
+    assert all(pairs[(b, a)] == opposite[label] for (a, b), label in pairs.items())
     # Patches are RMS-normalised to 50 (method.md §2.4); padding is zero.
     patches = batch["patches"].numpy()
     np.testing.assert_allclose(np.sqrt((patches[:n] ** 2).mean(axis=(1, 2, 3))), 50, rtol=1e-3)

@@ -5,12 +5,6 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO
-from helpers import demo_args
-from helpers import last_json
-from helpers import log_of
-from helpers import run_all
-from helpers import run_module
 import keras
 import numpy as np
 import pytest
@@ -23,6 +17,12 @@ from context_keras import restore as RS
 from context_keras import serving as SV
 from context_keras import trainer as trainer_lib
 from context_keras import warm_start as WS
+from helpers import REPO
+from helpers import demo_args
+from helpers import last_json
+from helpers import log_of
+from helpers import run_all
+from helpers import run_module
 
 pytestmark = pytest.mark.slow
 

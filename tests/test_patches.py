@@ -76,7 +76,7 @@ def test_grid_size_rule_and_jitter_range():
 def test_labels_are_reading_order():
   first, second, label = (t.numpy() for t in P.grid_pairs(3, 3))
   centre = 4
-  got = {int(s): int(l) for f, s, l in zip(first, second, label) if f == centre}
+  got = {int(s): int(lab) for f, s, lab in zip(first, second, label) if f == centre}
   # Second patch at row-major cell c of a 3x3 grid around the centre has label c (skipping the centre).
   assert got == {0: 0, 1: 1, 2: 2, 3: 3, 5: 4, 6: 5, 7: 6, 8: 7}
   assert len(first) == 40  # 20 adjacencies in a 3x3 grid, both orders

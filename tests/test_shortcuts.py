@@ -2,7 +2,6 @@
 patches really are, chroma blur, the yoked rescale and the aperture, and the class count through head and evaluation."""
 import dataclasses
 
-import helpers
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,6 +13,7 @@ from context_keras import patches as P
 from context_keras import shortcuts as S
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
+import helpers
 
 SIDE = 560
 

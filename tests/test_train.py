@@ -26,7 +26,6 @@ from helpers import run_all
 from helpers import run_module
 from helpers import wait_for
 
-
 # ------------------------------------------------------------------------------------------------------------
 # One step on two replicas equals the single-device step
 
