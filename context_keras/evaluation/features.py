@@ -127,7 +127,7 @@ def extract(extractors, examples, total=None, what="features", batch_size=64):
   out = {key: {name: [] for name in e.layers} for key, e in extractors.items()}
   labels = []
   progress = progress_lib.Progress(what, total)
-  calls = {key: tf.function(e) for key, e in extractors.items()}
+  calls = {key: tf.function(e, autograph=False) for key, e in extractors.items()}  # graph code: no AutoGraph needed
   for images, batch_labels in examples.batch(batch_size).prefetch(1):
     for key, call in calls.items():
       for name, value in call(images).items():

@@ -79,8 +79,9 @@ class FineTuner:
                                         decay_steps=steps)
     self.optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum)
     self.optimizer.build(self.variables)
-    self.train_step = tf.function(self._train_step)
-    self.logits = tf.function(self._logits)
+    # Graph code (no Python control flow on tensors): AutoGraph would only add tracing time.
+    self.train_step = tf.function(self._train_step, autograph=False)
+    self.logits = tf.function(self._logits, autograph=False)
 
   def _logits(self, images):
     maps = self.backbone(serving.preprocess(images, self.preprocessing), training=False)

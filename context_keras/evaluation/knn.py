@@ -151,7 +151,7 @@ def streamed(extract, train, val, config, layer_names, classes):
       lambda: features_lib.extract(extract, val_squares, val.size, "validation features", config.batch_size))
   neighbours = {who: {name: Neighbours(normalise(val_values[who][name]), config.k) for name in layer_names}
                 for who in extract}
-  calls = {who: tf.function(e) for who, e in extract.items()}
+  calls = {who: tf.function(e, autograph=False) for who, e in extract.items()}  # graph code (features.Extractor)
   progress = progress_lib.Progress("training images against the validation set", train.size)
 
   def stream():

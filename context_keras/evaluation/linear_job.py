@@ -265,6 +265,8 @@ class HeadTrainer:
       self.optimizer.build(self.heads.trainable_variables)
     self.kernels = [v for v in self.heads.trainable_variables if v.path.endswith("kernel")]
     self.request = tf.Variable(control.REQUEST_NONE, trainable=False, name="request")
+    # AutoGraph turns the loops' Python `while` and `for` into graph ops; the per-replica steps are graph code, marked
+    # do_not_convert (as the trainer's): converting their source would only add seconds to every start.
     self.train_loop = tf.function(self._train_loop_impl)
     self.eval_loop = tf.function(self._eval_loop_impl)
 
@@ -280,6 +282,7 @@ class HeadTrainer:
   def _features(self, images):
     return {k: tf.stop_gradient(v) for k, v in self.extractor(images).items()}
 
+  @tf.autograph.experimental.do_not_convert
   def replica_step(self, batch):
     context = tf.distribute.get_replica_context()
     weight = batch["weight"]
@@ -320,6 +323,7 @@ class HeadTrainer:
         status = tf.constant(STATUS_STOP_REQUESTED)
     return {"steps": steps, "status": status, "request": request, **totals}
 
+  @tf.autograph.experimental.do_not_convert
   def replica_eval(self, batch):
     weight, labels = batch["weight"], batch["label"]
     logits = self.heads(self._features(batch["image"]), training=False)

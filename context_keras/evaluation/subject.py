@@ -89,7 +89,7 @@ def _backbone_module(tower, model_config, preprocessing, pooling="auto"):
 def _run_pair_logits(networks, patch_size):
   """Pair logits of the training networks in inference mode: the tower once per patch (method.md §3.3)."""
   @tf.function(input_signature=[tf.TensorSpec([None, patch_size, patch_size, 3], tf.float32),
-                                tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)])
+                                tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)], autograph=False)
   def pair_logits(patches, first, second):
     fc6 = networks.tower([patches, tf.ones(tf.shape(patches)[:1])], training=False)
     pairs = tf.concat([tf.gather(fc6, first), tf.gather(fc6, second)], -1)
