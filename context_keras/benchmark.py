@@ -89,7 +89,8 @@ def grid_batch(num_grids, side=3, seed=0, geometry="doersch", device_augment=Fal
   """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape): every
   8-neighbour pair (doersch) or the 8 (neighbour, centre) pairs (revisiting); the patches as the tower takes them, or
   as the pipeline gives them for the device augmentation (uint8 patches and their keys)."""
-  first, second, label = (t.numpy() for t in patches_lib.geometry_pairs(geometry)(side, side))
+  first, second, label = (t.numpy() for t in patches_lib.pairs_of_grids(tf.constant([side]), tf.constant([side]),
+                                                                            geometry)[:3])
   size = patches_lib.patch_size(geometry)
   cells = side * side
   offsets = np.repeat(np.arange(num_grids) * cells, len(first))

@@ -253,13 +253,6 @@ def cut_revisiting(image, seed):
           "usable": tf.constant(True)}
 
 
-def geometry_pairs(geometry):
-  """The pairs of one grid of a geometry, as a function (grid_height, grid_width) -> (first, second, label)."""
-  if geometry == "revisiting":
-    return lambda grid_height, grid_width: revisiting_pairs()
-  return grid_pairs
-
-
 def pairs_of_grids(grid_height, grid_width, geometry="doersch"):
   """The pairs of every grid of an image (grid_height, grid_width: int32 [g]), concatenated in grid order: (first,
   second, label) int32 [m] each, as grid_pairs gives them for each grid, its cell indices counted from its own first
