@@ -21,16 +21,16 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from context_keras import chart
 from context_keras import errors
-from context_keras import labelled
-from context_keras import program
-from context_keras import restore
 from context_keras import train
-from context_keras import writes
+from context_keras.cli import program
+from context_keras.evaluation import chart
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
+from context_keras.input import labelled
+from context_keras.storage import writes
+from context_keras.training import restore
 
 FLAGS = flags.FLAGS
 

@@ -25,20 +25,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from context_keras import data as data_lib
-from context_keras import decoding
-from context_keras import fold
-from context_keras import model as model_lib
-from context_keras import patches as patches_lib
-from context_keras import program
-from context_keras import resources
-from context_keras import restore
-from context_keras import serving
-from context_keras import sources
-from context_keras import trainer as trainer_lib
+from context_keras.cli import data as data_flags
+from context_keras.cli import model as model_flags
+from context_keras.cli import program
+from context_keras.deploy import serving
 from context_keras.evaluation import linear_job
-from context_keras.flagsets import data as data_flags
-from context_keras.flagsets import model as model_flags
+from context_keras.input import decoding
+from context_keras.input import patches as patches_lib
+from context_keras.input import pipeline as data_lib
+from context_keras.input import sources
+from context_keras.model import fold
+from context_keras.model import networks as model_lib
+from context_keras.training import resources
+from context_keras.training import restore
+from context_keras.training import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
 # Our PyTorch baseline lives beside the package in the repository (benchmarks/), not in the installed package.

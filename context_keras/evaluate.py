@@ -28,11 +28,9 @@ from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import labelled
-from context_keras import program
-from context_keras import restore
-from context_keras import run_dir
-from context_keras import writes
+from context_keras.cli import data as data_flags
+from context_keras.cli import labelled as labelled_flags
+from context_keras.cli import program
 from context_keras.evaluation import PROTOCOLS
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import finetune
@@ -42,8 +40,10 @@ from context_keras.evaluation import neighbors
 from context_keras.evaluation import output
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
-from context_keras.flagsets import data as data_flags
-from context_keras.flagsets import labelled as labelled_flags
+from context_keras.input import labelled
+from context_keras.storage import writes
+from context_keras.training import restore
+from context_keras.training import run_dir
 
 FLAGS = flags.FLAGS
 

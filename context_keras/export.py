@@ -29,17 +29,17 @@ import os
 from absl import flags
 from absl import logging
 
-from context_keras import convert
 from context_keras import errors
-from context_keras import fold
-from context_keras import plain_model
-from context_keras import program
-from context_keras import rescale as rescale_lib
-from context_keras import restore
-from context_keras import serving
-from context_keras import sources
-from context_keras import writes
-from context_keras.flagsets import data as data_flags
+from context_keras.cli import data as data_flags
+from context_keras.cli import program
+from context_keras.deploy import convert
+from context_keras.deploy import plain_model
+from context_keras.deploy import rescale as rescale_lib
+from context_keras.deploy import serving
+from context_keras.input import sources
+from context_keras.model import fold
+from context_keras.storage import writes
+from context_keras.training import restore
 
 FLAGS = flags.FLAGS
 

@@ -25,23 +25,23 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from context_keras import actions as actions_lib
-from context_keras import control as control_lib
-from context_keras import distribute
 from context_keras import errors
-from context_keras import labelled
-from context_keras import program
-from context_keras import progress as progress_lib
-from context_keras import resources
-from context_keras import restore
-from context_keras import run_dir
-from context_keras import writes
+from context_keras.cli import labelled as labelled_flags
+from context_keras.cli import program
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import linear_job
 from context_keras.evaluation import output
 from context_keras.evaluation import subject as subject_lib
 from context_keras.evaluation.result import Result
-from context_keras.flagsets import labelled as labelled_flags
+from context_keras.input import labelled
+from context_keras.storage import writes
+from context_keras.training import actions as actions_lib
+from context_keras.training import control as control_lib
+from context_keras.training import distribute
+from context_keras.training import progress as progress_lib
+from context_keras.training import resources
+from context_keras.training import restore
+from context_keras.training import run_dir
 
 FLAGS = flags.FLAGS
 NAME = "linear_eval"

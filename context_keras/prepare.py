@@ -32,14 +32,14 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import labelled
-from context_keras import patches as patches_lib
-from context_keras import program
-from context_keras import sources
-from context_keras import writes
-from context_keras.flagsets import data as data_flags
+from context_keras.cli import data as data_flags
+from context_keras.cli import program
+from context_keras.input import decoding
+from context_keras.input import labelled
+from context_keras.input import patches as patches_lib
+from context_keras.input import sources
+from context_keras.storage import writes
 
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,7 @@ from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import program
+from context_keras.cli import program
 
 FLAGS = flags.FLAGS
 

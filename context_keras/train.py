@@ -13,20 +13,20 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from context_keras import actions as actions_lib
-from context_keras import control as control_lib
-from context_keras import data as data_lib
-from context_keras import distribute
 from context_keras import errors
-from context_keras import program
-from context_keras import resources
-from context_keras import run_dir
-from context_keras import sources
-from context_keras import trainer as trainer_lib
-from context_keras import warm_start
-from context_keras.flagsets import data as data_flags
-from context_keras.flagsets import model as model_flags
-from context_keras.flagsets import optimisation as optimisation_flags
+from context_keras.cli import data as data_flags
+from context_keras.cli import model as model_flags
+from context_keras.cli import optimisation as optimisation_flags
+from context_keras.cli import program
+from context_keras.input import pipeline as data_lib
+from context_keras.input import sources
+from context_keras.training import actions as actions_lib
+from context_keras.training import control as control_lib
+from context_keras.training import distribute
+from context_keras.training import resources
+from context_keras.training import run_dir
+from context_keras.training import trainer as trainer_lib
+from context_keras.training import warm_start
 
 FLAGS = flags.FLAGS
 

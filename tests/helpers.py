@@ -61,7 +61,7 @@ def last_json(result):
 # VmHWM (resources.peak_rss_mb), not ru_maxrss: ru_maxrss survives fork and exec, so a child of a pytest process
 # that has grown to 2 GB would report 2 GB.
 MEASURED = ("import atexit, runpy, sys\n"
-            "from context_keras.resources import peak_rss_mb\n"
+            "from context_keras.training.resources import peak_rss_mb\n"
             "atexit.register(lambda: print('PEAK_RSS_MB %d' % peak_rss_mb(), file=sys.stderr, flush=True))\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")

@@ -22,11 +22,11 @@ from PIL import ImageOps
 import pytest
 import tensorflow as tf
 
-from context_keras import data as D
-from context_keras import decoding as DEC
 from context_keras import errors
 from context_keras import prepare as PREP
-from context_keras import sources as S
+from context_keras.input import decoding as DEC
+from context_keras.input import pipeline as D
+from context_keras.input import sources as S
 from helpers import REPO
 from helpers import demo_args
 from helpers import module_env
@@ -357,8 +357,8 @@ def test_batch_sizes_whose_step_cannot_fit_are_refused_with_the_estimate(monkeyp
   """The estimate of one step's memory comes from the layer shapes of the tower in use: it grows with the width
   and linearly with the batch; about 2.7 GB for flags/deepcontext.cfg (measured peak of the whole process: 3.1 GB,
   README); a batch beyond the memory available is refused, naming both batch flags and the estimate."""
-  from context_keras import model as M  # pylint: disable=import-outside-toplevel
-  from context_keras import resources as R  # pylint: disable=import-outside-toplevel
+  from context_keras.model import networks as M  # pylint: disable=import-outside-toplevel
+  from context_keras.training import resources as R  # pylint: disable=import-outside-toplevel
   full, narrow = (M.build(M.ModelConfig(width_multiplier=w)) for w in (1.0, 0.0625))
   default = sum(R.step_memory(full, 511, 2560, 1, 4).values())
   assert 2.0e9 < default < 4.0e9, default
@@ -538,8 +538,8 @@ import sys
 import tensorflow as tf
 folder, n = sys.argv[1], int(sys.argv[2])
 tf.data.AUTOTUNE = n
-from context_keras import data
-from context_keras.resources import peak_rss_mb
+from context_keras.input import pipeline as data
+from context_keras.training.resources import peak_rss_mb
 options = tf.data.Options()
 options.threading.private_threadpool_size = n
 dataset = data.make_dataset(data.InputConfig(data=folder, batch_patches=64, batch_pairs=320)).with_options(options)

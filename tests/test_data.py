@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import augment as A
-from context_keras import data as D
-from context_keras import decoding as DEC
 from context_keras import errors
-from context_keras import patches as P
-from context_keras import sources as S
+from context_keras.input import augment as A
+from context_keras.input import decoding as DEC
+from context_keras.input import patches as P
+from context_keras.input import pipeline as D
+from context_keras.input import sources as S
 from helpers import write_png
 
 SMALL = dict(batch_patches=64, batch_pairs=320)

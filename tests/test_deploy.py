@@ -20,20 +20,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import augment as A
-from context_keras import caffe_layers as CL
-from context_keras import convert as CV
-from context_keras import data as D
 from context_keras import errors as E
-from context_keras import fold as FO
-from context_keras import model as M
-from context_keras import plain_model as PM
-from context_keras import restore as RS
-from context_keras import run_dir as RD
-from context_keras import serving as SV
-from context_keras import trainer as T
-from context_keras import warm_start as WS
-from context_keras import writes as W
+from context_keras.deploy import convert as CV
+from context_keras.deploy import plain_model as PM
+from context_keras.deploy import serving as SV
+from context_keras.input import augment as A
+from context_keras.input import pipeline as D
+from context_keras.model import caffe_layers as CL
+from context_keras.model import fold as FO
+from context_keras.model import networks as M
+from context_keras.storage import writes as W
+from context_keras.training import restore as RS
+from context_keras.training import run_dir as RD
+from context_keras.training import trainer as T
+from context_keras.training import warm_start as WS
 from helpers import CONV1_KERNEL
 from helpers import REPO
 from helpers import demo_args

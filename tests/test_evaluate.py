@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import decoding as DEC
-from context_keras import fold as FO
-from context_keras import model as MD
-from context_keras import restore as RS
-from context_keras import serving
-from context_keras import sources as S
+from context_keras.deploy import serving
 from context_keras.evaluation import finetune
 from context_keras.evaluation import images as IM
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as SJ
+from context_keras.input import decoding as DEC
+from context_keras.input import sources as S
+from context_keras.model import fold as FO
+from context_keras.model import networks as MD
+from context_keras.training import restore as RS
 from helpers import REPO
 from helpers import last_json
 from helpers import log_of

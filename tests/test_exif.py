@@ -9,7 +9,7 @@ from PIL import ImageOps
 import pytest
 import tensorflow as tf
 
-from context_keras import exif
+from context_keras.input import exif
 
 ORIENTATIONS = range(1, 9)
 SHORT, LONG, ASCII = 3, 4, 2

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import augment as A
-from context_keras import caffe_layers as CL
-from context_keras import fold as FO
-from context_keras import model as M
-from context_keras import rescale as R
-from context_keras import restore as RS
-from context_keras import serving as SV
-from context_keras import sources as S
+from context_keras.deploy import rescale as R
+from context_keras.deploy import serving as SV
+from context_keras.input import augment as A
+from context_keras.input import sources as S
+from context_keras.model import caffe_layers as CL
+from context_keras.model import fold as FO
+from context_keras.model import networks as M
+from context_keras.training import restore as RS
 from helpers import log_of
 from helpers import run_module
 

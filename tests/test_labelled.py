@@ -8,13 +8,13 @@ import pytest
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import labelled as L
 from context_keras import prepare as PR
 from context_keras.evaluation import features as F
 from context_keras.evaluation import knn
 from context_keras.evaluation import linear
 from context_keras.evaluation import linear_job as J
 from context_keras.evaluation import metrics as M
+from context_keras.input import labelled as L
 from helpers import write_png
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import model as M
-from context_keras import patches as P
-from context_keras import serving
+from context_keras.deploy import serving
+from context_keras.input import patches as P
+from context_keras.model import networks as M
 from helpers import last_json
 from helpers import log_of
 from helpers import peak_mb

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import caffe_layers as CL
-from context_keras import model as M
+from context_keras.model import caffe_layers as CL
+from context_keras.model import networks as M
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import caffe_layers as CL
-from context_keras import data as D
-from context_keras import model as M
-from context_keras import restore as RS
-from context_keras import serving as SV
-from context_keras import trainer as trainer_lib
-from context_keras import warm_start as WS
+from context_keras.deploy import serving as SV
+from context_keras.input import pipeline as D
+from context_keras.model import caffe_layers as CL
+from context_keras.model import networks as M
+from context_keras.training import restore as RS
+from context_keras.training import trainer as trainer_lib
+from context_keras.training import warm_start as WS
 from helpers import REPO
 from helpers import demo_args
 from helpers import last_json

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import augment as A
-from context_keras import patches as P
+from context_keras.input import augment as A
+from context_keras.input import patches as P
 
 
 def coordinate_image(height, width):

@@ -20,8 +20,8 @@ import shutil
 import numpy as np
 import pytest
 
-from context_keras import restore
-from context_keras import run_dir
+from context_keras.training import restore
+from context_keras.training import run_dir
 from helpers import REPO
 from helpers import log_of
 from helpers import run_module

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import data as D
-from context_keras import decoding as DEC
 from context_keras import errors
 from context_keras import prepare as PR
-from context_keras import sources as S
+from context_keras.input import decoding as DEC
+from context_keras.input import pipeline as D
+from context_keras.input import sources as S
 from helpers import run_module
 from helpers import write_png
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import augment as A
-from context_keras import data as data_lib
-from context_keras import model as model_lib
-from context_keras import patches as P
-from context_keras import shortcuts as S
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
+from context_keras.input import augment as A
+from context_keras.input import patches as P
+from context_keras.input import pipeline as data_lib
+from context_keras.input import shortcuts as S
+from context_keras.model import networks as model_lib
 import helpers
 
 SIDE = 560
@@ -254,7 +254,7 @@ def test_yoked_patches_of_a_grid_share_scale_and_offset_and_grids_differ():
 
 
 def test_pair_preview_places_rotation_classes_by_their_direction():
-  from context_keras import actions  # pylint: disable=import-outside-toplevel
+  from context_keras.training import actions  # pylint: disable=import-outside-toplevel
   patch = np.zeros([96, 96, 3], np.float32)
   image = actions.preview_image({"first": patch[np.newaxis], "second": patch[np.newaxis] + 1,
                                  "label": np.array([8 * 3 + 4]), "valid": np.array([True])})

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import caffe_layers as CL
-from context_keras import fold as FO
-from context_keras import model as M
-from context_keras import patches as P
-from context_keras import trainer as T
+from context_keras.input import patches as P
+from context_keras.model import caffe_layers as CL
+from context_keras.model import fold as FO
+from context_keras.model import networks as M
+from context_keras.training import trainer as T
 
 
 def count(weights):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras import augment as A
-from context_keras import data as D
-from context_keras import model as M
-from context_keras import trainer as trainer_lib
+from context_keras.input import augment as A
+from context_keras.input import pipeline as D
+from context_keras.model import networks as M
+from context_keras.training import trainer as trainer_lib
 from helpers import CONV1_KERNEL
 from helpers import REPO
 from helpers import checkpoint_steps
@@ -351,9 +351,9 @@ from absl import flags
 name = sys.argv[1]
 module = importlib.import_module("context_keras." + name)
 module.define_flags()
-from context_keras import program
-from context_keras.flagsets import data as data_flags
-from context_keras.flagsets import model as model_flags
+from context_keras.cli import program
+from context_keras.cli import data as data_flags
+from context_keras.cli import model as model_flags
 ours = program.defined_flags()
 for flag in ours.values():
   assert flag.help and len(flag.help) > 15, flag.name

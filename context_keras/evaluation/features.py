@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import progress as progress_lib
+from context_keras.training import progress as progress_lib
 
 POOL_MODES = ("avg", "max")
 PROBE_DIMS = 9000        # Zhang et al. 2017; Goyal et al. 2019; Kolesnikov et al. 2019

@@ -17,17 +17,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import fold
-from context_keras import labelled
-from context_keras import rescale as rescale_lib
-from context_keras import serving
-from context_keras import sources
-from context_keras import trainer as trainer_lib
+from context_keras.deploy import rescale as rescale_lib
+from context_keras.deploy import serving
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation import linear
 from context_keras.evaluation.result import Result
+from context_keras.input import decoding
+from context_keras.input import labelled
+from context_keras.input import sources
+from context_keras.model import fold
+from context_keras.training import trainer as trainer_lib
 
 NAME = "finetune"
 EPOCHS = 30

@@ -4,9 +4,9 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import labelled
+from context_keras.input import decoding
+from context_keras.input import labelled
 
 
 def select_images(source, limit, seed):

@@ -14,12 +14,12 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import labelled
-from context_keras import progress as progress_lib
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation import linear
 from context_keras.evaluation.result import Result
+from context_keras.input import labelled
+from context_keras.training import progress as progress_lib
 
 NAME = "knn"
 K = 20              # mmselfsup's knn_imagenet setting; Wu et al. 2018 used 200

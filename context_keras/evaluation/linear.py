@@ -13,11 +13,11 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import labelled
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation import metrics
 from context_keras.evaluation.result import Result
+from context_keras.input import labelled
 
 NAME = "linear"
 PROBE_EPOCHS = 300

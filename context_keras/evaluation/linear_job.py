@@ -18,12 +18,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from context_keras import control
-from context_keras import decoding
-from context_keras import labelled
-from context_keras import sources
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
+from context_keras.input import decoding
+from context_keras.input import labelled
+from context_keras.input import sources
+from context_keras.training import control
 
 PROTOCOLS = ("image", "patches")
 AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")

@@ -10,7 +10,7 @@ recall after each image; images whose target is IGNORED (VOC's "difficult") are 
 """
 import numpy as np
 
-from context_keras import labelled
+from context_keras.input import labelled
 
 
 def top_k_accuracy(scores, labels, k=1):

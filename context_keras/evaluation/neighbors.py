@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import model as model_lib
-from context_keras import patches as patches_lib
-from context_keras import progress as progress_lib
-from context_keras import sources
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
+from context_keras.input import decoding
+from context_keras.input import patches as patches_lib
+from context_keras.input import sources
+from context_keras.model import networks as model_lib
+from context_keras.training import progress as progress_lib
 
 NAME = "neighbors"
 IMAGE_FILE = "neighbors.png"

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from context_keras import writes
+from context_keras.storage import writes
 
 
 def emit(mode, metrics, result, eval_dir, step, write=True):

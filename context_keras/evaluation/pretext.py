@@ -8,16 +8,16 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from context_keras import augment as augment_lib
-from context_keras import decoding
 from context_keras import errors
-from context_keras import patches as patches_lib
-from context_keras import progress as progress_lib
-from context_keras import serving
-from context_keras import shortcuts
-from context_keras import sources
+from context_keras.deploy import serving
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
+from context_keras.input import augment as augment_lib
+from context_keras.input import decoding
+from context_keras.input import patches as patches_lib
+from context_keras.input import shortcuts
+from context_keras.input import sources
+from context_keras.training import progress as progress_lib
 
 NAME = "pretext"
 PAIRS_PER_IMAGE = 256   # method.md §6.3: 500 images x 256 pairs

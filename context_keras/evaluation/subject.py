@@ -5,12 +5,12 @@ import os
 import keras
 import tensorflow as tf
 
-from context_keras import augment
 from context_keras import errors
-from context_keras import fold
-from context_keras import model as model_lib
-from context_keras import restore
-from context_keras import serving
+from context_keras.deploy import serving
+from context_keras.input import augment
+from context_keras.model import fold
+from context_keras.model import networks as model_lib
+from context_keras.training import restore
 
 
 @dataclasses.dataclass

@@ -6,11 +6,11 @@ import os
 from absl import logging
 import tensorflow as tf
 
-from context_keras import augment
 from context_keras import errors
-from context_keras import fold
-from context_keras import model as model_lib
-from context_keras import run_dir
+from context_keras.input import augment
+from context_keras.model import fold
+from context_keras.model import networks as model_lib
+from context_keras.training import run_dir
 
 
 def build_networks(model_config):

@@ -3,9 +3,9 @@ divergence guard."""
 from absl import flags
 
 from context_keras import errors
-from context_keras import program
-from context_keras import resources
-from context_keras import trainer as trainer_lib
+from context_keras.cli import program
+from context_keras.training import resources
+from context_keras.training import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
 GROUP = "optimisation"

@@ -11,8 +11,8 @@ import keras
 from keras import layers
 import numpy as np
 
-from context_keras import caffe_layers
-from context_keras import model as model_lib
+from context_keras.model import caffe_layers
+from context_keras.model import networks as model_lib
 
 
 @contextlib.contextmanager

@@ -24,8 +24,8 @@ import keras
 from keras import layers
 import numpy as np
 
-from context_keras import augment as augment_lib
-from context_keras import caffe_layers
+from context_keras.input import augment as augment_lib
+from context_keras.model import caffe_layers
 
 FEATURES_LAYER = "features"
 FLOAT = {"dtype": "float32"}

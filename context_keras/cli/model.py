@@ -2,9 +2,9 @@
 from absl import flags
 
 from context_keras import errors
-from context_keras import model as model_lib
-from context_keras import patches as patches_lib
-from context_keras import program
+from context_keras.cli import program
+from context_keras.input import patches as patches_lib
+from context_keras.model import networks as model_lib
 
 FLAGS = flags.FLAGS
 GROUP = "model"

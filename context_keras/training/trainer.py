@@ -10,9 +10,9 @@ import math
 import keras
 import tensorflow as tf
 
-from context_keras import control
 from context_keras import errors
-from context_keras import model as model_lib
+from context_keras.model import networks as model_lib
+from context_keras.training import control
 
 DIVERGENCE_WARMUP_STEPS = 100
 PREVIEW_PAIRS = 8

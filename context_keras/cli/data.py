@@ -1,11 +1,11 @@
 """The data group: where images come from, how patches are cut and augmented, and how batches are packed."""
 from absl import flags
 
-from context_keras import augment
-from context_keras import data as data_lib
 from context_keras import errors
-from context_keras import program
-from context_keras import shortcuts
+from context_keras.cli import program
+from context_keras.input import augment
+from context_keras.input import pipeline as data_lib
+from context_keras.input import shortcuts
 
 FLAGS = flags.FLAGS
 GROUP = "data"

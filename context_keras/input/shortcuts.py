@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from context_keras import patches as patches_lib
+from context_keras.input import patches as patches_lib
 
 ROTATIONS = 4
 # method.md §9.4: Mundhenk et al. rescale the 96-px patch to a side uniform in [96, 128] and crop 96 px back out.

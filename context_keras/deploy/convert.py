@@ -11,7 +11,7 @@ import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=no-name-in-module
 
 from context_keras import errors
-from context_keras import writes
+from context_keras.storage import writes
 
 LITERT_FILE = "backbone.tflite"
 LITERT_FLOAT16_FILE = "backbone_float16.tflite"

@@ -2,7 +2,7 @@
 and finetune modes, and the linear_eval job), each in one of the forms labelled.py reads."""
 from absl import flags
 
-from context_keras import program
+from context_keras.cli import program
 
 FLAGS = flags.FLAGS
 GROUP = "labelled data"

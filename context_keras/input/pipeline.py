@@ -15,11 +15,11 @@ import dataclasses
 
 import tensorflow as tf
 
-from context_keras import augment as augment_lib
-from context_keras import decoding
-from context_keras import patches as patches_lib
-from context_keras import shortcuts
-from context_keras import sources
+from context_keras.input import augment as augment_lib
+from context_keras.input import decoding
+from context_keras.input import patches as patches_lib
+from context_keras.input import shortcuts
+from context_keras.input import sources
 
 AUGMENT_ON = ("host", "device")
 

@@ -19,12 +19,12 @@ from keras import layers
 import numpy as np
 import tensorflow as tf
 
-from context_keras import caffe_layers
 from context_keras import errors
-from context_keras import fold
-from context_keras import restore
-from context_keras import run_dir
-from context_keras import serving
+from context_keras.deploy import serving
+from context_keras.model import caffe_layers
+from context_keras.model import fold
+from context_keras.training import restore
+from context_keras.training import run_dir
 
 RUN, CHECKPOINT, BACKBONE = "run", "checkpoint", "backbone"
 

@@ -16,12 +16,12 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import patches as patches_lib
-from context_keras import progress as progress_lib
-from context_keras import run_dir
-from context_keras import serving
-from context_keras import trainer as trainer_lib
-from context_keras import writes
+from context_keras.deploy import serving
+from context_keras.input import patches as patches_lib
+from context_keras.storage import writes
+from context_keras.training import progress as progress_lib
+from context_keras.training import run_dir
+from context_keras.training import trainer as trainer_lib
 
 
 @dataclasses.dataclass

@@ -24,13 +24,13 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from context_keras import augment as augment_lib
-from context_keras import caffe_layers
 from context_keras import errors
-from context_keras import fold
-from context_keras import model as model_lib
-from context_keras import patches as patches_lib
-from context_keras import writes
+from context_keras.input import augment as augment_lib
+from context_keras.input import patches as patches_lib
+from context_keras.model import caffe_layers
+from context_keras.model import fold
+from context_keras.model import networks as model_lib
+from context_keras.storage import writes
 
 BACKBONE_DIR = "backbone"
 BACKBONE_KERAS_FILE = "backbone.keras"

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras import sources
+from context_keras.input import sources
 
 IGNORED_PREFIX = "?"
 POSITIVE, NEGATIVE, IGNORED = 1, 0, -1   # the entries of a multi-label matrix

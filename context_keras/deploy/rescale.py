@@ -24,10 +24,10 @@ from keras import layers
 import numpy as np
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import patches as patches_lib
-from context_keras import sources
+from context_keras.input import decoding
+from context_keras.input import patches as patches_lib
+from context_keras.input import sources
 
 NUM_PATCHES = 160   # magic_init: -nit 10 batches of -bs 16
 BIAS = 0.1          # magic_init --bias: the mean of every pre-activation after the within-layer step

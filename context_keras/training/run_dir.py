@@ -22,11 +22,11 @@ import sys
 from absl import logging
 import tensorflow as tf
 
-from context_keras import data as data_lib
 from context_keras import errors
-from context_keras import model as model_lib
-from context_keras import trainer as trainer_lib
-from context_keras import writes
+from context_keras.input import pipeline as data_lib
+from context_keras.model import networks as model_lib
+from context_keras.storage import writes
+from context_keras.training import trainer as trainer_lib
 
 FLAGS_FILE = "flags.txt"
 CONFIG_FILE = "config.json"

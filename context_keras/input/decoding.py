@@ -6,7 +6,7 @@ decode turns every image upright by its EXIF orientation (exif.py), which Tensor
 """
 import tensorflow as tf
 
-from context_keras import exif
+from context_keras.input import exif
 
 # Larger than any camera's photo; a header that claims more is taken for a decompression bomb.
 MAX_DECODE_PIXELS = 100_000_000

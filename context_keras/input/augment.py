@@ -12,8 +12,8 @@ draws from its own stream of the keys; both modes then apply it.
 """
 import tensorflow as tf
 
-from context_keras import patches as patches_lib
-from context_keras import shortcuts
+from context_keras.input import patches as patches_lib
+from context_keras.input import shortcuts
 
 PIXELATE_PROBABILITY = 0.33  # method.md §2.4 step 1
 PIXELATE_MIN_SIDE = 10       # area uniform in [10^2, 95^2]

@@ -15,8 +15,8 @@ import keras
 from keras import layers
 import tensorflow as tf
 
-from context_keras import caffe_layers
-from context_keras import patches as patches_lib
+from context_keras.input import patches as patches_lib
+from context_keras.model import caffe_layers
 
 BN_MOMENTUM = caffe_layers.BN_MOMENTUM
 HEADS = ("doersch", "revisiting")

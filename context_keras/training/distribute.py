@@ -6,8 +6,8 @@ import threading
 
 import tensorflow as tf
 
-from context_keras import data as data_lib
 from context_keras import errors
+from context_keras.input import pipeline as data_lib
 
 
 def names_cluster():

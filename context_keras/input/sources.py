@@ -17,9 +17,9 @@ import zlib
 from absl import logging
 import tensorflow as tf
 
-from context_keras import decoding
 from context_keras import errors
-from context_keras import patches as patches_lib
+from context_keras.input import decoding
+from context_keras.input import patches as patches_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFRECORD_IMAGE_KEY = "image/encoded"

@@ -1,0 +1,1 @@
+"""The networks: the patch towers and the pair head, Caffe's layers that Keras lacks, and batch-norm folding."""
