@@ -1,14 +1,19 @@
 """The package's rooms and the direction of its imports: programs on top, then the command-line scaffold and flag
 groups (cli/), then the library's rooms from evaluation/ down to storage/; no cycles; flags defined only by programs
-and flag groups; no Python callbacks in the input pipeline's graph."""
+and flag groups; no Python callbacks in the input pipeline's graph; one version, which setup.py and CITATION.cff
+repeat."""
 import ast
 import glob
 import os
+import re
+import runpy
 import subprocess
 import sys
 
 import pytest
+import setuptools
 
+import context_keras
 from helpers import REPO
 
 PACKAGE = os.path.join(REPO, "context_keras")
@@ -121,8 +126,34 @@ def test_importing_the_package_leaves_tensorflow_unstarted():
   code = ("import importlib, sys\n"
           f"for name in {modules!r}: importlib.import_module(name)\n"
           "from tensorflow.python.eager import context\n"
-          "print('started' if context.context()._initialized else 'not started')\n")
+          "print('started' if context.context()._initialized else 'not started')\n"
+          "print('matplotlib' if 'matplotlib' in sys.modules else 'no matplotlib')\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split()[-2:] == ["not", "started"], result.stdout
+  # matplotlib (the optional `plot` extra) is imported only when a plot is drawn.
+  assert result.stdout.split()[-4:] == ["not", "started", "no", "matplotlib"], result.stdout
+
+
+def test_one_version_that_setup_py_and_citation_cff_repeat(monkeypatch, tmp_path):
+  """setup.py builds context_keras.__version__, read from the package's source without importing it (TensorFlow),
+  from any working directory (README.md found beside setup.py); CITATION.cff cites the same version; the test extra
+  installs every optional feature's extra."""
+  built = {}
+  monkeypatch.setattr(setuptools, "setup", lambda **kwargs: built.update(kwargs))
+  monkeypatch.chdir(tmp_path)
+  runpy.run_path(os.path.join(REPO, "setup.py"))
+  assert re.fullmatch(r"\d+\.\d+\.\d+", context_keras.__version__)
+  assert built["version"] == context_keras.__version__
+  assert built["long_description"] == open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+  tree = ast.parse(open(os.path.join(REPO, "setup.py"), encoding="utf-8").read())
+  imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+              for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+  assert not imported & {"context_keras", "tensorflow", "keras"}, imported
+  extras = built["extras_require"]
+  for extra in ("plot", "tfds", "detection", "onnx", "litert"):
+    assert set(extras[extra]) <= set(extras["test"]), extra
+  citation = open(os.path.join(REPO, "CITATION.cff"), encoding="utf-8").read()
+  assert re.search(r"^cff-version: 1\.2\.0$", citation, re.MULTILINE)
+  assert re.search(r"^version: (\S+)$", citation, re.MULTILINE).group(1) == context_keras.__version__
+  assert built["license"] == "Apache-2.0" and "Apache License" in open(os.path.join(REPO, "LICENSE")).read()
