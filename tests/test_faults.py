@@ -556,7 +556,7 @@ def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, s
                  "--train_steps=5"), None, onednn),
       (["context_keras.evaluate", "--mode=pretext", f"--model_dir={small_run}", f"--eval_dir={tmp_path / 'eval'}",
         f"--data={bad}", "--images=6", "--pairs_per_image=16"], None, onednn),
-  ], tmp_path)
+  ], tmp_path, timeout=600)
   (quiet_code, quiet), (verbose_code, verbose), (trained, verbose_run), (eta_code, eta), (fp16_code, fp16) = results[:5]
   (onednn_code, onednn_run), (evaluated, evaluation) = results[5:]
   assert onednn_code == evaluated == 0, [text[-3000:] for _, text in results[5:]]

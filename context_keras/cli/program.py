@@ -11,6 +11,8 @@
   integer at most MAX_INTEGER (TensorFlow counts steps and sizes in int32 in places).
 - A mistyped flag, a bad value, a violated bound or a errors.UsageError raised by the program: one line, exit 2, no
   traceback. errors.WriteError: one line, exit 1.
+- At the default verbosity the output holds our own lines, warnings and errors: library chatter is dropped and what
+  C++ libraries print that is no news is held back (quiet_library_logs, hold_back_native_lines; docs/method.md §4.2).
 """
 import atexit
 import contextlib
