@@ -1,16 +1,52 @@
 """context_keras: self-supervised learning by context prediction (Doersch, Gupta & Efros, ICCV 2015) in TF2/Keras 3."""
+import os
+import re
+
 from setuptools import find_packages
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+DESCRIPTION = "Context prediction (relative patch location) pre-training with tf.data, Keras 3 and tf.distribute"
+
+
+def read(*parts):
+  """A file beside setup.py, whatever the working directory (pip builds from a copy or a temporary folder)."""
+  with open(os.path.join(HERE, *parts), encoding="utf-8") as f:
+    return f.read()
+
+
+def version():
+  """context_keras.__version__, parsed from the package's __init__.py: importing the package imports TensorFlow,
+  which building or installing it must not need."""
+  found = re.search(r'^__version__ = "([^"]+)"$', read("context_keras", "__init__.py"), re.MULTILINE)
+  if not found:
+    raise RuntimeError("context_keras/__init__.py has no line __version__ = \"...\"")
+  return found.group(1)
+
+
+def long_description():
+  """README.md, or the one-line description where a source tree without it is built."""
+  try:
+    return read("README.md")
+  except OSError:
+    return DESCRIPTION
+
+
 ONNX = ["tf2onnx>=1.17.0,<1.18", "onnx>=1.23.2,<1.24", "onnxruntime>=1.32.0,<1.33"]
 LITERT = ["ai-edge-litert>=2.3.0,<2.4"]
+PLOT = ["matplotlib>=3.7"]
+TFDS = ["tensorflow-datasets>=4.9"]
+# keras-hub 0.32 brings tensorflow-text; verified to leave TensorFlow 2.21, Keras 3.15 and protobuf as they are.
+DETECTION = ["keras-hub>=0.32,<0.33"]
 
 setup(
     name="context_keras",
-    version="0.1.0",
-    description="Context prediction (relative patch location) pre-training with tf.data, Keras 3 and tf.distribute",
-    long_description=open("README.md", encoding="utf-8").read(),
+    version=version(),
+    description=DESCRIPTION,
+    long_description=long_description(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["context_keras", "context_keras.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -32,7 +68,14 @@ setup(
         # TensorFlow >= 2.20.
         "onnx": ONNX,
         "litert": LITERT,
-        # The deployment tests run the exports in these runtimes, so CI installs them.
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scikit-image", "pillow"] + ONNX + LITERT,
+        # The ablation's plot (OUT/ablation.png); without it the ablation writes its table and JSON and says so.
+        "plot": PLOT,
+        # Labelled sets read through TensorFlow Datasets.
+        "tfds": TFDS,
+        # The detection evaluation's detectors (keras-hub).
+        "detection": DETECTION,
+        # The deployment tests run the exports in these runtimes, so CI installs them, and every optional feature.
+        "test": (["pytest", "pytest-timeout", "pytest-xdist", "scikit-image", "pillow"] + ONNX + LITERT + PLOT + TFDS +
+                 DETECTION),
     },
 )

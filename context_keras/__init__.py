@@ -8,6 +8,10 @@ import re
 import sys
 import tempfile
 
+# The one home of the package's version: setup.py reads this line without importing the package (which imports
+# TensorFlow), CITATION.cff repeats it, and tests/test_structure.py checks that the three agree.
+__version__ = "0.2.0"
+
 # TensorFlow's C++ INFO and WARNING lines (CUDA probing on CPU hosts, libpng's colour-profile notes on every
 # sample photo) drown the training log; errors still show. TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -7,11 +7,13 @@ variant's own flags; each is trained with context_keras.train for the same --tra
 while the evaluation flags stay the same). Each run is then evaluated as context_keras.evaluate does: pretext
 accuracy on the held-out --eval_data and, with --probe_data, the per-layer linear probe (with the random-init
 baseline). Writes DIR/ablation.json, DIR/ablation.md (one table: the mean over
-seeds and the spread between them) and DIR/ablation.png (accuracy per variant and layer), and prints the JSON path.
+seeds and the spread between them) and DIR/ablation.png (accuracy per variant and layer, with matplotlib: pip install
+context_keras[plot]; without it the table and JSON are written all the same), and prints the JSON path.
 
 Variants:
 """
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -24,7 +26,6 @@ import numpy as np
 from context_keras import errors
 from context_keras import train
 from context_keras.cli import program
-from context_keras.evaluation import chart
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
@@ -176,59 +177,125 @@ def evaluate_run(model_dir, seed):
   return scores
 
 
+def statistics(values):
+  """The mean over seeds, the smallest and largest value and the spread between them (largest minus smallest)."""
+  return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
+          "spread": float(np.ptp(values))}
+
+
 def summarise(results):
-  """Per variant, the mean over seeds of every score and its spread (max - min)."""
+  """Per variant, statistics() over seeds of every score."""
   summary = {}
   for name, by_seed in results.items():
     runs = list(by_seed.values())
-    entry = {}
-    for key in ("pretext_direction_accuracy", "pretext_accuracy"):
-      values = [r[key] for r in runs]
-      entry[key] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values))}
+    entry = {key: statistics([r[key] for r in runs]) for key in ("pretext_direction_accuracy", "pretext_accuracy")}
     if "probe" in runs[0]:
       for who in ("probe", "random_init_probe"):
-        entry[who] = {layer: {"mean": float(np.mean([r[who][layer] for r in runs])),
-                              "spread": float(np.ptp([r[who][layer] for r in runs]))} for layer in runs[0][who]}
+        entry[who] = {layer: statistics([r[who][layer] for r in runs]) for layer in runs[0][who]}
     summary[name] = entry
   return summary
 
 
-def _cell(entry):
-  return f"{100 * entry['mean']:.1f} ± {100 * entry['spread']:.1f}" if len(FLAGS.seeds) > 1 else (
-      f"{100 * entry['mean']:.1f}")
+def _cell(entry, seeds):
+  return f"{100 * entry['mean']:.1f} ± {100 * entry['spread']:.1f}" if len(seeds) > 1 else f"{100 * entry['mean']:.1f}"
 
 
-def markdown(summary, budget):
+def _seeds_said(seeds):
+  return (f"mean over seeds {', '.join(map(str, seeds))} ± the spread between them (largest minus smallest)"
+          if len(seeds) > 1 else f"bars: seed {seeds[0]}, one run per variant")
+
+
+def markdown(summary, budget, seeds):
   """The table: one row per variant (and random init), pretext accuracy and each layer's probe, in %."""
   first = next(iter(summary.values()))
   layers = list(first.get("probe", {}))
   head = ["variant", "pretext, 8 directions", "pretext, all classes"] + [f"probe {layer}" for layer in layers]
   rows = [head, ["---"] * len(head)]
   for name, entry in summary.items():
-    rows.append([name, _cell(entry["pretext_direction_accuracy"]), _cell(entry["pretext_accuracy"])] +
-                [_cell(entry["probe"][layer]) for layer in layers])
+    rows.append([name, _cell(entry["pretext_direction_accuracy"], seeds), _cell(entry["pretext_accuracy"], seeds)] +
+                [_cell(entry["probe"][layer], seeds) for layer in layers])
   if layers:
-    rows.append(["random init", "", ""] + [_cell(first["random_init_probe"][layer]) for layer in layers])
-  seeds = (f"mean over seeds {', '.join(FLAGS.seeds)} ± the spread between them (largest minus smallest)"
-           if len(FLAGS.seeds) > 1 else f"seed {FLAGS.seeds[0]}")
-  lines = [f"Accuracy in % ({seeds}).",
+    rows.append(["random init", "", ""] + [_cell(first["random_init_probe"][layer], seeds) for layer in layers])
+  lines = [f"Accuracy in % ({_seeds_said(seeds)}).",
            "Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items()) + ".", ""]
   return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def plot(summary):
-  """Accuracy per variant: pretext (8 directions) and each probed layer."""
+PLOT_NEEDS = f"{PLOT_FILE} is not drawn: the plot needs matplotlib (pip install context_keras[plot])"
+
+
+def has_matplotlib():
+  """Whether matplotlib can be imported (it is the optional `plot` extra)."""
+  try:
+    import matplotlib  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def figure(summary, seeds):
+  """The ablation's plot as a matplotlib Figure: for pretext accuracy (8 directions) and each probed layer, one bar
+  per variant (and random init, for the probes) at the mean over seeds, its whisker from the smallest to the
+  largest seed's value (the table's ± is the length of that whisker). Drawn on a Figure of its own, with no pyplot
+  and so no display or global state: matplotlib's way for programs that only write files."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel  (the optional `plot` extra)
   names = list(summary)
   first = summary[names[0]]
   layers = list(first.get("probe", {}))
-  groups = ["pretext"] + layers
-  values = [[summary[n]["pretext_direction_accuracy"]["mean"]] + [summary[n]["probe"][la]["mean"] for la in layers]
-            for n in names]
+  groups = ["pretext\n(8 directions)"] + [f"probe\n{layer}" for layer in layers]
+  series = [(name, [summary[name]["pretext_direction_accuracy"]] + [summary[name]["probe"][la] for la in layers])
+            for name in names]
   if layers:
-    names = names + ["random init"]
-    values.append([None] + [first["random_init_probe"][la]["mean"] for la in layers])
-  return chart.bar_chart(groups, names, values, title="ablation: accuracy per variant and layer",
-                         y_label="accuracy %")
+    series.append(("random init", [None] + [first["random_init_probe"][la] for la in layers]))
+  width = min(0.8 / len(series), 0.3)  # a lone bar stays a bar
+  fig = Figure(figsize=(max(6.0, 1.6 + 0.22 * len(groups) * len(series)), 4.8), dpi=120, layout="constrained")
+  ax = fig.add_subplot()
+  tallest = 0.0
+  for s, (name, entries) in enumerate(series):
+    at = [g + (s - (len(series) - 1) / 2) * width for g, entry in enumerate(entries) if entry is not None]
+    shown = [entry for entry in entries if entry is not None]
+    means = [100 * e["mean"] for e in shown]
+    whiskers = [[100 * (e["mean"] - e["min"]) for e in shown], [100 * (e["max"] - e["mean"]) for e in shown]]
+    random_init = name == "random init"
+    ax.bar(at, means, width, label=name, yerr=whiskers if len(seeds) > 1 else None, capsize=2,
+           color="0.75" if random_init else f"C{s % 10}", hatch="//" if random_init else None,
+           edgecolor="0.35" if random_init else None, error_kw={"elinewidth": 0.8, "ecolor": "0.15"})
+    tallest = max([tallest] + [100 * e["max"] for e in shown])
+  ax.set_xticks(range(len(groups)), groups)
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(0, min(100.0, max(10.0, tallest * 1.15)))
+  ax.yaxis.grid(True, color="0.9")
+  ax.set_axisbelow(True)
+  bars = (f"bars: mean over seeds {', '.join(map(str, seeds))}; whiskers: smallest to largest seed"
+          if len(seeds) > 1 else f"bars: seed {seeds[0]}, one run per variant")
+  ax.set_title(f"Ablation: accuracy per variant and layer\n({bars})", fontsize=10)
+  ax.legend(title="variant", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return fig
+
+
+def plot_png(summary, seeds):
+  """PNG bytes of figure()."""
+  buffer = io.BytesIO()
+  figure(summary, seeds).savefig(buffer, format="png")
+  return buffer.getvalue()
+
+
+def write_results(output, report, seeds):
+  """OUT/ablation.json, OUT/ablation.md and, where matplotlib is installed, OUT/ablation.png; without it, one line
+  says so and a plot of an earlier call is removed, so that OUT holds no plot that disagrees with the table."""
+  summary, budget = report["summary"], report["budget"]
+  plot_path = os.path.join(output, PLOT_FILE)
+  try:
+    writes.atomic_write_json(os.path.join(output, JSON_FILE), report)
+    writes.atomic_write(os.path.join(output, TABLE_FILE), markdown(summary, budget, seeds).encode())
+    if has_matplotlib():
+      writes.atomic_write(plot_path, plot_png(summary, seeds))
+    else:
+      logging.warning("%s.", PLOT_NEEDS)
+      if os.path.exists(plot_path):
+        os.remove(plot_path)
+  except OSError as e:
+    raise writes.failure("the ablation's results", f"--output={output}", e) from e
 
 
 def main():
@@ -236,6 +303,8 @@ def main():
   output = os.path.abspath(FLAGS.output)
   writes.check_folder(output, "output")
   seeds = [int(s) for s in FLAGS.seeds]
+  if not has_matplotlib():  # said now, before hours of training, and again at the end
+    logging.warning("%s; the table and JSON will be written.", PLOT_NEEDS)
   results = {}
   for name in FLAGS.variants:
     results[name] = {}
@@ -252,13 +321,7 @@ def main():
   report = {"budget": budget, "variants": {name: dict(vars(VARIANTS[name]), runs={str(s): r for s, r in
                                                                                     results[name].items()})
                                            for name in results}, "summary": summary}
-  try:
-    writes.atomic_write_json(os.path.join(output, JSON_FILE), report)
-    writes.atomic_write(os.path.join(output, TABLE_FILE), markdown(summary, budget).encode())
-    image = plot(summary)
-    writes.atomic_write(os.path.join(output, PLOT_FILE), chart.encode_png(image))
-  except OSError as e:
-    raise writes.failure("the ablation's results", f"--output={output}", e) from e
+  write_results(output, report, seeds)
   print(os.path.join(output, JSON_FILE))
   return 0
 

@@ -78,11 +78,13 @@ def start_module(args, cwd, log_path, preexec=None, measure=False, env=None):
 
 def run_all(commands, cwd, timeout=300):
   """Runs several `python -m` commands at once (2 cores: most of each is importing TensorFlow); for each, its exit
-  code and output, which ends with its peak memory (start_module's `measure`). commands: [(args, preexec or None)]."""
+  code and output, which ends with its peak memory (start_module's `measure`). commands: [(args, preexec or None)],
+  or (args, preexec, {environment variables to add})."""
   processes = []
   try:
-    for i, (args, preexec) in enumerate(commands):
-      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=True))
+    for i, (args, preexec, *env) in enumerate(commands):
+      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=True,
+                                    env=env[0] if env else None))
     codes = [p.wait(timeout=timeout) for p in processes]
   finally:
     for p in processes:

@@ -1,11 +1,18 @@
-"""The ablation program (method.md §9.7): variants trained alike, evaluated, one table, JSON and plot; and its
-usage errors."""
+"""The ablation program (method.md §9.7): variants trained alike, evaluated, one table, JSON and plot (matplotlib's
+bars at the mean over seeds, whiskers from the smallest to the largest); without matplotlib the table and JSON and
+one line that says why there is no plot; and its usage errors."""
 import json
+import logging
+import sys
 
+from absl import logging as absl_logging
+from matplotlib.container import BarContainer
+from matplotlib.container import ErrorbarContainer
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import ablation as A
 from helpers import REPO
 from helpers import SMALL_MODEL
 from helpers import log_of
@@ -46,8 +53,7 @@ def test_ablation_trains_evaluates_and_writes_table_json_and_plot(tmp_path, phot
   assert config["input"]["random_aperture"] and config["input"]["flip_relabel"]
   table = (out / "ablation.md").read_text()
   assert "| mundhenk |" in table and "| random init |" in table and "probe conv3" in table
-  plot = tf.io.decode_png(tf.io.read_file(str(out / "ablation.png"))).numpy()
-  assert plot.shape[0] > 200 and len(np.unique(plot.reshape(-1, plot.shape[-1]), axis=0)) > 4
+  assert_real_plot((out / "ablation.png").read_bytes())
   assert json.loads((out / "runs" / "mundhenk_s0" / "ablation_eval.json").read_text())["scores"] == run
 
 
@@ -64,3 +70,64 @@ def test_flagfiles_parse_and_usage_errors_are_one_line(tmp_path):
                        "--variants=baseline,flip"], cwd=REPO, timeout=120)
   assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
   assert "--variants=flip do not work with --geometry=revisiting" in log_of(result), log_of(result)
+
+
+def results_of(seeds, layers=("conv1", "fc6")):
+  """{variant: {seed: scores}} as evaluate_run gives them, with different values per seed."""
+  rng = np.random.default_rng(0)
+  return {name: {seed: {"step": 4, "pretext_accuracy": rng.uniform(0.1, 0.3), "pretext_classes": 8,
+                        "pretext_direction_accuracy": rng.uniform(0.1, 0.3),
+                        "probe": {layer: rng.uniform(0.3, 0.7) for layer in layers},
+                        "random_init_probe": {layer: rng.uniform(0.2, 0.5) for layer in layers}} for seed in seeds}
+          for name in ("baseline", "mundhenk")}
+
+
+def assert_real_plot(png):
+  """A PNG that decodes to a picture of some size, mostly white with a good share of drawn pixels in many colours."""
+  image = tf.io.decode_png(png, channels=3).numpy()
+  assert image.shape[0] >= 400 and image.shape[1] >= 600, image.shape
+  drawn = (image < 250).any(-1).mean()
+  assert 0.05 < drawn < 0.7, drawn
+  assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50
+
+
+def test_plot_shows_the_mean_over_seeds_with_whiskers_from_the_smallest_to_the_largest():
+  seeds = [0, 1, 2]
+  results = results_of(seeds)
+  summary = A.summarise(results)
+  ax = A.figure(summary, seeds).axes[0]
+  bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+  whiskers = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+  assert [b.get_label() for b in bars] == ["baseline", "mundhenk", "random init"] and len(whiskers) == 3
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["pretext\n(8 directions)", "probe\nconv1", "probe\nfc6"]
+  for name, container, errorbar in zip(("baseline", "mundhenk"), bars, whiskers):
+    scores = [[r["pretext_direction_accuracy"]] + [r["probe"][la] for la in ("conv1", "fc6")]
+              for r in results[name].values()]
+    np.testing.assert_allclose([p.get_height() for p in container], 100 * np.mean(scores, 0))
+    (segments,) = errorbar.lines[2]  # the vertical lines, one per bar: from the smallest to the largest seed
+    ends = np.array([sorted(segment[:, 1]) for segment in segments.get_segments()])
+    np.testing.assert_allclose(ends, 100 * np.stack([np.min(scores, 0), np.max(scores, 0)], 1))
+  # The random-init bars stand in the probe groups only, and the table's ± is the whiskers' length.
+  assert len(bars[2]) == 2
+  assert "85.0 ± 10.0" == A._cell({"mean": 0.85, "spread": 0.1}, seeds)
+  assert "whiskers: smallest to largest" in ax.get_title() and ax.get_ylabel() == "accuracy (%)"
+  assert_real_plot(A.plot_png(summary, seeds))
+  one_seed = A.figure(A.summarise(results_of([0], layers=())), [0]).axes[0]  # no probes, one seed: no whiskers
+  assert not [c for c in one_seed.containers if isinstance(c, ErrorbarContainer)] and len(one_seed.containers) == 2
+
+
+def test_without_matplotlib_table_and_json_are_written_and_one_line_says_how_to_get_the_plot(tmp_path, monkeypatch,
+                                                                                             caplog):
+  summary = A.summarise(results_of([0, 1]))
+  report = {"budget": {"steps": 4}, "variants": {}, "summary": summary}
+  A.write_results(str(tmp_path), report, [0, 1])
+  assert_real_plot((tmp_path / "ablation.png").read_bytes())
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails as if it were not installed
+  monkeypatch.setattr(absl_logging.get_absl_logger(), "propagate", True)
+  with caplog.at_level(logging.WARNING):
+    A.write_results(str(tmp_path), report, [0, 1])
+  assert json.loads((tmp_path / "ablation.json").read_text())["summary"] == summary
+  assert "| mundhenk |" in (tmp_path / "ablation.md").read_text()
+  assert not (tmp_path / "ablation.png").exists()  # the earlier call's plot would disagree with a newer table
+  said = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+  assert said == ["ablation.png is not drawn: the plot needs matplotlib (pip install context_keras[plot])."], said

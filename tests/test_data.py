@@ -398,3 +398,41 @@ def test_revisiting_device_and_host_augmentation_are_equal_patch_for_patch(demo_
   gray = np.concatenate(gray)
   assert np.all(gray == gray[:, :1]), "all the patches of an image are gray, or none"
   assert gray[:, 0].any() and not gray[:, 0].all()
+
+
+# Ops that TensorFlow's oneDNN graph rewrite inspects by dtype: for any but these, where oneDNN is on (CPUs with
+# AVX-512 VNNI/BF16 or AMX, or TF_ENABLE_ONEDNN_OPTS=1) it logs an error-level line into every run that builds the
+# graph, "oneDNN supports DT_UINT8 only on platforms with AVX-512" (docs/method.md §4.2).
+ONEDNN_CHECKED_OPS = {"Transpose", "ConjugateTranspose", "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3",
+                      "Einsum"}
+ONEDNN_QUIET_TYPES = {tf.float32.as_datatype_enum, tf.float64.as_datatype_enum}
+
+
+def onednn_complaints(graph_def):
+  """(op, dtype) of every node of the graph and its function library that oneDNN's rewrite would log about."""
+  nodes = list(graph_def.node) + [n for function in graph_def.library.function for n in function.node_def]
+  return {(n.op, tf.as_dtype(n.attr["T"].type).name) for n in nodes
+          if n.op in ONEDNN_CHECKED_OPS and n.attr["T"].type not in ONEDNN_QUIET_TYPES}
+
+
+@pytest.mark.slow  # 9 CPU-seconds of tracing
+def test_input_and_evaluation_graphs_hold_no_op_that_onednn_logs_about(tiny_image_dir):
+  """Decoding (EXIF orientations 5-8 transpose), the grid transforms (--rotation_classes, --flip_relabel), the
+  augmentations and the evaluation's patch grids move uint8 pixels with gathers and slices, not Transpose."""
+  from context_keras.evaluation import features  # pylint: disable=import-outside-toplevel
+  from context_keras.evaluation import pretext  # pylint: disable=import-outside-toplevel
+  images = tf.data.Dataset.from_tensor_slices([str(p) for p in sorted(tiny_image_dir.rglob("*.*"))]).map(
+      tf.io.read_file)
+  config = D.InputConfig(data=str(tiny_image_dir), **SMALL, rotation_classes=True, flip_relabel=True,
+                         color_mode="chroma_blur", yoked_jitter=True, random_aperture=True)
+  graph = tf.compat.v1.GraphDef.FromString(
+      D.batches_from_images(images, config, seed=0)._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  assert len(graph.library.function) > 5  # the map functions and their branches are searched too
+  assert not onednn_complaints(graph)
+  pairs = tf.autograph.experimental.do_not_convert(
+      lambda image: pretext.pretext_pairs(image, tf.constant([3, 4], tf.int64), 64, "drop", True, flip_relabel=True,
+                                          rotation_classes=True)["patches"])
+  traced = [tf.function(features.cut_patch_grid).get_concrete_function(tf.TensorSpec([None, 99, 99, 3], tf.uint8)),
+            tf.function(pairs).get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))]
+  for function in traced:
+    assert not onednn_complaints(function.graph.as_graph_def()), function

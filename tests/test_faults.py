@@ -20,9 +20,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
+from context_keras.cli.program import HELD_BACK_NOTE
+from context_keras.input import decoding as DEC
 from helpers import REPO
 from helpers import assert_complete_checkpoint
 from helpers import checkpoint_steps
@@ -32,6 +36,7 @@ from helpers import module_env
 from helpers import run_all
 from helpers import run_module
 from helpers import run_state
+from helpers import skimage_photo_dir
 from helpers import start_module
 from helpers import wait_for
 
@@ -514,10 +519,32 @@ CHATTER = ("Sharding callback duration", "Writing fingerprint", "unsupported cha
            "Collective all_reduce")
 
 
+def corrupt_jpeg_folder(folder):
+  """Photos that a corrupt JPEG (noise in its scan: libjpeg warns, then fails) and a truncated one sit among, with a
+  JPEG stored sideways (EXIF orientation 6, turned upright in decoding)."""
+  photos = skimage_photo_dir()
+  folder.mkdir()
+  for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
+    shutil.copy(os.path.join(photos, name), folder / name)
+  rocket = (folder / "rocket.jpg").read_bytes()
+  noise = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+  (folder / "corrupt.jpg").write_bytes(rocket[:len(rocket) // 2] + noise + rocket[len(rocket) // 2 + len(noise):])
+  (folder / "truncated.jpg").write_bytes(rocket[:len(rocket) // 2])
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.open(os.path.join(photos, "chelsea.png")).convert("RGB").save(folder / "sideways.jpg", exif=exif.tobytes())
+  return folder
+
+
 def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, small_run):
   """At the default verbosity no TensorFlow start-up banner and no library chatter (checkpoint sharding, SavedModel
   naming) reach the output or RUN/train.log; -v 1 brings them back. Progress lines come at every --log_every step
-  and at the last one, with the elapsed time and an ETA; float16's skipped updates never repeat a step's line."""
+  and at the last one, with the elapsed time and an ETA; float16's skipped updates never repeat a step's line.
+  With oneDNN on (TF_ENABLE_ONEDNN_OPTS=1; TensorFlow's default on CPUs with AVX-512 VNNI/BF16 or AMX) training and
+  evaluation print no error-level line, and corrupt JPEGs no raw libjpeg line: one line of ours says they were
+  skipped, and the progress line counts them (docs/method.md §4.2)."""
+  bad = corrupt_jpeg_folder(tmp_path / "bad")
+  onednn = {"TF_ENABLE_ONEDNN_OPTS": "1"}
   results = run_all([
       (["context_keras.service"], None),
       (["context_keras.service", "-v", "1"], None),
@@ -525,8 +552,20 @@ def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, s
       (demo_args(tmp_path / "eta", "--train_steps=12", "--log_every=5", "--steps_per_loop=5"), None),
       (demo_args(tmp_path / "fp16", "--mixed_precision=float16", "--train_steps=4", "--log_every=1",
                  "--steps_per_loop=1"), None),
-  ], tmp_path)
-  (quiet_code, quiet), (verbose_code, verbose), (trained, verbose_run), (eta_code, eta), (fp16_code, fp16) = results
+      (demo_args(tmp_path / "onednn", f"--data={bad}", "--data_root=", "--rotation_classes", "--flip_relabel",
+                 "--train_steps=5"), None, onednn),
+      (["context_keras.evaluate", "--mode=pretext", f"--model_dir={small_run}", f"--eval_dir={tmp_path / 'eval'}",
+        f"--data={bad}", "--images=6", "--pairs_per_image=16"], None, onednn),
+  ], tmp_path, timeout=600)
+  (quiet_code, quiet), (verbose_code, verbose), (trained, verbose_run), (eta_code, eta), (fp16_code, fp16) = results[:5]
+  (onednn_code, onednn_run), (evaluated, evaluation) = results[5:]
+  assert onednn_code == evaluated == 0, [text[-3000:] for _, text in results[5:]]
+  for text in (onednn_run, evaluation):
+    assert not BANNER.search(text) and "oneDNN supports" not in text, text[-3000:]  # no C++ log line at all
+    assert not [line for line in text.splitlines() if DEC.DECODER_MESSAGES.search(line)], text[-3000:]
+    assert text.count(HELD_BACK_NOTE) == 1, text[-3000:]
+  assert re.search(r"step 5/5 .*unreadable [1-9]", onednn_run), onednn_run[-3000:]
+  assert json.loads(re.findall(r"^\{.*", evaluation, re.M)[-1])["unreadable"] == 2, evaluation[-3000:]
   assert quiet_code == verbose_code == 2 and "--role is required" in quiet, quiet
   assert not BANNER.search(quiet), quiet
   assert BANNER.search(verbose), verbose

@@ -1,14 +1,19 @@
 """The package's rooms and the direction of its imports: programs on top, then the command-line scaffold and flag
 groups (cli/), then the library's rooms from evaluation/ down to storage/; no cycles; flags defined only by programs
-and flag groups; no Python callbacks in the input pipeline's graph."""
+and flag groups; no Python callbacks in the input pipeline's graph; one version, which setup.py and CITATION.cff
+repeat."""
 import ast
 import glob
 import os
+import re
+import runpy
 import subprocess
 import sys
 
 import pytest
+import setuptools
 
+import context_keras
 from helpers import REPO
 
 PACKAGE = os.path.join(REPO, "context_keras")
@@ -114,11 +119,13 @@ def test_every_numeric_flag_is_defined_with_bounds_in_the_scaffold():
 
 
 @pytest.mark.slow  # a fresh interpreter importing every module: 6-8 s
-def test_importing_the_package_leaves_tensorflow_unstarted():
+def test_importing_the_package_leaves_tensorflow_unstarted_and_needs_no_matplotlib():
   """No module makes a tensor when it is imported: that would start TensorFlow's runtime before the programs set
-  up their devices (two logical CPUs, collective ops for several workers), which then fail or see one device."""
+  up their devices (two logical CPUs, collective ops for several workers), which then fail or see one device. And
+  every module imports where matplotlib (the optional `plot` extra) is not installed: it is imported to draw."""
   modules = sorted(module_name(p) for p in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True))
   code = ("import importlib, sys\n"
+          "sys.modules['matplotlib'] = None  # `import matplotlib` fails, as where it is not installed\n"
           f"for name in {modules!r}: importlib.import_module(name)\n"
           "from tensorflow.python.eager import context\n"
           "print('started' if context.context()._initialized else 'not started')\n")
@@ -126,3 +133,27 @@ def test_importing_the_package_leaves_tensorflow_unstarted():
                           env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split()[-2:] == ["not", "started"], result.stdout
+
+
+def test_one_version_that_setup_py_and_citation_cff_repeat(monkeypatch, tmp_path):
+  """setup.py builds context_keras.__version__, read from the package's source without importing it (TensorFlow),
+  from any working directory (README.md found beside setup.py); CITATION.cff cites the same version; the test extra
+  installs every optional feature's extra."""
+  built = {}
+  monkeypatch.setattr(setuptools, "setup", lambda **kwargs: built.update(kwargs))
+  monkeypatch.chdir(tmp_path)
+  runpy.run_path(os.path.join(REPO, "setup.py"))
+  assert re.fullmatch(r"\d+\.\d+\.\d+", context_keras.__version__)
+  assert built["version"] == context_keras.__version__
+  assert built["long_description"] == open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+  tree = ast.parse(open(os.path.join(REPO, "setup.py"), encoding="utf-8").read())
+  imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+              for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+  assert not imported & {"context_keras", "tensorflow", "keras"}, imported
+  extras = built["extras_require"]
+  for extra in ("plot", "tfds", "detection", "onnx", "litert"):
+    assert set(extras[extra]) <= set(extras["test"]), extra
+  citation = open(os.path.join(REPO, "CITATION.cff"), encoding="utf-8").read()
+  assert re.search(r"^cff-version: 1\.2\.0$", citation, re.MULTILINE)
+  assert re.search(r"^version: (\S+)$", citation, re.MULTILINE).group(1) == context_keras.__version__
+  assert built["license"] == "Apache-2.0" and "Apache License" in open(os.path.join(REPO, "LICENSE")).read()

@@ -11,11 +11,15 @@
   integer at most MAX_INTEGER (TensorFlow counts steps and sizes in int32 in places).
 - A mistyped flag, a bad value, a violated bound or a errors.UsageError raised by the program: one line, exit 2, no
   traceback. errors.WriteError: one line, exit 1.
+- At the default verbosity the output holds our own lines, warnings and errors: library chatter is dropped and what
+  C++ libraries print that is no news is held back (quiet_library_logs, hold_back_native_lines; docs/method.md §4.2).
 """
+import atexit
 import contextlib
 import logging as std_logging
 import math
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -25,6 +29,7 @@ from absl import logging
 
 import context_keras
 from context_keras import errors
+from context_keras.input import decoding
 
 FLAGS = flags.FLAGS
 
@@ -153,9 +158,89 @@ def quiet_library_logs():
   std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
 
+# The filter of hold_back_native_lines: a separate interpreter (-I -S: no site, no environment, no TensorFlow), so
+# that it outlives a program that crashes and still passes on its last lines (a fatal CHECK, a traceback). It reads
+# the program's file descriptor 2 line by line, drops the lines that match argv[1], says argv[2] in their place the
+# first time, and passes everything else on at once (a partial line after a pause of 0.2 s).
+_FILTER = r"""
+import os, re, select, sys
+held, note = re.compile(sys.argv[1].encode()), sys.argv[2].encode() + b"\n"
+pending = b""
+while True:
+  if pending and not select.select([0], [], [], 0.2)[0]:
+    os.write(1, pending)
+    pending = b""
+  chunk = os.read(0, 65536)
+  if not chunk:
+    break
+  *lines, pending = (pending + chunk).split(b"\n")
+  out = []
+  for line in lines:
+    if not held.search(line):
+      out.append(line + b"\n")
+    elif note:
+      out.append(note)
+      note = b""
+  os.write(1, b"".join(out))
+os.write(1, pending)
+"""
+HELD_BACK_NOTE = ("context_keras: corrupt JPEG data met: such images are skipped and counted as unreadable; "
+                  "libjpeg's own messages are held back (-v 1 shows them)")
+
+
+def hold_back_native_lines():
+  """At the default verbosity, sends file descriptor 2 through a filter process for the rest of the program, which
+  holds back what C++ libraries print there that is no news: a corrupt JPEG makes libjpeg print raw lines
+  ("Corrupt JPEG data: ...", "Improper call to JPEG library in state 203") from the input pipeline's threads while
+  the pipeline skips and counts the image (decoding.DECODER_MESSAGES), and TensorFlow's late start-up banners
+  (context_keras.BANNERS). Python's own output goes the same way, so the order of the lines is kept. The first held
+  line is replaced by HELD_BACK_NOTE. -v 1 (or TF_CPP_MIN_LOG_LEVEL < 2) shows everything (docs/method.md §4.2).
+
+  Filtering the stream is the one way that holds for every corrupt stream: which JPEG libjpeg will complain about
+  is known only by decoding it, and it writes with fprintf from the decoding thread, past Python and TensorFlow's
+  logging."""
+  if FLAGS.verbosity >= 1 or context_keras.shows_tensorflow_logs() or not sys.executable:
+    return
+  held = f"{decoding.DECODER_MESSAGES.pattern}|{context_keras.BANNERS.pattern}"
+  try:
+    sys.stderr.flush()
+    original = os.dup(2)
+  except (OSError, ValueError):  # no file descriptor 2 to filter
+    return
+  read, write = os.pipe()
+  try:
+    # A session of its own: Ctrl-C stops the program, whose exit then ends the filter (end of its input).
+    filtering = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, held, HELD_BACK_NOTE], stdin=read,
+                                 stdout=original, stderr=original, start_new_session=True)
+  except OSError:
+    for fd in (read, write, original):
+      os.close(fd)
+    return
+  os.close(read)
+  os.dup2(write, 2)
+  os.close(write)
+
+  def restore():
+    """At exit, fd 2 back to the original, and the filter's last lines out before the program ends (it reads to the
+    end of its input: no copy of the pipe is left unless a child of ours still runs)."""
+    try:
+      sys.stderr.flush()
+    except (OSError, ValueError):
+      pass
+    os.dup2(original, 2)
+    os.close(original)
+    try:
+      filtering.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+      pass
+
+  atexit.register(restore)
+
+
 def _guarded(main):
   def guarded(argv):
     quiet_library_logs()
+    hold_back_native_lines()
     try:
       if len(argv) > 1:
         raise errors.UsageError(f"Unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")

@@ -75,10 +75,10 @@ def cut_patch_grid(images, grid=PATCH_GRID):
   """[N * grid * grid, c, c, 3] patches (c = side // grid, row-major per image) of square images [N, side, side, 3]."""
   side = images.shape[1] if images.shape[1] is not None else tf.shape(images)[1]
   cell = side // grid
-  images = images[:, :grid * cell, :grid * cell]
-  shape = tf.shape(images)
-  cells = tf.reshape(images, [shape[0], grid, cell, grid, cell, 3])
-  return tf.reshape(tf.transpose(cells, [0, 1, 3, 2, 4, 5]), [-1, cell, cell, 3])
+  # Slices, not a reshape and tf.transpose: where TensorFlow uses oneDNN, its graph rewrite logs an error-level line
+  # for a Transpose of uint8 (see exif._transposed).
+  cells = [images[:, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] for r in range(grid) for c in range(grid)]
+  return tf.reshape(tf.stack(cells, axis=1), [-1, cell, cell, 3])
 
 
 class Extractor:

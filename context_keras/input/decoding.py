@@ -4,6 +4,8 @@ image_size_from_header (Python) and decode's in-graph check read the same header
 tf.io.decode_image reads, so that a small file claiming a huge image is refused before anything is allocated.
 decode turns every image upright by its EXIF orientation (exif.py), which TensorFlow's decoders ignore.
 """
+import re
+
 import tensorflow as tf
 
 from context_keras.input import exif
@@ -11,6 +13,24 @@ from context_keras.input import exif
 # Larger than any camera's photo; a header that claims more is taken for a decompression bomb.
 MAX_DECODE_PIXELS = 100_000_000
 FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+
+# What decoding a corrupt JPEG writes to file descriptor 2 from C++, while the pipeline skips the image and counts it
+# as unreadable: libjpeg's warnings and errors, whole lines without prefix or level (its message table, jerror.h:
+# the messages a decoder can meet on bad data), and TensorFlow's own decoder logging at error level
+# (jpeg_mem.cc: "Premature end of JPEG data"). cli/program.py holds them back (docs/method.md §4.2).
+DECODER_MESSAGES = re.compile(
+    r"^(Corrupt JPEG data: .*|Premature end of (JPEG|input) file|Unsupported marker type 0x[0-9a-f]{2}|"
+    r"Improper call to JPEG library in state \d+|Invalid JPEG file structure: .*|Not a JPEG file: .*|"
+    r"Bogus (marker length|Huffman table definition|sampling factors|JPEG colorspace|D[AHQ][CT] (index|value) .*)|"
+    r"(Huffman|Quantization|Arithmetic) table 0x[0-9a-f]{2} was not defined|Huffman code size table overflow|"
+    r"Missing Huffman code table entry|Invalid SOS parameters for sequential JPEG|Invalid component ID \d+ in SOS|"
+    r"Inconsistent progression sequence for .*|Invalid progressive parameters .*|Unsupported JPEG (process|data "
+    r"precision).*|Sampling factors too large for interleaved scan|JPEG datastream contains no image|"
+    r"Empty JPEG image \(DNL not supported\)|Empty input file|Warning: unknown JFIF revision number .*|"
+    r"Unknown Adobe color transform code \d+|Application transferred too (few|many) scanlines|"
+    r"Didn't expect more than one scan|DCT coefficient out of range|Too many color components: .*|"
+    r"Maximum supported image dimension is \d+ pixels)$|"
+    r"^[IWE]\d{4} .* jpeg_(mem|handle)\.cc:\d+\] ")
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG frame headers (not DHT, JPG, DAC)

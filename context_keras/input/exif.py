@@ -148,6 +148,25 @@ def orientation(contents):
   return tf.cond(start >= 0, from_tiff, lambda: tf.constant(1, tf.int32))
 
 
+def _transposed(image, reverse_rows=False, reverse_columns=False):
+  """image [H, W, C] with rows and columns swapped ([W, H, C]), then its rows and/or columns reversed: one gather of
+  whole pixels, exact for any dtype.
+
+  Not tf.transpose: where TensorFlow uses oneDNN (CPUs with AVX-512 VNNI/BF16 or AMX, or TF_ENABLE_ONEDNN_OPTS=1),
+  its graph rewrite inspects every Transpose and, for any dtype but float32, logs an error-level line ("oneDNN
+  supports DT_UINT8 only on platforms with AVX-512") into every run whose graph decodes an image, even when no
+  photo needs turning (docs/method.md §4.2). A gather is not rewritten, and costs about what the transpose did.
+  """
+  shape = tf.shape(image)  # int32: decoding refuses images over MAX_DECODE_PIXELS (1e8 < 2^31)
+  height, width = shape[0], shape[1]
+  out = tf.range(height * width)             # output pixel, row-major over [W, H]
+  row, column = out % height, out // height  # the stored pixel it comes from, before the reversals
+  row = height - 1 - row if reverse_columns else row
+  column = width - 1 - column if reverse_rows else column
+  pixels = tf.gather(tf.reshape(image, tf.stack([height * width, shape[2]])), row * width + column)
+  return tf.reshape(pixels, tf.stack([width, height, shape[2]]))
+
+
 def apply_orientation(image, orientation):
   """`image` [H, W, C] (any dtype) turned upright as EXIF orientation 1..8 asks; other values leave it unchanged.
 
@@ -157,16 +176,12 @@ def apply_orientation(image, orientation):
   W x H.
   """
   image = tf.convert_to_tensor(image)
-
-  def transposed():
-    return tf.transpose(image, [1, 0, 2])
-
   branches = [lambda: image,
               lambda: tf.reverse(image, [1]),
               lambda: tf.reverse(image, [0, 1]),
               lambda: tf.reverse(image, [0]),
-              transposed,
-              lambda: tf.reverse(transposed(), [1]),
-              lambda: tf.reverse(transposed(), [0, 1]),
-              lambda: tf.reverse(transposed(), [0])]
+              lambda: _transposed(image),
+              lambda: _transposed(image, reverse_columns=True),
+              lambda: _transposed(image, reverse_rows=True, reverse_columns=True),
+              lambda: _transposed(image, reverse_rows=True)]
   return tf.switch_case(tf.cast(orientation, tf.int32) - 1, branches, default=lambda: image)

@@ -98,20 +98,28 @@ def grid_transforms(seed, num_grids, flip_relabel, rotation_classes):
   return flip, k
 
 
+def _transform_table(size):
+  """int32 [2 * ROTATIONS, size * size]: row flip * ROTATIONS + k holds, for every pixel of a size x size patch
+  mirrored left-right (if flip) and then turned by k quarter turns counter-clockwise (tf.image.rot90's sense), the
+  flat index of the pixel it comes from: the transform applied to an image of indices."""
+  index = np.arange(size * size, dtype=np.int32).reshape(size, size)
+  return np.stack([np.rot90(index[:, ::-1] if flip else index, k).reshape(-1)
+                   for flip in (False, True) for k in range(ROTATIONS)])
+
+
 def transform_patches(patches, flip, k):
-  """Each square patch [n, P, P, C] mirrored left-right where flip[i], then rotated by k[i] quarter turns as
-  tf.image.rot90 does: exact pixel permutations, any dtype."""
-  flip = tf.reshape(tf.cast(flip, tf.bool), [-1, 1, 1, 1])
-  k = tf.reshape(tf.cast(k, tf.int32) % ROTATIONS, [-1, 1, 1, 1])
-  patches = tf.where(flip, tf.reverse(patches, axis=[2]), patches)
-  # A quarter turn counter-clockwise: transpose, then reverse the rows.
-  turns = [patches]
-  for _ in range(ROTATIONS - 1):
-    turns.append(tf.reverse(tf.transpose(turns[-1], [0, 2, 1, 3]), axis=[1]))
-  out = turns[0]
-  for i in range(1, ROTATIONS):
-    out = tf.where(tf.equal(k, i), turns[i], out)
-  return out
+  """Each square patch [n, P, P, C] (P known when traced) mirrored left-right where flip[i], then rotated by k[i]
+  quarter turns as tf.image.rot90 does: one gather of whole pixels, an exact permutation for any dtype.
+
+  Not tf.transpose (rot90's way): where TensorFlow uses oneDNN, its graph rewrite logs an error-level line for a
+  Transpose of any dtype but float32, and the patches are uint8 (docs/method.md §4.2)."""
+  size = patches.shape[1]
+  if size is None or patches.shape[2] != size:
+    raise ValueError(f"transform_patches needs square patches of a static size, got shape {patches.shape}")
+  choice = tf.cast(flip, tf.int32) * ROTATIONS + tf.cast(k, tf.int32) % ROTATIONS
+  source = tf.gather(tf.constant(_transform_table(size)), choice)  # [n, P * P]
+  flat = tf.reshape(patches, tf.stack([tf.shape(patches)[0], size * size, tf.shape(patches)[3]]))
+  return tf.reshape(tf.gather(flat, source, batch_dims=1), tf.shape(patches))
 
 
 # --------------------------------------------------------------------------------------------------------------
