@@ -253,8 +253,10 @@ def run():
       stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
-    train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels")
-    val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes)
+    train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels",
+                          tfds_data_dir=FLAGS.tfds_data_dir)
+    val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes,
+                        tfds_data_dir=FLAGS.tfds_data_dir)
     logging.info("Training set: %s. Validation set: %s. Strategy: %s with %d replica(s).", train.description,
                  val.description, type(strategy).__name__, strategy.num_replicas_in_sync)
     with strategy.scope():

@@ -93,6 +93,13 @@ def test_multi_label_file_with_ignored_classes(tmp_path):
   assert found.counts().tolist() == [1, 2, 0]
 
 
+def examples(lset, records):
+  """[(position, label, encoded bytes)] of the linear job's (position, path or record, label) records, each read as
+  its transform reads it."""
+  read = J.read_example(lset)
+  return [(int(i), int(y), bytes(b)) for i, b, y in records.map(lambda i, x, y: (i, *read(x, y))).as_numpy_iterator()]
+
+
 def test_prepare_labels_round_trip(imagenet, tmp_path):
   # Without a training set to index into, prepare reads every label as a class name.
   (imagenet / "val_synsets.txt").write_text((imagenet / "val.txt").read_text().replace(" 2\n", " n01484850\n"))
@@ -116,10 +123,9 @@ def test_prepare_labels_round_trip(imagenet, tmp_path):
   labels = sorted(int(label) for _, _, label in L.records(val).as_numpy_iterator())
   assert labels == [0, 1, 1, 2]
   # The linear job's stream of shards: every record once per epoch, resumable at any position.
-  stream = [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 0, 3).take(17).as_numpy_iterator()]
+  stream = examples(train, J.training_records(train, 1, 0, 3).take(17))
   assert sorted(y for _, y, _ in stream[:7]) == [0, 0, 0, 1, 1, 2, 2] and stream[:7] != stream[7:14]
-  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 9, 3).take(8).as_numpy_iterator()
-          ] == stream[9:]
+  assert examples(train, J.training_records(train, 1, 9, 3).take(8)) == stream[9:]
   # The same shards compressed with GZIP (told by their content, as training's) give the same records and streams.
   (tmp_path / "gzip").mkdir()
   for name in ("train", "val"):
@@ -133,10 +139,8 @@ def test_prepare_labels_round_trip(imagenet, tmp_path):
   gzip_val = L.find(str(tmp_path / "gzip" / "val" / "*.tfrecord"), classes=train.classes)
   assert [c for c, _, _ in gzip_train.shards] == ["GZIP", "GZIP"]
   assert sorted(int(label) for _, _, label in L.records(gzip_val).as_numpy_iterator()) == [0, 1, 1, 2]
-  assert [int(y) for _, _, y in J.val_records(gzip_val).as_numpy_iterator()] == [
-      int(y) for _, _, y in J.val_records(val).as_numpy_iterator()]
-  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(gzip_train, 1, 0, 3).take(17)
-          .as_numpy_iterator()] == stream
+  assert examples(gzip_val, J.val_records(gzip_val)) == examples(val, J.val_records(val))
+  assert examples(gzip_train, J.training_records(gzip_train, 1, 0, 3).take(17)) == stream
   # Shards of unlabelled images are refused with the way to make labelled ones.
   PR.prepare(PR.PrepareConfig(data=str(imagenet / "val"), output=str(tmp_path / "plain"), num_shards=1))
   with pytest.raises(errors.DataError, match="lists no classes.*prepare --labels"):
