@@ -99,7 +99,8 @@ def define_flags():
                          above=0, upper=1)
     program.define_float("warmup_epochs", DEFAULTS.warmup_epochs, "Linear learning-rate warm-up.", lower=0)
     program.define_integer("shuffle_buffer", DEFAULTS.shuffle_buffer, "Records shuffled together when reading "
-                           "TFRecord shards (files are permuted exactly every epoch).", lower=1)
+                           "TFRecord shards or a TFDS split (files are permuted exactly every epoch; docs/data.md).",
+                           lower=1)
     program.define_integer("seed", DEFAULTS.seed, "Seed of the data order and augmentation.", lower=0)
   with program.flag_group("run"):
     flags.DEFINE_string("eval_dir", None, "Folder of the job: checkpoints, TensorBoard logs (train/), its log, "

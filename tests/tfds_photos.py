@@ -18,13 +18,14 @@ NAME = "context_keras_photos"
 CLASSES = ("astronaut", "coffee", "chelsea")
 PER_CLASS = {"train": 8, "validation": 3}
 SIDE = 256  # above 247 px, so that every crop holds a grid of the original geometry
-EXIF_ROTATED = "train/astronaut/0"  # stored with EXIF orientation 6: its pixels are to be turned 90 degrees
+# Stored SIDE x EXIF_WIDTH with EXIF orientation 6: it is to be turned 90 degrees, to EXIF_WIDTH x SIDE.
+EXIF_ROTATED, EXIF_WIDTH = "train/astronaut/0", 300
 
 
-def crop_bytes(photo, rng, orientation=None):
-  """A random SIDE x SIDE crop of a photo (H x W x 3) as JPEG bytes, with an EXIF orientation if given."""
-  top, left = rng.integers(0, photo.shape[0] - SIDE + 1), rng.integers(0, photo.shape[1] - SIDE + 1)
-  crop = Image.fromarray(photo[top:top + SIDE, left:left + SIDE])
+def crop_bytes(photo, rng, orientation=None, width=SIDE):
+  """A random SIDE x width crop of a photo (H x W x 3) as JPEG bytes, with an EXIF orientation if given."""
+  top, left = rng.integers(0, photo.shape[0] - SIDE + 1), rng.integers(0, photo.shape[1] - width + 1)
+  crop = Image.fromarray(photo[top:top + SIDE, left:left + width])
   options = {}
   if orientation:
     exif = Image.Exif()
@@ -64,8 +65,9 @@ class ContextKerasPhotos(tfds.core.GeneratorBasedBuilder):
     for k, (name, photo) in enumerate(photos().items()):
       for i in range(PER_CLASS[split]):
         key = f"{split}/{name}/{i}"
-        yield key, {"image": crop_bytes(photo, rng, 6 if key == EXIF_ROTATED else None), "label": k,
-                    "file_name": key,
+        rotated = key == EXIF_ROTATED
+        image = crop_bytes(photo, rng, 6 if rotated else None, EXIF_WIDTH if rotated else SIDE)
+        yield key, {"image": image, "label": k, "file_name": key,
                     "objects": {"label": [k, (k + 1) % len(CLASSES)], "is_difficult": [False, True]}}
 
 

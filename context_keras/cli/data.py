@@ -96,7 +96,8 @@ def define_batching():
     program.define_integer(
         "batch_pairs", 2560, "Pair capacity of one replica's batch. Grids give about 4.4-5.3 ordered pairs per "
         "patch, so about 5x --batch_patches keeps both capacities nearly full.", lower=1)
-    program.define_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards.",
+    program.define_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards or a "
+                           "TFDS split (docs/data.md).",
                            lower=1)
     flags.DEFINE_string("data_service", None,
                         "grpc://HOST:PORT of a tf.data service dispatcher: decoding and patch building then run on "

@@ -374,7 +374,7 @@ def scan_classes(source, flag, data):
       numbers[key].update(int(v) for v in np.unique(values[values >= 0]))
     for name_key, number_key in name_keys.items():
       has = intact & (batch[number_key] >= 0) & (batch[name_key] != b"")
-      for number, name in set(zip(batch[number_key][has].tolist(), batch[name_key][has].tolist())):
+      for number, name in dict.fromkeys(zip(batch[number_key][has].tolist(), batch[name_key][has].tolist())):
         seen = names[name_key].setdefault(number, name)
         if seen != name:
           raise errors.DataError(f"{flag}={data}: class {number} is {seen.decode(errors='replace')!r} in one record "

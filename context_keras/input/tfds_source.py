@@ -206,12 +206,15 @@ def find(data, data_dir=None, flag="--data", default_splits=TRAIN_SPLITS, multi_
   image_key = _image_feature(tfds, features, dataset, where)
   classes = None if multi_label is None else _class_feature(tfds, features, dataset, multi_label, where)
   size = sum(i.take for i in instructions)
+  from tensorflow_datasets.core import read_only_builder  # pylint: disable=import-outside-toplevel
+  metadata = (", its builder's code not importable here: read through its files' metadata"
+              if isinstance(builder, read_only_builder.ReadOnlyBuilder) else "")
   return TfdsSource(
       paths=tuple(os.fspath(i.filename) for i in instructions), skips=tuple(int(i.skip) for i in instructions),
       takes=tuple(int(i.take) for i in instructions), dataset=dataset, split=split,
-      description=f"TFDS {dataset} split {split} ({size} images in {len(instructions)} files of {builder.data_dir})",
-      features=features, image_key=image_key, classes=classes,
-      decoding=tfds.decode.PartialDecoding, skip_decoding=tfds.decode.SkipDecoding)
+      description=(f"TFDS {dataset} split {split} ({size} images in {len(instructions)} files of "
+                   f"{builder.data_dir}{metadata})"),
+      features=features, image_key=image_key, classes=classes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,8 +262,6 @@ class TfdsSource:
   features: object      # the builder's tfds.features.FeaturesDict
   image_key: str
   classes: ClassFeature | None = None
-  decoding: object = None       # tfds.decode.PartialDecoding and SkipDecoding (so that this module imports no TFDS)
-  skip_decoding: object = None
   kind: str = KIND
   shards: tuple = ()
 
@@ -304,7 +305,8 @@ class TfdsSource:
         for key in path[:-1]:
           node = node.setdefault(key, {})
         node[path[-1]] = True
-    partial = self.decoding(wanted, decoders={self.image_key: self.skip_decoding()})
+    tfds = _tfds(self.description)
+    partial = tfds.decode.PartialDecoding(wanted, decoders={self.image_key: tfds.decode.SkipDecoding()})
     features = partial.extract_features(self.features)
     return lambda record: features.deserialize_example(_intact(record), decoders=partial.decoders)
 
