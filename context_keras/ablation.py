@@ -161,15 +161,16 @@ def evaluate_run(model_dir, seed):
       return kept["scores"]
   subject = subject_lib.from_run(run)
   found = pretext.evaluate(subject, pretext.Config(data=FLAGS.eval_data, data_root=FLAGS.eval_data_root,
-                                                   images=FLAGS.eval_images, pairs_per_image=FLAGS.pairs_per_image,
-                                                   seed=0)).metrics
+                                                   tfds_data_dir=FLAGS.tfds_data_dir, images=FLAGS.eval_images,
+                                                   pairs_per_image=FLAGS.pairs_per_image, seed=0)).metrics
   scores = {"step": run.step, "pretext_accuracy": found["accuracy"], "pretext_classes": found["num_classes"],
             # 8-way, whatever the class count: what every variant can be compared on.
             "pretext_direction_accuracy": found.get("direction_accuracy", found["accuracy"])}
   if FLAGS.probe_data:
     probed = linear.evaluate(subject, linear.Config(
-        splits=labelled.Splits(data=FLAGS.probe_data, labels=FLAGS.probe_labels), layer=FLAGS.probe_layer,
-        folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size, probe_epochs=FLAGS.probe_epochs, seed=seed)).metrics
+        splits=labelled.Splits(data=FLAGS.probe_data, labels=FLAGS.probe_labels, tfds_data_dir=FLAGS.tfds_data_dir),
+        layer=FLAGS.probe_layer, folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size,
+        probe_epochs=FLAGS.probe_epochs, seed=seed)).metrics
     scores["probe"] = {layer: entry["accuracy"] for layer, entry in probed["per_layer"].items()}
     scores["random_init_probe"] = {layer: entry[linear.RANDOM + "accuracy"]
                                    for layer, entry in probed["per_layer"].items()}

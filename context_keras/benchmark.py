@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras.cli import data as data_flags
 from context_keras.cli import model as model_flags
 from context_keras.cli import program
@@ -365,6 +366,9 @@ def main():
   result["tf_enable_onednn_opts"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
   # By default the demo's sample photos, re-encoded as JPEG.
   data = FLAGS.data or jpeg_copies("flags/demo_photos.txt", "package:skimage.data", scratch.name)
+  if sources.find_source(data, FLAGS.data_root, FLAGS.tfds_data_dir).kind != "files":
+    # Its stages are timed on image files read into memory first (measure_input_stages, the original's loader).
+    raise errors.UsageError(f"--data={data}: the benchmark reads image files: give a folder or a list file")
   largest = data_lib.InputConfig(data=data, geometry=geometry).largest_grid
   configs = {mode: data_lib.InputConfig(data=data, data_root=FLAGS.data_root, geometry=geometry,
                                         batch_patches=max(9 * grids, largest[0]),

@@ -12,8 +12,9 @@
              (evaluation/neighbors.py).
   --watch    polls --model_dir and evaluates every new checkpoint, as an eval job beside training.
 
-Labelled modes read --data (cross-validated over --folds; a folder of class sub-folders, or images with --labels), or
---train_data and --val_data. For ImageNet-scale sets, use python -m context_keras.linear_eval.
+Labelled modes read --data (cross-validated over --folds; a folder of class sub-folders, images with --labels,
+labelled shards or tfds:NAME[:SPLIT]), or --train_data and --val_data (docs/data.md). For ImageNet-scale sets, use
+python -m context_keras.linear_eval.
 
 Each prints ONE JSON object as its last line (with --watch, one per checkpoint), writes it to EVAL/<mode>.json and
 TensorBoard summaries to EVAL/, where EVAL is --eval_dir (default RUN/eval, or the folder holding --saved_model,
@@ -123,11 +124,12 @@ def protocol_config(mode):
   """The chosen protocol's Config from the flags."""
   splits = labelled.Splits(data=FLAGS.data, labels=FLAGS.labels, train_data=FLAGS.train_data,
                            train_labels=FLAGS.train_labels, val_data=FLAGS.val_data, val_labels=FLAGS.val_labels,
-                           multi_label=FLAGS.multi_label)
+                           multi_label=FLAGS.multi_label, tfds_data_dir=FLAGS.tfds_data_dir)
   labelled_data = {"splits": splits, "seed": FLAGS.seed, "folds": FLAGS.folds,
                    "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "layer": FLAGS.layer}
   if mode == pretext.NAME:
-    return pretext.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root, images=FLAGS.images,
+    return pretext.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root,
+                          tfds_data_dir=FLAGS.tfds_data_dir, images=FLAGS.images,
                           pairs_per_image=FLAGS.pairs_per_image,
                           # The run's own preprocessing unless given on the command line.
                           color_mode=FLAGS.color_mode if FLAGS["color_mode"].present else None,
@@ -142,7 +144,8 @@ def protocol_config(mode):
     return finetune.Config(**labelled_data, freeze_up_to=FLAGS.freeze_up_to, epochs=FLAGS.finetune_epochs,
                            learning_rate=FLAGS.finetune_learning_rate, weight_decay=FLAGS.finetune_weight_decay,
                            rescale=FLAGS.finetune_rescale)
-  return neighbors.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root, images=FLAGS.images,
+  return neighbors.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root,
+                          tfds_data_dir=FLAGS.tfds_data_dir, images=FLAGS.images,
                           layer=FLAGS.layer, queries=FLAGS.queries, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
                           compare_random_init=FLAGS.compare_random_init)
 

@@ -62,7 +62,8 @@ def check_output(output):
 
 
 def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=None, rescale_options=None,
-               pooling="auto", litert=False, litert_float16=False, onnx=False, onnx_opset=convert.ONNX_OPSET):
+               pooling="auto", litert=False, litert_float16=False, onnx=False, onnx_opset=convert.ONNX_OPSET,
+               tfds_data_dir=None):
   """Writes OUT/backbone, OUT/backbone.keras, OUT/pair_classifier, OUT/context_model.keras (and OUT/rescale.json,
   the LiteRT and ONNX files on request) as one folder that replaces OUT; returns a summary."""
   check_output(output)
@@ -83,7 +84,7 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
   if rescale_data:
     options = dict(rescale_options or {})
     num_patches = options.pop("num_patches", rescale_lib.NUM_PATCHES)
-    source = sources.find_source(rescale_data, data_root)
+    source = sources.find_source(rescale_data, data_root, tfds_data_dir)
     patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.geometry)
     logging.info("Rescaling on %d patches from %s.", len(patches), source.description)
     report = rescale_lib.rescale(folded, serving.preprocess(patches, run.preprocessing), **options)
@@ -160,7 +161,8 @@ def define_flags():
                         "OUT/pair_classifier of an earlier version, RUN/export/backbone_N) to copy to --output with "
                         "its weights frozen into constants, which LiteRT's converter needs.")
   with program.flag_group("rescaling"):
-    flags.DEFINE_string("rescale_data", None, "Images (folder, list file, TFRecord glob or package:NAME, as --data; "
+    flags.DEFINE_string("rescale_data", None, "Images (folder, list file, TFRecord glob, tfds:NAME[:SPLIT] or "
+                        "package:NAME, as --data; "
                         "list files are relative to --data_root) to run Krähenbühl et al.'s rescaling of the backbone "
                         "on (method.md §5.2). Without it the backbone is exported as folded.")
     program.define_integer("rescale_patches", rescale_lib.NUM_PATCHES, "Patches for the rescaling statistics "
@@ -209,7 +211,8 @@ def main():
                "within_layer_step": FLAGS.rescale_within_layer, "iterations": FLAGS.rescale_iterations,
                "tolerance": FLAGS.rescale_tolerance, "seed": FLAGS.rescale_seed}
     summary = export_run(FLAGS.model_dir, FLAGS.output, FLAGS.checkpoint, FLAGS.rescale_data, FLAGS.data_root,
-                         options, FLAGS.pooling, FLAGS.litert, FLAGS.litert_float16, FLAGS.onnx, FLAGS.onnx_opset)
+                         options, FLAGS.pooling, FLAGS.litert, FLAGS.litert_float16, FLAGS.onnx, FLAGS.onnx_opset,
+                         tfds_data_dir=FLAGS.tfds_data_dir)
     logging.info("Written to %s: %s.", FLAGS.output, ", ".join(summary["written"]))
   print(json.dumps(summary), flush=True)
 

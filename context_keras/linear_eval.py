@@ -95,7 +95,8 @@ def define_flags():
                          above=0, upper=1)
     program.define_float("warmup_epochs", DEFAULTS.warmup_epochs, "Linear learning-rate warm-up.", lower=0)
     program.define_integer("shuffle_buffer", DEFAULTS.shuffle_buffer, "Records shuffled together when reading "
-                           "TFRecord shards (files are permuted exactly every epoch).", lower=1)
+                           "TFRecord shards or a TFDS split (files are permuted exactly every epoch; docs/data.md).",
+                           lower=1)
     program.define_integer("seed", DEFAULTS.seed, "Seed of the data order and augmentation.", lower=0)
   run_flags.define(KIND, controller.RunOptions(steps_per_loop=20, log_every=100, checkpoint_every=1000,
                                                keep_checkpoints=3))
@@ -249,8 +250,10 @@ def run():
     if config.batch_size % strategy.num_replicas_in_sync:
       raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
                               f"{strategy.num_replicas_in_sync} replicas")
-    train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels")
-    val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes)
+    train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels",
+                          tfds_data_dir=FLAGS.tfds_data_dir)
+    val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes,
+                        tfds_data_dir=FLAGS.tfds_data_dir)
     logging.info("Training set: %s. Validation set: %s.", train.description, val.description)
     with strategy.scope():
       subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir

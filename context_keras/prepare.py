@@ -1,6 +1,6 @@
 """Writes TFRecord shards of encoded images for training: python -m context_keras.prepare --data=FOLDER_OR_LIST
 --output=DIR --num_shards=N, then train with --data='DIR/*.tfrecord'. --data and --data_root are read as in training
-(a folder or a list file; see --help).
+(a folder or a list file, or a split of a prepared TFDS dataset, tfds:NAME[:SPLIT]; see --help and docs/data.md).
 
 Reads top to bottom: the listing, assigned to shards (sorted, seeded shuffle, contiguous chunks) -> the
 output folder checked against an earlier run -> one image (read, header guard, decode, optional downscale) -> one
@@ -10,10 +10,13 @@ rejected.txt and index.json -> the program's flags and main.
 Each record is a tf.train.Example whose sources.TFRECORD_IMAGE_KEY feature holds the image's original bytes, EXIF
 orientation included (training's decoding applies it), or a JPEG re-encoding of a downscaled upright copy when
 --max_pixels asks for it; image/height, image/width (the upright size) and image/filename ride along for
-inspection. With --labels (folders: the class sub-folder of --data; or a labels file, lines 'NAME CLASS') each record
-also holds its class index and name (sources.TFRECORD_CLASS_INDEX_KEY, _NAME_KEY) and index.json the list of
-classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what a re-run needs: the manifest of the
-input and, per complete shard, its counts and rejected files.
+inspection. With --labels (folders: the class sub-folder of --data; or a labels file, lines 'NAME CLASS'; or for a
+TFDS split, tfds: its ClassLabel) each record also holds its class index and name (sources.TFRECORD_CLASS_INDEX_KEY,
+_NAME_KEY) and index.json the list of classes: labelled shards for evaluate and linear_eval. DIR/.prepare/ keeps what
+a re-run needs: the manifest of the input and, per complete shard, its counts and rejected files.
+
+A TFDS split's examples are already in a shuffled order (TFDS shuffles them when it prepares a split), so each shard
+takes a contiguous run of them, read from the split's files; --seed does not apply.
 """
 import concurrent.futures
 import dataclasses
@@ -39,6 +42,7 @@ from context_keras.input import decoding
 from context_keras.input import labelled
 from context_keras.input import patches as patches_lib
 from context_keras.input import sources
+from context_keras.input import tfds_source
 from context_keras.storage import writes
 
 FLAGS = flags.FLAGS
@@ -70,13 +74,18 @@ class PrepareConfig:
   max_decode_pixels: int = decoding.MAX_DECODE_PIXELS
   workers: int = 1
   seed: int = 0
-  labels: str | None = None  # "folders" or a labels file
+  labels: str | None = None  # "folders", a labels file, or TFDS_LABELS
+  tfds_data_dir: str | None = None
+
+
+TFDS_LABELS = "tfds"  # --labels of a TFDS split: its ClassLabel
 
 
 def config_from_flags():
   return PrepareConfig(data=FLAGS.data, output=FLAGS.output, num_shards=FLAGS.num_shards, data_root=FLAGS.data_root,
                        max_pixels=FLAGS.max_pixels, max_decode_pixels=FLAGS.max_decode_pixels,
-                       workers=FLAGS.workers, seed=FLAGS.seed, labels=FLAGS.labels)
+                       workers=FLAGS.workers, seed=FLAGS.seed, labels=FLAGS.labels,
+                       tfds_data_dir=FLAGS.tfds_data_dir)
 
 
 def labels_of(config):
@@ -105,11 +114,84 @@ def assign_shards(paths, num_shards, seed):
   return [[paths[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(num_shards)]
 
 
-def make_manifest(config, names):
+def make_manifest(config, names, images=None):
+  """What identifies a run's input: the listing `names` (the images' names, or a TFDS split's files and runs of
+  records) and the image count (default: one image per name)."""
   listing = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
   return {"data": config.data, "data_root": config.data_root, "num_shards": config.num_shards,
           "seed": config.seed, "max_pixels": config.max_pixels, "max_decode_pixels": config.max_decode_pixels,
-          "images": len(names), "listing_sha256": listing, "labels": config.labels}
+          "images": len(names) if images is None else images, "listing_sha256": listing, "labels": config.labels}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The input: what each shard holds
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the shards are made of: a description, the manifest's listing and image count, the classes of labelled
+  shards, and per shard its image count and its items(): (name in rejected.txt, name in the record, a function
+  giving the image's Outcome, (class index, class name) or None) for each of its images."""
+  description: str
+  listing: list
+  images: int
+  classes: tuple | None
+  sizes: list
+  items: object  # items(shard index) -> iterable of (rejected name, record name, examine(), label)
+
+
+def files_plan(config):
+  """Image files (a folder or a list file) in contiguous chunks of a seeded permutation."""
+  source = sources.find_source(config.data, config.data_root)
+  if source.kind != "files":
+    raise errors.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images, a list "
+                           "file or a TFDS split")
+  if config.labels == TFDS_LABELS:
+    raise errors.UsageError(f"--labels={TFDS_LABELS} reads the classes of a TFDS split (--data=tfds:NAME[:SPLIT]); "
+                            "for files give --labels=folders or a labels file")
+  labelled_paths, labels, classes = labels_of(config)
+  paths = labelled_paths or list(source.paths)
+  names = dict(zip(paths, sources.relative_names(paths)))
+  assigned = assign_shards(paths, config.num_shards, config.seed)
+
+  def items(i):
+    # examine is looked up when called (a test counts its calls)
+    return [(path, names[path], lambda path=path: examine(path, config.max_pixels, config.max_decode_pixels),
+             labels[path] if labels else None) for path in assigned[i]]
+  return Plan(source.description, [names[p] for p in paths], len(paths), classes, [len(a) for a in assigned], items)
+
+
+def tfds_plan(config):
+  """A TFDS split: shard i holds its examples i * N // num_shards .. (i + 1) * N // num_shards - 1."""
+  if config.labels not in (None, TFDS_LABELS):
+    raise errors.UsageError(f"--labels={config.labels}: the labels of a TFDS split come from the split itself: give "
+                            f"--labels={TFDS_LABELS}")
+  labelled = config.labels == TFDS_LABELS
+  source = tfds_source.find(config.data, config.tfds_data_dir, multi_label=False if labelled else None)
+  size = source.size
+  bounds = [i * size // config.num_shards for i in range(config.num_shards + 1)]
+  classes = source.classes.names if labelled else None
+  listing = [source.dataset, source.split] + [f"{os.path.basename(p)} {k} {n}"
+                                              for p, k, n in zip(source.paths, source.skips, source.takes)]
+
+  def items(i):
+    part = source.slice(bounds[i], bounds[i + 1])
+    parse = part.class_parser() if labelled else part.image_parser()
+    for n, record in enumerate(part.ordered_records(), bounds[i]):
+      name = f"{source.dataset} {source.split} {n}"
+      try:
+        parsed = parse(record)
+      except tf.errors.OpError as e:  # a record its file does not deliver
+        yield name, name, lambda e=e: Outcome(reason=f"unreadable: {errors.tf_error_message(e, 200)}"), None
+        continue
+      contents, label = parsed if labelled else (parsed, None)
+      yield name, name, lambda contents=contents: examine_contents(contents.numpy(), config.max_pixels,
+                                                                   config.max_decode_pixels), (
+          (int(label), classes[int(label)]) if labelled else None)
+  description = (f"{source.description}{f', classes from {source.classes.name}' if labelled else ''}; shards of "
+                 "contiguous runs of its examples")
+  return Plan(description, listing, size, classes, [bounds[i + 1] - bounds[i] for i in range(config.num_shards)],
+              items)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +292,11 @@ def examine(path, max_pixels=0, max_decode_pixels=decoding.MAX_DECODE_PIXELS):
     return Outcome(reason="unreadable: a folder, not a file")
   except OSError as e:
     return Outcome(reason=f"unreadable: {e.strerror or e}")
+  return examine_contents(contents, max_pixels, max_decode_pixels)
+
+
+def examine_contents(contents, max_pixels=0, max_decode_pixels=decoding.MAX_DECODE_PIXELS):
+  """What the record of an image's encoded bytes holds, or why it is rejected. Never raises for bad bytes."""
   if not contents:
     return Outcome(reason="empty file (0 bytes)")
   header = decoding.image_size_from_header(contents)
@@ -299,25 +386,26 @@ def _duration(seconds):
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def write_shard(config, output, name, paths, names, progress=None, stop=None, labels=None):
-  """Writes one shard under a temporary name, records its state, then renames it into place; returns the state."""
+def write_shard(config, output, name, items, progress=None, stop=None):
+  """Writes one shard of `items` (Plan.items) under a temporary name, records its state, then renames it into place;
+  returns the state."""
   path = os.path.join(output, name)
   partial = path + PARTIAL_SUFFIX
   records = reencoded = 0
   rejected = []
   try:
     with tf.io.TFRecordWriter(partial) as writer:
-      for image_path in paths:
+      for rejected_name, record_name, examine_item, label in items:
         if stop is not None and stop.is_set():
           raise Interrupted()
         try:
-          outcome = examine(image_path, config.max_pixels, config.max_decode_pixels)
+          outcome = examine_item()
         except Exception as e:  # pylint: disable=broad-except  # one bad file never stops the others
           outcome = Outcome(reason=f"unexpected error: {type(e).__name__}: {e}")
         if outcome.reason:
-          rejected.append([image_path, outcome.reason])
+          rejected.append([rejected_name, outcome.reason])
         else:
-          writer.write(make_example(outcome, names[image_path], labels[image_path] if labels else None))
+          writer.write(make_example(outcome, record_name, label))
           records += 1
           reencoded += int(outcome.reencoded)
         if progress:
@@ -347,33 +435,27 @@ def prepare(config, stop=None):
   """
   if not config.num_shards or config.num_shards < 1:
     raise errors.UsageError(f"--num_shards={config.num_shards} must be >= 1")
-  source = sources.find_source(config.data, config.data_root)
-  if source.kind != "files":
-    raise errors.DataError(f"--data={config.data} names TFRecord shards; prepare reads a folder of images or a "
-                           "list file")
-  labelled_paths, labels, classes = labels_of(config)
+  plan = tfds_plan(config) if tfds_source.is_tfds(config.data) else files_plan(config)
   prepare_output(config.output)
   # Two runs on one --output would remove each other's partial shards.
   with writes.folder_lock(config.output, "output", "prepare", then="wait for it to finish, or choose another"):
-    return _prepare_locked(config, source, stop, labelled_paths or list(source.paths), labels, classes)
+    return _prepare_locked(config, plan, stop)
 
 
-def _prepare_locked(config, source, stop, paths, labels, classes):
-  names = dict(zip(paths, sources.relative_names(paths)))
-  check_earlier_run(config.output, make_manifest(config, [names[p] for p in paths]))
-  if config.num_shards > len(paths):
+def _prepare_locked(config, plan, stop):
+  check_earlier_run(config.output, make_manifest(config, plan.listing, plan.images))
+  if config.num_shards > plan.images:
     logging.warning("--num_shards=%d is more than the %d images: some shards will be empty.", config.num_shards,
-                    len(paths))
+                    plan.images)
 
-  assigned = assign_shards(paths, config.num_shards, config.seed)
   shard_names = [shard_name(i, config.num_shards) for i in range(config.num_shards)]
   states = {name: complete_shard_state(config.output, name) for name in shard_names}
   pending = [i for i, name in enumerate(shard_names) if states[name] is None]
   for name in (INDEX_FILE, REJECTED_FILE):  # stale until every shard is complete
     if pending and os.path.exists(os.path.join(config.output, name)):
       os.remove(os.path.join(config.output, name))
-  total = sum(len(assigned[i]) for i in pending)
-  logging.info("Data: %s. Output: %s: %d shard(s) to write (%d images), %d already complete.", source.description,
+  total = sum(plan.sizes[i] for i in pending)
+  logging.info("Data: %s. Output: %s: %d shard(s) to write (%d images), %d already complete.", plan.description,
                config.output, len(pending), total, config.num_shards - len(pending))
 
   start = time.monotonic()
@@ -382,8 +464,8 @@ def _prepare_locked(config, source, stop, paths, labels, classes):
     progress = Progress(total, len(pending))
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(config.workers, len(pending)),
                                                thread_name_prefix="prepare") as pool:
-      futures = {pool.submit(write_shard, config, config.output, shard_names[i], assigned[i], names, progress,
-                             stop, labels): shard_names[i] for i in pending}
+      futures = {pool.submit(write_shard, config, config.output, shard_names[i], plan.items(i), progress, stop):
+                 shard_names[i] for i in pending}
       try:
         remaining = set(futures)
         while remaining:
@@ -399,7 +481,7 @@ def _prepare_locked(config, source, stop, paths, labels, classes):
     if stop.is_set():
       raise Interrupted()
 
-  index = write_index(config, shard_names, [states[name] for name in shard_names], len(paths), classes)
+  index = write_index(config, shard_names, [states[name] for name in shard_names], plan.images, plan.classes)
   seconds = time.monotonic() - start
   logging.info("Done in %.1f s: %d shards in %s (%d written, %d kept): %d images in them, %d rejected%s, %d "
                "re-encoded, "
@@ -408,7 +490,7 @@ def _prepare_locked(config, source, stop, paths, labels, classes):
                f" (listed in {os.path.join(config.output, REJECTED_FILE)})" if index["rejected"] else "",
                index["reencoded"], index["bytes"] / 1e6, os.path.join(config.output, "*.tfrecord"))
   if not index["records"]:
-    raise errors.DataError(f"--data={config.data}: none of the {len(paths)} images is usable (reasons in "
+    raise errors.DataError(f"--data={config.data}: none of the {plan.images} images is usable (reasons in "
                            f"{os.path.join(config.output, REJECTED_FILE)})")
   return index
 
@@ -464,9 +546,10 @@ def define_flags():
                            lower=1)
     program.define_integer("seed", 0, "Seed of the shuffle that assigns images to shards.", lower=0)
     flags.DEFINE_string("labels", None, "Labelled shards for evaluate and linear_eval: 'folders' = the class is the "
-                        "sub-folder of the --data folder an image is in (ImageNet's train/ layout); or a labels file, "
+                        "sub-folder of the --data folder an image is in (ImageNet's train/ layout); a labels file, "
                         "lines 'NAME CLASS' with NAME relative to --data (ImageNet's validation images and their "
-                        "synsets). Each record then holds its class index and name, index.json the classes.")
+                        f"synsets); or '{TFDS_LABELS}' for --data=tfds:...: the split's ClassLabel. Each record then "
+                        "holds its class index and name, index.json the classes.")
 
 
 def main():

@@ -98,7 +98,7 @@ def run():
     strategy = job.strategy
     input_config = data_flags.input_config(FLAGS.seed)
     model_config = model_flags.model_config(input_config.num_classes)
-    source = sources.find_source(input_config.data, input_config.data_root)
+    source = sources.find_source(input_config.data, input_config.data_root, input_config.tfds_data_dir)
     config = run_dir.RunConfig(model=model_config, input=input_config,
                                optimisation=optim_config(input_config, source, strategy.num_replicas_in_sync))
     precision = config.optimisation.mixed_precision
@@ -252,7 +252,7 @@ def input_stream(strategy, input_config, source, trainer, latest):
     reason = "the replica count changed"
   elif latest and recorded_images and recorded_listing != listing:
     reason = (f"the listing of --data changed since the checkpoint: {recorded_images} "
-              f"{'shards' if source.kind == 'tfrecord' else 'images'} then, {len(source.paths)} now, or other names")
+              f"{'images' if source.kind == 'files' else 'files'} then, {len(source.paths)} now, or other names")
   if reason:
     logging.warning("The input cannot resume at its exact position (%s): reading a fresh stream.", reason)
     input_config = dataclasses.replace(input_config, seed=input_config.seed + trainer.current_step())

@@ -72,6 +72,17 @@ def exported(tmp_path_factory, small_run):
 
 
 @pytest.fixture(scope="session")
+def tfds_data_dir(tmp_path_factory):
+  """A TFDS data dir holding the tests' photo dataset (tfds_photos.py: 24 + 9 crops, three classes), prepared once
+  per session; skips where TensorFlow Datasets (the tfds extra) is not installed."""
+  pytest.importorskip("tensorflow_datasets")
+  import tfds_photos  # pylint: disable=import-outside-toplevel  # it imports TFDS
+  path = tmp_path_factory.mktemp("tfds")
+  tfds_photos.build(path)
+  return path
+
+
+@pytest.fixture(scope="session")
 def ordinary_user(tmp_path_factory):
   """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
   if os.geteuid() != 0:

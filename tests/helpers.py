@@ -15,12 +15,37 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from context_keras.deploy import serving
+from context_keras.model import networks
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A network of 1/16 the original width with small batches: a training step takes a fraction of a second here.
 SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320"]
 STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 # Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
 CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+INFORMATIVE_LAYERS = networks.BACKBONES["alexnet_bn"].features
+
+
+class Informative(tf.Module):
+  """A stand-in backbone: conv1 is the image's brightness on a 4x4 grid (it separates dark from bright images);
+  every other layer is the same constant for every image (it separates nothing)."""
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+  def features(self, images):
+    count = tf.shape(images)[0]
+    brightness = tf.image.resize(tf.cast(images, tf.float32) / 255.0, [4, 4])
+    constant = tf.ones([count, 2, 2, 8])
+    return {name: brightness if name == "conv1" else constant for name in INFORMATIVE_LAYERS}
+
+
+def save_informative(path):
+  """Informative saved as an exported backbone (OUT/backbone) at `path`, with the metadata of an AlexNet-BN run."""
+  tf.saved_model.save(Informative(), str(path))
+  serving.write_metadata(str(path), serving.metadata(networks.ModelConfig(), "drop", step=0))
+  return path
 
 
 def skimage_photo_dir():

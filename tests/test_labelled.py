@@ -1,5 +1,6 @@
 """Labelled data and the scores of the labelled protocols (fast): labels files and ImageNet's layout, labelled shards of
-prepare --labels, the messages of bad labelled inputs, per-layer pooling, average precision against a hand-computed
+prepare --labels and of the common ImageNet converters (and a linear evaluation on them), the messages of bad
+labelled inputs, per-layer pooling, average precision against a hand-computed
 example, k-NN that can fail, and the linear job's input stream and its exact resume."""
 import json
 
@@ -14,7 +15,9 @@ from context_keras.evaluation import knn
 from context_keras.evaluation import linear
 from context_keras.evaluation import linear_job as J
 from context_keras.evaluation import metrics as M
+from context_keras.evaluation import subject as SJ
 from context_keras.input import labelled as L
+from context_keras.model import networks as MD
 from helpers import write_png
 
 
@@ -93,6 +96,13 @@ def test_multi_label_file_with_ignored_classes(tmp_path):
   assert found.counts().tolist() == [1, 2, 0]
 
 
+def examples(lset, records):
+  """[(position, label, encoded bytes)] of the linear job's (position, path or record, label) records, each read as
+  its transform reads it."""
+  read = J.read_example(lset)
+  return [(int(i), int(y), bytes(b)) for i, b, y in records.map(lambda i, x, y: (i, *read(x, y))).as_numpy_iterator()]
+
+
 def test_prepare_labels_round_trip(imagenet, tmp_path):
   # Without a training set to index into, prepare reads every label as a class name.
   (imagenet / "val_synsets.txt").write_text((imagenet / "val.txt").read_text().replace(" 2\n", " n01484850\n"))
@@ -116,10 +126,9 @@ def test_prepare_labels_round_trip(imagenet, tmp_path):
   labels = sorted(int(label) for _, _, label in L.records(val).as_numpy_iterator())
   assert labels == [0, 1, 1, 2]
   # The linear job's stream of shards: every record once per epoch, resumable at any position.
-  stream = [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 0, 3).take(17).as_numpy_iterator()]
+  stream = examples(train, J.training_records(train, 1, 0, 3).take(17))
   assert sorted(y for _, y, _ in stream[:7]) == [0, 0, 0, 1, 1, 2, 2] and stream[:7] != stream[7:14]
-  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(train, 1, 9, 3).take(8).as_numpy_iterator()
-          ] == stream[9:]
+  assert examples(train, J.training_records(train, 1, 9, 3).take(8)) == stream[9:]
   # The same shards compressed with GZIP (told by their content, as training's) give the same records and streams.
   (tmp_path / "gzip").mkdir()
   for name in ("train", "val"):
@@ -133,14 +142,126 @@ def test_prepare_labels_round_trip(imagenet, tmp_path):
   gzip_val = L.find(str(tmp_path / "gzip" / "val" / "*.tfrecord"), classes=train.classes)
   assert [c for c, _, _ in gzip_train.shards] == ["GZIP", "GZIP"]
   assert sorted(int(label) for _, _, label in L.records(gzip_val).as_numpy_iterator()) == [0, 1, 1, 2]
-  assert [int(y) for _, _, y in J.val_records(gzip_val).as_numpy_iterator()] == [
-      int(y) for _, _, y in J.val_records(val).as_numpy_iterator()]
-  assert [(int(i), int(y), bytes(b)) for i, b, y in J.training_records(gzip_train, 1, 0, 3).take(17)
-          .as_numpy_iterator()] == stream
+  assert examples(gzip_val, J.val_records(gzip_val)) == examples(val, J.val_records(val))
+  assert examples(gzip_train, J.training_records(gzip_train, 1, 0, 3).take(17)) == stream
   # Shards of unlabelled images are refused with the way to make labelled ones.
   PR.prepare(PR.PrepareConfig(data=str(imagenet / "val"), output=str(tmp_path / "plain"), num_shards=1))
   with pytest.raises(errors.DataError, match="lists no classes.*prepare --labels"):
     L.find(str(tmp_path / "plain" / "*.tfrecord"))
+
+
+def converter_example(contents, label, synset=None, text=None, name="x.JPEG"):
+  """A record as TF models' inception/data/build_imagenet_data.py writes it (its feature keys, 1-based labels)."""
+  def ints(*values):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+  def data(*values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v
+                                                                  for v in values]))
+
+  def floats(*values):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+  feature = {"image/height": ints(100), "image/width": ints(100), "image/colorspace": data("RGB"),
+             "image/channels": ints(3), "image/class/label": ints(label), "image/object/bbox/xmin": floats(0.1),
+             "image/object/bbox/xmax": floats(0.9), "image/object/bbox/ymin": floats(0.1),
+             "image/object/bbox/ymax": floats(0.9), "image/object/bbox/label": ints(label),
+             "image/format": data("PNG"), "image/filename": data(name), "image/encoded": data(contents)}
+  if synset is not None:
+    feature["image/class/synset"] = data(synset)
+  if text is not None:
+    feature["image/class/text"] = data(text)
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_converter_shards(folder, examples, num_shards=2, prefix="train"):
+  """`examples` (serialised records) dealt round-robin into NAME-0000k-of-0000n shards, as the converters name them."""
+  folder.mkdir(parents=True)
+  for k in range(num_shards):
+    with tf.io.TFRecordWriter(str(folder / f"{prefix}-{k:05d}-of-{num_shards:05d}")) as writer:
+      for example in examples[k::num_shards]:
+        writer.write(example)
+  return f"{folder}/{prefix}-*"
+
+
+SYNSETS = {1: ("n01440764", "tench"), 2: ("n01443537", "goldfish"), 3: ("n01484850", "great white shark")}
+
+
+def png(value):
+  return tf.io.encode_png(image(value)).numpy()
+
+
+def test_shards_of_the_imagenet_converters(tmp_path, caplog):
+  """Shards in the converters' schema, without an index.json: the classes come from a scan of their labels, 1-based
+  (0 = background), named by their synsets; a validation set lacking a class is read against the training set's."""
+  caplog.set_level("INFO")
+  train_labels = [1, 2, 3, 1, 2, 3, 1]
+  train = L.find(write_converter_shards(tmp_path / "train", [
+      converter_example(png(10 * i), k, *SYNSETS[k]) for i, k in enumerate(train_labels)]), data_flag="--train_data")
+  assert train.kind == "tfrecord" and train.classes == ("n01440764", "n01443537", "n01484850") and train.size == 7
+  assert "image/class/label 1-based (1..3; 0 is the background class" in caplog.text
+  assert "names from image/class/synset" in caplog.text
+  assert sorted(int(y) for _, _, y in L.records(train).as_numpy_iterator()) == sorted(k - 1 for k in train_labels)
+  val = L.find(write_converter_shards(tmp_path / "val", [
+      converter_example(png(5), 3, *SYNSETS[3]), converter_example(png(6), 2, *SYNSETS[2])], 1, "validation"),
+      data_flag="--val_data", classes=train.classes)
+  assert val.classes == train.classes and [int(y) for _, _, y in L.records(val).as_numpy_iterator()] == [2, 1]
+  # The linear job reads them too, at exact positions.
+  stream = examples(train, J.training_records(train, 1, 0, 3).take(10))
+  assert sorted(y for _, y, _ in stream[:7]) == sorted(k - 1 for k in train_labels)
+  assert examples(train, J.training_records(train, 1, 4, 3).take(6)) == stream[4:]
+  # Without names, the class is named by its number; 0-based labels are told by a 0 among them.
+  numbered = L.find(write_converter_shards(tmp_path / "numbered", [
+      converter_example(png(i), k) for i, k in enumerate([0, 1, 2, 1])]))
+  assert numbered.classes == ("0", "1", "2") and "image/class/label 0-based (0..2)" in caplog.text
+  assert [int(y) for _, _, y in L.records(numbered).as_numpy_iterator()] == [0, 2, 1, 1]
+
+
+@pytest.mark.parametrize("examples_of, message", [
+    (lambda: [converter_example(png(1), 1, "n1"), converter_example(png(2), 1, "n2")],
+     "class 1 is 'n1' in one record and 'n2' in another (image/class/synset)"),
+    (lambda: [converter_example(png(1), 1)] + [
+        tf.train.Example(features=tf.train.Features(feature={"image/encoded": tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[png(2)]))})).SerializeToString()],
+     "1 of the 2 records have no image/class/label"),
+    (lambda: [tf.train.Example(features=tf.train.Features(feature={"image/encoded": tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[png(2)]))})).SerializeToString()],
+     "the records hold no class (image/class/label or image/class/index) and there is no index.json beside the "
+     "shards"),
+])
+def test_converter_shards_that_cannot_be_read_stop_at_start(tmp_path, examples_of, message):
+  pattern = write_converter_shards(tmp_path / "shards", examples_of(), 1)
+  with pytest.raises(errors.DataError) as raised:
+    L.find(pattern, data_flag="--train_data")
+  assert str(raised.value).startswith(f"--train_data={pattern}: ") and message in str(raised.value)
+
+
+@pytest.mark.slow  # trains probes on the features of two small random networks
+def test_linear_evaluation_on_converter_shards(tmp_path):
+  """evaluate --mode=linear (in process) on shards in the converters' schema: horizontal and vertical stripes, which
+  even a random network's conv1 tells apart, score near 1 with the 1-based labels read right (read off by one, every
+  label would be wrong or out of range)."""
+  rng = np.random.default_rng(0)
+
+  def stripes(horizontal):
+    period, phase = rng.integers(8, 17), rng.uniform(0, 2 * np.pi)
+    wave = 127 + 100 * np.sin(2 * np.pi * np.arange(100) / period + phase)
+    pixels = np.repeat((wave[:, None] if horizontal else wave[None, :]) * np.ones((100, 100)), 3).reshape(100, 100, 3)
+    return np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+
+  def shards(folder, count, prefix):
+    records = []
+    for i in range(count):
+      k = 1 + i % 2  # 1 = horizontal stripes, 2 = vertical ones
+      records.append(converter_example(tf.io.encode_png(stripes(k == 1)).numpy(), k, *SYNSETS[k]))
+    return write_converter_shards(folder, records, 2, prefix)
+  tiny = SJ.Subject(about={}, step=0, model_config=MD.ModelConfig(width_multiplier=0.0625), color_mode="drop",
+                    pixelation=True, features=None)
+  config = linear.Config(splits=L.Splits(train_data=shards(tmp_path / "train", 24, "train"),
+                                         val_data=shards(tmp_path / "val", 10, "validation")),
+                         image_size=96, layer="conv1", probe_epochs=100)
+  result = linear.evaluate(tiny.random_init(1), config).metrics
+  assert result["classes"] == ["n01440764", "n01443537"] and result["images_per_class"] == [17, 17]
+  assert result["accuracy"] >= 0.9
 
 
 def test_pooling_plans_stay_within_the_budget():

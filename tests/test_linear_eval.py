@@ -10,38 +10,23 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from context_keras.deploy import serving
 from context_keras.input import patches as P
-from context_keras.model import networks as M
+from helpers import INFORMATIVE_LAYERS
 from helpers import last_json
 from helpers import log_of
 from helpers import peak_mb
 from helpers import run_module
+from helpers import save_informative
 from helpers import start_module
 from helpers import wait_for
 from helpers import write_png
 
-LAYERS = M.BACKBONES["alexnet_bn"].features
-
-
-class Informative(tf.Module):
-  """A stand-in backbone: conv1 is the image's brightness on a 4x4 grid (it separates dark from bright images);
-  every other layer is the same constant for every image (it separates nothing)."""
-
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-  def features(self, images):
-    count = tf.shape(images)[0]
-    brightness = tf.image.resize(tf.cast(images, tf.float32) / 255.0, [4, 4])
-    constant = tf.ones([count, 2, 2, 8])
-    return {name: brightness if name == "conv1" else constant for name in LAYERS}
+LAYERS = INFORMATIVE_LAYERS
 
 
 @pytest.fixture(scope="module")
 def informative(tmp_path_factory):
-  path = tmp_path_factory.mktemp("informative") / "backbone"
-  tf.saved_model.save(Informative(), str(path))
-  serving.write_metadata(str(path), serving.metadata(M.ModelConfig(), "drop", step=0))
-  return path
+  return save_informative(tmp_path_factory.mktemp("informative") / "backbone")
 
 
 def write_set(folder, per_class, seed):

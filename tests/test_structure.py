@@ -119,20 +119,23 @@ def test_every_numeric_flag_is_defined_with_bounds_in_the_scaffold():
 
 
 @pytest.mark.slow  # a fresh interpreter importing every module: 6-8 s
-def test_importing_the_package_leaves_tensorflow_unstarted_and_needs_no_matplotlib():
+def test_importing_the_package_starts_no_tensorflow_and_needs_no_optional_extra():
   """No module makes a tensor when it is imported: that would start TensorFlow's runtime before the programs set
   up their devices (two logical CPUs, collective ops for several workers), which then fail or see one device. And
-  every module imports where matplotlib (the optional `plot` extra) is not installed: it is imported to draw."""
+  every module imports where matplotlib (the optional `plot` extra) is not installed: it is imported to draw; nor
+  does any import TensorFlow Datasets (the optional `tfds` extra): only a tfds: source does."""
   modules = sorted(module_name(p) for p in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True))
   code = ("import importlib, sys\n"
           "sys.modules['matplotlib'] = None  # `import matplotlib` fails, as where it is not installed\n"
           f"for name in {modules!r}: importlib.import_module(name)\n"
           "from tensorflow.python.eager import context\n"
+          "print('tfds imported' if 'tensorflow_datasets' in sys.modules else 'tfds not imported')\n"
           "print('started' if context.context()._initialized else 'not started')\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split()[-2:] == ["not", "started"], result.stdout
+  assert "tfds not imported" in result.stdout, result.stdout
 
 
 def test_one_version_that_setup_py_and_citation_cff_repeat(monkeypatch, tmp_path):

@@ -12,17 +12,29 @@ GROUP = "data"
 
 
 def define_source(data=True):
-  """--data and --data_root; with data=False only --data_root (for a program whose images come in another flag)."""
+  """--data, --data_root and --tfds_data_dir; with data=False only the last two (for a program whose images come in
+  another flag)."""
   with program.flag_group(GROUP):
     if data:
       flags.DEFINE_string(
           "data", None,
           "Images: a folder (searched recursively for jpg, jpeg, png, bmp, gif and webp files in any letter case); "
           "a list file in the original's format (first token of each line, relative to --data_root or to the "
-          "list's folder); or a glob of TFRecord shards of encoded images (feature 'image/encoded'). A path "
-          "written 'package:NAME' means the folder of the installed Python package NAME.")
+          "list's folder); a glob of TFRecord shards of encoded images (feature 'image/encoded'); or a split of a "
+          "prepared TFDS dataset, tfds:NAME[:SPLIT] (default split: train). A path written 'package:NAME' means the "
+          "folder of the installed Python package NAME. docs/data.md.")
     flags.DEFINE_string("data_root", None, "Folder that the names in a --data list file are relative to (default: "
                         "the list file's folder). Accepts 'package:NAME' like --data.")
+  define_tfds_data_dir()
+
+
+def define_tfds_data_dir():
+  """--tfds_data_dir, once (the data and labelled-data groups both read tfds: sources)."""
+  if "tfds_data_dir" in FLAGS:
+    return
+  with program.flag_group(GROUP):
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data dir that tfds:NAME[:SPLIT] sources are prepared in "
+                        "(default: TFDS's own, $TFDS_DATA_DIR or ~/tensorflow_datasets). Nothing is downloaded.")
 
 
 def define_geometry():
@@ -84,7 +96,8 @@ def define_batching():
     program.define_integer(
         "batch_pairs", 2560, "Pair capacity of one replica's batch. Grids give about 4.4-5.3 ordered pairs per "
         "patch, so about 5x --batch_patches keeps both capacities nearly full.", lower=1)
-    program.define_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards.",
+    program.define_integer("shuffle_buffer", 2048, "Records shuffled together when reading TFRecord shards or a "
+                           "TFDS split (docs/data.md).",
                            lower=1)
     flags.DEFINE_string("data_service", None,
                         "grpc://HOST:PORT of a tf.data service dispatcher: decoding and patch building then run on "
@@ -97,7 +110,8 @@ def define_batching():
 def input_config(seed):
   """The InputConfig of the flags (every group of this module defined); the config's own checks become usage errors."""
   try:
-    return data_lib.InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, color_mode=FLAGS.color_mode,
+    return data_lib.InputConfig(data=FLAGS.data, data_root=FLAGS.data_root, tfds_data_dir=FLAGS.tfds_data_dir,
+                                color_mode=FLAGS.color_mode,
                                 pixelation=FLAGS.pixelation, batch_patches=FLAGS.batch_patches,
                                 batch_pairs=FLAGS.batch_pairs, shuffle_buffer=FLAGS.shuffle_buffer, seed=seed,
                                 data_service=FLAGS.data_service, geometry=FLAGS.geometry,

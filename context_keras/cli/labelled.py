@@ -1,13 +1,16 @@
 """The labelled-data group: the training and validation splits of the labelled evaluations (evaluate's linear, knn
-and finetune modes, and the linear_eval job), each in one of the forms labelled.py reads."""
+and finetune modes, and the linear_eval job), each in one of the forms labelled.py reads (with --tfds_data_dir of the
+data group for tfds: splits)."""
 from absl import flags
 
+from context_keras.cli import data as data_flags
 from context_keras.cli import program
 
 FLAGS = flags.FLAGS
 GROUP = "labelled data"
-FORMS = ("a folder of class sub-folders (ImageNet's train/ layout), a folder of images with a labels file, or labelled "
-         "TFRecord shards of prepare --labels")
+FORMS = ("a folder of class sub-folders (ImageNet's train/ layout), a folder of images with a labels file, labelled "
+         "TFRecord shards (prepare --labels, or the converters' image/class/label schema), or tfds:NAME[:SPLIT] "
+         "(docs/data.md)")
 
 
 def define_splits():
@@ -21,3 +24,4 @@ def define_splits():
     flags.DEFINE_string("val_labels", None, "Labels file of --val_data (as --train_labels; a label may also be a "
                         "0-based index into the training set's sorted classes), e.g. ImageNet's validation images "
                         "mapped to their synsets.")
+  data_flags.define_tfds_data_dir()

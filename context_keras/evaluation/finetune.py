@@ -25,7 +25,6 @@ from context_keras.evaluation import linear
 from context_keras.evaluation.result import Result
 from context_keras.input import decoding
 from context_keras.input import labelled
-from context_keras.input import sources
 from context_keras.model import fold
 from context_keras.training import trainer as trainer_lib
 
@@ -107,8 +106,7 @@ def rescale_backbone(backbone, train, preprocessing, geometry, num_patches, seed
   Residual towers are left as they are: the calibration is defined for chains only (export.check_rescalable)."""
   if not fold.is_chain(backbone):
     return {"skipped": "a residual tower: rescaling is defined for chain towers only (method.md §5.2)"}
-  source = sources.Source(train.kind, train.paths, train.description)
-  patches = rescale_lib.sample_patches(source, num_patches, seed, geometry)
+  patches = rescale_lib.sample_patches(train.images(), num_patches, seed, geometry)
   report = rescale_lib.rescale(backbone, serving.preprocess(patches, preprocessing), seed=seed)
   return {"patches": len(patches), "converged": report["between_layer"]["converged"],
           "max_deviation_after": report["between_layer"]["after"]["max_deviation"]}
@@ -164,7 +162,8 @@ def evaluate(subject, config):
   train, val = config.splits.find()
   if val is None:
     if train.kind != "files":
-      raise errors.UsageError("--mode=finetune on labelled TFRecord shards needs --train_data and --val_data")
+      raise errors.UsageError("--mode=finetune on labelled TFRecord shards or a TFDS split needs --train_data and "
+                              "--val_data")
     assignment = linear.stratified_folds(train.labels, config.folds, config.seed)
     train, val = (train.subset(np.flatnonzero(assignment != 0), f"folds 1-{config.folds - 1}"),
                   train.subset(np.flatnonzero(assignment == 0), f"fold 0 of {config.folds}"))

@@ -7,10 +7,14 @@ import tensorflow as tf
 from context_keras import errors
 from context_keras.input import decoding
 from context_keras.input import labelled
+from context_keras.input import tfds_source
 
 
 def select_images(source, limit, seed):
-  """At most `limit` images of a sources.Source: a seeded random subset of the files, kept in listing order."""
+  """At most `limit` images of a sources.Source: a seeded random subset of the files, kept in listing order; of a
+  TFDS split, its first `limit` examples (TFDS shuffled them when it prepared the split)."""
+  if source.kind == tfds_source.KIND and limit and source.size > limit:
+    return source.slice(0, limit)
   if source.kind != "files" or not limit or len(source.paths) <= limit:
     return source
   chosen = np.sort(np.random.default_rng(seed).choice(len(source.paths), limit, replace=False))

@@ -3,11 +3,13 @@ features streamed through tf.data from the backbone, one linear head per layer, 
 tf.distribute strategy in a compiled multi-step loop; top-1 and top-5 per layer on the validation set.
 
 Input: a labelled set (labelled.py) read as an endless, seeded stream of examples: files in a new permutation every
-epoch, shards in a new order every epoch (interleaved, then a seeded shuffle buffer); each example's augmentation is
-a stateless function of (seed, its position in the stream). The stream is therefore a pure function of the seed, and
-a resumed job reads on from position step * batch_size exactly (shards re-read the current epoch's records up to
-there, without decoding them). Every position yields one example: an image that cannot be read or decoded becomes a
-blank one of weight 0, so batches keep their size, positions stay exact and the bad image is counted, not learned.
+epoch, shards in a new order every epoch (interleaved, then a seeded shuffle buffer), a TFDS split's files in a new
+order every epoch with its records shuffled in windows (tfds_source.TfdsSource.records); each example's
+augmentation is a stateless function of (seed, its position in the stream). The stream is therefore a pure function
+of the seed, and a resumed job reads on from position step * batch_size exactly (shards re-read the current epoch's
+records up to there, a TFDS split at most one file's, without decoding them). Every position yields one example:
+an image that cannot be read or decoded (or a record whose label cannot be parsed) becomes a blank one of weight 0,
+so batches keep their size, positions stay exact and the bad image is counted, not learned.
 Features are computed per batch and never kept, so memory does not grow with the data set.
 """
 import dataclasses
@@ -23,6 +25,7 @@ from context_keras.evaluation import images as images_lib
 from context_keras.input import decoding
 from context_keras.input import labelled
 from context_keras.input import sources
+from context_keras.input import tfds_source
 from context_keras.training import control
 
 PROTOCOLS = ("image", "patches")
@@ -113,12 +116,18 @@ def _examples(records, transform, size):
                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _read(lset, path_or_bytes):
-  return tf.io.read_file(path_or_bytes) if lset.kind == "files" else path_or_bytes
+def read_example(lset):
+  """(path or record, label) -> (encoded bytes, label): a file is read; a record parsed (labelled.parser), its label
+  taken from it. In the transform, so that a damaged record becomes a blank example in its place."""
+  if lset.kind == "files":
+    return lambda path, label: (tf.io.read_file(path), label)
+  parse = labelled.parser(lset)
+  return lambda record, label: parse(record)
 
 
 def training_records(lset, seed, start, shuffle_buffer):
-  """The endless stream (position, path or record bytes, label) of a labelled set from position `start` on."""
+  """The endless stream (position, path or record, label) of a labelled set from position `start` on (a record's
+  label is in it: -1 here, read_example parses it)."""
   size = lset.size
   if lset.kind == "files":
     paths, labels = tf.constant(lset.paths), tf.constant(lset.labels)
@@ -129,8 +138,11 @@ def training_records(lset, seed, start, shuffle_buffer):
     stream = tf.data.Dataset.range(start // size, 2**62).flat_map(epoch).skip(start % size)
     return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), stream)).map(
         lambda i, pair: (i, pair[0], pair[1]))
+  unparsed = tf.constant(-1, tf.int64)
+  if lset.kind == tfds_source.KIND:
+    return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), lset.source.records(seed, shuffle_buffer, start)
+                                )).map(lambda i, record: (i, record, unparsed))
   shards = sources.shard_table(lset)
-  table = labelled.class_table(lset.classes)
 
   def epoch(e):
     order = sources.epoch_order(len(lset.paths), tf.constant(seed, tf.int64), e)
@@ -142,20 +154,17 @@ def training_records(lset, seed, start, shuffle_buffer):
     return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1, reshuffle_each_iteration=False)
   # The epoch length is prepare's record count; the current epoch is re-read up to `start`, records not parsed.
   raw = tf.data.Dataset.range(start // max(size, 1), 2**62).flat_map(epoch).skip(start % max(size, 1))
-
-  def parse(index, record):
-    contents, _, name = sources.parse_record(record, labelled=True)
-    return index, contents, table.lookup(name)
-  return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), raw)).map(parse,
-                                                                             num_parallel_calls=tf.data.AUTOTUNE)
+  return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), raw)).map(lambda i, record: (i, record, unparsed))
 
 
 def train_transform(lset, config):
   """(position, path or bytes, label) -> the augmented training example (its randomness keyed by the position)."""
   size = config.crop_size
+  read = read_example(lset)
 
   def transform(index, contents, label):
-    image = decoding.decode(_read(lset, contents))
+    contents, label = read(contents, label)
+    image = decoding.decode(contents)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
         images_lib.image_seed(config.seed, index), 2))
     if config.train_augmentation == "random_resized_crop":
@@ -173,8 +182,11 @@ def train_transform(lset, config):
 
 
 def val_transform(lset, config):
+  read = read_example(lset)
+
   def transform(index, contents, label):
-    image = images_lib.centre_crop(decoding.decode(_read(lset, contents)), config.resize_size, config.crop_size)
+    contents, label = read(contents, label)
+    image = images_lib.centre_crop(decoding.decode(contents), config.resize_size, config.crop_size)
     check = tf.debugging.assert_non_negative(label, message="a record's class is not one of the training classes")
     with tf.control_dependencies([check]):
       return {"image": image, "label": tf.identity(label), "weight": tf.constant(1.0), "index": index}
@@ -185,12 +197,8 @@ def val_records(lset):
   if lset.kind == "files":
     return tf.data.Dataset.from_tensor_slices((list(lset.paths), lset.labels)).enumerate().map(
         lambda i, pair: (i, pair[0], pair[1]))
-  table = labelled.class_table(lset.classes)
-
-  def parse(index, record):
-    contents, _, name = sources.parse_record(record, labelled=True)
-    return index, contents, table.lookup(name)
-  return sources.all_records(lset).enumerate().map(parse)
+  raw = lset.source.ordered_records() if lset.kind == tfds_source.KIND else sources.all_records(lset)
+  return raw.enumerate().map(lambda i, record: (i, record, tf.constant(-1, tf.int64)))
 
 
 def train_dataset(lset, config, start, pipeline):

@@ -26,6 +26,7 @@ RANDOM_COLOUR = (170, 170, 170)
 class Config:
   data: str
   data_root: str | None = None
+  tfds_data_dir: str | None = None
   images: int = 500
   layer: str | None = None
   queries: int = 20
@@ -90,7 +91,8 @@ def evaluate(subject, config):
   if layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={layer} is not one of {', '.join(subject.feature_layers)}")
   seed, top_k, batch_size = config.seed, config.top_k, config.batch_size
-  source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, seed)
+  source = images_lib.select_images(sources.find_source(config.data, config.data_root, config.tfds_data_dir),
+                                    config.images, seed)
   random_subject = subject.random_init(seed) if config.compare_random_init else None
   patches, image_ids = patch_database(source, seed, subject.geometry)
   if len(np.unique(image_ids)) < 2:

@@ -29,6 +29,7 @@ MAX_GRIDS = 128         # an image resized to >= 150,000 px gives >= 2 pairs per
 class Config:
   data: str
   data_root: str | None = None
+  tfds_data_dir: str | None = None
   images: int = IMAGES
   pairs_per_image: int = PAIRS_PER_IMAGE
   seed: int = 0
@@ -125,7 +126,8 @@ def evaluate(subject, config):
                             f"exported by context_keras.export (with {serving.PAIR_CLASSIFIER_DIR}/ beside it)")
   color_mode = subject.color_mode if config.color_mode is None else config.color_mode
   pixelation = subject.pixelation if config.pixelation is None else config.pixelation
-  source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, config.seed)
+  source = images_lib.select_images(sources.find_source(config.data, config.data_root, config.tfds_data_dir),
+                                    config.images, config.seed)
   if subject.geometry == "revisiting" and (subject.rotation_classes or subject.flip_relabel):
     raise errors.UsageError(f"{subject.about}: rotation classes and flip relabelling do not work with "
                             "--geometry=revisiting yet (method.md §9.9)")

@@ -40,6 +40,7 @@ class InputConfig:
   """What the pipeline needs to know, so that tests and tools can build one without flags."""
   data: str
   data_root: str | None = None
+  tfds_data_dir: str | None = None  # where a tfds: --data is prepared (None: TFDS's default)
   color_mode: str = "drop"
   pixelation: bool = True
   batch_patches: int = 511
@@ -420,7 +421,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
 def make_dataset(config, source=None, pipeline_id=0, num_pipelines=1, start=(0, 0)):
   """The endless dataset of packed batches of one input pipeline, from stream position `start` (image, grid),
   as recorded in a batch's `resume`."""
-  source = source or sources.find_source(config.data, config.data_root)
+  source = source or sources.find_source(config.data, config.data_root, config.tfds_data_dir)
   images = sources.training_images(source, config.seed, config.shuffle_buffer, pipeline_id, num_pipelines, start[0])
   dataset = batches_from_images(images, config, seed=pipeline_id, start=start)
   options = tf.data.Options()

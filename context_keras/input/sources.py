@@ -1,5 +1,6 @@
-"""Image sources: what --data names (a folder, a list file, TFRecord shards), listed in a deterministic order, and
-read as datasets of encoded image bytes: endless and seeded for training, finite for evaluation and rescaling.
+"""Image sources: what --data names (a folder, a list file, TFRecord shards, a TFDS split: tfds_source.py), listed
+in a deterministic order, and read as datasets of encoded image bytes: endless and seeded for training, finite for
+evaluation and rescaling.
 
 The one reader of every form: training (data.py), prepare, export's rescaling and every evaluation read images
 through find_source and these datasets, and TFRecord records through parse_record.
@@ -20,6 +21,7 @@ import tensorflow as tf
 from context_keras import errors
 from context_keras.input import decoding
 from context_keras.input import patches as patches_lib
+from context_keras.input import tfds_source
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFRECORD_IMAGE_KEY = "image/encoded"
@@ -188,10 +190,14 @@ def _check_shards(paths, data):
   return usable
 
 
-def find_source(data, data_root=None):
-  """What --data names, with its files listed; raises DataError naming the path if it holds no image."""
+def find_source(data, data_root=None, tfds_data_dir=None):
+  """What --data names, with its files listed; raises DataError naming the path if it holds no image. A TFDS split
+  (tfds:NAME[:SPLIT]) is looked up in tfds_data_dir (None: TFDS's default)."""
   if not data:
-    raise errors.DataError("--data is required: a folder of images, a list file or a glob of TFRecord shards")
+    raise errors.DataError("--data is required: a folder of images, a list file, a glob of TFRecord shards or "
+                           "tfds:NAME[:SPLIT]")
+  if tfds_source.is_tfds(data):
+    return tfds_source.find(data, tfds_data_dir)
   path = resolve_path(data)
   if os.path.isdir(path):
     files = list_folder(path)
@@ -232,6 +238,8 @@ def count_images(source):
   index.json beside them (context_keras.prepare's) gives for each of them; None when that is unknown."""
   if source.kind == "files":
     return len(source.paths)
+  if source.kind == tfds_source.KIND:
+    return source.size
   folder = os.path.dirname(source.paths[0])
   try:
     with open(os.path.join(folder, PREPARED_INDEX), encoding="utf-8") as f:
@@ -280,8 +288,11 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   Files: each epoch visits them in a new permutation (the original cycled one permutation forever, method.md §1.1), and
   this pipeline takes every num_pipelines-th image of that stream. The order is a pure function of the seed, so
   resuming at an image index reproduces the stream exactly. TFRecord shards are read with interleave and a shuffle
-  buffer, whose order cannot be resumed: a resumed run reads them in a fresh order.
+  buffer, whose order cannot be resumed: a resumed run reads them in a fresh order. A TFDS split resumes exactly
+  (tfds_source.TfdsSource.records: its files' record counts locate every position).
   """
+  if source.kind == tfds_source.KIND:
+    return source.training_images(seed, shuffle_buffer, pipeline_id, num_pipelines, start_image)
   num_paths = len(source.paths)
 
   def order_of(epoch):
@@ -391,7 +402,9 @@ def all_records(source):
 
 def finite_images(source, limit=None):
   """A finite dataset of (index, encoded bytes) over a source in its listing order (every file once; the records of
-  TFRecord shards in order), at most `limit` of them."""
+  TFRecord shards in order; a TFDS split's examples in order), at most `limit` of them."""
+  if source.kind == tfds_source.KIND:
+    return source.finite_images(limit)
   if source.kind == "files":
     paths = source.paths[:limit] if limit else source.paths
     contents = tf.data.Dataset.from_tensor_slices(list(paths)).map(tf.io.read_file)
@@ -425,6 +438,8 @@ def check_readable(source, limit=None, geometry="doersch"):
   tried = 0
   if source.kind == "files":
     candidates = ((p, lambda p=p: tf.io.read_file(p)) for p in source.paths)
+  elif source.kind == tfds_source.KIND:
+    candidates = source.first_images()
   else:
     candidates = _first_records(source)
   problems = []
