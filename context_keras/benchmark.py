@@ -362,7 +362,7 @@ def main():
   result["network"] = {"backbone": model_config.backbone, "head": model_config.head, "geometry": geometry,
                        "width_multiplier": model_config.width_multiplier, "grids": grids}
   # Which CPU kernels the figures come from: "1" oneDNN, "0" Eigen; unset leaves TensorFlow's own choice (oneDNN
-  # only on AVX-512 VNNI/BF16 or AMX CPUs). README, Speed, CPU kernels.
+  # only on AVX-512 VNNI/BF16 or AMX CPUs). docs/speed.md, CPU kernels.
   result["tf_enable_onednn_opts"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
   # By default the demo's sample photos, re-encoded as JPEG.
   data = FLAGS.data or jpeg_copies("flags/demo_photos.txt", "package:skimage.data", scratch.name)

@@ -356,7 +356,7 @@ def test_damaged_or_compressed_shard_sorting_first_at_start(shard_folder, tmp_pa
 def test_batch_sizes_whose_step_cannot_fit_are_refused_with_the_estimate(monkeypatch):
   """The estimate of one step's memory comes from the layer shapes of the tower in use: it grows with the width
   and linearly with the batch; about 2.7 GB for flags/deepcontext.cfg (measured peak of the whole process: 3.1 GB,
-  README); a batch beyond the memory available is refused, naming both batch flags and the estimate."""
+  docs/speed.md); a batch beyond the memory available is refused, naming both batch flags and the estimate."""
   from context_keras.model import networks as M  # pylint: disable=import-outside-toplevel
   from context_keras.training import resources as R  # pylint: disable=import-outside-toplevel
   full, narrow = (M.build(M.ModelConfig(width_multiplier=w)) for w in (1.0, 0.0625))
@@ -519,7 +519,7 @@ def huge_jpegs(tmp_path_factory):
 def test_huge_jpegs_train_in_bounded_memory(huge_jpegs, tmp_path):
   """Eight 48-megapixel and four 90-megapixel JPEGs, each set trained on with the default parallelism: peak memory
   under 2 GB, because a JPEG is decoded at 1/2-1/8 of its sides when that still gives its resize target, and
-  resized in uint8 (README, What we guarantee: memory; method.md §4.5)."""
+  resized in uint8 (docs/guarantees.md, Memory; method.md §4.5)."""
   results = run_all([(demo_args(tmp_path / kind, f"--data={huge_jpegs / kind}", "--data_root=", "--train_steps=10",
                                 "--checkpoint_every=10"), None) for kind in HUGE_PHOTOS], tmp_path)
   peaks = {kind: peak_mb(text) for kind, (_, text) in zip(HUGE_PHOTOS, results)}
@@ -561,7 +561,7 @@ def forced_peak(folder, threads=16):
 def test_sixteen_parallel_decodes_of_huge_jpegs_stay_bounded(huge_jpegs):
   """The bound on a 16-core host for the 90-megapixel JPEGs: the formula's T + N (w + E) is 1.5 GB for the pipeline
   alone (1.84 GB with a training step's S); each decode reads its own file, where a read-ahead stage once kept 16
-  more of them in memory (1.70 GB measured then, 1.34 GB now; README, What we guarantee: memory)."""
+  more of them in memory (1.70 GB measured then, 1.34 GB now; docs/guarantees.md, Memory)."""
   images, peak = forced_peak(huge_jpegs / "90mp")
   print(f"16-way decoding of 90-megapixel JPEGs: peak {peak} MB, {images} images")
   assert images >= 4 and peak < FORCED_PEAK_RSS_LIMIT_MB - 350, peak  # 350 MB: S of the tests' small model
@@ -573,7 +573,7 @@ def test_sixteen_parallel_decodes_of_images_that_cannot_be_reduced_stay_bounded(
   makes small (a PNG is decoded at full size; libjpeg holds a progressive JPEG's coefficients at full size): such
   decodes run one at a time (data.grids_of_images), so 16-way parallelism keeps the pipeline's peak under 2 GB
   (1.38 GB measured on the PNGs); when all 16 ran at once it reached 2.5 GB
-  (PNGs) and 2.6 GB (progressive JPEGs) (README, What we guarantee: memory)."""
+  (PNGs) and 2.6 GB (progressive JPEGs) (docs/guarantees.md, Memory)."""
   photo = Image.open(os.path.join(skimage_photo_dir(), "astronaut.png")).convert("RGB").resize((6000, 5000))
   (tmp_path / "png").mkdir()
   (tmp_path / "progressive").mkdir()

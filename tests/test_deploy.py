@@ -820,39 +820,64 @@ def test_train_init_from_starts_a_new_run_and_records_it(small_run, exported, tm
   assert "Traceback" not in log_of(result)
 
 
-def readme_section(title):
-  text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+def doc_section(path, title):
+  """The text of the section of a Markdown file (relative to the repository) under the level-2 heading `title`."""
+  text = open(os.path.join(REPO, path), encoding="utf-8").read()
   start = text.index(f"\n## {title}\n")
   end = text.find("\n## ", start + 1)
   return text[start:end if end > 0 else None]
 
 
-def python_blocks(section):
-  blocks = section.split("```python\n")[1:]
+def fenced_blocks(section, language):
+  blocks = section.split(f"```{language}\n")[1:]
   return [block.split("```")[0] for block in blocks]
 
 
-@pytest.mark.slow
-def test_readme_using_the_backbone_runs_verbatim(deployed, tmp_path):
-  """Every Python snippet of README's 'Using the backbone', as written, on an export of the small run placed where
-  the README puts it (runs/demo_export) and the labelled folder that README's Evaluate section makes
-  (runs/labelled)."""
-  out, _ = deployed
-  (tmp_path / "runs").mkdir()
-  shutil.copytree(out, tmp_path / "runs" / "demo_export")
-  evaluate = readme_section("Export and evaluation")
-  labelled = evaluate[evaluate.index("python - <<'PY'\n") + len("python - <<'PY'\n"):]
-  (tmp_path / "labelled.py").write_text(labelled[:labelled.index("\nPY\n") + 1])
-  result = subprocess.run([sys.executable, "labelled.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and len(os.listdir(tmp_path / "runs" / "labelled")) == 4, result.stderr[-2000:]
-  blocks = python_blocks(readme_section("Using the backbone"))
-  assert len(blocks) >= 5
+def write_labelled_folder(folder, per_class=12, size=128):
+  """A labelled set of class sub-folders: which of four sample photos a random crop comes from."""
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  import skimage.io  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for name in ("astronaut", "chelsea", "coffee", "rocket"):
+    image = getattr(skimage.data, name)()
+    (folder / name).mkdir(parents=True)
+    for i in range(per_class):
+      y, x = rng.integers(0, image.shape[0] - size), rng.integers(0, image.shape[1] - size)
+      skimage.io.imsave(folder / name / f"{i}.png", image[y:y + size, x:x + size], check_contrast=False)
+
+
+def run_snippets(blocks, cwd):
   for index, block in enumerate(blocks):
-    (tmp_path / f"snippet_{index}.py").write_text(block)
+    (cwd / f"snippet_{index}.py").write_text(block)
     if "onnxruntime" in block and not has("onnxruntime"):
       continue
     if "ai_edge_litert" in block and not has("ai_edge_litert"):
       continue
-    result = subprocess.run([sys.executable, f"snippet_{index}.py"], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, f"snippet_{index}.py"], cwd=cwd, capture_output=True, text=True,
                             timeout=600, env=dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, f"snippet {index}:\n{block}\n{result.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_readme_using_the_backbone_runs_verbatim(deployed, tmp_path):
+  """Every Python snippet of README's 'Using the backbone', as written, in a process without context_keras, on an
+  export of the small run placed where the section's prerequisite commands put it and a labelled folder of class
+  sub-folders where its classifier reads one; those commands need no extra beyond the demo's (no --litert, --onnx).
+  Then every snippet of docs/deployment.md's 'LiteRT and ONNX' on the same export, where that page puts it."""
+  out, _ = deployed
+  section = doc_section("README.md", "Using the backbone")
+  commands = "\n".join(fenced_blocks(section, "sh"))
+  assert "context_keras.export" in commands and "--litert" not in commands and "--onnx" not in commands, commands
+  export_dir = commands.split("context_keras.export", 1)[1].split("--output=", 1)[1].split()[0]
+  shutil.copytree(out, tmp_path / export_dir)
+  write_labelled_folder(tmp_path / "labelled")
+  blocks = fenced_blocks(section, "python")
+  assert len(blocks) >= 3 and any("labelled" in block for block in blocks)
+  assert all(export_dir in block for block in blocks if "load" in block), blocks
+  run_snippets(blocks, tmp_path)
+
+  runtimes = tmp_path / "runtimes"
+  shutil.copytree(out, runtimes / "runs" / "demo_export")
+  blocks = fenced_blocks(doc_section("docs/deployment.md", "LiteRT and ONNX"), "python")
+  assert len(blocks) >= 2
+  run_snippets(blocks, runtimes)

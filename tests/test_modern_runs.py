@@ -172,7 +172,7 @@ def make_labelled(folder):
 def test_the_whole_network_trains_on_the_pretext(backbone, geometry, steps):
   """A narrow tower with its pair head fits one batch of the demo photos' pairs, repeated: training accuracy far above
   chance (12.5 %), and every trainable variable moved, so gradients reach every stage. (A fresh stream needs hundreds
-  of steps to leave chance: README, Pretext accuracy after equal time.)"""
+  of steps to leave chance: docs/training.md, Pretext accuracy after equal time.)"""
   input_config = D.InputConfig(data=f"{REPO}/flags/demo_photos.txt", data_root="package:skimage.data",
                                geometry=geometry, batch_patches=72 if geometry == "revisiting" else 64,
                                batch_pairs=64 if geometry == "revisiting" else 320)

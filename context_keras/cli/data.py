@@ -58,9 +58,9 @@ def define_augmentation():
     flags.DEFINE_enum("augment_on", "auto", ["auto", *data_lib.AUGMENT_ON],
                       "Where the per-patch augmentation runs: host = in the input pipeline; device = in the training "
                       "step on each replica's device, the host only decoding, resizing and cutting uint8 patches "
-                      "(README, Cores per GPU: the host cores each mode needs); auto = device when a GPU is visible, "
-                      "else host. Both give the same pixels for the same seed (each patch is augmented from its own "
-                      "key).")
+                      "(docs/scale.md, Cores per GPU: the host cores each mode needs); auto = device when a GPU is "
+                      "visible, else host. Both give the same pixels for the same seed (each patch is augmented from "
+                      "its own key).")
 
 
 def define_shortcut_fixes():

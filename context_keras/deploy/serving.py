@@ -54,7 +54,7 @@ PREPROCESSING[augment_lib.STANDARDIZATION] = (
 
 
 def preprocess(images, mode):
-  """What the SavedModels apply to their uint8 input (README 'Export and evaluation'): augment.standardize with the
+  """What the SavedModels apply to their uint8 input (docs/deployment.md, Export): augment.standardize with the
   run's preprocessing mode (augment.preprocessing_mode: its colour mode, or standardization)."""
   return augment_lib.standardize(tf.cast(images, tf.float32), mode)
 

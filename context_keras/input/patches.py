@@ -80,7 +80,7 @@ def resize_uint8(image, height, width):
 
   No anti-aliasing: the original's skimage resize had none either (method.md §1.2). The original resized with zero
   padding outside the image (a boundary artefact, method.md §1.2 and 7); TF's bilinear resize clamps at the border
-  instead, which is the deviation README lists.
+  instead, a deviation (method.md §7.1).
   """
   size = tf.stack([height, width])
   small = tf.size(image) <= FLOAT_RESIZE_MAX_PIXELS * 3

@@ -158,8 +158,8 @@ def image_grids(contents, seed, config=None):
 # Images that decode to more pixels than this are decoded one at a time, after the parallel stage; all others, many
 # at once. Every JPEG within the bomb guard falls below it (a reduced decode keeps under 4x the resize target, or at
 # most MAX_DECODE_PIXELS / 64 = 1.56 MP), so the parallel decodes each hold a few MB whatever the core count, and
-# only a large PNG, WebP, BMP or GIF (no reduced decoding) pays for its size, once (README, What we guarantee:
-# memory; method.md §1.2).
+# only a large PNG, WebP, BMP or GIF (no reduced decoding) pays for its size, once (docs/guarantees.md,
+# Memory; method.md §1.2).
 PARALLEL_DECODE_MAX_PIXELS = 4 * patches_lib.MAX_TARGET_PIXELS
 
 
@@ -197,7 +197,7 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
 
   Memory is bounded by design, whatever the core count: tf.data's AUTOTUNE runs up to one decode per core, and each
   of those decodes at most PARALLEL_DECODE_MAX_PIXELS; a larger image is passed on encoded, and decoded in a
-  sequential stage, so that at most one large decode is in memory at a time (README, What we guarantee: memory).
+  sequential stage, so that at most one large decode is in memory at a time (docs/guarantees.md, Memory).
   """
   def seed_of(index):
     return tf.random.experimental.stateless_fold_in(base_seed, index)
@@ -278,7 +278,7 @@ class _Packer:
   fit completes the pending batch, and starts the next. The batches completed in a step (none at most steps; several
   only when a batch holds fewer grids than an image has) come out stacked, [k, ...], padded to their static shapes,
   and unbatch() makes them elements: one function call per image, not a dataset and a call per grid, as the host's
-  sequential stage costs every core's share of its time (README, Speed).
+  sequential stage costs every core's share of its time (docs/speed.md).
 
   The patches of pending grids are held in a TensorList (appending does not copy them) and concatenated once per
   batch. Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable

@@ -281,9 +281,9 @@ def epoch_order(num, seed, epoch):
 
 def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1, start_image=0):
   """An endless dataset of the images to decode in a seeded order: this pipeline's share, from its image
-  `start_image` on. Files come as {"path": path}: the decoding stage reads each (data.grids_of_images), so that a
-  file's bytes are in memory only while it is decoded, never in a read-ahead buffer (README, What we guarantee:
-  memory). Records come as their encoded bytes.
+  `start_image` on. Files come as {"path": path}: the decoding stage reads each (pipeline.grids_of_images), so that a
+  file's bytes are in memory only while it is decoded, never in a read-ahead buffer (docs/guarantees.md,
+  Memory). Records come as their encoded bytes.
 
   Files: each epoch visits them in a new permutation (the original cycled one permutation forever, method.md §1.1), and
   this pipeline takes every num_pipelines-th image of that stream. The order is a pure function of the seed, so
