@@ -28,6 +28,7 @@ from context_keras.evaluation import chart
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import labelled
 from context_keras.storage import writes
 from context_keras.training import restore
@@ -96,9 +97,13 @@ def check_flags():
     raise errors.UsageError(f"--variants={','.join(FLAGS.variants)}: unknown {', '.join(unknown) or 'none given'}; "
                             f"choose from {', '.join(VARIANTS)}")
   fixes = [v for v in FLAGS.variants if VARIANTS[v].flags]
-  if FLAGS.geometry == "revisiting" and fixes:
-    # Checked here, not after the baseline has trained: the fixes work with the doersch geometry only (method.md §9.9).
-    raise errors.UsageError(f"--variants={','.join(fixes)} do not work with --geometry=revisiting yet (method.md §9.9)")
+  geometry = geometry_lib.get(FLAGS.geometry)
+  if fixes and not geometry.shortcut_fixes:
+    # Checked here, not after the baseline has trained (method.md §9.9).
+    raise errors.UsageError(f"--variants={','.join(fixes)} do not work with --geometry={geometry.name} yet (method.md "
+                            "§9.9)")
+  if FLAGS.probe_data:
+    geometry.check_input_side("--probe_image_size", FLAGS.probe_image_size)
   if not all(s.isdigit() for s in FLAGS.seeds) or not FLAGS.seeds or len(set(FLAGS.seeds)) != len(FLAGS.seeds):
     raise errors.UsageError(f"--seeds={','.join(FLAGS.seeds)} must be distinct non-negative integers")
   for name in ("output", "data", "eval_data"):

@@ -84,7 +84,7 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
     options = dict(rescale_options or {})
     num_patches = options.pop("num_patches", rescale_lib.NUM_PATCHES)
     source = sources.find_source(rescale_data, data_root)
-    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.geometry)
+    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.patch_geometry)
     logging.info("Rescaling on %d patches from %s.", len(patches), source.description)
     report = rescale_lib.rescale(folded, serving.preprocess(patches, run.preprocessing), **options)
     report = dict(data=source.description, patches=len(patches), **report)

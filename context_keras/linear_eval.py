@@ -223,13 +223,11 @@ def summary_line(per_layer):
   return ", ".join(f"{name} {entry['top1']:.4f}" for name, entry in per_layer.items())
 
 
-def check_side(config, patch_size):
-  """The crop (or each of its patches) must hold one of the backbone's patches: 96 px, 64 in the revisiting geometry."""
+def check_side(config, geometry):
+  """The crop (or each of its patches) must hold one of the backbone's patches (geometry.Geometry.check_input_side,
+  evaluate's rule too)."""
   side = config.crop_size // config.patch_grid if config.patch_grid else config.crop_size
-  if side < patch_size:
-    raise errors.UsageError(f"Invalid flags: --crop_size={config.crop_size} gives "
-                            f"{'patches' if config.patch_grid else 'images'} of {side} px; the backbone needs at "
-                            f"least {patch_size}")
+  geometry.check_input_side("--crop_size", config.crop_size, side, "patches" if config.patch_grid else "images")
 
 
 def run():
@@ -260,7 +258,7 @@ def run():
     with strategy.scope():
       subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
                  else subject_lib.from_saved_model(FLAGS.saved_model))
-    check_side(config, subject.patch_size)
+    check_side(config, subject.patch_geometry)
     layers = config.layers or tuple(subject.feature_layers)
     unknown = [name for name in layers if name not in subject.feature_layers]
     if unknown:

@@ -153,7 +153,7 @@ def run():
                      FLAGS.train_steps)
         return 0
 
-    sources.check_readable(source, geometry=input_config.geometry)
+    sources.check_readable(source, geometry=input_config.patch_geometry)
     logging.info("Data: %s%s.", source.description, f", processed by the tf.data service at "
                  f"{config.input.data_service}" if config.input.data_service else "")
     if config.input.data_service:

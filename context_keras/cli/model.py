@@ -3,7 +3,7 @@ from absl import flags
 
 from context_keras import errors
 from context_keras.cli import program
-from context_keras.input import patches as patches_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.model import networks as model_lib
 
 FLAGS = flags.FLAGS
@@ -54,7 +54,7 @@ def model_config(num_classes=model_lib.ModelConfig.num_classes):
     raise errors.UsageError(f"Invalid flags: --resnet_strides={','.join(FLAGS.resnet_strides)} must be integers") from e
   config = model_lib.ModelConfig(
       backbone=FLAGS.backbone, width_multiplier=FLAGS.width_multiplier, sync_batchnorm=FLAGS.sync_batchnorm,
-      bn_momentum=FLAGS.bn_momentum, head=FLAGS.head, patch_size=patches_lib.patch_size(FLAGS.geometry),
+      bn_momentum=FLAGS.bn_momentum, head=FLAGS.head, patch_size=geometry_lib.get(FLAGS.geometry).patch_size,
       resnet_version=int(FLAGS.resnet_version), resnet_stem_stride=FLAGS.resnet_stem_stride, resnet_strides=strides,
       num_classes=num_classes)
   try:

@@ -159,8 +159,7 @@ def evaluate(subject, config):
   for flag, value in (("layer", layer), ("freeze_up_to", config.freeze_up_to)):
     if value and value not in subject.feature_layers:
       raise errors.UsageError(f"--{flag}={value} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < subject.patch_size:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
+  subject.patch_geometry.check_input_side("--image_size", config.image_size)
   train, val = config.splits.find()
   if val is None:
     if train.kind != "files":
@@ -177,7 +176,7 @@ def evaluate(subject, config):
     keras.utils.set_random_seed(config.seed)
     rescale = config.rescale and not one.rescaled
     scored, frozen = images_lib.read_or_explain(train, "--train_data", lambda one=one, rescale=rescale: fine_tune(
-        one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing, subject.geometry,
+        one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing, subject.patch_geometry,
         who))
     result.update({who + k: v for k, v in scored.items()})
   result.update({"layer": layer, "frozen_layers": frozen, "classes": list(train.classes),

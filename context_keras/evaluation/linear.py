@@ -184,8 +184,7 @@ def evaluate(subject, config):
   layer_names = (config.layer,) if config.layer else tuple(subject.feature_layers)
   if config.layer and config.layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < subject.patch_size:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
+  subject.patch_geometry.check_input_side("--image_size", config.image_size)
   lset, val = config.splits.find()
   multi_label = lset.multi_label
   if val is None and not multi_label:

@@ -11,7 +11,7 @@ from context_keras import errors
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
 from context_keras.input import decoding
-from context_keras.input import patches as patches_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import sources
 from context_keras.model import networks as model_lib
 from context_keras.training import progress as progress_lib
@@ -35,11 +35,10 @@ class Config:
   compare_random_init: bool = False
 
 
-def patch_database(source, seed, geometry="doersch"):
+def patch_database(source, seed, geometry=geometry_lib.DOERSCH):
   """One random grid of un-augmented patches per image (training geometry): uint8 [N, P, P, 3], image ids [N]."""
   def cut(index, contents):
-    patches = patches_lib.evaluation_patches(decoding.decode(contents), images_lib.image_seed(seed, index),
-                                             geometry)["patches"]
+    patches = geometry.evaluation_patches(decoding.decode(contents), images_lib.image_seed(seed, index))["patches"]
     return patches, tf.fill(tf.shape(patches)[:1], index)
   chunks = []
   progress = progress_lib.Progress("patch database", len(source.paths) if source.kind == "files" else None)
@@ -92,7 +91,7 @@ def evaluate(subject, config):
   seed, top_k, batch_size = config.seed, config.top_k, config.batch_size
   source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, seed)
   random_subject = subject.random_init(seed) if config.compare_random_init else None
-  patches, image_ids = patch_database(source, seed, subject.geometry)
+  patches, image_ids = patch_database(source, seed, subject.patch_geometry)
   if len(np.unique(image_ids)) < 2:
     raise errors.DataError(f"--data={source.description}: nearest neighbours need patches of at least 2 images")
   top_k = min(top_k, len(patches) - 1)
