@@ -53,20 +53,10 @@ def define_flags():
   model_flags.define()
   with program.flag_group("benchmark"):
     flags.DEFINE_list("parts", ["input", "input_stages", "original_loader", "step", "end_to_end", "training_rss",
-                                "flops", "linear_eval"],
-                      "What to measure; input_stages is the host's cost per image of each stage of the input "
-                      "pipeline, on one thread (where its time goes; doersch geometry); original_loader is the "
-                      "original's per-patch numpy/scikit-image loader, on one core, for comparison with the input "
-                      "pipeline (needs scikit-image; doersch geometry); training_rss is the peak memory of the "
-                      "training program with flags/deepcontext.cfg (doersch geometry); flops are the network's "
-                      "floating-point operations per patch, from which (with the input figures) the host cores each "
-                      "GPU needs are estimated; linear_eval is the images/s of linear_eval's feature pass and "
-                      "training step (full-width AlexNet-BN backbone, 224-px crops, every layer pooled to 9,000 "
-                      "values, 1000 "
-                      "classes).")
+                                "flops", "linear_eval"], "What to measure (docs/flags.md#benchmark).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
-    program.define_integer("grids", 0, "3x3 grids per preloaded batch (revisiting: images, 9 patches each); 0 = the "
-                           "PyTorch baseline's default, 56 grids (doersch) or 16 images (revisiting).", lower=0)
+    program.define_integer("grids", 0, "3x3 grids per preloaded batch (revisiting: images); 0 = the PyTorch "
+                           "baseline's default for --geometry (docs/flags.md#benchmark).", lower=0)
     program.define_integer("timed_steps", 3, "Training steps per timed run.", lower=1)
     program.define_integer("input_batches", 10, "Batches per timed run of the input pipeline.", lower=1)
     program.define_integer("repeats", 3, "Timed runs per figure; the median is reported.", lower=1)

@@ -42,15 +42,12 @@ def define_flags():
   with program.flag_group("run"):
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, flags, exports. A run "
                         "resumes from its latest checkpoint here.")
-    program.define_integer("train_steps", 0, "Total steps of the run (a resumed run stops there); 0 = until told "
-                           "to stop (quit file, SIGINT or SIGTERM). The original ran 1.7M steps.", lower=0)
-    flags.DEFINE_string("init_from", None, "Start a new run from trained weights: a run directory (its latest "
-                        "checkpoint), a checkpoint (RUN/ckpt-N) or an exported backbone (OUT/backbone, "
-                        "RUN/export/backbone_N). The tower is loaded (and the pair head, from a run or checkpoint, "
-                        "where it matches); the step and the optimizer start at 0. Recorded in RUN/config.json; "
-                        "ignored when --model_dir already holds a checkpoint (the run resumes).")
-    program.define_integer("seed", 0, "Seed of all randomness: data order, grids, augmentation and "
-                           "initialisation.", lower=0)
+    program.define_integer("train_steps", optimisation_flags.DEFAULTS.train_steps, "Total steps of the run; 0 = until "
+                           "told to stop (quit file, SIGINT, SIGTERM). The original ran 1.7M.", lower=0)
+    flags.DEFINE_string("init_from", None, "Start a new run from the weights of a run, a checkpoint or an exported "
+                        "backbone; ignored when the run resumes (docs/flags.md#run).")
+    program.define_integer("seed", data_flags.DEFAULTS.seed, "Seed of all randomness: data order, grids, "
+                           "augmentation and initialisation.", lower=0)
     program.define_integer("steps_per_loop", 10, "Training steps per compiled call. Checkpoints, logs and control "
                            "files are honoured at exact steps whatever this is.", lower=1)
     program.define_integer("log_every", 20, "Steps between progress lines and scalar summaries.", lower=1)
@@ -61,23 +58,19 @@ def define_flags():
     program.define_integer("image_summary_every", 1000, "Steps between TensorBoard images of pairs as the model "
                            "sees them.", lower=1)
     program.define_integer("histogram_every", 1000, "Steps between weight histograms.", lower=1)
-    flags.DEFINE_string("quit_file", "train_quit", "When this file appears the run finishes its step, writes a "
-                        "checkpoint and exits 0. Relative paths are in the working directory, as the original's, so "
-                        "it speaks to every run started there; RUN/train_quit speaks to this run alone. A file that "
-                        "exists at start is not obeyed unless created again.")
+    flags.DEFINE_string("quit_file", "train_quit", "When this file (or RUN/train_quit) appears the run checkpoints "
+                        "and exits 0 (docs/flags.md#run).")
     flags.DEFINE_string("pause_file", "train_pause", "When this file (or RUN/train_pause) appears the run writes a "
                         "checkpoint and waits, idle, until it is removed.")
     flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"],
-                      "auto: MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several tasks, else "
-                      "MirroredStrategy over the visible GPUs (CUDA_VISIBLE_DEVICES picks them) or over "
-                      "--cpu_replicas CPU devices, else the default strategy.")
+                      "Distribution strategy; auto: multi_worker with a TF_CONFIG cluster, else mirrored over the "
+                      "GPUs or --cpu_replicas (docs/flags.md#run).")
     program.define_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each (for "
                            "testing MirroredStrategy without GPUs).", lower=1)
     flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism on top of the seeded input: the same "
-                      "seed gives the same losses (slower; GPU kernels without a deterministic version raise).")
-    flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to "
-                      "RUN/train/plugins/profile (view it in TensorBoard's Profile tab, from the "
-                      "tensorboard-plugin-profile package).")
+                      "seed gives the same losses (slower).")
+    flags.DEFINE_list("profile_steps", [], "A,B: a tf.profiler trace of steps A to B in RUN/train/plugins/profile "
+                      "(TensorBoard's Profile tab).")
   program.define_check(schedule_problem)
   program.define_check(profile_problem)
 

@@ -43,9 +43,9 @@ class Config:
   splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
   freeze_up_to: str | None = None
-  folds: int = 5
-  image_size: int = 192
-  batch_size: int = 32
+  folds: int = images_lib.FOLDS
+  image_size: int = images_lib.IMAGE_SIZE
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
   epochs: int = EPOCHS
   learning_rate: float = LEARNING_RATE

@@ -33,9 +33,9 @@ class Config:
   layer: str | None = None
   k: int = K
   temperature: float = TEMPERATURE
-  folds: int = 5
-  image_size: int = 192
-  batch_size: int = 64
+  folds: int = images_lib.FOLDS
+  image_size: int = images_lib.IMAGE_SIZE
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
 
 

@@ -30,10 +30,10 @@ RANDOM = "random_init_"
 class Config:
   splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
-  folds: int = 5
+  folds: int = images_lib.FOLDS
   inner_folds: int = 0
-  image_size: int = 192
-  batch_size: int = 64
+  image_size: int = images_lib.IMAGE_SIZE
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
   probe_epochs: int = PROBE_EPOCHS
   probe_learning_rate: float = PROBE_LEARNING_RATE

@@ -26,11 +26,11 @@ RANDOM_COLOUR = (170, 170, 170)
 class Config:
   data: str
   data_root: str | None = None
-  images: int = 500
+  images: int = images_lib.IMAGES
   layer: str | None = None
   queries: int = 20
   top_k: int = 8
-  batch_size: int = 64
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
   compare_random_init: bool = False
 

@@ -22,7 +22,6 @@ from context_keras.training import progress as progress_lib
 
 NAME = "pretext"
 PAIRS_PER_IMAGE = 256   # method.md §6.3: 500 images x 256 pairs
-IMAGES = 500
 MAX_GRIDS = 128         # an image resized to >= 150,000 px gives >= 2 pairs per grid (method.md §1.2, 2.2)
 
 
@@ -30,7 +29,7 @@ MAX_GRIDS = 128         # an image resized to >= 150,000 px gives >= 2 pairs per
 class Config:
   data: str
   data_root: str | None = None
-  images: int = IMAGES
+  images: int = images_lib.IMAGES
   pairs_per_image: int = PAIRS_PER_IMAGE
   seed: int = 0
   color_mode: str | None = None   # None: the subject's (the run's) colour handling
