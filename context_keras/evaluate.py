@@ -125,11 +125,10 @@ def protocol_config(mode):
   labelled_data = {"splits": splits, "seed": FLAGS.seed, "folds": FLAGS.folds,
                    "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "layer": FLAGS.layer}
   if mode == pretext.NAME:
+    # The run's own augmentation unless given.
+    color_mode, pixelation = data_flags.given("color_mode", "pixelation")
     return pretext.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root, images=FLAGS.images,
-                          pairs_per_image=FLAGS.pairs_per_image,
-                          # The run's own preprocessing unless given on the command line.
-                          color_mode=FLAGS.color_mode if FLAGS["color_mode"].present else None,
-                          pixelation=FLAGS.pixelation if FLAGS["pixelation"].present else None)
+                          pairs_per_image=FLAGS.pairs_per_image, color_mode=color_mode, pixelation=pixelation)
   if mode == linear.NAME:
     return linear.Config(**labelled_data, inner_folds=FLAGS.inner_folds, probe_epochs=FLAGS.probe_epochs,
                          probe_learning_rate=FLAGS.probe_learning_rate, probe_l2=FLAGS.probe_l2,

@@ -28,11 +28,12 @@ class Geometry:
   grids_per_image  grids cut from one image, which the packer takes in order (pipeline._Packer)
   head             the pair head of its recipe (model.networks.HEADS; each recipe's head is named after it)
   benchmark_grids  grids (revisiting: images) in the benchmark's preloaded batch: its PyTorch baseline's default
-  color_modes      whether --color_mode and --pixelation choose its augmentation (method.md §2.4)
+  color_modes      whether --color_mode and --pixelation choose its augmentation (method.md §2.4); if not,
+  own_colour       what it does instead
   shortcut_fixes   whether the fixes of method.md §9 work with it
   original         whether it is the original's, whose loader and flags/deepcontext.cfg the benchmark measures
   """
-  name = patch_size = grids_per_image = head = benchmark_grids = None
+  name = patch_size = grids_per_image = head = benchmark_grids = own_colour = None
   color_modes = shortcut_fixes = original = False
 
   def __repr__(self):
@@ -85,8 +86,7 @@ class Geometry:
       return []
     given = ([f"--color_mode={color_mode}"] if color_mode is not None else []) + (
         [f"--{'' if pixelation else 'no'}pixelation"] if pixelation is not None else [])
-    return [f"{flag} does nothing with --geometry={self.name}, which grays and standardises its patches instead "
-            "(method.md §8.2)" for flag in given]
+    return [f"{flag} does nothing with --geometry={self.name}, which {self.own_colour}" for flag in given]
 
   def unsupported_fix(self, given):
     """The problem of the first of `given` (flags of method.md §9's fixes that are set), or None."""
@@ -151,6 +151,7 @@ class Revisiting(Geometry):
   grids_per_image = 1
   head = "revisiting"
   benchmark_grids = 16
+  own_colour = "grays and standardises its patches instead (method.md §8.2)"
 
   @property
   def largest_grid(self):
