@@ -133,7 +133,7 @@ def evaluate(subject, config):
   geometry = subject.patch_geometry
   unused = geometry.unused_settings(config.color_mode, config.pixelation)
   if unused:
-    raise errors.UsageError(f"Invalid flags: {'; '.join(unused)}: the run to evaluate is of that geometry")
+    raise errors.UsageError(f"Invalid flags: {'; '.join(unused)}; that is the evaluated run's geometry")
   color_mode = subject.color_mode if config.color_mode is None else config.color_mode
   pixelation = subject.pixelation if config.pixelation is None else config.pixelation
   source = images_lib.select_images(sources.find_source(config.data, config.data_root), config.images, config.seed)
