@@ -29,6 +29,7 @@ from context_keras.cli import program
 from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import labelled
 from context_keras.storage import writes
 from context_keras.training import restore
@@ -75,16 +76,18 @@ def define_flags():
                       "gives the mean and the spread (largest minus smallest).")
     flags.DEFINE_string("eval_data", None, "Held-out images for the pretext accuracy (any form --data accepts).")
     flags.DEFINE_string("eval_data_root", None, "Folder the names of an --eval_data list are relative to.")
-    program.define_integer("eval_images", pretext.IMAGES, "Pretext: at most this many --eval_data images.", lower=1)
-    program.define_integer("pairs_per_image", pretext.PAIRS_PER_IMAGE, "Pretext: pairs per held-out image.",
+    program.define_integer("eval_images", pretext.Config.images, "Pretext: at most this many --eval_data images.",
+                           lower=1)
+    program.define_integer("pairs_per_image", pretext.Config.pairs_per_image, "Pretext: pairs per held-out image.",
                            lower=1)
     flags.DEFINE_string("probe_data", None, "Labelled images for the per-layer linear probe (a folder of class "
                         "folders, or images with --probe_labels); none: no probe.")
     flags.DEFINE_string("probe_labels", None, "Labels file of --probe_data (lines NAME LABEL).")
     flags.DEFINE_string("probe_layer", None, "Probe only this layer of the backbone (default: every named layer).")
-    program.define_integer("probe_folds", 5, "Probe: stratified cross-validation folds.", lower=2)
-    program.define_integer("probe_image_size", 192, "Probe: side of the centre squares.", lower=96)
-    program.define_integer("probe_epochs", linear.PROBE_EPOCHS, "Probe: full-batch steps of each logistic "
+    program.define_integer("probe_folds", linear.Config.folds, "Probe: stratified cross-validation folds.", lower=2)
+    program.define_integer("probe_image_size", linear.Config.image_size, "Probe: side of the centre squares, at "
+                           "least one patch of --geometry.", lower=1)
+    program.define_integer("probe_epochs", linear.Config.probe_epochs, "Probe: full-batch steps of each logistic "
                            "regression.", lower=1)
 
 
@@ -97,9 +100,13 @@ def check_flags():
     raise errors.UsageError(f"--variants={','.join(FLAGS.variants)}: unknown {', '.join(unknown) or 'none given'}; "
                             f"choose from {', '.join(VARIANTS)}")
   fixes = [v for v in FLAGS.variants if VARIANTS[v].flags]
-  if FLAGS.geometry == "revisiting" and fixes:
-    # Checked here, not after the baseline has trained: the fixes work with the doersch geometry only (method.md §9.9).
-    raise errors.UsageError(f"--variants={','.join(fixes)} do not work with --geometry=revisiting yet (method.md §9.9)")
+  geometry = geometry_lib.get(FLAGS.geometry)
+  if fixes and not geometry.shortcut_fixes:
+    # Checked here, not after the baseline has trained (method.md §9.9).
+    raise errors.UsageError(f"--variants={','.join(fixes)} do not work with --geometry={geometry.name} yet (method.md "
+                            "§9.9)")
+  if FLAGS.probe_data:
+    geometry.check_input_side("--probe_image_size", FLAGS.probe_image_size)
   if not all(s.isdigit() for s in FLAGS.seeds) or not FLAGS.seeds or len(set(FLAGS.seeds)) != len(FLAGS.seeds):
     raise errors.UsageError(f"--seeds={','.join(FLAGS.seeds)} must be distinct non-negative integers")
   for name in ("output", "data", "eval_data"):
@@ -147,6 +154,20 @@ def evaluation_settings(seed):
   return dict({name: FLAGS[name].value for name in names}, seed=seed)
 
 
+def pretext_config():
+  """The pretext evaluation of every run (seed 0: the same pairs for every run)."""
+  return pretext.Config(data=FLAGS.eval_data, data_root=FLAGS.eval_data_root, tfds_data_dir=FLAGS.tfds_data_dir,
+                        images=FLAGS.eval_images, pairs_per_image=FLAGS.pairs_per_image, seed=0)
+
+
+def probe_config(seed):
+  """The linear probe of the runs of one training seed."""
+  return linear.Config(splits=labelled.Splits(data=FLAGS.probe_data, labels=FLAGS.probe_labels,
+                                                       tfds_data_dir=FLAGS.tfds_data_dir),
+                       layer=FLAGS.probe_layer, folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size,
+                       probe_epochs=FLAGS.probe_epochs, seed=seed)
+
+
 def evaluate_run(model_dir, seed):
   """Pretext accuracy (and per-layer probes) of one trained run: {metric: value}. Kept in RUN/ablation_eval.json
   with its settings and step, and reused while they stay the same."""
@@ -160,17 +181,12 @@ def evaluate_run(model_dir, seed):
       logging.info("Reusing the evaluation of %s (%s).", model_dir, cache)
       return kept["scores"]
   subject = subject_lib.from_run(run)
-  found = pretext.evaluate(subject, pretext.Config(data=FLAGS.eval_data, data_root=FLAGS.eval_data_root,
-                                                   tfds_data_dir=FLAGS.tfds_data_dir, images=FLAGS.eval_images,
-                                                   pairs_per_image=FLAGS.pairs_per_image, seed=0)).metrics
+  found = pretext.evaluate(subject, pretext_config()).metrics
   scores = {"step": run.step, "pretext_accuracy": found["accuracy"], "pretext_classes": found["num_classes"],
             # 8-way, whatever the class count: what every variant can be compared on.
             "pretext_direction_accuracy": found.get("direction_accuracy", found["accuracy"])}
   if FLAGS.probe_data:
-    probed = linear.evaluate(subject, linear.Config(
-        splits=labelled.Splits(data=FLAGS.probe_data, labels=FLAGS.probe_labels, tfds_data_dir=FLAGS.tfds_data_dir),
-        layer=FLAGS.probe_layer, folds=FLAGS.probe_folds, image_size=FLAGS.probe_image_size,
-        probe_epochs=FLAGS.probe_epochs, seed=seed)).metrics
+    probed = linear.evaluate(subject, probe_config(seed)).metrics
     scores["probe"] = {layer: entry["accuracy"] for layer, entry in probed["per_layer"].items()}
     scores["random_init_probe"] = {layer: entry[linear.RANDOM + "accuracy"]
                                    for layer, entry in probed["per_layer"].items()}

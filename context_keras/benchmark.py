@@ -32,6 +32,7 @@ from context_keras.cli import program
 from context_keras.deploy import serving
 from context_keras.evaluation import linear_job
 from context_keras.input import decoding
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.input import pipeline as data_lib
 from context_keras.input import sources
@@ -45,7 +46,6 @@ FLAGS = flags.FLAGS
 # Our PyTorch baseline lives beside the package in the repository (benchmarks/), not in the installed package.
 OUR_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                             "torch_baseline.py")
-DEFAULT_GRIDS = {"doersch": 56, "revisiting": 16}
 
 
 def define_flags():
@@ -54,20 +54,10 @@ def define_flags():
   model_flags.define()
   with program.flag_group("benchmark"):
     flags.DEFINE_list("parts", ["input", "input_stages", "original_loader", "step", "end_to_end", "training_rss",
-                                "flops", "linear_eval"],
-                      "What to measure; input_stages is the host's cost per image of each stage of the input "
-                      "pipeline, on one thread (where its time goes; doersch geometry); original_loader is the "
-                      "original's per-patch numpy/scikit-image loader, on one core, for comparison with the input "
-                      "pipeline (needs scikit-image; doersch geometry); training_rss is the peak memory of the "
-                      "training program with flags/deepcontext.cfg (doersch geometry); flops are the network's "
-                      "floating-point operations per patch, from which (with the input figures) the host cores each "
-                      "GPU needs are estimated; linear_eval is the images/s of linear_eval's feature pass and "
-                      "training step (full-width AlexNet-BN backbone, 224-px crops, every layer pooled to 9,000 "
-                      "values, 1000 "
-                      "classes).")
+                                "flops", "linear_eval"], "What to measure (docs/flags.md#benchmark).")
     flags.DEFINE_list("precisions", ["fp32", "bf16"], "Compute precisions of the step and end-to-end figures.")
-    program.define_integer("grids", 0, "3x3 grids per preloaded batch (revisiting: images, 9 patches each); 0 = the "
-                           "PyTorch baseline's default, 56 grids (doersch) or 16 images (revisiting).", lower=0)
+    program.define_integer("grids", 0, "3x3 grids per preloaded batch (revisiting: images); 0 = the PyTorch "
+                           "baseline's default for --geometry (docs/flags.md#benchmark).", lower=0)
     program.define_integer("timed_steps", 3, "Training steps per timed run.", lower=1)
     program.define_integer("input_batches", 10, "Batches per timed run of the input pipeline.", lower=1)
     program.define_integer("repeats", 3, "Timed runs per figure; the median is reported.", lower=1)
@@ -86,13 +76,12 @@ MODES = {"host_augment": "host", "device_augment": "device"}
 GPU_SUSTAINED_TFLOPS = {"T4": 15, "V100": 40, "A100": 80, "H100": 150}
 
 
-def grid_batch(num_grids, side=3, seed=0, geometry="doersch", device_augment=False):
-  """A batch of num_grids side x side grids of random patches, every pair valid (the baseline's shape): every
-  8-neighbour pair (doersch) or the 8 (neighbour, centre) pairs (revisiting); the patches as the tower takes them, or
-  as the pipeline gives them for the device augmentation (uint8 patches and their keys)."""
-  first, second, label = (t.numpy() for t in patches_lib.pairs_of_grids(tf.constant([side]), tf.constant([side]),
-                                                                            geometry)[:3])
-  size = patches_lib.patch_size(geometry)
+def grid_batch(num_grids, side=3, seed=0, geometry=geometry_lib.DOERSCH, device_augment=False):
+  """A batch of num_grids side x side grids of random patches, every pair of the geometry valid (the baseline's
+  shape): every 8-neighbour pair (doersch) or the 8 (neighbour, centre) pairs (revisiting); the patches as the tower
+  takes them, or as the pipeline gives them for the device augmentation (uint8 patches and their keys)."""
+  first, second, label = (t.numpy() for t in geometry.pairs(tf.constant([side]), tf.constant([side]))[:3])
+  size = geometry.patch_size
   cells = side * side
   offsets = np.repeat(np.arange(num_grids) * cells, len(first))
   rng = np.random.default_rng(seed)
@@ -286,15 +275,20 @@ def training_peak_rss(input_config):
   return float(re.search(r"Peak memory: ([\d.]+) MB", out.stderr).group(1))
 
 
+# torch_baseline.py's towers: (our backbone, its geometry, with that geometry's head) -> its --tower.
+BASELINE_TOWERS = {("alexnet_bn", geometry_lib.DOERSCH): "alexnet_bn",
+                   ("resnet50", geometry_lib.REVISITING): "resnet50_rpl"}
+
+
 def baseline_tower(model_config, geometry):
-  """The baseline network that is ours (torch_baseline.py --tower), or None when the configuration has none."""
-  if (model_config.backbone, model_config.head, geometry) == ("alexnet_bn", "doersch", "doersch"):
-    return "alexnet_bn"
-  if ((model_config.backbone, model_config.head, geometry, model_config.resnet_version) ==
-      ("resnet50", "revisiting", "revisiting", 1) and model_config.resnet_stem_stride == 1 and
-      model_config.resnet_strides == (1, 2, 2, 1)):
-    return "resnet50_rpl"
-  return None
+  """The baseline network that is ours (torch_baseline.py --tower), or None when the configuration has none: the
+  original's network, or Kolesnikov et al.'s ResNet-50 v1 with their strides."""
+  if model_config.head != geometry.head:
+    return None
+  tower = BASELINE_TOWERS.get((model_config.backbone, geometry))
+  resnet_as_theirs = (model_config.resnet_version == 1 and model_config.resnet_stem_stride == 1 and
+                      model_config.resnet_strides == (1, 2, 2, 1))
+  return tower if tower != "resnet50_rpl" or resnet_as_theirs else None
 
 
 def run_baseline(script, tower, width, precision, grids):
@@ -326,7 +320,7 @@ def baselines(model_config, geometry, grids):
   if tower is None:
     logging.warning("No PyTorch baseline of --backbone=%s --head=%s --geometry=%s: the baselines are alexnet_bn "
                     "(doersch) and resnet50 v1 (revisiting geometry and head, default strides).",
-                    model_config.backbone, model_config.head, geometry)
+                    model_config.backbone, model_config.head, geometry.name)
     return {}
   # The baseline's width is Kolesnikov et al.'s filters factor: 4 is the standard ResNet-50.
   width = int(round(4 * model_config.width_multiplier))
@@ -354,12 +348,12 @@ def jpeg_copies(list_file, data_root, folder, quality=90):
 def main():
   result = {}
   scratch = tempfile.TemporaryDirectory()
-  geometry = FLAGS.geometry
+  geometry = geometry_lib.get(FLAGS.geometry)
   model_config = model_flags.model_config()
-  if not FLAGS["head"].present and geometry == "revisiting":
-    model_config = dataclasses.replace(model_config, head="revisiting")  # the geometry's own head, as the baseline
-  grids = FLAGS.grids or DEFAULT_GRIDS[geometry]
-  result["network"] = {"backbone": model_config.backbone, "head": model_config.head, "geometry": geometry,
+  if not FLAGS["head"].present:
+    model_config = dataclasses.replace(model_config, head=geometry.head)  # the geometry's own head, as the baseline
+  grids = FLAGS.grids or geometry.benchmark_grids
+  result["network"] = {"backbone": model_config.backbone, "head": model_config.head, "geometry": geometry.name,
                        "width_multiplier": model_config.width_multiplier, "grids": grids}
   # Which CPU kernels the figures come from: "1" oneDNN, "0" Eigen; unset leaves TensorFlow's own choice (oneDNN
   # only on AVX-512 VNNI/BF16 or AMX CPUs). docs/speed.md, CPU kernels.
@@ -369,11 +363,11 @@ def main():
   if sources.find_source(data, FLAGS.data_root, FLAGS.tfds_data_dir).kind != "files":
     # Its stages are timed on image files read into memory first (measure_input_stages, the original's loader).
     raise errors.UsageError(f"--data={data}: the benchmark reads image files: give a folder or a list file")
-  largest = data_lib.InputConfig(data=data, geometry=geometry).largest_grid
-  configs = {mode: data_lib.InputConfig(data=data, data_root=FLAGS.data_root, geometry=geometry,
+  largest = geometry.largest_grid
+  pairs_per_grid = len(grid_batch(1, geometry=geometry)["first"])  # of a 3x3 grid
+  configs = {mode: data_lib.InputConfig(data=data, data_root=FLAGS.data_root, geometry=geometry.name,
                                         batch_patches=max(9 * grids, largest[0]),
-                                        batch_pairs=max((40 if geometry == "doersch" else 8) * grids, largest[1]),
-                                        augment_on=where)
+                                        batch_pairs=max(pairs_per_grid * grids, largest[1]), augment_on=where)
              for mode, where in MODES.items()}
   input_config = configs["host_augment"]
   optim_config = trainer_lib.OptimConfig(divergence_factor=0)
@@ -388,10 +382,10 @@ def main():
     result["input"]["device_vs_host_per_core"] = round(
         modes["device_augment"]["patches_per_s"] / modes["host_augment"]["patches_per_s"], 2)
     logging.info("input: %s", result["input"])
-  if "input_stages" in FLAGS.parts and geometry == "doersch":
+  if "input_stages" in FLAGS.parts and geometry.original:
     result["input_stages"] = measure_input_stages(input_config)
     logging.info("input stages: %s", result["input_stages"])
-  if "original_loader" in FLAGS.parts and geometry == "doersch":
+  if "original_loader" in FLAGS.parts and geometry.original:
     paths = sources.find_source(input_config.data, input_config.data_root).paths
     result["original_loader"] = original_loader(paths, seconds=30)
     logging.info("original loader: %s", result["original_loader"])
@@ -445,7 +439,7 @@ def main():
                                                linear_job.JobConfig(), repeats=FLAGS.repeats)
     logging.info("linear_eval: %s", result["linear_eval"])
   result["peak_rss_mb"] = round(resources.peak_rss_mb(), 1)
-  if "training_rss" in FLAGS.parts and geometry == "doersch":
+  if "training_rss" in FLAGS.parts and geometry.original:
     result["training_peak_rss_mb"] = training_peak_rss(input_config)
   print(json.dumps(result))
 

@@ -52,71 +52,69 @@ FLAGS = flags.FLAGS
 def define_flags():
   with program.flag_group("evaluation"):
     flags.DEFINE_enum("mode", None, sorted(PROTOCOLS), "What to measure: pretext accuracy, per-layer linear probes, "
-                      "k-NN, fine-tuning, or nearest neighbours.")
+                      "k-NN, fine-tuning, or nearest neighbours (docs/flags.md#evaluate).")
     flags.DEFINE_string("model_dir", None, "Training run to evaluate (its latest checkpoint, or --checkpoint).")
     flags.DEFINE_string("checkpoint", None, "With --model_dir: a checkpoint path (RUN/ckpt-N) or step N.")
     flags.DEFINE_string("saved_model", None, "Instead of --model_dir: an exported backbone (OUT/backbone of "
                         "context_keras.export; pretext mode uses OUT/pair_classifier beside it).")
     flags.DEFINE_string("eval_dir", None, "Where <mode>.json, neighbors.png and the TensorBoard summaries go "
                         "(default RUN/eval, or OUT/eval for --saved_model=OUT/backbone).")
-    program.define_integer("seed", 0, "Seed of the image subset, pairs, folds, queries and the random-init "
-                           "baseline.", lower=0)
-    program.define_integer("images", pretext.IMAGES, "Most images of --data used (a seeded random subset) in "
-                           "pretext and neighbors modes; the paper used 500 (method.md §6.3).", lower=1)
-    program.define_integer("pairs_per_image", pretext.PAIRS_PER_IMAGE, "Pretext: random pairs per image (the "
+    program.define_integer("seed", pretext.Config.seed, "Seed of the image subset, pairs, folds, queries and the "
+                           "random-init baseline.", lower=0)
+    program.define_integer("images", pretext.Config.images, "Pretext and neighbors: most images of --data used (a "
+                           "seeded random subset); the paper used 500 (method.md §6.3).", lower=1)
+    program.define_integer("pairs_per_image", pretext.Config.pairs_per_image, "Pretext: random pairs per image (the "
                            "paper: 256).", lower=1)
-    flags.DEFINE_string("layer", None, "Feature layer: linear and knn default = every named layer of the backbone "
-                        "(the best is reported); finetune default = the last one; neighbors default = the tower's "
-                        "output (fc6; ResNet: pre_logits).")
-    program.define_integer("folds", 5, "Labelled modes with --data: stratified cross-validation folds (finetune "
-                           "holds out fold 0).", lower=2)
-    program.define_integer("inner_folds", 0, "Linear with --data: also report selected_accuracy, the layer chosen "
-                           "per fold by an inner cross-validation of this many folds on its training part (so no test "
-                           "image takes part in the choice); 0 = off.", lower=0)
-    program.define_integer("image_size", 192, "Labelled modes: images are resized (shorter side) and centre-cropped "
-                           "to this square (>= 96) before the backbone (finetune trains on random-resized crops of "
-                           "this size).", lower=96)
-    program.define_integer("probe_epochs", linear.PROBE_EPOCHS, "Linear: full-batch Adam steps of the logistic "
-                           "regression.", lower=1)
-    program.define_float("probe_learning_rate", linear.PROBE_LEARNING_RATE, "Linear: Adam learning rate of the "
+    flags.DEFINE_string("layer", None, "Feature layer; default: every named layer (linear, knn), the last one "
+                        "(finetune), the tower's output (neighbors).")
+    program.define_integer("folds", linear.Config.folds, "Labelled modes with --data: stratified cross-validation "
+                           "folds (finetune holds out fold 0).", lower=2)
+    program.define_integer("inner_folds", linear.Config.inner_folds, "Linear with --data: also choose the layer per "
+                           "fold by an inner cross-validation of this many folds; 0 = off (docs/flags.md#evaluate).",
+                           lower=0)
+    program.define_integer("image_size", linear.Config.image_size, "Labelled modes: the side of the centre square "
+                           "the backbone sees; at least one patch of the run's geometry (docs/flags.md#evaluate).",
+                           lower=1)
+    program.define_integer("probe_epochs", linear.Config.probe_epochs, "Linear: full-batch Adam steps of the "
+                           "logistic regression.", lower=1)
+    program.define_float("probe_learning_rate", linear.Config.probe_learning_rate, "Linear: Adam learning rate of the "
                          "probe.", above=0)
-    program.define_float("probe_l2", linear.PROBE_L2, "Linear: L2 penalty on the probe's weights (standardised "
-                         "features).", lower=0)
-    program.define_integer("probe_dims", features_lib.PROBE_DIMS, "Linear: each layer's map is pooled to at most "
-                           "this many values (Zhang et al. 2017, Goyal et al. 2019: about 9,000); 1 = global average "
-                           "pooling.", lower=1)
-    flags.DEFINE_enum("probe_pool", "avg", features_lib.POOL_MODES, "Linear: avg = adaptive average pooling to the "
-                      "largest square grid within --probe_dims (Zhang et al., Goyal et al. average); max = "
-                      "Kolesnikov et al. 2019's max pooling with kernel = stride = ceil(sqrt(HWC / probe_dims)).")
-    flags.DEFINE_string("labels", None, "Labelled modes: a labels file for --data: lines 'NAME LABEL' (NAME relative "
-                        "to --data, or to the labels file's folder without --data), or 'NAME LABEL1,LABEL2,...' with "
-                        "--multi_label ('?LABEL': class ignored on that image, VOC's difficult).")
-    flags.DEFINE_bool("multi_label", False, "Linear and finetune: multi-label classification (one sigmoid per "
-                      "class), scored by mean average precision, VOC 2007's 11-point and the area under the curve.")
-    program.define_integer("knn_k", knn.K, "Knn: neighbours that vote (mmselfsup's 20; Wu et al. 2018 used 200).",
+    program.define_float("probe_l2", linear.Config.probe_l2, "Linear: L2 penalty on the probe's weights "
+                         "(standardised features).", lower=0)
+    program.define_integer("probe_dims", linear.Config.probe_dims, "Linear: each layer's map is pooled to at most "
+                           "this many values (about 9,000 in the literature); 1 = global average pooling.", lower=1)
+    flags.DEFINE_enum("probe_pool", linear.Config.probe_pool, features_lib.POOL_MODES, "Linear: how a map is pooled "
+                      "to --probe_dims: adaptive average, or Kolesnikov et al.'s max (docs/flags.md#evaluate).")
+    flags.DEFINE_string("labels", None, "Labelled modes: a labels file for --data, lines 'NAME LABEL' or 'NAME "
+                        "LABEL1,LABEL2' with --multi_label (docs/flags.md#labelled-data).")
+    flags.DEFINE_bool("multi_label", False, "Linear and finetune: one sigmoid per class, scored by mean average "
+                      "precision (VOC 2007's 11-point and the area under the curve).")
+    program.define_integer("knn_k", knn.Config.k, "Knn: neighbours that vote (mmselfsup's 20; Wu et al. 2018 used "
+                           "200).", lower=1)
+    program.define_float("knn_temperature", knn.Config.temperature, "Knn: votes are weighted by exp(cosine "
+                         "similarity / this) (Wu et al. 2018).", above=0)
+    flags.DEFINE_string("freeze_up_to", finetune.Config.freeze_up_to, "Finetune: layers up to and including this "
+                        "one stay frozen (default: none).")
+    program.define_integer("finetune_epochs", finetune.Config.epochs, "Finetune: epochs over the training split.",
                            lower=1)
-    program.define_float("knn_temperature", knn.TEMPERATURE, "Knn: votes are weighted by exp(cosine similarity / "
-                         "this) (Wu et al. 2018).", above=0)
-    flags.DEFINE_string("freeze_up_to", None, "Finetune: layers up to and including this one stay frozen (default: "
-                        "none).")
-    program.define_integer("finetune_epochs", finetune.EPOCHS, "Finetune: epochs over the training split.", lower=1)
-    program.define_float("finetune_learning_rate", finetune.LEARNING_RATE, "Finetune: SGD learning rate after a "
+    program.define_float("finetune_learning_rate", finetune.Config.learning_rate, "Finetune: SGD learning rate after a "
                          "one-epoch warm-up, then cosine decay to 0.", above=0)
-    program.define_float("finetune_weight_decay", finetune.WEIGHT_DECAY, "Finetune: L2 on the kernels (as in the "
-                         "loss: gradient += this * weight).", lower=0)
-    flags.DEFINE_bool("finetune_rescale", True, "Finetune: apply Krähenbühl et al.'s rescaling (method.md §5.2) to "
-                      "a backbone that was not rescaled before training it (and to the random-init one).")
-    program.define_integer("queries", 20, "Neighbors: random query patches (the paper drew 1000 and showed a few).",
-                           lower=1)
-    program.define_integer("top_k", 8, "Neighbors: neighbours shown per query.", lower=1)
-    flags.DEFINE_bool("compare_random_init", False, "Neighbors: add each query's row for a random-init network.")
-    program.define_integer("batch_size", 64, "Images or patches per forward pass.", lower=1)
+    program.define_float("finetune_weight_decay", finetune.Config.weight_decay, "Finetune: L2 on the kernels (as in "
+                         "the loss: gradient += this * weight).", lower=0)
+    flags.DEFINE_bool("finetune_rescale", finetune.Config.rescale, "Finetune: Krähenbühl et al.'s rescaling "
+                      "(method.md §5.2) of a backbone not rescaled before (and of the random-init one).")
+    program.define_integer("queries", neighbors.Config.queries, "Neighbors: random query patches (the paper drew "
+                           "1000 and showed a few).", lower=1)
+    program.define_integer("top_k", neighbors.Config.top_k, "Neighbors: neighbours shown per query.", lower=1)
+    flags.DEFINE_bool("compare_random_init", neighbors.Config.compare_random_init, "Neighbors: add each query's row "
+                      "for a random-init network.")
+    program.define_integer("batch_size", linear.Config.batch_size, "Images or patches per forward pass.", lower=1)
     flags.DEFINE_bool("watch", False, "Poll --model_dir for new checkpoints and evaluate each.")
     program.define_integer("watch_interval", 30, "With --watch: least seconds between two polls.", lower=0)
     program.define_integer("watch_timeout", 3600, "With --watch: stop after this many seconds without a new "
                            "checkpoint (it also stops at the run's --train_steps).", lower=1)
   data_flags.define_source()
-  data_flags.define_augmentation()
+  data_flags.define_augmentation(where=False)
   labelled_flags.define_splits()
 
 
@@ -128,12 +126,11 @@ def protocol_config(mode):
   labelled_data = {"splits": splits, "seed": FLAGS.seed, "folds": FLAGS.folds,
                    "image_size": FLAGS.image_size, "batch_size": FLAGS.batch_size, "layer": FLAGS.layer}
   if mode == pretext.NAME:
+    # The run's own augmentation unless given.
+    color_mode, pixelation = data_flags.given("color_mode", "pixelation")
     return pretext.Config(data=FLAGS.data, seed=FLAGS.seed, data_root=FLAGS.data_root,
                           tfds_data_dir=FLAGS.tfds_data_dir, images=FLAGS.images,
-                          pairs_per_image=FLAGS.pairs_per_image,
-                          # The run's own preprocessing unless given on the command line.
-                          color_mode=FLAGS.color_mode if FLAGS["color_mode"].present else None,
-                          pixelation=FLAGS.pixelation if FLAGS["pixelation"].present else None)
+                          pairs_per_image=FLAGS.pairs_per_image, color_mode=color_mode, pixelation=pixelation)
   if mode == linear.NAME:
     return linear.Config(**labelled_data, inner_folds=FLAGS.inner_folds, probe_epochs=FLAGS.probe_epochs,
                          probe_learning_rate=FLAGS.probe_learning_rate, probe_l2=FLAGS.probe_l2,
@@ -216,6 +213,10 @@ def main():
     raise errors.UsageError("--watch evaluates the new checkpoints of a --model_dir")
   if not FLAGS.data and mode in (pretext.NAME, neighbors.NAME):
     raise errors.UsageError(f"--data is required: the images of --mode={mode}")
+  given = [f"--{name}" for name in ("color_mode", "pixelation") if FLAGS[name].present]
+  if given and mode != pretext.NAME:
+    raise errors.UsageError(f"Invalid flags: {', '.join(given)} choose how --mode=pretext augments its pairs; "
+                            f"--mode={mode} feeds the backbone with its own preprocessing")
   config = protocol_config(mode)
   eval_dir = eval_dir_for(FLAGS.model_dir, FLAGS.saved_model, FLAGS.eval_dir)
   if FLAGS.watch:

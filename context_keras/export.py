@@ -23,6 +23,7 @@ export or the new one, never a mixture; other files in OUT (evaluation results) 
 python -m context_keras.export --freeze=SAVED_MODEL --output=NEW instead writes a copy of an existing SavedModel (of
 any version) with its weights as constants, which TensorFlow Lite's converter needs (convert.freeze_saved_model).
 """
+import inspect
 import json
 import os
 
@@ -85,7 +86,7 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
     options = dict(rescale_options or {})
     num_patches = options.pop("num_patches", rescale_lib.NUM_PATCHES)
     source = sources.find_source(rescale_data, data_root, tfds_data_dir)
-    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.geometry)
+    patches = rescale_lib.sample_patches(source, num_patches, options.get("seed", 0), run.patch_geometry)
     logging.info("Rescaling on %d patches from %s.", len(patches), source.description)
     report = rescale_lib.rescale(folded, serving.preprocess(patches, run.preprocessing), **options)
     report = dict(data=source.description, patches=len(patches), **report)
@@ -135,6 +136,19 @@ def check_rescalable(folded, model_config):
                             "Krähenbühl et al.'s per-layer calibration is not defined. Export without --rescale_data")
 
 
+# The rescaling's settings: its function's own defaults (rescale.rescale), and the patches export_run samples.
+RESCALING = {"num_patches": rescale_lib.NUM_PATCHES, **{
+    name: parameter.default for name, parameter in inspect.signature(rescale_lib.rescale).parameters.items()
+    if parameter.default is not inspect.Parameter.empty}}
+
+
+def rescale_options():
+  """export_run's rescale_options from the rescaling flags."""
+  return {"num_patches": FLAGS.rescale_patches, "bias": FLAGS.rescale_bias,
+          "within_layer_step": FLAGS.rescale_within_layer, "iterations": FLAGS.rescale_iterations,
+          "tolerance": FLAGS.rescale_tolerance, "seed": FLAGS.rescale_seed}
+
+
 def define_flags():
   with program.flag_group("export"):
     flags.DEFINE_string("model_dir", None, "Run directory of context_keras.train to export (its config.json, or "
@@ -144,10 +158,8 @@ def define_flags():
                         "export; its other files (evaluation results) are kept.")
     flags.DEFINE_string("checkpoint", None, "Checkpoint to export: a path (RUN/ckpt-N) or a step N; default the "
                         "latest.")
-    flags.DEFINE_enum("pooling", "auto", list(fold.POOLINGS), "Max pooling of the exported backbone: caffe = "
-                      "Caffe's ceil rounding at every input size (227 px: pool5 7x7, fc6 5x5, as the original "
-                      "network in Caffe); trained = the training tower's 'same' pooling, which agrees with Caffe's "
-                      "at 96 px only; auto = caffe for alexnet_bn (method.md §11.4).")
+    flags.DEFINE_enum("pooling", "auto", list(fold.POOLINGS), "Max pooling of the exported backbone: Caffe's ceil "
+                      "rounding, the training tower's, or auto = caffe for alexnet_bn (docs/flags.md#export).")
   with program.flag_group("deployment"):
     flags.DEFINE_bool("litert", False, "Also write OUT/backbone.tflite: OUT/backbone (both functions) converted for "
                       "LiteRT (TensorFlow Lite); it matches the SavedModel to about 1e-6.")
@@ -157,26 +169,23 @@ def define_flags():
                       f"({convert.ONNX_EXTRA}).")
     program.define_integer("onnx_opset", convert.ONNX_OPSET, "ONNX opset of --onnx.", lower=convert.ONNX_OPSETS[0],
                            upper=convert.ONNX_OPSETS[1])
-    flags.DEFINE_string("freeze", None, "Instead of exporting a run: a SavedModel (OUT/backbone or "
-                        "OUT/pair_classifier of an earlier version, RUN/export/backbone_N) to copy to --output with "
-                        "its weights frozen into constants, which LiteRT's converter needs.")
+    flags.DEFINE_string("freeze", None, "Instead of exporting a run: copy this SavedModel of an earlier version to "
+                        "--output, its weights frozen into constants (docs/flags.md#export).")
   with program.flag_group("rescaling"):
-    flags.DEFINE_string("rescale_data", None, "Images (folder, list file, TFRecord glob, tfds:NAME[:SPLIT] or "
-                        "package:NAME, as --data; "
-                        "list files are relative to --data_root) to run Krähenbühl et al.'s rescaling of the backbone "
-                        "on (method.md §5.2). Without it the backbone is exported as folded.")
-    program.define_integer("rescale_patches", rescale_lib.NUM_PATCHES, "Patches for the rescaling statistics "
+    flags.DEFINE_string("rescale_data", None, "Images (any form --data takes) to run Krähenbühl et al.'s rescaling "
+                        "of the backbone on; without it the backbone is exported as folded (docs/flags.md#rescaling).")
+    program.define_integer("rescale_patches", RESCALING["num_patches"], "Patches for the rescaling statistics "
                            "(magic_init: 10 batches of 16).", lower=1)
-    program.define_float("rescale_bias", rescale_lib.BIAS, "beta: the mean each unit's pre-activation gets from the "
+    program.define_float("rescale_bias", RESCALING["bias"], "beta: the mean each unit's pre-activation gets from the "
                          "within-layer step (magic_init's --bias).")
-    flags.DEFINE_bool("rescale_within_layer", True, "Apply the within-layer step (Algorithm 1) to every layer "
-                      "before the between-layer calibration; magic_init applies it only to new, all-zero layers.")
-    program.define_integer("rescale_iterations", rescale_lib.ITERATIONS, "Most between-layer calibration "
+    flags.DEFINE_bool("rescale_within_layer", RESCALING["within_layer_step"], "Apply the within-layer step to every "
+                      "layer first; magic_init applies it to new, all-zero layers only (docs/flags.md#rescaling).")
+    program.define_integer("rescale_iterations", RESCALING["iterations"], "Most between-layer calibration "
                            "iterations (magic_init: 10).", lower=0)
-    program.define_float("rescale_tolerance", rescale_lib.TOLERANCE, "Calibration stops once every "
+    program.define_float("rescale_tolerance", RESCALING["tolerance"], "Calibration stops once every "
                          "|log r_k / log r* - 1| is below this (magic_init: 0.01).", above=0)
-    program.define_integer("rescale_seed", 0, "Seed of the patches and the random gradients of the rescaling.",
-                           lower=0)
+    program.define_integer("rescale_seed", RESCALING["seed"], "Seed of the patches and the random gradients of the "
+                           "rescaling.", lower=0)
   data_flags.define_source(data=False)
 
 
@@ -207,12 +216,9 @@ def main():
   else:
     if not FLAGS.model_dir:
       raise errors.UsageError("--model_dir is required (or --freeze)")
-    options = {"num_patches": FLAGS.rescale_patches, "bias": FLAGS.rescale_bias,
-               "within_layer_step": FLAGS.rescale_within_layer, "iterations": FLAGS.rescale_iterations,
-               "tolerance": FLAGS.rescale_tolerance, "seed": FLAGS.rescale_seed}
     summary = export_run(FLAGS.model_dir, FLAGS.output, FLAGS.checkpoint, FLAGS.rescale_data, FLAGS.data_root,
-                         options, FLAGS.pooling, FLAGS.litert, FLAGS.litert_float16, FLAGS.onnx, FLAGS.onnx_opset,
-                         tfds_data_dir=FLAGS.tfds_data_dir)
+                         rescale_options(), FLAGS.pooling, FLAGS.litert, FLAGS.litert_float16, FLAGS.onnx,
+                         FLAGS.onnx_opset, tfds_data_dir=FLAGS.tfds_data_dir)
     logging.info("Written to %s: %s.", FLAGS.output, ", ".join(summary["written"]))
   print(json.dumps(summary), flush=True)
 

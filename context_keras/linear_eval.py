@@ -56,9 +56,8 @@ def define_flags():
   labelled_flags.define_splits()
   with program.flag_group("protocol"):
     flags.DEFINE_enum("protocol", DEFAULTS.protocol, linear_job.PROTOCOLS, "image: the whole crop through the "
-                      "backbone (Goyal et al. 2019); patches: Kolesnikov et al. 2019, a 3x3 grid of patches cut "
-                      "from the crop, each layer's pooled features averaged over them (for backbones trained on "
-                      "patches; --crop_size / 3 must be at least the backbone's patch size).")
+                      "backbone (Goyal et al.); patches: features averaged over a 3x3 grid of patches of the crop "
+                      "(docs/flags.md#linear_eval).")
     flags.DEFINE_list("layers", [], "Layers to probe (default: every named layer of the backbone).")
     program.define_integer("probe_dims", DEFAULTS.probe_dims, "Each layer's map is pooled to at most this many "
                            "values (about 9,000: Zhang et al. 2017, Goyal et al. 2019; Kolesnikov et al. 2019); 1 "
@@ -70,13 +69,11 @@ def define_flags():
                       "2019 / VISSL); off: the plain linear layer of Kolesnikov et al. and MoCo.")
     program.define_integer("resize_size", DEFAULTS.resize_size, "Validation (and random_crop training) images: "
                            "shorter side resized to this, then the centre (random) --crop_size square.", lower=1)
-    program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees (at least one "
-                           "patch: 96 px, 64 in the revisiting geometry; with --protocol=patches, each third of it).",
-                           lower=1)
+    program.define_integer("crop_size", DEFAULTS.crop_size, "Side of the square the backbone sees; it (or each third "
+                           "of it, with --protocol=patches) must hold one patch of the run's geometry.", lower=1)
     flags.DEFINE_enum("train_augmentation", DEFAULTS.train_augmentation, linear_job.AUGMENTATIONS,
-                      "random_resized_crop: 8-100 percent of the area, aspect 3/4-4/3, resized to --crop_size "
-                      "(Goyal et al., VISSL, mmselfsup); random_crop: a --crop_size crop of the --resize_size image "
-                      "(Kolesnikov et al.); none: the validation transform.")
+                      "Training crops: random-resized (Goyal et al.), a random --crop_size crop (Kolesnikov et al.), "
+                      "or the validation transform (docs/flags.md#linear_eval).")
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
   with program.flag_group("optimisation"):
     program.define_integer("batch_size", DEFAULTS.batch_size, "Global batch (images per step over all replicas).",
@@ -231,13 +228,11 @@ def summary_line(per_layer):
   return ", ".join(f"{name} {entry['top1']:.4f}" for name, entry in per_layer.items())
 
 
-def check_side(config, patch_size):
-  """The crop (or each of its patches) must hold one of the backbone's patches: 96 px, 64 in the revisiting geometry."""
+def check_side(config, geometry):
+  """The crop (or each of its patches) must hold one of the backbone's patches (geometry.Geometry.check_input_side,
+  evaluate's rule too)."""
   side = config.crop_size // config.patch_grid if config.patch_grid else config.crop_size
-  if side < patch_size:
-    raise errors.UsageError(f"Invalid flags: --crop_size={config.crop_size} gives "
-                            f"{'patches' if config.patch_grid else 'images'} of {side} px; the backbone needs at "
-                            f"least {patch_size}")
+  geometry.check_input_side("--crop_size", config.crop_size, side, "patches" if config.patch_grid else "images")
 
 
 def run():
@@ -258,7 +253,7 @@ def run():
     with strategy.scope():
       subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
                  else subject_lib.from_saved_model(FLAGS.saved_model))
-    check_side(config, subject.patch_size)
+    check_side(config, subject.patch_geometry)
     layers = config.layers or tuple(subject.feature_layers)
     unknown = [name for name in layers if name not in subject.feature_layers]
     if unknown:

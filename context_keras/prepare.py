@@ -72,7 +72,7 @@ class PrepareConfig:
   data_root: str | None = None
   max_pixels: int = 0
   max_decode_pixels: int = decoding.MAX_DECODE_PIXELS
-  workers: int = 1
+  workers: int = os.cpu_count() or 1  # shards written at the same time, one thread each
   seed: int = 0
   labels: str | None = None  # "folders", a labels file, or TFDS_LABELS
   tfds_data_dir: str | None = None
@@ -526,30 +526,20 @@ def write_index(config, shard_names, states, num_images, classes=None):
 def define_flags():
   data_flags.define_source()
   with program.flag_group("prepare"):
-    flags.DEFINE_string("output", None,
-                        "Folder for the shards (train-00000-of-NNNNN.tfrecord ...), rejected.txt and index.json; "
-                        "created if needed. Re-running the same command keeps complete shards and writes only the "
-                        "missing ones.")
-    program.define_integer("num_shards", None,
-                           "Number of shards. Shards of 100-300 MB read well; training shards the input by file when "
-                           "there are at least as many shards as input pipelines (workers), by record otherwise.",
+    flags.DEFINE_string("output", None, "Folder for the shards, rejected.txt and index.json; re-running the same "
+                        "command writes only the missing shards.")
+    program.define_integer("num_shards", None, "Number of shards; 100-300 MB each read well (docs/flags.md#prepare).",
                            lower=1)
-    program.define_integer("max_pixels", 0,
-                           "Images with more pixels than this are downscaled, keeping their aspect (area resize), and "
-                           "re-encoded as JPEG of quality 95; all others keep their original bytes. 0 keeps every "
-                           "image's original bytes. Training resizes every image to 150,000-450,000 pixels, so about "
-                           "1,000,000 loses little.", lower=0)
-    program.define_integer("max_decode_pixels", decoding.MAX_DECODE_PIXELS,
-                           "Images whose header claims more pixels than this are rejected without being decoded (a "
-                           "guard against decompression bombs: a small file can claim a huge image).", lower=1)
-    program.define_integer("workers", os.cpu_count() or 1, "Shards written at the same time, one thread each.",
+    program.define_integer("max_pixels", PrepareConfig.max_pixels, "Images with more pixels are downscaled and "
+                           "re-encoded as JPEG; 0 keeps every image's bytes (docs/flags.md#prepare).", lower=0)
+    program.define_integer("max_decode_pixels", PrepareConfig.max_decode_pixels, "Images whose header claims more "
+                           "pixels are rejected undecoded (a guard against decompression bombs).", lower=1)
+    program.define_integer("workers", PrepareConfig.workers, "Shards written at the same time, one thread each.",
                            lower=1)
-    program.define_integer("seed", 0, "Seed of the shuffle that assigns images to shards.", lower=0)
-    flags.DEFINE_string("labels", None, "Labelled shards for evaluate and linear_eval: 'folders' = the class is the "
-                        "sub-folder of the --data folder an image is in (ImageNet's train/ layout); a labels file, "
-                        "lines 'NAME CLASS' with NAME relative to --data (ImageNet's validation images and their "
-                        f"synsets); or '{TFDS_LABELS}' for --data=tfds:...: the split's ClassLabel. Each record then "
-                        "holds its class index and name, index.json the classes.")
+    program.define_integer("seed", PrepareConfig.seed, "Seed of the shuffle that assigns images to shards.", lower=0)
+    flags.DEFINE_string("labels", PrepareConfig.labels, "Labelled shards: 'folders' (the class is an image's "
+                        f"sub-folder), a labels file of 'NAME CLASS' lines, or '{TFDS_LABELS}' for a tfds: split's "
+                        "ClassLabel (docs/flags.md#prepare).")
 
 
 def main():

@@ -20,7 +20,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   with program.flag_group("service"):
-    flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.")
+    flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run: the dispatcher, or a worker "
+                      "that decodes and cuts for it (docs/flags.md#service).")
     program.define_integer("port", 0, "Port to listen on (0 = any free port; the log says which).", lower=0,
                            upper=65535)
     flags.DEFINE_string("dispatcher", None, "HOST:PORT of the dispatcher (workers only).")

@@ -44,23 +44,19 @@ def define_flags():
   with program.flag_group("run"):
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, flags, exports. A run "
                         "resumes from its latest checkpoint here.")
-    program.define_integer("train_steps", 0, "Total steps of the run (a resumed run stops there); 0 = until told "
-                           "to stop (quit file, SIGINT or SIGTERM). The original ran 1.7M steps.", lower=0)
-    flags.DEFINE_string("init_from", None, "Start a new run from trained weights: a run directory (its latest "
-                        "checkpoint), a checkpoint (RUN/ckpt-N) or an exported backbone (OUT/backbone, "
-                        "RUN/export/backbone_N). The tower is loaded (and the pair head, from a run or checkpoint, "
-                        "where it matches); the step and the optimizer start at 0. Recorded in RUN/config.json; "
-                        "ignored when --model_dir already holds a checkpoint (the run resumes).")
-    program.define_integer("seed", 0, "Seed of all randomness: data order, grids, augmentation and "
-                           "initialisation.", lower=0)
+    program.define_integer("train_steps", optimisation_flags.DEFAULTS.train_steps, "Total steps of the run; 0 = until "
+                           "told to stop (quit file, SIGINT, SIGTERM). The original ran 1.7M.", lower=0)
+    flags.DEFINE_string("init_from", None, "Start a new run from the weights of a run, a checkpoint or an exported "
+                        "backbone; ignored when the run resumes (docs/flags.md#run).")
+    program.define_integer("seed", data_flags.DEFAULTS.seed, "Seed of all randomness: data order, grids, "
+                           "augmentation and initialisation.", lower=0)
     program.define_integer("export_every", 0, "Steps between SavedModel exports of the backbone (0 = only at the "
                            "end).", lower=0)
     program.define_integer("image_summary_every", 1000, "Steps between TensorBoard images of pairs as the model "
                            "sees them.", lower=1)
     program.define_integer("histogram_every", 1000, "Steps between weight histograms.", lower=1)
-    flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to "
-                      "RUN/train/plugins/profile (view it in TensorBoard's Profile tab, from the "
-                      "tensorboard-plugin-profile package).")
+    flags.DEFINE_list("profile_steps", [], "A,B: a tf.profiler trace of steps A to B in RUN/train/plugins/profile "
+                      "(TensorBoard's Profile tab).")
   program.define_check(schedule_problem)
   program.define_check(profile_problem)
 
@@ -118,7 +114,7 @@ def run():
                      FLAGS.train_steps)
         return 0
 
-    sources.check_readable(source, geometry=input_config.geometry)
+    sources.check_readable(source, geometry=input_config.patch_geometry)
     logging.info("Data: %s%s.", source.description, f", processed by the tf.data service at "
                  f"{config.input.data_service}" if config.input.data_service else "")
     if config.input.data_service:

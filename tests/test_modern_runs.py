@@ -122,15 +122,17 @@ def test_resnet_revisiting_run_resumes_exactly_exports_and_evaluates(tmp_path):
   labelled = make_labelled(tmp_path / "labelled")
   for args in (["--mode=pretext", f"--model_dir={tmp_path / 'whole'}", "--images=2", "--pairs_per_image=12", *DEMO],
                ["--mode=neighbors", f"--saved_model={out / 'backbone'}", "--images=3", "--queries=2", *DEMO],
+               # The smallest input is one patch of the geometry: 64 px here (docs/flags.md#geometry).
                ["--mode=linear", f"--saved_model={out / 'backbone'}", f"--data={labelled}", "--folds=2",
-                "--image_size=96", "--probe_epochs=20"],
+                "--image_size=64", "--probe_epochs=20"],
                ["--mode=knn", f"--model_dir={tmp_path / 'whole'}", f"--data={labelled}", "--folds=2",
-                "--image_size=96", "--knn_k=1"]):
+                "--image_size=64", "--knn_k=1"]):
     evaluated = run_module(["context_keras.evaluate", *args], cwd=tmp_path)
     assert evaluated.returncode == 0, log_of(evaluated)
     result = last_json(evaluated)
     if result["mode"] == "pretext":
       assert result["geometry"] == "revisiting" and result["pairs"] == 24 and result["step"] == 6
+      assert result["color_mode"] == "standardization" and "pixelation" not in result  # what the geometry does
     elif result["mode"] == "neighbors":
       assert result["layer"] == "pre_logits" and result["database_patches"] == 27
     else:  # a probe per named output of the ResNet

@@ -12,55 +12,54 @@ GROUP = "optimisation"
 EPOCH_FLAGS = ("train_epochs", "warmup_epochs", "lr_decay_epochs")
 
 
+# Every default is the config field's, so that a flag left out and a config built without it agree.
+DEFAULTS = trainer_lib.OptimConfig()
+
+
 def define():
   with program.flag_group(GROUP):
-    program.define_float("learning_rate", 1e-5, "SGD learning rate (1e-5 in the validated code); with "
-                         "--lr_scale_images, the rate for that many images per step.", above=0)
-    program.define_integer("lr_scale_images", 0, "With N > 0, --learning_rate is the rate of a step of N images, "
-                           "scaled linearly to the images of a global step (Kolesnikov et al.'s "
-                           "lr_scale_batch_size; needs --geometry=revisiting, whose steps hold a fixed number of "
-                           "images). 0 = --learning_rate as given.", lower=0)
-    program.define_float("momentum", 0.0, "SGD momentum (0 in the validated code, 0.999 in the paper, 0.9 in "
-                         "Kolesnikov et al.'s).", lower=0, below=1)
-    program.define_float("weight_decay", 0.0, "Decoupled weight decay per step, times the learning rate (0 "
-                         "originally).", lower=0)
-    program.define_float("l2_tower", 0.0, "L2 penalty (l2/2) |w|^2 added to the loss for every conv and dense "
-                         "kernel of the tower (and the revisiting head's embedding): TF1's l2_regularizer "
-                         "convention, whose gradient is l2*w, as PyTorch's weight_decay. Kolesnikov et al.: 1e-4.",
+    program.define_float("learning_rate", DEFAULTS.learning_rate, "SGD learning rate (the validated code's); with "
+                         "--lr_scale_images, the rate of a step of that many images.", above=0)
+    program.define_integer("lr_scale_images", 0, "N > 0: --learning_rate is per N images, scaled linearly to the "
+                           "images of a global step; revisiting geometry (docs/flags.md#optimisation).", lower=0)
+    program.define_float("momentum", DEFAULTS.momentum, "SGD momentum (0 in the validated code, 0.999 in the paper, "
+                         "0.9 in Kolesnikov et al.'s).", lower=0, below=1)
+    program.define_float("weight_decay", DEFAULTS.weight_decay, "Decoupled weight decay per step, times the learning "
+                         "rate.", lower=0)
+    program.define_float("l2_tower", DEFAULTS.l2_tower, "L2 penalty (l2/2)|w|^2 on the tower's kernels and the "
+                         "revisiting head's embedding; Kolesnikov et al.: 1e-4 (docs/flags.md#optimisation).",
                          lower=0)
-    program.define_float("l2_head", 0.0, "The same penalty on the pair head's kernels. Kolesnikov et al.: 5e-4.",
-                         lower=0)
-    flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine", "steps"],
-                      "constant (the original); cosine decay to 0 over --train_steps; steps: times "
-                      "--lr_decay_factor at each of --lr_decay_epochs (or --lr_decay_steps).")
+    program.define_float("l2_head", DEFAULTS.l2_head, "The same penalty on the pair head's kernels; Kolesnikov et "
+                         "al.: 5e-4.", lower=0)
+    flags.DEFINE_enum("lr_schedule", DEFAULTS.lr_schedule, ["constant", "cosine", "steps"],
+                      "constant (the original's); cosine to 0 over --train_steps; steps: times --lr_decay_factor at "
+                      "each of --lr_decay_epochs or --lr_decay_steps.")
     flags.DEFINE_list("lr_decay_epochs", [], "With --lr_schedule=steps: the epochs at which the rate decays "
                       "(Kolesnikov et al.: 15,25 of 35).")
-    flags.DEFINE_list("lr_decay_steps", [], "With --lr_schedule=steps: the steps at which the rate decays, instead "
-                      "of --lr_decay_epochs.")
-    program.define_float("lr_decay_factor", 0.1, "With --lr_schedule=steps: the factor of each decay.", above=0,
-                         upper=1)
-    program.define_integer("warmup_steps", 0, "Linear learning-rate warm-up from 0 over this many steps.", lower=0)
+    flags.DEFINE_list("lr_decay_steps", [str(s) for s in DEFAULTS.lr_decay_steps], "With --lr_schedule=steps: the "
+                      "steps at which the rate decays, instead of --lr_decay_epochs.")
+    program.define_float("lr_decay_factor", DEFAULTS.lr_decay_factor, "With --lr_schedule=steps: the factor of each "
+                         "decay.", above=0, upper=1)
+    program.define_integer("warmup_steps", DEFAULTS.warmup_steps, "Linear learning-rate warm-up from 0 over this many "
+                           "steps.", lower=0)
     program.define_float("warmup_epochs", 0, "Linear warm-up over this many epochs, instead of --warmup_steps "
                          "(Kolesnikov et al.: 5).", lower=0)
     program.define_float("train_epochs", 0, "Total epochs of the run, instead of --train_steps (Kolesnikov et al.: "
                          "35).", lower=0)
-    program.define_integer("epoch_images", 0, "Images in an epoch, for the *_epochs flags; 0 = the images --data "
-                           "names (a folder or list: its files; TFRecord shards: the records of the index.json "
-                           "that context_keras.prepare writes beside them). An epoch is epoch_images // (images "
-                           "of a global step) steps, as Kolesnikov et al. count it.", lower=0)
-    flags.DEFINE_enum("loss_reduction", "sum", ["sum", "mean"],
-                      "Softmax cross-entropy summed over the pairs of the global batch (the original's "
-                      "normalization: NONE) or averaged over them (Kolesnikov et al.).")
-    flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16", "auto"],
-                      "Compute precision; variables stay float32. float16 uses dynamic loss scaling. auto: bfloat16 "
-                      "where the hardware computes it natively (Ampere+ GPUs, CPUs with AMX or AVX-512 BF16), else "
-                      "none; the run records and logs the choice.")
-    flags.DEFINE_bool("jit_compile", False, "Compile the forward and backward pass with XLA.")
-    program.define_float("divergence_factor", 10.0,
-                         "Stop when a step's gradient norm exceeds this many times its running average (after 100 "
-                         "steps), as the original's 10x update guard; 0 disables. NaN/Inf always stops.", lower=0)
-    program.define_integer("inject_nan_at_step", 0, "Fault injection for tests of the divergence guard: the loss "
-                           "of this step (counted from 1) becomes NaN. 0 = never.", lower=0)
+    program.define_integer("epoch_images", 0, "Images in an epoch, for the *_epochs flags; 0 = the images of --data "
+                           "(docs/flags.md#optimisation).", lower=0)
+    flags.DEFINE_enum("loss_reduction", DEFAULTS.loss_reduction, ["sum", "mean"],
+                      "The softmax cross-entropy's sum over the pairs of the global batch (the original's) or their "
+                      "mean (Kolesnikov et al.'s).")
+    flags.DEFINE_enum("mixed_precision", DEFAULTS.mixed_precision, ["none", "bfloat16", "float16", "auto"],
+                      "Compute precision; variables stay float32. auto: bfloat16 where the hardware has it "
+                      "(docs/flags.md#optimisation).")
+    flags.DEFINE_bool("jit_compile", DEFAULTS.jit_compile, "Compile the forward and backward pass with XLA.")
+    program.define_float("divergence_factor", DEFAULTS.divergence_factor,
+                         "Stop when a step's gradient norm exceeds this many times its running average; 0 disables "
+                         "(docs/flags.md#optimisation).", lower=0)
+    program.define_integer("inject_nan_at_step", DEFAULTS.inject_nan_at_step, "Fault injection for tests: the loss "
+                           "of this step (from 1) becomes NaN; 0 = never.", lower=0)
 
 
 def uses_epochs():

@@ -113,6 +113,18 @@ def check_bounds():
     raise errors.UsageError("Invalid flags: " + "; ".join(problems))
 
 
+# --help prints a flag's help indented under its name, in lines of at most this many characters; a help is at most
+# MAX_HELP_LINES of them, its details in docs/flags.md (tests/test_flags.py holds every flag to it).
+HELP_WIDTH = 110
+HELP_INDENT = "      "
+MAX_HELP_LINES = 2
+
+
+def help_lines(text):
+  """`text` as --help prints it: whitespace collapsed, in lines of HELP_WIDTH (a path or link is never split)."""
+  return textwrap.wrap(" ".join(text.split()), width=HELP_WIDTH, break_on_hyphens=False, break_long_words=False)
+
+
 def help_text(program_doc=""):
   """The program's docstring, then each group's flags with their help and defaults."""
   lines = [textwrap.dedent(program_doc or "").strip(), ""] if program_doc else []
@@ -121,9 +133,8 @@ def help_text(program_doc=""):
     for name in names:
       flag = FLAGS[name]
       default = flag.default_as_str if flag.default is not None else "none"
-      body = textwrap.fill(f"{flag.help} (default: {default})", width=116, initial_indent="      ",
-                           subsequent_indent="      ")
-      lines.extend([f"  --{name}", body])
+      lines.append(f"  --{name}")
+      lines.extend(HELP_INDENT + line for line in help_lines(f"{flag.help} (default: {default})"))
     lines.append("")
   lines.append("--flagfile=FILE reads flags from FILE (one per line). --helpfull lists absl's own flags too.")
   return "\n".join(lines)
@@ -132,7 +143,10 @@ def help_text(program_doc=""):
 def parse_flags(argv):
   """absl's parsing, except that --help lists our groups, and a mistyped flag or bad value exits 2 (absl: 1)."""
   if any(arg in HELP_FLAGS for arg in argv[1:]):
-    print(help_text(sys.modules["__main__"].__doc__))
+    try:
+      print(help_text(sys.modules["__main__"].__doc__), flush=True)
+    except BrokenPipeError:  # --help | head: the reader left; nothing more to say (Python's signal docs)
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
     return FLAGS(argv)

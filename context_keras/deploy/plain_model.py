@@ -180,7 +180,7 @@ def standardize(images, color_mode):
 
 def backbone_model(folded, color_mode):
   """The Keras model of OUT/backbone.keras: uint8 or float images (0-255) -> the folded backbone's maps, the
-  SavedModel's preprocessing (`color_mode`: the run's preprocessing mode, augment.preprocessing_mode) built in.
+  SavedModel's preprocessing (`color_mode`: the run's preprocessing mode, geometry.Geometry.preprocessing) built in.
   model.get_layer("features") takes preprocessed input instead."""
   images = keras.Input((None, None, 3), name="images")
   features = standard_copy(folded)

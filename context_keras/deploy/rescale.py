@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from context_keras import errors
 from context_keras.input import decoding
-from context_keras.input import patches as patches_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import sources
 
 NUM_PATCHES = 160   # magic_init: -nit 10 batches of -bs 16
@@ -163,10 +163,10 @@ def rescale(model, patches, bias=BIAS, within_layer_step=True, iterations=ITERAT
   return report
 
 
-def sample_patches(source, num_patches, seed, geometry="doersch"):
+def sample_patches(source, num_patches, seed, geometry=geometry_lib.DOERSCH):
   """About num_patches real patches (float32 0-255, un-augmented) from the images of a sources.Source, one random
-  grid per image with the training geometry (patches.evaluation_patches), images in a seeded order, cycling until
-  there are enough. Returns float32 [n, P, P, 3]."""
+  grid per image with the training geometry (geometry.Geometry.evaluation_patches), images in a seeded order,
+  cycling until there are enough. Returns float32 [n, P, P, 3]."""
   order = np.random.default_rng(seed).permutation(len(source.paths)) if source.kind == "files" else None
   if order is not None:
     source = dataclasses.replace(source, paths=tuple(source.paths[i] for i in order))
@@ -174,8 +174,7 @@ def sample_patches(source, num_patches, seed, geometry="doersch"):
   for rounds in range(10):
     def cut(index, contents, rounds=rounds):
       image_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, rounds], tf.int64), index)
-      return tf.cast(patches_lib.evaluation_patches(decoding.decode(contents), image_seed, geometry)["patches"],
-                     tf.float32)
+      return tf.cast(geometry.evaluation_patches(decoding.decode(contents), image_seed)["patches"], tf.float32)
     for patches in sources.finite_images(source).map(cut).ignore_errors():
       chunks.append(patches.numpy())
       total += len(chunks[-1])
@@ -185,5 +184,5 @@ def sample_patches(source, num_patches, seed, geometry="doersch"):
       break
   if not total:
     raise errors.DataError(f"{source.description}: no image could be decoded and cut into "
-                           f"{patches_lib.patch_size(geometry)}-px patches")
+                           f"{geometry.patch_size}-px patches")
   return np.concatenate(chunks)

@@ -26,6 +26,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from context_keras import errors
 from context_keras.input import augment as augment_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.model import caffe_layers
 from context_keras.model import fold
@@ -55,7 +56,7 @@ PREPROCESSING[augment_lib.STANDARDIZATION] = (
 
 def preprocess(images, mode):
   """What the SavedModels apply to their uint8 input (docs/deployment.md, Export): augment.standardize with the
-  run's preprocessing mode (augment.preprocessing_mode: its colour mode, or standardization)."""
+  run's preprocessing mode (geometry.Geometry.preprocessing: its colour mode, or standardization)."""
   return augment_lib.standardize(tf.cast(images, tf.float32), mode)
 
 
@@ -148,12 +149,15 @@ class PairClassifierModule(tf.Module):
     return {"logits": self._head(tf.concat([features[:n], features[n:]], -1))}
 
 
-def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry="doersch", **extra):
+def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry=geometry_lib.DOERSCH.name,
+             **extra):
   """What a SavedModel's assets.extra/context_keras.json says: enough to rebuild the architecture (evaluate.py's
-  random-init baseline) and to use it. `caffe_pooling`: how the backbone pools (fold.caffe_pooling)."""
-  mode = augment_lib.preprocessing_mode(geometry, color_mode)
+  random-init baseline) and to use it. `color_mode`: the run's --color_mode; `geometry`: the name of its --geometry,
+  which decides what the colour handling was (recorded as color_mode); `caffe_pooling`: how the backbone pools
+  (fold.caffe_pooling)."""
+  mode = geometry_lib.get(geometry).preprocessing(color_mode)
   info = {"backbone": model_config.backbone, "width_multiplier": model_config.width_multiplier,
-          "model": dataclasses.asdict(model_config), "geometry": geometry, "color_mode": color_mode,
+          "model": dataclasses.asdict(model_config), "geometry": geometry, "color_mode": mode,
           "preprocessing_mode": mode, "preprocessing": PREPROCESSING[mode], "min_size": model_config.patch_size,
           "patch_size": model_config.patch_size, "output": model_lib.output_name(model_config.backbone),
           "neighbour_offsets_dx_dy": patches_lib.NEIGHBOUR_OFFSETS, "num_classes": model_config.num_classes}
@@ -201,8 +205,8 @@ def read_weights(path):
 
 def save_backbone(folded, path, preprocessing, info, serving_default="features"):
   """Writes the folded backbone as a SavedModel with signatures features and patch_features; `serving_default`
-  names the one that is also the default; `preprocessing` is the run's mode (augment.preprocessing_mode) and `info`
-  metadata()'s. (Signatures given as the tf.functions, not as their concrete functions, which tf.saved_model.save
+  names the one that is also the default; `preprocessing` is the run's mode (geometry.Geometry.preprocessing) and
+  `info` metadata()'s. (Signatures given as the tf.functions, not as their concrete functions, which tf.saved_model.save
   would trace a second time, with a second copy of the weights.)"""
   module = BackboneModule(folded, preprocessing, info["patch_size"], info["output"])
   signatures = {"features": module.features, "patch_features": module.patch_features}
@@ -212,7 +216,7 @@ def save_backbone(folded, path, preprocessing, info, serving_default="features")
   return path
 
 
-def export_backbone(tower, model_config, path, color_mode="drop", geometry="doersch"):
+def export_backbone(tower, model_config, path, color_mode="drop", geometry=geometry_lib.DOERSCH.name):
   """The folded, fully convolutional backbone of `tower` as a SavedModel at `path` (train.py's exports), written
   whole or not at all (writes.atomic_folder).
 

@@ -42,9 +42,9 @@ class Config:
   splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
   freeze_up_to: str | None = None
-  folds: int = 5
-  image_size: int = 192
-  batch_size: int = 32
+  folds: int = images_lib.FOLDS
+  image_size: int = images_lib.IMAGE_SIZE
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
   epochs: int = EPOCHS
   learning_rate: float = LEARNING_RATE
@@ -157,8 +157,7 @@ def evaluate(subject, config):
   for flag, value in (("layer", layer), ("freeze_up_to", config.freeze_up_to)):
     if value and value not in subject.feature_layers:
       raise errors.UsageError(f"--{flag}={value} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < subject.patch_size:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
+  subject.patch_geometry.check_input_side("--image_size", config.image_size)
   train, val = config.splits.find()
   if val is None:
     if train.kind != "files":
@@ -176,7 +175,7 @@ def evaluate(subject, config):
     keras.utils.set_random_seed(config.seed)
     rescale = config.rescale and not one.rescaled
     scored, frozen = images_lib.read_or_explain(train, "--train_data", lambda one=one, rescale=rescale: fine_tune(
-        one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing, subject.geometry,
+        one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing, subject.patch_geometry,
         who))
     result.update({who + k: v for k, v in scored.items()})
   result.update({"layer": layer, "frozen_layers": frozen, "classes": list(train.classes),

@@ -9,6 +9,14 @@ from context_keras.input import decoding
 from context_keras.input import labelled
 from context_keras.input import tfds_source
 
+# The defaults the protocols share, as evaluate has one flag for each: images at most (pretext and neighbours; the
+# paper's 500 held-out images, method.md §6.3), the labelled images' side, cross-validation folds, images or patches
+# per forward pass.
+IMAGES = 500
+IMAGE_SIZE = 192
+FOLDS = 5
+BATCH_SIZE = 64
+
 
 def select_images(source, limit, seed):
   """At most `limit` images of a sources.Source: a seeded random subset of the files, kept in listing order; of a

@@ -33,9 +33,9 @@ class Config:
   layer: str | None = None
   k: int = K
   temperature: float = TEMPERATURE
-  folds: int = 5
-  image_size: int = 192
-  batch_size: int = 64
+  folds: int = images_lib.FOLDS
+  image_size: int = images_lib.IMAGE_SIZE
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
 
 
@@ -97,8 +97,7 @@ def evaluate(subject, config):
   layer_names = (config.layer,) if config.layer else tuple(subject.feature_layers)
   if config.layer and config.layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < subject.patch_size:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
+  subject.patch_geometry.check_input_side("--image_size", config.image_size)
   lset, val = config.splits.find(multi_label_ok=False)
   extract = gap_extractors(subject, layer_names, config.image_size, config.seed)
   classes = len(lset.classes)

@@ -30,10 +30,10 @@ RANDOM = "random_init_"
 class Config:
   splits: labelled.Splits = labelled.Splits()
   layer: str | None = None
-  folds: int = 5
+  folds: int = images_lib.FOLDS
   inner_folds: int = 0
-  image_size: int = 192
-  batch_size: int = 64
+  image_size: int = images_lib.IMAGE_SIZE
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
   probe_epochs: int = PROBE_EPOCHS
   probe_learning_rate: float = PROBE_LEARNING_RATE
@@ -184,8 +184,7 @@ def evaluate(subject, config):
   layer_names = (config.layer,) if config.layer else tuple(subject.feature_layers)
   if config.layer and config.layer not in subject.feature_layers:
     raise errors.UsageError(f"--layer={config.layer} is not one of {', '.join(subject.feature_layers)}")
-  if config.image_size < subject.patch_size:
-    raise errors.UsageError(f"--image_size={config.image_size} must be >= {subject.patch_size}, the patch size")
+  subject.patch_geometry.check_input_side("--image_size", config.image_size)
   lset, val = config.splits.find()
   multi_label = lset.multi_label
   if val is None and not multi_label:

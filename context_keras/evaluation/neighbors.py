@@ -11,7 +11,7 @@ from context_keras import errors
 from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
 from context_keras.input import decoding
-from context_keras.input import patches as patches_lib
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import sources
 from context_keras.model import networks as model_lib
 from context_keras.training import progress as progress_lib
@@ -27,20 +27,19 @@ class Config:
   data: str
   data_root: str | None = None
   tfds_data_dir: str | None = None
-  images: int = 500
+  images: int = images_lib.IMAGES
   layer: str | None = None
   queries: int = 20
   top_k: int = 8
-  batch_size: int = 64
+  batch_size: int = images_lib.BATCH_SIZE
   seed: int = 0
   compare_random_init: bool = False
 
 
-def patch_database(source, seed, geometry="doersch"):
+def patch_database(source, seed, geometry=geometry_lib.DOERSCH):
   """One random grid of un-augmented patches per image (training geometry): uint8 [N, P, P, 3], image ids [N]."""
   def cut(index, contents):
-    patches = patches_lib.evaluation_patches(decoding.decode(contents), images_lib.image_seed(seed, index),
-                                             geometry)["patches"]
+    patches = geometry.evaluation_patches(decoding.decode(contents), images_lib.image_seed(seed, index))["patches"]
     return patches, tf.fill(tf.shape(patches)[:1], index)
   chunks = []
   progress = progress_lib.Progress("patch database", len(source.paths) if source.kind == "files" else None)
@@ -94,7 +93,7 @@ def evaluate(subject, config):
   source = images_lib.select_images(sources.find_source(config.data, config.data_root, config.tfds_data_dir),
                                     config.images, seed)
   random_subject = subject.random_init(seed) if config.compare_random_init else None
-  patches, image_ids = patch_database(source, seed, subject.geometry)
+  patches, image_ids = patch_database(source, seed, subject.patch_geometry)
   if len(np.unique(image_ids)) < 2:
     raise errors.DataError(f"--data={source.description}: nearest neighbours need patches of at least 2 images")
   top_k = min(top_k, len(patches) - 1)

@@ -14,6 +14,7 @@ from context_keras.evaluation import images as images_lib
 from context_keras.evaluation.result import Result
 from context_keras.input import augment as augment_lib
 from context_keras.input import decoding
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.input import shortcuts
 from context_keras.input import sources
@@ -21,7 +22,6 @@ from context_keras.training import progress as progress_lib
 
 NAME = "pretext"
 PAIRS_PER_IMAGE = 256   # method.md §6.3: 500 images x 256 pairs
-IMAGES = 500
 MAX_GRIDS = 128         # an image resized to >= 150,000 px gives >= 2 pairs per grid (method.md §1.2, 2.2)
 
 
@@ -30,7 +30,7 @@ class Config:
   data: str
   data_root: str | None = None
   tfds_data_dir: str | None = None
-  images: int = IMAGES
+  images: int = images_lib.IMAGES
   pairs_per_image: int = PAIRS_PER_IMAGE
   seed: int = 0
   color_mode: str | None = None   # None: the subject's (the run's) colour handling
@@ -95,11 +95,14 @@ def pretext_pairs(image, seed, num_pairs, color_mode, pixelation, flip_relabel=F
   return {"patches": patches, "first": first, "second": second, "label": label, "usable": usable}
 
 
-def revisiting_pretext_pairs(image, seed, num_pairs):
+def revisiting_pretext_pairs(image, seed, num_pairs, color_mode=None, pixelation=None, flip_relabel=False,
+                             rotation_classes=False):
   """num_pairs random pairs of one image in the revisiting geometry (method.md §8.2): ceil(num_pairs / 8) cuts as
   training makes them (a random 255 crop of the 292x292 image, a random 64-px patch per cell), each augmented as
   one image (grayscale with probability 0.66, per-patch standardisation), their (neighbour, centre) pairs pooled and
-  num_pairs of them drawn without replacement. Returns pretext_pairs's dict."""
+  num_pairs of them drawn without replacement. Returns pretext_pairs's dict. The colour handling and the fixes of
+  method.md §9 do not apply to this geometry (evaluate refuses them)."""
+  del color_mode, pixelation, flip_relabel, rotation_classes
   cuts = -(-num_pairs // patches_lib.REVISITING_PAIRS)
   cut_seed, augment_seed, pick_seed = tf.unstack(patches_lib.split_seed(seed, 3))
   resized = patches_lib.revisiting_resize(image)
@@ -119,25 +122,31 @@ def revisiting_pretext_pairs(image, seed, num_pairs):
           "label": tf.gather(label, pick), "usable": tf.constant(True)}
 
 
+# Each geometry's pairs, cut and augmented as its training does it.
+PAIRS = {geometry_lib.DOERSCH: pretext_pairs, geometry_lib.REVISITING: revisiting_pretext_pairs}
+
+
 def evaluate(subject, config):
   """Accuracy of the subject's pair classifier on pairs from config.data, over its classes."""
   if subject.pair_logits is None:
     raise errors.UsageError("--mode=pretext needs the pair classifier: give --model_dir, or a --saved_model "
                             f"exported by context_keras.export (with {serving.PAIR_CLASSIFIER_DIR}/ beside it)")
+  geometry = subject.patch_geometry
+  unused = geometry.unused_settings(config.color_mode, config.pixelation)
+  if unused:
+    raise errors.UsageError(f"Invalid flags: {'; '.join(unused)}; that is the evaluated run's geometry")
   color_mode = subject.color_mode if config.color_mode is None else config.color_mode
   pixelation = subject.pixelation if config.pixelation is None else config.pixelation
   source = images_lib.select_images(sources.find_source(config.data, config.data_root, config.tfds_data_dir),
                                     config.images, config.seed)
-  if subject.geometry == "revisiting" and (subject.rotation_classes or subject.flip_relabel):
+  if not geometry.shortcut_fixes and (subject.rotation_classes or subject.flip_relabel):
     raise errors.UsageError(f"{subject.about}: rotation classes and flip relabelling do not work with "
-                            "--geometry=revisiting yet (method.md §9.9)")
+                            f"--geometry={geometry.name} yet (method.md §9.9)")
 
   def pairs(i, contents):
     image, seed = decoding.decode(contents), images_lib.image_seed(config.seed, i)
-    if subject.geometry == "revisiting":
-      return revisiting_pretext_pairs(image, seed, config.pairs_per_image)
-    return pretext_pairs(image, seed, config.pairs_per_image, color_mode, pixelation, subject.flip_relabel,
-                         subject.rotation_classes)
+    return PAIRS[geometry](image, seed, config.pairs_per_image, color_mode, pixelation, subject.flip_relabel,
+                           subject.rotation_classes)
 
   dataset = sources.finite_images(source).map(pairs, num_parallel_calls=tf.data.AUTOTUNE,
                                               deterministic=True).ignore_errors().prefetch(2)
@@ -171,9 +180,10 @@ def evaluate(subject, config):
              "confusion_matrix": confusion.tolist(), "confusion_labels": names, "pairs": pairs,
              "images": seen - too_small, "too_small": too_small,
              "unreadable": (len(source.paths) - seen) if source.kind == "files" else 0,
-             "pairs_per_image": config.pairs_per_image, "geometry": subject.geometry}
-  if subject.geometry == "doersch":
-    metrics.update(color_mode=color_mode, pixelation=pixelation)
+             "pairs_per_image": config.pairs_per_image, "geometry": geometry.name,
+             "color_mode": geometry.preprocessing(color_mode)}
+  if geometry.color_modes:
+    metrics["pixelation"] = pixelation
   if subject.rotation_classes:
     # The two halves of a rotation class: is the direction right, is the rotation right (method.md §9.6)?
     directions = len(patches_lib.NEIGHBOUR_OFFSETS)

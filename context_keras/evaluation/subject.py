@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from context_keras import errors
 from context_keras.deploy import serving
-from context_keras.input import augment
+from context_keras.input import geometry as geometry_lib
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
 from context_keras.training import restore
@@ -30,7 +30,7 @@ class Subject:
   features: object
   pair_logits: object = None
   owners: tuple = ()  # what `features` and `pair_logits` are bound to: tf.function methods hold only weak references
-  geometry: str = "doersch"
+  geometry: str = geometry_lib.DOERSCH.name  # the name of its --geometry; patch_geometry is the Geometry
   pooling: str = "auto"  # fold.POOLINGS: how the backbone pools, which the random-init baseline repeats
   # How the pretext labels were made (method.md §9.6): grids rotated with rotation classes, mirrored and relabelled.
   rotation_classes: bool = False
@@ -41,12 +41,17 @@ class Subject:
     return model_lib.BACKBONES[self.model_config.backbone].features
 
   @property
+  def patch_geometry(self):
+    return geometry_lib.get(self.geometry)
+
+  @property
   def patch_size(self):
     return self.model_config.patch_size
 
   @property
   def preprocessing(self):
-    return augment.preprocessing_mode(self.geometry, self.color_mode)
+    """What the backbone applies to uint8 input: the colour handling it was trained with (Geometry.preprocessing)."""
+    return self.patch_geometry.preprocessing(self.color_mode)
 
   @property
   def rescaled(self):
@@ -122,10 +127,12 @@ def from_saved_model(path):
   # Exports written before the model config was recorded are of the original's architecture (8 classes).
   model_config = model_lib.ModelConfig(**info.get("model", {"backbone": info["backbone"],
                                                               "width_multiplier": info["width_multiplier"]}))
-  geometry = info.get("geometry", "doersch")
+  # Exports of earlier versions are of the doersch geometry, and recorded a revisiting run's unused --color_mode.
+  geometry = info.get("geometry", geometry_lib.DOERSCH.name)
   return Subject(about={"saved_model": path, "checkpoint": info.get("checkpoint"), "step": info.get("step", 0),
                         "backbone": info["backbone"], "width_multiplier": info["width_multiplier"],
-                        "head": model_config.head, "geometry": geometry, "color_mode": info["color_mode"],
+                        "head": model_config.head, "geometry": geometry,
+                        "color_mode": geometry_lib.get(geometry).preprocessing(info["color_mode"]),
                         "rescaled": info.get("rescaled", False)},
                  step=int(info.get("step") or 0), model_config=model_config, color_mode=info["color_mode"],
                  pixelation=info.get("pixelation", True), features=backbone.features,

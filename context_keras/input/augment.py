@@ -25,12 +25,6 @@ GRAYSCALE_PROBABILITY = 0.66  # method.md §8.2: per image, Kolesnikov et al.'s 
 STANDARDIZATION = "standardization"
 PREPROCESSING_MODES = COLOR_MODES + (STANDARDIZATION,)
 
-
-def preprocessing_mode(geometry, color_mode):
-  """What the exported models apply to their uint8 input: the run's colour mode's counterpart (doersch), or per-image
-  standardisation (revisiting)."""
-  return STANDARDIZATION if geometry == "revisiting" else color_mode
-
 # The streams of a patch's random numbers, one per kind of draw, so that adding a draw changes no other.
 (STREAM_PIXELATION, STREAM_KEPT_CHANNEL, STREAM_NOISE, STREAM_GRAYSCALE, STREAM_YOKE, STREAM_WINDOW,
  STREAM_MASKED) = range(7)
@@ -266,8 +260,8 @@ def revisiting_augment(patches, keys, probability=GRAYSCALE_PROBABILITY, valid=N
 
 def standardize(images, color_mode="drop"):
   """The deterministic counterpart of color_transform + rms_normalize, for inference (method.md §2.4 steps 2-3), or
-  with color_mode "standardization" (preprocessing_mode of the revisiting geometry) per-image standardisation, the
-  revisiting augmentation without its random grayscale.
+  with color_mode "standardization" (the revisiting geometry's, geometry.Geometry.preprocessing) per-image
+  standardisation, the revisiting augmentation without its random grayscale.
 
   images: float [n, H, W, 3] in 0-255 units (patches, or whole images for the fully convolutional backbone); the
   statistics are per image. project and none are the training transforms exactly. For drop (and drop_gaussian),

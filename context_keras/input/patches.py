@@ -1,11 +1,12 @@
 """Patch geometry of context prediction, as pure TensorFlow functions: resizing, grids, patches, pairs, labels.
 
-Two geometries (--geometry): doersch, the original's random grids of 96-px patches with every 8-neighbour pair
-(method.md §2.1-2.3), and revisiting, Kolesnikov et al.'s 3x3 grid of 64-px patches with the 8 (neighbour, centre) pairs
-(method.md §8.2). Everything here is graph code with stateless randomness: the same seed gives the same grids, pairs and
-pixels, whatever the parallelism of the input pipeline. cut_grids and cut_revisiting are the one cutter of each
-geometry: training (data.py), the pretext and neighbours evaluations and rescaling all call them (evaluation_patches),
-so they cannot drift from the training geometry. Per-patch augmentation is augment.py's.
+The cutters of both geometries (--geometry; geometry.py picks among them): doersch, the original's random grids of
+96-px patches with every 8-neighbour pair (method.md §2.1-2.3), and revisiting, Kolesnikov et al.'s 3x3 grid of 64-px
+patches with the 8 (neighbour, centre) pairs (method.md §8.2). Everything here is graph code with stateless
+randomness: the same seed gives the same grids, pairs and pixels, whatever the parallelism of the input pipeline.
+cut_grids and cut_revisiting are the one cutter of each geometry: training (pipeline.py), the pretext and neighbours
+evaluations and rescaling all call them (geometry.Geometry.evaluation_patches), so they cannot drift from the training
+geometry. Per-patch augmentation is augment.py's.
 """
 import functools
 
@@ -29,7 +30,6 @@ MIN_SIDE = 2 * PATCH_SIZE + GAP + JITTER
 NEIGHBOUR_OFFSETS = ((-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1))
 NUM_CLASSES = len(NEIGHBOUR_OFFSETS)
 
-GEOMETRIES = ("doersch", "revisiting")
 # method.md §8.2: Kolesnikov et al.'s geometry (their config/relative_patch_location/imagenet.sh and
 # self_supervision/patch_model_preprocess.py).
 REVISITING_RESIZE = 292   # both sides, the aspect not kept
@@ -41,13 +41,6 @@ REVISITING_JITTER = REVISITING_CELL - REVISITING_PATCH  # 21: the patch's offset
 REVISITING_CENTRE = (REVISITING_SIDE ** 2) // 2
 REVISITING_PATCHES = REVISITING_SIDE ** 2
 REVISITING_PAIRS = REVISITING_PATCHES - 1
-
-
-def patch_size(geometry):
-  """Side of a geometry's patches: 96 (doersch) or 64 (revisiting)."""
-  if geometry not in GEOMETRIES:
-    raise ValueError(f"--geometry={geometry} is not one of {GEOMETRIES}")
-  return REVISITING_PATCH if geometry == "revisiting" else PATCH_SIZE
 
 
 def split_seed(seed, num):
@@ -253,17 +246,13 @@ def cut_revisiting(image, seed):
           "usable": tf.constant(True)}
 
 
-def pairs_of_grids(grid_height, grid_width, geometry="doersch"):
+def pairs_of_grids(grid_height, grid_width):
   """The pairs of every grid of an image (grid_height, grid_width: int32 [g]), concatenated in grid order: (first,
   second, label) int32 [m] each, as grid_pairs gives them for each grid, its cell indices counted from its own first
-  cell; and the pairs of each grid, int32 [g]. The revisiting geometry has one grid per image and its own pairs
-  (revisiting_pairs).
+  cell; and the pairs of each grid, int32 [g]. (The revisiting geometry's are revisiting_pairs.)
 
   All grids at once, in a few ops: the input pipeline places the pairs of every image it cuts.
   """
-  if geometry == "revisiting":
-    first, second, label = revisiting_pairs()
-    return first, second, label, tf.fill(tf.shape(grid_height), REVISITING_PAIRS)
   cells = grid_height * grid_width
   grid = tf.repeat(tf.range(tf.size(cells)), cells)  # each cell's grid
   cell = tf.range(tf.reduce_sum(cells)) - tf.gather(tf.cumsum(cells, exclusive=True), grid)  # row-major in its grid
@@ -279,15 +268,6 @@ def pairs_of_grids(grid_height, grid_width, geometry="doersch"):
   per_grid = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.cast(valid, tf.int32), 1), grid, tf.size(cells))
   return (tf.boolean_mask(first, valid), tf.boolean_mask(ny * width + nx, valid), tf.boolean_mask(label, valid),
           per_grid)
-
-
-def evaluation_patches(image, seed, geometry="doersch"):
-  """Un-augmented patches of one image with a geometry, for evaluation and rescaling (which need real patches as
-  training cuts them, without the augmentation): one random grid (doersch), or the 9 patches (revisiting). Returns
-  cut_grids's dict."""
-  if geometry == "revisiting":
-    return cut_revisiting(image, seed)
-  return grid_patches(image, seed)
 
 
 def _resized_shape_py(height, width, target_pixels):

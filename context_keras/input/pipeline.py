@@ -7,16 +7,16 @@ patches; the rest of the static shape is padding, marked by `patch_mask` and `pa
 sources.py, decoded by decoding.py; grids are cut by patches.cut_grids as uint8 patches, each with its augmentation
 key (augment.patch_keys). augment_batch turns a batch's uint8 patches into what the tower takes (augment.augment):
 in the pipeline with --augment_on=host, in the training step on the replica's device with --augment_on=device.
-The revisiting geometry (method.md §8.2) goes through the same packer and the same two modes: each image is one 3x3
-grid of 64-px patches whose pairs are its 8 (neighbour, centre) pairs, cut by patches.cut_revisiting and augmented by
-augment.revisiting_augment.
+What differs between the geometries (how an image is decoded, resized and cut, its pairs, its augmentation) is the
+config's geometry.Geometry's: the revisiting geometry (method.md §8.2) goes through the same packer and the same two
+modes, each image one 3x3 grid of 64-px patches whose pairs are its 8 (neighbour, centre) pairs.
 """
 import dataclasses
 
 import tensorflow as tf
 
 from context_keras.input import augment as augment_lib
-from context_keras.input import decoding
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.input import shortcuts
 from context_keras.input import sources
@@ -57,25 +57,22 @@ class InputConfig:
   flip_relabel: bool = False
 
   augment_on: str = "host"
-  geometry: str = "doersch"
+  geometry: str = geometry_lib.DOERSCH.name  # a name, as config.json records it; patch_geometry is the Geometry
 
   def __post_init__(self):
     if self.augment_on not in AUGMENT_ON:
       raise ValueError(f"--augment_on={self.augment_on} is not one of {AUGMENT_ON}")
-    if self.geometry not in patches_lib.GEOMETRIES:
-      raise ValueError(f"--geometry={self.geometry} is not one of {patches_lib.GEOMETRIES}")
+    geometry = geometry_lib.get(self.geometry)
     if self.yoked_interpolation not in YOKED_INTERPOLATIONS:
       raise ValueError(f"--yoked_interpolation={self.yoked_interpolation} is not one of {YOKED_INTERPOLATIONS}")
     if self.chroma_blur_size < 1 or self.chroma_blur_size % 2 == 0:
       raise ValueError(f"--chroma_blur_size={self.chroma_blur_size} must be a positive odd number")
-    if self.geometry == "revisiting":
-      # The revisiting augmentation (augment.revisiting_augment) has no colour modes and no per-patch ops of §9 yet.
-      # Nor does the pretext evaluation's revisiting cutter mirror or rotate its grid (evaluation/pretext.py).
-      for flag, given in (("--color_mode=chroma_blur", self.color_mode == "chroma_blur"),
-                          ("--yoked_jitter", self.yoked_jitter), ("--random_aperture", self.random_aperture),
-                          ("--rotation_classes", self.rotation_classes), ("--flip_relabel", self.flip_relabel)):
-        if given:
-          raise ValueError(f"{flag} does not work with --geometry=revisiting yet (method.md §9.9)")
+    problem = geometry.unsupported_fix(flag for flag, given in (
+        ("--color_mode=chroma_blur", self.color_mode == "chroma_blur"), ("--yoked_jitter", self.yoked_jitter),
+        ("--random_aperture", self.random_aperture), ("--rotation_classes", self.rotation_classes),
+        ("--flip_relabel", self.flip_relabel)) if given)
+    if problem:
+      raise ValueError(problem)
     if self.batch_patches < self.largest_grid[0]:
       raise ValueError(f"--batch_patches={self.batch_patches} cannot hold the largest grid "
                        f"({self.largest_grid[0]} patches)")
@@ -84,23 +81,24 @@ class InputConfig:
                        f"({self.largest_grid[1]})")
 
   @property
+  def patch_geometry(self):
+    """The geometry.Geometry of --geometry."""
+    return geometry_lib.get(self.geometry)
+
+  @property
   def largest_grid(self):
     """(patches, pairs) of the largest grid of the geometry."""
-    if self.geometry == "revisiting":
-      return patches_lib.REVISITING_PATCHES, patches_lib.REVISITING_PAIRS
-    return patches_lib.max_grid_cells(), patches_lib.max_grid_pairs()
+    return self.patch_geometry.largest_grid
 
   @property
   def patch_size(self):
-    return patches_lib.patch_size(self.geometry)
+    return self.patch_geometry.patch_size
 
   @property
   def images_per_batch(self):
     """Images in every batch of one replica (revisiting: every image is one grid of 9 patches), or None when it
     varies (doersch)."""
-    if self.geometry != "revisiting":
-      return None
-    return min(self.batch_patches // patches_lib.REVISITING_PATCHES, self.batch_pairs // patches_lib.REVISITING_PAIRS)
+    return self.patch_geometry.images_per_batch(self.batch_patches, self.batch_pairs)
 
   @property
   def num_classes(self):
@@ -122,29 +120,20 @@ class InputConfig:
 
 
 def image_grids(contents, seed, config=None):
-  """Decode one encoded image at the size its random resize needs, resize it, cut its grids and key their patches
-  (method.md §1.2, 2.2, 2.4; the revisiting geometry of an InputConfig with --geometry=revisiting: §8.2); with an
+  """Decode one encoded image at the size its resize needs, resize it, cut its grids and key their patches, as the
+  config's geometry does it (geometry.Geometry.cut; doersch: method.md §1.2, 2.2, 2.4; revisiting: §8.2); with an
   InputConfig whose grids are mirrored or rotated, transform them (method.md §9.6). Without a config: the doersch
   geometry, no transforms.
 
   Returns patches.cut_grids's dict (patches uint8 [n, P, P, 3], grid_height and grid_width int32 [g], usable
-  bool) with patch_keys uint32 [n, 3], the pairs of patches.pairs_of_grids (first, second, label int32 [m], each
-  grid's cells counted from its own first; grid_pairs int32 [g]), their labels following the grid's transform (and
-  with transforms, flip and rotation [g]); an image too small for a grid gives 0x0 grids, so that the packer counts
-  it. The pairs are placed here, in the parallel stage, so that the sequential packer only moves them.
+  bool) with patch_keys uint32 [n, 3], the pairs of the geometry (first, second, label int32 [m], each grid's cells
+  counted from its own first; grid_pairs int32 [g]), their labels following the grid's transform (and with
+  transforms, flip and rotation [g]); an image too small for a grid gives 0x0 grids, so that the packer counts it.
+  The pairs are placed here, in the parallel stage, so that the sequential packer only moves them.
   """
-  geometry = config.geometry if config is not None else "doersch"
-  if geometry == "revisiting":
-    # Decoded at full size: the 292x292 resize ignores the aspect, so a reduced JPEG decode (which keeps the pixel
-    # count, not each side) could leave the short side below 292.
-    cut_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 2))
-    grids = patches_lib.cut_revisiting(decoding.decode(contents), cut_seed)
-  else:
-    resize_seed, grid_seed, augment_seed = tf.unstack(patches_lib.split_seed(seed, 3))
-    image = decoding.decode(contents, target_pixels=patches_lib.resize_target(resize_seed))
-    grids = patches_lib.cut_grids(image, resize_seed, grid_seed,
-                                  jitter=config.grid_jitter if config is not None else patches_lib.JITTER)
-  first, second, label, grid_pairs = patches_lib.pairs_of_grids(grids["grid_height"], grids["grid_width"], geometry)
+  geometry = config.patch_geometry if config is not None else geometry_lib.DOERSCH
+  grids, augment_seed = geometry.cut(contents, seed, config.grid_jitter if config is not None else patches_lib.JITTER)
+  first, second, label, grid_pairs = geometry.pairs(grids["grid_height"], grids["grid_width"])
   if config is not None and config.transforms_grids:
     grids = shortcuts.transform_grids(grids, seed, config.flip_relabel, config.rotation_classes)
     # method.md §9.6: a transformed grid's labels follow it.
@@ -163,22 +152,17 @@ def image_grids(contents, seed, config=None):
 PARALLEL_DECODE_MAX_PIXELS = 4 * patches_lib.MAX_TARGET_PIXELS
 
 
-def decoded_pixels(contents, seed, geometry="doersch"):
-  """What image_grids(contents, seed, geometry) decodes, in pixels, read from the header (decoding.decoded_pixels).
-  The revisiting geometry decodes at full size (image_grids says why)."""
-  if geometry == "revisiting":
-    return decoding.decoded_pixels(contents, tf.constant(decoding.MAX_DECODE_PIXELS, tf.int64))
-  resize_seed = patches_lib.split_seed(seed, 3)[0]
-  return decoding.decoded_pixels(contents, patches_lib.resize_target(resize_seed))
+def decoded_pixels(contents, seed, geometry=geometry_lib.DOERSCH):
+  """What image_grids decodes of `contents` with `seed` and a config of `geometry`, in pixels, read from the header
+  (geometry.Geometry.decoded_pixels)."""
+  return geometry.decoded_pixels(contents, seed)
 
 
 def _no_grids(config=None):
   """image_grids's structure (for the same config) holding nothing: the place of an image left to the one-at-a-time
   stage."""
-  if config is not None and config.geometry == "revisiting":
-    side, grids = patches_lib.REVISITING_PATCH, 1
-  else:
-    side, grids = patches_lib.PATCH_SIZE, patches_lib.GRIDS_PER_IMAGE
+  geometry = config.patch_geometry if config is not None else geometry_lib.DOERSCH
+  side, grids = geometry.patch_size, geometry.grids_per_image
   empty = tf.zeros([grids], tf.int32)
   no_pairs = tf.zeros([0], tf.int32)
   nothing = {"patches": tf.zeros([0, side, side, 3], tf.uint8),
@@ -202,7 +186,7 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
   def seed_of(index):
     return tf.random.experimental.stateless_fold_in(base_seed, index)
 
-  geometry = config.geometry if config is not None else "doersch"
+  geometry = config.patch_geometry if config is not None else geometry_lib.DOERSCH
 
   # This module's functions are graph code (tf.cond, tf.where, no Python control flow on tensors), so tf.data is told
   # not to run AutoGraph on them: converting their source only cost seconds at every program's start.
@@ -224,14 +208,10 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
 
 
 def augment_batch(batch, config, static_shapes=False):
-  """A batch as the tower takes it: its uint8 patches augmented (augment.augment with each patch's key, or
-  augment.revisiting_augment for the revisiting geometry; padding patches zero), everything else unchanged.
-  static_shapes: see augment.random_pixelate."""
-  if config.geometry == "revisiting":
-    patches = augment_lib.revisiting_augment(batch["patches"], batch["patch_keys"], valid=batch["patch_mask"])
-    return dict(batch, patches=patches)
-  patches = augment_lib.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
-                                static_shapes=static_shapes, valid=batch["patch_mask"], ops=config.patch_ops)
+  """A batch as the tower takes it: its uint8 patches augmented by the geometry with each patch's key (padding
+  patches zero), everything else unchanged. static_shapes: see augment.random_pixelate."""
+  patches = config.patch_geometry.augment(batch["patches"], batch["patch_keys"], config.color_mode, config.pixelation,
+                                          ops=config.patch_ops, static_shapes=static_shapes, valid=batch["patch_mask"])
   return dict(batch, patches=patches)
 
 
@@ -288,12 +268,12 @@ class _Packer:
   skipped, as they went into the batch before).
   """
 
-  def __init__(self, max_patches, max_pairs, start=(0, 0), geometry="doersch"):
+  def __init__(self, max_patches, max_pairs, start=(0, 0), geometry=geometry_lib.DOERSCH):
     self.max_patches = max_patches
     self.max_pairs = max_pairs
     self.start_image, self.start_grid = start
-    self.per_patch = _per_patch(patches_lib.patch_size(geometry))
-    self.num_grids = 1 if geometry == "revisiting" else patches_lib.GRIDS_PER_IMAGE
+    self.per_patch = _per_patch(geometry.patch_size)
+    self.num_grids = geometry.grids_per_image
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
@@ -406,7 +386,7 @@ def batches_from_images(images, config, seed, start=(0, 0)):
   """Packed batches from a dataset of images (either form of grids_of_images) whose first element is image start[0]
   of the stream; the first start[1] grids of that image are skipped (they went into the batch before a resume)."""
   base_seed = tf.constant([config.seed, seed], tf.int64)
-  packer = _Packer(config.batch_patches, config.batch_pairs, start, config.geometry)
+  packer = _Packer(config.batch_patches, config.batch_pairs, start, config.patch_geometry)
   batches = (grids_of_images(images, base_seed, start[0], config)
              .ignore_errors()  # unreadable files; counted by the packer as gaps in the index
              .scan(packer.initial_state(), packer)

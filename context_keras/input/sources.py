@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from context_keras import errors
 from context_keras.input import decoding
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.input import tfds_source
 
@@ -429,9 +430,9 @@ def _damaged(path, records):
   raise tf.errors.DataLossError(None, None, f"{path} is corrupt or cut short after {records} readable records")
 
 
-def check_readable(source, limit=None, geometry="doersch"):
-  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid (any decodable
-  image holds the revisiting geometry's, whose resize ignores the aspect).
+def check_readable(source, limit=None, geometry=geometry_lib.DOERSCH):
+  """Stops at start, naming the path, when no image of `source` can be decoded and used for a grid of `geometry`
+  (geometry.Geometry.holds: any decodable image holds the revisiting geometry's, whose resize ignores the aspect).
 
   Images are tried in listing order until one works (the first, normally), at most `limit` of them.
   """
@@ -453,9 +454,9 @@ def check_readable(source, limit=None, geometry="doersch"):
       message = errors.tf_error_message(e)
       problems.append(message if message.startswith(name) else f"{name}: {message}")
     else:
-      if geometry == "revisiting" or patches_lib.can_hold_grid(shape[0], shape[1]):
+      if geometry.holds(shape[0], shape[1]):
         return
-      problems.append(f"{name}: {shape[1]}x{shape[0]} is too elongated for a grid of {patches_lib.PATCH_SIZE}-px "
+      problems.append(f"{name}: {shape[1]}x{shape[0]} is too elongated for a grid of {geometry.patch_size}-px "
                       "patches")
     if limit and tried >= limit:
       break

@@ -15,11 +15,11 @@ import keras
 from keras import layers
 import tensorflow as tf
 
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.model import caffe_layers
 
 BN_MOMENTUM = caffe_layers.BN_MOMENTUM
-HEADS = ("doersch", "revisiting")
 RESNET_VERSIONS = (1, 2)
 # method.md §8.1: Kolesnikov et al.'s reduced down-sampling for patch tasks (stem conv stride 1, the max-pool kept).
 RESNET_STEM_STRIDE = 1
@@ -45,8 +45,8 @@ class ModelConfig:
   width_multiplier: float = 1.0
   sync_batchnorm: bool = False
   bn_momentum: float = BN_MOMENTUM
-  head: str = "doersch"
-  patch_size: int = patches_lib.PATCH_SIZE
+  head: str = geometry_lib.DOERSCH.head
+  patch_size: int = geometry_lib.DOERSCH.patch_size  # the geometry's (cli/model.py)
   resnet_version: int = 1
   resnet_stem_stride: int = RESNET_STEM_STRIDE
   resnet_strides: tuple = RESNET_STRIDES
@@ -283,7 +283,9 @@ def revisiting_head(config, feature_dim):
   return keras.Model([pair, valid], logits, name="head")
 
 
-HEAD_BUILDERS = {"doersch": pair_head, "revisiting": revisiting_head}
+# Each geometry's recipe has its own head, named after it (geometry.Geometry.head).
+HEAD_BUILDERS = {geometry_lib.DOERSCH.head: pair_head, geometry_lib.REVISITING.head: revisiting_head}
+HEADS = tuple(HEAD_BUILDERS)
 
 
 @dataclasses.dataclass

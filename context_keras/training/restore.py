@@ -7,7 +7,6 @@ from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
-from context_keras.input import augment
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
 from context_keras.training import run_dir
@@ -62,12 +61,18 @@ class Run:
 
   @property
   def geometry(self):
+    """The name of the run's --geometry."""
     return self.config.input.geometry
 
   @property
+  def patch_geometry(self):
+    return self.config.input.patch_geometry
+
+  @property
   def preprocessing(self):
-    """The exported models' preprocessing of uint8 input (augment.preprocessing_mode)."""
-    return augment.preprocessing_mode(self.geometry, self.color_mode)
+    """The exported models' preprocessing of uint8 input, and the run's colour handling as reports name it
+    (geometry.Geometry.preprocessing)."""
+    return self.patch_geometry.preprocessing(self.color_mode)
 
   @property
   def pixelation(self):
@@ -76,7 +81,7 @@ class Run:
   def describe(self):
     return {"model_dir": self.model_dir, "checkpoint": self.checkpoint, "step": self.step,
             "backbone": self.model_config.backbone, "width_multiplier": self.model_config.width_multiplier,
-            "head": self.model_config.head, "geometry": self.geometry, "color_mode": self.color_mode}
+            "head": self.model_config.head, "geometry": self.geometry, "color_mode": self.preprocessing}
 
 
 # How often a run's latest checkpoint may vanish while it is read before load_run gives up.

@@ -23,6 +23,7 @@ from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras.input import geometry as geometry_lib
 from context_keras.input import pipeline as data_lib
 from context_keras.model import networks as model_lib
 from context_keras.storage import writes
@@ -215,15 +216,32 @@ def recorded_in(model_dir):
   return None
 
 
+def as_flag(field, value):
+  """(flag, value) of the training flag that sets a ModelConfig field to `value` (cli/model.py): most have the
+  field's name; the patch size is --geometry's, the class count --rotation_classes's (method.md §9.6)."""
+  if field == "patch_size":
+    geometry = geometry_lib.with_patch_size(value)
+    return "geometry", geometry.name if geometry else f"(patches of {value} px)"
+  if field == "num_classes":
+    return "rotation_classes", value > model_lib.ModelConfig.num_classes
+  return field, value
+
+
+def model_differences(before, after, fields):
+  """(flag, value in `before`, value in `after`) of each of `fields` that differs between two ModelConfigs, named as
+  the flags that set them (as_flag)."""
+  differences = []
+  for name in fields:
+    if getattr(before, name) != getattr(after, name):
+      flag, then = as_flag(name, getattr(before, name))
+      differences.append((flag, then, as_flag(name, getattr(after, name))[1]))
+  return differences
+
+
 def architecture_differences(recorded, model_config):
-  """(field, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
+  """(flag, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
   differs between the RunConfig `recorded` and `model_config`."""
-  differences = [(name, getattr(recorded.model, name), getattr(model_config, name))
-                 for name in model_lib.ARCHITECTURE_FIELDS
-                 if getattr(model_config, name) != getattr(recorded.model, name)]
-  # The class count is set by --rotation_classes (method.md §9.6): name that flag.
-  return [("rotation_classes", then > model_lib.ModelConfig.num_classes, given > model_lib.ModelConfig.num_classes)
-          if name == "num_classes" else (name, then, given) for name, then, given in differences]
+  return model_differences(recorded.model, model_config, model_lib.ARCHITECTURE_FIELDS)
 
 
 def check_resume(model_dir, model_config):

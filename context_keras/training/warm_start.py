@@ -23,10 +23,14 @@ from context_keras import errors
 from context_keras.deploy import serving
 from context_keras.model import caffe_layers
 from context_keras.model import fold
+from context_keras.model import networks as model_lib
 from context_keras.training import restore
 from context_keras.training import run_dir
 
 RUN, CHECKPOINT, BACKBONE = "run", "checkpoint", "backbone"
+# The ModelConfig fields that can leave a layer of the tower or head missing, or of another shape: the flags a
+# mismatch names when the source differs in them.
+SHAPING_FIELDS = model_lib.ARCHITECTURE_FIELDS + ("resnet_version", "patch_size", "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,14 +53,24 @@ def find_source(path):
                           "RUN/export/backbone_N)")
 
 
-def _mismatch(source, name, what, theirs, ours):
+def hint(theirs, ours):
+  """Why a layer can be missing or of another shape: the flags in which the source's ModelConfig (`theirs`; None when
+  it recorded none) differs from this run's."""
+  differences = run_dir.model_differences(theirs, ours, SHAPING_FIELDS) if theirs is not None else []
+  if not differences:
+    return "check --backbone and --width_multiplier"
+  return "; ".join(f"--{flag}={then} there, {now} here" for flag, then, now in differences)
+
+
+def _mismatch(source, name, what, theirs, ours, why):
   return errors.UsageError(f"--init_from={source}: layer {name}'s {what} has shape {tuple(theirs)} there but "
-                           f"{tuple(ours)} in this run's tower (check --backbone and --width_multiplier)")
+                           f"{tuple(ours)} in this run's tower ({why})")
 
 
-def _copy_layers(source, target, origin, strict):
+def _copy_layers(source, target, origin, strict, why):
   """Copies the weights of `origin`'s layers into the same-named layers of `target`; a missing layer or another
-  shape is an error when `strict`, else that layer keeps its weights. Returns the names of the layers copied."""
+  shape is an error when `strict` (`why`: the hint it gives), else that layer keeps its weights. Returns the names of
+  the layers copied."""
   copied = []
   for layer in target.layers:
     if not layer.weights:
@@ -65,7 +79,7 @@ def _copy_layers(source, target, origin, strict):
       other = origin.get_layer(layer.name)
     except ValueError:
       if strict:
-        raise errors.UsageError(f"--init_from={source} has no layer {layer.name} (check --backbone)") from None
+        raise errors.UsageError(f"--init_from={source} has no layer {layer.name} ({why})") from None
       continue
     values = other.get_weights()
     shapes = [(w.path.rsplit("/", 1)[-1], np.shape(v), tuple(w.shape)) for w, v in zip(layer.weights, values)]
@@ -73,7 +87,7 @@ def _copy_layers(source, target, origin, strict):
                                                  if len(values) != len(layer.weights) else [])
     if bad:
       if strict:
-        raise _mismatch(source, layer.name, *bad[0])
+        raise _mismatch(source, layer.name, *bad[0], why)
       continue
     for weight, value in zip(layer.weights, values):
       weight.assign(value)
@@ -81,11 +95,12 @@ def _copy_layers(source, target, origin, strict):
   return copied
 
 
-def _from_run(networks, source):
+def _from_run(networks, model_config, source):
   model_dir = source.path if source.kind == RUN else os.path.dirname(os.path.abspath(source.path))
   run = restore.load_run(model_dir, None if source.kind == RUN else source.path)
-  _copy_layers(source.path, networks.tower, run.networks.tower, strict=True)
-  head = _copy_layers(source.path, networks.head, run.networks.head, strict=False)
+  why = hint(run.model_config, model_config)
+  _copy_layers(source.path, networks.tower, run.networks.tower, strict=True, why=why)
+  head = _copy_layers(source.path, networks.head, run.networks.head, strict=False, why=why)
   missing = [layer.name for layer in networks.head.layers if layer.weights and layer.name not in head]
   if missing:
     logging.warning("--init_from=%s: head layers %s do not match this run's and keep their initialisation.",
@@ -99,29 +114,31 @@ def _from_backbone(networks, model_config, source):
     raise errors.UsageError(f"--init_from={source.path} is a {info.get('backbone')} backbone; this run trains "
                             f"--backbone={model_config.backbone}")
   weights = serving.read_weights(source.path)
+  # Exports of earlier versions recorded no ModelConfig.
+  why = hint(model_lib.ModelConfig(**info["model"]) if "model" in info else None, model_config)
   for layer in networks.tower.layers:
     if not isinstance(layer, (layers.Conv2D, layers.Dense)):
       continue
     for weight in layer.weights:
       key = f"{layer.name}/{weight.path.rsplit('/', 1)[-1]}"
       if key not in weights:
-        raise errors.UsageError(f"--init_from={source.path} has no weight {key} (check --backbone)")
+        raise errors.UsageError(f"--init_from={source.path} has no weight {key} ({why})")
       value = weights[key]
       if isinstance(layer, layers.Dense) and value.ndim == 4:
         # The export's fully convolutional fc6: a kh x kw x C x D kernel over the map a Flatten flattened (h, w, c
         # row-major), which reshapes back into the dense kernel.
         if value.size != np.prod(weight.shape):
-          raise _mismatch(source.path, layer.name, "kernel", value.shape, weight.shape)
+          raise _mismatch(source.path, layer.name, "kernel", value.shape, weight.shape, why)
         value = value.reshape(weight.shape)
       if tuple(value.shape) != tuple(weight.shape):
-        raise _mismatch(source.path, layer.name, key.rsplit("/", 1)[-1], value.shape, weight.shape)
+        raise _mismatch(source.path, layer.name, key.rsplit("/", 1)[-1], value.shape, weight.shape, why)
       weight.assign(value)
-  _affine_from_backbone(networks.tower, weights, source)
+  _affine_from_backbone(networks.tower, weights, source, why)
   return {"checkpoint": info.get("checkpoint"), "step": info.get("step"), "rescaled": info.get("rescaled", False),
           "head": False}
 
 
-def _affine_from_backbone(tower, weights, source):
+def _affine_from_backbone(tower, weights, source, why):
   """The learned scale and shift of each BN with them, from the folded export, for fresh statistics (mean 0,
   variance 1): gamma * x / sqrt(1 + eps) + beta must give the export's a * x + c, where (a, c) is (1, the folded
   bias) after a bias-free conv, or the export's per-channel affine map (a DepthwiseConv2D named as the BN)."""
@@ -140,9 +157,9 @@ def _affine_from_backbone(tower, weights, source):
       scale, shift = weights.get(f"{layer.name}/kernel"), weights.get(key)
       scale = None if scale is None else scale.reshape(-1)
     if shift is None or scale is None:
-      raise errors.UsageError(f"--init_from={source.path} has no weight {key} (check --backbone)")
+      raise errors.UsageError(f"--init_from={source.path} has no weight {key} ({why})")
     if tuple(shift.shape) != tuple(layer.beta.shape):
-      raise _mismatch(source.path, layer.name, "shift", shift.shape, layer.beta.shape)
+      raise _mismatch(source.path, layer.name, "shift", shift.shape, layer.beta.shape, why)
     layer.beta.assign(shift)
     if layer.gamma is not None:
       layer.gamma.assign(scale * np.sqrt(1 + layer.epsilon))
@@ -155,7 +172,7 @@ def initialise(networks, model_config, path):
   if source.kind == BACKBONE:
     about = _from_backbone(networks, model_config, source)
   else:
-    about = _from_run(networks, source)
+    about = _from_run(networks, model_config, source)
   record = {"source": path, "kind": source.kind, **about}
   logging.info("Initialised from %s %s (%s): the tower%s.", source.kind, path,
                f"step {about['step']}" if about.get("step") is not None else "step unknown",
