@@ -18,8 +18,9 @@ def define_source(data=True):
   another flag)."""
   with program.flag_group(GROUP):
     if data:
-      flags.DEFINE_string("data", None, "Images: a folder, a list file of the original's format, a glob of TFRecord "
-                          "shards or tfds:NAME[:SPLIT]; 'package:NAME' is an installed package's folder (docs/data.md).")
+      flags.DEFINE_string("data", None, "Images: a folder, a list file of the original's format, a glob of "
+                          "TFRecord shards or tfds:NAME[:SPLIT]; 'package:NAME' is an installed package's folder "
+                          "(docs/data.md).")
     flags.DEFINE_string("data_root", DEFAULTS.data_root, "Folder the names of a list file are relative to (default: "
                         "the list's folder). Accepts 'package:NAME' like --data.")
   define_tfds_data_dir()
