@@ -8,9 +8,8 @@ from context_keras.cli import program
 
 FLAGS = flags.FLAGS
 GROUP = "labelled data"
-FORMS = ("a folder of class sub-folders (ImageNet's train/ layout), a folder of images with a labels file, labelled "
-         "TFRecord shards (prepare --labels, or the converters' image/class/label schema), or tfds:NAME[:SPLIT] "
-         "(docs/data.md)")
+FORMS = ("class sub-folders, images with a labels file, labelled TFRecord shards (ours or the converters') or "
+         "tfds:NAME[:SPLIT] (docs/data.md)")
 
 
 def define_splits():
@@ -19,8 +18,7 @@ def define_splits():
     flags.DEFINE_string("train_labels", None, "Labels file of --train_data: lines 'NAME LABEL' (NAME relative to "
                         "--train_data, with or without its extension; '#' starts a comment); multi-label: 'NAME "
                         "LABEL1,LABEL2,...', '?LABEL' for an ignored (difficult) class.")
-    flags.DEFINE_string("val_data", None, f"Labelled validation images, read against the training set's classes: "
-                        f"{FORMS}.")
+    flags.DEFINE_string("val_data", None, f"Labelled validation images (the training set's classes): {FORMS}.")
     flags.DEFINE_string("val_labels", None, "Labels file of --val_data (as --train_labels; a label may also be a "
                         "0-based index into the training set's sorted classes), e.g. ImageNet's validation images "
                         "mapped to their synsets.")

@@ -26,8 +26,8 @@ def define(kind, defaults):
                         "this job alone) appears, the job finishes its step, checkpoints and exits 0.")
     flags.DEFINE_string("pause_file", kind.pause_file, f"When this file (or {folder}/{kind.pause_file}) appears, the "
                         "job checkpoints and waits, idle, until it is removed.")
-    flags.DEFINE_enum("strategy", defaults.strategy, STRATEGIES, "auto: MultiWorkerMirroredStrategy when TF_CONFIG "
-                      "names several tasks, else MirroredStrategy over the GPUs or --cpu_replicas CPU devices.")
+    flags.DEFINE_enum("strategy", defaults.strategy, STRATEGIES, "Distribution strategy; auto: multi_worker with a "
+                      "TF_CONFIG cluster, else mirrored over the GPUs or --cpu_replicas (docs/flags.md#run).")
     program.define_integer("cpu_replicas", defaults.cpu_replicas, "Split the CPU into this many logical devices, "
                            "one replica each (MirroredStrategy without GPUs, for testing).", lower=1)
     flags.DEFINE_bool("deterministic", defaults.deterministic, "TensorFlow's op determinism on top of the seeded "
