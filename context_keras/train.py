@@ -5,7 +5,6 @@ train(): the loop of compiled multi-step calls, with what a stop, a pause or div
 """
 import contextlib
 import dataclasses
-import shutil
 import time
 
 from absl import flags
@@ -20,6 +19,7 @@ from context_keras.cli import optimisation as optimisation_flags
 from context_keras.cli import program
 from context_keras.input import pipeline as data_lib
 from context_keras.input import sources
+from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
 from context_keras.training import distribute
@@ -124,7 +124,7 @@ def run():
       stack.enter_context(run_dir.lock(model_dir))
       stack.enter_context(run_dir.LogFile(model_dir))
     else:
-      stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
+      stack.callback(writes.remove_tree, write_dir)
     name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
             else type(strategy).__name__)
     logging.info("Strategy: %s with %d replica(s)%s.", name, strategy.num_replicas_in_sync,
@@ -241,7 +241,7 @@ def restore(latest, trainer, counters):
   """Restores the trainer and counters from checkpoint `latest` (a checkpoint written before the input listing was
   recorded has none, which is then left at zero)."""
   items = dict(trainer.checkpoint_items(), **counters)
-  if not tf.train.load_checkpoint(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
+  if not run_dir.checkpoint_reader(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
     del items[trainer_lib.LISTING_KEY]
   try:
     tf.train.Checkpoint(**items).restore(latest).assert_existing_objects_matched()
