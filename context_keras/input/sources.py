@@ -139,7 +139,7 @@ def _zlib_payload(path):
 def shard_format(path):
   """(compression, payload bytes, payload known modulo 2^32) of a TFRecord shard, told from its content: a plain
   shard starts with a record length and its checksum, a GZIP one with 1f 8b, a ZLIB one with a zlib header. Raises
-  ValueError saying what is wrong when it is none of them (OSError when it cannot be read)."""
+  ValueError saying what is wrong when it is none of them (tf.errors.OpError when it cannot be read)."""
   size = paths_lib.size(path)
   with tf.io.gfile.GFile(path, "rb") as f:
     head = f.read(12)
