@@ -279,7 +279,7 @@ def test_store_recovery_after_a_kill_at_each_step(ram, state):
                                                  "owned": ["a", "sub"]})
     with pytest.raises(E.UsageError, match=rf"--saved_model={out}/backbone: {out} is being replaced"):
       W.check_complete(f"{out}/backbone", "saved_model")
-  W.recover_folder(out, owned=("a", "sub"))
+  W.recover_folders(ram)  # as training does for RUN/export; the record says what the export owns
   assert tree(out) == expected and P.listdir(ram) == ["out"]
   W.check_complete(f"{out}/backbone", "saved_model")
 

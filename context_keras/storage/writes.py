@@ -12,6 +12,7 @@ by file under a commit record that readers check (check_complete) and the next w
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -130,6 +131,7 @@ def copy_tree(source, target):
 # DIR/.NAME.commit-T, the commit record, while the complete DIR/.NAME.partial-T is moved into PATH file by file;
 # DIR/.NAME.lock while a process writes.
 _PARTIAL, _NEW, _OLD, _COMMIT = "partial", "new", "old", "commit"
+_LEFTOVER = re.compile(rf"^\.(.+)\.(?:{_PARTIAL}|{_NEW}|{_OLD}|{_COMMIT})-([^.]+)$")
 
 
 def _beside(path, kind, token):
@@ -284,9 +286,9 @@ def recover_folders(parent):
   """recover_folder for every folder of `parent` that an atomic_folder left unfinished (a writer killed midway)."""
   targets = set()
   for entry in paths_lib.listdir(parent):
-    for kind in (_PARTIAL, _NEW, _OLD, _COMMIT):
-      if entry.startswith(".") and f".{kind}-" in entry:
-        targets.add(os.path.join(parent, entry[1:].rsplit(f".{kind}-", 1)[0]))
+    match = _LEFTOVER.match(entry)
+    if match:
+      targets.add(os.path.join(parent, match.group(1)))
   for target in sorted(targets):
     lock = _writing_lock(target)
     try:
