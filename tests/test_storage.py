@@ -20,6 +20,7 @@ import uuid
 import pytest
 import tensorflow as tf
 
+from context_keras import ablation as AB
 from context_keras import errors as E
 from context_keras import export as EX
 from context_keras.cli import commands as CM
@@ -289,6 +290,18 @@ def test_copy_tree_between_file_systems(ram, tmp_path):
   (tmp_path / "extra" / "deep" / "x.json").write_text("{}")
   W.copy_tree(str(tmp_path / "extra"), f"{ram}/copy")
   assert tree(f"{ram}/copy") == {"deep/x.json": "{}"}
+
+
+def test_the_ablation_keeps_each_training_log_in_its_run_on_a_store(ram, monkeypatch):
+  def fake_training(command, stdout, stderr, check):
+    del stderr, check
+    stdout.write(f"training {command[-2]}\nFATAL the last line\n".encode())
+    return subprocess.CompletedProcess(command, 1 if "fails" in command[-2] else 0)
+  monkeypatch.setattr(AB.subprocess, "run", fake_training)
+  AB.train_run("baseline", 0, f"{ram}/runs/baseline_s0")
+  assert read(f"{ram}/runs/baseline_s0/ablation_train.log").startswith(f"training --model_dir={ram}/runs/baseline_s0")
+  with pytest.raises(E.UsageError, match=rf"exit code 1: FATAL the last line \(log: {ram}/runs/fails/ablation"):
+    AB.train_run("baseline", 0, f"{ram}/runs/fails")
 
 
 # ----------------------------------------------------------------------------------------------------------------
