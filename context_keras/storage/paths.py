@@ -8,6 +8,8 @@ One home for what a path means before anything reads or writes it (docs/storage.
 - resolve(): a path as a user may give it for reading: `~`, and `flags/NAME`, the flagfiles and lists that ship
   with context_keras, found in the working directory first, else in the installed package (docs/storage.md).
 - files_under(): the image files of a folder, recursively, in one listing per folder.
+- listdir, walk, glob, identity, read_bytes, write_bytes: tf.io.gfile's, with what differs between stores absorbed
+  (a trailing '/' on sub-folders, hidden temporary names, ram://'s quirks: docs/storage.md).
 """
 import contextlib
 import os
@@ -90,9 +92,9 @@ def common_folder(paths):
   if all(is_local(p) for p in paths):
     root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
   else:
-    split = [p.split("/") for p in paths]
+    parts = [p.split("/") for p in paths]
     common = []
-    for pieces in zip(*split):
+    for pieces in zip(*parts):
       if len(set(pieces)) > 1:
         break
       common.append(pieces[0])
@@ -108,7 +110,7 @@ def common_folder(paths):
 def shipped(relative_path):
   """The shipped copy of a repository file (`flags/demo.cfg`, `benchmarks/torch_baseline.py`): inside the installed
   package (context_keras/flags/...), or in a source checkout beside the package; None when there is none. (The
-  package's own files are local: os.path, not tf.io.gfile, which would start TensorFlow's runtime at import.)"""
+  package's own files are local by construction, so os.path serves.)"""
   parts = relative_path.replace("\\", "/").split("/")
   if parts[0] not in SHIPPED or ".." in parts:
     return None
