@@ -37,8 +37,10 @@ G = tf.io.gfile
 
 
 @pytest.fixture
-def ram():
-  """A fresh ram:// folder, removed afterwards."""
+def ram(monkeypatch):
+  """A fresh ram:// folder, removed afterwards. A lock taken there is read back at once: ram:// is one process's,
+  and a write is seen at once, so the wait that lets a real store's concurrent writes land is not needed."""
+  monkeypatch.setattr(L, "SETTLE_SECONDS", 0)
   folder = f"ram://test_{uuid.uuid4().hex[:8]}"
   G.makedirs(folder)
   yield folder
