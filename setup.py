@@ -47,7 +47,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     license_files=["LICENSE"],
-    packages=find_packages(include=["context_keras", "context_keras.*"]),
+    # The repository's flags/ (the flagfiles and the lists they name) and benchmarks/ (the PyTorch baseline) ship
+    # inside the package as context_keras/flags and context_keras/benchmarks, where the programs find them from any
+    # folder (storage/paths.py, shipped).
+    packages=find_packages(include=["context_keras", "context_keras.*"]) + ["context_keras.flags",
+                                                                            "context_keras.benchmarks"],
+    package_dir={"context_keras.flags": "flags", "context_keras.benchmarks": "benchmarks"},
+    package_data={"context_keras.flags": ["*.cfg", "*.txt"], "context_keras.benchmarks": ["*.py"]},
+    entry_points={"console_scripts": ["context-keras=context_keras.cli.commands:main"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",

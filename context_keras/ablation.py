@@ -18,10 +18,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from absl import flags
 from absl import logging
 import numpy as np
+import tensorflow as tf
 
 from context_keras import errors
 from context_keras import train
@@ -31,6 +33,7 @@ from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
 from context_keras.input import geometry as geometry_lib
 from context_keras.input import labelled
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import restore
 
@@ -132,17 +135,20 @@ def training_args(variant, seed, model_dir):
 
 def train_run(name, seed, model_dir):
   """Trains one variant and seed in a subprocess (a fresh TensorFlow each: precision policy, seeds and strategy are
-  per process); its output goes to RUN/ablation_train.log."""
-  os.makedirs(model_dir, exist_ok=True)
+  per process); its output goes to RUN/ablation_train.log, written when it ends (RUN may be on a store, which cannot
+  take a subprocess's output as it comes; the run's own RUN/train.log follows it meanwhile)."""
+  tf.io.gfile.makedirs(model_dir)
   log_path = os.path.join(model_dir, "ablation_train.log")
   logging.info("Training %s, seed %d, in %s.", name, seed, model_dir)
-  with open(log_path, "w", encoding="utf-8") as log:
+  with tempfile.TemporaryFile() as log:
     code = subprocess.run([sys.executable, "-m", "context_keras.train",
                            *training_args(VARIANTS[name], seed, model_dir)], stdout=log, stderr=subprocess.STDOUT,
                           check=False).returncode
+    log.seek(0)
+    text = log.read()
+  writes.atomic_write(log_path, text)
   if code:
-    with open(log_path, encoding="utf-8") as log:
-      tail = [line.strip() for line in log.read().splitlines() if line.strip()][-1:]
+    tail = [line.strip() for line in text.decode("utf-8", "replace").splitlines() if line.strip()][-1:]
     raise errors.UsageError(f"training {name} (seed {seed}) failed with exit code {code}: "
                             f"{tail[0] if tail else ''} (log: {log_path})")
 
@@ -174,9 +180,8 @@ def evaluate_run(model_dir, seed):
   cache = os.path.join(model_dir, EVAL_FILE)
   run = restore.load_run(model_dir)
   settings = dict(evaluation_settings(seed), step=run.step, checkpoint=os.path.basename(run.checkpoint))
-  if os.path.isfile(cache):
-    with open(cache, encoding="utf-8") as f:
-      kept = json.load(f)
+  if paths_lib.is_file(cache):
+    kept = json.loads(paths_lib.read_text(cache))
     if kept.get("settings") == settings:
       logging.info("Reusing the evaluation of %s (%s).", model_dir, cache)
       return kept["scores"]
@@ -309,16 +314,15 @@ def write_results(output, report, seeds):
       writes.atomic_write(plot_path, plot_png(summary, seeds))
     else:
       logging.warning("%s.", PLOT_NEEDS)
-      if os.path.exists(plot_path):
-        os.remove(plot_path)
-  except OSError as e:
+      if tf.io.gfile.exists(plot_path):
+        tf.io.gfile.remove(plot_path)
+  except (OSError, tf.errors.OpError) as e:
     raise writes.failure("the ablation's results", f"--output={output}", e) from e
 
 
 def main():
   check_flags()
-  output = os.path.abspath(FLAGS.output)
-  writes.check_folder(output, "output")
+  output = writes.check_folder(FLAGS.output, "output")
   seeds = [int(s) for s in FLAGS.seeds]
   if not has_matplotlib():  # said now, before hours of training, and again at the end
     logging.warning("%s; the table and JSON will be written.", PLOT_NEEDS)

@@ -38,14 +38,14 @@ from context_keras.input import pipeline as data_lib
 from context_keras.input import sources
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
+from context_keras.storage import paths as paths_lib
 from context_keras.training import resources
 from context_keras.training import restore
 from context_keras.training import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
-# Our PyTorch baseline lives beside the package in the repository (benchmarks/), not in the installed package.
-OUR_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                            "torch_baseline.py")
+# Our PyTorch baseline: benchmarks/ of the repository, shipped inside the package (setup.py).
+OUR_BASELINE = paths_lib.shipped("benchmarks/torch_baseline.py") or "benchmarks/torch_baseline.py"
 
 
 def define_flags():

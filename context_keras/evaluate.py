@@ -42,6 +42,7 @@ from context_keras.evaluation import output
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as subject_lib
 from context_keras.input import labelled
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import restore
 from context_keras.training import run_dir
@@ -152,9 +153,8 @@ def eval_dir_for(model_dir, saved_model, eval_dir):
   run directory is refused at once, naming the flag that picks another folder."""
   if eval_dir:
     return writes.check_folder(eval_dir, "eval_dir")
-  default = (run_dir.eval_dir(model_dir) if model_dir
-             else os.path.join(os.path.dirname(os.path.normpath(saved_model)), run_dir.EVAL_DIR))
-  if not os.path.isdir(os.path.dirname(default)):
+  default = run_dir.eval_dir(paths_lib.normalise(model_dir) if model_dir else paths_lib.parent(saved_model))
+  if not tf.io.gfile.isdir(os.path.dirname(default)):
     return default  # no such run or export: loading it says so
   try:
     return writes.check_folder(default, "eval_dir")

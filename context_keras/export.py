@@ -29,6 +29,7 @@ import os
 
 from absl import flags
 from absl import logging
+import tensorflow as tf
 
 from context_keras import errors
 from context_keras.cli import data as data_flags
@@ -39,6 +40,7 @@ from context_keras.deploy import rescale as rescale_lib
 from context_keras.deploy import serving
 from context_keras.input import sources
 from context_keras.model import fold
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import restore
 
@@ -51,15 +53,17 @@ OWNED = (serving.BACKBONE_DIR, serving.BACKBONE_KERAS_FILE, serving.PAIR_CLASSIF
 
 
 def check_output(output):
-  """--output must be new, empty or an earlier export: the export replaces it."""
-  writes.check_target(output, "output")
-  if os.path.isdir(output):
-    entries = os.listdir(output)
+  """--output must be new, empty or an earlier export: the export replaces it. Returns it normalised
+  (paths_lib.normalise: `a/missing/../b` is `a/b`, checked and written alike)."""
+  given, output = output, writes.check_target(output, "output")
+  if tf.io.gfile.isdir(output):
+    entries = paths_lib.listdir(output)
     if entries and not set(entries) & set(OWNED):
-      raise errors.UsageError(f"--output={output} is a folder that holds no export ({', '.join(sorted(entries)[:5])}"
+      raise errors.UsageError(f"--output={given} is a folder that holds no export ({', '.join(sorted(entries)[:5])}"
                               f"{' ...' if len(entries) > 5 else ''}); an export replaces its folder: give a new or "
                               "empty one")
   return output
+
 
 
 def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=None, rescale_options=None,
@@ -67,7 +71,7 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
                tfds_data_dir=None):
   """Writes OUT/backbone, OUT/backbone.keras, OUT/pair_classifier, OUT/context_model.keras (and OUT/rescale.json,
   the LiteRT and ONNX files on request) as one folder that replaces OUT; returns a summary."""
-  check_output(output)
+  output = check_output(output)
   if onnx:
     convert.check_onnx()
   run = restore.load_run(model_dir, checkpoint)
@@ -190,13 +194,15 @@ def define_flags():
 
 
 def freeze(source, output):
-  if not os.path.isfile(os.path.join(source, "saved_model.pb")):
+  if not paths_lib.is_file(os.path.join(source, "saved_model.pb")):
     raise errors.UsageError(f"--freeze={source} is not a SavedModel folder (no saved_model.pb)")
-  if os.path.abspath(source) == os.path.abspath(output):
+  if paths_lib.same(source, output):
     raise errors.UsageError(f"--freeze={source} and --output are the same folder: write the frozen copy elsewhere")
-  writes.check_target(output, "output")
-  if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, "saved_model.pb")):
-    raise errors.UsageError(f"--output={output} is a folder that holds no SavedModel; the frozen copy replaces its "
+  writes.check_complete(source, "freeze")
+  given, output = output, writes.check_target(output, "output")
+  if (tf.io.gfile.isdir(output) and paths_lib.listdir(output)
+      and not paths_lib.is_file(os.path.join(output, "saved_model.pb"))):
+    raise errors.UsageError(f"--output={given} is a folder that holds no SavedModel; the frozen copy replaces its "
                             "folder: give a new or empty one")
   signatures = convert.freeze_saved_model(source, output)
   return {"freeze": source, "output": output, "signatures": signatures}

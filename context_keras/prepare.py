@@ -43,6 +43,8 @@ from context_keras.input import labelled
 from context_keras.input import patches as patches_lib
 from context_keras.input import sources
 from context_keras.input import tfds_source
+from context_keras.storage import locks
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 
 FLAGS = flags.FLAGS
@@ -199,10 +201,12 @@ def tfds_plan(config):
 
 
 def prepare_output(output):
+  """Checks (and makes) --output and its state folder; returns it normalised (paths.normalise)."""
   if not output:
     raise errors.UsageError("--output is required: the folder for the shards")
-  writes.check_folder(output, "output")
+  output = writes.check_folder(output, "output")
   writes.check_folder(os.path.join(output, STATE_DIR), "output")
+  return output
 
 
 def check_earlier_run(output, manifest):
@@ -210,7 +214,7 @@ def check_earlier_run(output, manifest):
   num_shards = manifest["num_shards"]
   expected = {shard_name(i, num_shards) for i in range(num_shards)}
   foreign, other_counts = [], set()
-  for name in sorted(os.listdir(output)):
+  for name in sorted(paths_lib.listdir(output)):
     if not name.endswith(sources.TFRECORD_SUFFIXES) or name in expected:
       continue
     match = SHARD_PATTERN.match(name)
@@ -226,10 +230,9 @@ def check_earlier_run(output, manifest):
     raise errors.UsageError(f"--output={output} holds other TFRecord files ({', '.join(foreign[:3])}) that training's "
                             f"--data='{os.path.join(output, '*.tfrecord')}' would read too: use another --output")
   manifest_path = os.path.join(output, STATE_DIR, MANIFEST)
-  has_shards = any(os.path.exists(os.path.join(output, name)) for name in expected)
-  if has_shards and os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as f:
-      earlier = json.load(f)
+  has_shards = any(tf.io.gfile.exists(os.path.join(output, name)) for name in expected)
+  if has_shards and tf.io.gfile.exists(manifest_path):
+    earlier = json.loads(paths_lib.read_text(manifest_path))
     differences = []
     if (earlier.get("images"), earlier.get("listing_sha256")) != (manifest["images"], manifest["listing_sha256"]):
       differences.append(f"images: {earlier.get('images')} listed from --data={earlier.get('data')} then, "
@@ -243,10 +246,11 @@ def check_earlier_run(output, manifest):
   elif has_shards:
     raise errors.UsageError(f"--output={output} holds shards without {STATE_DIR}/{MANIFEST}, so their input is "
                             "unknown: use another --output, or delete the folder to start over")
-  for name in os.listdir(output):  # left by a run that was killed
+  for name in paths_lib.listdir(output):  # left by a run that was killed
     if name.startswith(SHARD_PREFIX + "-") and name.endswith(PARTIAL_SUFFIX):
-      os.remove(os.path.join(output, name))
+      tf.io.gfile.remove(os.path.join(output, name))
   writes.atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+
 
 
 def _state_path(output, name):
@@ -256,14 +260,13 @@ def _state_path(output, name):
 def complete_shard_state(output, name):
   """The recorded state of shard `name` if it is complete (renamed into place, recorded, of the recorded size)."""
   path, state_path = os.path.join(output, name), _state_path(output, name)
-  if not (os.path.isfile(path) and os.path.isfile(state_path)):
+  if not (paths_lib.is_file(path) and paths_lib.is_file(state_path)):
     return None
   try:
-    with open(state_path, encoding="utf-8") as f:
-      state = json.load(f)
-  except (OSError, ValueError):
+    state = json.loads(paths_lib.read_text(state_path))
+  except (tf.errors.OpError, ValueError):
     return None
-  return state if state.get("file") == name and state.get("bytes") == os.path.getsize(path) else None
+  return state if state.get("file") == name and state.get("bytes") == paths_lib.size(path) else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,16 +285,15 @@ class Outcome:
 def examine(path, max_pixels=0, max_decode_pixels=decoding.MAX_DECODE_PIXELS):
   """Reads one image file and decides what its record holds, or why it is rejected. Never raises for a bad file."""
   try:
-    with open(path, "rb") as f:
-      contents = f.read()
-  except FileNotFoundError:
+    contents = paths_lib.read_bytes(path)
+  except tf.errors.NotFoundError:
     return Outcome(reason="missing: no such file")
-  except PermissionError:
+  except tf.errors.PermissionDeniedError:
     return Outcome(reason="unreadable: permission denied")
-  except IsADirectoryError:
-    return Outcome(reason="unreadable: a folder, not a file")
-  except OSError as e:
-    return Outcome(reason=f"unreadable: {e.strerror or e}")
+  except tf.errors.OpError as e:
+    if tf.io.gfile.isdir(path):
+      return Outcome(reason="unreadable: a folder, not a file")
+    return Outcome(reason=f"unreadable: {paths_lib.reason(e)}")
   return examine_contents(contents, max_pixels, max_decode_pixels)
 
 
@@ -411,12 +413,13 @@ def write_shard(config, output, name, items, progress=None, stop=None):
         if progress:
           progress.add(rejected=bool(outcome.reason))
     state = {"file": name, "records": records, "rejected": rejected, "reencoded": reencoded,
-             "bytes": os.path.getsize(partial)}
+             "bytes": paths_lib.size(partial)}
     writes.atomic_write(_state_path(output, name), json.dumps(state) + "\n")
-    os.replace(partial, path)
+    # One rename locally; on an object store a copy, whose object appears only once whole.
+    tf.io.gfile.rename(partial, path, overwrite=True)
   except BaseException:
-    if os.path.exists(partial):
-      os.remove(partial)
+    if tf.io.gfile.exists(partial):
+      tf.io.gfile.remove(partial)
     raise
   if progress:
     progress.shard_done()
@@ -436,9 +439,9 @@ def prepare(config, stop=None):
   if not config.num_shards or config.num_shards < 1:
     raise errors.UsageError(f"--num_shards={config.num_shards} must be >= 1")
   plan = tfds_plan(config) if tfds_source.is_tfds(config.data) else files_plan(config)
-  prepare_output(config.output)
+  config = dataclasses.replace(config, output=prepare_output(config.output))
   # Two runs on one --output would remove each other's partial shards.
-  with writes.folder_lock(config.output, "output", "prepare", then="wait for it to finish, or choose another"):
+  with locks.folder_lock(config.output, "output", "prepare", then="wait for it to finish, or choose another"):
     return _prepare_locked(config, plan, stop)
 
 
@@ -452,8 +455,8 @@ def _prepare_locked(config, plan, stop):
   states = {name: complete_shard_state(config.output, name) for name in shard_names}
   pending = [i for i, name in enumerate(shard_names) if states[name] is None]
   for name in (INDEX_FILE, REJECTED_FILE):  # stale until every shard is complete
-    if pending and os.path.exists(os.path.join(config.output, name)):
-      os.remove(os.path.join(config.output, name))
+    if pending and tf.io.gfile.exists(os.path.join(config.output, name)):
+      tf.io.gfile.remove(os.path.join(config.output, name))
   total = sum(plan.sizes[i] for i in pending)
   logging.info("Data: %s. Output: %s: %d shard(s) to write (%d images), %d already complete.", plan.description,
                config.output, len(pending), total, config.num_shards - len(pending))
@@ -552,9 +555,9 @@ def main():
   except (Interrupted, KeyboardInterrupt):
     logging.error("Interrupted: complete shards are kept; run the same command again to write the others.")
     return EXIT_INTERRUPTED
-  except OSError as e:  # writing a shard failed (a full disk, say); complete shards are kept
-    raise errors.WriteError(f"Stopped: {e}; complete shards are kept, run the same command again to write the "
-                            "others") from e
+  except (OSError, tf.errors.OpError) as e:  # writing a shard failed (a full disk, say); complete shards are kept
+    raise errors.WriteError(f"Stopped: {errors.tf_error_message(e)}; complete shards are kept, run the same "
+                            "command again to write the others") from e
   return 0
 
 

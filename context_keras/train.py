@@ -196,7 +196,7 @@ def restore(latest, trainer, counters):
   """Restores the trainer and counters from checkpoint `latest` (a checkpoint written before the input listing was
   recorded has none, which is then left at zero)."""
   items = dict(trainer.checkpoint_items(), **counters)
-  if not tf.train.load_checkpoint(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
+  if not run_dir.checkpoint_reader(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
     del items[trainer_lib.LISTING_KEY]
   try:
     tf.train.Checkpoint(**items).restore(latest).assert_existing_objects_matched()

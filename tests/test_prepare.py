@@ -151,12 +151,15 @@ def test_unreadable_and_missing_files(tmp_path, photo_dir, monkeypatch):
   else:
     assert rejected == {str(tmp_path / "secret.jpg"): "unreadable: permission denied"} and index["records"] == 1
 
-  # Whoever runs the test, a read refused with EACCES gives that reason (and does not stop the others).
-  def refusing_open(path, *args, **kwargs):
+  # Whoever runs the test, a read refused with EACCES (tf.io.gfile's PermissionDeniedError) gives that reason (and
+  # does not stop the others).
+  real_read = PR.paths_lib.read_bytes
+
+  def refusing_read(path):
     if str(path).endswith("secret.jpg"):
-      raise PermissionError(13, "Permission denied", str(path))
-    return open(path, *args, **kwargs)
-  monkeypatch.setattr(PR, "open", refusing_open, raising=False)
+      raise tf.errors.PermissionDeniedError(None, None, f"{path}; Permission denied")
+    return real_read(path)
+  monkeypatch.setattr(PR.paths_lib, "read_bytes", refusing_read)
   assert PR.examine(str(tmp_path / "secret.jpg")).reason == "unreadable: permission denied"
   assert PR.examine(str(tmp_path / "coffee.png")).reason is None
 

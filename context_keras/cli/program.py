@@ -13,6 +13,8 @@
   traceback. errors.WriteError: one line, exit 1.
 - At the default verbosity the output holds our own lines, warnings and errors: library chatter is dropped and what
   C++ libraries print that is no news is held back (quiet_library_logs, hold_back_native_lines; docs/method.md §4.2).
+- --flagfile=FILE is read through tf.io.gfile (a flagfile may be on a store), and FILE = flags/NAME that the working
+  directory does not hold is the flagfile shipped with the package (expand_flagfiles; docs/storage.md).
 """
 import atexit
 import contextlib
@@ -26,10 +28,12 @@ import textwrap
 from absl import app
 from absl import flags
 from absl import logging
+import tensorflow as tf
 
 import context_keras
 from context_keras import errors
 from context_keras.input import decoding
+from context_keras.storage import paths as paths_lib
 
 FLAGS = flags.FLAGS
 
@@ -136,12 +140,64 @@ def help_text(program_doc=""):
       lines.append(f"  --{name}")
       lines.extend(HELP_INDENT + line for line in help_lines(f"{flag.help} (default: {default})"))
     lines.append("")
-  lines.append("--flagfile=FILE reads flags from FILE (one per line). --helpfull lists absl's own flags too.")
+  lines.append("--flagfile=FILE reads flags from FILE (one per line; flags/NAME is the flagfile shipped with the "
+               "package when the working directory has none: docs/storage.md). --helpfull lists absl's own flags too.")
   return "\n".join(lines)
 
 
+FLAGFILE_FLAGS = ("--flagfile", "-flagfile")
+
+
+def expand_flagfiles(args, within=()):
+  """`args` with every --flagfile=FILE (or --flagfile FILE) replaced by FILE's flags, recursively, as absl's own
+  reading does (blank lines and lines starting with # or // skipped), except that FILE is read through tf.io.gfile
+  and found by paths.resolve: flags/NAME that is not in the working directory is the shipped copy, so that a
+  flagfile naming another (ablation_demo.cfg: --flagfile=flags/demo.cfg) works from any folder. absl reads only
+  local files relative to the working directory, hence this. `within`: the flagfiles being read (loops)."""
+  expanded, rest = [], list(args)
+  while rest:
+    arg = rest.pop(0)
+    name, sep, value = arg.partition("=")
+    if name not in FLAGFILE_FLAGS:
+      expanded.append(arg)
+      if arg == "--":
+        return expanded + rest
+      continue
+    if not sep:
+      if not rest:
+        raise flags.IllegalFlagValueError("--flagfile with no argument")
+      value = rest.pop(0)
+    expanded.extend(_flagfile_lines(value.strip(), within))
+  return expanded
+
+
+def _flagfile_lines(name, within):
+  path = paths_lib.resolve(name)
+  if path in within:
+    sys.stderr.write(f"Warning: --flagfile={name} includes itself (through {' -> '.join(within)}); not read again.\n")
+    return []
+  try:
+    text = paths_lib.read_text(path)
+  except (tf.errors.OpError, UnicodeDecodeError) as e:
+    shipped = ", ".join(f"flags/{n}" for n in paths_lib.shipped_names() if n.endswith(".cfg"))
+    raise flags.CantOpenFlagFileError(f"--flagfile={name}: cannot read it ({paths_lib.reason(e)}); the flagfiles "
+                                      f"shipped with context_keras: {shipped or 'none found'}") from e
+  lines = []
+  for line in text.splitlines():
+    line = line.strip()
+    if not line or line.startswith(("#", "//")):
+      continue
+    flag, sep, value = line.partition("=")
+    if flag in FLAGFILE_FLAGS and sep:
+      lines.extend(_flagfile_lines(value.strip(), within + (path,)))
+    else:
+      lines.append(line)
+  return lines
+
+
 def parse_flags(argv):
-  """absl's parsing, except that --help lists our groups, and a mistyped flag or bad value exits 2 (absl: 1)."""
+  """absl's parsing, except that --help lists our groups, a mistyped flag or bad value exits 2 (absl: 1), and
+  flagfiles are read by expand_flagfiles."""
   if any(arg in HELP_FLAGS for arg in argv[1:]):
     try:
       print(help_text(sys.modules["__main__"].__doc__), flush=True)
@@ -149,7 +205,7 @@ def parse_flags(argv):
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
-    return FLAGS(argv)
+    return FLAGS([argv[0]] + expand_flagfiles(argv[1:]))
   except flags.Error as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.\n")
     sys.exit(errors.EXIT_USAGE)
@@ -266,6 +322,13 @@ def _guarded(main):
     except errors.WriteError as e:
       logging.error("%s", e)
       sys.exit(errors.EXIT_WRITE_FAILED)
+    except tf.errors.UnimplementedError as e:
+      if not errors.tf_error_message(e).startswith("File system scheme"):
+        raise
+      # A path of a store that this TensorFlow cannot reach, wherever it was first touched (docs/storage.md).
+      logging.error("%s: TensorFlow has no file system for it here (gs:// is built in; s3://, hdfs:// and others "
+                    "come with tensorflow-io's file systems; docs/storage.md)", errors.tf_error_message(e))
+      sys.exit(errors.EXIT_USAGE)
     sys.exit(code or 0)
   return guarded
 

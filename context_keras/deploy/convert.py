@@ -5,7 +5,6 @@ weights were variables, which the LiteRT converter left unfrozen) their weights 
 The LiteRT converter is part of TensorFlow; ONNX needs the optional tf2onnx (`pip install 'context_keras[onnx]'`).
 """
 import os
-import shutil
 
 import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=no-name-in-module
@@ -109,6 +108,6 @@ def freeze_saved_model(source, path):
   extra = os.path.join(source, "assets.extra")
   with writes.atomic_folder(path) as staging:
     tf.saved_model.save(module, staging, signatures=signatures)
-    if os.path.isdir(extra):
-      shutil.copytree(extra, os.path.join(staging, "assets.extra"))
+    if tf.io.gfile.isdir(extra):
+      writes.copy_tree(extra, os.path.join(staging, "assets.extra"))
   return sorted(signatures)

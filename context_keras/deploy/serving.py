@@ -31,6 +31,7 @@ from context_keras.input import patches as patches_lib
 from context_keras.model import caffe_layers
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 
 BACKBONE_DIR = "backbone"
@@ -170,15 +171,17 @@ def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry
 
 
 def write_metadata(path, info):
-  os.makedirs(os.path.join(path, os.path.dirname(METADATA_FILE)), exist_ok=True)
+  tf.io.gfile.makedirs(os.path.join(path, os.path.dirname(METADATA_FILE)))
   writes.atomic_write_json(os.path.join(path, METADATA_FILE), info)
 
 
 def read_metadata(path, flag="saved_model"):
+  """What an export's assets.extra/context_keras.json says; a UsageError naming --flag when there is none, or when
+  the export is being replaced on a store (writes.check_complete). Every reader of an export calls it first."""
+  writes.check_complete(path, flag)
   try:
-    with open(os.path.join(path, METADATA_FILE), encoding="utf-8") as f:
-      return json.load(f)
-  except OSError as e:
+    return json.loads(paths_lib.read_text(os.path.join(path, METADATA_FILE)))
+  except tf.errors.OpError as e:
     raise errors.UsageError(f"--{flag}={path}: no {METADATA_FILE}; not written by context_keras.export") from e
 
 
@@ -187,8 +190,7 @@ def read_weights(path):
   its functions (weights/<path>) without running or even loading it; those of exports of earlier versions, which
   held them as variables, from its variables."""
   proto = saved_model_pb2.SavedModel()
-  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-    proto.ParseFromString(f.read())
+  proto.ParseFromString(paths_lib.read_bytes(os.path.join(path, "saved_model.pb")))
   prefix = WEIGHT_SCOPE + "/"
   weights = {}
   for function in proto.meta_graphs[0].graph_def.library.function:

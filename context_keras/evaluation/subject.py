@@ -10,6 +10,7 @@ from context_keras.deploy import serving
 from context_keras.input import geometry as geometry_lib
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
+from context_keras.storage import paths as paths_lib
 from context_keras.training import restore
 
 
@@ -119,8 +120,8 @@ def from_saved_model(path):
     backbone = tf.saved_model.load(path)
   except (OSError, ValueError) as e:
     raise errors.UsageError(f"--saved_model={path}: cannot load it: {str(e)[:200]}") from e
-  pair_dir = os.path.join(os.path.dirname(os.path.normpath(path)), serving.PAIR_CLASSIFIER_DIR)
-  classifier = tf.saved_model.load(pair_dir) if os.path.isdir(pair_dir) else None
+  pair_dir = os.path.join(paths_lib.parent(path), serving.PAIR_CLASSIFIER_DIR)
+  classifier = tf.saved_model.load(pair_dir) if tf.io.gfile.isdir(pair_dir) else None
 
   def pair_logits(patches, first, second):
     return classifier.logits_preprocessed(tf.gather(patches, first), tf.gather(patches, second))["logits"]

@@ -30,6 +30,7 @@ import tensorflow as tf
 from context_keras import errors
 from context_keras.input import sources
 from context_keras.input import tfds_source
+from context_keras.storage import paths as paths_lib
 
 IGNORED_PREFIX = "?"
 POSITIVE, NEGATIVE, IGNORED = 1, 0, -1   # the entries of a multi-label matrix
@@ -139,7 +140,7 @@ def find(data, labels_file=None, data_flag="--data", labels_flag="--labels", cla
     raise errors.UsageError(f"{data_flag}={data}: a multi-label set needs {labels_flag}=FILE with lines "
                             "'NAME LABEL1,LABEL2,...'")
   path = sources.resolve_path(data)
-  if not os.path.isdir(path) and sources.is_tfrecord_pattern(path):
+  if not tf.io.gfile.isdir(path) and sources.is_tfrecord_pattern(path):
     return labelled_shards(data, data_flag, classes)
   return class_folders(data, data_flag, classes)
 
@@ -147,10 +148,10 @@ def find(data, labels_file=None, data_flag="--data", labels_flag="--labels", cla
 def class_folders(data, flag="--data", classes=None):
   """A folder with one sub-folder of images per class (images anywhere below it)."""
   root = sources.resolve_path(data)
-  if not os.path.isdir(root):
+  if not tf.io.gfile.isdir(root):
     raise errors.DataError(f"{flag}={data}: {root} is not a folder (of class sub-folders), nor labelled TFRecord "
                            "shards (give a labels file for a flat folder of images)")
-  names = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+  names = sorted(name for name in paths_lib.listdir(root) if tf.io.gfile.isdir(os.path.join(root, name)))
   if len(names) < 2 and classes is None:
     raise errors.DataError(f"{flag}={data}: needs at least 2 subfolders of images (classes) in {root}; found "
                            f"{len(names)}")
@@ -174,10 +175,9 @@ def class_folders(data, flag="--data", classes=None):
 def read_labels_file(path, flag="--labels"):
   """[(line number, name, [labels])] of a labels file: `NAME LABEL[,LABEL...]` per line; '#' starts a comment."""
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise errors.DataError(f"{flag}={path}: cannot read it: {getattr(e, 'strerror', None) or e}") from e
+    lines = paths_lib.read_text(path).splitlines()
+  except (tf.errors.OpError, UnicodeDecodeError) as e:
+    raise errors.DataError(f"{flag}={path}: cannot read it: {paths_lib.reason(e)}") from e
   entries = []
   for number, line in enumerate(lines, 1):
     tokens = line.split(None, 1)
@@ -193,8 +193,8 @@ def read_labels_file(path, flag="--labels"):
 def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels", classes=None, multi_label=False):
   """The images a labels file names, under the folder `data` (default: the labels file's folder)."""
   labels_path = sources.resolve_path(labels_file)
-  root = sources.resolve_path(data) if data else os.path.dirname(os.path.abspath(labels_path))
-  if not os.path.isdir(root):
+  root = sources.resolve_path(data) if data else paths_lib.parent(labels_path)
+  if not tf.io.gfile.isdir(root):
     raise errors.DataError(f"{data_flag}={data}: {root} is not a folder (the images that {labels_flag} names)")
   entries = read_labels_file(labels_path, labels_flag)
   where = f"{labels_flag}={labels_file}"
@@ -260,12 +260,12 @@ class _Files:
 
   def find(self, name):
     path = name if os.path.isabs(name) else os.path.join(self.root, name)
-    if os.path.isfile(path):
+    if paths_lib.is_file(path):
       return path
     if self._stems is None:
       self._stems = {}
       for found in sources.list_folder(self.root):
-        self._stems.setdefault(os.path.splitext(os.path.relpath(found, self.root))[0], found)
+        self._stems.setdefault(os.path.splitext(paths_lib.relative(found, self.root))[0], found)
     return self._stems.get(os.path.splitext(name)[0] if name.lower().endswith(sources.IMAGE_EXTENSIONS) else name)
 
 
@@ -278,9 +278,8 @@ def labelled_shards(data, flag="--data", classes=None):
   if not tf.io.gfile.exists(index_path):
     return converter_shards(data, flag, source, classes)
   try:
-    with open(index_path, encoding="utf-8") as f:
-      index = json.load(f)
-  except (OSError, ValueError) as e:
+    index = json.loads(paths_lib.read_text(index_path))
+  except (tf.errors.OpError, ValueError) as e:
     raise errors.DataError(f"{flag}={data}: no readable {index_path} beside the shards ({e}); write labelled shards "
                            "with `python -m context_keras.prepare --labels=folders|FILE`") from e
   own = index.get("classes")

@@ -7,7 +7,6 @@ through find_source and these datasets, and TFRecord records through parse_recor
 """
 import dataclasses
 import functools
-import glob
 import hashlib
 import importlib.util
 import json
@@ -23,6 +22,7 @@ from context_keras.input import decoding
 from context_keras.input import geometry as geometry_lib
 from context_keras.input import patches as patches_lib
 from context_keras.input import tfds_source
+from context_keras.storage import paths as paths_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFRECORD_IMAGE_KEY = "image/encoded"
@@ -34,7 +34,8 @@ PACKAGE_PREFIX = "package:"
 
 
 def resolve_path(path):
-  """Expands '~' and 'package:NAME' (the folder of an installed package, e.g. scikit-image's sample photos)."""
+  """Expands 'package:NAME' (the folder of an installed package, e.g. scikit-image's sample photos), '~' and the
+  shipped flags/NAME (paths.resolve)."""
   if path.startswith(PACKAGE_PREFIX):
     name = path[len(PACKAGE_PREFIX):]
     try:
@@ -44,33 +45,23 @@ def resolve_path(path):
     if spec is None or not spec.submodule_search_locations:
       raise errors.DataError(f"{path}: no installed Python package {name!r} (is it installed in this environment?)")
     return list(spec.submodule_search_locations)[0]
-  return os.path.expanduser(path)
+  return paths_lib.resolve(path)
 
 
 def list_folder(folder):
   """Image files under `folder`, recursively, sorted; follows symlinked folders once (no loops)."""
-  found, seen = [], set()
-  for root, dirs, files in os.walk(folder, followlinks=True):
-    real = os.path.realpath(root)
-    if real in seen:
-      dirs[:] = []
-      continue
-    seen.add(real)
-    dirs.sort()
-    found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-  return sorted(found)
+  return paths_lib.files_under(folder, IMAGE_EXTENSIONS)
 
 
 def read_list_file(list_file, data_root=None):
   """File names of a list in the original's format (method.md §1.1): the first token of each non-empty line. A
   UTF-8 byte-order mark (which some editors write) is not part of the first name."""
-  root = resolve_path(data_root) if data_root else os.path.dirname(os.path.abspath(list_file))
+  root = resolve_path(data_root) if data_root else paths_lib.parent(list_file)
   names = []
-  with open(list_file, encoding="utf-8-sig") as f:
-    for line in f:
-      tokens = line.split()
-      if tokens and not tokens[0].startswith("#"):
-        names.append(os.path.join(root, tokens[0]))
+  for line in paths_lib.read_text(list_file, "utf-8-sig").splitlines():
+    tokens = line.split()
+    if tokens and not tokens[0].startswith("#"):
+      names.append(os.path.join(root, tokens[0]))
   return names
 
 
@@ -92,7 +83,7 @@ class Source:
     checkpoint records so that a resume can tell whether its stream positions still mean the same images."""
     names = relative_names(self.paths)
     if self.kind == "tfrecord":
-      names = [f"{name} {os.path.getsize(path) if os.path.exists(path) else -1}"
+      names = [f"{name} {paths_lib.size(path) if tf.io.gfile.exists(path) else -1}"
                for name, path in zip(names, self.paths)]
     digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -102,11 +93,8 @@ def relative_names(paths):
   """The paths relative to their common folder: what identifies a listing, wherever its folder is."""
   if not paths:
     return []
-  absolute = [os.path.abspath(p) for p in paths]
-  root = os.path.commonpath(absolute) if len(absolute) > 1 else os.path.dirname(absolute[0])
-  if root in absolute:  # a single file, or a file that is also a prefix of the others
-    root = os.path.dirname(root)
-  return [os.path.relpath(p, root) for p in absolute]
+  root = paths_lib.common_folder(paths)
+  return [paths_lib.relative(p, root) for p in paths]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,7 +131,7 @@ def _zlib_payload(path):
   stream = zlib.decompressobj()
   total = 0
   try:
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
       while chunk := f.read(1 << 20):
         total += len(stream.decompress(chunk))
   except zlib.error:
@@ -154,9 +142,9 @@ def _zlib_payload(path):
 def shard_format(path):
   """(compression, payload bytes, payload known modulo 2^32) of a TFRecord shard, told from its content: a plain
   shard starts with a record length and its checksum, a GZIP one with 1f 8b, a ZLIB one with a zlib header. Raises
-  ValueError saying what is wrong when it is none of them (OSError when it cannot be read)."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  ValueError saying what is wrong when it is none of them (tf.errors.OpError when it cannot be read)."""
+  size = paths_lib.size(path)
+  with tf.io.gfile.GFile(path, "rb") as f:
     head = f.read(12)
     if head[:2] == b"\x1f\x8b" and size >= 18:
       f.seek(size - 4)
@@ -181,8 +169,8 @@ def _check_shards(paths, data):
   for path in paths:
     try:
       usable.append((path, shard_format(path)))
-    except (OSError, ValueError) as e:
-      problem = f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+    except (tf.errors.OpError, ValueError) as e:
+      problem = f"{path}: {paths_lib.reason(e) if isinstance(e, tf.errors.OpError) else e}"
       problems.append(problem)
       logging.warning("TFRecord shard %s is left out.", problem)
   if not usable:
@@ -200,14 +188,14 @@ def find_source(data, data_root=None, tfds_data_dir=None):
   if tfds_source.is_tfds(data):
     return tfds_source.find(data, tfds_data_dir)
   path = resolve_path(data)
-  if os.path.isdir(path):
+  if tf.io.gfile.isdir(path):
     files = list_folder(path)
     if not files:
       raise errors.DataError(f"--data={data}: folder {path} holds no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
                              "file")
     return Source("files", tuple(files), f"folder {path} ({len(files)} images)")
   if is_tfrecord_pattern(path):
-    shards = sorted(glob.glob(path))
+    shards = paths_lib.glob(path)
     if not shards:
       raise errors.DataError(f"--data={data}: no TFRecord shard matches {path}")
     usable = _check_shards(shards, data)
@@ -216,15 +204,15 @@ def find_source(data, data_root=None, tfds_data_dir=None):
     return Source("tfrecord", tuple(p for p, _ in usable),
                   f"{len(usable)} TFRecord shards {path}{left_out}{f' ({compressed})' if compressed else ''}",
                   tuple(fmt for _, fmt in usable))
-  if os.path.isfile(path):
+  if paths_lib.is_file(path):
     _refuse_non_list(data, path)
     try:
       files = read_list_file(path, data_root)
     except UnicodeDecodeError as e:
       raise errors.DataError(f"--data={data}: {path} is not a list file (byte {e.start} is not UTF-8 text): give a "
                              "folder of images, a list file or a glob of TFRecord shards") from e
-    except OSError as e:
-      raise errors.DataError(f"--data={data}: cannot read list file {path}: {e.strerror or e}") from e
+    except tf.errors.OpError as e:
+      raise errors.DataError(f"--data={data}: cannot read list file {path}: {paths_lib.reason(e)}") from e
     if not files:
       raise errors.DataError(f"--data={data}: list file {path} names no image")
     return Source("files", tuple(files), f"list {path} ({len(files)} images)")
@@ -243,9 +231,9 @@ def count_images(source):
     return source.size
   folder = os.path.dirname(source.paths[0])
   try:
-    with open(os.path.join(folder, PREPARED_INDEX), encoding="utf-8") as f:
-      records = {os.path.join(folder, shard["file"]): int(shard["records"]) for shard in json.load(f)["shards"]}
-  except (OSError, ValueError, KeyError, TypeError):
+    index = json.loads(paths_lib.read_text(os.path.join(folder, PREPARED_INDEX)))
+    records = {os.path.join(folder, shard["file"]): int(shard["records"]) for shard in index["shards"]}
+  except (tf.errors.OpError, ValueError, KeyError, TypeError):
     return None
   if not all(path in records for path in source.paths):
     return None
@@ -255,13 +243,13 @@ def count_images(source):
 def _refuse_non_list(data, path):
   """A single image (or a lone shard without a TFRecord suffix) given as --data is not a list file: say so."""
   try:
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
       head = f.read(1 << 16)
-  except OSError as e:
-    raise errors.DataError(f"--data={data}: cannot read {path}: {e.strerror or e}") from e
+  except tf.errors.OpError as e:
+    raise errors.DataError(f"--data={data}: cannot read {path}: {paths_lib.reason(e)}") from e
   if path.lower().endswith(IMAGE_EXTENSIONS) or (decoding.image_size_from_header(head) and _binary(head)):
     raise errors.DataError(f"--data={data}: {path} is a single image, not a list file; give its folder "
-                           f"(--data={os.path.dirname(os.path.abspath(path))}) or a list file naming it")
+                           f"(--data={paths_lib.parent(path)}) or a list file naming it")
 
 
 def _binary(head):

@@ -228,7 +228,7 @@ class Exports(Action):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
     self.model_config, self.input_config, self.latest_checkpoint = model_config, input_config, latest_checkpoint
     folder = os.path.dirname(run_dir.export_path(write_dir, 0))
-    if os.path.isdir(folder):
+    if tf.io.gfile.isdir(folder):
       writes.recover_folders(folder)
 
   def __call__(self, output):

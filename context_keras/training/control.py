@@ -14,6 +14,8 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from context_keras.storage import paths as paths_lib
+
 # What a worker asks of all; every step sums the requests of all replicas.
 REQUEST_NONE, REQUEST_PAUSE, REQUEST_QUIT = 0, 1, 2
 # What a compiled training loop reports: its steps ran, or it stopped early for a request (a trainer may add more:
@@ -110,32 +112,38 @@ def _ignore(signum, frame):
 class ControlFile:
   """One control file, polled. A file that exists when polling starts belongs to another run started in the same
   folder, or was left from an earlier one: it is not obeyed (nor removed) until it is created anew (or touched),
-  or until it has been gone once. With `own`, such a file is this run's alone and is removed instead."""
+  or until it has been gone once. With `own`, such a file is this run's alone and is removed instead.
+
+  A file on a store (RUN/train_quit of a gs:// run) is asked about every STORE_POLL_SECONDS at most: each question
+  is a request to the store."""
+  STORE_POLL_SECONDS = 5.0
 
   def __init__(self, path, own=False):
     self.path = path
+    self._every = 0.0 if paths_lib.is_local(path) else self.STORE_POLL_SECONDS
+    self._asked, self._answer = -float("inf"), None
     self._ignored = self._identity()
     if self._ignored and own:
       logging.warning("Removing control file %s left from an earlier run of this directory (not obeyed).",
-                      os.path.abspath(path))
-      os.remove(path)
+                      paths_lib.normalise(path))
+      tf.io.gfile.remove(path)
       self._ignored = None
     elif self._ignored:
       logging.warning("Control file %s exists already (another run's, or left from an earlier one): not obeyed "
-                      "unless created again.", os.path.abspath(path))
+                      "unless created again.", paths_lib.normalise(path))
 
   def _identity(self):
-    try:
-      stat = os.stat(self.path)
-    except OSError:
-      return None
-    return stat.st_ino, stat.st_mtime_ns
+    return paths_lib.identity(self.path)
 
   def present(self):
-    identity = self._identity()
-    if identity is None:
-      self._ignored = None
-    return identity is not None and identity != self._ignored
+    now = time.monotonic()
+    if now - self._asked >= self._every:
+      self._asked = now
+      identity = self._identity()
+      if identity is None:
+        self._ignored = None
+      self._answer = identity is not None and identity != self._ignored
+    return self._answer
 
 
 def run_files(folder, name, flag_path, own):
@@ -143,7 +151,7 @@ def run_files(folder, name, flag_path, own):
   and the file of the flag, which other runs started in the same working directory share."""
   path = os.path.join(folder, name)
   files = [ControlFile(path, own=own)]
-  if os.path.abspath(flag_path) != os.path.abspath(path):
+  if not paths_lib.same(flag_path, path):
     files.append(ControlFile(flag_path))
   return files
 
@@ -192,7 +200,7 @@ class Control:
   def wait_while_paused(self):
     """Blocks, sleeping, until the pause files are gone or a quit is requested."""
     logging.info("Paused: remove %s to continue (or create %s / send SIGTERM to quit).",
-                 " or ".join(os.path.abspath(f.path) for f in self.pause_files if f.present()),
+                 " or ".join(paths_lib.normalise(f.path) for f in self.pause_files if f.present()),
                  " or ".join(f.path for f in self.quit_files))
     while self.pause_requested() and not self.quit_reason:
       time.sleep(1.0)

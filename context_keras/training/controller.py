@@ -24,13 +24,13 @@ loop that stops early, on every worker at the same step, when a pause or quit is
 """
 import contextlib
 import dataclasses
-import shutil
 import time
 
 from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
 from context_keras.training import distribute
@@ -99,7 +99,7 @@ class Job:
         stack.enter_context(run_dir.lock(folder, self.kind.folder_flag, self.kind.holder))
         stack.enter_context(run_dir.LogFile(folder, self.kind.log_file))
       else:
-        stack.callback(shutil.rmtree, self.write_dir, ignore_errors=True)
+        stack.callback(writes.remove_tree, self.write_dir)
       name = ("MultiWorkerMirroredStrategy" if distribute.is_multi_worker(self.strategy)
               else type(self.strategy).__name__)
       logging.info("Strategy: %s with %d replica(s)%s.", name, self.strategy.num_replicas_in_sync,

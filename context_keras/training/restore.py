@@ -1,7 +1,6 @@
 """A trained run rebuilt from its directory: the networks of its recorded config with a checkpoint's weights, in
 float32, for export and evaluation (run_dir.py says where things are; this builds and restores them)."""
 import dataclasses
-import os
 
 from absl import logging
 import tensorflow as tf
@@ -9,6 +8,7 @@ import tensorflow as tf
 from context_keras import errors
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
+from context_keras.storage import paths as paths_lib
 from context_keras.training import run_dir
 
 
@@ -32,8 +32,8 @@ def restore(networks, path):
 def check_checkpoint_origin(model_dir, config, path):
   """A --checkpoint from another run directory must hold the architecture that --model_dir's config describes: a
   UsageError naming the fields that differ."""
-  origin = os.path.dirname(os.path.abspath(path))
-  if origin == os.path.abspath(model_dir) or not run_dir.recorded_in(origin):
+  origin = paths_lib.parent(path)
+  if paths_lib.same(origin, model_dir) or not run_dir.recorded_in(origin):
     return
   differences = run_dir.architecture_differences(config, run_dir.read_config(origin).model)
   if differences:

@@ -5,7 +5,8 @@ resume), so that every path in it and every way of reading it back has one home.
   RUN/config.json        the model, input and optimisation configs as data: what export and evaluate rebuild from
   RUN/checkpoint, ckpt-N tf.train checkpoints (tf.train.CheckpointManager's state file and checkpoints)
   RUN/train.log          the log of every training invocation, appended
-  RUN/.lock              held (flock) by the training process while it runs
+  RUN/.lock              held by the training process while it runs (locks.folder_lock: flock, or a lock object on a
+                         store)
   RUN/train_quit, RUN/train_pause  control files of this run alone (besides --quit_file and --pause_file)
   RUN/train/             TensorBoard logs of training
   RUN/export/backbone_N/ SavedModels of the backbone written by training
@@ -13,11 +14,9 @@ resume), so that every path in it and every way of reading it back has one home.
   RUN/workertemp_<task>/ scratch of a non-chief worker of multi-worker training, removed at its end
 """
 import dataclasses
-import glob
 import json
-import logging as std_logging
 import os
-import sys
+import re
 
 from absl import logging
 import tensorflow as tf
@@ -26,17 +25,21 @@ from context_keras import errors
 from context_keras.input import geometry as geometry_lib
 from context_keras.input import pipeline as data_lib
 from context_keras.model import networks as model_lib
+from context_keras.storage import locks
+from context_keras.storage import logs
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import trainer as trainer_lib
 
 FLAGS_FILE = "flags.txt"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
-LOCK_FILE = writes.LOCK_FILE
+LOCK_FILE = locks.LOCK_FILE
 TRAIN_DIR = "train"
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
 CHECKPOINT_PREFIX = "ckpt"
+_CHECKPOINT_INDEX = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)\.index$")
 QUIT_FILE = "train_quit"    # control files of this run alone (control.py)
 PAUSE_FILE = "train_pause"
 # Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items).
@@ -64,44 +67,24 @@ def worker_scratch(model_dir, task):
 
 
 def create(model_dir):
-  """Checks (and makes) RUN before any other work; a UsageError naming --model_dir when it cannot be used."""
+  """Checks (and makes) RUN before any other work; a UsageError naming --model_dir when it cannot be used. Returns
+  it normalised (paths_lib.normalise), the form every later use takes."""
   if not model_dir:
     raise errors.UsageError("--model_dir is required: the run directory for checkpoints, logs and exports")
   return writes.check_folder(model_dir, "model_dir")
 
 
 def lock(model_dir, flag="model_dir", holder="training"):
-  """Keeps a second trainer (or linear evaluation job) off a run directory: RUN/.lock (writes.folder_lock)."""
-  return writes.folder_lock(model_dir, flag, holder, then="stop that run first, or choose another")
-
-
-class _LogFileHandler(std_logging.FileHandler):
-  """When a write fails (a full disk) it says so once, rather than print a traceback per message; the messages still
-  reach stderr, and the run's own writes (summaries, checkpoints) stop it with a clear error."""
-
-  failed = False
-
-  def handleError(self, record):
-    self._say(sys.exc_info()[1])
-
-  def close(self):
-    try:  # closing flushes: on a full disk that fails too, after the run has said why it stopped
-      super().close()
-    except OSError as e:
-      self._say(e)
-
-  def _say(self, error):
-    if not self.failed:
-      self.failed = True
-      sys.stderr.write(f"Could not append to {self.baseFilename}: {error}; messages go to stderr only.\n")
+  """Keeps a second trainer (or linear evaluation job) off a run directory: RUN/.lock (locks.folder_lock)."""
+  return locks.folder_lock(model_dir, flag, holder, then="stop that run first, or choose another")
 
 
 class LogFile:
-  """Appends this process's log lines to RUN/train.log (or folder/name) while in use (a context manager)."""
+  """Appends this process's log lines to RUN/train.log (or folder/name) while in use (a context manager), on a
+  local disk or a store (storage/logs.py)."""
 
   def __init__(self, model_dir, name=LOG_FILE):
-    self.handler = _LogFileHandler(os.path.join(model_dir, name))
-    self.handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    self.handler = logs.handler(os.path.join(model_dir, name))
 
   def __enter__(self):
     logging.get_absl_logger().addHandler(self.handler)
@@ -146,22 +129,21 @@ def write_failure(what, directory, error, previous):
 
 
 def _check_exists(model_dir):
-  if not os.path.isdir(model_dir):
+  if not tf.io.gfile.isdir(model_dir):
     raise errors.UsageError(f"--model_dir={model_dir} does not exist")
 
 
 def read_flags(model_dir):
   """The flags recorded in RUN/flags.txt, {name: value as written}; booleans as 'true'/'false'."""
   values = {}
-  with open(os.path.join(model_dir, FLAGS_FILE), encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line.startswith("--"):
-        continue
-      name, sep, value = line[2:].partition("=")
-      if not sep:  # a boolean: --name or --noname
-        name, value = (name[2:], "false") if name.startswith("no") and name not in _BOOLEAN_FIELDS else (name, "true")
-      values[name] = value
+  for line in paths_lib.read_text(os.path.join(model_dir, FLAGS_FILE)).splitlines():
+    line = line.strip()
+    if not line.startswith("--"):
+      continue
+    name, sep, value = line[2:].partition("=")
+    if not sep:  # a boolean: --name or --noname
+      name, value = (name[2:], "false") if name.startswith("no") and name not in _BOOLEAN_FIELDS else (name, "true")
+    values[name] = value
   return values
 
 
@@ -192,26 +174,26 @@ def read_config(model_dir):
   _check_exists(model_dir)
   path = os.path.join(model_dir, CONFIG_FILE)
   try:
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        recorded = json.load(f)
+    if paths_lib.is_file(path):
+      recorded = json.loads(paths_lib.read_text(path))
       parts = (recorded["model"], recorded["input"], recorded["optimisation"])
       init_from = recorded.get("init_from")
-    elif os.path.isfile(os.path.join(model_dir, FLAGS_FILE)):
+    elif paths_lib.is_file(os.path.join(model_dir, FLAGS_FILE)):
       parts, init_from = (read_flags(model_dir),) * 3, None
     else:
       raise errors.UsageError(f"--model_dir={model_dir} has no {CONFIG_FILE} or {FLAGS_FILE}: not a run directory "
                               "of context_keras.train")
     return RunConfig(_from_values(model_lib.ModelConfig, parts[0]), _from_values(data_lib.InputConfig, parts[1]),
                      _from_values(trainer_lib.OptimConfig, parts[2]), init_from)
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: {e}") from e
+  except (OSError, tf.errors.OpError, ValueError, KeyError, TypeError) as e:
+    raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: "
+                            f"{paths_lib.reason(e) if isinstance(e, (OSError, tf.errors.OpError)) else e}") from e
 
 
 def recorded_in(model_dir):
   """Where a run records its configuration (config.json, or flags.txt of older runs), or None."""
   for name in (CONFIG_FILE, FLAGS_FILE):
-    if os.path.isfile(os.path.join(model_dir, name)):
+    if paths_lib.is_file(os.path.join(model_dir, name)):
       return os.path.join(model_dir, name)
   return None
 
@@ -264,7 +246,7 @@ def find_checkpoint(model_dir, choice=None):
   if choice:
     path = os.path.join(model_dir, f"{CHECKPOINT_PREFIX}-{choice}") if str(choice).isdigit() else choice
     if not tf.io.gfile.exists(path + ".index"):
-      remaining = ", ".join(checkpoint_paths(model_dir)) if os.path.isdir(model_dir) else ""
+      remaining = ", ".join(checkpoint_paths(model_dir)) if tf.io.gfile.isdir(model_dir) else ""
       raise errors.UsageError(f"--checkpoint={choice}: no checkpoint {path} (no {path}.index)"
                               + (f"; the run holds: {remaining}" if remaining else ""))
     return path
@@ -278,17 +260,24 @@ def find_checkpoint(model_dir, choice=None):
 def checkpoint_paths(model_dir):
   """RUN/ckpt-N of every checkpoint in RUN (its .index file present), by step."""
   found = []
-  for index in glob.glob(os.path.join(glob.escape(model_dir), f"{CHECKPOINT_PREFIX}-*.index")):
-    path = index[:-len(".index")]
-    suffix = path.rsplit("-", 1)[-1]
-    if suffix.isdigit():
-      found.append((int(suffix), path))
+  for name in paths_lib.listdir(model_dir):
+    match = _CHECKPOINT_INDEX.match(name)
+    if match:
+      found.append((int(match.group(1)), os.path.join(model_dir, name[:-len(".index")])))
   return [path for _, path in sorted(found)]
+
+
+
+def checkpoint_reader(path):
+  """A reader of the tensors of checkpoint `path` (RUN/ckpt-N). tf.train.load_checkpoint first asks whether the
+  path is a folder, which a file system that answers by name prefix (ram://: ckpt-9 is a prefix of ckpt-9.index)
+  affirms; the reader itself takes the checkpoint's prefix on every file system."""
+  return tf.compat.v1.train.NewCheckpointReader(path)
 
 
 def checkpoint_step(path):
   """The training step a checkpoint was written at."""
-  reader = tf.train.load_checkpoint(path)
+  reader = checkpoint_reader(path)
   if reader.has_tensor(STEP_KEY):
     return int(reader.get_tensor(STEP_KEY))
   suffix = path.rsplit("-", 1)[-1]

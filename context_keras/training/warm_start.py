@@ -24,6 +24,7 @@ from context_keras.deploy import serving
 from context_keras.model import caffe_layers
 from context_keras.model import fold
 from context_keras.model import networks as model_lib
+from context_keras.storage import paths as paths_lib
 from context_keras.training import restore
 from context_keras.training import run_dir
 
@@ -41,10 +42,10 @@ class Source:
 
 def find_source(path):
   """What --init_from names; a UsageError when it is none of the three."""
-  if os.path.isfile(os.path.join(path, "saved_model.pb")):
+  if paths_lib.is_file(os.path.join(path, "saved_model.pb")):
     serving.read_metadata(path, "init_from")  # a SavedModel of context_keras, which says what it holds
     return Source(BACKBONE, path)
-  if os.path.isfile(os.path.join(path, run_dir.CONFIG_FILE)) or os.path.isfile(os.path.join(path, run_dir.FLAGS_FILE)):
+  if run_dir.recorded_in(path):
     return Source(RUN, path)
   if tf.io.gfile.exists(path + ".index"):
     return Source(CHECKPOINT, path)
@@ -96,7 +97,7 @@ def _copy_layers(source, target, origin, strict, why):
 
 
 def _from_run(networks, model_config, source):
-  model_dir = source.path if source.kind == RUN else os.path.dirname(os.path.abspath(source.path))
+  model_dir = source.path if source.kind == RUN else paths_lib.parent(source.path)
   run = restore.load_run(model_dir, None if source.kind == RUN else source.path)
   why = hint(run.model_config, model_config)
   _copy_layers(source.path, networks.tower, run.networks.tower, strict=True, why=why)
