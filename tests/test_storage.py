@@ -136,9 +136,10 @@ def test_a_store_this_tensorflow_lacks_stops_with_one_line(monkeypatch, caplog):
   def main():
     tf.io.gfile.exists("s3://bucket/run")  # no S3 file system in this TensorFlow
   monkeypatch.setattr(PG, "quiet_library_logs", lambda: None)
+  monkeypatch.setattr(PG, "hold_back_native_lines", lambda: None)
   with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stopped:
     PG._guarded(main)(["train"])  # pylint: disable=protected-access
-  assert stopped.value.code == PG.EXIT_USAGE
+  assert stopped.value.code == E.EXIT_USAGE
   assert "File system scheme 's3' not implemented (file: 's3://bucket/run'): TensorFlow has no file system" in (
       caplog.text)
 
