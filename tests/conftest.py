@@ -72,10 +72,11 @@ def exported(tmp_path_factory, small_run):
 
 
 @pytest.fixture(scope="session")
-def ordinary_user(tmp_path_factory):
-  """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
+def file_permissions(tmp_path_factory):
+  """How a subprocess's file accesses can obey permissions: (True, a preexec_fn or None), or (False, why they
+  cannot here)."""
   if os.geteuid() != 0:
-    return None
+    return True, None
   probe = tmp_path_factory.mktemp("permission_probe") / "secret"
   probe.write_text("x")
   probe.chmod(0)
@@ -83,7 +84,16 @@ def ordinary_user(tmp_path_factory):
     result = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"],
                             preexec_fn=helpers.drop_dac_capabilities, capture_output=True, text=True, timeout=60)
   except subprocess.SubprocessError:
-    pytest.skip("cannot drop CAP_DAC_OVERRIDE here, so root ignores file permissions")
+    return False, "cannot drop CAP_DAC_OVERRIDE here, so root ignores file permissions"
   if "PermissionError" not in result.stderr:
-    pytest.skip("file permissions are not enforced for subprocesses here")
-  return helpers.drop_dac_capabilities
+    return False, "file permissions are not enforced for subprocesses here"
+  return True, helpers.drop_dac_capabilities
+
+
+@pytest.fixture(scope="session")
+def ordinary_user(file_permissions):
+  """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
+  enforced, preexec = file_permissions
+  if not enforced:
+    pytest.skip(preexec)
+  return preexec

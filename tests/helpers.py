@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -90,6 +91,41 @@ def run_all(commands, cwd, timeout=300):
         p.kill()
         p.wait()
   return [(code, (cwd / f"parallel_{i}.txt").read_text()) for i, code in enumerate(codes)]
+
+
+def run_cases(name, cases, cwd=REPO, preexec=None, flagfiles=(), real=None, timeout=600):
+  """Each command line of `cases` (lists of arguments) of program NAME (train, evaluate, ...), as `python -m
+  context_keras.NAME` runs it, all in ONE process (tests/program_cases.py: TensorFlow is imported once, not once
+  per case); the case at index `real`, if given, meanwhile in a true `python -m` process of its own. Also checks the
+  named flagfiles of flags/ against the program. Returns (every flag's help, {flagfile: problem or None}, a
+  CompletedProcess per case), each case's stderr ending with a peak memory (peak_mb) that bounds that case's."""
+  with tempfile.TemporaryDirectory() as work:
+    request, results = os.path.join(work, "request.json"), os.path.join(work, "results.json")
+    with open(request, "w", encoding="utf-8") as f:
+      json.dump({"cases": [list(map(str, c)) for i, c in enumerate(cases) if i != real], "flagfiles": list(flagfiles)},
+                f)
+    alone = None
+    if real is not None:
+      args = [sys.executable, "-c", MEASURED, f"context_keras.{name}", *map(str, cases[real])]
+      with open(os.path.join(work, "out"), "w") as out, open(os.path.join(work, "err"), "w") as err:
+        alone = subprocess.Popen(args, cwd=cwd, env=module_env(), stdout=out, stderr=err, preexec_fn=preexec)
+    try:
+      batch = subprocess.run([sys.executable, os.path.join(REPO, "tests", "program_cases.py"), name, request, results],
+                             cwd=cwd, env=module_env(), capture_output=True, text=True, timeout=timeout,
+                             preexec_fn=preexec)
+      assert batch.returncode == 0, log_of(batch)[-5000:]
+      report = json.loads(open(results, encoding="utf-8").read())
+      outcomes = [subprocess.CompletedProcess(case["argv"], case["code"], case["stdout"], case["stderr"])
+                  for case in report["cases"]]
+      if alone is not None:
+        code = alone.wait(timeout=timeout)
+        outcomes.insert(real, subprocess.CompletedProcess(alone.args, code, open(os.path.join(work, "out")).read(),
+                                                          open(os.path.join(work, "err")).read()))
+    finally:
+      if alone is not None and alone.poll() is None:
+        alone.kill()
+        alone.wait()
+  return report["help"], report["flagfiles"], outcomes
 
 
 def peak_mb(text):

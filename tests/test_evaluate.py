@@ -179,20 +179,6 @@ def test_watch_evaluates_checkpoints_until_the_end(small_run, tmp_path):
   assert lines[-1]["step"] == 10 and lines[-1]["checkpoint"].endswith("ckpt-10")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--mode=pretext", "--model_dir=a", "--saved_model=b", "--data=c"], "exactly one of --model_dir"),
-    (["--mode=linear", "--model_dir={run}", "--data={tmp}", "--folds=1"], "--folds=1 must be >= 2"),
-    (["--mode=linear", "--model_dir={run}", "--data={tmp}"], "needs at least 2 subfolders"),
-    (["--mode=neighbors", "--model_dir={run}", "--data=x", "--layer=fc7"], "--layer=fc7 is not one of"),
-], ids=["two_sources", "one_fold", "no_classes", "bad_layer"])
-def test_evaluate_errors_name_the_flag(small_run, tmp_path, args, message):
-  args = [a.format(run=small_run, tmp=tmp_path) for a in args]
-  result = run_module(["context_keras.evaluate", *args], cwd=tmp_path, timeout=120)
-  assert result.returncode == 2, log_of(result)
-  assert message in log_of(result) and "Traceback" not in log_of(result)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The probe can fail
 

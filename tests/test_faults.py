@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -286,39 +285,6 @@ def test_nan_loss_stops_naming_the_step_and_no_checkpoint_holds_it(tmp_path):
   assert resumed.returncode == 0, log_of(resumed)
   assert f"Resumed from {run}/ckpt-6 at step 6." in log_of(resumed)
   assert_complete_checkpoint(run, 8)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Unusable run directories
-
-
-def test_unusable_model_dirs_stop_before_any_work(tmp_path, small_run, ordinary_user):
-  """A file, an unreadable folder, a read-only folder (each of the last two holding a run) and a folder that cannot
-  be created: exit 2 with a message naming it, before any TensorFlow work; the runs in them untouched."""
-  (tmp_path / "a_file").write_text("not a folder")
-  cases = {"a_file": (0o644, "is a file, not a directory"),
-           "unreadable": (0o000, "is not usable (it must be readable and writable): Permission denied"),
-           "read_only": (0o555, "is not usable (it must be readable and writable): Permission denied"),
-           "read_only_parent/run": (0o555, "is not usable (it must be readable and writable): Permission denied")}
-  states = {}
-  for name in ("unreadable", "read_only"):
-    shutil.copytree(small_run, tmp_path / name)
-    states[name] = run_state(tmp_path / name)
-  (tmp_path / "read_only_parent").mkdir()
-  try:
-    for name, (mode, _) in cases.items():
-      (tmp_path / name.split("/")[0]).chmod(mode)
-    results = run_all([(demo_args(tmp_path / name, "--train_steps=8"), ordinary_user) for name in cases], tmp_path)
-  finally:
-    for name in cases:
-      (tmp_path / name.split("/")[0]).chmod(0o755)
-  for (name, (_, message)), (code, text) in zip(cases.items(), results):
-    assert code == 2, (name, text[-3000:])
-    assert f"--model_dir={tmp_path / name} {message}" in text, (name, text[-3000:])
-    assert "Traceback" not in text and "Strategy:" not in text and "Data:" not in text, (name, text[-3000:])
-  for name, state in states.items():
-    assert run_state(tmp_path / name) == state, name
-  assert not (tmp_path / "read_only_parent" / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------

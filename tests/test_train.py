@@ -22,7 +22,6 @@ from helpers import checkpoint_steps
 from helpers import demo_args
 from helpers import log_of
 from helpers import module_env
-from helpers import run_all
 from helpers import run_module
 from helpers import wait_for
 
@@ -295,26 +294,6 @@ def test_sigint_quits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra, message", [
-    (["--data=/no/such/folder"], "/no/such/folder does not exist"),
-    (["--train_steps=-3"], "--train_steps=-3 must be >= 0"),
-    (["--lr_schedule=cosine", "--train_steps=0"], "needs --train_steps"),
-    (["--batch_patches=4"], "--batch_patches=4 cannot hold"),
-])
-def test_bad_flags_stop_at_start_with_clear_message(tmp_path, extra, message):
-  result = run_module(demo_args(tmp_path / "run", *extra), cwd=tmp_path, timeout=120)
-  assert result.returncode == 2
-  assert message in log_of(result) and "Traceback" not in log_of(result)
-
-
-@pytest.mark.slow
-def test_model_dir_that_is_a_file(tmp_path):
-  (tmp_path / "run").write_text("")
-  result = run_module(demo_args(tmp_path / "run"), cwd=tmp_path, timeout=120)
-  assert result.returncode == 2 and "is a file" in log_of(result)
-
-
-@pytest.mark.slow
 def test_divergence_stops_without_checkpoint(tmp_path):
   result = run_module(demo_args(tmp_path / "run", "--learning_rate=1e6", "--train_steps=50",
                                 "--checkpoint_every=1"), cwd=tmp_path, timeout=300)
@@ -341,78 +320,6 @@ def test_pretext_accuracy_rises_above_chance(tmp_path):
   assert len(accuracies) == 3
   # Chance is 1/8 = 0.125; the last 100 steps on its own training photos must be well above it.
   assert accuracies[-1] > 0.2, accuracies
-
-
-# Checks every flag of one program (argv[1]) has help, and that each named flagfile (argv[2:]) uses only that
-# program's flags, with values that parse, keep their bounds and make the program's configuration.
-FLAG_CHECK = """
-import importlib, sys
-from absl import flags
-name = sys.argv[1]
-module = importlib.import_module("context_keras." + name)
-module.define_flags()
-from context_keras.cli import program
-from context_keras.cli import data as data_flags
-from context_keras.cli import model as model_flags
-ours = program.defined_flags()
-for flag in ours.values():
-  assert flag.help and len(flag.help) > 15, flag.name
-for flagfile in sys.argv[2:]:
-  args = flags.FLAGS.read_flags_from_files([f"--flagfile=flags/{flagfile}"], force_gnu=False)
-  assert args, flagfile
-  for arg in args:
-    flag_name = arg[2:].split("=")[0]
-    flag_name = flag_name[2:] if flag_name not in ours and flag_name.startswith("no") else flag_name
-    assert flag_name in ours, f"{flagfile}: unknown flag {arg} for {name}"
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS([name, f"--flagfile=flags/{flagfile}"])
-  program.check_bounds()
-  if name == "train":
-    model_flags.model_config(data_flags.input_config(0).num_classes)
-  elif name == "linear_eval":
-    module.job_config()
-print("checked", len(ours), "flags of", name, "and", len(sys.argv) - 2, "flagfiles")
-"""
-
-
-def flagfile_program(name):
-  """The program a flagfile in flags/ is written for (ablation_demo.cfg is given with mundhenk.cfg in
-  test_ablation)."""
-  return {"linear": "linear_eval", "ablation": "ablation"}.get(name.split("_")[0], "train")
-
-
-@pytest.mark.slow
-def test_every_flag_has_help_and_flagfiles_parse(tmp_path):
-  names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
-  assert {"demo.cfg", "deepcontext.cfg", "paper.cfg", "revisiting_resnet50.cfg", "demo_revisiting.cfg",
-          "linear_imagenet.cfg"} <= set(names)
-  for name in ("train", "linear_eval", "ablation", "prepare", "export", "evaluate", "benchmark", "service"):
-    mine = [n for n in names if flagfile_program(n) == name]
-    result = subprocess.run([sys.executable, "-c", FLAG_CHECK, name, *mine], cwd=REPO, env=module_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and f"and {len(mine)} flagfiles" in result.stdout, log_of(result)
-
-
-@pytest.mark.slow
-def test_each_program_helps_with_its_own_flags_in_groups(tmp_path):
-  """--help lists a program's flags under their groups, and nothing it does not use."""
-  programs = {
-      "train": (["data:", "model:", "optimisation:", "run:", "--data", "--width_multiplier", "--learning_rate",
-                 "--model_dir"], []),
-      "prepare": (["data:", "prepare:", "--data", "--num_shards"], ["--batch_pairs", "--learning_rate"]),
-      "export": (["export:", "rescaling:", "--model_dir", "--rescale_data", "--data_root"],
-                 ["--batch_pairs", "--learning_rate", "--data"]),
-      "evaluate": (["evaluation:", "data:", "--mode", "--data", "--color_mode"], ["--batch_pairs", "--train_steps"]),
-      "benchmark": (["benchmark:", "--parts"], ["--learning_rate"]),
-      "service": (["service:", "--role"], ["--data"]),
-  }
-  results = run_all([([f"context_keras.{name}", "--help"], None) for name in programs], tmp_path)
-  for (name, (present, absent)), (code, text) in zip(programs.items(), results):
-    assert code == 0, (name, text[-2000:])
-    for word in present:
-      assert word in text, (name, word)
-    for flag in absent:
-      assert not re.search(rf"^  {flag}$", text, re.M), (name, flag)
 
 
 @pytest.mark.slow
