@@ -2,12 +2,15 @@
 
 Fixtures (photos, the one small trained run, its export, an ordinary user) are in conftest.py.
 """
+import contextlib
 import ctypes
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,9 +22,34 @@ import tensorflow as tf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A network of 1/16 the original width with small batches: a training step takes a fraction of a second here.
 SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320"]
+# A deterministic float32 demo run of the small network: 12 steps, a progress line and loss summary every step,
+# checkpoints at 6 and 12 (the run test_pinned pins; conftest's deterministic_run). Run from the repository root.
+DETERMINISTIC = ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", "--deterministic",
+                 "--mixed_precision=none", *SMALL_MODEL, "--train_steps=12", "--log_every=1", "--steps_per_loop=4",
+                 "--checkpoint_every=6", "--image_summary_every=6", "--histogram_every=6"]
 STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 # Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
 CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name):
+  """For a product that every xdist worker's tests share (a trained run, an export): yields (FOLDER, whether to make
+  it now). The first worker to ask makes it while the others wait, and they all use it; made once per session, not
+  once per worker."""
+  # Under xdist each worker's base folder lies in the session's; without it the session's is the base folder.
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+  folder, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to make it left
+      folder.mkdir()
+      yield folder, True
+      done.write_text("")
+    else:
+      yield folder, False
 
 
 def skimage_photo_dir():

@@ -38,6 +38,7 @@ from helpers import CONV1_KERNEL
 from helpers import REPO
 from helpers import demo_args
 from helpers import log_of
+from helpers import made_once
 from helpers import run_module
 
 TINY = M.ModelConfig(width_multiplier=0.0625)
@@ -630,15 +631,18 @@ def test_warm_start_names_a_path_that_is_nothing(tmp_path):
 # The programs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deployed(tmp_path_factory, small_run):
-  """OUT: export --litert --litert_float16 (and --onnx where tf2onnx is installed) of the small run, at ckpt-10."""
-  path = tmp_path_factory.mktemp("deployed")
-  extra = ["--onnx"] if has("tf2onnx") else []
-  result = run_module(["context_keras.export", f"--model_dir={small_run}", f"--output={path / 'out'}", "--litert",
-                       "--litert_float16", *extra], cwd=path)
-  assert result.returncode == 0, log_of(result)
-  return path / "out", json.loads(result.stdout.strip().splitlines()[-1])
+  """OUT: export --litert --litert_float16 (and --onnx where tf2onnx is installed) of the small run, at ckpt-10; made
+  once per session."""
+  with made_once(tmp_path_factory, "deployed") as (path, make):
+    if make:
+      extra = ["--onnx"] if has("tf2onnx") else []
+      result = run_module(["context_keras.export", f"--model_dir={small_run}", f"--output={path / 'out'}", "--litert",
+                           "--litert_float16", *extra], cwd=path)
+      assert result.returncode == 0, log_of(result)
+      (path / "summary.json").write_text(result.stdout.strip().splitlines()[-1])
+  return path / "out", json.loads((path / "summary.json").read_text())
 
 
 @pytest.mark.slow
@@ -792,6 +796,23 @@ def test_train_init_from_starts_a_new_run_and_records_it(small_run, exported, tm
   # (A warm start from a run of another width: test_usage.)
 
 
+# Runs each snippet file named on the command line as a script of its own (a fresh namespace: an import it lacks
+# fails), all in one process, which spares an interpreter and a TensorFlow import per snippet.
+SNIPPETS = r"""
+import json, runpy, sys, traceback
+ran, failed = [], {}
+for path in sys.argv[1:]:
+  try:
+    runpy.run_path(path, run_name="__main__")
+  except BaseException as e:  # pylint: disable=broad-except
+    if not (isinstance(e, SystemExit) and not e.code):
+      failed[path] = traceback.format_exc()
+  ran.append(path)
+print(json.dumps({"ran": ran, "failed": failed,
+                  "context_keras": any(m.startswith("context_keras") for m in sys.modules)}))
+"""
+
+
 def readme_section(title):
   text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
   start = text.index(f"\n## {title}\n")
@@ -806,9 +827,9 @@ def python_blocks(section):
 
 @pytest.mark.slow
 def test_readme_using_the_backbone_runs_verbatim(deployed, tmp_path):
-  """Every Python snippet of README's 'Using the backbone', as written, on an export of the small run placed where
-  the README puts it (runs/demo_export) and the labelled folder that README's Evaluate section makes
-  (runs/labelled)."""
+  """Every Python snippet of README's 'Using the backbone', as written (each as a script of its own, in one process
+  that does not import context_keras), on an export of the small run placed where the README puts it
+  (runs/demo_export) and the labelled folder that README's Evaluate section makes (runs/labelled)."""
   out, _ = deployed
   (tmp_path / "runs").mkdir()
   shutil.copytree(out, tmp_path / "runs" / "demo_export")
@@ -819,12 +840,18 @@ def test_readme_using_the_backbone_runs_verbatim(deployed, tmp_path):
   assert result.returncode == 0 and len(os.listdir(tmp_path / "runs" / "labelled")) == 4, result.stderr[-2000:]
   blocks = python_blocks(readme_section("Using the backbone"))
   assert len(blocks) >= 5
+  paths = []
   for index, block in enumerate(blocks):
     (tmp_path / f"snippet_{index}.py").write_text(block)
     if "onnxruntime" in block and not has("onnxruntime"):
       continue
     if "ai_edge_litert" in block and not has("ai_edge_litert"):
       continue
-    result = subprocess.run([sys.executable, f"snippet_{index}.py"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600, env=dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2"))
-    assert result.returncode == 0, f"snippet {index}:\n{block}\n{result.stderr[-3000:]}"
+    paths.append(f"snippet_{index}.py")
+  result = subprocess.run([sys.executable, "-c", SNIPPETS, *paths], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH="", TF_CPP_MIN_LOG_LEVEL="2"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  failures = [f"{path}:\n{(tmp_path / path).read_text()}\n{error[-3000:]}" for path, error in report["failed"].items()]
+  assert not failures, "\n".join(failures)
+  assert report["ran"] == paths and not report["context_keras"]

@@ -104,7 +104,8 @@ def permission_cases(file_permissions, cases):
 def test_train(small_run, bad_folder, file_permissions, tmp_path):
   """Bad values and bounds (all violations reported at once), bad data of every kind, a run of another architecture,
   warm starts that do not fit, run directories that are a file or may not be used: each a refusal at start that
-  keeps the run (its checkpoints, state file, flags.txt and exports) byte for byte."""
+  keeps the run (its checkpoints, state file, flags.txt and exports) byte for byte; and a finished run resumed with
+  other flags, which trains nothing and keeps the run too."""
   typo = tmp_path / "typo.cfg"
   typo.write_text(f"--flagfile={REPO}/flags/demo.cfg\n--lerning_rate=0.1\n")
   (tmp_path / "empty").mkdir()
@@ -183,6 +184,11 @@ def test_train(small_run, bad_folder, file_permissions, tmp_path):
   for name, (_, message) in unusable.items():
     cases.append(train_args(tmp_path / name, "--train_steps=8"))
     messages.append(f"--model_dir={tmp_path / name} {message}")
+  # Resuming a finished run (its --train_steps reached) with other flags does nothing, and rewrites nothing:
+  # flags.txt and config.json keep saying how the checkpoints were made.
+  finished = tmp_path / "finished"
+  shutil.copytree(small_run, finished)
+  cases.append(train_args(finished, "--train_steps=10", "--learning_rate=0.5"))
   cases.append(["--help"])
   try:
     for name, (mode, _) in unusable.items():
@@ -195,6 +201,10 @@ def test_train(small_run, bad_folder, file_permissions, tmp_path):
   assert_flags_and_flagfiles(help_of, problems, "train")
   assert_help(results.pop(), ["data:", "model:", "optimisation:", "run:", "--data", "--width_multiplier",
                               "--learning_rate", "--model_dir"], [])
+  resumed = results.pop()
+  assert resumed.returncode == 0 and "Traceback" not in log_of(resumed), log_of(resumed)[-3000:]
+  assert f"Step 10 of {finished}/ckpt-10 already reaches --train_steps=10: nothing to train." in log_of(resumed)
+  assert run_state(finished) == state  # flags.txt and config.json included
   for i, (message, result) in enumerate(zip(messages, results)):
     assert_refused(result, message)
     if i >= first_unusable:
