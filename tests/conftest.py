@@ -1,5 +1,6 @@
 """Test set-up: two logical CPU devices (so MirroredStrategy runs two replicas), quiet TensorFlow, and the fixtures
-the test modules share: photos, ONE small trained run and its export (made once per session), an ordinary user.
+the test modules share: photos, ONE small trained run and its export (made once per session, whatever the number of
+xdist workers: helpers.made_once), an ordinary user.
 
 `python -m pytest -m "not slow"` runs the fast tier (no subprocess, no training run); the whole suite is the CI's.
 """
@@ -22,11 +23,21 @@ _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_CPU_DEVICES)
 
 
+def pytest_report_header():
+  """Which CPU kernels TensorFlow runs here: the `kernels` tests' numbers depend on it (docs/testing.md)."""
+  from tensorflow.python.util import _pywrap_util_port  # pylint: disable=import-outside-toplevel
+  onednn = _pywrap_util_port.IsMklEnabled()
+  return (f"TensorFlow CPU kernels: {'oneDNN' if onednn else 'Eigen'} (TF_ENABLE_ONEDNN_OPTS="
+          f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')})")
+
+
 def pytest_collection_modifyitems(items):
-  """A hung test fails instead of stalling CI (pytest-timeout, from the test extra)."""
+  """A hung test fails instead of stalling CI (pytest-timeout, from the test extra). The slow tests run first, so
+  that the many quick ones fill the xdist workers' last minutes instead of one worker finishing a long test alone."""
   for item in items:
     if not item.get_closest_marker("timeout"):
       item.add_marker(pytest.mark.timeout(900))
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -51,24 +62,35 @@ def tiny_image_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-  """RUN: 10 steps of the small network on the demo photos, checkpoints at 5 and 10, its export; made once per
-  session. Copy it before changing it."""
-  path = tmp_path_factory.mktemp("small_run")
-  result = helpers.run_module(helpers.demo_args(path / "run", "--train_steps=10", "--checkpoint_every=5"), cwd=path)
-  assert result.returncode == 0, helpers.log_of(result)
+  """RUN: 10 steps of the small network on the demo photos, checkpoints at 5 and 10, progress lines at 4, 8 and 10,
+  its export; made once per session. Copy it before changing it."""
+  with helpers.made_once(tmp_path_factory, "small_run") as (path, make):
+    if make:
+      result = helpers.run_module(helpers.demo_args(path / "run", "--train_steps=10", "--checkpoint_every=5",
+                                                    "--log_every=4"), cwd=path)
+      assert result.returncode == 0, helpers.log_of(result)
+      (path / "log.txt").write_text(helpers.log_of(result))
   return path / "run"
+
+
+@pytest.fixture(scope="session")
+def small_run_log(small_run):
+  """What the small run's training process wrote to stdout and stderr."""
+  return (small_run.parent / "log.txt").read_text()
 
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, small_run):
   """OUT: the export command on the small run, with rescaling on 64 patches of the demo photos; (OUT, its printed
-  summary)."""
-  path = tmp_path_factory.mktemp("exported")
-  result = helpers.run_module(["context_keras.export", f"--model_dir={small_run}", f"--output={path / 'out'}",
-                               f"--rescale_data={helpers.REPO}/flags/demo_photos.txt",
-                               "--data_root=package:skimage.data", "--rescale_patches=64"], cwd=path)
-  assert result.returncode == 0, helpers.log_of(result)
-  return path / "out", json.loads(result.stdout.strip().splitlines()[-1])
+  summary). Made once per session."""
+  with helpers.made_once(tmp_path_factory, "exported") as (path, make):
+    if make:
+      result = helpers.run_module(["context_keras.export", f"--model_dir={small_run}", f"--output={path / 'out'}",
+                                   f"--rescale_data={helpers.REPO}/flags/demo_photos.txt",
+                                   "--data_root=package:skimage.data", "--rescale_patches=64"], cwd=path)
+      assert result.returncode == 0, helpers.log_of(result)
+      (path / "summary.json").write_text(result.stdout.strip().splitlines()[-1])
+  return path / "out", json.loads((path / "summary.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +105,22 @@ def tfds_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ordinary_user(tmp_path_factory):
-  """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
+def deterministic_run(tmp_path_factory):
+  """(RUN, its log): helpers.DETERMINISTIC, the run test_pinned pins; made once per session."""
+  with helpers.made_once(tmp_path_factory, "deterministic_run") as (path, make):
+    if make:
+      result = helpers.run_module([*helpers.DETERMINISTIC, f"--model_dir={path / 'run'}"], cwd=helpers.REPO)
+      assert result.returncode == 0, helpers.log_of(result)
+      (path / "log.txt").write_text(helpers.log_of(result))
+  return path / "run", (path / "log.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def file_permissions(tmp_path_factory):
+  """How a subprocess's file accesses can obey permissions: (True, a preexec_fn or None), or (False, why they
+  cannot here)."""
   if os.geteuid() != 0:
-    return None
+    return True, None
   probe = tmp_path_factory.mktemp("permission_probe") / "secret"
   probe.write_text("x")
   probe.chmod(0)
@@ -94,7 +128,16 @@ def ordinary_user(tmp_path_factory):
     result = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"],
                             preexec_fn=helpers.drop_dac_capabilities, capture_output=True, text=True, timeout=60)
   except subprocess.SubprocessError:
-    pytest.skip("cannot drop CAP_DAC_OVERRIDE here, so root ignores file permissions")
+    return False, "cannot drop CAP_DAC_OVERRIDE here, so root ignores file permissions"
   if "PermissionError" not in result.stderr:
-    pytest.skip("file permissions are not enforced for subprocesses here")
-  return helpers.drop_dac_capabilities
+    return False, "file permissions are not enforced for subprocesses here"
+  return True, helpers.drop_dac_capabilities
+
+
+@pytest.fixture(scope="session")
+def ordinary_user(file_permissions):
+  """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
+  enforced, preexec = file_permissions
+  if not enforced:
+    pytest.skip(preexec)
+  return preexec

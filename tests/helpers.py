@@ -2,14 +2,18 @@
 
 Fixtures (photos, the one small trained run, its export, an ordinary user) are in conftest.py.
 """
+import contextlib
 import ctypes
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -21,6 +25,11 @@ from context_keras.model import networks
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A network of 1/16 the original width with small batches: a training step takes a fraction of a second here.
 SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320"]
+# A deterministic float32 demo run of the small network: 12 steps, a progress line and loss summary every step,
+# checkpoints at 6 and 12 (the run test_pinned pins; conftest's deterministic_run). Run from the repository root.
+DETERMINISTIC = ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", "--deterministic",
+                 "--mixed_precision=none", *SMALL_MODEL, "--train_steps=12", "--log_every=1", "--steps_per_loop=4",
+                 "--checkpoint_every=6", "--image_summary_every=6", "--histogram_every=6"]
 STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 # Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
 CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
@@ -46,6 +55,24 @@ def save_informative(path):
   tf.saved_model.save(Informative(), str(path))
   serving.write_metadata(str(path), serving.metadata(networks.ModelConfig(), "drop", step=0))
   return path
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name):
+  """For a product that every xdist worker's tests share (a trained run, an export): yields (FOLDER, whether to make
+  it now). The first worker to ask makes it while the others wait, and they all use it; made once per session, not
+  once per worker."""
+  # Under xdist each worker's base folder lies in the session's; without it the session's is the base folder.
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+  folder, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to make it left
+      folder.mkdir()
+      yield folder, True
+      done.write_text("")
+    else:
+      yield folder, False
 
 
 def skimage_photo_dir():
@@ -117,6 +144,41 @@ def run_all(commands, cwd, timeout=300):
         p.kill()
         p.wait()
   return [(code, (cwd / f"parallel_{i}.txt").read_text()) for i, code in enumerate(codes)]
+
+
+def run_cases(name, cases, cwd=REPO, preexec=None, flagfiles=(), real=None, timeout=600):
+  """Each command line of `cases` (lists of arguments) of program NAME (train, evaluate, ...), as `python -m
+  context_keras.NAME` runs it, all in ONE process (tests/program_cases.py: TensorFlow is imported once, not once
+  per case); the case at index `real`, if given, meanwhile in a true `python -m` process of its own. Also checks the
+  named flagfiles of flags/ against the program. Returns (every flag's help, {flagfile: problem or None}, a
+  CompletedProcess per case), each case's stderr ending with a peak memory (peak_mb) that bounds that case's."""
+  with tempfile.TemporaryDirectory() as work:
+    request, results = os.path.join(work, "request.json"), os.path.join(work, "results.json")
+    with open(request, "w", encoding="utf-8") as f:
+      json.dump({"cases": [list(map(str, c)) for i, c in enumerate(cases) if i != real], "flagfiles": list(flagfiles)},
+                f)
+    alone = None
+    if real is not None:
+      args = [sys.executable, "-c", MEASURED, f"context_keras.{name}", *map(str, cases[real])]
+      with open(os.path.join(work, "out"), "w") as out, open(os.path.join(work, "err"), "w") as err:
+        alone = subprocess.Popen(args, cwd=cwd, env=module_env(), stdout=out, stderr=err, preexec_fn=preexec)
+    try:
+      batch = subprocess.run([sys.executable, os.path.join(REPO, "tests", "program_cases.py"), name, request, results],
+                             cwd=cwd, env=module_env(), capture_output=True, text=True, timeout=timeout,
+                             preexec_fn=preexec)
+      assert batch.returncode == 0, log_of(batch)[-5000:]
+      report = json.loads(open(results, encoding="utf-8").read())
+      outcomes = [subprocess.CompletedProcess(case["argv"], case["code"], case["stdout"], case["stderr"])
+                  for case in report["cases"]]
+      if alone is not None:
+        code = alone.wait(timeout=timeout)
+        outcomes.insert(real, subprocess.CompletedProcess(alone.args, code, open(os.path.join(work, "out")).read(),
+                                                          open(os.path.join(work, "err")).read()))
+    finally:
+      if alone is not None and alone.poll() is None:
+        alone.kill()
+        alone.wait()
+  return report["help"], report["flagfiles"], outcomes
 
 
 def peak_mb(text):

@@ -57,21 +57,6 @@ def test_ablation_trains_evaluates_and_writes_table_json_and_plot(tmp_path, phot
   assert json.loads((out / "runs" / "mundhenk_s0" / "ablation_eval.json").read_text())["scores"] == run
 
 
-@pytest.mark.slow
-def test_flagfiles_parse_and_usage_errors_are_one_line(tmp_path):
-  """flags/ablation_demo.cfg and flags/mundhenk.cfg parse (every flag known, every value valid) before the check of
-  --variants stops the program."""
-  result = run_module(["context_keras.ablation", "--flagfile=flags/ablation_demo.cfg", "--flagfile=flags/mundhenk.cfg",
-                       "--variants=baseline,nonsense"], cwd=REPO, timeout=120)
-  assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
-  assert "--variants=baseline,nonsense: unknown nonsense" in log_of(result), log_of(result)
-  # The fixes with the revisiting geometry are refused before the baseline trains (method.md §9.9).
-  result = run_module(["context_keras.ablation", "--flagfile=flags/ablation_demo.cfg", "--geometry=revisiting",
-                       "--variants=baseline,flip"], cwd=REPO, timeout=120)
-  assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
-  assert "--variants=flip do not work with --geometry=revisiting" in log_of(result), log_of(result)
-
-
 def results_of(seeds, layers=("conv1", "fc6")):
   """{variant: {seed: scores}} as evaluate_run gives them, with different values per seed."""
   rng = np.random.default_rng(0)

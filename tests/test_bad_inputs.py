@@ -1,7 +1,8 @@
 """Bad input for training, prepare and evaluate: broken, odd and hostile image files, unreadable files, symlink loops,
-missing files, empty folders, a one-class labelled folder, invalid flags. Each file is used, or skipped and counted,
-or refused with a message naming it; nothing crashes, no decompression bomb is decoded (peak memory is measured),
-and a run's state survives every refused start.
+missing files, empty folders. Each file is used, or skipped and counted, or refused with a message naming it;
+nothing crashes, no decompression bomb is decoded (peak memory is measured). (The programs' refusals at start, a
+one-class labelled folder and invalid flags among them, and the runs they keep intact: test_usage.py, which builds
+its bad files here.)
 
 The same bad folder goes through the training pipeline in this process and through the three programs in
 subprocesses, the unreadable file only there (see test_faults.py on how permissions are honoured for root).
@@ -29,10 +30,11 @@ from context_keras.input import pipeline as D
 from context_keras.input import sources as S
 from helpers import REPO
 from helpers import demo_args
+from helpers import log_of
 from helpers import module_env
 from helpers import peak_mb
 from helpers import run_all
-from helpers import run_state
+from helpers import run_module
 from helpers import skimage_photo_dir
 
 SMALL = dict(batch_patches=64, batch_pairs=320)
@@ -589,170 +591,19 @@ def test_sixteen_parallel_decodes_of_images_that_cannot_be_reduced_stay_bounded(
     assert peak < FORCED_PEAK_RSS_LIMIT_MB, (kind, peak)
 
 
-@pytest.fixture(scope="module")
-def labelled_folders(tmp_path_factory, bad_folder):
-  """Labelled folders (one subfolder of images per class): a good one with one class, and two classes with one bad
-  file each: corrupt, a bomb, unreadable (mode 000)."""
-  root = tmp_path_factory.mktemp("labelled")
-  folder = bad_folder[0]
-  for case, bad in (("one_class", None), ("corrupt", "corrupt.jpg"), ("bomb", "bomb20k.png"),
-                    ("unreadable", "rocket.jpg")):
-    for label, source in (("grey", "grey.png"), ("rgba", "rgba.png"))[:1 if case == "one_class" else 2]:
-      (root / case / label).mkdir(parents=True)
-      for i in range(5):
-        shutil.copy(folder / source, root / case / label / f"{i}.png")
-    if bad:
-      shutil.copy(folder / bad, root / case / "rgba" / f"bad{os.path.splitext(bad)[1]}")
-  (root / "unreadable" / "rgba" / "bad.jpg").chmod(0)
-  return root
-
-
 @pytest.mark.slow
-def test_evaluate_linear_refuses_bad_labelled_folders(labelled_folders, small_run, ordinary_user, tmp_path):
-  """A single class, or a corrupt, bomb or unreadable image in a class: exit 2 and a message naming the folder or
-  the file, no traceback."""
-  expected = {"one_class": "needs at least 2 subfolders of images (classes) in {root}; found 1",
-              "corrupt": "{root}/rgba/bad.jpg cannot be used: jpeg::Uncompress failed",
-              "bomb": "{root}/rgba/bad.png cannot be used: image header claims more pixels than MAX_DECODE_PIXELS",
-              "unreadable": "{root}/rgba/bad.jpg cannot be used: {root}/rgba/bad.jpg; Permission denied"}
-  results = run_all([(["context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}",
-                       f"--data={labelled_folders / case}", f"--eval_dir={tmp_path / case}", "--folds=2",
-                       "--inner_folds=2", "--probe_epochs=5"], ordinary_user) for case in expected], tmp_path)
-  for (case, message), (code, text) in zip(expected.items(), results):
-    assert code == 2, (case, text[-3000:])
-    assert message.format(root=labelled_folders / case) in text and "Traceback" not in text, (case, text[-3000:])
-    assert peak_mb(text) < PEAK_RSS_LIMIT_MB, case
-
-
-@pytest.mark.slow
-def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp_path):
-  """Each exits 2 with a clear message and no traceback; the run it was pointed at keeps every checkpoint, its
-  state file, flags.txt and exports, byte for byte."""
-  typo = tmp_path / "typo.cfg"
-  typo.write_text(f"--flagfile={REPO}/flags/demo.cfg\n--lerning_rate=0.1\n")
-  tool_typo = tmp_path / "tool_typo.cfg"
-  tool_typo.write_text(f"--data={REPO}/flags/demo_photos.txt\n--sead=3\n")
-  (tmp_path / "empty").mkdir()
-  (tmp_path / "missing.txt").write_text("gone.jpg\nalso_gone.png\n")
-  all_bad = tmp_path / "all_bad"
-  all_bad.mkdir()
-  for name in ("corrupt.jpg", "empty.jpg", "bomb.webp", "thin.png"):
-    shutil.copy(bad_folder[0] / name, all_bad / name)
-  shards = tmp_path / "broken_shards"
-  shards.mkdir()
-  (shards / "0.tfrecord").write_text("not a shard\n")
-  _write_shard(shards / "1.tfrecord")
-  whole = (shards / "1.tfrecord").read_bytes()
-  (shards / "1.tfrecord").write_bytes(whole[:12 + int.from_bytes(whole[:8], "little") // 2])  # in its 1st record
-  train_cases = {
-      "--train_steps=-5": "Invalid flags: --train_steps=-5 must be >= 0",
-      ("--momentum=1.5", "--seed=-1", "--bn_momentum=2", "--weight_decay=-1", "--divergence_factor=-1",
-       "--learning_rate=inf", "--steps_per_loop=3000000000"):
-          ("Invalid flags: --bn_momentum=2.0 must be < 1; --learning_rate=inf must be a finite number; --momentum=1.5 "
-           "must be < 1; --weight_decay=-1.0 must be >= 0; --divergence_factor=-1.0 must be >= 0; --seed=-1 must be "
-           ">= 0; --steps_per_loop=3000000000 must be <= 2147483647"),
-      ("--lr_schedule=cosine", "--warmup_steps=10", "--train_steps=10"):
-          "Invalid flags: --warmup_steps=10 is not less than --train_steps=10",
-      "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
-      "--batch_patches=8": "--batch_patches=8 cannot hold the largest grid",
-      "--backbone=resnet51": "flag --backbone=resnet51: value should be one of <alexnet_bn|resnet18|resnet34|resnet50|",
-      f"--flagfile={typo}": "Unknown command line flag 'lerning_rate'. Did you mean: learning_rate ?",
-      f"--data={tmp_path / 'empty'}": f"folder {tmp_path / 'empty'} holds no jpg/jpeg/png",
-      f"--data={tmp_path / 'missing.txt'}": f"none of the 2 images tried can be used (first problem: "
-                                            f"{tmp_path / 'gone.jpg'}; No such file or directory",
-      f"--data={all_bad}": f"--data=folder {all_bad} (4 images): none of the 4 images tried can be used",
-      f"--data={shards}/*.tfrecord": f"(first problem: {shards}/1.tfrecord record 0: {shards}/1.tfrecord is corrupt "
-                                     "or cut short after 0 readable records)",
-      "--width_multiplier=0.125": "Invalid flags: --width_multiplier=0.125 (the run: 0.0625): --model_dir={run} holds "
-                                  "a run of another architecture ({run}/config.json)",
-      "--batch_patches=100000000": "Invalid flags: --batch_patches=100000000 and --batch_pairs=320 need about",
-      "--rotation_classes": "Invalid flags: --rotation_classes=True (the run: False): --model_dir={run} holds a run "
-                            "of another architecture ({run}/config.json)",
-  }
-  runs = []
-  for i, flag in enumerate(train_cases):
-    runs.append(tmp_path / f"run_{i}")
-    shutil.copytree(small_run, runs[-1])
-  state = run_state(small_run)
-  # A run directory whose config.json says another width than its checkpoints hold, and a checkpoint of a run of
-  # another width given to evaluate: both refused by name, not with "Shapes ... are incompatible".
-  misrecorded, other_width = tmp_path / "misrecorded", tmp_path / "other_width"
-  for run in (misrecorded, other_width):
-    shutil.copytree(small_run, run)
-    config = json.loads((run / "config.json").read_text())
-    config["model"]["width_multiplier"] = 0.125
-    (run / "config.json").write_text(json.dumps(config))
-  other_cases = {
-      ("context_keras.export", f"--model_dir={misrecorded}", f"--output={tmp_path / 'out'}"):
-          f"checkpoint {misrecorded}/ckpt-10 does not match the run's architecture",
-      ("context_keras.evaluate", "--mode=pretext", f"--model_dir={small_run}", f"--checkpoint={other_width}/ckpt-10",
-       f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data", f"--eval_dir={tmp_path / 'e'}"):
-          f"--checkpoint={other_width}/ckpt-10 belongs to the run in {other_width}, trained with "
-          "--width_multiplier=0.125 (--model_dir's run: 0.0625)",
-      ("context_keras.prepare", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
-      ("context_keras.prepare", f"--data={all_bad}", f"--output={tmp_path / 'shards'}", "--num_shards=1"):
-          f"--data={all_bad}: none of the 4 images is usable (reasons in {tmp_path / 'shards'}/rejected.txt)",
-      ("context_keras.evaluate", f"--flagfile={tool_typo}"): "Unknown command line flag 'sead'",
-      ("context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--data={tmp_path}", "--folds=1"):
-          "Invalid flags: --folds=1 must be >= 2",
-  }
-  train_args = [[flag] if isinstance(flag, str) else list(flag) for flag in train_cases]
-  commands = [(demo_args(run, *args, *(["--data_root="] if args[0].startswith("--data=") else [])), None)
-              for run, args in zip(runs, train_args)]
-  commands += [(list(args), None) for args in other_cases]
-  results = run_all(commands, tmp_path)
-  messages = [message.format(run=run) for run, message in zip(runs, train_cases.values())]
-  for message, (code, text) in zip([*messages, *other_cases.values()], results):
-    assert code == 2, (message, text[-3000:])
-    assert message in text and "Traceback" not in text, (message, text[-3000:])
-  for run in runs:
-    assert run_state(run) == state, run
-  assert run_state(small_run) == state
-
-
-@pytest.mark.slow
-def test_resume_with_nothing_to_train_or_another_listing(small_run, photo_dir, tmp_path):
-  """Resuming a finished run (its --train_steps reached) with other flags rewrites nothing: flags.txt and
-  config.json keep saying how the checkpoints were made. Resuming on a listing of --data that gained a file says
-  that the input cannot resume at its exact position; the same listing resumes silently."""
-  runs = {name: tmp_path / name for name in ("finished", "grown", "same")}
-  for run in runs.values():
-    shutil.copytree(small_run, run)
-  state = run_state(small_run)
+def test_resume_on_another_listing(small_run, tmp_path):
+  """Resuming on a listing of --data that gained a file says that the input cannot resume at its exact position.
+  (The same listing resumes silently: test_train's test_train_resume_and_export; a finished run resumed with other
+  flags rewrites nothing: test_usage.)"""
+  run = tmp_path / "grown"
+  shutil.copytree(small_run, run)
   grown = tmp_path / "grown.txt"
   grown.write_text(open(f"{REPO}/flags/demo_photos.txt", encoding="utf-8").read() + "coffee.png\nchelsea.png\n"
                    "page.png\n")
-  results = run_all([(demo_args(runs["finished"], "--train_steps=10", "--learning_rate=0.5"), None),
-                     (demo_args(runs["grown"], f"--data={grown}", "--train_steps=12"), None),
-                     (demo_args(runs["same"], "--train_steps=12"), None)], tmp_path)
-  for code, text in results:
-    assert code == 0 and "Traceback" not in text, text[-3000:]
-  finished, grown_log, same = (text for _, text in results)
-  assert f"Step 10 of {runs['finished']}/ckpt-10 already reaches --train_steps=10: nothing to train." in finished
-  assert run_state(runs["finished"]) == state  # flags.txt and config.json included
+  result = run_module(demo_args(run, f"--data={grown}", "--train_steps=12"), cwd=tmp_path)
+  assert result.returncode == 0 and "Traceback" not in log_of(result), log_of(result)[-3000:]
   assert ("The input cannot resume at its exact position (the listing of --data changed since the checkpoint: 18 "
-          "images then, 21 now, or other names): reading a fresh stream.") in grown_log, grown_log[-3000:]
-  assert "Resumed from" in same and "cannot resume at its exact position" not in same, same[-3000:]
+          "images then, 21 now, or other names): reading a fresh stream.") in log_of(result), log_of(result)[-3000:]
 
 
-@pytest.mark.slow
-def test_evaluate_on_a_read_only_run_names_the_flag_to_give(small_run, ordinary_user, tmp_path):
-  """A run directory the user may not write (a colleague's, a read-only mount): evaluate stops at once, before
-  evaluating, saying that --eval_dir picks another folder; given one, it evaluates."""
-  run = tmp_path / "read_only_run"
-  shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("eval"))
-  state = run_state(run)
-  args = ["context_keras.evaluate", "--mode=pretext", f"--model_dir={run}", f"--data={REPO}/flags/demo_photos.txt",
-          "--data_root=package:skimage.data", "--images=2", "--pairs_per_image=4"]
-  run.chmod(0o555)
-  try:
-    results = run_all([(args, ordinary_user), (args + [f"--eval_dir={tmp_path / 'eval'}"], ordinary_user)], tmp_path)
-  finally:
-    run.chmod(0o755)
-  (refused, refused_text), (code, text) = results
-  assert refused == 2 and "Traceback" not in refused_text, refused_text[-3000:]
-  assert (f"The results go to {run}/eval unless --eval_dir names another folder, and that one cannot be written "
-          "(Permission denied): give --eval_dir=A_WRITABLE_FOLDER") in refused_text, refused_text[-3000:]
-  assert '"mode": "pretext"' not in refused_text  # refused before evaluating
-  assert code == 0 and _result_json(text)["pairs"] == 8, text[-3000:]
-  assert (tmp_path / "eval" / "pretext.json").exists() and run_state(run) == state

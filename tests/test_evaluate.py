@@ -1,8 +1,11 @@
-"""Evaluation: the three modes and --watch on tiny data (well-formed JSON, files, summaries), the pretext protocol's
-reproducibility, and the linear probe's ability to fail (separable data -> high accuracy, shuffled labels -> chance)."""
+"""Evaluation: every mode and --watch on tiny data (well-formed JSON, files, summaries; the program's command lines
+all in one process), the pretext protocol's reproducibility, and the linear probe's ability to fail (separable data
+-> high accuracy, shuffled labels -> chance)."""
 import dataclasses
 import glob
 import json
+import shutil
+import subprocess
 
 import keras
 import numpy as np
@@ -23,29 +26,72 @@ from context_keras.training import restore as RS
 from helpers import REPO
 from helpers import last_json
 from helpers import log_of
-from helpers import run_module
+from helpers import made_once
+from helpers import run_cases
 from helpers import write_png
 
 DEMO = [f"--data={REPO}/flags/demo_photos.txt", "--data_root=package:skimage.data"]
 
 
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory, photo_dir):
+def write_labelled(folder, photo_dir):
   """Three classes (three photos), six 120-px crops each."""
-  folder = tmp_path_factory.mktemp("labelled")
   rng = np.random.default_rng(0)
   for name in ("astronaut.png", "coffee.png", "rocket.jpg"):
     image = DEC.decode(tf.io.read_file(f"{photo_dir}/{name}")).numpy()
-    (folder / name.split(".")[0]).mkdir()
+    (folder / name.split(".")[0]).mkdir(parents=True)
     for i in range(6):
       y, x = rng.integers(0, image.shape[0] - 120), rng.integers(0, image.shape[1] - 120)
       write_png(str(folder / name.split(".")[0] / f"{i}.png"), image[y:y + 120, x:x + 120])
   return folder
 
 
-def evaluate(args, cwd):
-  result = run_module(["context_keras.evaluate", *args], cwd=cwd, timeout=300)
-  assert result.returncode == 0, log_of(result)
+@pytest.fixture(scope="session")
+def evaluations(tmp_path_factory, small_run, exported, photo_dir):
+  """(FOLDER, {name: CompletedProcess}): the evaluate program in each mode on the small run (its export for one),
+  every command line in one process (helpers.run_cases); the results, the labelled folder and the copies they use
+  are in FOLDER. Made once per session."""
+  out, _ = exported
+  with made_once(tmp_path_factory, "evaluations") as (path, make):
+    labelled = path / "labelled"
+    cases = {
+        "pretext": ["--mode=pretext", f"--model_dir={small_run}", f"--eval_dir={path / 'pretext'}", "--images=3",
+                    "--pairs_per_image=32", *DEMO],
+        "pretext_saved_model": ["--mode=pretext", f"--saved_model={out / 'backbone'}", "--images=2",
+                                "--pairs_per_image=16", *DEMO],
+        "linear": ["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={path / 'linear'}", f"--data={labelled}",
+                   "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100", "--probe_dims=500"],
+        "knn": ["--mode=knn", f"--model_dir={small_run}", f"--eval_dir={path / 'knn'}", f"--train_data={labelled}",
+                f"--val_data={labelled}", "--image_size=96", "--knn_k=1", "--layer=conv3"],
+        "multi_label": ["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={path / 'multi_label'}",
+                        "--multi_label", f"--train_labels={path}/split/train.txt",
+                        f"--val_labels={path}/split/val.txt", "--image_size=96", "--probe_epochs=50",
+                        "--layer=conv2"],
+        "finetune": ["--mode=finetune", f"--model_dir={small_run}", f"--eval_dir={path / 'finetune'}",
+                     f"--data={labelled}", "--folds=3", "--image_size=96", "--finetune_epochs=1",
+                     "--freeze_up_to=conv2"],
+        "neighbors": ["--mode=neighbors", f"--model_dir={path / 'run'}", "--images=4", "--queries=3", "--top_k=5",
+                      "--compare_random_init", *DEMO],
+        "watch": ["--mode=pretext", "--watch", f"--model_dir={small_run}", f"--eval_dir={path / 'watch'}",
+                  "--images=1", "--pairs_per_image=8", "--watch_timeout=60", "--watch_interval=1", *DEMO],
+    }
+    if make:
+      write_labelled(labelled, photo_dir)
+      shutil.copytree(labelled, path / "split")
+      lines = [f"{name}/{i}.png {name}{',rocket' if name == 'coffee' else ''}"
+               for name in ("astronaut", "coffee", "rocket") for i in range(6)]
+      (path / "split" / "train.txt").write_text("\n".join(lines[0::2]) + "\n")
+      (path / "split" / "val.txt").write_text("\n".join(lines[1::2]) + "\n")
+      shutil.copytree(small_run, path / "run")  # neighbors' results go into RUN/eval
+      _, _, results = run_cases("evaluate", list(cases.values()), cwd=path, timeout=900)
+      (path / "results.json").write_text(json.dumps([vars(r) for r in results]))
+  results = [subprocess.CompletedProcess(**r) for r in json.loads((path / "results.json").read_text())]
+  return path, dict(zip(cases, results))
+
+
+def evaluated(evaluations, name):
+  """The JSON result that the evaluate command line `name` printed last."""
+  result = evaluations[1][name]
+  assert result.returncode == 0, log_of(result)[-5000:]
   return last_json(result)
 
 
@@ -54,10 +100,9 @@ def events(folder):
 
 
 @pytest.mark.slow
-def test_pretext_writes_json_and_summaries(small_run, tmp_path):
-  eval_dir = tmp_path / "eval"
-  result = evaluate(["--mode=pretext", f"--model_dir={small_run}", f"--eval_dir={eval_dir}", "--images=3",
-                     "--pairs_per_image=32", *DEMO], tmp_path)
+def test_pretext_writes_json_and_summaries(evaluations):
+  eval_dir = evaluations[0] / "pretext"
+  result = evaluated(evaluations, "pretext")
   assert result == json.loads((eval_dir / "pretext.json").read_text())
   assert result["mode"] == "pretext" and result["step"] == 10 and result["chance"] == 0.125
   assert 0 <= result["accuracy"] <= 1 and result["images"] == 3 and result["pairs"] == 3 * 32
@@ -87,22 +132,17 @@ def test_pretext_is_reproducible_and_uses_training_geometry(small_run, photo_dir
 
 
 @pytest.mark.slow
-def test_pretext_from_saved_model(exported, tmp_path):
+def test_pretext_from_saved_model(evaluations, exported):
   out, _ = exported
-  result = evaluate(["--mode=pretext", f"--saved_model={out / 'backbone'}", "--images=2", "--pairs_per_image=16",
-                     *DEMO], tmp_path)
+  result = evaluated(evaluations, "pretext_saved_model")
   assert result["saved_model"].endswith("backbone") and result["pairs"] == 32
   assert (out / "eval" / "pretext.json").exists() and events(out / "eval")
 
 
 @pytest.mark.slow
-def test_linear_probes_every_layer(small_run, labelled, tmp_path):
-  eval_dir = tmp_path / "eval"
-  run = run_module(["context_keras.evaluate", "--mode=linear", f"--model_dir={small_run}", f"--eval_dir={eval_dir}",
-                    f"--data={labelled}", "--folds=3", "--inner_folds=2", "--image_size=96", "--probe_epochs=100",
-                    "--probe_dims=500"], cwd=tmp_path, timeout=300)
-  assert run.returncode == 0, log_of(run)
-  result = last_json(run)
+def test_linear_probes_every_layer(evaluations):
+  eval_dir = evaluations[0] / "linear"
+  result = evaluated(evaluations, "linear")
   assert result == json.loads((eval_dir / "linear.json").read_text())
   for key in ("accuracy", "balanced_accuracy", "random_init_accuracy", "random_init_balanced_accuracy"):
     assert 0 <= result[key] <= 1 and result[key + "_std"] >= 0, key
@@ -119,23 +159,17 @@ def test_linear_probes_every_layer(small_run, labelled, tmp_path):
   assert result["random_init_accuracy"] == per_layer[result["random_init_best_layer"]]["random_init_accuracy"]
   assert len(result["layers"]) == 3 and set(result["layers"]) <= set(per_layer)  # --inner_folds: chosen per fold
   assert events(eval_dir)
-  assert "features: 18/18 images" in log_of(run) and "probe conv1 (486 dims)" in log_of(run)  # progress lines
+  log = log_of(evaluations[1]["linear"])
+  assert "features: 18/18 images" in log and "probe conv1 (486 dims)" in log  # progress lines
 
 
 @pytest.mark.slow
-def test_knn_and_multi_label_linear_on_splits(small_run, labelled, tmp_path):
+def test_knn_and_multi_label_linear_on_splits(evaluations):
   """k-NN between a training and a validation split; multi-label probes scored by mAP."""
-  result = evaluate(["--mode=knn", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", f"--train_data={labelled}",
-                     f"--val_data={labelled}", "--image_size=96", "--knn_k=1", "--layer=conv3"], tmp_path)
+  result = evaluated(evaluations, "knn")
   # Every validation image is also a training image: its nearest neighbour is itself.
   assert result["accuracy"] == 1.0 and result["per_layer"].keys() == {"conv3"} and result["val_images"] == 18
-  lines = [f"{name}/{i}.png {name}{',rocket' if name == 'coffee' else ''}" for name in ("astronaut", "coffee",
-                                                                                          "rocket") for i in range(6)]
-  (labelled / "train.txt").write_text("\n".join(lines[0::2]) + "\n")
-  (labelled / "val.txt").write_text("\n".join(lines[1::2]) + "\n")
-  result = evaluate(["--mode=linear", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", "--multi_label",
-                     f"--train_labels={labelled}/train.txt", f"--val_labels={labelled}/val.txt", "--image_size=96",
-                     "--probe_epochs=50", "--layer=conv2"], tmp_path)
+  result = evaluated(evaluations, "multi_label")
   assert result["protocol"] == "split" and result["train_images"] == 9 and result["val_images"] == 9
   for key in ("map_auc", "map_11point", "random_init_map_auc", "random_init_map_11point"):
     assert 0 < result[key] <= 1, key
@@ -144,9 +178,8 @@ def test_knn_and_multi_label_linear_on_splits(small_run, labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_against_random_init(small_run, labelled, tmp_path):
-  result = evaluate(["--mode=finetune", f"--model_dir={small_run}", f"--eval_dir={tmp_path}", f"--data={labelled}",
-                     "--folds=3", "--image_size=96", "--finetune_epochs=1", "--freeze_up_to=conv2"], tmp_path)
+def test_finetune_against_random_init(evaluations):
+  result = evaluated(evaluations, "finetune")
   assert result["train_images"] == 12 and result["val_images"] == 6 and result["frozen_layers"] == ["conv1", "conv2"]
   for who in ("", "random_init_"):
     assert 0 <= result[who + "accuracy"] <= 1
@@ -156,10 +189,9 @@ def test_finetune_against_random_init(small_run, labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_neighbors_writes_json_and_image(small_run, tmp_path):
-  result = evaluate(["--mode=neighbors", f"--model_dir={small_run}", "--images=4", "--queries=3", "--top_k=5",
-                     "--compare_random_init", *DEMO], tmp_path)
-  eval_dir = small_run / "eval"
+def test_neighbors_writes_json_and_image(evaluations):
+  result = evaluated(evaluations, "neighbors")
+  eval_dir = evaluations[0] / "run" / "eval"
   assert result == json.loads((eval_dir / "neighbors.json").read_text())
   assert result["queries"] == 3 and result["images"] == 4 and result["layer"] == "fc6"
   for key in ("mean_top1_similarity", "random_init_mean_top1_similarity"):
@@ -170,27 +202,11 @@ def test_neighbors_writes_json_and_image(small_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_watch_evaluates_checkpoints_until_the_end(small_run, tmp_path):
-  result = run_module(["context_keras.evaluate", "--mode=pretext", "--watch", f"--model_dir={small_run}",
-                       f"--eval_dir={tmp_path / 'eval'}", "--images=1", "--pairs_per_image=8",
-                       "--watch_timeout=60", "--watch_interval=1", *DEMO], cwd=tmp_path, timeout=300)
+def test_watch_evaluates_checkpoints_until_the_end(evaluations):
+  result = evaluations[1]["watch"]
   assert result.returncode == 0, log_of(result)
   lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
   assert lines[-1]["step"] == 10 and lines[-1]["checkpoint"].endswith("ckpt-10")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--mode=pretext", "--model_dir=a", "--saved_model=b", "--data=c"], "exactly one of --model_dir"),
-    (["--mode=linear", "--model_dir={run}", "--data={tmp}", "--folds=1"], "--folds=1 must be >= 2"),
-    (["--mode=linear", "--model_dir={run}", "--data={tmp}"], "needs at least 2 subfolders"),
-    (["--mode=neighbors", "--model_dir={run}", "--data=x", "--layer=fc7"], "--layer=fc7 is not one of"),
-], ids=["two_sources", "one_fold", "no_classes", "bad_layer"])
-def test_evaluate_errors_name_the_flag(small_run, tmp_path, args, message):
-  args = [a.format(run=small_run, tmp=tmp_path) for a in args]
-  result = run_module(["context_keras.evaluate", *args], cwd=tmp_path, timeout=120)
-  assert result.returncode == 2, log_of(result)
-  assert message in log_of(result) and "Traceback" not in log_of(result)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from context_keras.model import caffe_layers as CL
 from context_keras.model import fold as FO
 from context_keras.model import networks as M
 from context_keras.training import restore as RS
-from helpers import log_of
-from helpers import run_module
 
 FEATURE_LAYERS = M.BACKBONES["alexnet_bn"].features
 SMALL_CONFIG = M.ModelConfig(width_multiplier=0.0625)
@@ -208,15 +206,3 @@ def test_within_layer_normalises_every_unit(small_run, photo_dir, demo_list):
     np.testing.assert_allclose(values.std(0)[live], 1.0, rtol=2e-3, err_msg=layer.name)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("make_args, message", [
-    (lambda run, tmp: [f"--model_dir={tmp / 'nowhere'}", f"--output={tmp / 'o'}"], "does not exist"),
-    (lambda run, tmp: [f"--model_dir={run}", f"--output={tmp / 'o'}", "--checkpoint=7"],
-     "--checkpoint=7: no checkpoint"),
-    (lambda run, tmp: [f"--model_dir={run}", f"--output={tmp / 'o'}", f"--rescale_data={tmp / 'none'}"],
-     "does not exist"),
-], ids=["missing_model_dir", "missing_checkpoint", "missing_rescale_data"])
-def test_export_errors_name_the_flag(small_run, tmp_path, make_args, message):
-  result = run_module(["context_keras.export", *make_args(small_run, tmp_path)], cwd=tmp_path, timeout=120)
-  assert result.returncode == 2, log_of(result)
-  assert message in log_of(result) and "Traceback" not in log_of(result)

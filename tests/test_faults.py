@@ -146,7 +146,9 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
 # Two trainers, SIGTERM
 
 
-def test_second_trainer_is_refused_and_sigterm_checkpoints_promptly(tmp_path):
+def test_second_trainer_is_refused_pause_waits_idle_and_sigterm_checkpoints_promptly(tmp_path):
+  """A second trainer on the run is refused, the first goes on; paused, the first waits without burning CPU and then
+  continues; SIGTERM stops it promptly with a checkpoint."""
   run = tmp_path / "run"
   log = tmp_path / "first.txt"
   first = start_module(demo_args(run, "--train_steps=0", "--checkpoint_every=100000"), tmp_path, log)
@@ -160,6 +162,17 @@ def test_second_trainer_is_refused_and_sigterm_checkpoints_promptly(tmp_path):
     assert first.poll() is None  # the first run goes on untouched
     last = max(int(s) for s in re.findall(r"step (\d+) ", log.read_text()))
     wait_for(log, rf"step {last + 5} ", first)
+    (tmp_path / "train_pause").write_text("")
+    wait_for(log, r"Paused: remove", first)
+    paused_at = checkpoint_steps(run)
+    assert len(paused_at) == 1
+    before = cpu_seconds(first)
+    time.sleep(3)
+    assert cpu_seconds(first) - before < 0.5  # waiting does not burn CPU
+    size = len(log.read_text())
+    os.remove(tmp_path / "train_pause")
+    wait_for(log, r"continuing", first, after=size)
+    wait_for(log, rf"step {paused_at[0] + 5 - paused_at[0] % 5} ", first, after=size)
     signalled = time.time()
     first.send_signal(signal.SIGTERM)
     code = first.wait(timeout=120)
@@ -170,9 +183,15 @@ def test_second_trainer_is_refused_and_sigterm_checkpoints_promptly(tmp_path):
   assert code == 0, log.read_text()[-3000:]
   assert seconds < SIGTERM_BOUND_SECONDS, seconds
   stopped = int(re.search(r"Stopped at step (\d+) \(SIGTERM\)", log.read_text()).group(1))
-  assert checkpoint_steps(run) == [stopped] and latest_step(run) == stopped
+  assert checkpoint_steps(run) == [paused_at[0], stopped] and latest_step(run) == stopped
   assert_complete_checkpoint(run, stopped)
   print(f"SIGTERM to exit: {seconds:.2f} s, checkpoint of step {stopped} written")
+
+
+def cpu_seconds(process):
+  """The CPU time a child process has used (from /proc, Linux)."""
+  fields = open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -294,46 +313,13 @@ def test_nan_loss_stops_naming_the_step_and_no_checkpoint_holds_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Unusable run directories
-
-
-def test_unusable_model_dirs_stop_before_any_work(tmp_path, small_run, ordinary_user):
-  """A file, an unreadable folder, a read-only folder (each of the last two holding a run) and a folder that cannot
-  be created: exit 2 with a message naming it, before any TensorFlow work; the runs in them untouched."""
-  (tmp_path / "a_file").write_text("not a folder")
-  cases = {"a_file": (0o644, "is a file, not a directory"),
-           "unreadable": (0o000, "is not usable (it must be readable and writable): Permission denied"),
-           "read_only": (0o555, "is not usable (it must be readable and writable): Permission denied"),
-           "read_only_parent/run": (0o555, "is not usable (it must be readable and writable): Permission denied")}
-  states = {}
-  for name in ("unreadable", "read_only"):
-    shutil.copytree(small_run, tmp_path / name)
-    states[name] = run_state(tmp_path / name)
-  (tmp_path / "read_only_parent").mkdir()
-  try:
-    for name, (mode, _) in cases.items():
-      (tmp_path / name.split("/")[0]).chmod(mode)
-    results = run_all([(demo_args(tmp_path / name, "--train_steps=8"), ordinary_user) for name in cases], tmp_path)
-  finally:
-    for name in cases:
-      (tmp_path / name.split("/")[0]).chmod(0o755)
-  for (name, (_, message)), (code, text) in zip(cases.items(), results):
-    assert code == 2, (name, text[-3000:])
-    assert f"--model_dir={tmp_path / name} {message}" in text, (name, text[-3000:])
-    assert "Traceback" not in text and "Strategy:" not in text and "Data:" not in text, (name, text[-3000:])
-  for name, state in states.items():
-    assert run_state(tmp_path / name) == state, name
-  assert not (tmp_path / "read_only_parent" / "run").exists()
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Two runs in one working directory: control files
 
 
 def test_a_second_run_leaves_the_first_runs_pause_file_alone(tmp_path):
   """Run A is paused by ./train_pause; run B starts in the same folder: B says the file exists already and does not
   obey it, and neither removes it, so A stays paused. RUN/train_quit stops one run alone; removing ./train_pause
-  lets A go on."""
+  lets A go on; SIGINT stops it cleanly."""
   logs = {name: tmp_path / f"{name}.txt" for name in "ab"}
   first = start_module(demo_args(tmp_path / "a", "--train_steps=0", "--checkpoint_every=100000"), tmp_path,
                        logs["a"])
@@ -356,8 +342,9 @@ def test_a_second_run_leaves_the_first_runs_pause_file_alone(tmp_path):
     os.remove(tmp_path / "train_pause")
     wait_for(logs["a"], r"Pause file removed: continuing", first, after=size)
     wait_for(logs["a"], r"step \d+ ", first, after=size)
-    (tmp_path / "a" / "train_quit").write_text("")
+    first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 0, logs["a"].read_text()[-3000:]
+    assert re.search(r"Stopped at step \d+ \(SIGINT\)", logs["a"].read_text())
   finally:
     for process in (first, second):
       if process is not None and process.poll() is None:
@@ -536,30 +523,28 @@ def corrupt_jpeg_folder(folder):
   return folder
 
 
-def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, small_run):
+def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, small_run, small_run_log):
   """At the default verbosity no TensorFlow start-up banner and no library chatter (checkpoint sharding, SavedModel
   naming) reach the output or RUN/train.log; -v 1 brings them back. Progress lines come at every --log_every step
-  and at the last one, with the elapsed time and an ETA; float16's skipped updates never repeat a step's line.
-  With oneDNN on (TF_ENABLE_ONEDNN_OPTS=1; TensorFlow's default on CPUs with AVX-512 VNNI/BF16 or AMX) training and
-  evaluation print no error-level line, and corrupt JPEGs no raw libjpeg line: one line of ours says they were
-  skipped, and the progress line counts them (docs/method.md §4.2)."""
+  and at the last one, with the elapsed time and an ETA (the session's small run: 10 steps, --log_every=4); float16's
+  skipped updates never repeat a step's line. With oneDNN on (TF_ENABLE_ONEDNN_OPTS=1; TensorFlow's default on CPUs
+  with AVX-512 VNNI/BF16 or AMX) training and evaluation print no error-level line, and corrupt JPEGs no raw libjpeg
+  line: one line of ours says they were skipped, and the progress line counts them (docs/method.md §4.2)."""
   bad = corrupt_jpeg_folder(tmp_path / "bad")
   onednn = {"TF_ENABLE_ONEDNN_OPTS": "1"}
   results = run_all([
       (["context_keras.service"], None),
       (["context_keras.service", "-v", "1"], None),
-      (demo_args(tmp_path / "verbose", "-v", "1", "--train_steps=5", "--checkpoint_every=5"), None),
-      (demo_args(tmp_path / "eta", "--train_steps=12", "--log_every=5", "--steps_per_loop=5"), None),
-      (demo_args(tmp_path / "fp16", "--mixed_precision=float16", "--train_steps=4", "--log_every=1",
+      (demo_args(tmp_path / "fp16", "-v", "1", "--mixed_precision=float16", "--train_steps=4", "--log_every=1",
                  "--steps_per_loop=1"), None),
       (demo_args(tmp_path / "onednn", f"--data={bad}", "--data_root=", "--rotation_classes", "--flip_relabel",
                  "--train_steps=5"), None, onednn),
       (["context_keras.evaluate", "--mode=pretext", f"--model_dir={small_run}", f"--eval_dir={tmp_path / 'eval'}",
         f"--data={bad}", "--images=6", "--pairs_per_image=16"], None, onednn),
   ], tmp_path, timeout=600)
-  (quiet_code, quiet), (verbose_code, verbose), (trained, verbose_run), (eta_code, eta), (fp16_code, fp16) = results[:5]
-  (onednn_code, onednn_run), (evaluated, evaluation) = results[5:]
-  assert onednn_code == evaluated == 0, [text[-3000:] for _, text in results[5:]]
+  (quiet_code, quiet), (verbose_code, verbose), (fp16_code, fp16) = results[:3]
+  (onednn_code, onednn_run), (evaluated, evaluation) = results[3:]
+  assert onednn_code == evaluated == 0, [text[-3000:] for _, text in results[3:]]
   for text in (onednn_run, evaluation):
     assert not BANNER.search(text) and "oneDNN supports" not in text, text[-3000:]  # no C++ log line at all
     assert not [line for line in text.splitlines() if DEC.DECODER_MESSAGES.search(line)], text[-3000:]
@@ -569,15 +554,16 @@ def test_logs_hold_our_own_lines_and_progress_lines_say_when_it_ends(tmp_path, s
   assert quiet_code == verbose_code == 2 and "--role is required" in quiet, quiet
   assert not BANNER.search(quiet), quiet
   assert BANNER.search(verbose), verbose
-  assert trained == eta_code == fp16_code == 0, [text[-2000:] for _, text in results[2:]]
+  assert fp16_code == 0, fp16[-2000:]
   train_log = (small_run / "train.log").read_text()
   for chatter in CHATTER:
     assert chatter not in train_log, chatter
+  eta = small_run_log
   assert not BANNER.search(eta) and not any(chatter in eta for chatter in CHATTER), eta[-3000:]
-  assert "Sharding callback duration" in (tmp_path / "verbose" / "train.log").read_text()
+  assert "Sharding callback duration" in (tmp_path / "fp16" / "train.log").read_text()  # -v 1
 
-  lines = re.findall(r"step (\d+)/12 .*\(too small \d+, unreadable \d+\)  elapsed (\d+:\d\d:\d\d)  ETA (\S+)", eta)
-  assert [int(step) for step, _, _ in lines] == [5, 10, 12], eta[-3000:]
+  lines = re.findall(r"step (\d+)/10 .*\(too small \d+, unreadable \d+\)  elapsed (\d+:\d\d:\d\d)  ETA (\S+)", eta)
+  assert [int(step) for step, _, _ in lines] == [4, 8, 10], eta[-3000:]
   assert re.fullmatch(r"\d+:\d\d:\d\d", lines[1][2]) and lines[-1][2] == "0:00:00", lines
   steps = [int(step) for step in re.findall(r"step (\d+)/4 ", fp16)]
   assert steps == sorted(set(steps)) and steps[-1] == 4 and 0 not in steps, fp16[-3000:]

@@ -29,24 +29,20 @@ from helpers import scalars
 
 pytestmark = pytest.mark.slow
 
-PINNED_COMMAND = ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", "--deterministic",
-                  "--mixed_precision=none", "--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320",
-                  "--train_steps=12", "--log_every=1", "--steps_per_loop=4", "--checkpoint_every=6",
-                  "--image_summary_every=6", "--histogram_every=6"]
 PINNED_LOSSES = [2.15528512, 2.12181711, 2.10902643, 2.11006212, 2.10100484, 2.100667, 2.12777758, 2.13091183,
                  2.13553452, 2.14243793, 2.10444808, 2.08379173]
 PINNED_DIGEST = 8.6395518060e+02
 LEGACY_RUN = f"{REPO}/tests/data/legacy_run"
 
 
-def test_deterministic_demo_run_gives_the_pinned_losses_and_weights(tmp_path):
-  result = run_module([*PINNED_COMMAND, f"--model_dir={tmp_path / 'run'}"], cwd=REPO)
-  assert result.returncode == 0, log_of(result)
-  losses = [value for _, value in scalars(tmp_path / "run" / "train", "loss_per_pair")]
+@pytest.mark.kernels
+def test_deterministic_demo_run_gives_the_pinned_losses_and_weights(deterministic_run):
+  run, log = deterministic_run  # helpers.DETERMINISTIC
+  losses = [value for _, value in scalars(run / "train", "loss_per_pair")]
   assert len(losses) == len(PINNED_LOSSES)
   np.testing.assert_allclose(losses[:4], PINNED_LOSSES[:4], rtol=1e-5)
   np.testing.assert_allclose(losses, PINNED_LOSSES, rtol=1e-2)
-  digest = float(re.search(r"Weights digest: (\S+)", log_of(result)).group(1))
+  digest = float(re.search(r"Weights digest: (\S+)", log).group(1))
   assert digest == pytest.approx(PINNED_DIGEST, rel=1e-2)
 
 

@@ -1,11 +1,11 @@
-"""The training program: distributed step equivalence, resume, control files and signals, errors, learning."""
+"""The training program: distributed step equivalence, resume, the quit file, divergence, learning, other
+configurations. (Its usage errors: test_usage; pause, SIGTERM and SIGINT: test_faults.)"""
 import glob
 import os
 import re
-import signal
+import shutil
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -17,12 +17,12 @@ from context_keras.input import pipeline as D
 from context_keras.model import networks as M
 from context_keras.training import trainer as trainer_lib
 from helpers import CONV1_KERNEL
+from helpers import DETERMINISTIC
 from helpers import REPO
 from helpers import checkpoint_steps
 from helpers import demo_args
 from helpers import log_of
 from helpers import module_env
-from helpers import run_all
 from helpers import run_module
 from helpers import wait_for
 
@@ -66,11 +66,28 @@ def make_trainer(strategy, sync, reduction, tower=None, augment=None):
                                                      momentum=0.9, loss_reduction=reduction, **l2), augment=augment)
 
 
-def mirrored_step(trainer, batches):
-  strategy = trainer.strategy
-  values = strategy.experimental_distribute_values_from_function(
-      lambda context: batches[context.replica_id_in_sync_group])
-  tf.function(lambda v: strategy.run(trainer.replica_step, args=(v,)))(values)
+def one_step(trainer, batches):
+  """One step of the trainer's compiled loop, as the training program runs it: each replica takes its batch from a
+  dataset distributed by the strategy (one pipeline's consecutive elements go to consecutive replicas). Returns the
+  loop's outputs."""
+  def dataset_fn(context):
+    dataset = tf.data.Dataset.from_tensors(batches[0])
+    for batch in batches[1:]:
+      dataset = dataset.concatenate(tf.data.Dataset.from_tensors(batch))
+    return dataset
+  return trainer.train_loop(iter(trainer.strategy.distribute_datasets_from_function(dataset_fn)), tf.constant(1))
+
+
+def reordered(batch, order):
+  """The same batch with its patches in another order (its pairs still naming the same patches)."""
+  order = tf.constant(order)
+  out = dict(batch)
+  for k in ("patches", "patch_mask") + (("patch_keys",) if "patch_keys" in batch else ()):
+    out[k] = tf.gather(batch[k], order)
+  position = tf.cast(tf.math.invert_permutation(order), batch["first"].dtype)
+  for k in ("first", "second"):
+    out[k] = tf.gather(position, batch[k])
+  return out
 
 
 def weights_of(trainer):
@@ -84,6 +101,7 @@ def two_replicas():
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("reduction, tower, geometry", [("sum", None, "doersch"), ("mean", None, "doersch"),
                                                         ("mean", RESNET, "revisiting")],
                          ids=["sum", "mean", "resnet18_revisiting"])
@@ -92,56 +110,64 @@ def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduct
   """One step on two replicas with synchronised batch norm updates the weights as one device does on both batches
   together, to within float32's summation-order noise; without the synchronisation it does not.
 
-  That noise is measured, not assumed: the same single-device step on the batch with its halves swapped. At random
-  initialisation a deep tower's gradients are small differences of large sums (a parameter that a later batch norm
-  makes nearly irrelevant gets a gradient near zero), so merely reordering the batch moves a ResNet-18's updates by
-  up to 4 % (AlexNet-BN's by about 1e-4)."""
+  That noise is measured, not assumed: the same single-device step on the same batch with its patches in three other
+  orders, each variable's largest difference. At random initialisation a deep tower's gradients are small
+  differences of large sums (a parameter that a later batch norm makes nearly irrelevant gets a gradient near zero),
+  so merely reordering the batch moves a ResNet-18's updates by up to 4 % (AlexNet-BN's by about 1e-4). (Swapping
+  the batch's two halves is no such measure: oneDNN's kernels sum each half in a thread of its own and then add the
+  two sums, which the swap leaves bit for bit equal.)"""
   batches = two_batches(photo_dir, demo_list, geometry=geometry)
   mirrored = make_trainer(two_replicas, True, reduction, tower)
   single = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
   initial = weights_of(single)
   for a, b in zip(weights_of(mirrored), initial):
     np.testing.assert_array_equal(a, b)
-  mirrored_step(mirrored, batches)
+  one_step(mirrored, batches)
   state = single.networks.tower.weights + single.networks.head.weights + single.optimizer.variables
   start = [v.numpy() for v in state]
-  step = tf.function(single.replica_step)
-  step(concat_batches(*batches))
+  whole = concat_batches(*batches)
+  one_step(single, [whole])
   updated = weights_of(single)
-  for variable, value in zip(state, start):  # the same step again from the same state, the halves swapped
-    variable.assign(value)
-  step(concat_batches(*batches[::-1]))
-  noise = [a - b for a, b in zip(weights_of(single), updated)]
+  differences = []
+  rng = np.random.default_rng(0)
+  for order in [rng.permutation(len(whole["patches"])) for _ in range(3)]:
+    for variable, value in zip(state, start):  # the same step again from the same state, the patches reordered
+      variable.assign(value)
+    one_step(single, [reordered(whole, order)])
+    differences.append([a - b for a, b in zip(weights_of(single), updated)])
+  noise = [max(each, key=np.linalg.norm) for each in zip(*differences)]
   assert_same_updates(initial, weights_of(mirrored), updated, noise)
   unsynchronised = make_trainer(two_replicas, False, reduction, tower)
-  mirrored_step(unsynchronised, batches)
+  one_step(unsynchronised, batches)
   with pytest.raises(AssertionError):
     assert_same_updates(initial, weights_of(unsynchronised), updated, noise)
 
 
 def assert_same_updates(initial, got, expected, noise=None):
   """The updates agree to float32 summation-order noise: 1e-4 of each variable's update, or where `noise` (each
-  variable's difference between two orderings of the same computation) is given, 30 times that noise: one ordering's
-  difference is itself a draw, and has been 12 times smaller than another's; without synchronisation the updates
-  differ by 20 to 570 times it (median over variables), so the check still fails them. (Biases
-  right before a BN have a zero gradient in exact arithmetic, so their updates are pure noise: hence the atol.)"""
+  variable's largest difference between orderings of the same computation) is given, 10 times that noise. With
+  synchronised batch norm the two replicas' updates differ from one device's by at most 3.2 times it (ResNet-18
+  with Eigen's kernels; at most 1.6 times for every tower with oneDNN's), without it by 60 to 160 times it on the
+  ResNet's first variable alone (by 10^5 times on AlexNet-BN's), so the check still fails them. (Biases right
+  before a BN have a zero gradient in exact arithmetic, so their updates are pure noise: hence the atol.)"""
   moved = 0
   for name, (w0, a, b) in enumerate(zip(initial, got, expected)):
     update_a, update_b = a - w0, b - w0
-    floor = 30 * np.linalg.norm(noise[name]) if noise is not None else 0.0
+    floor = 10 * np.linalg.norm(noise[name]) if noise is not None else 0.0
     assert np.linalg.norm(update_a - update_b) <= floor + 1e-4 * np.linalg.norm(update_b) + 1e-7, name
     moved += np.linalg.norm(update_b) > 1e-6
   assert moved >= len(initial) // 2
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_two_replicas_sum_their_gradients(photo_dir, demo_list, two_replicas):
   """Per-replica BN (the default): the update is the sum of the two replicas' gradients, not their mean."""
   batches = two_batches(photo_dir, demo_list)
   mirrored = make_trainer(two_replicas, False, "sum")
   single = make_trainer(tf.distribute.get_strategy(), False, "sum")
   initial = [v.numpy() for v in single.trainable_variables]
-  mirrored_step(mirrored, batches)
+  one_step(mirrored, batches)
   gradients = [single._gradients(b, tf.constant(0.0))[0] for b in batches]
   summed = [ga + gb for ga, gb in zip(*gradients)]
   single.optimizer.apply_gradients(zip(summed, single.trainable_variables))
@@ -150,6 +176,7 @@ def test_two_replicas_sum_their_gradients(photo_dir, demo_list, two_replicas):
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
   """--augment_on=device: the step augments the uint8 batch on each replica's device. One step on one device
   updates the weights as the host-augmented batch does (same pixels), and two replicas as one device on the
@@ -161,20 +188,19 @@ def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
   on_device = make_trainer(tf.distribute.get_strategy(), False, "sum", augment=augment)
   on_host = make_trainer(tf.distribute.get_strategy(), False, "sum")
   initial = weights_of(on_host)
-  tf.function(on_device.replica_step)(raw[0])
-  tf.function(on_host.replica_step)(host[0])
+  one_step(on_device, raw[:1])
+  one_step(on_host, host[:1])
   assert_same_updates(initial, weights_of(on_device), weights_of(on_host))
   # The pairs the TensorBoard preview shows: the pixels the host gave, though augmented after the loop.
-  previews = [t.train_loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1))["preview"]
-              for t, b in ((on_device, raw[1]), (on_host, host[1]))]
+  previews = [one_step(t, [b])["preview"] for t, b in ((on_device, raw[1]), (on_host, host[1]))]
   for key in ("first", "second"):
     np.testing.assert_allclose(previews[0][key].numpy(), previews[1][key].numpy(), atol=1e-5 * A.RMS_TARGET)
   # Two replicas, sync BN: the same update as one device on both batches.
   mirrored = make_trainer(two_replicas, True, "sum", augment=augment)
   single = make_trainer(tf.distribute.get_strategy(), True, "sum", augment=augment)
   initial = weights_of(single)
-  mirrored_step(mirrored, raw)
-  tf.function(single.replica_step)(concat_batches(*raw))
+  one_step(mirrored, raw)
+  one_step(single, [concat_batches(*raw)])
   assert_same_updates(initial, weights_of(mirrored), weights_of(single))
 
 
@@ -183,51 +209,46 @@ def test_device_augmentation_in_the_step(photo_dir, demo_list, two_replicas):
 
 
 @pytest.mark.slow
-def test_train_resume_and_export(tmp_path):
-  model_dir = tmp_path / "run"
-  first = run_module(demo_args(model_dir, "--train_steps=10", "--checkpoint_every=5"), cwd=tmp_path)
-  assert first.returncode == 0, log_of(first)
-  assert sorted(os.path.basename(p) for p in glob.glob(str(model_dir / "ckpt-*.index"))) == [
+def test_train_resume_and_export(small_run, tmp_path):
+  # The session's small run (conftest): 10 steps, checkpoints every 5.
+  assert sorted(os.path.basename(p) for p in glob.glob(str(small_run / "ckpt-*.index"))) == [
       "ckpt-10.index", "ckpt-5.index"]
-  assert (model_dir / "flags.txt").read_text().count("--train_steps=10")
-  assert glob.glob(str(model_dir / "train" / "events.out.tfevents.*"))
+  assert (small_run / "flags.txt").read_text().count("--train_steps=10")
+  assert glob.glob(str(small_run / "train" / "events.out.tfevents.*"))
+  model_dir = tmp_path / "run"
+  shutil.copytree(small_run, model_dir)
   reader = tf.train.load_checkpoint(str(model_dir / "ckpt-10"))
   saved_kernel = reader.get_tensor(CONV1_KERNEL)
   second = run_module(demo_args(model_dir, "--train_steps=15", "--checkpoint_every=5"), cwd=tmp_path)
   assert second.returncode == 0, log_of(second)
   assert re.search(r"Resumed from .*ckpt-10 at step 10", log_of(second))
+  assert "cannot resume at its exact position" not in log_of(second)  # the same listing of --data: silently
   assert "step 15/15" in log_of(second) and "step 5/" not in log_of(second)
   after = tf.train.load_checkpoint(str(model_dir / "ckpt-15"))
   kernel = after.get_tensor(CONV1_KERNEL)
   assert not np.array_equal(kernel, saved_kernel) and np.abs(kernel - saved_kernel).max() < 0.1
   assert int(after.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 15
-  # A finished run does nothing more.
-  third = run_module(demo_args(model_dir, "--train_steps=15"), cwd=tmp_path)
-  assert third.returncode == 0 and "nothing to train" in log_of(third)
-  # The exported backbone loads and runs in a process that never imports context_keras.
-  export = model_dir / "export" / "backbone_15"
-  code = ("import sys, numpy as np, tensorflow as tf\n"
-          f"m = tf.saved_model.load({str(export)!r})\n"
-          "out = m.signatures['serving_default'](patches=tf.constant(np.random.rand(3, 96, 96, 3), tf.float32))\n"
-          "assert out['fc6'].shape[0] == 3 and 'context_keras' not in sys.modules\n"
-          "print('loaded', out['fc6'].shape)\n")
-  loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-  assert loaded.returncode == 0 and "loaded" in loaded.stdout, loaded.stderr
+  # (A finished run does nothing more: test_usage.)
+  # The resumed run's exported backbone runs (that a training export loads in a process that never imports
+  # context_keras: test_export's clean process).
+  loaded = tf.saved_model.load(str(model_dir / "export" / "backbone_15"))
+  out = loaded.signatures["serving_default"](patches=tf.constant(np.random.rand(3, 96, 96, 3), tf.float32))
+  assert out["fc6"].shape[0] == 3
 
 
 @pytest.mark.slow
-def test_resumed_run_matches_uninterrupted_run(tmp_path):
+def test_resumed_run_matches_uninterrupted_run(deterministic_run, tmp_path):
   """Same seed: 6 steps, stop, 6 more equals 12 in one go (weights and the data they saw). Op determinism makes
   the comparison exact; without it, multi-threaded float sums drift apart over the steps. The interrupted run
-  augments in the step (--augment_on=device), the other in the pipeline: the same pixels either way."""
-  common = ["--checkpoint_every=6", "--deterministic"]
-  whole = run_module(demo_args(tmp_path / "whole", *common, "--train_steps=12", "--augment_on=host"), cwd=tmp_path)
-  assert whole.returncode == 0, log_of(whole)
-  part = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=6", "--augment_on=device"), cwd=tmp_path)
+  augments in the step (--augment_on=device), the other (the session's deterministic run) in the pipeline: the same
+  pixels either way."""
+  whole, _ = deterministic_run  # helpers.DETERMINISTIC, 12 steps
+  parts = [*DETERMINISTIC, f"--model_dir={tmp_path / 'parts'}", "--augment_on=device"]
+  part = run_module([*parts, "--train_steps=6"], cwd=REPO)
   assert part.returncode == 0, log_of(part)
-  rest = run_module(demo_args(tmp_path / "parts", *common, "--train_steps=12", "--augment_on=device"), cwd=tmp_path)
-  assert rest.returncode == 0, log_of(rest)
-  a = tf.train.load_checkpoint(str(tmp_path / "whole" / "ckpt-12"))
+  rest = run_module(parts, cwd=REPO)
+  assert rest.returncode == 0 and "Resumed from" in log_of(rest), log_of(rest)
+  a = tf.train.load_checkpoint(str(whole / "ckpt-12"))
   b = tf.train.load_checkpoint(str(tmp_path / "parts" / "ckpt-12"))
   for name in a.get_variable_to_shape_map():
     if "_trainable_variables" in name or "head" in name or "tower" in name:
@@ -259,62 +280,6 @@ def test_quit_file_stale_file_and_exact_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_pause_waits_idle_then_continues_and_sigterm_quits(tmp_path):
-  process = start_training(tmp_path)
-  wait_for(tmp_path / "log.txt", r"step 5 ", process)
-  (tmp_path / "train_pause").write_text("")
-  wait_for(tmp_path / "log.txt", r"Paused: remove", process)
-  paused_at = checkpoint_steps(tmp_path / "run")
-  assert len(paused_at) == 1
-  # Waiting does not burn CPU (the child's CPU time, from /proc on Linux).
-  def cpu_seconds():
-    fields = open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-  before = cpu_seconds()
-  time.sleep(3)
-  assert cpu_seconds() - before < 0.5
-  size = len((tmp_path / "log.txt").read_text())
-  os.remove(tmp_path / "train_pause")
-  wait_for(tmp_path / "log.txt", r"continuing", process, after=size)
-  wait_for(tmp_path / "log.txt", rf"step {paused_at[0] + 5 - paused_at[0] % 5} ", process, after=size)
-  process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=120) == 0
-  log = (tmp_path / "log.txt").read_text()
-  stopped = int(re.search(r"Stopped at step (\d+) \(SIGTERM\)", log).group(1))
-  assert checkpoint_steps(tmp_path / "run") == [paused_at[0], stopped]
-
-
-@pytest.mark.slow
-def test_sigint_quits_cleanly(tmp_path):
-  process = start_training(tmp_path)
-  wait_for(tmp_path / "log.txt", r"step 5 ", process)
-  process.send_signal(signal.SIGINT)
-  assert process.wait(timeout=120) == 0
-  log = (tmp_path / "log.txt").read_text()
-  assert "Traceback" not in log and re.search(r"Stopped at step \d+ \(SIGINT\)", log)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra, message", [
-    (["--data=/no/such/folder"], "/no/such/folder does not exist"),
-    (["--train_steps=-3"], "--train_steps=-3 must be >= 0"),
-    (["--lr_schedule=cosine", "--train_steps=0"], "needs --train_steps"),
-    (["--batch_patches=4"], "--batch_patches=4 cannot hold"),
-])
-def test_bad_flags_stop_at_start_with_clear_message(tmp_path, extra, message):
-  result = run_module(demo_args(tmp_path / "run", *extra), cwd=tmp_path, timeout=120)
-  assert result.returncode == 2
-  assert message in log_of(result) and "Traceback" not in log_of(result)
-
-
-@pytest.mark.slow
-def test_model_dir_that_is_a_file(tmp_path):
-  (tmp_path / "run").write_text("")
-  result = run_module(demo_args(tmp_path / "run"), cwd=tmp_path, timeout=120)
-  assert result.returncode == 2 and "is a file" in log_of(result)
-
-
-@pytest.mark.slow
 def test_divergence_stops_without_checkpoint(tmp_path):
   result = run_module(demo_args(tmp_path / "run", "--learning_rate=1e6", "--train_steps=50",
                                 "--checkpoint_every=1"), cwd=tmp_path, timeout=300)
@@ -332,87 +297,19 @@ def test_divergence_stops_without_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_pretext_accuracy_rises_above_chance(tmp_path):
+  """The demo's network on the demo photos (flags/demo.cfg, in float32 whatever the CPU): over steps 51-100 its
+  pretext accuracy on its own training photos is well above chance (1/8): above 0.145, about 11 standard deviations
+  of the accuracy of 32,000 pairs at chance. Measured on this project's AVX2 machine: 0.18 with Eigen's kernels,
+  0.16 with oneDNN's, which learn more slowly here (by step 300, 0.23 and 0.20)."""
   result = run_module(["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg",
                        f"--data={REPO}/flags/demo_photos.txt", f"--model_dir={tmp_path / 'run'}",
-                       "--train_steps=300", "--log_every=100"], cwd=tmp_path, timeout=900)
+                       "--train_steps=100", "--log_every=10", "--mixed_precision=none"], cwd=tmp_path, timeout=900)
   assert result.returncode == 0, log_of(result)
   accuracies = [float(a) for a in re.findall(r"accuracy (\d\.\d+)", log_of(result))]
-  assert len(accuracies) == 3
-  # Chance is 1/8 = 0.125; the last 100 steps on its own training photos must be well above it.
-  assert accuracies[-1] > 0.2, accuracies
-
-
-# Checks every flag of one program (argv[1]) has help, and that each named flagfile (argv[2:]) uses only that
-# program's flags, with values that parse, keep their bounds and make the program's configuration.
-FLAG_CHECK = """
-import importlib, sys
-from absl import flags
-name = sys.argv[1]
-module = importlib.import_module("context_keras." + name)
-module.define_flags()
-from context_keras.cli import program
-from context_keras.cli import data as data_flags
-from context_keras.cli import model as model_flags
-ours = program.defined_flags()
-for flag in ours.values():
-  assert flag.help and len(flag.help) > 15, flag.name
-for flagfile in sys.argv[2:]:
-  args = flags.FLAGS.read_flags_from_files([f"--flagfile=flags/{flagfile}"], force_gnu=False)
-  assert args, flagfile
-  for arg in args:
-    flag_name = arg[2:].split("=")[0]
-    flag_name = flag_name[2:] if flag_name not in ours and flag_name.startswith("no") else flag_name
-    assert flag_name in ours, f"{flagfile}: unknown flag {arg} for {name}"
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS([name, f"--flagfile=flags/{flagfile}"])
-  program.check_bounds()
-  if name == "train":
-    model_flags.model_config(data_flags.input_config(0).num_classes)
-  elif name == "linear_eval":
-    module.job_config()
-print("checked", len(ours), "flags of", name, "and", len(sys.argv) - 2, "flagfiles")
-"""
-
-
-def flagfile_program(name):
-  """The program a flagfile in flags/ is written for (ablation_demo.cfg is given with mundhenk.cfg in
-  test_ablation)."""
-  return {"linear": "linear_eval", "ablation": "ablation"}.get(name.split("_")[0], "train")
-
-
-@pytest.mark.slow
-def test_every_flag_has_help_and_flagfiles_parse(tmp_path):
-  names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg")))
-  assert {"demo.cfg", "deepcontext.cfg", "paper.cfg", "revisiting_resnet50.cfg", "demo_revisiting.cfg",
-          "linear_imagenet.cfg"} <= set(names)
-  for name in ("train", "linear_eval", "ablation", "prepare", "export", "evaluate", "benchmark", "service"):
-    mine = [n for n in names if flagfile_program(n) == name]
-    result = subprocess.run([sys.executable, "-c", FLAG_CHECK, name, *mine], cwd=REPO, env=module_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and f"and {len(mine)} flagfiles" in result.stdout, log_of(result)
-
-
-@pytest.mark.slow
-def test_each_program_helps_with_its_own_flags_in_groups(tmp_path):
-  """--help lists a program's flags under their groups, and nothing it does not use."""
-  programs = {
-      "train": (["data:", "model:", "optimisation:", "run:", "--data", "--width_multiplier", "--learning_rate",
-                 "--model_dir"], []),
-      "prepare": (["data:", "prepare:", "--data", "--num_shards"], ["--batch_pairs", "--learning_rate"]),
-      "export": (["export:", "rescaling:", "--model_dir", "--rescale_data", "--data_root"],
-                 ["--batch_pairs", "--learning_rate", "--data"]),
-      "evaluate": (["evaluation:", "data:", "--mode", "--data", "--color_mode"], ["--batch_pairs", "--train_steps"]),
-      "benchmark": (["benchmark:", "--parts"], ["--learning_rate"]),
-      "service": (["service:", "--role"], ["--data"]),
-  }
-  results = run_all([([f"context_keras.{name}", "--help"], None) for name in programs], tmp_path)
-  for (name, (present, absent)), (code, text) in zip(programs.items(), results):
-    assert code == 0, (name, text[-2000:])
-    for word in present:
-      assert word in text, (name, word)
-    for flag in absent:
-      assert not re.search(rf"^  {flag}$", text, re.M), (name, flag)
+  assert len(accuracies) == 10  # each of the last 10 steps' 6,400 pairs
+  assert np.mean(accuracies[5:]) > 0.145, accuracies
 
 
 @pytest.mark.slow
