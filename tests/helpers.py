@@ -155,3 +155,18 @@ def drop_dac_capabilities():
   for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
     if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
       raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def random_subject(**model):
+  """An evaluation subject (evaluation.subject.Subject) of a randomly initialised network built in this process: the
+  small alexnet_bn tower unless `model` (ModelConfig fields) says otherwise. For in-process tests of the protocols."""
+  from context_keras.evaluation import subject  # pylint: disable=import-outside-toplevel
+  from context_keras.input import pipeline  # pylint: disable=import-outside-toplevel
+  from context_keras.model import networks  # pylint: disable=import-outside-toplevel
+  from context_keras.training import restore  # pylint: disable=import-outside-toplevel
+  from context_keras.training import run_dir  # pylint: disable=import-outside-toplevel
+  from context_keras.training import trainer  # pylint: disable=import-outside-toplevel
+  config = networks.ModelConfig(**dict({"width_multiplier": 0.0625}, **model))
+  geometry = "revisiting" if config.patch_size != networks.ModelConfig.patch_size else "doersch"
+  recorded = run_dir.RunConfig(config, pipeline.InputConfig(data="unused", geometry=geometry), trainer.OptimConfig())
+  return subject.from_run(restore.Run("unused", None, 0, recorded, restore.build_networks(config)))

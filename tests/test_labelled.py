@@ -10,11 +10,13 @@ import tensorflow as tf
 from context_keras import errors
 from context_keras import prepare as PR
 from context_keras.evaluation import features as F
+from context_keras.evaluation import finetune
 from context_keras.evaluation import knn
 from context_keras.evaluation import linear
 from context_keras.evaluation import linear_job as J
 from context_keras.evaluation import metrics as M
 from context_keras.input import labelled as L
+from helpers import random_subject
 from helpers import write_png
 
 
@@ -245,3 +247,58 @@ def test_unreadable_images_become_blank_examples_in_place(tmp_path):
   assert batch["index"].numpy().tolist() == [0, 1, 2, 3, 4]
   assert batch["weight"].numpy().tolist() == [1, 1, 1, 1, 0]  # 9.png, listed last, is blank
   assert batch["image"].shape == (5, 96, 96, 3)
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+  """Labelled shards of prepare --labels, 2 classes, training 16 images in 2 shards and validation 8 in 2: one
+  training shard with a corrupt record in its middle, one validation shard cut short. (train glob, val glob)."""
+  root = tmp_path_factory.mktemp("damaged_labelled")
+  rng = np.random.default_rng(0)
+  globs = []
+  for split, per_class in (("train", 8), ("val", 4)):
+    for name, low in (("dark", 0), ("bright", 140)):
+      (root / split / name).mkdir(parents=True)
+      for i in range(per_class):
+        write_png(root / split / name / f"{i}.png", rng.integers(low, low + 115, (100, 100, 3), dtype=np.uint8))
+    PR.prepare(PR.PrepareConfig(data=str(root / split), output=str(root / f"{split}_shards"), num_shards=2,
+                                labels="folders"))
+    globs.append(str(root / f"{split}_shards" / "*.tfrecord"))
+  shard = sorted((root / "train_shards").glob("*.tfrecord"))[1]
+  corrupt = bytearray(shard.read_bytes())
+  corrupt[len(corrupt) // 2] ^= 0xFF
+  shard.write_bytes(bytes(corrupt))
+  shard = sorted((root / "val_shards").glob("*.tfrecord"))[0]
+  shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) * 2 // 3])
+  return tuple(globs)
+
+
+@pytest.mark.slow
+def test_damaged_labelled_shards_give_their_records_then_unreadable_blanks_in_every_reader(damaged_shards):
+  """A corrupt record in the middle of a training shard, a validation shard cut short: every reader of labelled
+  shards (the linear job's training and validation streams; evaluate's linear, knn and finetune modes) reads the
+  records up to the damage and counts each record it could not read as one unreadable image, in place, so that an
+  epoch keeps the length the shards' index gives (the job's positions stay exact); nothing raises."""
+  train_glob, val_glob = damaged_shards
+  train, val = L.Splits(train_data=train_glob, val_data=val_glob).find()
+  assert train.size == 16 and val.size == 8
+  config = J.JobConfig(crop_size=96, resize_size=100, batch_size=4, shuffle_buffer=4)
+  for lset, dataset in ((train, J.train_dataset(train, config, 0, J.Pipeline(0, 1, 1, 4))),
+                        (val, J.val_dataset(val, config, 2, J.Pipeline(0, 1, 1, 4)))):
+    examples = [b for _, b in zip(range(2 * lset.size // 4 if lset is train else 2), dataset)]
+    weights = np.concatenate([b["weight"].numpy() for b in examples])
+    indices = np.concatenate([b["index"].numpy() for b in examples])
+    assert indices.tolist() == list(range(len(indices)))  # one example per position, in order
+    epochs = len(weights) // lset.size
+    blanks = [int((weights[e * lset.size:(e + 1) * lset.size] == 0).sum()) for e in range(epochs)]
+    assert all(0 < b < lset.size // 2 for b in blanks) and len(set(blanks)) == 1, blanks  # the same every epoch
+  subject = random_subject()
+  splits = L.Splits(train_data=train_glob, val_data=val_glob)
+  for protocol, protocol_config in (
+      (linear, linear.Config(splits=splits, image_size=96, probe_epochs=5, layer="conv1")),
+      (knn, knn.Config(splits=splits, image_size=96, layer="conv1", k=3)),
+      (finetune, finetune.Config(splits=splits, image_size=96, epochs=1, batch_size=8, rescale=False))):
+    result = protocol.evaluate(subject, protocol_config).metrics
+    assert 0 < result["train_unreadable"] < 8 and 0 < result["val_unreadable"] < 4, (protocol.NAME, result)
+    assert result["train_images"] + result["train_unreadable"] == 16, (protocol.NAME, result)
+    assert result["val_images"] + result["val_unreadable"] == 8, (protocol.NAME, result)

@@ -105,7 +105,7 @@ def evaluate(subject, config):
   scored = {"": {}, RANDOM: {}}
   if val is None:
     squares = images_lib.labelled_squares(lset, config.image_size)
-    values, labels = images_lib.read_or_explain(lset, config.splits.flag("data"), lambda: (
+    values, labels, unreadable = images_lib.read_or_explain(lset, config.splits.flag("data"), lambda: (
         features_lib.extract(extract, squares, lset.size, "features", config.batch_size)))
     assignment = linear.stratified_folds(labels, config.folds, config.seed)
     for who in scored:
@@ -119,7 +119,7 @@ def evaluate(subject, config):
           fold_scores.append(accuracies(scores, labels[test]))
         scored[who][name] = {key: float(np.mean([f[key] for f in fold_scores])) for key in fold_scores[0]}
         scored[who][name]["accuracy_std"] = float(np.std([f["accuracy"] for f in fold_scores]))
-    counts = {"images": int(len(labels)), "folds": config.folds}
+    counts = {"images": int(len(labels)), "unreadable": unreadable, "folds": config.folds}
   else:
     scored, counts = streamed(extract, lset, val, config, layer_names, classes)
   per_layer = {name: {**scored[""][name], **{RANDOM + k: v for k, v in scored[RANDOM][name].items()}}
@@ -146,7 +146,7 @@ def chunked(features, labels, size):
 def streamed(extract, train, val, config, layer_names, classes):
   """k-NN of the validation images against the training images, the training features streamed batch by batch."""
   val_squares = images_lib.labelled_squares(val, config.image_size)
-  val_values, val_labels = images_lib.read_or_explain(
+  val_values, val_labels, val_unreadable = images_lib.read_or_explain(
       val, config.splits.flag("val_data"),
       lambda: features_lib.extract(extract, val_squares, val.size, "validation features", config.batch_size))
   neighbours = {who: {name: Neighbours(normalise(val_values[who][name]), config.k) for name in layer_names}
@@ -155,19 +155,25 @@ def streamed(extract, train, val, config, layer_names, classes):
   progress = progress_lib.Progress("training images against the validation set", train.size)
 
   def stream():
-    seen = 0
-    for images, labels in images_lib.labelled_squares(train, config.image_size).batch(config.batch_size).prefetch(1):
+    seen = unusable = 0
+    for images, labels, usable in (images_lib.labelled_squares(train, config.image_size).batch(config.batch_size)
+                                   .prefetch(1)):
+      usable = usable.numpy()
       for who, call in calls.items():
         for name, value in call(images).items():
-          neighbours[who][name].add(normalise(value.numpy()), labels.numpy())
-      seen += int(labels.shape[0])
-      progress.add(int(labels.shape[0]))
-    return seen
+          neighbours[who][name].add(normalise(value.numpy()[usable]), labels.numpy()[usable])
+      seen += int(usable.sum())
+      unusable += int((~usable).sum())
+      progress.add(len(usable))
+    return seen, unusable
 
-  seen = images_lib.read_or_explain(train, config.splits.flag("train_data"), stream)
+  seen, unusable = images_lib.read_or_explain(train, config.splits.flag("train_data"), stream)
   progress.finish()
+  if unusable:
+    logging.warning("training images: %d unreadable images (records of damaged TFRecord shards) left out.", unusable)
   if not seen:
     raise errors.DataError(f"{config.splits.flag('train_data')}: no image")
   scored = {who: {name: accuracies(neighbours[who][name].class_scores(classes, config.temperature), val_labels)
                   for name in layer_names} for who in extract}
-  return scored, {"train_images": seen, "val_images": int(len(val_labels))}
+  return scored, {"train_images": seen, "train_unreadable": unusable, "val_images": int(len(val_labels)),
+                  "val_unreadable": val_unreadable}

@@ -98,20 +98,11 @@ def _placeholder(size):
           "weight": tf.constant(0.0), "index": tf.constant(-1, tf.int64)}
 
 
-def _never_failing(transform, size):
-  """Maps one example through `transform`, or, when that raises (an unreadable or undecodable image), to a blank
-  example of weight 0 carrying the same index: one output per input, whatever happens."""
-  def one(index, contents, label):
-    example = tf.data.Dataset.from_tensors((index, contents, label)).map(transform).ignore_errors()
-    blank = tf.data.Dataset.from_tensors(dict(_placeholder(size), index=index))
-    return example.concatenate(blank).take(1)
-  return one
-
-
 def _examples(records, transform, size):
-  """(index, bytes or path, label) -> example dicts, in order, in parallel."""
-  return records.interleave(_never_failing(transform, size), cycle_length=16, block_length=1,
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  """(index, bytes or path, label) -> example dicts, in order, in parallel; an image that cannot be read or decoded
+  becomes a blank example of weight 0 carrying its index."""
+  return images_lib.never_failing(records, transform, lambda index, contents, label: dict(_placeholder(size),
+                                                                                          index=index))
 
 
 def _read(lset, path_or_bytes):
@@ -140,13 +131,14 @@ def training_records(lset, seed, start, shuffle_buffer):
         block_length=1, num_parallel_calls=min(8, len(lset.paths)), deterministic=True)
     # A Python seed (a tensor seed breaks under a global seed): each epoch's buffer shuffles the same way, but
     # its input, the shards' order, is new every epoch.
-    return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1, reshuffle_each_iteration=False)
-  # The epoch length is prepare's record count; the current epoch is re-read up to `start`, records not parsed.
+    return labelled.shard_examples(raw, size).shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1,
+                                                      reshuffle_each_iteration=False)
+  # The epoch length is prepare's record count (shard_examples keeps it, whatever damage the shards have); the current
+  # epoch is re-read up to `start`, records not parsed.
   raw = tf.data.Dataset.range(start // max(size, 1), 2**62).flat_map(epoch).skip(start % max(size, 1))
 
   def parse(index, record):
-    contents, _, name = sources.parse_record(record, labelled=True)
-    return index, contents, table.lookup(name)
+    return (index, *labelled.parse_labelled(record, table))
   return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), raw)).map(parse,
                                                                              num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -187,11 +179,8 @@ def val_records(lset):
     return tf.data.Dataset.from_tensor_slices((list(lset.paths), lset.labels)).enumerate().map(
         lambda i, pair: (i, pair[0], pair[1]))
   table = labelled.class_table(lset.classes)
-
-  def parse(index, record):
-    contents, _, name = sources.parse_record(record, labelled=True)
-    return index, contents, table.lookup(name)
-  return sources.all_records(lset).enumerate().map(parse)
+  return labelled.shard_examples(sources.all_records(lset), lset.size).enumerate().map(
+      lambda index, record: (index, *labelled.parse_labelled(record, table)))
 
 
 def train_dataset(lset, config, start, pipeline):

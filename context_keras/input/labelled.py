@@ -284,12 +284,14 @@ def check_compatible(train, val, val_flag="--val_data"):
 def records(lset):
   """A finite dataset of (index, encoded bytes, label) over the set in its listing order. Labels are class indices
   (int64), or for a multi-label set int8 rows. The records of shards are mapped by class name to `lset.classes`;
-  a name that is not among them stops the reading with an error that names it."""
+  a name that is not among them stops the reading with an error that names it. A damaged shard's records are read
+  up to the damage; each record the shards' index promised but that could not be read comes as DAMAGED
+  (shard_examples)."""
   if lset.kind == "files":
     return tf.data.Dataset.from_tensor_slices((list(lset.paths), lset.labels)).map(
         lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE).enumerate().map(
             lambda i, pair: (i, pair[0], pair[1]))
-  return shard_records(sources.all_records(lset), lset.classes).enumerate().map(
+  return shard_records(shard_examples(sources.all_records(lset), lset.size), lset.classes).enumerate().map(
       lambda i, pair: (i, pair[0], pair[1]))
 
 
@@ -298,16 +300,42 @@ def class_table(classes):
       tf.constant(list(classes)), tf.range(len(classes), dtype=tf.int64)), default_value=-1)
 
 
+# The class index of a record that could not be read (sources.DAMAGED_SHARD: the unread rest of a damaged shard), with
+# empty bytes: every reader counts it as one unreadable image where it lies, as an unreadable image file (README,
+# What we guarantee), rather than stopping.
+DAMAGED = -2
+
+
+def shard_examples(raw, size):
+  """The serialised records of one pass over labelled shards (shard_records' stream, `raw`), exactly `size` of them
+  (the records of the shards' index.json): a damaged shard gives its records up to the damage, and a stand-in
+  (sources.DAMAGED_SHARD) at the end of the pass takes the place of each record lost, so that positions in a stream
+  of passes keep their meaning (linear_job's exact resume) and every lost record is counted."""
+  records = raw.filter(lambda record: ~sources.is_damaged(record))
+  if not size:
+    return records
+  return records.concatenate(tf.data.Dataset.from_tensors(tf.constant(sources.DAMAGED_SHARD)).repeat()).take(size)
+
+
+def parse_labelled(record, table):
+  """(encoded bytes, class index by `table`, -1 for an unknown name) of a serialised labelled record; (b"",
+  DAMAGED) for a damaged shard's stand-in."""
+  def parsed():
+    contents, _, name = sources.parse_record(record, labelled=True)
+    return contents, table.lookup(name)
+  return tf.cond(sources.is_damaged(record), lambda: (tf.constant(b""), tf.constant(DAMAGED, tf.int64)), parsed)
+
+
 def shard_records(dataset, classes):
-  """(encoded bytes, class index into `classes`) of a dataset of serialised labelled records."""
+  """(encoded bytes, class index into `classes`) of a dataset of serialised labelled records (DAMAGED for a damaged
+  shard's stand-ins)."""
   table = class_table(classes)
 
   def parse(record):
-    contents, _, name = sources.parse_record(record, labelled=True)
-    label = table.lookup(name)
-    check = tf.debugging.assert_non_negative(
-        label, message=f"a record's class name (image/class/name) is not one of the {len(classes)} classes "
-        "(or the record has no label)")
+    contents, label = parse_labelled(record, table)
+    check = tf.debugging.Assert(
+        (label >= 0) | tf.equal(label, DAMAGED), [f"a record's class name (image/class/name) is not one of the "
+                                                 f"{len(classes)} classes (or the record has no label)"])
     with tf.control_dependencies([check]):
       return contents, tf.identity(label)
   return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)

@@ -348,8 +348,8 @@ def shard_records(path, compression, payload, modulo, first_visit=True):
   def stand_in(record, end, read):
     def damaged():
       message = tf.strings.join(["W context_keras: TFRecord shard ", path, " is corrupt or cut short after ",
-                                 tf.strings.as_string(read), " bytes of records; the rest of it is skipped, counted "
-                                 "as one unreadable image per pass over it."])
+                                 tf.strings.as_string(read), " bytes of records; the rest of it is skipped and "
+                                 "counted as unreadable."])
 
       def say():
         with tf.control_dependencies([tf.print(message, output_stream=sys.stderr)]):
@@ -365,11 +365,16 @@ def shard_records(path, compression, payload, modulo, first_visit=True):
           .map(stand_in))
 
 
+def is_damaged(record):
+  """Whether a record of shard_records is the DAMAGED_SHARD stand-in (a bool tensor)."""
+  return tf.equal(tf.strings.substr(record, 0, len(DAMAGED_SHARD)), DAMAGED_SHARD)
+
+
 def parse_record(record, labelled=False):
   """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature); with
   `labelled`, (bytes, class index, class name) of a labelled shard (a record without them gives -1 and ''). An error
   for the DAMAGED_SHARD stand-in, naming its shard."""
-  damaged = tf.equal(tf.strings.substr(record, 0, len(DAMAGED_SHARD)), DAMAGED_SHARD)
+  damaged = is_damaged(record)
   check = tf.debugging.Assert(~damaged, [tf.strings.join(["TFRecord shard ", tf.strings.substr(
       record, len(DAMAGED_SHARD), -1), " is corrupt or cut short here"])])
   spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
