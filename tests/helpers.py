@@ -18,7 +18,6 @@ import tensorflow as tf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A network of 1/16 the original width with small batches: a training step takes a fraction of a second here.
 SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs=320"]
-STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 # Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
 CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -132,7 +131,8 @@ def assert_complete_checkpoint(model_dir, step):
     value = np.asarray(reader.get_tensor(name))
     if np.issubdtype(value.dtype, np.floating):
       assert np.all(np.isfinite(value)), name
-  assert int(reader.get_tensor(STEP_VARIABLE)) == step
+  from context_keras.training import run_dir  # pylint: disable=import-outside-toplevel
+  assert run_dir.checkpoint_step(str(model_dir / f"ckpt-{step}")) == step
 
 
 def scalars(folder, tag):

@@ -375,6 +375,31 @@ def test_batch_sizes_whose_step_cannot_fit_are_refused_with_the_estimate(monkeyp
   R.check_step_memory(narrow, D.InputConfig(data="unused"), 1, "float32", "alexnet_bn")
 
 
+@pytest.mark.slow  # builds a ResNet-50 of twice the width (94M weights)
+def test_memory_estimate_covers_the_backbone_export_of_every_tower(monkeypatch):
+  """Training ends (and, with --export_every, pauses) by exporting the backbone with its weights as constants, which
+  takes about 22 times the tower's weights: for a wide tower that, not the step, is the peak. ResNet-50 at twice the
+  width, one image per step in the revisiting geometry, peaked at 9.8 GB here (3.9 GB during its steps; method.md
+  §4.5); the estimate must cover it, and refuse it where less is available, naming what to lower."""
+  from context_keras.model import networks as M  # pylint: disable=import-outside-toplevel
+  from context_keras.training import resources as R  # pylint: disable=import-outside-toplevel
+  one_image = D.InputConfig(data="unused", geometry="revisiting", batch_patches=9, batch_pairs=8)
+  wide = M.build(M.ModelConfig(backbone="resnet50", width_multiplier=2, head="revisiting", patch_size=64))
+  monkeypatch.setattr(R, "available_memory", lambda: 40e9)
+  needed = R.check_step_memory(wide, one_image, 1, "float32", "resnet50", width_multiplier=2.0)
+  assert 8.5e9 <= needed <= 12e9, needed
+  monkeypatch.setattr(R, "available_memory", lambda: 6e9)
+  with pytest.raises(errors.UsageError, match=r"Invalid flags: the resnet50 tower at --width_multiplier=2\.0 needs "
+                                              r"about \d+\.\d+ GB to export its backbone .* more than the 6\.00 GB of "
+                                              r"memory available here: lower --width_multiplier"):
+    R.check_step_memory(wide, one_image, 1, "float32", "resnet50", width_multiplier=2.0)
+  # Every tower: the export's share grows with the square of the width, the step's about linearly.
+  for backbone in ("alexnet_bn", "vgg16_bn", "resnet18"):
+    small, double = (R.export_memory(M.build(M.ModelConfig(backbone=backbone, width_multiplier=w)))
+                     for w in (0.0625, 0.125))
+    assert 3 < double / small < 4.5, backbone
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Phone photos: the EXIF orientation
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras.deploy import serving
 from context_keras.evaluation import finetune
 from context_keras.evaluation import images as IM
@@ -20,6 +21,7 @@ from context_keras.input import sources as S
 from context_keras.model import fold as FO
 from context_keras.model import networks as MD
 from context_keras.training import restore as RS
+from context_keras.training import warm_start as WS
 from helpers import REPO
 from helpers import last_json
 from helpers import log_of
@@ -93,6 +95,26 @@ def test_pretext_from_saved_model(exported, tmp_path):
                      *DEMO], tmp_path)
   assert result["saved_model"].endswith("backbone") and result["pairs"] == 32
   assert (out / "eval" / "pretext.json").exists() and events(out / "eval")
+
+
+@pytest.mark.slow
+def test_saved_model_names_the_backbone_to_give_and_training_exports_keep_their_step(exported, small_run):
+  """--saved_model (evaluate's and linear_eval's) and --init_from given an export folder, its pair classifier or a run
+  directory say which folder to give; RUN/export/backbone_N, written by training, knows its step and checkpoint."""
+  out, _ = exported
+  for given in (out, out / "pair_classifier"):
+    with pytest.raises(errors.UsageError, match=f"give .*--saved_model={out / 'backbone'}"):
+      SJ.from_saved_model(str(given))
+    with pytest.raises(errors.UsageError, match=f"--init_from={out / 'backbone'}"):
+      WS.find_source(str(given))
+  with pytest.raises(errors.UsageError, match=f"--saved_model={small_run} is a training run: give --model_dir="
+                                              f"{small_run}"):
+    SJ.from_saved_model(str(small_run))
+  backbone = small_run / "export" / "backbone_10"
+  subject = SJ.from_saved_model(str(backbone))
+  assert subject.step == 10 and subject.about["checkpoint"] == str(small_run / "ckpt-10")
+  record = WS.initialise(RS.build_networks(subject.model_config), subject.model_config, str(backbone))
+  assert record["step"] == 10 and record["checkpoint"] == str(small_run / "ckpt-10")
 
 
 @pytest.mark.slow

@@ -214,9 +214,12 @@ class Exports(Action):
   def export(self):
     step = self.trainer.current_step()
     path = run_dir.export_path(self.write_dir, step)
+    latest = self.latest_checkpoint()
+    checkpoint = latest if latest and run_dir.checkpoint_step(latest) == step else None
     try:
       serving.export_backbone(self.trainer.networks.tower, self.model_config, path,
-                              color_mode=self.input_config.color_mode, geometry=self.input_config.geometry)
+                              color_mode=self.input_config.color_mode, geometry=self.input_config.geometry,
+                              **serving.provenance(step, checkpoint, self.input_config))
     except (OSError, tf.errors.OpError) as e:
       raise run_dir.write_failure(f"the backbone SavedModel of step {step}", path, e,
                                   self.latest_checkpoint()) from e

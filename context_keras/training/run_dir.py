@@ -38,8 +38,10 @@ EVAL_DIR = "eval"
 CHECKPOINT_PREFIX = "ckpt"
 QUIT_FILE = "train_quit"    # control files of this run alone (control.py)
 PAUSE_FILE = "train_pause"
-# Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items).
-STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+# Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items): float16's
+# loss-scale optimizer counts it in the optimizer it wraps (its own `_iterations` stays 0), so that one comes first.
+STEP_KEYS = ("optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE",
+             "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
 
 
 def train_dir(model_dir):
@@ -269,9 +271,11 @@ def checkpoint_paths(model_dir):
 
 
 def checkpoint_step(path):
-  """The training step a checkpoint was written at."""
+  """The training step a checkpoint was written at, whatever the precision: the one place that reads it (export,
+  evaluate and its --watch, linear_eval, --init_from and training's resume all ask here)."""
   reader = tf.train.load_checkpoint(path)
-  if reader.has_tensor(STEP_KEY):
-    return int(reader.get_tensor(STEP_KEY))
+  for key in STEP_KEYS:
+    if reader.has_tensor(key):
+      return int(reader.get_tensor(key))
   suffix = path.rsplit("-", 1)[-1]
   return int(suffix) if suffix.isdigit() else 0

@@ -37,8 +37,8 @@ class Source:
 
 def find_source(path):
   """What --init_from names; a UsageError when it is none of the three."""
-  if os.path.isfile(os.path.join(path, "saved_model.pb")):
-    serving.read_metadata(path, "init_from")  # a SavedModel of context_keras, which says what it holds
+  if os.path.isfile(os.path.join(path, "saved_model.pb")) or os.path.isdir(os.path.join(path, serving.BACKBONE_DIR)):
+    serving.read_backbone_metadata(path, "init_from")  # an exported backbone of context_keras, which says so
     return Source(BACKBONE, path)
   if os.path.isfile(os.path.join(path, run_dir.CONFIG_FILE)) or os.path.isfile(os.path.join(path, run_dir.FLAGS_FILE)):
     return Source(RUN, path)
@@ -94,7 +94,7 @@ def _from_run(networks, source):
 
 
 def _from_backbone(networks, model_config, source):
-  info = serving.read_metadata(source.path, "init_from")
+  info = serving.read_backbone_metadata(source.path, "init_from")
   if info.get("backbone") != model_config.backbone:
     raise errors.UsageError(f"--init_from={source.path} is a {info.get('backbone')} backbone; this run trains "
                             f"--backbone={model_config.backbone}")
