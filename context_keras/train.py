@@ -24,6 +24,7 @@ from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
 from context_keras.training import distribute
 from context_keras.training import resources
+from context_keras.training import restore as restore_lib
 from context_keras.training import run_dir
 from context_keras.training import trainer as trainer_lib
 from context_keras.training import warm_start
@@ -243,11 +244,7 @@ def restore(latest, trainer, counters):
   items = dict(trainer.checkpoint_items(), **counters)
   if not tf.train.load_checkpoint(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
     del items[trainer_lib.LISTING_KEY]
-  try:
-    tf.train.Checkpoint(**items).restore(latest).assert_existing_objects_matched()
-  except (ValueError, AssertionError) as e:  # shapes or variables that the architecture check could not foresee
-    raise errors.UsageError(f"--model_dir: checkpoint {latest} does not fit the networks of these flags: "
-                            f"{str(e).splitlines()[0][:300]}") from e
+  restore_lib.resume(latest, items)
 
 
 def optim_config(input_config, source, replicas):

@@ -693,6 +693,12 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
       "--batch_patches=100000000": "Invalid flags: --batch_patches=100000000 and --batch_pairs=320 need about",
       "--rotation_classes": "Invalid flags: --rotation_classes=True (the run: False): --model_dir={run} holds a run "
                             "of another architecture ({run}/config.json)",
+      # Flags that change what the checkpoint's variables mean, compared with config.json before anything is built
+      # (they were a warning per checkpoint value, then a tensor shape, or accepted with config.json rewritten).
+      "--geometry=revisiting": "Invalid flags: --geometry=revisiting (the run: doersch): --model_dir={run} holds a "
+                               "run of another architecture ({run}/config.json)",
+      "--head=revisiting": "Invalid flags: --head=revisiting (the run: doersch): --model_dir={run} holds a run of "
+                           "another architecture ({run}/config.json)",
   }
   runs = []
   for i, flag in enumerate(train_cases):
@@ -730,6 +736,7 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
   for message, (code, text) in zip([*messages, *other_cases.values()], results):
     assert code == 2, (message, text[-3000:])
     assert message in text and "Traceback" not in text, (message, text[-3000:])
+    assert "Value in checkpoint could not be found" not in text, (message, text[-3000:])
   for run in runs:
     assert run_state(run) == state, run
   assert run_state(small_run) == state

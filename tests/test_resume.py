@@ -1,15 +1,18 @@
 """Reading and resuming a run (in-process, on checkpoints written here): the one reading of a run's step whatever
 the precision, refusals that name the flag when a resume would change what the checkpoint's variables mean, and no
 checkpoint value left unrestored in silence."""
+import dataclasses
+import gc
 import json
+import re
 
-import keras
 import pytest
 import tensorflow as tf
 
 from context_keras import errors
 from context_keras import evaluate
 from context_keras import export
+from context_keras import train
 from context_keras.deploy import serving
 from context_keras.input import pipeline as D
 from context_keras.model import networks as M
@@ -59,3 +62,51 @@ def test_every_reader_of_a_run_gets_its_step_in_every_precision(tmp_path, monkey
       monkeypatch.setattr(evaluate, "evaluate_and_emit", lambda mode, subject, *args: seen.append(subject.step))
       evaluate.watch("pretext", None, str(tmp_path / "eval"), str(folder), interval=0, timeout=1)
       assert seen == [3]
+
+
+def test_a_resume_that_changes_what_the_checkpoint_means_names_the_flag(tmp_path):
+  """Architecture, geometry, head, ResNet units and strides, the pretext classes, and the optimizer's state (momentum
+  slots, float16's loss scale) are compared with RUN/config.json before anything is built: exit 2 naming each flag
+  with the run's value."""
+  folder = tmp_path / "run"
+  folder.mkdir()
+  resnet = M.ModelConfig(backbone="resnet18", width_multiplier=0.0625)
+  recorded = run_dir.RunConfig(resnet, D.InputConfig(data="unused"), T.OptimConfig(momentum=0.9))
+  run_dir.write_config(str(folder), recorded)
+  cases = {"--geometry=revisiting (the run: doersch)": dict(model=dict(patch_size=64)),
+           "--head=revisiting (the run: doersch)": dict(model=dict(head="revisiting")),
+           "--resnet_version=2 (the run: 1)": dict(model=dict(resnet_version=2)),
+           "--resnet_strides=1,2,2,2 (the run: 1,2,2,1)": dict(model=dict(resnet_strides=(1, 2, 2, 2))),
+           "--resnet_stem_stride=2 (the run: 1)": dict(model=dict(resnet_stem_stride=2)),
+           "--rotation_classes=True (the run: False)": dict(model=dict(num_classes=32)),
+           "--momentum=0.0 (the run: 0.9)": dict(optimisation=dict(momentum=0.0)),
+           "--mixed_precision=float16 (the run: none)": dict(optimisation=dict(mixed_precision="float16"))}
+  for named, change in cases.items():
+    model = dataclasses.replace(resnet, **change.get("model", {}))
+    optimisation = dataclasses.replace(recorded.optimisation, **change.get("optimisation", {}))
+    with pytest.raises(errors.UsageError, match=re.escape(f"Invalid flags: {named}: --model_dir={folder} holds a run")):
+      run_dir.check_resume(str(folder), model, optimisation)
+  # What does not change the checkpoint's meaning resumes: another momentum above 0, precision among the others.
+  run_dir.check_resume(str(folder), resnet, dataclasses.replace(recorded.optimisation, momentum=0.5,
+                                                                mixed_precision="bfloat16", learning_rate=0.1))
+
+
+def test_a_resume_that_leaves_a_checkpoint_value_unrestored_stops_in_one_line(tmp_path, capfd):
+  """Whatever config.json cannot tell (a run written before it recorded these fields): a checkpoint value with no
+  place in the networks or optimizer of these flags stops the resume, naming them, without TensorFlow's warning per
+  value."""
+  write_run(tmp_path / "run", steps=2, momentum=0.9)
+  latest = tf.train.latest_checkpoint(str(tmp_path / "run"))
+  for model, optimisation in ((SMALL, T.OptimConfig(momentum=0.0)),
+                              (dataclasses.replace(SMALL, head="revisiting"), T.OptimConfig(momentum=0.9))):
+    trainer = T.Trainer(tf.distribute.get_strategy(), model, optimisation)
+    counters = {k: tf.Variable(0, dtype=tf.int64, name=k) for k in T.COUNTERS}
+    with pytest.raises(errors.UsageError, match=f"--model_dir: checkpoint {re.escape(latest)} does not fit the "
+                                                "networks and optimizer of these flags: .*(have no place|no value)"):
+      train.restore(latest, trainer, counters)
+    del trainer, counters
+    gc.collect()
+  assert "Value in checkpoint could not be found" not in capfd.readouterr().err
+  trainer = T.Trainer(tf.distribute.get_strategy(), SMALL, T.OptimConfig(momentum=0.9))
+  train.restore(latest, trainer, {k: tf.Variable(0, dtype=tf.int64, name=k) for k in T.COUNTERS})
+  assert trainer.current_step() == 2

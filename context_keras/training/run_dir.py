@@ -23,6 +23,7 @@ from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras.input import patches as patches_lib
 from context_keras.input import pipeline as data_lib
 from context_keras.model import networks as model_lib
 from context_keras.storage import writes
@@ -217,29 +218,51 @@ def recorded_in(model_dir):
   return None
 
 
+def _as_flag(name, value):
+  """(flag, value as the flag is written) of a ModelConfig field: the fields that other flags set are named by them
+  (--geometry gives the patch size, --rotation_classes the class count, method.md §8.2, §9.6)."""
+  if name == "patch_size":
+    return "geometry", next((g for g in patches_lib.GEOMETRIES if patches_lib.patch_size(g) == value), value)
+  if name == "num_classes":
+    return "rotation_classes", value > model_lib.ModelConfig.num_classes
+  if name == "resnet_strides":
+    return name, ",".join(str(s) for s in value)
+  return name, value
+
+
 def architecture_differences(recorded, model_config):
-  """(field, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
-  differs between the RunConfig `recorded` and `model_config`."""
-  differences = [(name, getattr(recorded.model, name), getattr(model_config, name))
-                 for name in model_lib.ARCHITECTURE_FIELDS
-                 if getattr(model_config, name) != getattr(recorded.model, name)]
-  # The class count is set by --rotation_classes (method.md §9.6): name that flag.
-  return [("rotation_classes", then > model_lib.ModelConfig.num_classes, given > model_lib.ModelConfig.num_classes)
-          if name == "num_classes" else (name, then, given) for name, then, given in differences]
+  """(flag, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
+  differs between the RunConfig `recorded` and `model_config`, named by the flag that sets it."""
+  return [(_as_flag(name, then)[0], _as_flag(name, then)[1], _as_flag(name, given)[1])
+          for name in model_lib.ARCHITECTURE_FIELDS
+          for then, given in [(getattr(recorded.model, name), getattr(model_config, name))] if then != given]
 
 
-def check_resume(model_dir, model_config):
-  """Stops with a UsageError naming the flags when the architecture of `model_config` is not the one that the run
-  in `model_dir` recorded: its checkpoints cannot be restored into other shapes."""
+def optimizer_state_differences(recorded, optimisation):
+  """(flag, recorded value, value of `optimisation`) of the optimisation flags that decide which state the optimizer
+  keeps in a checkpoint: momentum slots (none at --momentum=0) and float16's loss scale (trainer.make_optimizer)."""
+  then, given = recorded.optimisation, optimisation
+  return [(name, getattr(then, name), getattr(given, name)) for name, holds in (
+      ("momentum", lambda c: c.momentum > 0), ("mixed_precision", lambda c: c.mixed_precision == "float16"))
+          if holds(then) != holds(given)]
+
+
+def check_resume(model_dir, model_config, optimisation=None):
+  """Stops with a UsageError naming the flags, before anything is built, when `model_config` (and `optimisation`, a
+  trainer.OptimConfig) would change what the checkpoints of the run in `model_dir` hold or mean, as its recorded
+  configuration says: they could not be restored, or only in part."""
   where = recorded_in(model_dir)
   if not where:
     return
-  differences = architecture_differences(read_config(model_dir), model_config)
-  if differences:
-    named = ", ".join(f"--{name}={given} (the run: {then})" for name, then, given in differences)
-    raise errors.UsageError(f"Invalid flags: {named}: --model_dir={model_dir} holds a run of another "
-                            f"architecture ({where}), which its checkpoints cannot be restored into. Give the run's "
-                            f"values (--flagfile={os.path.join(model_dir, FLAGS_FILE)} repeats them), or another "
+  recorded = read_config(model_dir)
+  architecture = architecture_differences(recorded, model_config)
+  state = optimizer_state_differences(recorded, optimisation) if optimisation is not None else []
+  if architecture or state:
+    named = ", ".join(f"--{name}={given} (the run: {then})" for name, then, given in architecture + state)
+    what = " and ".join(w for w, d in (("architecture", architecture), ("optimizer state", state)) if d)
+    raise errors.UsageError(f"Invalid flags: {named}: --model_dir={model_dir} holds a run of another {what} "
+                            f"({where}), which its checkpoints cannot be restored into. Give the run's values "
+                            f"(--flagfile={os.path.join(model_dir, FLAGS_FILE)} repeats them), or another "
                             "--model_dir")
 
 
