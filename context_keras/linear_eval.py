@@ -133,9 +133,11 @@ def job_config():
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
       weight_decay=FLAGS.weight_decay, decay_epochs=decay, decay_factor=FLAGS.decay_factor,
       warmup_epochs=FLAGS.warmup_epochs, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
-  if config.train_augmentation != "random_resized_crop" and config.resize_size < config.crop_size:
+  if config.resize_size < config.crop_size:
+    # Every augmentation: the validation images are centre-cropped from the resized image.
     raise errors.UsageError(f"Invalid flags: --resize_size={config.resize_size} is smaller than --crop_size="
-                            f"{config.crop_size}")
+                            f"{config.crop_size}: the validation crop (and random_crop's) is cut from the image "
+                            "resized to --resize_size")
   return config
 
 

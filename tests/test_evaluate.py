@@ -17,6 +17,7 @@ from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as SJ
 from context_keras.input import decoding as DEC
+from context_keras.input import labelled as labelled_lib
 from context_keras.input import sources as S
 from context_keras.model import fold as FO
 from context_keras.model import networks as MD
@@ -25,6 +26,7 @@ from context_keras.training import warm_start as WS
 from helpers import REPO
 from helpers import last_json
 from helpers import log_of
+from helpers import random_subject
 from helpers import run_module
 from helpers import write_png
 
@@ -292,3 +294,16 @@ def test_multi_label_fine_tuning_ignores_difficult_entries():
   tuner = finetune.FineTuner(backbone, "fc6", 3, True, "drop", config, steps=10)
   tuner.train_step(images, tf.constant([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8) * 0 - 1)
   np.testing.assert_allclose(tuner.logits(images).numpy(), 0.0, atol=1e-6)  # all ignored: nothing learned
+
+
+@pytest.mark.slow  # fine-tunes two small networks twice
+def test_finetune_says_rescaled_only_when_it_rescaled(labelled):
+  """A residual tower is not rescaled (the calibration is defined for chains, method.md §5.2): the result says so
+  and does not claim it rescaled; a chain tower is, and says so."""
+  for model, rescaled in (({"backbone": "resnet18"}, False), ({}, True)):
+    result = finetune.evaluate(random_subject(**model), finetune.Config(
+        splits=labelled_lib.Splits(data=str(labelled)), folds=3, image_size=96, epochs=1, batch_size=8,
+        rescale_patches=16)).metrics
+    assert result["rescaled_before_training"] is rescaled, (model, result)
+    for who in ("", linear.RANDOM):
+      assert ("skipped" not in result[who + "rescale"]) is rescaled, (model, result[who + "rescale"])

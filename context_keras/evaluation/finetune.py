@@ -209,7 +209,8 @@ def evaluate(subject, config):
   result.update({"layer": layer, "frozen_layers": frozen, "classes": list(train.classes), **counts,
                  "epochs": config.epochs,
                  "learning_rate": config.learning_rate, "image_size": config.image_size,
-                 "rescaled_before_training": bool(config.rescale and not subject.rescaled)})
+                 # Whether the subject's backbone was rescaled here: a residual tower never is (rescale_backbone).
+                 "rescaled_before_training": "skipped" not in result.get("rescale", {"skipped": "not asked"})})
   if not train.multi_label:
     result["chance"] = 1.0 / len(train.classes)
   return Result(result)

@@ -225,15 +225,17 @@ def distributed(strategy, batch_size, make):
 # Heads and their training
 
 
-def build_heads(dims, classes, batchnorm):
+def build_heads(dims, classes, batchnorm, seed=0):
   """{layer: pooled features [N, dims]} -> {layer: logits [N, classes]}: per layer an optional batch norm (Goyal et
-  al. 2019, as VISSL: momentum 0.9 in Keras' convention, epsilon 1e-5) and a linear layer."""
+  al. 2019, as VISSL: momentum 0.9 in Keras' convention, epsilon 1e-5) and a linear layer, its kernel drawn from
+  (seed, the layer's position): the job is a function of its seed from its first step."""
   inputs = {name: keras.Input((d,), name=name) for name, d in dims.items()}
   outputs = {}
-  for name, x in inputs.items():
+  for k, (name, x) in enumerate(inputs.items()):
     if batchnorm:
       x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
-    outputs[name] = keras.layers.Dense(classes, name=f"{name}_linear", dtype="float32")(x)
+    outputs[name] = keras.layers.Dense(classes, name=f"{name}_linear", dtype="float32",
+                                       kernel_initializer=keras.initializers.GlorotUniform(seed * 1_000 + k))(x)
   return keras.Model(inputs, outputs, name="heads")
 
 
@@ -249,7 +251,7 @@ class HeadTrainer:
     schedule = StepSchedule(config.learning_rate * config.batch_size / LR_REFERENCE_BATCH, boundaries,
                             config.decay_factor, round(config.warmup_epochs * steps_per_epoch_))
     with strategy.scope():
-      self.heads = build_heads(extractor.dims, classes, config.head_batchnorm)
+      self.heads = build_heads(extractor.dims, classes, config.head_batchnorm, config.seed)
       self.optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov)
       self.optimizer.build(self.heads.trainable_variables)
     self.kernels = [v for v in self.heads.trainable_variables if v.path.endswith("kernel")]
