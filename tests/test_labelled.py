@@ -339,3 +339,35 @@ def test_linear_job_is_a_pure_function_of_its_seed_and_resumes_exactly(tmp_path)
   saved = tf.train.Checkpoint(**half.checkpoint_items()).save(str(tmp_path / "ckpt"))
   resumed, rest = job(start=2 * 4, restore_from=saved, steps=2)
   assert rest == losses[2:] and J.weights_digest(resumed.heads) == J.weights_digest(first.heads)
+
+
+def _class_folders(root, classes, per_class, size=100):
+  rng = np.random.default_rng(classes * 100 + per_class)
+  for c in range(classes):
+    (root / f"class{c}").mkdir(parents=True)
+    for i in range(per_class):
+      write_png(root / f"class{c}" / f"{i}.png", rng.integers(40 * c % 200, 40 * c % 200 + 55, (size, size, 3),
+                                                               dtype=np.uint8))
+  return root
+
+
+@pytest.mark.slow  # features of two small networks
+def test_knn_refuses_or_says_what_it_used_and_top5_only_where_it_means_something(tmp_path, caplog):
+  """k-NN cross-validated on one image per class is refused as the linear probe refuses it (every test image's
+  class was absent from its training folds: 0.0); a k above the training images says which k voted; top-5 accuracy is
+  left out with five classes or fewer (it is always 1.0 there)."""
+  subject = random_subject()
+  single = _class_folders(tmp_path / "single", 3, 1)
+  for protocol, config in ((knn, knn.Config(splits=L.Splits(data=str(single)), image_size=96, folds=2)),
+                           (linear, linear.Config(splits=L.Splits(data=str(single)), image_size=96, folds=2))):
+    with pytest.raises(errors.UsageError, match=r"--folds=2 needs at least 2 images in every class of --data="):
+      protocol.evaluate(subject, config)
+  few = _class_folders(tmp_path / "few", 3, 2)
+  result = knn.evaluate(subject, knn.Config(splits=L.Splits(train_data=str(few), val_data=str(few)), image_size=96,
+                                            k=20, layer="conv1")).metrics
+  assert result["k"] == 6 and result["knn_k"] == 20 and "top5_accuracy" not in result, result
+  assert "--knn_k=20 is more than the 6 training images: all 6 vote" in caplog.text
+  many = _class_folders(tmp_path / "many", 6, 2)
+  result = knn.evaluate(subject, knn.Config(splits=L.Splits(data=str(many)), image_size=96, folds=2, k=3,
+                                            layer="conv1")).metrics
+  assert result["k"] == 3 and "knn_k" not in result and "top5_accuracy" in result, result
