@@ -48,7 +48,18 @@ def test_ablation_trains_evaluates_and_writes_table_json_and_plot(tmp_path, phot
   assert "| mundhenk |" in table and "| random init |" in table and "probe conv3" in table
   plot = tf.io.decode_png(tf.io.read_file(str(out / "ablation.png"))).numpy()
   assert plot.shape[0] > 200 and len(np.unique(plot.reshape(-1, plot.shape[-1]), axis=0)) > 4
+  flags = run.pop("flags")
   assert json.loads((out / "runs" / "mundhenk_s0" / "ablation_eval.json").read_text())["scores"] == run
+  # The record holds every flag that shaped the run (the variant's and the seed included); the run is reused only
+  # for the same ones: another learning rate is refused before anything trains, naming the run and the flag.
+  assert flags["rotation_classes"] is True and flags["seed"] == 0 and flags["train_steps"] == 4
+  assert flags["width_multiplier"] == 0.0625 and "log_every" not in flags and "model_dir" not in flags
+  again = run_module(ablation_args(tmp_path, "--variants=mundhenk", "--seeds=0", "--learning_rate=0.01", *probe),
+                     cwd=tmp_path, timeout=300)
+  assert again.returncode == 2 and "Traceback" not in log_of(again), log_of(again)
+  assert (f"--output={out} holds runs trained with other flags: runs/mundhenk_s0 (--learning_rate: 0.0001 then, "
+          "0.01 now)") in log_of(again)
+  assert "Training mundhenk" not in log_of(again)
 
 
 @pytest.mark.slow
@@ -64,3 +75,10 @@ def test_flagfiles_parse_and_usage_errors_are_one_line(tmp_path):
                        "--variants=baseline,flip"], cwd=REPO, timeout=120)
   assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
   assert "--variants=flip do not work with --geometry=revisiting" in log_of(result), log_of(result)
+  # A fix given to the ablation itself would be in every variant, the baseline included: refused, named.
+  for fix in ("--rotation_classes", "--color_mode=chroma_blur", "--flagfile=flags/mundhenk.cfg"):
+    result = run_module(["context_keras.ablation", "--flagfile=flags/ablation_demo.cfg", fix,
+                         f"--output={tmp_path / 'out'}"], cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in log_of(result), log_of(result)
+    assert "is one of the fixes the variants compare" in log_of(result), log_of(result)
+    assert not (tmp_path / "out" / "runs").exists()
