@@ -187,20 +187,28 @@ def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
 
 
 @pytest.mark.slow
-def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
+def test_training_pipeline_skips_counts_and_names_bad_files(bad_folder):
+  """Each batch counts the images skipped since the previous one, and carries their stream positions and reasons
+  (graph code: the host names them, sources.stream_image); every pass names exactly the bad files."""
   folder, _ = bad_folder
   source = S.find_source(str(folder))
   S.check_readable(source)
   totals = {"images": 0, "too_small": 0, "unreadable": 0}
+  named = []
   for batch in D.make_dataset(D.InputConfig(data=str(folder), **SMALL), source):
     n, m = int(batch["patch_mask"].numpy().sum()), int(batch["pair_mask"].numpy().sum())
     assert n > 0 and m > 0 and batch["first"].numpy()[:m].max() < n
     assert np.isfinite(batch["patches"].numpy()).all()
     for kind in totals:
       totals[kind] += int(batch[kind])
+    named += [(S.stream_image(source, 0, 0, 1, int(index)), D.SKIPPED_REASONS[int(reason)])
+              for index, reason in zip(batch["skipped"].numpy(), batch["skipped_reason"].numpy()) if index >= 0]
     if sum(totals.values()) >= 3 * len(source.paths):
       break
   assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(UNREADABLE)})
+  expected = {**{name: "unreadable" for name in UNREADABLE}, **{name: "too small for a grid" for name in TOO_SMALL}}
+  assert {os.path.basename(path): reason for path, reason in named} == expected
+  assert len(named) <= totals["too_small"] + totals["unreadable"] and len(named) >= 2 * len(expected)
 
 
 @pytest.mark.slow

@@ -315,6 +315,19 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   return records.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def stream_image(source, seed, pipeline_id, num_pipelines, index):
+  """What image `index` of the stream of training_images(source, seed, ..., pipeline_id, num_pipelines) is (the index
+  the input pipeline counts from its start, as data.grids_of_images): a file's path, found from the seeded order of
+  its epoch; for TFRecord shards, whose order a shuffle buffer makes (not kept), only the position. Host-side: for
+  naming the few images the pipeline skips."""
+  position = index * num_pipelines + pipeline_id  # in the stream shared by all pipelines
+  if source.kind != "files":
+    return f"image {position} of the TFRecord stream of {source.description}"
+  epoch, offset = divmod(position, len(source.paths))
+  order = epoch_order(len(source.paths), tf.constant(seed, tf.int64), tf.constant(epoch, tf.int64))
+  return source.paths[int(order[offset])]
+
+
 # The stand-in for the unread rest of a damaged shard: parse_record refuses it, so that it is skipped and counted
 # where the damage lies in the stream (once per read of the shard), not raised by the reader ahead of the shuffle
 # buffer (where one damaged shard of a small data set made hundreds of errors before the first batch).
