@@ -371,3 +371,22 @@ def test_knn_refuses_or_says_what_it_used_and_top5_only_where_it_means_something
   result = knn.evaluate(subject, knn.Config(splits=L.Splits(data=str(many)), image_size=96, folds=2, k=3,
                                             layer="conv1")).metrics
   assert result["k"] == 3 and "knn_k" not in result and "top5_accuracy" in result, result
+
+
+def test_training_images_among_the_validation_images_are_named(imagenet, tmp_path, caplog):
+  """--train_data equal to --val_data (a folder, its labels file, shards), or validation images that are training
+  images too, give a warning naming them: the validation score would measure memorisation (accuracy 1.0)."""
+  train = str(imagenet / "train")
+  L.Splits(train_data=train, val_data=train).find()
+  assert f"--train_data and --val_data name the same 7 images (folder {train}" in caplog.text
+  caplog.clear()
+  (imagenet / "mixed.txt").write_text("n01440764/n01440764_0.JPEG n01440764\nn01443537/n01443537_1.JPEG n01443537\n")
+  L.Splits(train_data=train, val_data=train, val_labels=str(imagenet / "mixed.txt")).find()
+  assert "2 of the 2 validation images are training images too (" in caplog.text
+  caplog.clear()
+  L.Splits(train_data=train, val_data=str(imagenet / "val"), val_labels=str(imagenet / "val.txt")).find()
+  assert "validation images" not in caplog.text and "same" not in caplog.text
+  PR.prepare(PR.PrepareConfig(data=train, output=str(tmp_path / "shards"), num_shards=2, labels="folders"))
+  shards = str(tmp_path / "shards" / "*.tfrecord")
+  L.Splits(train_data=shards, val_data=shards).find()
+  assert "--train_data and --val_data name the same 2 TFRecord shards" in caplog.text

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -90,6 +91,7 @@ class Splits:
     train = find(self.train_data, self.train_labels, "--train_data", "--train_labels", multi_label=self.multi_label)
     val = find(self.val_data, self.val_labels, "--val_data", "--val_labels", classes=train.classes,
                multi_label=self.multi_label)
+    warn_overlap(train, val)
     return train, val
 
 
@@ -267,6 +269,26 @@ def _class_index(classes):
 def _some(classes):
   classes = list(classes or [])
   return ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+
+
+def warn_overlap(train, val):
+  """A warning naming the validation images (or shards) that are training ones too: a score on them measures what
+  the probe memorised (1.0 for the same set), not what the features carry."""
+  def real(paths):
+    return {os.path.realpath(p): p for p in paths}
+  ours, theirs = real(train.paths), real(val.paths)
+  shared = [theirs[p] for p in theirs if p in ours]
+  if not shared:
+    return
+  what = "TFRecord shards" if val.kind == "tfrecord" else "images"
+  if len(shared) == len(ours) == len(theirs):
+    logging.warning("--train_data and --val_data name the same %d %s (%s): the validation score measures "
+                    "memorisation (accuracy near 1.0), not what the features carry. Give held-out images as "
+                    "--val_data.", len(shared), what, train.description)
+  else:
+    logging.warning("%d of the %d validation %s are training %s too (%s%s): the validation score counts "
+                    "memorisation on them.", len(shared), len(theirs), what, what, ", ".join(shared[:3]),
+                    ", ..." if len(shared) > 3 else "")
 
 
 def check_compatible(train, val, val_flag="--val_data"):
