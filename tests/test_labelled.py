@@ -390,3 +390,37 @@ def test_training_images_among_the_validation_images_are_named(imagenet, tmp_pat
   shards = str(tmp_path / "shards" / "*.tfrecord")
   L.Splits(train_data=shards, val_data=shards).find()
   assert "--train_data and --val_data name the same 2 TFRecord shards" in caplog.text
+
+
+@pytest.mark.slow  # trains the heads
+def test_linear_job_scores_multi_label_sets_by_average_precision(tmp_path):
+  """VOC 2007's classification at scale: one logistic regression per class and layer, IGNORED entries left out of the
+  loss and of the ranking, per-class AP and mAP from every validation image's scores; prepare, which writes one
+  class per image, says where a multi-label set goes instead of suggesting a flag it does not have."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(24):
+    bright = i % 2 == 0
+    write_png(tmp_path / f"{i}.png", rng.integers(140 if bright else 0, 255 if bright else 115, (100, 100, 3),
+                                                  dtype=np.uint8))
+    lines.append(f"{i}.png {'bright' if bright else 'dark'},{'?' if i % 5 == 0 else ''}any")
+  (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n")
+  lset = L.find(None, str(tmp_path / "labels.txt"), multi_label=True)
+  assert lset.classes == ("any", "bright", "dark")
+  config = J.JobConfig(crop_size=96, resize_size=100, batch_size=4, epochs=3, learning_rate=1.0)
+  strategy = tf.distribute.get_strategy()
+  extractor = F.Extractor(_brightness_features, F.plan(_brightness_features, ["conv1"], 96, 64))
+  trainer = J.HeadTrainer(strategy, extractor, 3, config, J.steps_per_epoch(lset.size, 4), multi_label=True)
+  iterator = iter(J.distributed(strategy, 4, lambda pipeline: J.train_dataset(lset, config, 0, pipeline)))
+  values = trainer.train_loop(iterator, tf.constant(J.total_steps(config, lset.size)))
+  assert np.isfinite(float(values["loss_conv1"])) and float(values["examples"]) == 72
+  steps = J.val_steps(lset.size, 4)
+  dataset = J.distributed(strategy, 4, lambda pipeline: J.val_dataset(lset, config, steps, pipeline))
+  per_layer, examples, unreadable = trainer.evaluate_multi_label(dataset, steps, lset.classes)
+  assert examples == 24 and unreadable == 0
+  assert per_layer["conv1"]["per_class_ap"]["bright"] > 0.95 and per_layer["conv1"]["per_class_ap"]["dark"] > 0.95
+  assert 0 < per_layer["conv1"]["map_auc"] <= 1 and per_layer["conv1"]["dims"] == 48
+  with pytest.raises(errors.DataError, match="labelled shards hold one class per image: give a multi-label set to "
+                                             "evaluate or linear_eval"):
+    PR.prepare(PR.PrepareConfig(data=str(tmp_path), output=str(tmp_path / "shards"), num_shards=1,
+                                labels=str(tmp_path / "labels.txt")))

@@ -158,7 +158,15 @@ def read_labels_file(path, flag="--labels"):
   return entries
 
 
-def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels", classes=None, multi_label=False):
+# What a program that reads multi-label sets says to a labels file with several labels on a line; prepare, which
+# writes one class per record, says MULTI_LABEL_ELSEWHERE.
+MULTI_LABEL_HINT = "pass --multi_label for multi-label classification"
+MULTI_LABEL_ELSEWHERE = ("labelled shards hold one class per image: give a multi-label set to evaluate or linear_eval "
+                         "as its images and this labels file, with --multi_label")
+
+
+def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels", classes=None, multi_label=False,
+                   multi_label_hint=MULTI_LABEL_HINT):
   """The images a labels file names, under the folder `data` (default: the labels file's folder)."""
   labels_path = sources.resolve_path(labels_file)
   root = sources.resolve_path(data) if data else os.path.dirname(os.path.abspath(labels_path))
@@ -170,7 +178,7 @@ def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels"
     several = next(((n, labels) for n, _, labels in entries if len(labels) != 1), None)
     if several:
       raise errors.DataError(f"{where}: line {several[0]} gives {len(several[1])} labels, not 1"
-                             + (" (pass --multi_label for multi-label classification)" if several[1] else ""))
+                             + (f" ({multi_label_hint})" if several[1] else ""))
   given = classes is not None  # then an integer label may also be an index into them
   if not given:
     names = {label.lstrip(IGNORED_PREFIX) for _, _, labels in entries for label in labels}
