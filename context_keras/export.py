@@ -74,7 +74,7 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
     check_rescalable(folded, run.model_config)
   logging.info("Exporting %s (step %d) to %s.", run.checkpoint, run.step, output)
   caffe_pooling = fold.caffe_pooling(run.model_config, pooling)
-  about = serving.provenance(run.step, run.checkpoint, run.config.input)
+  about = serving.provenance(run.step, run.checkpoint, run.config.input, spans=run.config.spans)
   summary = dict(run.describe(), output=output, pooling="caffe" if caffe_pooling else "trained")
 
   report = None

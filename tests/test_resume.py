@@ -110,3 +110,26 @@ def test_a_resume_that_leaves_a_checkpoint_value_unrestored_stops_in_one_line(tm
   trainer = T.Trainer(tf.distribute.get_strategy(), SMALL, T.OptimConfig(momentum=0.9))
   train.restore(latest, trainer, {k: tf.Variable(0, dtype=tf.int64, name=k) for k in T.COUNTERS})
   assert trainer.current_step() == 2
+
+
+@pytest.mark.slow  # exports a network
+def test_config_json_keeps_what_each_span_of_steps_was_trained_with(tmp_path):
+  """A resume with other training flags (the shortcut fixes switched off, another learning rate) starts a span of
+  its own in config.json, named flag by flag; exports of the run list every span up to their step."""
+  with_fixes = D.InputConfig(data="unused", color_mode="chroma_blur", yoked_jitter=True, random_aperture=True)
+  config = run_dir.RunConfig(SMALL, with_fixes, T.OptimConfig(learning_rate=0.01))
+  first, differences = run_dir.continued(None, config, 0)
+  assert differences == [] and [s["from_step"] for s in first.spans] == [0]
+  same, differences = run_dir.continued(first, config, 10)
+  assert differences == [] and same.spans == first.spans
+  off = run_dir.RunConfig(SMALL, D.InputConfig(data="unused"), T.OptimConfig(learning_rate=0.001))
+  second, differences = run_dir.continued(first, off, 10)
+  assert differences == [("color_mode", "chroma_blur", "drop"), ("yoked_jitter", True, False),
+                         ("random_aperture", True, False), ("learning_rate", 0.01, 0.001)]
+  assert [(s["from_step"], s["input"]["yoked_jitter"]) for s in second.spans] == [(0, True), (10, False)]
+  write_run(tmp_path / "run", steps=12)
+  run_dir.write_config(str(tmp_path / "run"), second)
+  assert run_dir.read_config(str(tmp_path / "run")).spans == second.spans
+  export.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+  info = json.loads((tmp_path / "out" / serving.BACKBONE_DIR / serving.METADATA_FILE).read_text())
+  assert [(s["from_step"], s["input"]["color_mode"]) for s in info["spans"]] == [(0, "chroma_blur"), (10, "drop")]

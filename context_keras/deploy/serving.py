@@ -165,12 +165,17 @@ def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry
   return info
 
 
-def provenance(step, checkpoint, input_config, rescaled=False):
+def provenance(step, checkpoint, input_config, rescaled=False, spans=()):
   """What an export's metadata says about where its weights came from and how they were trained: the step and
-  checkpoint (None for a training export between checkpoints), the pixelation, and what the pair classifier's classes
-  mean (method.md §9.6: shortcuts.label_names of these)."""
-  return {"checkpoint": checkpoint, "step": step, "pixelation": input_config.pixelation, "rescaled": rescaled,
+  checkpoint (None for a training export between checkpoints), the pixelation, what the pair classifier's classes
+  mean (method.md §9.6: shortcuts.label_names of these), and `spans` (run_dir.RunConfig.spans: what each span of the
+  steps up to `step` was trained with, when a resume changed it)."""
+  info = {"checkpoint": checkpoint, "step": step, "pixelation": input_config.pixelation, "rescaled": rescaled,
           "rotation_classes": input_config.rotation_classes, "flip_relabel": input_config.flip_relabel}
+  spans = [span for span in spans if span["from_step"] < step or span["from_step"] == 0]
+  if len(spans) > 1:
+    info["spans"] = spans
+  return info
 
 
 def write_metadata(path, info):

@@ -122,15 +122,44 @@ def write_flags(model_dir, lines):
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """What a run was trained with, as RUN/config.json records it; `init_from`, what the run started from
-  (warm_start.initialise's record), or None for a run from random initialisation."""
+  (warm_start.initialise's record), or None for a run from random initialisation. `spans`: what each span of its
+  steps was trained with, [{"from_step", "input", "optimisation"}] in step order, one more whenever a resume changed
+  them (continued); `input` and `optimisation` are the last span's."""
   model: model_lib.ModelConfig
   input: data_lib.InputConfig
   optimisation: trainer_lib.OptimConfig
   init_from: dict = None
+  spans: tuple = ()
 
   @property
   def train_steps(self):
     return self.optimisation.train_steps
+
+  def span_from(self, step):
+    """This config's input and optimisation as the span that begins at `step`."""
+    return {"from_step": step, **_as_json({"input": self.input, "optimisation": self.optimisation})}
+
+
+def _as_json(value):
+  """A config (or dict of configs) as config.json stores it: tuples become lists, dataclasses dicts."""
+  return json.loads(json.dumps(value, default=dataclasses.asdict))
+
+
+def continued(recorded, config, step):
+  """(`config` with the spans of the run's `recorded` config, plus a span from `step` on when its input or
+  optimisation differ from the last span's; the flags that differ, [(name, then, now)]). Training at `step` (0 for
+  a new run, which gets its first span)."""
+  spans = list(recorded.spans) if recorded is not None else []
+  if recorded is not None and not spans:  # a run recorded before spans were: one span of what it recorded
+    spans.append(recorded.span_from(0))
+  now = config.span_from(step)
+  last = spans[-1] if spans else None
+  differences = [] if last is None else [
+      (name, last[part].get(name), value) for part in ("input", "optimisation") for name, value in now[part].items()
+      if value != last[part].get(name)]
+  if last is None or differences:
+    spans.append(now)
+  return dataclasses.replace(config, spans=tuple(spans)), differences
 
 
 def write_config(model_dir, config):
@@ -198,14 +227,14 @@ def read_config(model_dir):
       with open(path, encoding="utf-8") as f:
         recorded = json.load(f)
       parts = (recorded["model"], recorded["input"], recorded["optimisation"])
-      init_from = recorded.get("init_from")
+      init_from, spans = recorded.get("init_from"), tuple(recorded.get("spans", ()))
     elif os.path.isfile(os.path.join(model_dir, FLAGS_FILE)):
-      parts, init_from = (read_flags(model_dir),) * 3, None
+      parts, init_from, spans = (read_flags(model_dir),) * 3, None, ()
     else:
       raise errors.UsageError(f"--model_dir={model_dir} has no {CONFIG_FILE} or {FLAGS_FILE}: not a run directory "
                               "of context_keras.train")
     return RunConfig(_from_values(model_lib.ModelConfig, parts[0]), _from_values(data_lib.InputConfig, parts[1]),
-                     _from_values(trainer_lib.OptimConfig, parts[2]), init_from)
+                     _from_values(trainer_lib.OptimConfig, parts[2]), init_from, spans)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: {e}") from e
 
