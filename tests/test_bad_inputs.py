@@ -508,6 +508,16 @@ def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_pa
   assert counts and "Training finished at step 20." in train, train[-3000:]
   totals = dict(zip(("images", "too_small", "unreadable"), (int(c) for c in counts[-1])))
   assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(unreadable)})
+  # Each skipped image named once, with its reason, in RUN/skipped.txt; the first five in the log too.
+  skipped = [line.split("\t") for line in (tmp_path / "run" / "skipped.txt").read_text().splitlines()]
+  assert {path: reason for _, reason, path in skipped} == {
+      **{str(folder / name): "unreadable" for name in unreadable},
+      **{str(folder / name): "too small for a grid" for name in TOO_SMALL}}, skipped
+  assert len(skipped) == len(unreadable) + len(TOO_SMALL) and all(0 < int(step) <= 20 for step, _, _ in skipped)
+  for step, reason, path in skipped[:5]:
+    assert f"Skipped {path}: {reason} (by step {step})." in train
+  assert f"More skipped images are named in {tmp_path / 'run' / 'skipped.txt'} only." in train
+  assert f"Skipped {skipped[5][2]}:" not in train
 
   rejected = dict(line.split("\t") for line in (tmp_path / "shards" / "rejected.txt").read_text().splitlines())
   assert sorted(rejected) == sorted(str(folder / name) for name in {**TOO_SMALL, **unreadable})
@@ -707,6 +717,9 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
                                "run of another architecture ({run}/config.json)",
       "--head=revisiting": "Invalid flags: --head=revisiting (the run: doersch): --model_dir={run} holds a run of "
                            "another architecture ({run}/config.json)",
+      # The run's momentum slots would be left unrestored (or missing): the optimizer's state is compared too.
+      "--momentum=0": "Invalid flags: --momentum=0.0 (the run: 0.9): --model_dir={run} holds a run of another "
+                      "optimizer state ({run}/config.json)",
   }
   runs = []
   for i, flag in enumerate(train_cases):
@@ -755,21 +768,36 @@ def test_resume_with_nothing_to_train_or_another_listing(small_run, photo_dir, t
   """Resuming a finished run (its --train_steps reached) with other flags rewrites nothing: flags.txt and
   config.json keep saying how the checkpoints were made. Resuming on a listing of --data that gained a file says
   that the input cannot resume at its exact position; the same listing resumes silently."""
-  runs = {name: tmp_path / name for name in ("finished", "grown", "same")}
+  runs = {name: tmp_path / name for name in ("finished", "grown", "same", "fixes")}
   for run in runs.values():
     shutil.copytree(small_run, run)
   state = run_state(small_run)
   grown = tmp_path / "grown.txt"
   grown.write_text(open(f"{REPO}/flags/demo_photos.txt", encoding="utf-8").read() + "coffee.png\nchelsea.png\n"
                    "page.png\n")
-  results = run_all([(demo_args(runs["finished"], "--train_steps=10", "--learning_rate=0.5"), None),
+  fixes = ["--color_mode=chroma_blur", "--yoked_jitter", "--random_aperture", "--flip_relabel"]
+  results = run_all([(demo_args(runs["finished"], "--train_steps=10", "--learning_rate=0.5",
+                                f"--init_from={small_run}"), None),
                      (demo_args(runs["grown"], f"--data={grown}", "--train_steps=12"), None),
-                     (demo_args(runs["same"], "--train_steps=12"), None)], tmp_path)
+                     (demo_args(runs["same"], "--train_steps=12"), None),
+                     (demo_args(runs["fixes"], "--train_steps=12", *fixes), None)], tmp_path)
   for code, text in results:
     assert code == 0 and "Traceback" not in text, text[-3000:]
-  finished, grown_log, same = (text for _, text in results)
+  finished, grown_log, same, fixed = (text for _, text in results)
   assert f"Step 10 of {runs['finished']}/ckpt-10 already reaches --train_steps=10: nothing to train." in finished
+  assert (f"--init_from={small_run} is not used: --model_dir={runs['finished']} holds a checkpoint (ckpt-10), which "
+          "the run resumes from.") in finished
   assert run_state(runs["finished"]) == state  # flags.txt and config.json included
+  # Resumed with the shortcut fixes switched (on here; off alike): said in one line, kept in config.json as a span of
+  # its own, and the export at the end lists both spans.
+  assert ("Resuming at step 10 with other training flags than the run's steps 0-10: --color_mode=chroma_blur (then "
+          "drop), --yoked_jitter=True (then False), --random_aperture=True (then False), --flip_relabel=True (then "
+          "False), --train_steps=12 (then 10).") in fixed, fixed[-3000:]
+  spans = json.loads((runs["fixes"] / "config.json").read_text())["spans"]
+  assert [(s["from_step"], s["input"]["color_mode"], s["optimisation"]["train_steps"]) for s in spans] == [
+      (0, "drop", 10), (10, "chroma_blur", 12)]
+  metadata = json.loads((runs["fixes"] / "export" / "backbone_12" / "assets.extra" / "context_keras.json").read_text())
+  assert metadata["spans"] == spans and metadata["step"] == 12
   assert ("The input cannot resume at its exact position (the listing of --data changed since the checkpoint: 18 "
           "images then, 21 now, or other names): reading a fresh stream.") in grown_log, grown_log[-3000:]
   assert "Resumed from" in same and "cannot resume at its exact position" not in same, same[-3000:]

@@ -424,3 +424,18 @@ def test_linear_job_scores_multi_label_sets_by_average_precision(tmp_path):
                                              "evaluate or linear_eval"):
     PR.prepare(PR.PrepareConfig(data=str(tmp_path), output=str(tmp_path / "shards"), num_shards=1,
                                 labels=str(tmp_path / "labels.txt")))
+
+
+@pytest.mark.slow  # evaluates two sets of heads
+def test_linear_job_reports_top5_only_with_more_than_five_classes(tmp_path):
+  """Top-5 accuracy is always 1.0 with five classes or fewer: the linear job leaves it out there."""
+  extractor = F.Extractor(_brightness_features, F.plan(_brightness_features, ["conv1"], 96, 64))
+  config = J.JobConfig(crop_size=96, resize_size=100, batch_size=4)
+  strategy = tf.distribute.get_strategy()
+  for classes in (3, 6):
+    lset = L.find(str(_class_folders(tmp_path / str(classes), classes, 2)))
+    trainer = J.HeadTrainer(strategy, extractor, classes, config, 1)
+    steps = J.val_steps(lset.size, 4)
+    dataset = J.distributed(strategy, 4, lambda pipeline, lset=lset: J.val_dataset(lset, config, steps, pipeline))
+    per_layer, examples, _ = trainer.evaluate(dataset, steps, lset.classes)
+    assert examples == lset.size and ("top5" in per_layer["conv1"]) is (classes > 5), per_layer

@@ -85,6 +85,8 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   result, again = ([json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
                    for out in (text, again_text))
   assert again["per_layer"] == result["per_layer"] and again["per_class_top1"] == result["per_class_top1"]
+  assert again["heads_digest"] == result["heads_digest"]
+  assert "top5" not in result and "top5" not in result["per_layer"]["conv1"]  # always 1.0 with two classes
   assert result == json.loads((tmp_path / "whole" / "linear_eval.json").read_text())
   per_layer = result["per_layer"]
   assert set(per_layer) == set(LAYERS) and result["best_layer"] == "conv1"
@@ -108,6 +110,7 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   after = losses(log_of(resumed))
   assert after and after == {step: loss for step, loss in losses(text).items() if step in after}, after
   assert last_json(resumed)["per_layer"] == per_layer
+  assert last_json(resumed)["heads_digest"] == result["heads_digest"]
 
 
 @pytest.mark.slow
@@ -179,3 +182,22 @@ def test_flags_that_cannot_work_stop_at_start(informative, brightness, exported,
                      for i, extra in enumerate(cases)], tmp_path)
   for (extra, message), (code, text) in zip(cases.items(), results):
     assert code == 2 and message in text and "Traceback" not in text, (extra, text[-3000:])
+
+
+@pytest.mark.slow
+def test_multi_label_sets_are_scored_by_average_precision(informative, brightness, tmp_path):
+  """--multi_label (which labelled.py's messages suggest) reads a labels file of several labels per image and
+  reports per-layer mAP and the best layer's per-class AP; a validation set that is the training set is named in a
+  warning (its accuracy would be memorisation)."""
+  train, _ = brightness
+  lines = [f"{name}/{i}.png {name},{'?' if i % 4 == 0 else ''}any" for name in ("dark", "bright") for i in range(24)]
+  (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n")
+  labels = [f"--train_labels={tmp_path / 'labels.txt'}", f"--val_labels={tmp_path / 'labels.txt'}"]
+  result = run_module(job(informative, train, train, tmp_path / "eval", "--multi_label", *labels), cwd=tmp_path)
+  assert result.returncode == 0, log_of(result)
+  metrics = last_json(result)
+  assert metrics["multi_label"] and metrics["best_layer"] == "conv1" and metrics["val_images"] == 48
+  assert metrics["per_class_ap"]["dark"] > 0.9 and metrics["per_class_ap"]["bright"] > 0.9
+  assert set(metrics["per_layer"]["conv1"]) == {"map_auc", "map_11point", "dims"}
+  assert "top1" not in metrics and "chance" not in metrics
+  assert "--train_data and --val_data name the same 48 images" in log_of(result)

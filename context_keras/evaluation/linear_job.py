@@ -28,6 +28,7 @@ from context_keras.training import control
 
 PROTOCOLS = ("image", "patches")
 AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")
+TOP5_CLASSES = 5  # top-5 accuracy is reported with more classes than this only (with fewer it is always 1.0)
 # The per-256-images learning rate is scaled linearly with the batch size, as Goyal et al. 2019 and Kolesnikov et
 # al. 2019 do (their learning rates are quoted per 256 images).
 LR_REFERENCE_BATCH = 256
@@ -378,17 +379,20 @@ class HeadTrainer:
     return totals
 
   def evaluate(self, dataset, steps, class_names):
-    """Per-layer top-1 and top-5 on a validation dataset of `steps` batches, per-class top-1 of every layer."""
+    """Per-layer top-1 and top-5 on a validation dataset of `steps` batches, per-class top-1 of every layer. Top-5 is
+    left out with five classes or fewer, where it is always 1.0."""
     totals = {k: np.asarray(v) for k, v in self.eval_loop(iter(dataset), tf.constant(steps)).items()}
     examples = max(float(totals["examples"]), 1.0)
     count = totals["class_count"]
     per_layer = {}
     for name in self.layers:
-      per_layer[name] = {"top1": float(totals["top1_" + name]) / examples,
-                         "top5": float(totals["top5_" + name]) / examples,
-                         "dims": self.extractor.dims[name],
-                         "per_class_top1": {class_names[c]: float(totals["class_correct_" + name][c] / count[c])
-                                            for c in range(self.classes) if count[c] > 0}}
+      per_layer[name] = {"top1": float(totals["top1_" + name]) / examples}
+      if self.classes > TOP5_CLASSES:
+        per_layer[name]["top5"] = float(totals["top5_" + name]) / examples
+      per_layer[name].update({
+          "dims": self.extractor.dims[name],
+          "per_class_top1": {class_names[c]: float(totals["class_correct_" + name][c] / count[c])
+                             for c in range(self.classes) if count[c] > 0}})
     return per_layer, int(totals["examples"]), int(totals["unreadable"])
 
 

@@ -324,8 +324,14 @@ def stream_image(source, seed, pipeline_id, num_pipelines, index):
   if source.kind != "files":
     return f"image {position} of the TFRecord stream of {source.description}"
   epoch, offset = divmod(position, len(source.paths))
-  order = epoch_order(len(source.paths), tf.constant(seed, tf.int64), tf.constant(epoch, tf.int64))
-  return source.paths[int(order[offset])]
+  return source.paths[_epoch_order(len(source.paths), seed, epoch)[offset]]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num, seed, epoch):
+  """epoch_order as a numpy array, kept for the next image skipped in the same epoch (an epoch's order costs a
+  shuffle of the whole listing)."""
+  return epoch_order(num, tf.constant(seed, tf.int64), tf.constant(epoch, tf.int64)).numpy()
 
 
 # The stand-in for the unread rest of a damaged shard: parse_record refuses it, so that it is skipped and counted

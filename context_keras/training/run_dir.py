@@ -5,6 +5,7 @@ resume), so that every path in it and every way of reading it back has one home.
   RUN/config.json        the model, input and optimisation configs as data: what export and evaluate rebuild from
   RUN/checkpoint, ckpt-N tf.train checkpoints (tf.train.CheckpointManager's state file and checkpoints)
   RUN/train.log          the log of every training invocation, appended
+  RUN/skipped.txt        the images the input pipeline skipped, each once: step, reason, path (actions.SkippedImages)
   RUN/.lock              held (flock) by the training process while it runs
   RUN/train_quit, RUN/train_pause  control files of this run alone (besides --quit_file and --pause_file)
   RUN/train/             TensorBoard logs of training
@@ -32,6 +33,7 @@ from context_keras.training import trainer as trainer_lib
 FLAGS_FILE = "flags.txt"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
+SKIPPED_FILE = "skipped.txt"
 LOCK_FILE = writes.LOCK_FILE
 TRAIN_DIR = "train"
 EXPORT_DIR = "export"
