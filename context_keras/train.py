@@ -148,15 +148,15 @@ def run():
       if latest:
         restore(latest, trainer, counters)
         logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
-        config = dataclasses.replace(config, init_from=recorded_init_from(model_dir))
+        config = resumed(model_dir, config, trainer.current_step())
       else:
         logging.info("Starting a new run in %s.", model_dir)
         if FLAGS.init_from:
           config = dataclasses.replace(config, init_from=warm_start.initialise(trainer.networks, config.model,
                                                                                FLAGS.init_from))
+        config, _ = run_dir.continued(None, config, 0)
       batches, stream_config = input_stream(strategy, config.input, source, trainer, latest)
       iterator = iter(batches)
-    config = spans_of(model_dir, config, trainer.current_step() if latest else 0)
 
     if job.is_chief:
       try:
@@ -232,10 +232,15 @@ def optim_config(input_config, source, replicas):
   return config
 
 
-def spans_of(model_dir, config, step):
-  """`config` with the spans of the run (run_dir.continued): a resume with other training flags than its last span's
-  (the shortcut fixes switched off, another learning rate) says so in one line, and starts a span of its own."""
-  recorded = run_dir.read_config(model_dir) if step and run_dir.recorded_in(model_dir) else None
+def resumed(model_dir, config, step):
+  """The config of a run resumed at `step`: what it started from (its config.json's init_from) and the spans of its
+  steps (run_dir.continued). A resume with other training flags than its last span's (the shortcut fixes switched
+  off, another learning rate) says so in one line, and starts a span of its own."""
+  try:
+    recorded = run_dir.read_config(model_dir) if run_dir.recorded_in(model_dir) else None
+  except errors.UsageError:  # an unreadable config.json: the run goes on, recording afresh
+    recorded = None
+  config = dataclasses.replace(config, init_from=recorded.init_from if recorded else None)
   config, differences = run_dir.continued(recorded, config, step)
   if differences:
     logging.warning("Resuming at step %d with other training flags than the run's steps %d-%d: %s. %s keeps what "
@@ -249,14 +254,6 @@ def skipped_names(strategy, source, seed):
   """index -> what the image at that position of this worker's input stream is (sources.stream_image)."""
   pipeline, pipelines = distribute.input_pipeline(strategy)
   return lambda index: sources.stream_image(source, seed, pipeline, pipelines, index)
-
-
-def recorded_init_from(model_dir):
-  """What a resumed run started from, as its config.json says (None for older runs or random initialisation)."""
-  try:
-    return run_dir.read_config(model_dir).init_from
-  except errors.UsageError:
-    return None
 
 
 def input_stream(strategy, input_config, source, trainer, latest):
