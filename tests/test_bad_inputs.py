@@ -752,7 +752,7 @@ def test_invalid_flags_stop_at_start_and_keep_the_run(small_run, bad_folder, tmp
   commands = [(demo_args(run, *args, *(["--data_root="] if args[0].startswith("--data=") else [])), None)
               for run, args in zip(runs, train_args)]
   commands += [(list(args), None) for args in other_cases]
-  results = run_all(commands, tmp_path)
+  results = run_all(commands, tmp_path, timeout=600)  # 23 programs at once
   messages = [message.format(run=run) for run, message in zip(runs, train_cases.values())]
   for message, (code, text) in zip([*messages, *other_cases.values()], results):
     assert code == 2, (message, text[-3000:])

@@ -79,7 +79,8 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   train, val = brightness
   args = ["--deterministic", "--checkpoint_every=2", "--cpu_replicas=2"]
   (code, text), (again_code, again_text) = run_all(
-      [(job(informative, train, val, tmp_path / name, *args), None) for name in ("whole", "again")], tmp_path)
+      [(job(informative, train, val, tmp_path / name, *args), None) for name in ("whole", "again")], tmp_path,
+      timeout=600)
   assert code == 0 and again_code == 0, (text[-3000:], again_text[-3000:])
   assert len(losses(text)) == 6 and losses(again_text) == losses(text), (losses(text), losses(again_text))
   result, again = ([json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
