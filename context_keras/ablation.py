@@ -62,8 +62,14 @@ __doc__ += "\n".join(f"  {name:<16}{variant.help}" for name, variant in VARIANTS
 RUNS_DIR = "runs"
 JSON_FILE, TABLE_FILE, PLOT_FILE = "ablation.json", "ablation.md", "ablation.png"
 EVAL_FILE = "ablation_eval.json"  # in each run directory
+RUN_FILE = "ablation_run.json"    # in each run directory: the flags that shaped it (run_flags), its reuse key
 # The flags a variant's run gets from the ablation itself, not from the training flags.
 OWN_TRAIN_FLAGS = ("model_dir", "seed")
+# Training flags that do not change what a run learns (logs, summaries, checkpoints, control files, the profiler):
+# left out of a run's reuse key, so that a run may be continued with other ones.
+BOOKKEEPING_FLAGS = ("model_dir", "log_every", "checkpoint_every", "keep_checkpoints", "export_every",
+                     "image_summary_every", "histogram_every", "quit_file", "pause_file", "profile_steps",
+                     "steps_per_loop")
 
 
 def define_flags():
@@ -110,6 +116,12 @@ def check_flags():
                             "§9.9)")
   if FLAGS.probe_data:
     geometry.check_input_side("--probe_image_size", FLAGS.probe_image_size)
+  given = [name for name, value in MUNDHENK.items() if FLAGS[name].value == value]
+  if given:
+    # Every variant gets the training flags: a fix among them would be in the baseline too.
+    raise errors.UsageError(f"--{given[0]}{'' if MUNDHENK[given[0]] is True else '=' + MUNDHENK[given[0]]} is one of "
+                            "the fixes the variants compare; given to the ablation it would be in every variant, the "
+                            "baseline included: remove it (and flags/mundhenk.cfg) and choose --variants")
   if not all(s.isdigit() for s in FLAGS.seeds) or not FLAGS.seeds or len(set(FLAGS.seeds)) != len(FLAGS.seeds):
     raise errors.UsageError(f"--seeds={','.join(FLAGS.seeds)} must be distinct non-negative integers")
   for name in ("output", "data", "eval_data"):
@@ -133,11 +145,44 @@ def training_args(variant, seed, model_dir):
   return args + [f"--model_dir={model_dir}", f"--seed={seed}"]
 
 
+def run_flags(variant, seed):
+  """{flag: value} of every training flag that shapes one run (BOOKKEEPING_FLAGS left out): the training flags given
+  to the ablation or their defaults, then the variant's, then the seed. What RUN_FILE records, and the key that a
+  run is reused by."""
+  values = {name: FLAGS[name].value for name in TRAIN_FLAGS if name not in BOOKKEEPING_FLAGS}
+  values.update(variant.flags, seed=seed)
+  return json.loads(json.dumps(values))
+
+
+def check_reusable(runs):
+  """Stops before anything trains when a run directory of `runs` ({model_dir: its run_flags}) holds a run trained
+  with other flags, or one that has no record of them."""
+  problems = []
+  for model_dir, wanted in runs.items():
+    record = os.path.join(model_dir, RUN_FILE)
+    name = paths_lib.relative(model_dir, paths_lib.parent(paths_lib.parent(model_dir)))
+    if paths_lib.is_file(record):
+      kept = json.loads(paths_lib.read_text(record)).get("flags", {})
+      differing = [f"--{flag}: {kept.get(flag)} then, {value} now" for flag, value in wanted.items()
+                   if kept.get(flag) != value]
+      if differing:
+        problems.append(f"{name} ({'; '.join(differing[:3])}{'; ...' if len(differing) > 3 else ''})")
+    elif tf.io.gfile.isdir(model_dir) and tf.io.gfile.listdir(model_dir):
+      problems.append(f"{name} (no {RUN_FILE}: an earlier version's run, its flags unknown)")
+  if problems:
+    raise errors.UsageError(f"--output={FLAGS.output} holds runs trained with other flags: {', '.join(problems)}. "
+                            "A run is reused only with the flags that trained it: give another --output, or remove "
+                            "those runs to train them again")
+
+
 def train_run(name, seed, model_dir):
   """Trains one variant and seed in a subprocess (a fresh TensorFlow each: precision policy, seeds and strategy are
   per process); its output goes to RUN/ablation_train.log, written when it ends (RUN may be on a store, which cannot
   take a subprocess's output as it comes; the run's own RUN/train.log follows it meanwhile)."""
   tf.io.gfile.makedirs(model_dir)
+  record = os.path.join(model_dir, RUN_FILE)
+  if not tf.io.gfile.exists(record):  # before training: a killed ablation resumes the run under the same key
+    writes.atomic_write_json(record, {"variant": name, "seed": seed, "flags": run_flags(VARIANTS[name], seed)})
   log_path = os.path.join(model_dir, "ablation_train.log")
   logging.info("Training %s, seed %d, in %s.", name, seed, model_dir)
   with tempfile.TemporaryFile() as log:
@@ -326,14 +371,13 @@ def main():
   seeds = [int(s) for s in FLAGS.seeds]
   if not has_matplotlib():  # said now, before hours of training, and again at the end
     logging.warning("%s; the table and JSON will be written.", PLOT_NEEDS)
+  runs = {(name, seed): os.path.join(output, RUNS_DIR, f"{name}_s{seed}") for name in FLAGS.variants for seed in seeds}
+  check_reusable({model_dir: run_flags(VARIANTS[name], seed) for (name, seed), model_dir in runs.items()})
   results = {}
-  for name in FLAGS.variants:
-    results[name] = {}
-    for seed in seeds:
-      model_dir = os.path.join(output, RUNS_DIR, f"{name}_s{seed}")
-      train_run(name, seed, model_dir)
-      results[name][seed] = evaluate_run(model_dir, seed)
-      logging.info("%s seed %d: %s", name, seed, json.dumps(results[name][seed]))
+  for (name, seed), model_dir in runs.items():
+    train_run(name, seed, model_dir)
+    results.setdefault(name, {})[seed] = dict(evaluate_run(model_dir, seed), flags=run_flags(VARIANTS[name], seed))
+    logging.info("%s seed %d: %s", name, seed, json.dumps(results[name][seed]))
   budget = {"steps": FLAGS.train_steps, "width": FLAGS.width_multiplier, "training data": FLAGS.data,
             "held-out data": FLAGS.eval_data, "seeds": len(seeds)}
   if FLAGS.probe_data:

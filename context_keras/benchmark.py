@@ -94,7 +94,8 @@ def grid_batch(num_grids, side=3, seed=0, geometry=geometry_lib.DOERSCH, device_
           "second": (np.tile(second, num_grids) + offsets).astype(np.int32),
           "label": np.tile(label, num_grids).astype(np.int32), "pair_mask": np.ones(m, bool),
           "images": np.int64(0), "too_small": np.int64(0), "unreadable": np.int64(0),
-          "resume": np.zeros(2, np.int64)}
+          "skipped": np.full(data_lib.SKIPPED_PER_BATCH, -1, np.int64),
+          "skipped_reason": np.zeros(data_lib.SKIPPED_PER_BATCH, np.int32), "resume": np.zeros(2, np.int64)}
 
 
 def make_trainer(precision, model_config, optim_config, input_config):

@@ -175,16 +175,15 @@ def evaluate_and_emit(mode, subject, config, eval_dir, about=None):
   return output.emit(mode, metrics, result, eval_dir, subject.step)
 
 
-def watch(mode, config, eval_dir):
-  """Evaluates every new checkpoint of --model_dir until the run's --train_steps is reached or no new checkpoint
-  comes for --watch_timeout seconds."""
-  train_steps = run_dir.read_config(FLAGS.model_dir).train_steps
+def watch(mode, config, eval_dir, model_dir, interval, timeout):
+  """Evaluates every new checkpoint of `model_dir` until the run's --train_steps is reached or no new checkpoint
+  comes for `timeout` seconds (--watch_timeout; `interval`: --watch_interval)."""
+  train_steps = run_dir.read_config(model_dir).train_steps
   run, evaluated = None, 0
-  for path in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=FLAGS.watch_interval,
-                                            timeout=FLAGS.watch_timeout):
+  for path in tf.train.checkpoints_iterator(model_dir, min_interval_secs=interval, timeout=timeout):
     try:
       if run is None:
-        run = restore.load_run(FLAGS.model_dir, path)
+        run = restore.load_run(model_dir, path)
       else:
         restore.restore(run.networks, path)
         run = dataclasses.replace(run, checkpoint=path, step=run_dir.checkpoint_step(path))
@@ -196,8 +195,7 @@ def watch(mode, config, eval_dir):
     if train_steps and run.step >= train_steps:
       break
   if not evaluated:
-    raise errors.UsageError(f"--model_dir={FLAGS.model_dir}: no checkpoint within --watch_timeout="
-                            f"{FLAGS.watch_timeout} s")
+    raise errors.UsageError(f"--model_dir={model_dir}: no checkpoint within --watch_timeout={timeout} s")
 
 
 def main():
@@ -220,7 +218,7 @@ def main():
   config = protocol_config(mode)
   eval_dir = eval_dir_for(FLAGS.model_dir, FLAGS.saved_model, FLAGS.eval_dir)
   if FLAGS.watch:
-    return watch(mode, config, eval_dir)
+    return watch(mode, config, eval_dir, FLAGS.model_dir, FLAGS.watch_interval, FLAGS.watch_timeout)
   subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
              else subject_lib.from_saved_model(FLAGS.saved_model))
   evaluate_and_emit(mode, subject, config, eval_dir)

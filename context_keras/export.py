@@ -80,9 +80,7 @@ def export_run(model_dir, output, checkpoint=None, rescale_data=None, data_root=
     check_rescalable(folded, run.model_config)
   logging.info("Exporting %s (step %d) to %s.", run.checkpoint, run.step, output)
   caffe_pooling = fold.caffe_pooling(run.model_config, pooling)
-  about = {"checkpoint": run.checkpoint, "step": run.step, "pixelation": run.pixelation, "rescaled": False,
-           # What the pair classifier's classes mean (method.md §9.6): shortcuts.label_names of these.
-           "rotation_classes": run.config.input.rotation_classes, "flip_relabel": run.config.input.flip_relabel}
+  about = serving.provenance(run.step, run.checkpoint, run.config.input, spans=run.config.spans)
   summary = dict(run.describe(), output=output, pooling="caffe" if caffe_pooling else "trained")
 
   report = None

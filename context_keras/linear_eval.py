@@ -3,10 +3,11 @@
 [--flagfile=flags/linear_imagenet.cfg]
 
 One linear head per named layer of the frozen backbone (each layer's map pooled to at most --probe_dims values),
-all trained jointly with SGD on features streamed through tf.data, never stored; then top-1 and top-5 per layer on
-the validation set and per-class top-1 (method.md §10.3). The defaults follow Goyal et al. 2019 as VISSL reproduces
-it; flags/linear_imagenet_100ep.cfg is the 100-epoch variant, flags/linear_patches.cfg Kolesnikov et al. 2019's
-patch-averaged protocol.
+all trained jointly with SGD on features streamed through tf.data, never stored; then top-1 (and top-5, with more
+than five classes) per layer on the validation set and per-class top-1 (method.md §10.3); with --multi_label, one
+logistic regression per class and layer, scored by per-class average precision and their mean (method.md §10.6).
+The defaults follow Goyal et al. 2019 as VISSL reproduces it; flags/linear_imagenet_100ep.cfg is the 100-epoch
+variant, flags/linear_patches.cfg Kolesnikov et al. 2019's patch-averaged protocol.
 
 Runs like training: under the same strategy (--strategy, several GPUs or workers), with checkpoints in EVAL that a
 re-run resumes from (at the exact input position), quit and pause files, SIGINT/SIGTERM (checkpoint and exit 0),
@@ -76,6 +77,9 @@ def define_flags():
                       "Training crops: random-resized (Goyal et al.), a random --crop_size crop (Kolesnikov et al.), "
                       "or the validation transform (docs/flags.md#linear_eval).")
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
+    flags.DEFINE_bool("multi_label", False, "Multi-label classification (labels files with 'NAME LABEL1,LABEL2,...'; "
+                      "'?LABEL': ignored on that image, VOC's difficult): one logistic regression per class and "
+                      "layer, scored by mean average precision (VOC 2007 classification; method.md §10.6).")
   with program.flag_group("optimisation"):
     program.define_integer("batch_size", DEFAULTS.batch_size, "Global batch (images per step over all replicas).",
                            lower=1)
@@ -117,9 +121,11 @@ def job_config():
       learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
       weight_decay=FLAGS.weight_decay, decay_epochs=decay, decay_factor=FLAGS.decay_factor,
       warmup_epochs=FLAGS.warmup_epochs, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
-  if config.train_augmentation != "random_resized_crop" and config.resize_size < config.crop_size:
+  if config.resize_size < config.crop_size:
+    # Every augmentation: the validation images are centre-cropped from the resized image.
     raise errors.UsageError(f"Invalid flags: --resize_size={config.resize_size} is smaller than --crop_size="
-                            f"{config.crop_size}")
+                            f"{config.crop_size}: the validation crop (and random_crop's) is cut from the image "
+                            "resized to --resize_size")
   return config
 
 
@@ -149,7 +155,7 @@ def check_resume(eval_dir, recorded):
 
 class Progress(actions_lib.Action):
   """Training scalars after every call, and a progress line every `every` steps: loss, the training top-1 of each
-  head's batches, images/s and ETA."""
+  head's batches (multi-label: the share of their classes on the right side), images/s and ETA."""
 
   def __init__(self, writer, every, trainer, total, per_epoch, layers):
     self.writer, self.every, self.trainer, self.total, self.per_epoch = writer, every, trainer, total, per_epoch
@@ -180,10 +186,11 @@ class Progress(actions_lib.Action):
       best = max(self.layers, key=lambda n: float(window["correct_" + n]))
       rate = self.rate()
       eta = progress_lib.duration((self.total - output.step) * self.trainer.config.batch_size / rate) if rate else "?"
-      logging.info("step %d/%d (epoch %.2f/%g)  loss (sum of heads) %.4f  train top-1 %.3f (%s)  %.1f images/s  "
+      logging.info("step %d/%d (epoch %.2f/%g)  loss (sum of heads) %.4f  train %s %.3f (%s)  %.1f images/s  "
                    "lr %.3g  unreadable %d  ETA %s", output.step, self.total, output.step / self.per_epoch,
-                   self.trainer.config.epochs, loss, float(window["correct_" + best]) / done, best, rate,
-                   self.trainer.learning_rate(), int(window["unreadable"]), eta)
+                   self.trainer.config.epochs, loss, "accuracy per class" if self.trainer.multi_label else "top-1",
+                   float(window["correct_" + best]) / done, best, rate, self.trainer.learning_rate(),
+                   int(window["unreadable"]), eta)
 
   def rate(self):
     """Images per second of this invocation's training so far."""
@@ -213,19 +220,36 @@ class Validation(actions_lib.Action):
     began = time.monotonic()
     dataset = linear_job.distributed(self.strategy, self.config.batch_size, lambda pipeline: linear_job.val_dataset(
         self.val, self.config, self.steps, pipeline))
-    per_layer, examples, bad = self.trainer.evaluate(dataset, self.steps, self.classes)
-    logging.info("Validation at step %d (%.0f images/s): top-1 %s.", step, (examples + bad) / max(
-        time.monotonic() - began, 1e-9), summary_line(per_layer))
+    evaluate = self.trainer.evaluate_multi_label if self.trainer.multi_label else self.trainer.evaluate
+    per_layer, examples, bad = evaluate(dataset, self.steps, self.classes)
+    key = score_key(self.trainer.multi_label)
+    logging.info("Validation at step %d (%.0f images/s): %s %s.", step, (examples + bad) / max(
+        time.monotonic() - began, 1e-9), "mAP" if self.trainer.multi_label else "top-1",
+                 ", ".join(f"{name} {entry[key]:.4f}" for name, entry in per_layer.items()))
     with self.summaries.at(step):
       for name, entry in per_layer.items():
-        tf.summary.scalar(f"val_top1/{name}", entry["top1"])
-        tf.summary.scalar(f"val_top5/{name}", entry["top5"])
+        for metric in ("top1", "top5", "map_auc", "map_11point"):
+          if metric in entry:
+            tf.summary.scalar(f"val_{metric}/{name}", entry[metric])
     self.validated[step] = per_layer, examples, bad
     return self.validated[step]
 
 
-def summary_line(per_layer):
-  return ", ".join(f"{name} {entry['top1']:.4f}" for name, entry in per_layer.items())
+def score_key(multi_label):
+  """What the layers are ranked by: top-1 accuracy, or for a multi-label set VOC's mAP (area under the curve)."""
+  return "map_auc" if multi_label else "top1"
+
+
+def result_metrics(per_layer, multi_label):
+  """The best layer's scores under the result's top-level keys, and every layer's without its per-class lists."""
+  key = score_key(multi_label)
+  best = max(per_layer, key=lambda name: per_layer[name][key])
+  per_class = "per_class_ap" if multi_label else "per_class_top1"
+  scores = {k: v for k, v in per_layer[best].items() if k in ("top1", "top5", "map_auc", "map_11point")}
+  return {"best_layer": best, **scores,
+          "per_layer": {name: {k: v for k, v in entry.items() if k not in (per_class, "classes_without_positives")}
+                        for name, entry in per_layer.items()},
+          per_class: per_layer[best][per_class]}
 
 
 def check_side(config, geometry):
@@ -245,10 +269,9 @@ def run():
     if config.batch_size % strategy.num_replicas_in_sync:
       raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
                               f"{strategy.num_replicas_in_sync} replicas")
-    train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels",
-                          tfds_data_dir=FLAGS.tfds_data_dir)
-    val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes,
-                        tfds_data_dir=FLAGS.tfds_data_dir)
+    train, val = labelled.Splits(train_data=FLAGS.train_data, train_labels=FLAGS.train_labels,
+                                 val_data=FLAGS.val_data, val_labels=FLAGS.val_labels, multi_label=FLAGS.multi_label,
+                                 tfds_data_dir=FLAGS.tfds_data_dir).find()
     logging.info("Training set: %s. Validation set: %s.", train.description, val.description)
     with strategy.scope():
       subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
@@ -266,8 +289,9 @@ def run():
     total = linear_job.total_steps(config, train.size)
     check_resume(eval_dir, {"subject": {k: v for k, v in subject.about.items() if k != "step"}, "step":
                             subject.step, "config": dataclasses.asdict(config), "layers": list(layers),
-                            "train": train.description, "val": val.description, "classes": len(train.classes)})
-    trainer = linear_job.HeadTrainer(strategy, extractor, len(train.classes), config, per_epoch)
+                            "train": train.description, "val": val.description, "classes": len(train.classes),
+                            "multi_label": train.multi_label})
+    trainer = linear_job.HeadTrainer(strategy, extractor, len(train.classes), config, per_epoch, train.multi_label)
     unreadable = tf.Variable(0, dtype=tf.int64, trainable=False, name="unreadable")
     checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), unreadable=unreadable)
     checkpoints = job.checkpoints(checkpoint, trainer)
@@ -293,20 +317,22 @@ def run():
     train_seconds = time.monotonic() - began
     step = trainer.current_step()
     per_layer, examples, bad = validation.validate(step)
-    best = max(per_layer, key=lambda name: per_layer[name]["top1"])
+    scores = result_metrics(per_layer, train.multi_label)
     metrics = {"mode": NAME, **subject.about, "protocol": config.protocol, "train_data": train.description,
-               "val_data": val.description, "best_layer": best, "top1": per_layer[best]["top1"],
-               "top5": per_layer[best]["top5"],
-               "per_layer": {name: {k: v for k, v in entry.items() if k != "per_class_top1"}
-                             for name, entry in per_layer.items()},
-               "per_class_top1": per_layer[best]["per_class_top1"], "classes": len(train.classes),
-               "chance": 1.0 / len(train.classes), "val_images": examples, "val_unreadable": bad,
+               "val_data": val.description, "multi_label": train.multi_label, **scores,
+               "classes": len(train.classes), "val_images": examples, "val_unreadable": bad,
                "train_images": train.size, "train_unreadable": int(unreadable.numpy()), "steps": step,
                "epochs": config.epochs, "batch_size": config.batch_size,
+               # One number that differs when any head's weight does: jobs of one seed agree on it, resumed or not.
+               "heads_digest": linear_job.weights_digest(trainer.heads),
                "images_per_second": round(progress.rate(), 1), "train_seconds": round(train_seconds, 1),
                "peak_rss_mb": round(resources.peak_rss_mb(), 1), "eval_dir": eval_dir}
-    logging.info("Linear evaluation finished at step %d: best layer %s, top-1 %.4f, top-5 %.4f. Peak memory: %.0f "
-                 "MB.", step, best, metrics["top1"], metrics["top5"], metrics["peak_rss_mb"])
+    if not train.multi_label:
+      metrics["chance"] = 1.0 / len(train.classes)
+    logging.info("Linear evaluation finished at step %d: best layer %s, %s. Peak memory: %.0f MB.", step,
+                 scores["best_layer"], ", ".join(f"{k} {scores[k]:.4f}" for k in ("top1", "top5", "map_auc",
+                                                                                    "map_11point") if k in scores),
+                 metrics["peak_rss_mb"])
     if job.is_chief:
       output.emit(NAME, metrics, Result(metrics), eval_dir, step)
   return 0

@@ -97,7 +97,7 @@ def labels_of(config):
   if config.labels == "folders":
     found = labelled.class_folders(config.data, "--data")
   else:
-    found = labelled.labelled_files(config.data, config.labels)
+    found = labelled.labelled_files(config.data, config.labels, multi_label_hint=labelled.MULTI_LABEL_ELSEWHERE)
   return list(found.paths), {p: (int(k), found.classes[k]) for p, k in zip(found.paths, found.labels)}, found.classes
 
 

@@ -4,6 +4,7 @@ Reads top to bottom: the flags -> run(): the job (training/controller.py: strate
 the trainer, restore or warm start, the periodic actions, and the controller's loop -> what divergence does.
 """
 import dataclasses
+import os
 
 from absl import flags
 from absl import logging
@@ -22,6 +23,7 @@ from context_keras.training import actions as actions_lib
 from context_keras.training import controller
 from context_keras.training import distribute
 from context_keras.training import resources
+from context_keras.training import restore as restore_lib
 from context_keras.training import run_dir
 from context_keras.training import trainer as trainer_lib
 from context_keras.training import warm_start
@@ -106,7 +108,10 @@ def run():
     # Every worker restores the chief's latest checkpoint.
     latest = job.latest
     if latest:
-      run_dir.check_resume(model_dir, config.model)
+      if FLAGS.init_from:
+        logging.info("--init_from=%s is not used: --model_dir=%s holds a checkpoint (%s), which the run resumes "
+                     "from.", FLAGS.init_from, model_dir, os.path.basename(latest))
+      run_dir.check_resume(model_dir, config.model, config.optimisation)
       step = run_dir.checkpoint_step(latest)
       if FLAGS.train_steps and step >= FLAGS.train_steps:
         # Before anything is written: flags.txt and config.json keep saying how the checkpoints were made.
@@ -130,7 +135,8 @@ def run():
                                   augment=data_lib.step_augmentation(config.input, config.optimisation.jit_compile))
     resources.check_step_memory(trainer.networks, config.input, distribute.local_replicas(strategy),
                                 keras.mixed_precision.global_policy().compute_dtype, config.model.backbone,
-                                activations_on_host=not tf.config.list_logical_devices("GPU"))
+                                activations_on_host=not tf.config.list_logical_devices("GPU"),
+                                width_multiplier=config.model.width_multiplier)
     counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in trainer_lib.COUNTERS}
     with strategy.scope():
       checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)
@@ -138,15 +144,15 @@ def run():
       if latest:
         restore(latest, trainer, counters)
         logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
-        config = dataclasses.replace(config, init_from=recorded_init_from(model_dir))
-        if FLAGS.init_from:
-          logging.info("--init_from=%s is not used: the run resumes from its own checkpoint.", FLAGS.init_from)
+        config = resumed(model_dir, config, trainer.current_step())
       else:
         logging.info("Starting a new run in %s.", model_dir)
         if FLAGS.init_from:
           config = dataclasses.replace(config, init_from=warm_start.initialise(trainer.networks, config.model,
                                                                                FLAGS.init_from))
-      iterator = iter(input_stream(strategy, config.input, source, trainer, latest))
+        config, _ = run_dir.continued(None, config, 0)
+      batches, stream_config = input_stream(strategy, config.input, source, trainer, latest)
+      iterator = iter(batches)
 
     if job.is_chief:
       try:
@@ -168,8 +174,10 @@ def run():
                actions_lib.PairImages(writer, FLAGS.image_summary_every),
                actions_lib.Histograms(writer, FLAGS.histogram_every, trainer.trainable_variables),
                checkpoints,
+               actions_lib.SkippedImages(os.path.join(model_dir, run_dir.SKIPPED_FILE), skipped_names(
+                   strategy, source, stream_config.seed), job.is_chief, lambda: checkpoints.latest),
                actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input,
-                                   lambda: checkpoints.latest)]
+                                   lambda: checkpoints.latest, spans=config.spans)]
     outcome = job.loop(trainer, iterator, actions, config.train_steps, control, checkpoints,
                        guard=lambda output: diverged(output, checkpoints))
     if outcome.finished:
@@ -198,11 +206,7 @@ def restore(latest, trainer, counters):
   items = dict(trainer.checkpoint_items(), **counters)
   if not run_dir.checkpoint_reader(latest).has_tensor(f"{trainer_lib.LISTING_KEY}/.ATTRIBUTES/VARIABLE_VALUE"):
     del items[trainer_lib.LISTING_KEY]
-  try:
-    tf.train.Checkpoint(**items).restore(latest).assert_existing_objects_matched()
-  except (ValueError, AssertionError) as e:  # shapes or variables that the architecture check could not foresee
-    raise errors.UsageError(f"--model_dir: checkpoint {latest} does not fit the networks of these flags: "
-                            f"{str(e).splitlines()[0][:300]}") from e
+  restore_lib.resume(latest, items)
 
 
 def optim_config(input_config, source, replicas):
@@ -224,19 +228,36 @@ def optim_config(input_config, source, replicas):
   return config
 
 
-def recorded_init_from(model_dir):
-  """What a resumed run started from, as its config.json says (None for older runs or random initialisation)."""
+def resumed(model_dir, config, step):
+  """The config of a run resumed at `step`: what it started from (its config.json's init_from) and the spans of its
+  steps (run_dir.continued). A resume with other training flags than its last span's (the shortcut fixes switched
+  off, another learning rate) says so in one line, and starts a span of its own."""
   try:
-    return run_dir.read_config(model_dir).init_from
-  except errors.UsageError:
-    return None
+    recorded = run_dir.read_config(model_dir) if run_dir.recorded_in(model_dir) else None
+  except errors.UsageError:  # an unreadable config.json: the run goes on, recording afresh
+    recorded = None
+  config = dataclasses.replace(config, init_from=recorded.init_from if recorded else None)
+  config, differences = run_dir.continued(recorded, config, step)
+  if differences:
+    logging.warning("Resuming at step %d with other training flags than the run's steps %d-%d: %s. %s keeps what "
+                    "each span of steps was trained with.", step, config.spans[-2]["from_step"], step,
+                    ", ".join(f"--{name}={now} (then {then})" for name, then, now in differences),
+                    os.path.join(model_dir, run_dir.CONFIG_FILE))
+  return config
+
+
+def skipped_names(strategy, source, seed):
+  """index -> what the image at that position of this worker's input stream is (sources.stream_image)."""
+  pipeline, pipelines = distribute.input_pipeline(strategy)
+  return lambda index: sources.stream_image(source, seed, pipeline, pipelines, index)
 
 
 def input_stream(strategy, input_config, source, trainer, latest):
   """The distributed batches, resuming where the checkpoint's batches ended: the positions are in the checkpoint,
   the buffers of a tf.data iterator (hundreds of MB of patches) are not. A fresh stream must not repeat the first.
   The positions index the listing of --data, so a listing that changed since the checkpoint (its fingerprint is
-  in the checkpoint too) cannot resume them either."""
+  in the checkpoint too) cannot resume them either. Returns the batches and the input config they were made with
+  (its seed moved on for a fresh stream)."""
   positions = trainer.input_positions.numpy()
   recorded_listing, recorded_images = (int(v) for v in trainer.input_listing.numpy())
   listing = source.fingerprint()
@@ -252,7 +273,7 @@ def input_stream(strategy, input_config, source, trainer, latest):
   if reason:
     logging.warning("The input cannot resume at its exact position (%s): reading a fresh stream.", reason)
     input_config = dataclasses.replace(input_config, seed=input_config.seed + trainer.current_step())
-  return distribute.distributed_batches(strategy, input_config, source, positions)
+  return distribute.distributed_batches(strategy, input_config, source, positions), input_config
 
 
 if __name__ == "__main__":

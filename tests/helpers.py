@@ -30,7 +30,6 @@ SMALL_MODEL = ["--width_multiplier=0.0625", "--batch_patches=64", "--batch_pairs
 DETERMINISTIC = ["context_keras.train", f"--flagfile={REPO}/flags/demo.cfg", "--deterministic",
                  "--mixed_precision=none", *SMALL_MODEL, "--train_steps=12", "--log_every=1", "--steps_per_loop=4",
                  "--checkpoint_every=6", "--image_summary_every=6", "--histogram_every=6"]
-STEP_VARIABLE = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 # Keras 3 names checkpoint entries by the optimizer's variable lists; the first trainable variable is conv1's kernel.
 CONV1_KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
 
@@ -221,7 +220,8 @@ def assert_complete_checkpoint(model_dir, step):
     value = np.asarray(reader.get_tensor(name))
     if np.issubdtype(value.dtype, np.floating):
       assert np.all(np.isfinite(value)), name
-  assert int(reader.get_tensor(STEP_VARIABLE)) == step
+  from context_keras.training import run_dir  # pylint: disable=import-outside-toplevel
+  assert run_dir.checkpoint_step(str(model_dir / f"ckpt-{step}")) == step
 
 
 def scalars(folder, tag):
@@ -244,3 +244,18 @@ def drop_dac_capabilities():
   for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
     if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
       raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def random_subject(**model):
+  """An evaluation subject (evaluation.subject.Subject) of a randomly initialised network built in this process: the
+  small alexnet_bn tower unless `model` (ModelConfig fields) says otherwise. For in-process tests of the protocols."""
+  from context_keras.evaluation import subject  # pylint: disable=import-outside-toplevel
+  from context_keras.input import pipeline  # pylint: disable=import-outside-toplevel
+  from context_keras.model import networks  # pylint: disable=import-outside-toplevel
+  from context_keras.training import restore  # pylint: disable=import-outside-toplevel
+  from context_keras.training import run_dir  # pylint: disable=import-outside-toplevel
+  from context_keras.training import trainer  # pylint: disable=import-outside-toplevel
+  config = networks.ModelConfig(**dict({"width_multiplier": 0.0625}, **model))
+  geometry = "revisiting" if config.patch_size != networks.ModelConfig.patch_size else "doersch"
+  recorded = run_dir.RunConfig(config, pipeline.InputConfig(data="unused", geometry=geometry), trainer.OptimConfig())
+  return subject.from_run(restore.Run("unused", None, 0, recorded, restore.build_networks(config)))

@@ -54,7 +54,18 @@ def test_ablation_trains_evaluates_and_writes_table_json_and_plot(tmp_path, phot
   table = (out / "ablation.md").read_text()
   assert "| mundhenk |" in table and "| random init |" in table and "probe conv3" in table
   assert_real_plot((out / "ablation.png").read_bytes())
+  flags = run.pop("flags")
   assert json.loads((out / "runs" / "mundhenk_s0" / "ablation_eval.json").read_text())["scores"] == run
+  # The record holds every flag that shaped the run (the variant's and the seed included); the run is reused only
+  # for the same ones: another learning rate is refused before anything trains, naming the run and the flag.
+  assert flags["rotation_classes"] is True and flags["seed"] == 0 and flags["train_steps"] == 4
+  assert flags["width_multiplier"] == 0.0625 and "log_every" not in flags and "model_dir" not in flags
+  again = run_module(ablation_args(tmp_path, "--variants=mundhenk", "--seeds=0", "--learning_rate=0.01", *probe),
+                     cwd=tmp_path, timeout=300)
+  assert again.returncode == 2 and "Traceback" not in log_of(again), log_of(again)
+  assert (f"--output={out} holds runs trained with other flags: runs/mundhenk_s0 (--learning_rate: 0.0001 then, "
+          "0.01 now)") in log_of(again)
+  assert "Training mundhenk" not in log_of(again)
 
 
 def results_of(seeds, layers=("conv1", "fc6")):

@@ -30,11 +30,9 @@ from context_keras.input import pipeline as D
 from context_keras.input import sources as S
 from helpers import REPO
 from helpers import demo_args
-from helpers import log_of
 from helpers import module_env
 from helpers import peak_mb
 from helpers import run_all
-from helpers import run_module
 from helpers import skimage_photo_dir
 
 SMALL = dict(batch_patches=64, batch_pairs=320)
@@ -189,20 +187,28 @@ def test_each_file_is_decoded_or_refused_before_decoding(bad_folder):
 
 
 @pytest.mark.slow
-def test_training_pipeline_skips_and_counts_bad_files(bad_folder):
+def test_training_pipeline_skips_counts_and_names_bad_files(bad_folder):
+  """Each batch counts the images skipped since the previous one, and carries their stream positions and reasons
+  (graph code: the host names them, sources.stream_image); every pass names exactly the bad files."""
   folder, _ = bad_folder
   source = S.find_source(str(folder))
   S.check_readable(source)
   totals = {"images": 0, "too_small": 0, "unreadable": 0}
+  named = []
   for batch in D.make_dataset(D.InputConfig(data=str(folder), **SMALL), source):
     n, m = int(batch["patch_mask"].numpy().sum()), int(batch["pair_mask"].numpy().sum())
     assert n > 0 and m > 0 and batch["first"].numpy()[:m].max() < n
     assert np.isfinite(batch["patches"].numpy()).all()
     for kind in totals:
       totals[kind] += int(batch[kind])
+    named += [(S.stream_image(source, 0, 0, 1, int(index)), D.SKIPPED_REASONS[int(reason)])
+              for index, reason in zip(batch["skipped"].numpy(), batch["skipped_reason"].numpy()) if index >= 0]
     if sum(totals.values()) >= 3 * len(source.paths):
       break
   assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(UNREADABLE)})
+  expected = {**{name: "unreadable" for name in UNREADABLE}, **{name: "too small for a grid" for name in TOO_SMALL}}
+  assert {os.path.basename(path): reason for path, reason in named} == expected
+  assert len(named) <= totals["too_small"] + totals["unreadable"] and len(named) >= 2 * len(expected)
 
 
 @pytest.mark.slow
@@ -377,6 +383,31 @@ def test_batch_sizes_whose_step_cannot_fit_are_refused_with_the_estimate(monkeyp
   R.check_step_memory(narrow, D.InputConfig(data="unused"), 1, "float32", "alexnet_bn")
 
 
+@pytest.mark.slow  # builds a ResNet-50 of twice the width (94M weights)
+def test_memory_estimate_covers_the_backbone_export_of_every_tower(monkeypatch):
+  """Training ends (and, with --export_every, pauses) by exporting the backbone with its weights as constants, which
+  takes about 22 times the tower's weights: for a wide tower that, not the step, is the peak. ResNet-50 at twice the
+  width, one image per step in the revisiting geometry, peaked at 9.8 GB here (3.9 GB during its steps; method.md
+  §4.5); the estimate must cover it, and refuse it where less is available, naming what to lower."""
+  from context_keras.model import networks as M  # pylint: disable=import-outside-toplevel
+  from context_keras.training import resources as R  # pylint: disable=import-outside-toplevel
+  one_image = D.InputConfig(data="unused", geometry="revisiting", batch_patches=9, batch_pairs=8)
+  wide = M.build(M.ModelConfig(backbone="resnet50", width_multiplier=2, head="revisiting", patch_size=64))
+  monkeypatch.setattr(R, "available_memory", lambda: 40e9)
+  needed = R.check_step_memory(wide, one_image, 1, "float32", "resnet50", width_multiplier=2.0)
+  assert 8.5e9 <= needed <= 12e9, needed
+  monkeypatch.setattr(R, "available_memory", lambda: 6e9)
+  with pytest.raises(errors.UsageError, match=r"Invalid flags: the resnet50 tower at --width_multiplier=2\.0 needs "
+                                              r"about \d+\.\d+ GB to export its backbone .* more than the 6\.00 GB of "
+                                              r"memory available here: lower --width_multiplier"):
+    R.check_step_memory(wide, one_image, 1, "float32", "resnet50", width_multiplier=2.0)
+  # Every tower: the export's share grows with the square of the width, the step's about linearly.
+  for backbone in ("alexnet_bn", "vgg16_bn", "resnet18"):
+    small, double = (R.export_memory(M.build(M.ModelConfig(backbone=backbone, width_multiplier=w)))
+                     for w in (0.0625, 0.125))
+    assert 3 < double / small < 4.5, backbone
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Phone photos: the EXIF orientation
 
@@ -477,6 +508,16 @@ def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_pa
   assert counts and "Training finished at step 20." in train, train[-3000:]
   totals = dict(zip(("images", "too_small", "unreadable"), (int(c) for c in counts[-1])))
   assert_prefix_counts(totals, {"images": len(USED), "too_small": len(TOO_SMALL), "unreadable": len(unreadable)})
+  # Each skipped image named once, with its reason, in RUN/skipped.txt; the first five in the log too.
+  skipped = [line.split("\t") for line in (tmp_path / "run" / "skipped.txt").read_text().splitlines()]
+  assert {path: reason for _, reason, path in skipped} == {
+      **{str(folder / name): "unreadable" for name in unreadable},
+      **{str(folder / name): "too small for a grid" for name in TOO_SMALL}}, skipped
+  assert len(skipped) == len(unreadable) + len(TOO_SMALL) and all(0 < int(step) <= 20 for step, _, _ in skipped)
+  for step, reason, path in skipped[:5]:
+    assert f"Skipped {path}: {reason} (by step {step})." in train
+  assert f"More skipped images are named in {tmp_path / 'run' / 'skipped.txt'} only." in train
+  assert f"Skipped {skipped[5][2]}:" not in train
 
   rejected = dict(line.split("\t") for line in (tmp_path / "shards" / "rejected.txt").read_text().splitlines())
   assert sorted(rejected) == sorted(str(folder / name) for name in {**TOO_SMALL, **unreadable})
@@ -592,18 +633,30 @@ def test_sixteen_parallel_decodes_of_images_that_cannot_be_reduced_stay_bounded(
 
 
 @pytest.mark.slow
-def test_resume_on_another_listing(small_run, tmp_path):
+def test_resume_on_another_listing_or_with_other_fixes(small_run, tmp_path):
   """Resuming on a listing of --data that gained a file says that the input cannot resume at its exact position.
-  (The same listing resumes silently: test_train's test_train_resume_and_export; a finished run resumed with other
-  flags rewrites nothing: test_usage.)"""
-  run = tmp_path / "grown"
+  Resuming with the shortcut fixes switched (on here; off alike) says so in one line and keeps the new span in
+  config.json; the export at the end lists both spans. (The same listing resumes silently: test_train's
+  test_train_resume_and_export; a finished run resumed with other flags rewrites nothing: test_usage.)"""
+  run, fixes_run = tmp_path / "grown", tmp_path / "fixes"
   shutil.copytree(small_run, run)
+  shutil.copytree(small_run, fixes_run)
   grown = tmp_path / "grown.txt"
   grown.write_text(open(f"{REPO}/flags/demo_photos.txt", encoding="utf-8").read() + "coffee.png\nchelsea.png\n"
                    "page.png\n")
-  result = run_module(demo_args(run, f"--data={grown}", "--train_steps=12"), cwd=tmp_path)
-  assert result.returncode == 0 and "Traceback" not in log_of(result), log_of(result)[-3000:]
+  fixes = ["--color_mode=chroma_blur", "--yoked_jitter", "--random_aperture", "--flip_relabel"]
+  (code, text), (fixed_code, fixed) = run_all([(demo_args(run, f"--data={grown}", "--train_steps=12"), None),
+                                               (demo_args(fixes_run, "--train_steps=12", *fixes), None)], tmp_path)
+  assert code == fixed_code == 0 and "Traceback" not in text + fixed, (text + fixed)[-3000:]
+  assert ("Resuming at step 10 with other training flags than the run's steps 0-10: --color_mode=chroma_blur (then "
+          "drop), --yoked_jitter=True (then False), --random_aperture=True (then False), --flip_relabel=True (then "
+          "False), --train_steps=12 (then 10).") in fixed, fixed[-3000:]
+  spans = json.loads((fixes_run / "config.json").read_text())["spans"]
+  assert [(s["from_step"], s["input"]["color_mode"], s["optimisation"]["train_steps"]) for s in spans] == [
+      (0, "drop", 10), (10, "chroma_blur", 12)]
+  metadata = json.loads((fixes_run / "export" / "backbone_12" / "assets.extra" / "context_keras.json").read_text())
+  assert metadata["spans"] == spans and metadata["step"] == 12
   assert ("The input cannot resume at its exact position (the listing of --data changed since the checkpoint: 18 "
-          "images then, 21 now, or other names): reading a fresh stream.") in log_of(result), log_of(result)[-3000:]
+          "images then, 21 now, or other names): reading a fresh stream.") in text, text[-3000:]
 
 

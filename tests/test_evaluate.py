@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from context_keras import errors
 from context_keras.deploy import serving
 from context_keras.evaluation import finetune
 from context_keras.evaluation import images as IM
@@ -19,14 +20,17 @@ from context_keras.evaluation import linear
 from context_keras.evaluation import pretext
 from context_keras.evaluation import subject as SJ
 from context_keras.input import decoding as DEC
+from context_keras.input import labelled as labelled_lib
 from context_keras.input import sources as S
 from context_keras.model import fold as FO
 from context_keras.model import networks as MD
 from context_keras.training import restore as RS
+from context_keras.training import warm_start as WS
 from helpers import REPO
 from helpers import last_json
 from helpers import log_of
 from helpers import made_once
+from helpers import random_subject
 from helpers import run_cases
 from helpers import write_png
 
@@ -137,6 +141,26 @@ def test_pretext_from_saved_model(evaluations, exported):
   result = evaluated(evaluations, "pretext_saved_model")
   assert result["saved_model"].endswith("backbone") and result["pairs"] == 32
   assert (out / "eval" / "pretext.json").exists() and events(out / "eval")
+
+
+@pytest.mark.slow
+def test_saved_model_names_the_backbone_to_give_and_training_exports_keep_their_step(exported, small_run):
+  """--saved_model (evaluate's and linear_eval's) and --init_from given an export folder, its pair classifier or a run
+  directory say which folder to give; RUN/export/backbone_N, written by training, knows its step and checkpoint."""
+  out, _ = exported
+  for given in (out, out / "pair_classifier"):
+    with pytest.raises(errors.UsageError, match=f"give .*--saved_model={out / 'backbone'}"):
+      SJ.from_saved_model(str(given))
+    with pytest.raises(errors.UsageError, match=f"--init_from={out / 'backbone'}"):
+      WS.find_source(str(given))
+  with pytest.raises(errors.UsageError, match=f"--saved_model={small_run} is a training run: give --model_dir="
+                                              f"{small_run}"):
+    SJ.from_saved_model(str(small_run))
+  backbone = small_run / "export" / "backbone_10"
+  subject = SJ.from_saved_model(str(backbone))
+  assert subject.step == 10 and subject.about["checkpoint"] == str(small_run / "ckpt-10")
+  record = WS.initialise(RS.build_networks(subject.model_config), subject.model_config, str(backbone))
+  assert record["step"] == 10 and record["checkpoint"] == str(small_run / "ckpt-10")
 
 
 @pytest.mark.slow
@@ -286,3 +310,16 @@ def test_multi_label_fine_tuning_ignores_difficult_entries():
   tuner = finetune.FineTuner(backbone, "fc6", 3, True, "drop", config, steps=10)
   tuner.train_step(images, tf.constant([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], tf.int8) * 0 - 1)
   np.testing.assert_allclose(tuner.logits(images).numpy(), 0.0, atol=1e-6)  # all ignored: nothing learned
+
+
+@pytest.mark.slow  # fine-tunes two small networks twice
+def test_finetune_says_rescaled_only_when_it_rescaled(labelled):
+  """A residual tower is not rescaled (the calibration is defined for chains, method.md §5.2): the result says so
+  and does not claim it rescaled; a chain tower is, and says so."""
+  for model, rescaled in (({"backbone": "resnet18"}, False), ({}, True)):
+    result = finetune.evaluate(random_subject(**model), finetune.Config(
+        splits=labelled_lib.Splits(data=str(labelled)), folds=3, image_size=96, epochs=1, batch_size=8,
+        rescale_patches=16)).metrics
+    assert result["rescaled_before_training"] is rescaled, (model, result)
+    for who in ("", linear.RANDOM):
+      assert ("skipped" not in result[who + "rescale"]) is rescaled, (model, result[who + "rescale"])

@@ -15,6 +15,7 @@ from helpers import INFORMATIVE_LAYERS
 from helpers import last_json
 from helpers import log_of
 from helpers import peak_mb
+from helpers import run_all
 from helpers import run_module
 from helpers import save_informative
 from helpers import start_module
@@ -51,13 +52,27 @@ def job(backbone, train, val, eval_dir, *extra):
           "--batch_size=8", "--epochs=2", "--learning_rate=2.0", "--log_every=2", "--steps_per_loop=2", *extra]
 
 
+def losses(text):
+  """{step: the loss of its progress line} of a job's log."""
+  return {int(step): loss for step, loss in re.findall(r"step (\d+)/\d+ .*loss \(sum of heads\) (\S+)", text)}
+
+
 @pytest.mark.slow
 def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informative, brightness, tmp_path):
+  """Three identical jobs (two here, the third killed with kill -9 and resumed) give the same losses at every logged
+  step and the same per-layer numbers: the job is a function of its seed (its heads' initialisation included)."""
   train, val = brightness
-  args = ["--deterministic", "--checkpoint_every=2"]
-  whole = run_module(job(informative, train, val, tmp_path / "whole", *args), cwd=tmp_path)
-  assert whole.returncode == 0, log_of(whole)
-  result = last_json(whole)
+  args = ["--deterministic", "--checkpoint_every=2", "--cpu_replicas=2"]
+  (code, text), (again_code, again_text) = run_all(
+      [(job(informative, train, val, tmp_path / name, *args), None) for name in ("whole", "again")], tmp_path,
+      timeout=600)
+  assert code == 0 and again_code == 0, (text[-3000:], again_text[-3000:])
+  assert len(losses(text)) == 6 and losses(again_text) == losses(text), (losses(text), losses(again_text))
+  result, again = ([json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]
+                   for out in (text, again_text))
+  assert again["per_layer"] == result["per_layer"] and again["per_class_top1"] == result["per_class_top1"]
+  assert again["heads_digest"] == result["heads_digest"]
+  assert "top5" not in result and "top5" not in result["per_layer"]["conv1"]  # always 1.0 with two classes
   assert result == json.loads((tmp_path / "whole" / "linear_eval.json").read_text())
   per_layer = result["per_layer"]
   assert set(per_layer) == set(LAYERS) and result["best_layer"] == "conv1"
@@ -65,7 +80,7 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   assert all(per_layer[name]["top1"] == 0.5 for name in LAYERS if name != "conv1")  # one class for every image
   assert result["val_images"] == 20 and result["steps"] == 12 and result["per_class_top1"].keys() == {"dark",
                                                                                                        "bright"}
-  assert "images/s" in log_of(whole) and "ETA" in log_of(whole)
+  assert "images/s" in text and "ETA" in text
 
   log = tmp_path / "killed.txt"
   process = start_module(job(informative, train, val, tmp_path / "killed", *args), tmp_path, log)
@@ -78,7 +93,10 @@ def test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run(informat
   resumed = run_module(job(informative, train, val, tmp_path / "killed", *args), cwd=tmp_path)
   assert resumed.returncode == 0, log_of(resumed)
   assert "Resumed from" in log_of(resumed)
+  after = losses(log_of(resumed))
+  assert after and after == {step: loss for step, loss in losses(text).items() if step in after}, after
   assert last_json(resumed)["per_layer"] == per_layer
+  assert last_json(resumed)["heads_digest"] == result["heads_digest"]
 
 
 @pytest.mark.slow
@@ -131,3 +149,41 @@ def test_bad_labelled_inputs_exit_2(informative, brightness, tmp_path):
   assert f"--val_labels={tmp_path}/labels.txt: 1 of the 1 images it names are not in {tmp_path}/val: missing.JPEG " \
          "(line 1)" in log_of(result)
   assert not os.path.exists(tmp_path / "eval" / "ckpt-1.index")
+
+
+@pytest.mark.slow
+def test_flags_that_cannot_work_stop_at_start(informative, brightness, exported, tmp_path):
+  """Exit 2 at start, naming the flag, with no traceback: a --resize_size below --crop_size whatever the training
+  augmentation (the validation crop is cut from the resized image: every validation image was unreadable, top-1 0.0),
+  and a --saved_model that is an export folder or its pair classifier (the backbone to give is named)."""
+  train, val = brightness
+  out, _ = exported
+  cases = {("--resize_size=90",): "Invalid flags: --resize_size=90 is smaller than --crop_size=96",
+           ("--resize_size=90", "--train_augmentation=none"): "Invalid flags: --resize_size=90 is smaller than",
+           ("--resize_size=90", "--train_augmentation=random_crop"): "Invalid flags: --resize_size=90 is smaller than",
+           (f"--saved_model={out}",): f"--saved_model={out} is an export folder: give its backbone, "
+                                      f"--saved_model={out}/backbone",
+           (f"--saved_model={out}/pair_classifier",): f"give the backbone beside it, --saved_model={out}/backbone"}
+  results = run_all([(job(informative, train, val, tmp_path / f"eval{i}", *extra), None)
+                     for i, extra in enumerate(cases)], tmp_path)
+  for (extra, message), (code, text) in zip(cases.items(), results):
+    assert code == 2 and message in text and "Traceback" not in text, (extra, text[-3000:])
+
+
+@pytest.mark.slow
+def test_multi_label_sets_are_scored_by_average_precision(informative, brightness, tmp_path):
+  """--multi_label (which labelled.py's messages suggest) reads a labels file of several labels per image and
+  reports per-layer mAP and the best layer's per-class AP; a validation set that is the training set is named in a
+  warning (its accuracy would be memorisation)."""
+  train, _ = brightness
+  lines = [f"{name}/{i}.png {name},{'?' if i % 4 == 0 else ''}any" for name in ("dark", "bright") for i in range(24)]
+  (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n")
+  labels = [f"--train_labels={tmp_path / 'labels.txt'}", f"--val_labels={tmp_path / 'labels.txt'}"]
+  result = run_module(job(informative, train, train, tmp_path / "eval", "--multi_label", *labels), cwd=tmp_path)
+  assert result.returncode == 0, log_of(result)
+  metrics = last_json(result)
+  assert metrics["multi_label"] and metrics["best_layer"] == "conv1" and metrics["val_images"] == 48
+  assert metrics["per_class_ap"]["dark"] > 0.9 and metrics["per_class_ap"]["bright"] > 0.9
+  assert set(metrics["per_layer"]["conv1"]) == {"map_auc", "map_11point", "dims"}
+  assert "top1" not in metrics and "chance" not in metrics
+  assert "--train_data and --val_data name the same 48 images" in log_of(result)

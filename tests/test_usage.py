@@ -145,6 +145,15 @@ def test_train(small_run, bad_folder, file_permissions, tmp_path):
       "--batch_patches=100000000": "Invalid flags: --batch_patches=100000000 and --batch_pairs=320 need about",
       "--rotation_classes": "Invalid flags: --rotation_classes=True (the run: False): --model_dir={run} holds a run "
                             "of another architecture ({run}/config.json)",
+      # Flags that change what the checkpoint's variables mean, compared with config.json before anything is built
+      # (they were a warning per checkpoint value, then a tensor shape, or accepted with config.json rewritten).
+      "--geometry=revisiting": "Invalid flags: --geometry=revisiting (the run: doersch): --model_dir={run} holds a "
+                               "run of another architecture ({run}/config.json)",
+      "--head=revisiting": "Invalid flags: --head=revisiting (the run: doersch): --model_dir={run} holds a run of "
+                           "another architecture ({run}/config.json)",
+      # The run's momentum slots would be left unrestored (or missing): the optimizer's state is compared too.
+      "--momentum=0": "Invalid flags: --momentum=0.0 (the run: 0.9): --model_dir={run} holds a run of another "
+                      "optimizer state ({run}/config.json)",
   }
   runs, cases, messages = [], [], []
   for flags, message in on_a_run.items():
@@ -188,7 +197,7 @@ def test_train(small_run, bad_folder, file_permissions, tmp_path):
   # flags.txt and config.json keep saying how the checkpoints were made.
   finished = tmp_path / "finished"
   shutil.copytree(small_run, finished)
-  cases.append(train_args(finished, "--train_steps=10", "--learning_rate=0.5"))
+  cases.append(train_args(finished, "--train_steps=10", "--learning_rate=0.5", f"--init_from={small_run}"))
   cases.append(["--help"])
   try:
     for name, (mode, _) in unusable.items():
@@ -204,9 +213,12 @@ def test_train(small_run, bad_folder, file_permissions, tmp_path):
   resumed = results.pop()
   assert resumed.returncode == 0 and "Traceback" not in log_of(resumed), log_of(resumed)[-3000:]
   assert f"Step 10 of {finished}/ckpt-10 already reaches --train_steps=10: nothing to train." in log_of(resumed)
+  assert (f"--init_from={small_run} is not used: --model_dir={finished} holds a checkpoint (ckpt-10), which the run "
+          "resumes from.") in log_of(resumed)
   assert run_state(finished) == state  # flags.txt and config.json included
   for i, (message, result) in enumerate(zip(messages, results)):
     assert_refused(result, message)
+    assert "Value in checkpoint could not be found" not in log_of(result), log_of(result)[-3000:]
     if i >= first_unusable:
       assert "Strategy:" not in log_of(result) and "Data:" not in log_of(result), log_of(result)[-3000:]
   for run in runs:
@@ -299,6 +311,7 @@ def test_evaluate(small_run, labelled_folders, file_permissions, tmp_path):
               ["--batch_pairs", "--train_steps"])
   for i, (message, result) in enumerate(zip(messages, results)):
     assert_refused(result, message)
+    assert "Value in checkpoint could not be found" not in log_of(result), log_of(result)[-3000:]
     if i < len(labelled):
       assert peak_mb(result.stderr) < PEAK_RSS_LIMIT_MB, (i, peak_mb(result.stderr))
   assert run_state(small_run) == state
@@ -402,12 +415,15 @@ def test_linear_eval():
 
 def test_ablation():
   """flags/ablation_demo.cfg and flags/mundhenk.cfg parse (every flag known, every value valid) before the check of
-  --variants stops the program; the fixes with the revisiting geometry are refused before the baseline trains
-  (method.md §9.9)."""
+  --variants stops the program; the fixes with the revisiting geometry, and a fix given to the ablation itself, are
+  refused before the baseline trains (method.md §9.7, §9.9)."""
   refusals = {("--flagfile=flags/ablation_demo.cfg", "--flagfile=flags/mundhenk.cfg", "--variants=baseline,nonsense"):
               "--variants=baseline,nonsense: unknown nonsense",
               ("--flagfile=flags/ablation_demo.cfg", "--geometry=revisiting", "--variants=baseline,flip"):
-              "--variants=flip do not work with --geometry=revisiting"}
+              "--variants=flip do not work with --geometry=revisiting",
+              # A fix given to the ablation itself would be in every variant, the baseline included.
+              **{("--flagfile=flags/ablation_demo.cfg", fix): "is one of the fixes the variants compare"
+                 for fix in ("--rotation_classes", "--color_mode=chroma_blur", "--flagfile=flags/mundhenk.cfg")}}
   help_of, problems, results = run_cases("ablation", list(map(list, refusals)), cwd=REPO,
                                          flagfiles=flagfiles_of("ablation"), real=0)
   assert_flags_and_flagfiles(help_of, problems, "ablation")

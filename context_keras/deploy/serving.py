@@ -170,6 +170,19 @@ def metadata(model_config, color_mode, folded=None, caffe_pooling=None, geometry
   return info
 
 
+def provenance(step, checkpoint, input_config, rescaled=False, spans=()):
+  """What an export's metadata says about where its weights came from and how they were trained: the step and
+  checkpoint (None for a training export between checkpoints), the pixelation, what the pair classifier's classes
+  mean (method.md §9.6: shortcuts.label_names of these), and `spans` (run_dir.RunConfig.spans: what each span of the
+  steps up to `step` was trained with, when a resume changed it)."""
+  info = {"checkpoint": checkpoint, "step": step, "pixelation": input_config.pixelation, "rescaled": rescaled,
+          "rotation_classes": input_config.rotation_classes, "flip_relabel": input_config.flip_relabel}
+  spans = [span for span in spans if span["from_step"] < step or span["from_step"] == 0]
+  if len(spans) > 1:
+    info["spans"] = spans
+  return info
+
+
 def write_metadata(path, info):
   tf.io.gfile.makedirs(os.path.join(path, os.path.dirname(METADATA_FILE)))
   writes.atomic_write_json(os.path.join(path, METADATA_FILE), info)
@@ -183,6 +196,28 @@ def read_metadata(path, flag="saved_model"):
     return json.loads(paths_lib.read_text(os.path.join(path, METADATA_FILE)))
   except tf.errors.OpError as e:
     raise errors.UsageError(f"--{flag}={path}: no {METADATA_FILE}; not written by context_keras.export") from e
+
+
+def is_pair_classifier(info):
+  """Whether metadata describes a pair classifier (exports before `module` was recorded: by its default signature)."""
+  return info.get("module", "pair_classifier" if info.get("serving_default") == "logits" else BACKBONE_DIR) != (
+      BACKBONE_DIR)
+
+
+def read_backbone_metadata(path, flag="saved_model"):
+  """The metadata of an exported backbone (OUT/backbone, RUN/export/backbone_N); for the export folder OUT or its
+  pair classifier, a UsageError naming the backbone to give instead."""
+  path = os.path.normpath(path)
+  backbone = os.path.join(path, BACKBONE_DIR)
+  if os.path.isfile(os.path.join(backbone, METADATA_FILE)):
+    raise errors.UsageError(f"--{flag}={path} is an export folder: give its backbone, --{flag}={backbone}")
+  info = read_metadata(path, flag)
+  if is_pair_classifier(info):
+    beside = os.path.join(os.path.dirname(path), BACKBONE_DIR)
+    raise errors.UsageError(f"--{flag}={path} is an export's pair classifier, which computes no features: give the "
+                            f"backbone beside it, --{flag}={beside} (the pretext mode reads the pair classifier "
+                            "beside the backbone)")
+  return info
 
 
 def read_weights(path):
@@ -214,20 +249,21 @@ def save_backbone(folded, path, preprocessing, info, serving_default="features")
   signatures = {"features": module.features, "patch_features": module.patch_features}
   signatures["serving_default"] = signatures[serving_default]
   tf.saved_model.save(module, path, signatures=signatures)
-  write_metadata(path, dict(info, serving_default=serving_default))
+  write_metadata(path, dict(info, serving_default=serving_default, module=BACKBONE_DIR))
   return path
 
 
-def export_backbone(tower, model_config, path, color_mode="drop", geometry=geometry_lib.DOERSCH.name):
+def export_backbone(tower, model_config, path, color_mode="drop", geometry=geometry_lib.DOERSCH.name, **about):
   """The folded, fully convolutional backbone of `tower` as a SavedModel at `path` (train.py's exports), written
-  whole or not at all (writes.atomic_folder).
+  whole or not at all (writes.atomic_folder); `about` joins its metadata (the step and checkpoint it holds, as the
+  export command records them).
 
   The same module as the export command's OUT/backbone, both signatures included, but serving_default stays
   patch_features (preprocessed float32 patches -> {OUTPUT: [N, C]}, fc6 or pre_logits), the contract
   RUN/export/backbone_<step> has always had; features (uint8 images) is the other signature.
   """
   folded = fold.fold_tower(tower, model_config)
-  info = metadata(model_config, color_mode, folded, fold.caffe_pooling(model_config), geometry)
+  info = metadata(model_config, color_mode, folded, fold.caffe_pooling(model_config), geometry, **about)
   with writes.atomic_folder(path) as staging:
     save_backbone(folded, staging, info["preprocessing_mode"], info, serving_default="patch_features")
   return path
@@ -241,7 +277,7 @@ def save_pair_classifier(networks, model_config, path, preprocessing, info):
   signatures = {"logits": module.logits, "logits_preprocessed": module.logits_preprocessed}
   signatures["serving_default"] = signatures["logits"]
   tf.saved_model.save(module, path, signatures=signatures)
-  write_metadata(path, dict(info, serving_default="logits"))
+  write_metadata(path, dict(info, serving_default="logits", module=PAIR_CLASSIFIER_DIR))
   return path
 
 

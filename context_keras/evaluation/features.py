@@ -12,6 +12,7 @@ keeps C values (global pooling), the least any spatial pooling can give.
 import dataclasses
 import math
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -122,20 +123,26 @@ def plan(features_fn, layers, image_size, max_dims=PROBE_DIMS, mode="avg", patch
 
 
 def extract(extractors, examples, total=None, what="features", batch_size=64):
-  """Features of a dataset of (uint8 image, label) pairs that fits in memory, every extractor on each batch (one
-  decoding for all), with progress lines: ({key: {layer: np [N, dims]}} by the keys of `extractors`, labels [N])."""
+  """Features of a dataset of (uint8 image, label, usable) that fits in memory (images_lib.labelled_squares), every
+  extractor on each batch (one decoding for all), with progress lines: ({key: {layer: np [N, dims]}} by the keys of
+  `extractors`, labels [N], the number of examples left out as not usable)."""
   out = {key: {name: [] for name in e.layers} for key, e in extractors.items()}
   labels = []
+  unusable = 0
   progress = progress_lib.Progress(what, total)
   calls = {key: tf.function(e, autograph=False) for key, e in extractors.items()}  # graph code: no AutoGraph needed
-  for images, batch_labels in examples.batch(batch_size).prefetch(1):
+  for images, batch_labels, usable in examples.batch(batch_size).prefetch(1):
+    usable = usable.numpy()
     for key, call in calls.items():
       for name, value in call(images).items():
-        out[key][name].append(value.numpy())
-    labels.append(batch_labels.numpy())
-    progress.add(len(labels[-1]))
+        out[key][name].append(value.numpy()[usable])
+    labels.append(batch_labels.numpy()[usable])
+    unusable += int((~usable).sum())
+    progress.add(len(usable))
   progress.finish()
-  if not labels:
-    raise errors.DataError(f"{what}: the labelled set holds no image")
+  if unusable:
+    logging.warning("%s: %d unreadable images (records of damaged TFRecord shards) left out.", what, unusable)
+  if not sum(len(batch) for batch in labels):
+    raise errors.DataError(f"{what}: the labelled set holds no {'readable ' if unusable else ''}image")
   return ({key: {name: np.concatenate(v) for name, v in layers.items()} for key, layers in out.items()},
-          np.concatenate(labels))
+          np.concatenate(labels), unusable)

@@ -113,14 +113,26 @@ def rescale_backbone(backbone, train, preprocessing, geometry, num_patches, seed
 
 
 def training_examples(lset, size, seed, batch_size, epoch):
-  """Batches of (random-resized crop + flip, label) of one epoch, seeded by (seed, epoch, image index)."""
+  """Batches of (random-resized crop + flip, label) of one epoch, seeded by (seed, epoch, image index). A record of
+  labelled shards that cannot be read or decoded is left out (images_lib.labelled_squares says why; an image file
+  that cannot be used stops the reading, for read_or_explain to name)."""
   def augment(index, contents, label):
     image_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, epoch], tf.int64), index)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(image_seed, 2))
     crop = images_lib.random_resized_crop(decoding.decode(contents), size, crop_seed)
     return tf.image.stateless_random_flip_left_right(crop, flip_seed), label
-  return (labelled.records(lset).shuffle(max(lset.size, 1), seed=seed * 1000 + epoch)
-          .map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(1))
+  records = labelled.records(lset).shuffle(max(lset.size, 1), seed=seed * 1000 + epoch)
+  if lset.kind == "files":
+    return records.map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(1)
+
+  def usable(index, contents, label):
+    check = tf.debugging.assert_non_negative(label, message="a damaged shard's stand-in")
+    with tf.control_dependencies([check]):
+      return (*augment(index, contents, label), True)
+  examples = images_lib.never_failing(records, usable, lambda index, contents, label: (
+      tf.zeros([size, size, 3], tf.uint8), label, False))
+  return examples.filter(lambda image, label, ok: ok).map(lambda image, label, ok: (image, label)).batch(
+      batch_size).prefetch(1)
 
 
 def fine_tune(backbone, rescale, train, val, config, layer, preprocessing, geometry, who):
@@ -130,26 +142,36 @@ def fine_tune(backbone, rescale, train, val, config, layer, preprocessing, geome
   steps = config.epochs * math.ceil(train.size / config.batch_size)
   tuner = FineTuner(backbone, layer, len(train.classes), train.multi_label, preprocessing, config, steps)
   losses = []
+  trained = 0
   for epoch in range(config.epochs):
-    epoch_losses = [float(tuner.train_step(images, labels)[0])
-                    for images, labels in training_examples(train, config.image_size, config.seed, config.batch_size,
-                                                            epoch)]
+    epoch_losses, trained = [], 0
+    for images, labels in training_examples(train, config.image_size, config.seed, config.batch_size, epoch):
+      epoch_losses.append(float(tuner.train_step(images, labels)[0]))
+      trained += int(labels.shape[0])
+    if not trained:
+      raise errors.DataError(f"--train_data={train.description}: no image could be read")
     losses.append(float(np.mean(epoch_losses)))
     if not math.isfinite(losses[-1]):
       raise errors.UsageError(f"fine-tuning{' from random init' if who else ''} diverged in epoch {epoch + 1} (loss "
                               f"{losses[-1]}): lower --finetune_learning_rate (now {config.learning_rate})")
     logging.info("finetune%s epoch %d/%d: loss %.4f", " (random init)" if who else "", epoch + 1, config.epochs,
                  losses[-1])
-  scores, labels = [], []
-  for images, batch_labels in images_lib.labelled_squares(val, config.image_size).batch(config.batch_size):
-    scores.append(tuner.logits(images).numpy())
-    labels.append(batch_labels.numpy())
+  scores, labels, unusable = [], [], 0
+  for images, batch_labels, usable in images_lib.labelled_squares(val, config.image_size).batch(config.batch_size):
+    usable = usable.numpy()
+    scores.append(tuner.logits(images).numpy()[usable])
+    labels.append(batch_labels.numpy()[usable])
+    unusable += int((~usable).sum())
+  if not sum(len(batch) for batch in labels):
+    raise errors.DataError(f"--val_data={val.description}: no image could be read")
   result = linear.split_metrics(np.concatenate(labels), np.concatenate(scores), list(train.classes))
   result.pop("classes_without_positives", None)
   result.update({"loss_first_epoch": losses[0], "loss_last_epoch": losses[-1], "loss_per_epoch": losses})
   if report:
     result["rescale"] = report
-  return result, tuner.frozen
+  counts = {"train_images": trained, "train_unreadable": train.size - trained,
+            "val_images": int(sum(len(batch) for batch in labels)), "val_unreadable": unusable}
+  return result, tuner.frozen, counts
 
 
 def evaluate(subject, config):
@@ -174,14 +196,19 @@ def evaluate(subject, config):
   for who, one in (("", subject), (RANDOM, random_subject)):
     keras.utils.set_random_seed(config.seed)
     rescale = config.rescale and not one.rescaled
-    scored, frozen = images_lib.read_or_explain(train, "--train_data", lambda one=one, rescale=rescale: fine_tune(
-        one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing, subject.patch_geometry,
-        who))
+    scored, frozen, counts = images_lib.read_or_explain(
+        train, "--train_data", lambda one=one, rescale=rescale: fine_tune(
+            one.trainable_backbone(), rescale, train, val, config, layer, subject.preprocessing,
+            subject.patch_geometry, who))
     result.update({who + k: v for k, v in scored.items()})
-  result.update({"layer": layer, "frozen_layers": frozen, "classes": list(train.classes),
-                 "train_images": train.size, "val_images": val.size, "epochs": config.epochs,
+  if counts["train_unreadable"] or counts["val_unreadable"]:
+    logging.warning("finetune: %d training and %d validation images (records of damaged TFRecord shards) could not "
+                    "be read and were left out.", counts["train_unreadable"], counts["val_unreadable"])
+  result.update({"layer": layer, "frozen_layers": frozen, "classes": list(train.classes), **counts,
+                 "epochs": config.epochs,
                  "learning_rate": config.learning_rate, "image_size": config.image_size,
-                 "rescaled_before_training": bool(config.rescale and not subject.rescaled)})
+                 # Whether the subject's backbone was rescaled here: a residual tower never is (rescale_backbone).
+                 "rescaled_before_training": "skipped" not in result.get("rescale", {"skipped": "not asked"})})
   if not train.multi_label:
     result["chance"] = 1.0 / len(train.classes)
   return Result(result)

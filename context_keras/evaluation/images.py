@@ -91,11 +91,31 @@ def batched_features(features_fn, images, names, batch_size, pool=True):
   return {name: np.concatenate(v) for name, v in out.items()}
 
 
+def never_failing(records, transform, blank):
+  """transform(*record) of every record of a dataset, in order, in parallel; blank(*record) for one whose transform
+  raises (an image that cannot be read or decoded): one output per record, whatever happens."""
+  def one(*record):
+    example = tf.data.Dataset.from_tensors(record).map(transform).ignore_errors()
+    return example.concatenate(tf.data.Dataset.from_tensors(blank(*record))).take(1)
+  return records.interleave(one, cycle_length=16, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+
+
 def labelled_squares(lset, size):
-  """A dataset of (uint8 centre square of `size`, label) over a labelled set, in its order."""
-  return labelled.records(lset).map(
-      lambda index, contents, label: (centre_square(decoding.decode(contents), size), label),
-      num_parallel_calls=tf.data.AUTOTUNE)
+  """A dataset of (uint8 centre square of `size`, label, usable) over a labelled set, in its order. An image file
+  that cannot be used stops the reading (read_or_explain names it: the classes are what the folder says); a record of
+  labelled shards that cannot be read (a damaged shard: labelled.DAMAGED) or decoded comes as a blank, not usable."""
+  def square(index, contents, label):
+    return centre_square(decoding.decode(contents), size), label, tf.constant(True)
+  if lset.kind == "files":
+    return labelled.records(lset).map(square, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def usable_square(index, contents, label):
+    check = tf.debugging.assert_non_negative(label, message="a damaged shard's stand-in")
+    with tf.control_dependencies([check]):
+      return square(index, contents, label)
+  return never_failing(labelled.records(lset), usable_square, lambda index, contents, label: (
+      tf.zeros([size, size, 3], tf.uint8), tf.zeros_like(label), tf.constant(False)))
 
 
 def read_or_explain(lset, flag, work):

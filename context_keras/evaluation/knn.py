@@ -80,8 +80,29 @@ def knn_scores(queries, chunks, k, temperature, classes):
 
 
 def accuracies(scores, labels):
-  return {"accuracy": float(np.mean(np.argmax(scores, 1) == labels)),
-          "top5_accuracy": float(np.mean(np.any(np.argsort(-scores, 1, kind="stable")[:, :5] == labels[:, None], 1)))}
+  """Top-1 accuracy, and top-5 where it means something: with five classes or fewer it is always 1.0."""
+  result = {"accuracy": float(np.mean(np.argmax(scores, 1) == labels))}
+  if scores.shape[1] > 5:
+    result["top5_accuracy"] = float(np.mean(np.any(np.argsort(-scores, 1, kind="stable")[:, :5] == labels[:, None],
+                                                   1)))
+  return result
+
+
+def votes(k, training_images):
+  """The k that votes: at most the training images (with fewer, all of them), said in a warning."""
+  if k > training_images:
+    logging.warning("--knn_k=%d is more than the %d training images: all %d vote (k = %d).", k, training_images,
+                    training_images, training_images)
+  return min(k, training_images)
+
+
+def check_folds(lset, labels, folds, flag):
+  """Cross-validation needs `folds` images of every class (linear.py's rule): with fewer, a test image's class can be
+  absent from its training folds, which no neighbour can then vote for."""
+  counts = np.bincount(labels, minlength=len(lset.classes))
+  if counts.min() < folds:
+    raise errors.UsageError(f"--folds={folds} needs at least {folds} images in every class of {flag}; "
+                            f"{lset.classes[int(counts.argmin())]} has {counts.min()}")
 
 
 def gap_extractors(subject, layer_names, image_size, seed):
@@ -103,10 +124,14 @@ def evaluate(subject, config):
   classes = len(lset.classes)
   scored = {"": {}, RANDOM: {}}
   if val is None:
+    if lset.kind == "files":
+      check_folds(lset, lset.labels, config.folds, config.splits.flag("data"))
     squares = images_lib.labelled_squares(lset, config.image_size)
-    values, labels = images_lib.read_or_explain(lset, config.splits.flag("data"), lambda: (
+    values, labels, unreadable = images_lib.read_or_explain(lset, config.splits.flag("data"), lambda: (
         features_lib.extract(extract, squares, lset.size, "features", config.batch_size)))
+    check_folds(lset, labels, config.folds, config.splits.flag("data"))
     assignment = linear.stratified_folds(labels, config.folds, config.seed)
+    k = votes(config.k, int(min((assignment != fold).sum() for fold in range(config.folds))))
     for who in scored:
       for name in layer_names:
         normalised = normalise(values[who][name])
@@ -114,13 +139,14 @@ def evaluate(subject, config):
         for fold in range(config.folds):
           test, train = assignment == fold, assignment != fold
           scores = knn_scores(normalised[test], chunked(normalised[train], labels[train], config.batch_size * 16),
-                              config.k, config.temperature, classes)
+                              k, config.temperature, classes)
           fold_scores.append(accuracies(scores, labels[test]))
         scored[who][name] = {key: float(np.mean([f[key] for f in fold_scores])) for key in fold_scores[0]}
         scored[who][name]["accuracy_std"] = float(np.std([f["accuracy"] for f in fold_scores]))
-    counts = {"images": int(len(labels)), "folds": config.folds}
+    counts = {"images": int(len(labels)), "unreadable": unreadable, "folds": config.folds}
   else:
     scored, counts = streamed(extract, lset, val, config, layer_names, classes)
+    k = counts.pop("k")
   per_layer = {name: {**scored[""][name], **{RANDOM + k: v for k, v in scored[RANDOM][name].items()}}
                for name in layer_names}
   for name, entry in per_layer.items():
@@ -131,7 +157,9 @@ def evaluate(subject, config):
     best = max(layer_names, key=lambda name: scored[who][name]["accuracy"])
     result[who + "best_layer"] = best
     result.update({who + k: v for k, v in scored[who][best].items()})
-  result.update({"per_layer": per_layer, "k": config.k, "temperature": config.temperature, "features":
+  if k != config.k:
+    result["knn_k"] = config.k
+  result.update({"per_layer": per_layer, "k": k, "temperature": config.temperature, "features":
                  "global average pool, L2-normalised", "classes": list(lset.classes), "chance": 1.0 / classes,
                  "image_size": config.image_size, **counts})
   return Result(result)
@@ -145,7 +173,7 @@ def chunked(features, labels, size):
 def streamed(extract, train, val, config, layer_names, classes):
   """k-NN of the validation images against the training images, the training features streamed batch by batch."""
   val_squares = images_lib.labelled_squares(val, config.image_size)
-  val_values, val_labels = images_lib.read_or_explain(
+  val_values, val_labels, val_unreadable = images_lib.read_or_explain(
       val, config.splits.flag("val_data"),
       lambda: features_lib.extract(extract, val_squares, val.size, "validation features", config.batch_size))
   neighbours = {who: {name: Neighbours(normalise(val_values[who][name]), config.k) for name in layer_names}
@@ -154,19 +182,25 @@ def streamed(extract, train, val, config, layer_names, classes):
   progress = progress_lib.Progress("training images against the validation set", train.size)
 
   def stream():
-    seen = 0
-    for images, labels in images_lib.labelled_squares(train, config.image_size).batch(config.batch_size).prefetch(1):
+    seen = unusable = 0
+    for images, labels, usable in (images_lib.labelled_squares(train, config.image_size).batch(config.batch_size)
+                                   .prefetch(1)):
+      usable = usable.numpy()
       for who, call in calls.items():
         for name, value in call(images).items():
-          neighbours[who][name].add(normalise(value.numpy()), labels.numpy())
-      seen += int(labels.shape[0])
-      progress.add(int(labels.shape[0]))
-    return seen
+          neighbours[who][name].add(normalise(value.numpy()[usable]), labels.numpy()[usable])
+      seen += int(usable.sum())
+      unusable += int((~usable).sum())
+      progress.add(len(usable))
+    return seen, unusable
 
-  seen = images_lib.read_or_explain(train, config.splits.flag("train_data"), stream)
+  seen, unusable = images_lib.read_or_explain(train, config.splits.flag("train_data"), stream)
   progress.finish()
+  if unusable:
+    logging.warning("training images: %d unreadable images (records of damaged TFRecord shards) left out.", unusable)
   if not seen:
     raise errors.DataError(f"{config.splits.flag('train_data')}: no image")
   scored = {who: {name: accuracies(neighbours[who][name].class_scores(classes, config.temperature), val_labels)
                   for name in layer_names} for who in extract}
-  return scored, {"train_images": seen, "val_images": int(len(val_labels))}
+  return scored, {"train_images": seen, "train_unreadable": unusable, "val_images": int(len(val_labels)),
+                  "val_unreadable": val_unreadable, "k": votes(config.k, seen)}

@@ -200,14 +200,15 @@ def evaluate(subject, config):
         extract, squares, one.size, what, config.batch_size))
 
   if val is None:
-    values, labels = features_of(lset, config.splits.flag("data"), "features")
+    values, labels, unreadable = features_of(lset, config.splits.flag("data"), "features")
     splits = [(np.flatnonzero(assignment != k), np.flatnonzero(assignment == k))
               for assignment in [stratified_folds(labels, config.folds, config.seed)] for k in range(config.folds)]
+    unreadable = {"unreadable": unreadable}
   else:
-    train_values, train_labels = features_of(lset, config.splits.flag("train_data"),
-                                             "training features")
-    val_values, val_labels = features_of(val, config.splits.flag("val_data"),
-                                         "validation features")
+    train_values, train_labels, train_unreadable = features_of(lset, config.splits.flag("train_data"),
+                                                               "training features")
+    val_values, val_labels, val_unreadable = features_of(val, config.splits.flag("val_data"), "validation features")
+    unreadable = {"train_unreadable": train_unreadable, "val_unreadable": val_unreadable}
     values = {key: {name: np.concatenate([train_values[key][name], val_values[key][name]]) for name in layer_names}
               for key in train_values}
     labels = np.concatenate([train_labels, val_labels])
@@ -228,7 +229,8 @@ def evaluate(subject, config):
                     and k != "per_class_ap"})
     per_layer[name] = entry
     logging_line(name, entry, key)
-  return Result(summary(config, lset, splits, labels, layer_names, per_layer, scored, key, values, probe))
+  return Result(dict(summary(config, lset, splits, labels, layer_names, per_layer, scored, key, values, probe),
+                     **unreadable))
 
 
 def logging_line(name, entry, key):

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import images as images_lib
+from context_keras.evaluation import metrics
 from context_keras.input import decoding
 from context_keras.input import labelled
 from context_keras.input import sources
@@ -30,6 +31,7 @@ from context_keras.training import control
 
 PROTOCOLS = ("image", "patches")
 AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")
+TOP5_CLASSES = 5  # top-5 accuracy is reported with more classes than this only (with fewer it is always 1.0)
 # The per-256-images learning rate is scaled linearly with the batch size, as Goyal et al. 2019 and Kolesnikov et
 # al. 2019 do (their learning rates are quoted per 256 images).
 LR_REFERENCE_BATCH = 256
@@ -95,25 +97,34 @@ class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
 # Input
 
 
-def _placeholder(size):
-  return {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int64),
-          "weight": tf.constant(0.0), "index": tf.constant(-1, tf.int64)}
+def _placeholder(size, label=None):
+  """A blank example of weight 0 (padding: index -1); `label`: one of the set's labels, whose shape and type it
+  takes (a class index, or a multi-label row)."""
+  label = tf.constant(0, tf.int64) if label is None else tf.zeros_like(label)
+  return {"image": tf.zeros([size, size, 3], tf.uint8), "label": label, "weight": tf.constant(0.0),
+          "index": tf.constant(-1, tf.int64)}
 
 
-def _never_failing(transform, size):
-  """Maps one example through `transform`, or, when that raises (an unreadable or undecodable image), to a blank
-  example of weight 0 carrying the same index: one output per input, whatever happens."""
-  def one(index, contents, label):
-    example = tf.data.Dataset.from_tensors((index, contents, label)).map(transform).ignore_errors()
-    blank = tf.data.Dataset.from_tensors(dict(_placeholder(size), index=index))
-    return example.concatenate(blank).take(1)
-  return one
+def _label_template(lset):
+  """A label of the set (labelled.LabelledSet): a class index, or a row of a multi-label set."""
+  return tf.zeros(lset.labels.shape[1:], lset.labels.dtype) if lset.multi_label else None
+
+
+def _checked(label):
+  """`label`, after a check that a class index is one of the training classes (a damaged shard's stand-ins and
+  unknown class names are not); multi-label rows hold IGNORED entries, and come from files only."""
+  if label.shape.rank:
+    return label
+  check = tf.debugging.assert_non_negative(label, message="a record's class is not one of the training classes")
+  with tf.control_dependencies([check]):
+    return tf.identity(label)
 
 
 def _examples(records, transform, size):
-  """(index, bytes or path, label) -> example dicts, in order, in parallel."""
-  return records.interleave(_never_failing(transform, size), cycle_length=16, block_length=1,
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  """(index, bytes or path, label) -> example dicts, in order, in parallel; an image that cannot be read or decoded
+  becomes a blank example of weight 0 carrying its index."""
+  return images_lib.never_failing(records, transform, lambda index, contents, label: dict(_placeholder(size, label),
+                                                                                          index=index))
 
 
 def read_example(lset):
@@ -151,8 +162,10 @@ def training_records(lset, seed, start, shuffle_buffer):
         block_length=1, num_parallel_calls=min(8, len(lset.paths)), deterministic=True)
     # A Python seed (a tensor seed breaks under a global seed): each epoch's buffer shuffles the same way, but
     # its input, the shards' order, is new every epoch.
-    return raw.shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1, reshuffle_each_iteration=False)
-  # The epoch length is prepare's record count; the current epoch is re-read up to `start`, records not parsed.
+    return labelled.shard_examples(raw, size).shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1,
+                                                      reshuffle_each_iteration=False)
+  # The epoch length is prepare's record count (shard_examples keeps it, whatever damage the shards have); the current
+  # epoch is re-read up to `start`, records not parsed.
   raw = tf.data.Dataset.range(start // max(size, 1), 2**62).flat_map(epoch).skip(start % max(size, 1))
   return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), raw)).map(lambda i, record: (i, record, unparsed))
 
@@ -175,9 +188,7 @@ def train_transform(lset, config):
       image = images_lib.centre_crop(image, config.resize_size, size)
     if config.flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    check = tf.debugging.assert_non_negative(label, message="a record's class is not one of the training classes")
-    with tf.control_dependencies([check]):
-      return {"image": image, "label": tf.identity(label), "weight": tf.constant(1.0), "index": index}
+    return {"image": image, "label": _checked(label), "weight": tf.constant(1.0), "index": index}
   return transform
 
 
@@ -187,9 +198,7 @@ def val_transform(lset, config):
   def transform(index, contents, label):
     contents, label = read(contents, label)
     image = images_lib.centre_crop(decoding.decode(contents), config.resize_size, config.crop_size)
-    check = tf.debugging.assert_non_negative(label, message="a record's class is not one of the training classes")
-    with tf.control_dependencies([check]):
-      return {"image": image, "label": tf.identity(label), "weight": tf.constant(1.0), "index": index}
+    return {"image": image, "label": _checked(label), "weight": tf.constant(1.0), "index": index}
   return transform
 
 
@@ -197,7 +206,10 @@ def val_records(lset):
   if lset.kind == "files":
     return tf.data.Dataset.from_tensor_slices((list(lset.paths), lset.labels)).enumerate().map(
         lambda i, pair: (i, pair[0], pair[1]))
-  raw = lset.source.ordered_records() if lset.kind == tfds_source.KIND else sources.all_records(lset)
+  if lset.kind == tfds_source.KIND:
+    raw = lset.source.ordered_records()
+  else:  # exactly the records the shards' index promises (labelled.shard_examples)
+    raw = labelled.shard_examples(sources.all_records(lset), lset.size)
   return raw.enumerate().map(lambda i, record: (i, record, tf.constant(-1, tf.int64)))
 
 
@@ -216,7 +228,7 @@ def val_steps(val_size, batch_size):
 def val_dataset(lset, config, steps, pipeline):
   """This pipeline's share of the validation set for `steps` steps, padded with blank examples of weight 0."""
   records = val_records(lset).shard(pipeline.count, pipeline.id)
-  padding = tf.data.Dataset.from_tensors(_placeholder(config.crop_size)).repeat()
+  padding = tf.data.Dataset.from_tensors(_placeholder(config.crop_size, _label_template(lset))).repeat()
   return (_examples(records, val_transform(lset, config), config.crop_size).concatenate(padding)
           .batch(pipeline.replica_batch, drop_remainder=True).take(steps * pipeline.replicas)
           .prefetch(tf.data.AUTOTUNE))
@@ -243,31 +255,36 @@ def distributed(strategy, batch_size, make):
 # Heads and their training
 
 
-def build_heads(dims, classes, batchnorm):
+def build_heads(dims, classes, batchnorm, seed=0):
   """{layer: pooled features [N, dims]} -> {layer: logits [N, classes]}: per layer an optional batch norm (Goyal et
-  al. 2019, as VISSL: momentum 0.9 in Keras' convention, epsilon 1e-5) and a linear layer."""
+  al. 2019, as VISSL: momentum 0.9 in Keras' convention, epsilon 1e-5) and a linear layer, its kernel drawn from
+  (seed, the layer's position): the job is a function of its seed from its first step."""
   inputs = {name: keras.Input((d,), name=name) for name, d in dims.items()}
   outputs = {}
-  for name, x in inputs.items():
+  for k, (name, x) in enumerate(inputs.items()):
     if batchnorm:
       x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
-    outputs[name] = keras.layers.Dense(classes, name=f"{name}_linear", dtype="float32")(x)
+    outputs[name] = keras.layers.Dense(classes, name=f"{name}_linear", dtype="float32",
+                                       kernel_initializer=keras.initializers.GlorotUniform(seed * 1_000 + k))(x)
   return keras.Model(inputs, outputs, name="heads")
 
 
 class HeadTrainer:
   """The heads, their optimizer and the compiled loops (training: many steps per call, stopping early on a pause or
   quit request as trainer.Trainer does; evaluation: per-head top-1/top-5 and per-class counts), all built in
-  `strategy`'s scope. `extractor` (features.Extractor) gives the frozen features."""
+  `strategy`'s scope. `extractor` (features.Extractor) gives the frozen features. With `multi_label`, each head is
+  one logistic regression per class (labels: labelled.POSITIVE / NEGATIVE / IGNORED rows), scored by average
+  precision (evaluate_multi_label), as evaluate's linear mode does (method.md §10.6)."""
 
-  def __init__(self, strategy, extractor, classes, config, steps_per_epoch_):
+  def __init__(self, strategy, extractor, classes, config, steps_per_epoch_, multi_label=False):
     self.strategy, self.extractor, self.classes, self.config = strategy, extractor, classes, config
+    self.multi_label = multi_label
     self.layers = extractor.layers
     boundaries = [round(e * steps_per_epoch_) for e in config.decay_epochs]
     schedule = StepSchedule(config.learning_rate * config.batch_size / LR_REFERENCE_BATCH, boundaries,
                             config.decay_factor, round(config.warmup_epochs * steps_per_epoch_))
     with strategy.scope():
-      self.heads = build_heads(extractor.dims, classes, config.head_batchnorm)
+      self.heads = build_heads(extractor.dims, classes, config.head_batchnorm, config.seed)
       self.optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=config.nesterov)
       self.optimizer.build(self.heads.trainable_variables)
     self.kernels = [v for v in self.heads.trainable_variables if v.path.endswith("kernel")]
@@ -276,6 +293,7 @@ class HeadTrainer:
     # do_not_convert (as the trainer's): converting their source would only add seconds to every start.
     self.train_loop = tf.function(self._train_loop_impl)
     self.eval_loop = tf.function(self._eval_loop_impl)
+    self.score_step = tf.function(self._score_step_impl)
 
   def current_step(self):
     return int(self.optimizer.iterations.numpy())
@@ -296,8 +314,7 @@ class HeadTrainer:
     features = self._features(batch["image"])
     with tf.GradientTape() as tape:
       logits = self.heads(features, training=True)
-      losses = {name: tf.reduce_sum(weight * tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=batch["label"], logits=logits[name])) for name in self.layers}
+      losses = {name: tf.reduce_sum(weight * self._example_loss(batch["label"], logits[name])) for name in self.layers}
       # The objective of the global batch: the sum over heads of their mean loss, plus L2 on the kernels (as in
       # the loss, so that SGD adds weight_decay * w to the gradient, as PyTorch's weight_decay does).
       loss = tf.add_n(list(losses.values())) / self.config.batch_size
@@ -308,12 +325,30 @@ class HeadTrainer:
     self.optimizer.apply_gradients(zip(gradients, self.heads.trainable_variables))
     stats = {"loss_" + name: value for name, value in losses.items()}
     for name in self.layers:
-      correct = tf.cast(tf.equal(tf.argmax(logits[name], -1), batch["label"]), tf.float32)
-      stats["correct_" + name] = tf.reduce_sum(correct * weight)
+      stats["correct_" + name] = tf.reduce_sum(self._example_correct(batch["label"], logits[name]) * weight)
     stats["examples"] = tf.reduce_sum(weight)
     stats["unreadable"] = _unreadable(batch)
     stats.update(control.votes(self.request))
     return stats
+
+  def _example_loss(self, label, logits):
+    """Each example's loss: cross-entropy of the softmax; for multi-label rows, the binary cross-entropy of each
+    class's logit summed over the classes that are not IGNORED, over the class count."""
+    if not self.multi_label:
+      return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=label, logits=logits)
+    valid = tf.cast(tf.not_equal(label, labelled.IGNORED), tf.float32)
+    positive = tf.cast(tf.equal(label, labelled.POSITIVE), tf.float32)
+    return tf.reduce_sum(valid * tf.nn.sigmoid_cross_entropy_with_logits(labels=positive, logits=logits),
+                         -1) / self.classes
+
+  def _example_correct(self, label, logits):
+    """Each example's training accuracy: its class among the top 1; for multi-label rows, the share of its classes
+    (not IGNORED) on the right side of 0."""
+    if not self.multi_label:
+      return tf.cast(tf.equal(tf.argmax(logits, -1), label), tf.float32)
+    valid = tf.cast(tf.not_equal(label, labelled.IGNORED), tf.float32)
+    right = tf.cast(tf.equal(logits > 0, tf.equal(label, labelled.POSITIVE)), tf.float32)
+    return tf.reduce_sum(valid * right, -1) / tf.maximum(tf.reduce_sum(valid, -1), 1.0)
 
   def _train_loop_impl(self, iterator, num_steps):
     """Up to num_steps steps; stops early, on every worker at the same step, when one asks for a pause or quit."""
@@ -359,18 +394,49 @@ class HeadTrainer:
     return totals
 
   def evaluate(self, dataset, steps, class_names):
-    """Per-layer top-1 and top-5 on a validation dataset of `steps` batches, per-class top-1 of every layer."""
+    """Per-layer top-1 and top-5 on a validation dataset of `steps` batches, per-class top-1 of every layer. Top-5 is
+    left out with five classes or fewer, where it is always 1.0."""
     totals = {k: np.asarray(v) for k, v in self.eval_loop(iter(dataset), tf.constant(steps)).items()}
     examples = max(float(totals["examples"]), 1.0)
     count = totals["class_count"]
     per_layer = {}
     for name in self.layers:
-      per_layer[name] = {"top1": float(totals["top1_" + name]) / examples,
-                         "top5": float(totals["top5_" + name]) / examples,
-                         "dims": self.extractor.dims[name],
-                         "per_class_top1": {class_names[c]: float(totals["class_correct_" + name][c] / count[c])
-                                            for c in range(self.classes) if count[c] > 0}}
+      per_layer[name] = {"top1": float(totals["top1_" + name]) / examples}
+      if self.classes > TOP5_CLASSES:
+        per_layer[name]["top5"] = float(totals["top5_" + name]) / examples
+      per_layer[name].update({
+          "dims": self.extractor.dims[name],
+          "per_class_top1": {class_names[c]: float(totals["class_correct_" + name][c] / count[c])
+                             for c in range(self.classes) if count[c] > 0}})
     return per_layer, int(totals["examples"]), int(totals["unreadable"])
+
+
+  @tf.autograph.experimental.do_not_convert
+  def replica_scores(self, batch):
+    logits = self.heads(self._features(batch["image"]), training=False)
+    return {"label": batch["label"], "weight": batch["weight"], "index": batch["index"],
+            **{"logits_" + name: logits[name] for name in self.layers}}
+
+  @tf.autograph.experimental.do_not_convert
+  def _score_step_impl(self, batch):
+    outputs = self.strategy.run(self.replica_scores, args=(batch,))
+    return {k: self.strategy.gather(v, axis=0) for k, v in outputs.items()}
+
+  def evaluate_multi_label(self, dataset, steps, class_names):
+    """Per-layer mean average precision (VOC's area under the curve and 11-point, metrics.py) and each class's AP on a
+    validation dataset of `steps` batches: every validation image's scores are gathered (from every replica and
+    worker) on the host, as AP ranks the whole set."""
+    rows = {}
+    iterator = iter(dataset)
+    for _ in range(steps):
+      for key, value in self.score_step(next(iterator)).items():
+        rows.setdefault(key, []).append(value.numpy())
+    rows = {key: np.concatenate(values) for key, values in rows.items()}
+    used = rows["weight"] > 0
+    per_layer = {name: dict(metrics.mean_average_precision(rows["logits_" + name][used], rows["label"][used],
+                                                           list(class_names)), dims=self.extractor.dims[name])
+                 for name in self.layers}
+    return per_layer, int(used.sum()), int(((rows["index"] >= 0) & ~used).sum())
 
 
 def _unreadable(batch):

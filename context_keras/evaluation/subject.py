@@ -1,5 +1,6 @@
 """What is evaluated: a trained run or an exported backbone, behind the two functions the protocols need."""
 import dataclasses
+import glob
 import os
 
 import keras
@@ -12,6 +13,7 @@ from context_keras.model import fold
 from context_keras.model import networks as model_lib
 from context_keras.storage import paths as paths_lib
 from context_keras.training import restore
+from context_keras.training import run_dir
 
 
 @dataclasses.dataclass
@@ -115,7 +117,11 @@ def from_run(run):
 
 def from_saved_model(path):
   """The subject of an exported backbone (OUT/backbone), with OUT/pair_classifier when it is beside it."""
-  info = serving.read_metadata(path)
+  if run_dir.recorded_in(path):
+    exports = sorted(glob.glob(os.path.join(glob.escape(run_dir.export_path(path, "")) + "*")))
+    raise errors.UsageError(f"--saved_model={path} is a training run: give --model_dir={path}"
+                            + (f", or one of its exports, --saved_model={exports[-1]}" if exports else ""))
+  info = serving.read_backbone_metadata(path)
   try:
     backbone = tf.saved_model.load(path)
   except (OSError, ValueError) as e:

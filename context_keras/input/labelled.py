@@ -120,6 +120,7 @@ class Splits:
                  tfds_data_dir=self.tfds_data_dir)
     val = find(self.val_data, self.val_labels, "--val_data", "--val_labels", classes=train.classes,
                multi_label=self.multi_label, tfds_data_dir=self.tfds_data_dir)
+    warn_overlap(train, val)
     return train, val
 
 
@@ -190,7 +191,15 @@ def read_labels_file(path, flag="--labels"):
   return entries
 
 
-def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels", classes=None, multi_label=False):
+# What a program that reads multi-label sets says to a labels file with several labels on a line; prepare, which
+# writes one class per record, says MULTI_LABEL_ELSEWHERE.
+MULTI_LABEL_HINT = "pass --multi_label for multi-label classification"
+MULTI_LABEL_ELSEWHERE = ("labelled shards hold one class per image: give a multi-label set to evaluate or linear_eval "
+                         "as its images and this labels file, with --multi_label")
+
+
+def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels", classes=None, multi_label=False,
+                   multi_label_hint=MULTI_LABEL_HINT):
   """The images a labels file names, under the folder `data` (default: the labels file's folder)."""
   labels_path = sources.resolve_path(labels_file)
   root = sources.resolve_path(data) if data else paths_lib.parent(labels_path)
@@ -202,7 +211,7 @@ def labelled_files(data, labels_file, data_flag="--data", labels_flag="--labels"
     several = next(((n, labels) for n, _, labels in entries if len(labels) != 1), None)
     if several:
       raise errors.DataError(f"{where}: line {several[0]} gives {len(several[1])} labels, not 1"
-                             + (" (pass --multi_label for multi-label classification)" if several[1] else ""))
+                             + (f" ({multi_label_hint})" if several[1] else ""))
   given = classes is not None  # then an integer label may also be an index into them
   if not given:
     names = {label.lstrip(IGNORED_PREFIX) for _, _, labels in entries for label in labels}
@@ -452,6 +461,28 @@ def _some(classes):
   return ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
 
 
+def warn_overlap(train, val):
+  """A warning naming the validation images (or shards) that are training ones too: a score on them measures what
+  the probe memorised (1.0 for the same set), not what the features carry."""
+  def real(lset):
+    if lset.kind == tfds_source.KIND:  # its files hold other splits' examples too: the split itself is compared
+      return {(lset.source.dataset, lset.source.split): lset.description}
+    return {os.path.realpath(p) if paths_lib.is_local(p) else p: p for p in lset.paths}
+  ours, theirs = real(train), real(val)
+  shared = [theirs[p] for p in theirs if p in ours]
+  if not shared:
+    return
+  what = "TFRecord shards" if val.kind == "tfrecord" else "images"
+  if len(shared) == len(ours) == len(theirs):
+    logging.warning("--train_data and --val_data name the same %d %s (%s): the validation score measures "
+                    "memorisation (accuracy near 1.0), not what the features carry. Give held-out images as "
+                    "--val_data.", len(shared), what, train.description)
+  else:
+    logging.warning("%d of the %d validation %s are training %s too (%s%s): the validation score counts "
+                    "memorisation on them.", len(shared), len(theirs), what, what, ", ".join(shared[:3]),
+                    ", ..." if len(shared) > 3 else "")
+
+
 def check_compatible(train, val, val_flag="--val_data"):
   """A validation set must be read against the training set's classes (find(..., classes=train.classes))."""
   if train.multi_label != val.multi_label:
@@ -467,12 +498,17 @@ def check_compatible(train, val, val_flag="--val_data"):
 def records(lset):
   """A finite dataset of (index, encoded bytes, label) over the set in its listing order. Labels are class indices
   (int64), or for a multi-label set int8 rows. The records of shards are mapped by class name to `lset.classes`;
-  a name that is not among them stops the reading with an error that names it."""
+  a name that is not among them stops the reading with an error that names it. A damaged shard's records are read
+  up to the damage; each record the shards' index promised but that could not be read comes as DAMAGED
+  (shard_examples)."""
   if lset.kind == "files":
     return tf.data.Dataset.from_tensor_slices((list(lset.paths), lset.labels)).map(
         lambda path, label: (tf.io.read_file(path), label), num_parallel_calls=tf.data.AUTOTUNE).enumerate().map(
             lambda i, pair: (i, pair[0], pair[1]))
-  raw = lset.source.ordered_records() if lset.kind == tfds_source.KIND else sources.all_records(lset)
+  if lset.kind == tfds_source.KIND:
+    raw = lset.source.ordered_records()
+  else:
+    raw = shard_examples(sources.all_records(lset), lset.size)
   return raw.map(parser(lset), num_parallel_calls=tf.data.AUTOTUNE).enumerate().map(
       lambda i, pair: (i, pair[0], pair[1]))
 
@@ -482,14 +518,40 @@ def class_table(classes):
       tf.constant(list(classes)), tf.range(len(classes), dtype=tf.int64)), default_value=-1)
 
 
+# The class index of a record that could not be read (sources.DAMAGED_SHARD: the unread rest of a damaged shard), with
+# empty bytes: every reader counts it as one unreadable image where it lies, as an unreadable image file
+# (docs/guarantees.md), rather than stopping.
+DAMAGED = -2
+
+
+def shard_examples(raw, size):
+  """The serialised records of one pass over labelled shards (sources.all_records' stream, `raw`), exactly `size` of
+  them (the records the shards' index promises): a damaged shard gives its records up to the damage, and a stand-in
+  (sources.DAMAGED_SHARD) at the end of the pass takes the place of each record lost, so that positions in a stream
+  of passes keep their meaning (linear_job's exact resume) and every lost record is counted."""
+  records = raw.filter(lambda record: ~sources.is_damaged(record))
+  if not size:
+    return records
+  return records.concatenate(tf.data.Dataset.from_tensors(tf.constant(sources.DAMAGED_SHARD)).repeat()).take(size)
+
+
 def parser(lset):
   """record -> (encoded bytes, label) of a set of shards or a TFDS split (records' or TfdsSource.ordered_records'
-  elements), its label as records() gives it. A record whose class is not among lset.classes stops the reading
-  with an error that says so."""
+  elements), its label as records() gives it: a damaged shard's stand-in gives (b"", DAMAGED). A record whose class
+  is not among lset.classes stops the reading with an error that says so."""
   if lset.kind == tfds_source.KIND:
     return _tfds_parser(lset)
-  if lset.label_key:
-    return _numbered_parser(lset)
+  parse = _numbered_parser(lset) if lset.label_key else _named_parser(lset)
+
+  @tf.autograph.experimental.do_not_convert
+  def parse_or_damaged(record):
+    return tf.cond(sources.is_damaged(record), lambda: (tf.constant(b""), tf.constant(DAMAGED, tf.int64)),
+                   lambda: parse(record))
+  return parse_or_damaged
+
+
+def _named_parser(lset):
+  """Our shards (prepare --labels): the class name of each record through the set's classes."""
   table = class_table(lset.classes)
 
   @tf.autograph.experimental.do_not_convert

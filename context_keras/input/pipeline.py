@@ -22,6 +22,12 @@ from context_keras.input import shortcuts
 from context_keras.input import sources
 
 AUGMENT_ON = ("host", "device")
+# Images the packer skips: their stream positions (grids_of_images's index) and why, by these codes, ride along with
+# the batches, up to SKIPPED_PER_BATCH in each (more wait for the next), for the host to name them
+# (sources.stream_image): the pipeline stays graph code.
+SKIPPED_UNREADABLE, SKIPPED_TOO_SMALL = 0, 1
+SKIPPED_REASONS = ("unreadable", "too small for a grid")
+SKIPPED_PER_BATCH = 16
 
 
 def resolve_augment_on(name):
@@ -262,7 +268,8 @@ class _Packer:
 
   The patches of pending grids are held in a TensorList (appending does not copy them) and concatenated once per
   batch. Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable
-  since the previous batch (unreadable images are dropped before this stage, so they show as gaps in the index).
+  since the previous batch (unreadable images are dropped before this stage, so they show as gaps in the index);
+  `skipped` and `skipped_reason` name the skipped ones by stream index (-1: none), first come first named.
   Each batch also carries `resume`, the (image, grid) position of the first grid after it: a pipeline started
   there continues with exactly the batches that would have followed (its first start[1] grids of image start[0] are
   skipped, as they went into the batch before).
@@ -280,7 +287,8 @@ class _Packer:
     return {**{k: _empty_list(self.per_patch, k) for k in _PER_PATCH}, "num_patches": tf.constant(0),
             "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
-            "images": zero, "too_small": zero, "unreadable": zero}
+            "images": zero, "too_small": zero, "unreadable": zero,
+            "skipped": tf.zeros([0], tf.int64), "skipped_reason": tf.zeros([0], tf.int32)}
 
   @tf.autograph.experimental.do_not_convert
   def __call__(self, state, element):
@@ -309,11 +317,19 @@ class _Packer:
     n = h * w
     image_index = grid["position"][0]
     new_image = image_index > state["last_image"]
+    # The images skipped with this grid's image: the gap before it (unreadable), and itself when too small.
+    gap = tf.range(tf.where(new_image, state["last_image"] + 1, image_index), image_index)
+    too_small = tf.boolean_mask(image_index[None], (new_image & ~grid["usable"])[None])
+    skipped = tf.concat([gap, too_small], 0)
+    reasons = tf.concat([tf.fill(tf.shape(gap), SKIPPED_UNREADABLE), tf.fill(tf.shape(too_small), SKIPPED_TOO_SMALL)],
+                        0)
     counters = {
         "last_image": tf.maximum(state["last_image"], image_index),
         "images": state["images"] + tf.cast(new_image & grid["usable"], tf.int64),
         "too_small": state["too_small"] + tf.cast(new_image & ~grid["usable"], tf.int64),
         "unreadable": state["unreadable"] + tf.where(new_image, image_index - state["last_image"] - 1, 0),
+        "skipped": tf.concat([state["skipped"], skipped], 0),
+        "skipped_reason": tf.concat([state["skipped_reason"], reasons], 0),
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
@@ -344,9 +360,12 @@ class _Packer:
                **{k: tf.pad(state[k], [[0, self.max_pairs - num_pairs]]) for k in ("first", "second", "label")},
                "pair_mask": tf.range(self.max_pairs) < num_pairs,  # padding pairs point at patch 0
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
+               **{k: _first(state[k], SKIPPED_PER_BATCH) for k in ("skipped", "skipped_reason")},
                "resume": grid["position"], "ready": tf.constant(True)}
       fresh = dict(self.initial_state(), last_image=counters["last_image"])
       fresh.update({k: counters[k] - state[k] for k in ("images", "too_small", "unreadable")})
+      fresh.update(skipped=tf.concat([state["skipped"][SKIPPED_PER_BATCH:], skipped], 0),
+                   skipped_reason=tf.concat([state["skipped_reason"][SKIPPED_PER_BATCH:], reasons], 0))
       return append(fresh), batch
 
     return tf.cond(~has_pairs, keep, lambda: tf.cond(fits, add, flush))
@@ -358,14 +377,15 @@ class _Packer:
     return {**{k: tf.zeros([0] + s, d) for k, (d, s) in self.per_patch.items()}, "patch_mask": tf.zeros([0], tf.bool),
             "first": no_pairs, "second": no_pairs, "label": no_pairs, "pair_mask": tf.zeros([0], tf.bool),
             "images": zero, "too_small": zero, "unreadable": zero, "resume": tf.zeros([2], tf.int64),
-            "ready": tf.constant(False)}
+            "skipped": tf.zeros([0], tf.int64), "skipped_reason": tf.zeros([0], tf.int32), "ready": tf.constant(False)}
 
   def _rows(self, batches):
     """The ready ones of `batches` (one per grid of the step; the others are _nothing, holding no patches), stacked:
     [k, ...] with each batch's static shape, k from 0 to the grids of an image."""
     ready = tf.stack([b["ready"] for b in batches])
     shapes = {**{k: [self.max_patches] + s for k, (_, s) in self.per_patch.items()}, "patch_mask": [self.max_patches],
-              **{k: [self.max_pairs] for k in ("first", "second", "label", "pair_mask")}}
+              **{k: [self.max_pairs] for k in ("first", "second", "label", "pair_mask")},
+              **{k: [SKIPPED_PER_BATCH] for k in ("skipped", "skipped_reason")}}
 
     def stacked(chosen):  # a ready batch's value has the full shape; _nothing's has none of it
       return lambda: {k: tf.concat([tf.reshape(b[k], [-1] + shape) for b in chosen], 0) for k, shape in shapes.items()}
@@ -380,6 +400,12 @@ class _Packer:
       if key not in shapes and key != "ready":
         out[key] = tf.boolean_mask(tf.stack([b[key] for b in batches]), ready)
     return out
+
+
+def _first(values, count):
+  """The first `count` of a vector, padded with -1 to that length."""
+  values = values[:count]
+  return tf.pad(values, [[0, count - tf.shape(values)[0]]], constant_values=-1)
 
 
 def batches_from_images(images, config, seed, start=(0, 0)):

@@ -315,6 +315,25 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   return records.map(parse_record, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def stream_image(source, seed, pipeline_id, num_pipelines, index):
+  """What image `index` of the stream of training_images(source, seed, ..., pipeline_id, num_pipelines) is (the index
+  the input pipeline counts from its start, as data.grids_of_images): a file's path, found from the seeded order of
+  its epoch; for TFRecord shards, whose order a shuffle buffer makes (not kept), only the position. Host-side: for
+  naming the few images the pipeline skips."""
+  position = index * num_pipelines + pipeline_id  # in the stream shared by all pipelines
+  if source.kind != "files":
+    return f"image {position} of the TFRecord stream of {source.description}"
+  epoch, offset = divmod(position, len(source.paths))
+  return source.paths[_epoch_order(len(source.paths), seed, epoch)[offset]]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num, seed, epoch):
+  """epoch_order as a numpy array, kept for the next image skipped in the same epoch (an epoch's order costs a
+  shuffle of the whole listing)."""
+  return epoch_order(num, tf.constant(seed, tf.int64), tf.constant(epoch, tf.int64)).numpy()
+
+
 # The stand-in for the unread rest of a damaged shard: parse_record refuses it, so that it is skipped and counted
 # where the damage lies in the stream (once per read of the shard), not raised by the reader ahead of the shuffle
 # buffer (where one damaged shard of a small data set made hundreds of errors before the first batch).
@@ -348,8 +367,8 @@ def shard_records(path, compression, payload, modulo, first_visit=True):
   def stand_in(record, end, read):
     def damaged():
       message = tf.strings.join(["W context_keras: TFRecord shard ", path, " is corrupt or cut short after ",
-                                 tf.strings.as_string(read), " bytes of records; the rest of it is skipped, counted "
-                                 "as one unreadable image per pass over it."])
+                                 tf.strings.as_string(read), " bytes of records; the rest of it is skipped and "
+                                 "counted as unreadable."])
 
       def say():
         with tf.control_dependencies([tf.print(message, output_stream=sys.stderr)]):
@@ -365,11 +384,16 @@ def shard_records(path, compression, payload, modulo, first_visit=True):
           .map(stand_in))
 
 
+def is_damaged(record):
+  """Whether a record of shard_records is the DAMAGED_SHARD stand-in (a bool tensor)."""
+  return tf.equal(tf.strings.substr(record, 0, len(DAMAGED_SHARD)), DAMAGED_SHARD)
+
+
 def parse_record(record, labelled=False):
   """The encoded image bytes of one tf.train.Example record of a shard (the TFRECORD_IMAGE_KEY feature); with
   `labelled`, (bytes, class index, class name) of a labelled shard (a record without them gives -1 and ''). An error
   for the DAMAGED_SHARD stand-in, naming its shard."""
-  damaged = tf.equal(tf.strings.substr(record, 0, len(DAMAGED_SHARD)), DAMAGED_SHARD)
+  damaged = is_damaged(record)
   check = tf.debugging.Assert(~damaged, [tf.strings.join(["TFRecord shard ", tf.strings.substr(
       record, len(DAMAGED_SHARD), -1), " is corrupt or cut short here"])])
   spec = {TFRECORD_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}

@@ -58,9 +58,11 @@ class ModelConfig:
     object.__setattr__(self, "resnet_strides", tuple(int(s) for s in self.resnet_strides))
 
 
-# The ModelConfig fields that decide which variables the networks have and their shapes: a checkpoint can only be
-# restored into networks built with the same values (the others may change between resumes).
-ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "num_classes")
+# The ModelConfig fields that decide which variables the networks have, their shapes, or what they compute (a
+# ResNet's weights mean other things in other units or at other strides; the patch size is the geometry's): a
+# checkpoint is restored only into networks built with the same values (the others may change between resumes).
+ARCHITECTURE_FIELDS = ("backbone", "width_multiplier", "num_classes", "head", "patch_size", "resnet_version",
+                       "resnet_stem_stride", "resnet_strides")
 
 
 def _width(channels, multiplier):

@@ -19,6 +19,7 @@ import tensorflow as tf
 from context_keras import errors
 from context_keras.deploy import serving
 from context_keras.input import patches as patches_lib
+from context_keras.input import pipeline as data_lib
 from context_keras.storage import writes
 from context_keras.training import control
 from context_keras.training import progress as progress_lib
@@ -224,9 +225,10 @@ class Exports(Action):
   """The folded backbone as a SavedModel at RUN/export/backbone_<step>, every `every` steps and at the end, each
   written whole or not at all (writes.atomic_folder); what a killed run left half-written is cleaned up first."""
 
-  def __init__(self, write_dir, every, trainer, model_config, input_config, latest_checkpoint):
+  def __init__(self, write_dir, every, trainer, model_config, input_config, latest_checkpoint, spans=()):
     self.write_dir, self.every, self.trainer = write_dir, every, trainer
     self.model_config, self.input_config, self.latest_checkpoint = model_config, input_config, latest_checkpoint
+    self.spans = spans  # run_dir.RunConfig.spans: what each span of the run's steps was trained with
     folder = os.path.dirname(run_dir.export_path(write_dir, 0))
     if tf.io.gfile.isdir(folder):
       writes.recover_folders(folder)
@@ -242,13 +244,55 @@ class Exports(Action):
   def export(self):
     step = self.trainer.current_step()
     path = run_dir.export_path(self.write_dir, step)
+    latest = self.latest_checkpoint()
+    checkpoint = latest if latest and run_dir.checkpoint_step(latest) == step else None
     try:
       serving.export_backbone(self.trainer.networks.tower, self.model_config, path,
-                              color_mode=self.input_config.color_mode, geometry=self.input_config.geometry)
+                              color_mode=self.input_config.color_mode, geometry=self.input_config.geometry,
+                              **serving.provenance(step, checkpoint, self.input_config, spans=self.spans))
     except (OSError, tf.errors.OpError) as e:
       raise run_dir.write_failure(f"the backbone SavedModel of step {step}", path, e,
                                   self.latest_checkpoint()) from e
     logging.info("Backbone SavedModel written to %s.", path)
+
+
+class SkippedImages(Action):
+  """Names the images the input pipeline skipped (the trainer's `skipped` rows of stream index and reason,
+  data._Packer): each one once, in `path` (RUN/skipped.txt: step, reason and name, tab-separated; a resumed run
+  keeps the names it holds), the first LOGGED of an invocation in the log too. `name_of` turns a stream index into
+  the image's name (train.skipped_names); only the chief (`write`) writes the file."""
+  every_call = True
+  LOGGED = 5
+
+  def __init__(self, path, name_of, write=True, latest_checkpoint=lambda: None):
+    self.path, self.name_of, self.write, self.latest_checkpoint = path, name_of, write, latest_checkpoint
+    self.named, self.logged = set(), 0
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8", errors="replace") as f:
+        self.named = {line.rstrip("\n").split("\t", 2)[-1] for line in f}
+
+  def __call__(self, output):
+    rows = np.asarray(output.values.get("skipped", np.zeros([0, 2])))
+    new = []
+    for index, reason in rows:
+      name = self.name_of(int(index))
+      if name not in self.named:
+        self.named.add(name)
+        new.append((data_lib.SKIPPED_REASONS[int(reason)], name))
+    if not new:
+      return
+    if self.write:
+      try:
+        with open(self.path, "a", encoding="utf-8") as f:
+          f.writelines(f"{output.step}\t{reason}\t{name}\n" for reason, name in new)
+      except OSError as e:
+        raise run_dir.write_failure(f"the names of the images skipped by step {output.step}", self.path, e,
+                                    self.latest_checkpoint()) from e
+    for reason, name in new[:max(0, self.LOGGED - self.logged)]:
+      logging.warning("Skipped %s: %s (by step %d).", name, reason, output.step)
+    if self.logged < self.LOGGED <= self.logged + len(new):
+      logging.warning("More skipped images are named in %s only.", self.path)
+    self.logged += len(new)
 
 
 class Profile(Action):

@@ -74,6 +74,17 @@ def worker_role(strategy):
   return chief, f"{resolver.task_type}_{resolver.task_id}"
 
 
+def input_pipeline(strategy):
+  """(id, count) of this worker's input pipeline among the job's (distributed_batches: one per worker, numbered as
+  tf.distribute numbers the workers of a cluster: the chief first)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  count = max(1, strategy.num_replicas_in_sync // local_replicas(strategy))
+  if resolver is None or not resolver.task_type or count == 1:
+    return 0, count
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  return (0 if resolver.task_type == "chief" else resolver.task_id + int(has_chief)), count
+
+
 def distributed_batches(strategy, input_config, source, positions):
   """One input pipeline per worker; its replicas take consecutive batches of it, so it resumes where its last
   replica's last batch ended. Without a position for every replica (another topology), or through the tf.data

@@ -53,6 +53,11 @@ def peak_rss_mb():
 INPUT_BATCHES_IN_FLIGHT = 4  # the batch in the step, prefetched ones, and the one the packer is filling
 WEIGHT_COPIES = 3            # weights, their gradients, an optimizer slot
 ACTIVATION_COPIES = 2        # every layer's output, kept for the backward pass, and its gradient
+# The backbone exports of training (RUN/export/backbone_<step>) hold the folded tower's weights as constants of traced
+# functions (method.md §11.1); folding, tracing and tf.saved_model.save then hold about 21-22 copies of the tower's
+# weights at once (measured for resnet50 and vgg16_bn at widths 0.5 and 1 in a fresh process; method.md §4.5).
+EXPORT_WEIGHT_COPIES = 22
+RESIDENT_WEIGHT_COPIES = 2   # what stays of the run's own while it exports: weights and an optimizer slot
 GB = 1e9
 
 
@@ -105,18 +110,39 @@ def available_memory():
   return min(candidates) if candidates else None
 
 
-def check_step_memory(networks, input_config, replicas, compute_dtype, backbone, activations_on_host=True):
-  """Stops with a UsageError giving the estimate when one step's tensors cannot fit in the memory available: an
-  out-of-memory error would otherwise come minutes later, as a traceback."""
+def _weight_bytes(model):
+  return 4 * sum(int(np.prod(v.shape)) for v in model.weights)
+
+
+def export_memory(networks):
+  """Bytes the backbone export of training needs on the host: the copies of the tower's weights that folding, tracing
+  and saving hold at once (EXPORT_WEIGHT_COPIES, measured), besides the run's own weights and optimizer slot."""
+  return (EXPORT_WEIGHT_COPIES * _weight_bytes(networks.tower) +
+          RESIDENT_WEIGHT_COPIES * (_weight_bytes(networks.tower) + _weight_bytes(networks.head)))
+
+
+def check_step_memory(networks, input_config, replicas, compute_dtype, backbone, activations_on_host=True,
+                      width_multiplier=None):
+  """Stops with a UsageError giving the estimate when one step's tensors, or the backbone export that ends training,
+  cannot fit in the memory available: an out-of-memory error would otherwise come minutes (or days) later, as a
+  traceback. Returns the bytes needed: the larger of the two."""
   parts = step_memory(networks, input_config.batch_patches, input_config.batch_pairs, replicas,
                       tf.as_dtype(compute_dtype).size, activations_on_host)
-  needed, available = sum(parts.values()), available_memory()
+  step, export = sum(parts.values()), export_memory(networks)
+  needed, available = max(step, export), available_memory()
   if available is None or needed <= available:
-    return parts
+    return needed
+  if export > step:
+    width = f" at --width_multiplier={width_multiplier}" if width_multiplier is not None else ""
+    raise errors.UsageError(
+        f"Invalid flags: the {backbone} tower{width} needs about {_gb(export)} to export its backbone at the end of "
+        f"training (RUN/export/backbone_<step>: its {_gb(_weight_bytes(networks.tower))} of weights held about "
+        f"{EXPORT_WEIGHT_COPIES} times while they are folded and saved), more than the {_gb(available)} of memory "
+        "available here: lower --width_multiplier (or --backbone)")
   detail = ", ".join(f"{name} {_gb(size)}" for name, size in parts.items() if size)
   raise errors.UsageError(
       f"Invalid flags: --batch_patches={input_config.batch_patches} and --batch_pairs={input_config.batch_pairs} need "
-      f"about {_gb(needed)} for one training step on {replicas} replica(s) ({detail}; estimated from the layer shapes "
+      f"about {_gb(step)} for one training step on {replicas} replica(s) ({detail}; estimated from the layer shapes "
       f"of the {backbone} tower), more than the {_gb(available)} of memory available here: lower both")
 
 

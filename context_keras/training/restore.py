@@ -1,9 +1,13 @@
 """A trained run rebuilt from its directory: the networks of its recorded config with a checkpoint's weights, in
 float32, for export and evaluation (run_dir.py says where things are; this builds and restores them)."""
 import dataclasses
+import logging as std_logging
+import os
+import tempfile
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from context_keras import errors
 from context_keras.model import fold
@@ -27,6 +31,68 @@ def restore(networks, path):
     raise errors.UsageError(f"checkpoint {path} does not match the run's architecture: "
                             f"{str(e).splitlines()[0][:300]}") from e
   status.expect_partial()  # the optimizer and the run's counters are not needed here
+
+
+def _recorded_names(path):
+  """{checkpoint key: the name its value was saved under} of the values of checkpoint `path`."""
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(tf.train.load_checkpoint(path).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  return {a.checkpoint_key: a.full_name or a.checkpoint_key.split("/.ATTRIBUTES")[0] for node in graph.nodes
+          for a in node.attributes if a.name == "VARIABLE_VALUE"}
+
+
+def _mismatch(path, items):
+  """(names of the values of checkpoint `path` that `items` have no place for, names of the variables of `items` that
+  it holds no value for). The keys `items` would be saved under come from writing them to a temporary folder: only
+  when a restore has already failed."""
+  with tempfile.TemporaryDirectory(prefix="context_keras_resume_") as probe:
+    ours = _recorded_names(tf.train.Checkpoint(**items).write(os.path.join(probe, "probe")))
+  theirs = _recorded_names(path)
+  extra, missing = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+  # A name found on both sides (the BN statistics of another head) says more as its place in the checkpoint.
+  ambiguous = {theirs[k] for k in extra} & {ours[k] for k in missing}
+
+  def name(names, key):
+    return key.split("/.ATTRIBUTES")[0] if names[key] in ambiguous else names[key]
+  return [name(theirs, k) for k in extra], [name(ours, k) for k in missing]
+
+
+def _some(names):
+  return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+class _UnrestoredValueWarnings(std_logging.Filter):
+  """Drops TensorFlow's warning per checkpoint value left unrestored (several hundred for a ResNet), which it logs when
+  the objects of a failed restore are collected, often at exit: `resume` has said what is wrong in one line."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not message.startswith(("Value in checkpoint could not be found", "Detecting that an object or model or "
+                                                                              "tf.train.Checkpoint is being deleted"))
+
+
+def resume(path, items):
+  """Restores a training checkpoint into `items` (trainer.Trainer.checkpoint_items and the run's counters), every
+  value of it into its place and every variable of `items` from it: a resume that left out either (the momentum slots
+  of a run resumed without momentum) would go on silently from another state. A UsageError says which
+  (run_dir.check_resume names the flags, before this, wherever config.json can tell)."""
+  status = None
+  try:
+    status = tf.train.Checkpoint(**items).restore(path)
+    status.assert_existing_objects_matched()
+    status.assert_consumed()
+  except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as e:  # shapes, places or types that differ
+    std_logging.getLogger("tensorflow").addFilter(_UnrestoredValueWarnings())
+    if status is not None:
+      status.expect_partial()
+    extra, missing = _mismatch(path, items)
+    problems = ([f"{len(extra)} of its values have no place in their networks and optimizer (e.g. {_some(extra)})"]
+                if extra else []) + (
+        [f"it holds no value for {len(missing)} of their variables (e.g. {_some(missing)})"] if missing else [])
+    detail = "; ".join(problems) or errors.tf_error_message(e, 300)
+    raise errors.UsageError(f"--model_dir: checkpoint {path} does not fit the networks and optimizer of these flags: "
+                            f"{detail}. A flag that decides what they hold differs from the run's "
+                            "(--flagfile=RUN/flags.txt repeats the run's flags)") from e
 
 
 def check_checkpoint_origin(model_dir, config, path):

@@ -5,6 +5,7 @@ resume), so that every path in it and every way of reading it back has one home.
   RUN/config.json        the model, input and optimisation configs as data: what export and evaluate rebuild from
   RUN/checkpoint, ckpt-N tf.train checkpoints (tf.train.CheckpointManager's state file and checkpoints)
   RUN/train.log          the log of every training invocation, appended
+  RUN/skipped.txt        the images the input pipeline skipped, each once: step, reason, path (actions.SkippedImages)
   RUN/.lock              held by the training process while it runs (locks.folder_lock: flock, or a lock object on a
                          store)
   RUN/train_quit, RUN/train_pause  control files of this run alone (besides --quit_file and --pause_file)
@@ -34,6 +35,7 @@ from context_keras.training import trainer as trainer_lib
 FLAGS_FILE = "flags.txt"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
+SKIPPED_FILE = "skipped.txt"
 LOCK_FILE = locks.LOCK_FILE
 TRAIN_DIR = "train"
 EXPORT_DIR = "export"
@@ -42,8 +44,10 @@ CHECKPOINT_PREFIX = "ckpt"
 _CHECKPOINT_INDEX = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)\.index$")
 QUIT_FILE = "train_quit"    # control files of this run alone (control.py)
 PAUSE_FILE = "train_pause"
-# Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items).
-STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+# Where the training step lives in a checkpoint (Keras' optimizer iterations, under trainer.checkpoint_items): float16's
+# loss-scale optimizer counts it in the optimizer it wraps (its own `_iterations` stays 0), so that one comes first.
+STEP_KEYS = ("optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE",
+             "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
 
 
 def train_dir(model_dir):
@@ -103,15 +107,44 @@ def write_flags(model_dir, lines):
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """What a run was trained with, as RUN/config.json records it; `init_from`, what the run started from
-  (warm_start.initialise's record), or None for a run from random initialisation."""
+  (warm_start.initialise's record), or None for a run from random initialisation. `spans`: what each span of its
+  steps was trained with, [{"from_step", "input", "optimisation"}] in step order, one more whenever a resume changed
+  them (continued); `input` and `optimisation` are the last span's."""
   model: model_lib.ModelConfig
   input: data_lib.InputConfig
   optimisation: trainer_lib.OptimConfig
   init_from: dict = None
+  spans: tuple = ()
 
   @property
   def train_steps(self):
     return self.optimisation.train_steps
+
+  def span_from(self, step):
+    """This config's input and optimisation as the span that begins at `step`."""
+    return {"from_step": step, **_as_json({"input": self.input, "optimisation": self.optimisation})}
+
+
+def _as_json(value):
+  """A config (or dict of configs) as config.json stores it: tuples become lists, dataclasses dicts."""
+  return json.loads(json.dumps(value, default=dataclasses.asdict))
+
+
+def continued(recorded, config, step):
+  """(`config` with the spans of the run's `recorded` config, plus a span from `step` on when its input or
+  optimisation differ from the last span's; the flags that differ, [(name, then, now)]). Training at `step` (0 for
+  a new run, which gets its first span)."""
+  spans = list(recorded.spans) if recorded is not None else []
+  if recorded is not None and not spans:  # a run recorded before spans were: one span of what it recorded
+    spans.append(recorded.span_from(0))
+  now = config.span_from(step)
+  last = spans[-1] if spans else None
+  differences = [] if last is None else [
+      (name, last[part].get(name), value) for part in ("input", "optimisation") for name, value in now[part].items()
+      if value != last[part].get(name)]
+  if last is None or differences:
+    spans.append(now)
+  return dataclasses.replace(config, spans=tuple(spans)), differences
 
 
 def write_config(model_dir, config):
@@ -177,14 +210,14 @@ def read_config(model_dir):
     if paths_lib.is_file(path):
       recorded = json.loads(paths_lib.read_text(path))
       parts = (recorded["model"], recorded["input"], recorded["optimisation"])
-      init_from = recorded.get("init_from")
+      init_from, spans = recorded.get("init_from"), tuple(recorded.get("spans", ()))
     elif paths_lib.is_file(os.path.join(model_dir, FLAGS_FILE)):
-      parts, init_from = (read_flags(model_dir),) * 3, None
+      parts, init_from, spans = (read_flags(model_dir),) * 3, None, ()
     else:
       raise errors.UsageError(f"--model_dir={model_dir} has no {CONFIG_FILE} or {FLAGS_FILE}: not a run directory "
                               "of context_keras.train")
     return RunConfig(_from_values(model_lib.ModelConfig, parts[0]), _from_values(data_lib.InputConfig, parts[1]),
-                     _from_values(trainer_lib.OptimConfig, parts[2]), init_from)
+                     _from_values(trainer_lib.OptimConfig, parts[2]), init_from, spans)
   except (OSError, tf.errors.OpError, ValueError, KeyError, TypeError) as e:
     raise errors.UsageError(f"--model_dir={model_dir}: cannot read its recorded configuration: "
                             f"{paths_lib.reason(e) if isinstance(e, (OSError, tf.errors.OpError)) else e}") from e
@@ -199,13 +232,16 @@ def recorded_in(model_dir):
 
 
 def as_flag(field, value):
-  """(flag, value) of the training flag that sets a ModelConfig field to `value` (cli/model.py): most have the
-  field's name; the patch size is --geometry's, the class count --rotation_classes's (method.md §9.6)."""
+  """(flag, value as the flag is written) of the training flag that sets a ModelConfig field to `value`
+  (cli/model.py): most have the field's name; the patch size is --geometry's, the class count --rotation_classes's
+  (method.md §8.2, §9.6)."""
   if field == "patch_size":
     geometry = geometry_lib.with_patch_size(value)
     return "geometry", geometry.name if geometry else f"(patches of {value} px)"
   if field == "num_classes":
     return "rotation_classes", value > model_lib.ModelConfig.num_classes
+  if field == "resnet_strides":
+    return field, ",".join(str(s) for s in value)
   return field, value
 
 
@@ -222,22 +258,35 @@ def model_differences(before, after, fields):
 
 def architecture_differences(recorded, model_config):
   """(flag, recorded value, value of `model_config`) of every architecture field (model.ARCHITECTURE_FIELDS) that
-  differs between the RunConfig `recorded` and `model_config`."""
+  differs between the RunConfig `recorded` and `model_config`, named by the flag that sets it."""
   return model_differences(recorded.model, model_config, model_lib.ARCHITECTURE_FIELDS)
 
 
-def check_resume(model_dir, model_config):
-  """Stops with a UsageError naming the flags when the architecture of `model_config` is not the one that the run
-  in `model_dir` recorded: its checkpoints cannot be restored into other shapes."""
+def optimizer_state_differences(recorded, optimisation):
+  """(flag, recorded value, value of `optimisation`) of the optimisation flags that decide which state the optimizer
+  keeps in a checkpoint: momentum slots (none at --momentum=0) and float16's loss scale (trainer.make_optimizer)."""
+  then, given = recorded.optimisation, optimisation
+  return [(name, getattr(then, name), getattr(given, name)) for name, holds in (
+      ("momentum", lambda c: c.momentum > 0), ("mixed_precision", lambda c: c.mixed_precision == "float16"))
+          if holds(then) != holds(given)]
+
+
+def check_resume(model_dir, model_config, optimisation=None):
+  """Stops with a UsageError naming the flags, before anything is built, when `model_config` (and `optimisation`, a
+  trainer.OptimConfig) would change what the checkpoints of the run in `model_dir` hold or mean, as its recorded
+  configuration says: they could not be restored, or only in part."""
   where = recorded_in(model_dir)
   if not where:
     return
-  differences = architecture_differences(read_config(model_dir), model_config)
-  if differences:
-    named = ", ".join(f"--{name}={given} (the run: {then})" for name, then, given in differences)
-    raise errors.UsageError(f"Invalid flags: {named}: --model_dir={model_dir} holds a run of another "
-                            f"architecture ({where}), which its checkpoints cannot be restored into. Give the run's "
-                            f"values (--flagfile={os.path.join(model_dir, FLAGS_FILE)} repeats them), or another "
+  recorded = read_config(model_dir)
+  architecture = architecture_differences(recorded, model_config)
+  state = optimizer_state_differences(recorded, optimisation) if optimisation is not None else []
+  if architecture or state:
+    named = ", ".join(f"--{name}={given} (the run: {then})" for name, then, given in architecture + state)
+    what = " and ".join(w for w, d in (("architecture", architecture), ("optimizer state", state)) if d)
+    raise errors.UsageError(f"Invalid flags: {named}: --model_dir={model_dir} holds a run of another {what} "
+                            f"({where}), which its checkpoints cannot be restored into. Give the run's values "
+                            f"(--flagfile={os.path.join(model_dir, FLAGS_FILE)} repeats them), or another "
                             "--model_dir")
 
 
@@ -276,9 +325,11 @@ def checkpoint_reader(path):
 
 
 def checkpoint_step(path):
-  """The training step a checkpoint was written at."""
+  """The training step a checkpoint was written at, whatever the precision: the one place that reads it (export,
+  evaluate and its --watch, linear_eval, --init_from and training's resume all ask here)."""
   reader = checkpoint_reader(path)
-  if reader.has_tensor(STEP_KEY):
-    return int(reader.get_tensor(STEP_KEY))
+  for key in STEP_KEYS:
+    if reader.has_tensor(key):
+      return int(reader.get_tensor(key))
   suffix = path.rsplit("-", 1)[-1]
   return int(suffix) if suffix.isdigit() else 0

@@ -233,11 +233,16 @@ class Trainer:
     request = tf.constant(control.REQUEST_NONE)
     steps = tf.constant(0)
     preview = self._preview(self._empty_batch())
+    # The images this worker's pipeline skipped, as (stream index, reason) rows (data._Packer; -1: none), for the
+    # host to name them.
+    skipped = tf.TensorArray(tf.int64, size=0, dynamic_size=True, element_shape=[None, 2], infer_shape=False)
     while steps < num_steps and status == control.STATUS_OK:
       start = tf.timestamp() if self.time_input else tf.constant(0.0, tf.float64)
       with tf.control_dependencies([start]):
         batch = next(iterator)
       local = self.strategy.experimental_local_results(batch)
+      skipped = skipped.write(steps, tf.concat([tf.stack([b["skipped"], tf.cast(b["skipped_reason"], tf.int64)], -1)
+                                                for b in local], 0))
       with tf.control_dependencies(tf.nest.flatten(local)):
         waited = tf.timestamp() - start if self.time_input else start
       stats = self.strategy.run(self.replica_step, args=(batch,))
@@ -253,8 +258,9 @@ class Trainer:
         request = control.agreed_request(stats)
         if request != control.REQUEST_NONE:
           status = tf.constant(control.STATUS_STOP_REQUESTED)
-    return {"steps": steps, "status": status, "request": request, "preview": self._as_seen(preview), **totals,
-            **counts}
+    skipped = skipped.concat() if skipped.size() > 0 else tf.zeros([0, 2], tf.int64)
+    return {"steps": steps, "status": status, "request": request, "preview": self._as_seen(preview),
+            "skipped": tf.boolean_mask(skipped, skipped[:, 0] >= 0), **totals, **counts}
 
   def _check_divergence(self, loss_sum, grad_norm):
     if not tf.math.is_finite(loss_sum):

@@ -42,8 +42,9 @@ class Source:
 
 def find_source(path):
   """What --init_from names; a UsageError when it is none of the three."""
-  if paths_lib.is_file(os.path.join(path, "saved_model.pb")):
-    serving.read_metadata(path, "init_from")  # a SavedModel of context_keras, which says what it holds
+  if paths_lib.is_file(os.path.join(path, "saved_model.pb")) or tf.io.gfile.isdir(
+      os.path.join(path, serving.BACKBONE_DIR)):
+    serving.read_backbone_metadata(path, "init_from")  # an exported backbone of context_keras, which says so
     return Source(BACKBONE, path)
   if run_dir.recorded_in(path):
     return Source(RUN, path)
@@ -110,7 +111,7 @@ def _from_run(networks, model_config, source):
 
 
 def _from_backbone(networks, model_config, source):
-  info = serving.read_metadata(source.path, "init_from")
+  info = serving.read_backbone_metadata(source.path, "init_from")
   if info.get("backbone") != model_config.backbone:
     raise errors.UsageError(f"--init_from={source.path} is a {info.get('backbone')} backbone; this run trains "
                             f"--backbone={model_config.backbone}")
