@@ -139,13 +139,6 @@ def detector_config():
     decay_at = tuple(float(f) for f in FLAGS.decay_at)
   except ValueError as e:
     raise errors.UsageError(f"Invalid flags: --decay_at={','.join(FLAGS.decay_at)} must be numbers") from e
-  if any(not 0 < f < 1 for f in decay_at):
-    raise errors.UsageError(f"Invalid flags: --decay_at={','.join(FLAGS.decay_at)} must be fractions in (0, 1)")
-  if FLAGS.min_level > FLAGS.max_level:
-    raise errors.UsageError(f"Invalid flags: --min_level={FLAGS.min_level} is above --max_level={FLAGS.max_level}")
-  if FLAGS.image_size % 2 ** FLAGS.max_level:
-    raise errors.UsageError(f"Invalid flags: --image_size={FLAGS.image_size} must be a multiple of "
-                            f"2^--max_level = {2 ** FLAGS.max_level} (the anchors of every level tile it)")
   return detector_lib.DetectorConfig(
       detector=FLAGS.detector, image_size=FLAGS.image_size, pyramid_layers=tuple(FLAGS.pyramid_layers),
       min_level=FLAGS.min_level, max_level=FLAGS.max_level, fpn_filters=FLAGS.fpn_filters,
@@ -153,7 +146,7 @@ def detector_config():
       score_threshold=FLAGS.score_threshold, nms_iou=FLAGS.nms_iou, max_detections=FLAGS.max_detections,
       batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps, learning_rate=FLAGS.learning_rate,
       momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, warmup=FLAGS.warmup, decay_at=decay_at,
-      decay_factor=FLAGS.decay_factor, clip_norm=FLAGS.clip_norm, flip=FLAGS.flip, seed=FLAGS.seed)
+      decay_factor=FLAGS.decay_factor, clip_norm=FLAGS.clip_norm, flip=FLAGS.flip, seed=FLAGS.seed).check()
 
 
 def check_flags():

@@ -72,6 +72,16 @@ def exported(tmp_path_factory, small_run):
 
 
 @pytest.fixture(scope="session")
+def voc_devkit(tmp_path_factory):
+  """A small VOCdevkit folder (tests/voc_set.py: sample photos with pasted objects): 16 trainval and 8 test images
+  of 4 classes; made once per session. Copy it before changing it."""
+  import voc_set  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("voc") / "VOC2007"
+  voc_set.write(str(root), train=16, test=8, seed=0)
+  return root
+
+
+@pytest.fixture(scope="session")
 def ordinary_user(tmp_path_factory):
   """A preexec_fn (or None) under which a subprocess's file accesses obey permissions; skips if none can be had."""
   if os.geteuid() != 0:

@@ -97,6 +97,22 @@ class DetectorConfig:
     object.__setattr__(self, "pyramid_layers", tuple(self.pyramid_layers))
     object.__setattr__(self, "decay_at", tuple(float(f) for f in self.decay_at))
 
+  def check(self):
+    """A UsageError naming the flag when the detector cannot be built as configured."""
+    if self.detector not in DETECTORS:
+      raise errors.UsageError(f"--detector={self.detector} is not one of {', '.join(DETECTORS)}")
+    if self.batchnorm not in BATCHNORM:
+      raise errors.UsageError(f"--batchnorm={self.batchnorm} is not one of {', '.join(BATCHNORM)}")
+    if self.min_level > self.max_level:
+      raise errors.UsageError(f"Invalid flags: --min_level={self.min_level} is above --max_level={self.max_level}")
+    if self.image_size % 2 ** self.max_level:
+      raise errors.UsageError(f"Invalid flags: --image_size={self.image_size} must be a multiple of 2^--max_level = "
+                              f"{2 ** self.max_level} (the anchors of every level tile the image)")
+    if any(not 0 < f < 1 for f in self.decay_at):
+      raise errors.UsageError(f"Invalid flags: --decay_at={','.join(map(str, self.decay_at))} must be fractions in "
+                              "(0, 1)")
+    return self
+
   def schedule(self):
     """The learning rate per step: the recipe's warm-up and decays at their fractions of train_steps."""
     return linear_job.StepSchedule(self.learning_rate * self.batch_size / LR_REFERENCE_BATCH,
@@ -200,6 +216,7 @@ def insert_batchnorm(folded, names, patches):
 def pyramid_levels(folded, candidates, config):
   """{level: layer name} of the pyramid: each candidate layer's stride measured at the static image size, the
   deepest layer at each level from config.min_level up to config.max_level. UsageErrors name the flag."""
+  config.check()
   image = keras.Input((config.image_size, config.image_size, 3))
   maps = folded(image)
   unknown = [name for name in candidates if name not in maps]
@@ -334,8 +351,8 @@ class RetinaNet:
 
 
 def build(backbone, levels, num_classes, config):
-  if config.detector not in DETECTORS:
-    raise errors.UsageError(f"--detector={config.detector} is not one of {', '.join(DETECTORS)}")
+  """The detector of config.detector on the prepared backbone; its new layers seeded by config.seed."""
+  config.check()
   keras.utils.set_random_seed(config.seed)
   return RetinaNet(backbone, levels, num_classes, config)
 
