@@ -110,8 +110,8 @@ def define_flags():
                       "learning rate is multiplied by --decay_factor.")
     program.define_float("decay_factor", DEFAULTS.decay_factor, "Learning-rate factor at each --decay_at.", above=0,
                          upper=1)
-    program.define_float("clip_norm", DEFAULTS.clip_norm, "Clip gradients to this global norm (0: no clipping).",
-                         lower=0)
+    program.define_float("clip_norm", DEFAULTS.clip_norm, "Clip gradients to this global norm (0: no clipping; "
+                         "mmdetection's RetinaNet: 35).", lower=0)
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
     program.define_integer("seed", DEFAULTS.seed, "Seed of the data order, flips and new layers.", lower=0)
   with program.flag_group("run"):
@@ -389,7 +389,8 @@ def run():
       if values["nonfinite"]:
         raise errors.UsageError(f"detection fine-tuning diverged before step {trainer.current_step()} (loss not "
                                 f"finite); the latest checkpoint ({checkpoints.latest or 'none'}) is intact: lower "
-                                f"--learning_rate (now {config.learning_rate}) or set --clip_norm")
+                                f"--learning_rate (now {config.learning_rate}) or --clip_norm (now "
+                                f"{config.clip_norm or 'off'})")
       step = trainer.current_step()
       unreadable.assign_add(int(values["unreadable"]))
       out = actions_lib.LoopOutput(step=step, steps=int(values["steps"]), status=int(values["status"]),

@@ -89,7 +89,7 @@ class DetectorConfig:
   warmup: float = 0.04                # of train_steps, a linear warm-up from 0
   decay_at: tuple = (0.667, 0.889)    # of train_steps (Detectron's 60k and 80k of 90k)
   decay_factor: float = 0.1
-  clip_norm: float = 0.0
+  clip_norm: float = 35.0             # mmdetection's RetinaNet configs for stability (docs/detection.md §4)
   flip: bool = True
   seed: int = 0
 
