@@ -6,6 +6,12 @@ before is intact. Library modules raise them; only the program scaffold catches 
 """
 import re
 
+# Exit codes, one home for what they mean: a write failed midway (what was written before is intact); a flag, path or
+# input to fix; a worker of a multi-worker job was lost, so restart the whole job (sysexits.h's EX_TEMPFAIL).
+EXIT_WRITE_FAILED = 1
+EXIT_USAGE = 2
+EXIT_WORKER_LOST = 75
+
 
 class UsageError(Exception):
   """A flag, path or input that a program cannot use; the message names it."""

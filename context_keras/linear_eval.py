@@ -13,21 +13,19 @@ re-run resumes from (at the exact input position), quit and pause files, SIGINT/
 TensorBoard logs in EVAL/train, and progress lines with images/s and ETA. The result is printed as one JSON object,
 the last line, and written to EVAL/linear_eval.json.
 """
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 
 from absl import flags
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
 from context_keras.cli import labelled as labelled_flags
 from context_keras.cli import program
+from context_keras.cli import run as run_flags
 from context_keras.evaluation import features as features_lib
 from context_keras.evaluation import linear_job
 from context_keras.evaluation import output
@@ -36,19 +34,17 @@ from context_keras.evaluation.result import Result
 from context_keras.input import labelled
 from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
-from context_keras.training import control as control_lib
-from context_keras.training import distribute
+from context_keras.training import control
+from context_keras.training import controller
 from context_keras.training import progress as progress_lib
 from context_keras.training import resources
 from context_keras.training import restore
-from context_keras.training import run_dir
 
 FLAGS = flags.FLAGS
 NAME = "linear_eval"
 CONFIG_FILE = "linear_eval_config.json"
-LOG_FILE = "linear_eval.log"
-QUIT_FILE = "linear_eval_quit"    # control files (control.run_files): EVAL_DIR/<name> speaks to this job alone
-PAUSE_FILE = "linear_eval_pause"
+KIND = controller.JobKind(holder="linear evaluation", folder_flag="eval_dir", log_file="linear_eval.log",
+                          quit_file="linear_eval_quit", pause_file="linear_eval_pause")
 DEFAULTS = linear_job.JobConfig()
 
 
@@ -101,24 +97,13 @@ def define_flags():
     program.define_integer("shuffle_buffer", DEFAULTS.shuffle_buffer, "Records shuffled together when reading "
                            "TFRecord shards (files are permuted exactly every epoch).", lower=1)
     program.define_integer("seed", DEFAULTS.seed, "Seed of the data order and augmentation.", lower=0)
+  run_flags.define(KIND, controller.RunOptions(steps_per_loop=20, log_every=100, checkpoint_every=1000,
+                                               keep_checkpoints=3))
   with program.flag_group("run"):
     flags.DEFINE_string("eval_dir", None, "Folder of the job: checkpoints, TensorBoard logs (train/), its log, "
                         "config and linear_eval.json. A job resumes from its latest checkpoint here.")
-    program.define_integer("steps_per_loop", 20, "Steps per compiled call.", lower=1)
-    program.define_integer("log_every", 100, "Steps between progress lines and scalar summaries.", lower=1)
-    program.define_integer("checkpoint_every", 1000, "Steps between checkpoints.", lower=1)
-    program.define_integer("keep_checkpoints", 3, "Checkpoints kept in --eval_dir.", lower=1)
     program.define_integer("eval_every", 0, "Steps between validation passes during training (0 = only at the end).",
                            lower=0)
-    flags.DEFINE_string("quit_file", QUIT_FILE, "When this file (or EVAL_DIR/linear_eval_quit, which speaks to "
-                        "this job alone) appears the job checkpoints and exits 0.")
-    flags.DEFINE_string("pause_file", PAUSE_FILE, "When this file (or EVAL_DIR/linear_eval_pause) appears the job "
-                        "checkpoints and waits until it is removed.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"], "As training's.")
-    program.define_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each.",
-                           lower=1)
-    flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism: a resumed job ends with the same "
-                      "weights and accuracy as an uninterrupted one.")
 
 
 def job_config():
@@ -190,7 +175,7 @@ class Progress(actions_lib.Action):
         tf.summary.scalar(f"train_top1/{name}", float(values["correct_" + name]) / examples)
       tf.summary.scalar("images_per_second", float(values["examples"] + values["unreadable"]) / seconds)
       tf.summary.scalar("learning_rate", self.trainer.learning_rate())
-    if self.is_due(output.step) or output.step >= self.total or output.status != linear_job.STATUS_OK:
+    if self.is_due(output.step) or output.step >= self.total or output.status != control.STATUS_OK:
       window, self.window = self.window, None
       done = max(float(window["examples"]), 1.0)
       loss = sum(float(window["loss_" + n]) for n in self.layers) / done
@@ -209,14 +194,36 @@ class Progress(actions_lib.Action):
 
 
 class Validation(actions_lib.Action):
-  """A validation pass every `every` steps (0: none during training), logged and written to TensorBoard."""
+  """A validation pass every `every` steps (0: none during training) and at the end, logged and written to
+  TensorBoard; a step is validated once."""
 
-  def __init__(self, every, validate):
-    self.every, self.validate = every, validate
+  def __init__(self, every, strategy, trainer, val, config, classes, summaries):
+    self.every, self.strategy, self.trainer, self.val, self.config = every, strategy, trainer, val, config
+    self.classes, self.summaries = classes, summaries
+    self.steps = linear_job.val_steps(val.size, config.batch_size)
+    self.validated = {}
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):
       self.validate(output.step)
+
+  def validate(self, step):
+    """(per-layer results, examples, unreadable) of the validation set at `step`."""
+    if step in self.validated:
+      return self.validated[step]
+    logging.info("Validation pass at step %d: %d images in %d batches.", step, self.val.size, self.steps)
+    began = time.monotonic()
+    dataset = linear_job.distributed(self.strategy, self.config.batch_size, lambda pipeline: linear_job.val_dataset(
+        self.val, self.config, self.steps, pipeline))
+    per_layer, examples, bad = self.trainer.evaluate(dataset, self.steps, self.classes)
+    logging.info("Validation at step %d (%.0f images/s): top-1 %s.", step, (examples + bad) / max(
+        time.monotonic() - began, 1e-9), summary_line(per_layer))
+    with self.summaries.at(step):
+      for name, entry in per_layer.items():
+        tf.summary.scalar(f"val_top1/{name}", entry["top1"])
+        tf.summary.scalar(f"val_top5/{name}", entry["top5"])
+    self.validated[step] = per_layer, examples, bad
+    return self.validated[step]
 
 
 def summary_line(per_layer):
@@ -233,30 +240,18 @@ def check_side(config, patch_size):
 
 
 def run():
-  # From here on SIGINT and SIGTERM end the process at once, until the loop can stop gracefully.
-  signals = control_lib.Signals()
+  job = controller.Job(KIND, run_flags.options())
   check_flags()
   config = job_config()
   eval_dir = writes.check_folder(FLAGS.eval_dir, "eval_dir")
-  strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-  signals.install()
-  is_chief, task = distribute.worker_role(strategy)
-  if config.batch_size % strategy.num_replicas_in_sync:
-    raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
-                            f"{strategy.num_replicas_in_sync} replicas")
-  write_dir = eval_dir if is_chief else run_dir.worker_scratch(eval_dir, task)
-  with contextlib.ExitStack() as stack:
-    if is_chief:
-      stack.enter_context(run_dir.lock(eval_dir, "eval_dir", "linear evaluation"))
-      stack.enter_context(run_dir.LogFile(eval_dir, LOG_FILE))
-    else:
-      stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
-    if FLAGS.deterministic:
-      tf.config.experimental.enable_op_determinism()
+  with job.running(eval_dir):
+    strategy = job.strategy
+    if config.batch_size % strategy.num_replicas_in_sync:
+      raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
+                              f"{strategy.num_replicas_in_sync} replicas")
     train = labelled.find(FLAGS.train_data, FLAGS.train_labels, "--train_data", "--train_labels")
     val = labelled.find(FLAGS.val_data, FLAGS.val_labels, "--val_data", "--val_labels", classes=train.classes)
-    logging.info("Training set: %s. Validation set: %s. Strategy: %s with %d replica(s).", train.description,
-                 val.description, type(strategy).__name__, strategy.num_replicas_in_sync)
+    logging.info("Training set: %s. Validation set: %s.", train.description, val.description)
     with strategy.scope():
       subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
                  else subject_lib.from_saved_model(FLAGS.saved_model))
@@ -277,9 +272,8 @@ def run():
     trainer = linear_job.HeadTrainer(strategy, extractor, len(train.classes), config, per_epoch)
     unreadable = tf.Variable(0, dtype=tf.int64, trainable=False, name="unreadable")
     checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), unreadable=unreadable)
-    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=FLAGS.keep_checkpoints,
-                                         checkpoint_name=run_dir.CHECKPOINT_PREFIX)
-    latest = tf.train.latest_checkpoint(eval_dir)
+    checkpoints = job.checkpoints(checkpoint, trainer)
+    latest = job.latest
     if latest:
       checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info("Resumed from %s at step %d of %d.", latest, trainer.current_step(), total)
@@ -289,56 +283,18 @@ def run():
     start = trainer.current_step() * config.batch_size
     iterator = iter(linear_job.distributed(strategy, config.batch_size,
                                            lambda pipeline: linear_job.train_dataset(train, config, start, pipeline)))
-    writer = tf.summary.create_file_writer(run_dir.train_dir(write_dir)) if is_chief else (
-        tf.summary.create_noop_writer())
-    stack.callback(actions_lib.close_writer, writer)
-    control = stack.enter_context(control_lib.Control(
-        control_lib.run_files(eval_dir, QUIT_FILE, FLAGS.quit_file, is_chief),
-        control_lib.run_files(eval_dir, PAUSE_FILE, FLAGS.pause_file, is_chief), trainer.request, signals))
-    checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
-    summaries = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
-    val_steps = linear_job.val_steps(val.size, config.batch_size)
-
-    validated = {}
-
-    def validate(step):
-      if step in validated:
-        return validated[step]
-      logging.info("Validation pass at step %d: %d images in %d batches.", step, val.size, val_steps)
-      began = time.monotonic()
-      dataset = linear_job.distributed(strategy, config.batch_size,
-                                       lambda pipeline: linear_job.val_dataset(val, config, val_steps, pipeline))
-      per_layer, examples, bad = trainer.evaluate(dataset, val_steps, train.classes)
-      logging.info("Validation at step %d (%.0f images/s): top-1 %s.", step, (examples + bad) / max(
-          time.monotonic() - began, 1e-9), summary_line(per_layer))
-      with summaries.at(step):
-        for name, entry in per_layer.items():
-          tf.summary.scalar(f"val_top1/{name}", entry["top1"])
-          tf.summary.scalar(f"val_top5/{name}", entry["top5"])
-      validated[step] = per_layer, examples, bad
-      return validated[step]
-
+    summaries = job.summary_writer(latest)
+    control = job.control(trainer.request)
+    validation = Validation(FLAGS.eval_every, strategy, trainer, val, config, train.classes, summaries)
     progress = Progress(summaries, FLAGS.log_every, trainer, total, per_epoch, layers)
-    periodic = [progress, checkpoints, Validation(FLAGS.eval_every, validate)]
     began = time.monotonic()
-    step = trainer.current_step()
-    while step < total:
-      num_steps = actions_lib.steps_to_next(step, total, periodic, FLAGS.steps_per_loop)
-      clock = time.perf_counter()
-      values = trainer.train_loop(iterator, tf.constant(num_steps))
-      step = trainer.current_step()
-      values = {k: np.asarray(v) for k, v in values.items()}
-      unreadable.assign_add(int(values["unreadable"]))
-      out = actions_lib.LoopOutput(step=step, steps=int(values["steps"]), status=int(values["status"]),
-                                   values=values, seconds=time.perf_counter() - clock)
-      for action in periodic:
-        action(out)
-      if out.status == linear_job.STATUS_STOP_REQUESTED:
-        if control.honour(int(values["request"]), step, checkpoints.save):
-          return 0
-    checkpoints.save("end of training")
+    outcome = job.loop(trainer, iterator, [actions_lib.Counters({"unreadable": unreadable}), progress, checkpoints,
+                                           validation], total, control, checkpoints)
+    if not outcome.finished:
+      return outcome.exit_code
     train_seconds = time.monotonic() - began
-    per_layer, examples, bad = validate(step)
+    step = trainer.current_step()
+    per_layer, examples, bad = validation.validate(step)
     best = max(per_layer, key=lambda name: per_layer[name]["top1"])
     metrics = {"mode": NAME, **subject.about, "protocol": config.protocol, "train_data": train.description,
                "val_data": val.description, "best_layer": best, "top1": per_layer[best]["top1"],
@@ -353,7 +309,7 @@ def run():
                "peak_rss_mb": round(resources.peak_rss_mb(), 1), "eval_dir": eval_dir}
     logging.info("Linear evaluation finished at step %d: best layer %s, top-1 %.4f, top-5 %.4f. Peak memory: %.0f "
                  "MB.", step, best, metrics["top1"], metrics["top5"], metrics["peak_rss_mb"])
-    if is_chief:
+    if job.is_chief:
       output.emit(NAME, metrics, Result(metrics), eval_dir, step)
   return 0
 

@@ -1,12 +1,9 @@
 """Trains context prediction: python -m context_keras.train --flagfile=flags/deepcontext.cfg --data=... --model_dir=...
 
-Reads top to bottom: the flags -> run(): run directory, strategy, data, trainer, restore, the periodic actions ->
-train(): the loop of compiled multi-step calls, with what a stop, a pause or divergence does.
+Reads top to bottom: the flags -> run(): the job (training/controller.py: strategy, roles, lock, log), the data,
+the trainer, restore or warm start, the periodic actions, and the controller's loop -> what divergence does.
 """
-import contextlib
 import dataclasses
-import shutil
-import time
 
 from absl import flags
 from absl import logging
@@ -18,10 +15,11 @@ from context_keras.cli import data as data_flags
 from context_keras.cli import model as model_flags
 from context_keras.cli import optimisation as optimisation_flags
 from context_keras.cli import program
+from context_keras.cli import run as run_flags
 from context_keras.input import pipeline as data_lib
 from context_keras.input import sources
 from context_keras.training import actions as actions_lib
-from context_keras.training import control as control_lib
+from context_keras.training import controller
 from context_keras.training import distribute
 from context_keras.training import resources
 from context_keras.training import run_dir
@@ -29,6 +27,8 @@ from context_keras.training import trainer as trainer_lib
 from context_keras.training import warm_start
 
 FLAGS = flags.FLAGS
+KIND = controller.JobKind(holder="training", folder_flag="model_dir", log_file=run_dir.LOG_FILE,
+                          quit_file=run_dir.QUIT_FILE, pause_file=run_dir.PAUSE_FILE)
 
 
 def define_flags():
@@ -39,6 +39,8 @@ def define_flags():
   data_flags.define_batching()
   model_flags.define()
   optimisation_flags.define()
+  run_flags.define(KIND, controller.RunOptions(steps_per_loop=10, log_every=20, checkpoint_every=2000,
+                                               keep_checkpoints=5))
   with program.flag_group("run"):
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, flags, exports. A run "
                         "resumes from its latest checkpoint here.")
@@ -51,30 +53,11 @@ def define_flags():
                         "ignored when --model_dir already holds a checkpoint (the run resumes).")
     program.define_integer("seed", 0, "Seed of all randomness: data order, grids, augmentation and "
                            "initialisation.", lower=0)
-    program.define_integer("steps_per_loop", 10, "Training steps per compiled call. Checkpoints, logs and control "
-                           "files are honoured at exact steps whatever this is.", lower=1)
-    program.define_integer("log_every", 20, "Steps between progress lines and scalar summaries.", lower=1)
-    program.define_integer("checkpoint_every", 2000, "Steps between checkpoints (2000 as the original).", lower=1)
-    program.define_integer("keep_checkpoints", 5, "Checkpoints kept in --model_dir.", lower=1)
     program.define_integer("export_every", 0, "Steps between SavedModel exports of the backbone (0 = only at the "
                            "end).", lower=0)
     program.define_integer("image_summary_every", 1000, "Steps between TensorBoard images of pairs as the model "
                            "sees them.", lower=1)
     program.define_integer("histogram_every", 1000, "Steps between weight histograms.", lower=1)
-    flags.DEFINE_string("quit_file", "train_quit", "When this file appears the run finishes its step, writes a "
-                        "checkpoint and exits 0. Relative paths are in the working directory, as the original's, so "
-                        "it speaks to every run started there; RUN/train_quit speaks to this run alone. A file that "
-                        "exists at start is not obeyed unless created again.")
-    flags.DEFINE_string("pause_file", "train_pause", "When this file (or RUN/train_pause) appears the run writes a "
-                        "checkpoint and waits, idle, until it is removed.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"],
-                      "auto: MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several tasks, else "
-                      "MirroredStrategy over the visible GPUs (CUDA_VISIBLE_DEVICES picks them) or over "
-                      "--cpu_replicas CPU devices, else the default strategy.")
-    program.define_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each (for "
-                           "testing MirroredStrategy without GPUs).", lower=1)
-    flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism on top of the seeded input: the same "
-                      "seed gives the same losses (slower; GPU kernels without a deterministic version raise).")
     flags.DEFINE_list("profile_steps", [], "A,B: write a tf.profiler trace of steps A to B to "
                       "RUN/train/plugins/profile (view it in TensorBoard's Profile tab, from the "
                       "tensorboard-plugin-profile package).")
@@ -106,31 +89,13 @@ def profile_span():
 
 
 def run():
-  # From here on SIGINT and SIGTERM end the process at once, until the loop can stop gracefully.
-  signals = control_lib.Signals()
+  job = controller.Job(KIND, run_flags.options())
   profile = profile_span()
   model_dir = run_dir.create(FLAGS.model_dir)
   if FLAGS.init_from and not tf.train.latest_checkpoint(model_dir):
     warm_start.find_source(FLAGS.init_from)  # a bad path stops here, before any work
-  # MultiWorkerMirroredStrategy must exist before other TensorFlow work.
-  strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-  signals.install()
-  is_chief, task = distribute.worker_role(strategy)
-  # The chief writes the run; another worker writes its checkpoints and exports to a scratch folder (all workers
-  # must save, because saving distributed variables can involve every worker) that it removes at the end.
-  write_dir = model_dir if is_chief else run_dir.worker_scratch(model_dir, task)
-  with contextlib.ExitStack() as stack:
-    if is_chief:
-      stack.enter_context(run_dir.lock(model_dir))
-      stack.enter_context(run_dir.LogFile(model_dir))
-    else:
-      stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
-    name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            else type(strategy).__name__)
-    logging.info("Strategy: %s with %d replica(s)%s.", name, strategy.num_replicas_in_sync,
-                 "" if task == "chief" else f"; this is {task}{' (chief)' if is_chief else ''}")
-    if FLAGS.deterministic:
-      tf.config.experimental.enable_op_determinism()
+  with job.running(model_dir):
+    strategy = job.strategy
     input_config = data_flags.input_config(FLAGS.seed)
     model_config = model_flags.model_config(input_config.num_classes)
     source = sources.find_source(input_config.data, input_config.data_root)
@@ -143,7 +108,7 @@ def run():
       logging.info("Precision: %s (--mixed_precision=auto on this hardware).", precision)
     keras.utils.set_random_seed(FLAGS.seed)
     # Every worker restores the chief's latest checkpoint.
-    latest = tf.train.latest_checkpoint(model_dir)
+    latest = job.latest
     if latest:
       run_dir.check_resume(model_dir, config.model)
       step = run_dir.checkpoint_step(latest)
@@ -173,8 +138,7 @@ def run():
     counters = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in trainer_lib.COUNTERS}
     with strategy.scope():
       checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), **counters)
-      manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=FLAGS.keep_checkpoints,
-                                           checkpoint_name=run_dir.CHECKPOINT_PREFIX)
+      checkpoints = job.checkpoints(checkpoint, trainer)
       if latest:
         restore(latest, trainer, counters)
         logging.info("Resumed from %s at step %d.", latest, trainer.current_step())
@@ -188,53 +152,48 @@ def run():
                                                                                FLAGS.init_from))
       iterator = iter(input_stream(strategy, config.input, source, trainer, latest))
 
-    if is_chief:
+    if job.is_chief:
       try:
         run_dir.write_flags(model_dir, [f.serialize() for f in program.defined_flags().values()
                                         if f.value is not None])
         run_dir.write_config(model_dir, config)
-        writer = tf.summary.create_file_writer(run_dir.train_dir(model_dir))
-        actions_lib.write_hparams(writer, {k: f.value for k, f in program.defined_flags().items()})
       except (OSError, tf.errors.OpError) as e:
-        raise run_dir.write_failure("the flags and TensorBoard log", model_dir, e, latest) from e
-    else:
-      writer = tf.summary.create_noop_writer()
-    stack.callback(actions_lib.close_writer, writer)
-    control = stack.enter_context(control_lib.Control(
-        control_lib.run_files(model_dir, run_dir.QUIT_FILE, FLAGS.quit_file, is_chief),
-        control_lib.run_files(model_dir, run_dir.PAUSE_FILE, FLAGS.pause_file, is_chief), trainer.request, signals))
+        raise run_dir.write_failure("the flags and config", model_dir, e, latest) from e
+    writer = job.summary_writer(latest)
+    if job.is_chief:
+      with writer.at(0):
+        actions_lib.write_hparams({k: f.value for k, f in program.defined_flags().items()})
+    control = job.control(trainer.request)
 
-    checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
-    exports = actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input,
-                                  lambda: checkpoints.latest)
-    profiler = actions_lib.Profile(*profile, run_dir.train_dir(write_dir))
-    summary_writer = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
-    periodic = [actions_lib.Summaries(summary_writer, FLAGS.log_every, trainer, counters, config.train_steps),
-                actions_lib.PairImages(summary_writer, FLAGS.image_summary_every),
-                actions_lib.Histograms(summary_writer, FLAGS.histogram_every, trainer.trainable_variables),
-                checkpoints, exports, profiler]
-    try:
-      return train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler,
-                   config.train_steps)
-    except distribute.LOST_WORKER_ERRORS as e:
-      if not distribute.is_multi_worker(strategy):
-        raise
-      return worker_lost(e, task, trainer, checkpoints, model_dir)
+    write_dir = job.write_dir
+    actions = [actions_lib.Profile(*profile, run_dir.train_dir(write_dir)),
+               actions_lib.Counters(counters),
+               actions_lib.Summaries(writer, FLAGS.log_every, trainer, counters, config.train_steps),
+               actions_lib.PairImages(writer, FLAGS.image_summary_every),
+               actions_lib.Histograms(writer, FLAGS.histogram_every, trainer.trainable_variables),
+               checkpoints,
+               actions_lib.Exports(write_dir, FLAGS.export_every, trainer, config.model, config.input,
+                                   lambda: checkpoints.latest)]
+    outcome = job.loop(trainer, iterator, actions, config.train_steps, control, checkpoints,
+                       guard=lambda output: diverged(output, checkpoints))
+    if outcome.finished:
+      logging.info("Training finished at step %d. Peak memory: %.0f MB.", trainer.current_step(),
+                   resources.peak_rss_mb())
+    if outcome.exit_code == 0:
+      logging.info("Weights digest: %.10e", trainer_lib.weights_digest(trainer))
+    return outcome.exit_code
 
 
-def worker_lost(error, task, trainer, checkpoints, model_dir):
-  """What a worker says when another one of a multi-worker run dies or stops answering (TensorFlow's coordination
-  service notices within seconds and aborts the collective ops of all): which, when, and where the job resumes."""
-  lost = distribute.lost_tasks(error, task)
-  try:
-    when = f"at step {trainer.current_step() + 1}"
-  except (tf.errors.OpError, RuntimeError):
-    when = f"after step {checkpoints.last_step}"
-  logging.error("Lost %s %s (%s). Restart the whole job, every worker with the same command and TF_CONFIG: all "
-                "resume from %s. Exit code %d means: restart the job.",
-                " and ".join(lost) if lost else "another worker", when, errors.tf_error_message(error, 200),
-                tf.train.latest_checkpoint(model_dir) or "scratch (no checkpoint yet)", program.EXIT_WORKER_LOST)
-  return program.EXIT_WORKER_LOST
+def diverged(output, checkpoints):
+  """Exit code 1 when a call stopped on a NaN/Inf or exploding gradient (trainer.py), saying where to resume."""
+  if output.status not in (trainer_lib.STATUS_NOT_FINITE, trainer_lib.STATUS_EXPLODED):
+    return None
+  what = "loss or gradient is NaN/Inf" if output.status == trainer_lib.STATUS_NOT_FINITE else (
+      f"gradient norm exceeded {FLAGS.divergence_factor}x its running average")
+  logging.error("Diverged at step %d: %s. Nothing was checkpointed after step %d; lower --learning_rate or "
+                "examine the run, then re-run to resume from %s.", output.step, what, checkpoints.last_step,
+                checkpoints.latest or "scratch")
+  return 1
 
 
 def restore(latest, trainer, counters):
@@ -298,45 +257,6 @@ def input_stream(strategy, input_config, source, trainer, latest):
     logging.warning("The input cannot resume at its exact position (%s): reading a fresh stream.", reason)
     input_config = dataclasses.replace(input_config, seed=input_config.seed + trainer.current_step())
   return distribute.distributed_batches(strategy, input_config, source, positions)
-
-
-def train(trainer, iterator, counters, control, periodic, checkpoints, exports, profiler, train_steps):
-  """The loop: compiled calls of up to --steps_per_loop steps, each ending where a periodic action is due."""
-  step = trainer.current_step()
-  if train_steps and step >= train_steps:
-    logging.info("Step %d already reaches the run's %d steps: nothing to train.", step, train_steps)
-    return 0
-  while not train_steps or step < train_steps:
-    profiler.before(step)
-    num_steps = actions_lib.steps_to_next(step, train_steps, periodic, FLAGS.steps_per_loop)
-    start = time.perf_counter()
-    values = trainer.train_loop(iterator, tf.constant(num_steps))
-    before, step = step, trainer.current_step()
-    output = actions_lib.LoopOutput(step=step, steps=int(values["steps"]), status=int(values["status"]),
-                                    values=values, seconds=time.perf_counter() - start)
-    for k, variable in counters.items():
-      variable.assign_add(values[k])
-    if output.status in (trainer_lib.STATUS_NOT_FINITE, trainer_lib.STATUS_EXPLODED):
-      what = "loss or gradient is NaN/Inf" if output.status == trainer_lib.STATUS_NOT_FINITE else (
-          f"gradient norm exceeded {FLAGS.divergence_factor}x its running average")
-      logging.error("Diverged at step %d: %s. Nothing was checkpointed after step %d; lower --learning_rate or "
-                    "examine the run, then re-run to resume from %s.", step, what, checkpoints.last_step,
-                    checkpoints.latest or "scratch")
-      return 1
-    # A call whose every update was skipped (float16 overflows) left the step where it was: nothing new is due.
-    for action in periodic:
-      if step > before or output.status != trainer_lib.STATUS_OK or action.every_call:
-        action(output)
-    if output.status == trainer_lib.STATUS_STOP_REQUESTED:
-      if control.honour(int(values["request"]), step, checkpoints.save):
-        logging.info("Weights digest: %.10e", trainer_lib.weights_digest(trainer))
-        return 0
-  profiler.stop()
-  checkpoints.save("end of training")
-  exports.export()
-  logging.info("Training finished at step %d. Peak memory: %.0f MB.", step, resources.peak_rss_mb())
-  logging.info("Weights digest: %.10e", trainer_lib.weights_digest(trainer))
-  return 0
 
 
 if __name__ == "__main__":

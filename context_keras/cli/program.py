@@ -28,10 +28,6 @@ from context_keras import errors
 
 FLAGS = flags.FLAGS
 
-EXIT_WRITE_FAILED = 1
-EXIT_USAGE = 2
-# A worker of a multi-worker run was lost: restart the whole job (sysexits.h's EX_TEMPFAIL, "try again later").
-EXIT_WORKER_LOST = 75
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
 
 MAX_INTEGER = 2**31 - 1
@@ -137,7 +133,7 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --help to see the flags.\n")
-    sys.exit(EXIT_USAGE)
+    sys.exit(errors.EXIT_USAGE)
 
 
 class _OwnLines(std_logging.Filter):
@@ -167,10 +163,10 @@ def _guarded(main):
       code = main()
     except errors.UsageError as e:
       logging.error("%s", e)
-      sys.exit(EXIT_USAGE)
+      sys.exit(errors.EXIT_USAGE)
     except errors.WriteError as e:
       logging.error("%s", e)
-      sys.exit(EXIT_WRITE_FAILED)
+      sys.exit(errors.EXIT_WRITE_FAILED)
     sys.exit(code or 0)
   return guarded
 

@@ -27,7 +27,6 @@ from context_keras.training import control
 
 PROTOCOLS = ("image", "patches")
 AUGMENTATIONS = ("random_resized_crop", "random_crop", "none")
-STATUS_OK, STATUS_STOP_REQUESTED = 0, 1
 # The per-256-images learning rate is scaled linearly with the batch size, as Goyal et al. 2019 and Kolesnikov et
 # al. 2019 do (their learning rates are quoted per 256 images).
 LR_REFERENCE_BATCH = 256
@@ -312,15 +311,15 @@ class HeadTrainer:
     """Up to num_steps steps; stops early, on every worker at the same step, when one asks for a pause or quit."""
     totals = {k: tf.constant(0.0, tf.float64) for k in
               ["examples", "unreadable"] + [p + n for n in self.layers for p in ("loss_", "correct_")]}
-    status, request, steps = tf.constant(STATUS_OK), tf.constant(control.REQUEST_NONE), tf.constant(0)
-    while steps < num_steps and status == STATUS_OK:
+    status, request, steps = tf.constant(control.STATUS_OK), tf.constant(control.REQUEST_NONE), tf.constant(0)
+    while steps < num_steps and status == control.STATUS_OK:
       stats = self.strategy.run(self.replica_step, args=(next(iterator),))
       stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
       totals = {k: totals[k] + tf.cast(stats[k], tf.float64) for k in totals}
       steps += 1
       request = control.agreed_request(stats)
       if request != control.REQUEST_NONE:
-        status = tf.constant(STATUS_STOP_REQUESTED)
+        status = tf.constant(control.STATUS_STOP_REQUESTED)
     return {"steps": steps, "status": status, "request": request, **totals}
 
   @tf.autograph.experimental.do_not_convert

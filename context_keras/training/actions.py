@@ -1,10 +1,11 @@
-"""The periodic work of the training loop, as small objects with an interval (the loop in train.py reads in one
-screen because each of these is one line there).
+"""The periodic work of a training job, as small objects with an interval, which the controller's loop runs
+(controller.py; a job's program reads in one screen because each of these is one line there).
 
 Each action has `every` (steps; 0 = never on an interval) and is called after every compiled call of the trainer
 with the step reached and what the call returned (`LoopOutput`); it acts when the step is a multiple of its interval.
 The loop ends every call at the next step where some action is due (`steps_to_next`), so intervals are honoured at
-exact steps whatever --steps_per_loop is.
+exact steps whatever --steps_per_loop is. `before(step)` runs before each call, `end(step, finished)` once when the
+job ends: at its last step (finished) or on a quit.
 """
 import contextlib
 import dataclasses
@@ -19,6 +20,7 @@ from context_keras import errors
 from context_keras.deploy import serving
 from context_keras.input import patches as patches_lib
 from context_keras.storage import writes
+from context_keras.training import control
 from context_keras.training import progress as progress_lib
 from context_keras.training import run_dir
 from context_keras.training import trainer as trainer_lib
@@ -55,6 +57,24 @@ class Action:
 
   def is_due(self, step):
     return bool(self.every) and step > 0 and step % self.every == 0
+
+  def before(self, step):
+    """Before the compiled call that starts at `step`."""
+
+  def end(self, step, finished):
+    """When the job ends at `step`: finished (its total steps reached) or stopped by a quit request."""
+
+
+class Counters(Action):
+  """Adds what each call counted (images, unreadable ones...) to the checkpointed counters: {output key: variable}."""
+  every_call = True
+
+  def __init__(self, variables):
+    self.variables = variables
+
+  def __call__(self, output):
+    for key, variable in self.variables.items():
+      variable.assign_add(tf.cast(output.values[key], variable.dtype))
 
 
 class SummaryWriter:
@@ -115,7 +135,7 @@ class Summaries(Action):
         tf.summary.scalar(f"images/{k}", int(variable))
     last = bool(self.train_steps) and output.step >= self.train_steps
     if output.step != self.logged_step and (self.is_due(output.step) or last or
-                                            output.status != trainer_lib.STATUS_OK):
+                                            output.status != control.STATUS_OK):
       self.logged_step = output.step
       total = f"/{self.train_steps}" if self.train_steps else ""
       logging.info("step %d%s  loss/pair %.4f  accuracy %.3f  %.0f pairs/s  input wait %.0f%%  lr %.3g  "
@@ -179,6 +199,10 @@ class Checkpoints(Action):
     if self.is_due(output.step):
       self.save("interval")
 
+  def end(self, step, finished):
+    if finished:
+      self.save("end of training")
+
   @property
   def latest(self):
     return self.manager.latest_checkpoint
@@ -209,6 +233,10 @@ class Exports(Action):
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):
+      self.export()
+
+  def end(self, step, finished):
+    if finished:
       self.export()
 
   def export(self):
@@ -243,6 +271,9 @@ class Profile(Action):
     if self.active and output.step >= self.last:
       self.stop()
 
+  def end(self, step, finished):
+    self.stop()
+
   def stop(self):
     if self.active:
       tf.profiler.experimental.stop()
@@ -276,13 +307,13 @@ def close_writer(writer):
     logging.warning("Could not flush the TensorBoard summaries: %s", errors.tf_error_message(e, 200))
 
 
-def write_hparams(writer, flag_values):
-  """The flags as TensorBoard text, and in the HParams dashboard when the tensorboard package is installed."""
-  with writer.as_default():
-    try:
-      from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      pass
-    else:
-      hparams_api.hparams({k: v for k, v in flag_values.items() if isinstance(v, (bool, int, float, str))})
-    tf.summary.text("flags", "\n".join(f"    --{k}={v}" for k, v in sorted(flag_values.items())), step=0)
+def write_hparams(flag_values):
+  """The flags as TensorBoard text, and in the HParams dashboard when the tensorboard package is installed, into the
+  default summary writer."""
+  try:
+    from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    pass
+  else:
+    hparams_api.hparams({k: v for k, v in flag_values.items() if isinstance(v, (bool, int, float, str))})
+  tf.summary.text("flags", "\n".join(f"    --{k}={v}" for k, v in sorted(flag_values.items())), step=0)

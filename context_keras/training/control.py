@@ -16,6 +16,9 @@ import tensorflow as tf
 
 # What a worker asks of all; every step sums the requests of all replicas.
 REQUEST_NONE, REQUEST_PAUSE, REQUEST_QUIT = 0, 1, 2
+# What a compiled training loop reports: its steps ran, or it stopped early for a request (a trainer may add more:
+# trainer.py's divergence statuses).
+STATUS_OK, STATUS_STOP_REQUESTED = 0, 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

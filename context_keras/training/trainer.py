@@ -17,7 +17,8 @@ from context_keras.training import control
 DIVERGENCE_WARMUP_STEPS = 100
 PREVIEW_PAIRS = 8
 # Why a compiled loop stopped early.
-STATUS_OK, STATUS_STOP_REQUESTED, STATUS_NOT_FINITE, STATUS_EXPLODED = 0, 1, 2, 3
+# Besides control.STATUS_OK and control.STATUS_STOP_REQUESTED, a training call can stop on divergence.
+STATUS_NOT_FINITE, STATUS_EXPLODED = 2, 3
 COUNTERS = ("images", "too_small", "unreadable")
 LISTING_KEY = "input_listing"  # its name among the checkpoint's items
 
@@ -228,11 +229,11 @@ class Trainer:
     or quit, or on divergence (the host then writes no checkpoint)."""
     totals = {k: tf.constant(0.0, tf.float64) for k in ("loss_sum", "pairs", "correct", "input_seconds")}
     counts = {k: tf.constant(0, tf.int64) for k in COUNTERS}
-    status = tf.constant(STATUS_OK)
+    status = tf.constant(control.STATUS_OK)
     request = tf.constant(control.REQUEST_NONE)
     steps = tf.constant(0)
     preview = self._preview(self._empty_batch())
-    while steps < num_steps and status == STATUS_OK:
+    while steps < num_steps and status == control.STATUS_OK:
       start = tf.timestamp() if self.time_input else tf.constant(0.0, tf.float64)
       with tf.control_dependencies([start]):
         batch = next(iterator)
@@ -248,10 +249,10 @@ class Trainer:
       self.input_positions.assign(stats["positions"])
       steps += 1
       status = self._check_divergence(stats["loss_sum"], tf.sqrt(stats["grad_norm_squared"]))
-      if status == STATUS_OK:
+      if status == control.STATUS_OK:
         request = control.agreed_request(stats)
         if request != control.REQUEST_NONE:
-          status = tf.constant(STATUS_STOP_REQUESTED)
+          status = tf.constant(control.STATUS_STOP_REQUESTED)
     return {"steps": steps, "status": status, "request": request, "preview": self._as_seen(preview), **totals,
             **counts}
 
@@ -261,7 +262,7 @@ class Trainer:
     if not tf.math.is_finite(grad_norm):
       # float16 overflows are expected: the loss-scale optimizer skipped that update and lowers its scale.
       if self.config.mixed_precision == "float16":
-        return tf.constant(STATUS_OK)
+        return tf.constant(control.STATUS_OK)
       return tf.constant(STATUS_NOT_FINITE)
     average = self.grad_norm_average
     if (self.config.divergence_factor > 0 and self.step > DIVERGENCE_WARMUP_STEPS and
@@ -269,7 +270,7 @@ class Trainer:
       return tf.constant(STATUS_EXPLODED)
     rate = tf.maximum(0.01, 1.0 / tf.cast(self.step, tf.float32))  # a plain mean at first, then an EMA
     average.assign(average + rate * (grad_norm - average))
-    return tf.constant(STATUS_OK)
+    return tf.constant(control.STATUS_OK)
 
   def _empty_batch(self):
     size = self.patch_size
