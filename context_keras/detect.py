@@ -13,11 +13,9 @@ position), quit and pause files, SIGINT/SIGTERM (checkpoint and exit 0), TensorB
 test images with true and detected boxes), progress lines with images/s and ETA. The fine-tuned detector is written
 to EVAL/detector (a SavedModel), and the result, printed as one JSON object on the last line, to EVAL/detect.json.
 """
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 
 from absl import flags
@@ -27,6 +25,7 @@ import tensorflow as tf
 
 from context_keras import errors
 from context_keras.cli import program
+from context_keras.cli import run as run_flags
 from context_keras.evaluation import detector as detector_lib
 from context_keras.evaluation import linear_job
 from context_keras.evaluation import output
@@ -38,20 +37,19 @@ from context_keras.input import voc
 from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
-from context_keras.training import distribute
+from context_keras.training import controller
 from context_keras.training import progress as progress_lib
 from context_keras.training import resources
 from context_keras.training import restore
-from context_keras.training import run_dir
+from context_keras.training import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
 NAME = "detect"
 CONFIG_FILE = "detect_config.json"
 FLAGS_FILE = "detect_flags.txt"
-LOG_FILE = "detect.log"
 EXPORT_DIR = "detector"
-QUIT_FILE = "detect_quit"    # control files (control.run_files): EVAL_DIR/<name> speaks to this job alone
-PAUSE_FILE = "detect_pause"
+KIND = controller.JobKind(holder="detection", folder_flag="eval_dir", log_file="detect.log", quit_file="detect_quit",
+                          pause_file="detect_pause")
 SUMMARY_IMAGES = 4           # test images drawn with their true and detected boxes at every evaluation
 DRAW_SCORE = 0.3             # detections drawn: those scoring at least this
 DEFAULTS = detector_lib.DetectorConfig()
@@ -114,24 +112,13 @@ def define_flags():
                          "mmdetection's RetinaNet: 35).", lower=0)
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
     program.define_integer("seed", DEFAULTS.seed, "Seed of the data order, flips and new layers.", lower=0)
+  run_flags.define(KIND, controller.RunOptions(steps_per_loop=20, log_every=50, checkpoint_every=500,
+                                               keep_checkpoints=3))
   with program.flag_group("run"):
     flags.DEFINE_string("eval_dir", None, "Folder of the job: checkpoints, TensorBoard logs (train/), its log, "
                         "flags, config, detect.json and the detector SavedModel. A job resumes here.")
-    program.define_integer("steps_per_loop", 20, "Steps per compiled call.", lower=1)
-    program.define_integer("log_every", 50, "Steps between progress lines.", lower=1)
-    program.define_integer("checkpoint_every", 500, "Steps between checkpoints.", lower=1)
-    program.define_integer("keep_checkpoints", 3, "Checkpoints kept in --eval_dir.", lower=1)
     program.define_integer("eval_every", 0, "Steps between test-set evaluations during training (0 = only at the "
                            "end).", lower=0)
-    flags.DEFINE_string("quit_file", QUIT_FILE, "When this file (or EVAL_DIR/detect_quit, which speaks to this job "
-                        "alone) appears the job checkpoints and exits 0.")
-    flags.DEFINE_string("pause_file", PAUSE_FILE, "When this file (or EVAL_DIR/detect_pause) appears the job "
-                        "checkpoints and waits until it is removed.")
-    flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "one_device"], "As training's.")
-    program.define_integer("cpu_replicas", 1, "Split the CPU into this many logical devices, one replica each.",
-                           lower=1)
-    flags.DEFINE_bool("deterministic", False, "TensorFlow's op determinism: a resumed job ends with the same "
-                      "weights and mAP as an uninterrupted one.")
 
 
 def detector_config():
@@ -200,7 +187,7 @@ class Progress(actions_lib.Action):
       tf.summary.scalar("positive_anchors_per_image", float(values["positives"]) / max(float(values["images"]), 1))
       tf.summary.scalar("images_per_second", float(values["images"] + values["unreadable"]) / output.seconds)
       tf.summary.scalar("learning_rate", self.trainer.learning_rate())
-    if self.is_due(output.step) or output.step >= self.total or output.status != linear_job.STATUS_OK:
+    if self.is_due(output.step) or output.step >= self.total or output.status != control_lib.STATUS_OK:
       window, self.window = self.window, None
       n = max(float(window["steps"]), 1.0)
       classification, box = float(window["loss_classification"]) / n, float(window["loss_box"]) / n
@@ -237,14 +224,45 @@ class Losses:
 
 
 class Evaluation(actions_lib.Action):
-  """A test-set evaluation every `every` steps (0: none during training)."""
+  """A test-set evaluation every `every` steps (0: none during training) and at the end, logged and written to
+  TensorBoard (mAP, per-class AP, test images with their boxes); a step is evaluated once."""
 
-  def __init__(self, every, evaluate):
-    self.every, self.evaluate = every, evaluate
+  def __init__(self, every, strategy, trainer, test, classes, preprocessing, summaries):
+    self.every, self.strategy, self.trainer, self.test, self.classes = every, strategy, trainer, test, classes
+    self.preprocessing, self.summaries = preprocessing, summaries
+    self.steps = voc.test_steps(test, trainer.config.batch_size)
+    self.truth = detector_lib.ground_truth(test)
+    self.evaluated = {}
 
   def __call__(self, output):
     if output.steps and self.is_due(output.step):
       self.evaluate(output.step)
+
+  def evaluate(self, step):
+    """(voc_metric.evaluate's scores, unreadable test images, detections) at `step`."""
+    if step in self.evaluated:
+      return self.evaluated[step]
+    config = self.trainer.config
+    logging.info("Evaluating at step %d: %d test images in %d batches.", step, self.test.size, self.steps)
+    began = time.monotonic()
+    dataset = linear_job.distributed(self.strategy, config.batch_size, lambda pipeline: voc.test_dataset(
+        self.test, config.image_size, self.preprocessing, self.steps, pipeline))
+    detections, bad = self.trainer.detect(dataset, self.steps)
+    scores = voc_metric.evaluate(detections, self.truth, self.classes)
+    logging.info("Test mAP at step %d: %.4f (VOC07 11-point), %.4f (area); %d detections, %.1f images/s.", step,
+                 scores["mAP"] or 0.0, scores["mAP_area"] or 0.0, len(detections.image),
+                 self.test.size / max(time.monotonic() - began, 1e-9))
+    with self.summaries.at(step):
+      tf.summary.scalar("test/mAP", scores["mAP"] or 0.0)
+      tf.summary.scalar("test/mAP_area", scores["mAP_area"] or 0.0)
+      for name, entry in scores["per_class"].items():
+        if entry["ap"] is not None:
+          tf.summary.scalar(f"test_AP/{name}", entry["ap"])
+      drawn = draw(self.test, detections, config.image_size, SUMMARY_IMAGES)
+      if drawn is not None:
+        tf.summary.image("test/boxes", drawn, max_outputs=SUMMARY_IMAGES)
+    self.evaluated[step] = scores, bad, len(detections.image)
+    return self.evaluated[step]
 
 
 def draw(test, detections, size, count):
@@ -276,60 +294,57 @@ def draw(test, detections, size, count):
   return tf.cast(tf.round(tf.stack(drawn) * 255.0), tf.uint8).numpy() if drawn else None
 
 
+def diverged(output, checkpoints, config):
+  """Exit code 1 when a call stopped on a loss that is not finite, saying where the job can resume."""
+  if output.status != trainer_lib.STATUS_NOT_FINITE:
+    return None
+  logging.error("Diverged at step %d: the loss is NaN/Inf. Nothing was checkpointed after step %d; lower "
+                "--learning_rate (now %g) or --clip_norm (now %g), then re-run to resume from %s.", output.step,
+                checkpoints.last_step, config.learning_rate, config.clip_norm, checkpoints.latest or "scratch")
+  return 1
+
+
 def run():
-  # From here on SIGINT and SIGTERM end the process at once, until the loop can stop gracefully.
-  signals = control_lib.Signals()
+  job = controller.Job(KIND, run_flags.options())
   check_flags()
   config = detector_config()
   detector_lib.keras_hub()  # refused here, in one line, when the extra is not installed
   eval_dir = writes.check_folder(FLAGS.eval_dir, "eval_dir")
-  strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-  signals.install()
-  is_chief, task = distribute.worker_role(strategy)
-  if config.batch_size % strategy.num_replicas_in_sync:
-    raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
-                            f"{strategy.num_replicas_in_sync} replicas")
-  write_dir = eval_dir if is_chief else run_dir.worker_scratch(eval_dir, task)
-  with contextlib.ExitStack() as stack:
-    if is_chief:
-      stack.enter_context(run_dir.lock(eval_dir, "eval_dir", "detection"))
-      stack.enter_context(run_dir.LogFile(eval_dir, LOG_FILE))
+  with job.running(eval_dir):
+    strategy = job.strategy
+    if config.batch_size % strategy.num_replicas_in_sync:
+      raise errors.UsageError(f"Invalid flags: --batch_size={config.batch_size} must be a multiple of the "
+                              f"{strategy.num_replicas_in_sync} replicas")
+    if job.is_chief:
       writes.atomic_write(os.path.join(eval_dir, FLAGS_FILE),
                           "".join(flag.serialize() + "\n" for flag in program.defined_flags().values()))
-    else:
-      stack.callback(shutil.rmtree, write_dir, ignore_errors=True)
-    if FLAGS.deterministic:
-      tf.config.experimental.enable_op_determinism()
     train, test = voc.load(FLAGS.data, FLAGS.train_split, FLAGS.test_split, classes_choice(), FLAGS.train_difficult)
-    logging.info("Training on %s: %d images, %d classes; testing on %s: %d images. Strategy: %s with %d "
-                 "replica(s).", train.description, train.size, len(train.classes), test.description, test.size,
-                 type(strategy).__name__, strategy.num_replicas_in_sync)
+    logging.info("Training on %s: %d images, %d classes; testing on %s: %d images.", train.description, train.size,
+                 len(train.classes), test.description, test.size)
     subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
                else subject_lib.from_saved_model(FLAGS.saved_model))
     backbone_name, about = subject.model_config.backbone, dict(subject.about)
     if FLAGS.init == "random":
       subject = subject.random_init(config.seed)
-    candidates = config.pyramid_layers or detector_lib.PYRAMID_LAYERS[backbone_name]
-    resuming = bool(tf.train.latest_checkpoint(eval_dir))
+    latest = job.latest
     check_resume(eval_dir, {"subject": {k: v for k, v in about.items() if k != "step"}, "init": FLAGS.init,
                             "step": subject.step, "config": dataclasses.asdict(config), "train": train.description,
                             "test": test.description, "classes": list(train.classes)})
     with strategy.scope():
       folded, preparation = detector_lib.prepare_backbone(
           subject.trainable_backbone(), subject.model_config, subject.geometry, subject.preprocessing, train, config,
-          subject.rescaled, resuming)
-      levels = detector_lib.pyramid_levels(folded, candidates, config)
+          subject.rescaled, resuming=bool(latest))
+      levels = detector_lib.pyramid_levels(folded, config.pyramid_layers or detector_lib.PYRAMID_LAYERS[backbone_name],
+                                           config)
       logging.info("Pyramid: %s; levels P%d-P%d.", ", ".join(f"P{k} = {n}" for k, n in sorted(levels.items())),
                    min(levels), config.max_level)
       detector = detector_lib.build(folded, levels, len(train.classes), config)
       losses = Losses()
+      unreadable = tf.Variable(0, dtype=tf.int64, trainable=False, name="unreadable")
     trainer = detector_lib.DetectionTrainer(strategy, detector, config)
-    unreadable = tf.Variable(0, dtype=tf.int64, trainable=False, name="unreadable")
     checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), unreadable=unreadable, first_loss=losses.first,
                                      last_loss=losses.last)
-    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=FLAGS.keep_checkpoints,
-                                         checkpoint_name=run_dir.CHECKPOINT_PREFIX)
-    latest = tf.train.latest_checkpoint(eval_dir)
+    checkpoints = job.checkpoints(checkpoint, trainer)
     total = config.train_steps
     if latest:
       checkpoint.restore(latest).assert_existing_objects_matched()
@@ -338,73 +353,24 @@ def run():
       logging.info("Starting detection fine-tuning in %s: %d steps of %d images (%.1f epochs).", eval_dir, total,
                    config.batch_size, total * config.batch_size / train.size)
     start = trainer.current_step() * config.batch_size
-    iterator = iter(linear_job.distributed(
-        strategy, config.batch_size, lambda pipeline: voc.train_dataset(
-            train, config.image_size, subject.preprocessing, config.seed, start, pipeline, config.flip)))
-    writer = tf.summary.create_file_writer(run_dir.train_dir(write_dir)) if is_chief else (
-        tf.summary.create_noop_writer())
-    stack.callback(actions_lib.close_writer, writer)
-    control = stack.enter_context(control_lib.Control(
-        control_lib.run_files(eval_dir, QUIT_FILE, FLAGS.quit_file, is_chief),
-        control_lib.run_files(eval_dir, PAUSE_FILE, FLAGS.pause_file, is_chief), trainer.request, signals))
-    checkpoints = actions_lib.Checkpoints(manager, FLAGS.checkpoint_every, trainer)
-    summaries = actions_lib.SummaryWriter(writer, run_dir.train_dir(write_dir), lambda: checkpoints.latest)
-    test_steps = voc.test_steps(test, config.batch_size)
-    truth = detector_lib.ground_truth(test)
-    evaluated = {}
-
-    def evaluate(step):
-      if step in evaluated:
-        return evaluated[step]
-      logging.info("Evaluating at step %d: %d test images in %d batches.", step, test.size, test_steps)
-      began = time.monotonic()
-      dataset = linear_job.distributed(strategy, config.batch_size, lambda pipeline: voc.test_dataset(
-          test, config.image_size, subject.preprocessing, test_steps, pipeline))
-      detections, bad = trainer.detect(dataset, test_steps)
-      scores = voc_metric.evaluate(detections, truth, train.classes)
-      logging.info("Test mAP at step %d: %.4f (VOC07 11-point), %.4f (area); %d detections, %.1f images/s.", step,
-                   scores["mAP"] or 0.0, scores["mAP_area"] or 0.0, len(detections.image),
-                   test.size / max(time.monotonic() - began, 1e-9))
-      with summaries.at(step):
-        tf.summary.scalar("test/mAP", scores["mAP"] or 0.0)
-        tf.summary.scalar("test/mAP_area", scores["mAP_area"] or 0.0)
-        for name, entry in scores["per_class"].items():
-          if entry["ap"] is not None:
-            tf.summary.scalar(f"test_AP/{name}", entry["ap"])
-        drawn = draw(test, detections, config.image_size, SUMMARY_IMAGES)
-        if drawn is not None:
-          tf.summary.image("test/boxes", drawn, max_outputs=SUMMARY_IMAGES)
-      evaluated[step] = scores, bad, len(detections.image)
-      return evaluated[step]
-
+    iterator = iter(linear_job.distributed(strategy, config.batch_size, lambda pipeline: voc.train_dataset(
+        train, config.image_size, subject.preprocessing, config.seed, start, pipeline, config.flip)))
+    summaries = job.summary_writer(latest)
+    control = job.control(trainer.request)
+    evaluation = Evaluation(FLAGS.eval_every, strategy, trainer, test, train.classes, subject.preprocessing,
+                            summaries)
     progress = Progress(summaries, FLAGS.log_every, trainer, total, losses)
-    periodic = [progress, checkpoints, Evaluation(FLAGS.eval_every, evaluate)]
     began = time.monotonic()
-    step = trainer.current_step()
-    while step < total:
-      num_steps = actions_lib.steps_to_next(step, total, periodic, FLAGS.steps_per_loop)
-      clock = time.perf_counter()
-      values = trainer.train_loop(iterator, tf.constant(num_steps))
-      values = {k: np.asarray(v) for k, v in values.items()}
-      if values["nonfinite"]:
-        raise errors.UsageError(f"detection fine-tuning diverged before step {trainer.current_step()} (loss not "
-                                f"finite); the latest checkpoint ({checkpoints.latest or 'none'}) is intact: lower "
-                                f"--learning_rate (now {config.learning_rate}) or --clip_norm (now "
-                                f"{config.clip_norm or 'off'})")
-      step = trainer.current_step()
-      unreadable.assign_add(int(values["unreadable"]))
-      out = actions_lib.LoopOutput(step=step, steps=int(values["steps"]), status=int(values["status"]),
-                                   values=values, seconds=time.perf_counter() - clock)
-      for action in periodic:
-        action(out)
-      if out.status == linear_job.STATUS_STOP_REQUESTED:
-        if control.honour(int(values["request"]), step, checkpoints.save):
-          return 0
-    checkpoints.save("end of training")
+    outcome = job.loop(trainer, iterator, [actions_lib.Counters({"unreadable": unreadable}), progress, checkpoints,
+                                           evaluation], total, control, checkpoints,
+                       guard=lambda output: diverged(output, checkpoints, config))
+    if not outcome.finished:
+      return outcome.exit_code
     train_seconds = time.monotonic() - began
-    scores, bad, found = evaluate(step)
+    step = trainer.current_step()
+    scores, bad, found = evaluation.evaluate(step)
     export_path = os.path.join(eval_dir, EXPORT_DIR)
-    if is_chief:
+    if job.is_chief:
       with writes.atomic_folder(export_path) as staging:
         detector_lib.export(detector, train.classes, subject.preprocessing, staging)
       logging.info("Detector SavedModel written to %s.", export_path)
@@ -420,11 +386,11 @@ def run():
                "loss": losses.describe(), "steps": step, "batch_size": config.batch_size,
                "image_size": config.image_size, "batchnorm": config.batchnorm,
                "images_per_second": round(progress.rate(), 1), "train_seconds": round(train_seconds, 1),
-               "peak_rss_mb": round(resources.peak_rss_mb(), 1), "eval_dir": eval_dir, "detector_saved_model":
-               export_path}
+               "peak_rss_mb": round(resources.peak_rss_mb(), 1), "eval_dir": eval_dir,
+               "detector_saved_model": export_path}
     logging.info("Detection finished at step %d: mAP %.4f (VOC07 11-point), %.4f (area). Peak memory: %.0f MB.",
                  step, scores["mAP"] or 0.0, scores["mAP_area"] or 0.0, metrics["peak_rss_mb"])
-    if is_chief:
+    if job.is_chief:
       output.emit(NAME, metrics, Result(metrics), eval_dir, step)
   return 0
 

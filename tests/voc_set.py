@@ -35,6 +35,7 @@ def _resize(image, height, width):
 
 
 def _iou(a, b):
+  """Intersection over union of (x0, y0, x1, y1) boxes."""
   iw = min(a[2], b[2]) - max(a[0], b[0])
   ih = min(a[3], b[3]) - max(a[1], b[1])
   if iw <= 0 or ih <= 0:
@@ -72,7 +73,7 @@ def make_image(rng, sprites, backgrounds):
     for _ in range(20):
       y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
       box = (x, y, x + w, y + h)
-      if all(_iou(box, other) < 0.2 for other in placed):
+      if all(_iou(box, other) == 0 for other in placed):  # no object hides another
         break
     else:
       continue

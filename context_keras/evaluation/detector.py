@@ -37,11 +37,11 @@ from context_keras.model import caffe_layers
 from context_keras.model import fold
 from context_keras.training import control
 from context_keras.training import restore
+from context_keras.training import trainer as trainer_lib
 
 DETECTORS = ("retinanet",)
 BATCHNORM = ("frozen", "trained")
 INITS = ("trained", "random")
-STATUS_OK, STATUS_STOP_REQUESTED = linear_job.STATUS_OK, linear_job.STATUS_STOP_REQUESTED
 INSTALL_HINT = "pip install context_keras[detection]"
 # The backbone layers whose maps feed the pyramid, per tower; at each stride the deepest of them is used
 # (docs/detection.md §1). ResNets: with our stem (stride 1, then a 3x3/2 pool) and strides 1,2,2,1, block2 is at 4
@@ -415,17 +415,19 @@ class DetectionTrainer:
 
   def _train_loop_impl(self, iterator, num_steps):
     """Up to num_steps steps; stops early, on every worker at the same step, when one asks for a pause or quit."""
-    keys = ("loss_classification", "loss_box", "positives", "images", "unreadable", "nonfinite")
+    keys = ("loss_classification", "loss_box", "positives", "images", "unreadable")
     totals = {k: tf.constant(0.0, tf.float64) for k in keys}
-    status, request, steps = tf.constant(STATUS_OK), tf.constant(control.REQUEST_NONE), tf.constant(0)
-    while steps < num_steps and status == STATUS_OK:
+    status, request, steps = tf.constant(control.STATUS_OK), tf.constant(control.REQUEST_NONE), tf.constant(0)
+    while steps < num_steps and status == control.STATUS_OK:
       stats = self.strategy.run(self.replica_step, args=(next(iterator),))
       stats = {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in stats.items()}
       totals = {k: totals[k] + tf.cast(stats[k], tf.float64) for k in keys}
       steps += 1
       request = control.agreed_request(stats)
-      if request != control.REQUEST_NONE:
-        status = tf.constant(STATUS_STOP_REQUESTED)
+      if stats["nonfinite"] > 0:  # the job ends without a checkpoint of this state (detect.py)
+        status = tf.constant(trainer_lib.STATUS_NOT_FINITE)
+      elif request != control.REQUEST_NONE:
+        status = tf.constant(control.STATUS_STOP_REQUESTED)
     return {"steps": steps, "status": status, "request": request, **totals}
 
   @tf.autograph.experimental.do_not_convert
