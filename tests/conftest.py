@@ -105,6 +105,16 @@ def tfds_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def voc_devkit(tmp_path_factory):
+  """A small VOCdevkit folder (tests/voc_set.py: sample photos with pasted objects): 16 trainval and 8 test images
+  of 4 classes; made once per session. Copy it before changing it."""
+  import voc_set  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("voc") / "VOC2007"
+  voc_set.write(str(root), train=16, test=8, seed=0)
+  return root
+
+
+@pytest.fixture(scope="session")
 def deterministic_run(tmp_path_factory):
   """(RUN, its log): helpers.DETERMINISTIC, the run test_pinned pins; made once per session."""
   with helpers.made_once(tmp_path_factory, "deterministic_run") as (path, make):

@@ -17,7 +17,7 @@ import context_keras
 from helpers import REPO
 
 PACKAGE = os.path.join(REPO, "context_keras")
-PROGRAMS = {"train", "prepare", "export", "evaluate", "benchmark", "service", "linear_eval", "ablation"}
+PROGRAMS = {"train", "prepare", "export", "evaluate", "benchmark", "service", "linear_eval", "ablation", "detect"}
 # The rooms, lowest first: a module imports only from its own room and the rooms below it. The package itself (its
 # __init__: TensorFlow imported quietly, the version) is below them all.
 ROOMS = ["package", "errors", "storage", "input", "model", "deploy", "training", "evaluation", "cli", "programs"]

@@ -197,6 +197,15 @@ def decoded_pixels(contents, target_pixels):
   return tf.where(progressive, 2 * claimed, claimed // (ratio * ratio))
 
 
+def decode_stored(contents):
+  """RGB uint8 [H, W, 3] as stored, without the EXIF orientation (the boxes of detection annotations refer to the
+  stored pixels, as PASCAL VOC's devkit reads them), with decode's guard against decompression bombs."""
+  check = tf.debugging.assert_less_equal(_claimed_pixels(contents), tf.constant(MAX_DECODE_PIXELS, tf.int64),
+                                         message="image header claims more pixels than MAX_DECODE_PIXELS")
+  with tf.control_dependencies([check]):
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+
 def decode(contents, target_pixels=None):
   """Upright RGB uint8 [H, W, 3] of any supported format; grey becomes 3 channels, alpha is dropped (method.md
   §1.1), and the EXIF orientation is applied, so that a phone photo stored sideways (orientation 6) comes out as
