@@ -34,6 +34,7 @@ from context_keras.evaluation import voc_metric
 from context_keras.evaluation.result import Result
 from context_keras.input import decoding
 from context_keras.input import voc
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
@@ -153,9 +154,8 @@ def classes_choice():
 def check_resume(eval_dir, recorded):
   """Refuses to resume a job of another subject, recipe or data; records the job's configuration."""
   path = os.path.join(eval_dir, CONFIG_FILE)
-  if tf.train.latest_checkpoint(eval_dir) and os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      earlier = json.load(f)
+  if tf.train.latest_checkpoint(eval_dir) and paths_lib.is_file(path):
+    earlier = json.loads(paths_lib.read_text(path))
     different = [f"{key}: {earlier.get(key)} then, {value} now" for key, value in recorded.items()
                  if json.loads(json.dumps(value)) != earlier.get(key)]
     if different:

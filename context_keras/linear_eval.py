@@ -77,9 +77,8 @@ def define_flags():
                       "Training crops: random-resized (Goyal et al.), a random --crop_size crop (Kolesnikov et al.), "
                       "or the validation transform (docs/flags.md#linear_eval).")
     flags.DEFINE_bool("flip", DEFAULTS.flip, "Random horizontal flips of training images.")
-    flags.DEFINE_bool("multi_label", False, "Multi-label classification (labels files with 'NAME LABEL1,LABEL2,...'; "
-                      "'?LABEL': ignored on that image, VOC's difficult): one logistic regression per class and "
-                      "layer, scored by mean average precision (VOC 2007 classification; method.md §10.6).")
+    flags.DEFINE_bool("multi_label", False, "Multi-label sets ('NAME L1,L2' lines, '?L' ignored): a logistic "
+                      "regression per class and layer, scored by mAP (method.md §10.6).")
   with program.flag_group("optimisation"):
     program.define_integer("batch_size", DEFAULTS.batch_size, "Global batch (images per step over all replicas).",
                            lower=1)

@@ -4,6 +4,7 @@ labelled inputs, per-layer pooling, average precision against a hand-computed
 example, k-NN that can fail, and the linear job's input stream and its exact resume."""
 import json
 
+from absl import logging as absl_logging
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -192,10 +193,14 @@ def png(value):
   return tf.io.encode_png(image(value)).numpy()
 
 
-def test_shards_of_the_imagenet_converters(tmp_path, caplog):
+def test_shards_of_the_imagenet_converters(tmp_path, caplog, monkeypatch):
   """Shards in the converters' schema, without an index.json: the classes come from a scan of their labels, 1-based
   (0 = background), named by their synsets; a validation set lacking a class is read against the training set's."""
+  # absl's logger, whatever an earlier test in this process made of it, passes INFO records on to caplog.
+  monkeypatch.setattr(absl_logging.get_absl_logger(), "propagate", True)
+  monkeypatch.setattr(absl_logging.get_absl_logger(), "filters", [])
   caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")
   train_labels = [1, 2, 3, 1, 2, 3, 1]
   train = L.find(write_converter_shards(tmp_path / "train", [
       converter_example(png(10 * i), k, *SYNSETS[k]) for i, k in enumerate(train_labels)]), data_flag="--train_data")

@@ -66,6 +66,7 @@ def test_the_stream_resumes_at_any_position(tfds_data_dir, pipelines):
   assert records(source.records(8, 5, 0, 0, pipelines).take(10)) != streams[0][:10]
 
 
+@pytest.mark.slow
 def test_training_batches_resume_exactly(tfds_data_dir):
   """The input pipeline on a TFDS split: the batches after a batch's `resume` position are those of a pipeline
   started there."""

@@ -6,13 +6,13 @@ import runpy
 import sys
 
 # Every program of the package, in the order a user meets them.
-PROGRAMS = ("train", "prepare", "export", "evaluate", "linear_eval", "ablation", "benchmark", "service")
+PROGRAMS = ("train", "prepare", "export", "evaluate", "linear_eval", "detect", "ablation", "benchmark", "service")
 HELP = ("-h", "--help", "-help", "help")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def summary(program):
-  """The first line of a program's docstring, read from its source: importing all eight would take many seconds."""
+  """The first line of a program's docstring, read from its source: importing all nine would take many seconds."""
   with open(os.path.join(_PACKAGE, f"{program}.py"), encoding="utf-8") as f:
     doc = ast.get_docstring(ast.parse(f.read())) or ""
   first = doc.strip().splitlines()[0] if doc.strip() else ""

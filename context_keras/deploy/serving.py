@@ -207,9 +207,9 @@ def is_pair_classifier(info):
 def read_backbone_metadata(path, flag="saved_model"):
   """The metadata of an exported backbone (OUT/backbone, RUN/export/backbone_N); for the export folder OUT or its
   pair classifier, a UsageError naming the backbone to give instead."""
-  path = os.path.normpath(path)
+  path = paths_lib.normalise(path)
   backbone = os.path.join(path, BACKBONE_DIR)
-  if os.path.isfile(os.path.join(backbone, METADATA_FILE)):
+  if paths_lib.is_file(os.path.join(backbone, METADATA_FILE)):
     raise errors.UsageError(f"--{flag}={path} is an export folder: give its backbone, --{flag}={backbone}")
   info = read_metadata(path, flag)
   if is_pair_classifier(info):

@@ -1,6 +1,5 @@
 """What is evaluated: a trained run or an exported backbone, behind the two functions the protocols need."""
 import dataclasses
-import glob
 import os
 
 import keras
@@ -118,7 +117,7 @@ def from_run(run):
 def from_saved_model(path):
   """The subject of an exported backbone (OUT/backbone), with OUT/pair_classifier when it is beside it."""
   if run_dir.recorded_in(path):
-    exports = sorted(glob.glob(os.path.join(glob.escape(run_dir.export_path(path, "")) + "*")))
+    exports = run_dir.exports(path)
     raise errors.UsageError(f"--saved_model={path} is a training run: give --model_dir={path}"
                             + (f", or one of its exports, --saved_model={exports[-1]}" if exports else ""))
   info = serving.read_backbone_metadata(path)

@@ -467,7 +467,7 @@ def warn_overlap(train, val):
   def real(lset):
     if lset.kind == tfds_source.KIND:  # its files hold other splits' examples too: the split itself is compared
       return {(lset.source.dataset, lset.source.split): lset.description}
-    return {os.path.realpath(p) if paths_lib.is_local(p) else p: p for p in lset.paths}
+    return {paths_lib.normalise(p): p for p in lset.paths}
   ours, theirs = real(train), real(val)
   shared = [theirs[p] for p in theirs if p in ours]
   if not shared:

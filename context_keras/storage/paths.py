@@ -254,8 +254,8 @@ def read_bytes(path):
     return f.read()
 
 
-def read_text(path, encoding="utf-8"):
-  return read_bytes(path).decode(encoding)
+def read_text(path, encoding="utf-8", errors="strict"):
+  return read_bytes(path).decode(encoding, errors)
 
 
 def write_bytes(path, data):

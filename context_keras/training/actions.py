@@ -20,6 +20,7 @@ from context_keras import errors
 from context_keras.deploy import serving
 from context_keras.input import patches as patches_lib
 from context_keras.input import pipeline as data_lib
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import control
 from context_keras.training import progress as progress_lib
@@ -267,9 +268,8 @@ class SkippedImages(Action):
   def __init__(self, path, name_of, write=True, latest_checkpoint=lambda: None):
     self.path, self.name_of, self.write, self.latest_checkpoint = path, name_of, write, latest_checkpoint
     self.named, self.logged = set(), 0
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8", errors="replace") as f:
-        self.named = {line.rstrip("\n").split("\t", 2)[-1] for line in f}
+    if paths_lib.is_file(path):
+      self.named = {line.split("\t", 2)[-1] for line in paths_lib.read_text(path, errors="replace").splitlines()}
 
   def __call__(self, output):
     rows = np.asarray(output.values.get("skipped", np.zeros([0, 2])))
@@ -283,9 +283,10 @@ class SkippedImages(Action):
       return
     if self.write:
       try:
-        with open(self.path, "a", encoding="utf-8") as f:
-          f.writelines(f"{output.step}\t{reason}\t{name}\n" for reason, name in new)
-      except OSError as e:
+        # GFile's append: a local file is appended to, an object on a store rewritten whole.
+        with tf.io.gfile.GFile(self.path, "a") as f:
+          f.write("".join(f"{output.step}\t{reason}\t{name}\n" for reason, name in new))
+      except (OSError, tf.errors.OpError) as e:
         raise run_dir.write_failure(f"the names of the images skipped by step {output.step}", self.path, e,
                                     self.latest_checkpoint()) from e
     for reason, name in new[:max(0, self.LOGGED - self.logged)]:

@@ -58,6 +58,14 @@ def export_path(model_dir, step):
   return os.path.join(model_dir, EXPORT_DIR, f"backbone_{step}")
 
 
+def exports(model_dir):
+  """The backbone exports training wrote in RUN/export, by step."""
+  folder = os.path.join(model_dir, EXPORT_DIR)
+  steps = [int(m.group(1)) for m in map(re.compile(r"^backbone_(\d+)/?$").match,
+                                        paths_lib.listdir(folder) if tf.io.gfile.isdir(folder) else []) if m]
+  return [export_path(model_dir, step) for step in sorted(steps)]
+
+
 def eval_dir(model_dir):
   return os.path.join(model_dir, EVAL_DIR)
 
