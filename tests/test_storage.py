@@ -301,8 +301,10 @@ def test_the_ablation_keeps_each_training_log_in_its_run_on_a_store(ram, monkeyp
     stdout.write(f"training {command[-2]}\nFATAL the last line\n".encode())
     return subprocess.CompletedProcess(command, 1 if "fails" in command[-2] else 0)
   monkeypatch.setattr(AB.subprocess, "run", fake_training)
+  monkeypatch.setattr(AB, "run_flags", lambda variant, seed: {"seed": seed})  # no ablation flags parsed here
   AB.train_run("baseline", 0, f"{ram}/runs/baseline_s0")
   assert read(f"{ram}/runs/baseline_s0/ablation_train.log").startswith(f"training --model_dir={ram}/runs/baseline_s0")
+  assert json.loads(read(f"{ram}/runs/baseline_s0/{AB.RUN_FILE}"))["flags"] == {"seed": 0}  # the reuse key
   with pytest.raises(E.UsageError, match=rf"exit code 1: FATAL the last line \(log: {ram}/runs/fails/ablation"):
     AB.train_run("baseline", 0, f"{ram}/runs/fails")
 
