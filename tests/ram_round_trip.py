@@ -1,7 +1,7 @@
 """The whole life of a run with every path on TensorFlow's ram:// file system, the stand-in for a bucket: photos and a
 list file copied in, prepare writes shards, training is stopped by its quit file and resumed, export and evaluate
 read it back. ram:// lives in one process, so the programs run one after the other in this one, each through its own
-flag parsing and entry function (program.run). test_stores.py runs it; it prints one JSON line of what it found.
+flag parsing and entry function (program.run). test_storage.py runs it; it prints one JSON line of what it found.
 
 python tests/ram_round_trip.py WORKING_FOLDER
 """

@@ -42,7 +42,10 @@ from helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
-SIGTERM_BOUND_SECONDS = 30  # from the signal to the exit, checkpoint included
+# Promptly, in steps (a test asserts no time): SIGTERM lets the compiled call in flight finish, so the run stops
+# within one --steps_per_loop (5 in demo_args) of the step it was at, which is at most one --log_every (5) past the
+# last progress line seen before the signal.
+SIGTERM_STEPS_BOUND = 5 + 5
 
 
 def latest_step(model_dir):
@@ -174,6 +177,7 @@ def test_second_trainer_is_refused_pause_waits_idle_and_sigterm_checkpoints_prom
     wait_for(log, r"continuing", first, after=size)
     wait_for(log, rf"step {paused_at[0] + 5 - paused_at[0] % 5} ", first, after=size)
     signalled = time.time()
+    logged = max(int(s) for s in re.findall(r"step (\d+) ", log.read_text()))
     first.send_signal(signal.SIGTERM)
     code = first.wait(timeout=120)
     seconds = time.time() - signalled
@@ -181,8 +185,8 @@ def test_second_trainer_is_refused_pause_waits_idle_and_sigterm_checkpoints_prom
     if first.poll() is None:
       first.kill()
   assert code == 0, log.read_text()[-3000:]
-  assert seconds < SIGTERM_BOUND_SECONDS, seconds
   stopped = int(re.search(r"Stopped at step (\d+) \(SIGTERM\)", log.read_text()).group(1))
+  assert logged <= stopped <= logged + SIGTERM_STEPS_BOUND, (logged, stopped)
   assert checkpoint_steps(run) == [paused_at[0], stopped] and latest_step(run) == stopped
   assert_complete_checkpoint(run, stopped)
   print(f"SIGTERM to exit: {seconds:.2f} s, checkpoint of step {stopped} written")
