@@ -332,8 +332,8 @@ def run():
                             "test": test.description, "classes": list(train.classes)})
     with strategy.scope():
       folded, preparation = detector_lib.prepare_backbone(
-          subject.trainable_backbone(), subject.model_config, subject.geometry, subject.preprocessing, train, config,
-          subject.rescaled, resuming=bool(latest))
+          subject.trainable_backbone(), subject.model_config, subject.patch_geometry, subject.preprocessing, train,
+          config, subject.rescaled, resuming=bool(latest))
       levels = detector_lib.pyramid_levels(folded, config.pyramid_layers or detector_lib.PYRAMID_LAYERS[backbone_name],
                                            config)
       logging.info("Pyramid: %s; levels P%d-P%d.", ", ".join(f"P{k} = {n}" for k, n in sorted(levels.items())),
