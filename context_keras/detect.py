@@ -2,11 +2,12 @@
 --data=VOCdevkit/VOC2007 --train_split=trainval --test_split=test --eval_dir=EVAL [--init=random] [--train_steps=N]
 [--flagfile=flags/voc07_detection.cfg]
 
-Fine-tunes a detector whose backbone is the run's (or the export's) on a VOCdevkit split and reports PASCAL VOC's
-average precision per class and its mean on another (docs/detection.md). The detector is keras-hub's RetinaNet
-(pip install context_keras[detection]) on a feature pyramid of the backbone's maps; the backbone is first rescaled
-(Krähenbühl et al., as the original advises for fine-tuning); --init=random runs the same recipe from random
-initialisation, the baseline a transfer figure needs.
+Fine-tunes a detector whose backbone is the run's (or the export's) on a split of a VOCdevkit folder or of a TFDS
+dataset (--data=tfds:voc/2007 [--tfds_data_dir=DIR]) and reports PASCAL VOC's average precision per class and its
+mean on another (docs/detection.md). The detector is keras-hub's RetinaNet (pip install context_keras[detection]) on
+a feature pyramid of the backbone's maps; the backbone is first rescaled (Krähenbühl et al., as the original advises
+for fine-tuning); --init=random runs the same recipe from random initialisation, the baseline a transfer figure
+needs.
 
 Runs like training: under the same strategy, with checkpoints in EVAL that a re-run resumes from (at the exact input
 position), quit and pause files, SIGINT/SIGTERM (checkpoint and exit 0), TensorBoard logs in EVAL/train (losses, mAP,
@@ -24,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras.cli import data as data_flags
 from context_keras.cli import program
 from context_keras.cli import run as run_flags
 from context_keras.evaluation import detector as detector_lib
@@ -66,13 +68,15 @@ def define_flags():
                       "architecture from random initialisation, the baseline (docs/detection.md §1).")
   with program.flag_group("data"):
     flags.DEFINE_string("data", None, "A VOCdevkit folder (VOCdevkit/VOC2007: Annotations/, JPEGImages/, "
-                        "ImageSets/Main/).")
-    flags.DEFINE_string("train_split", "trainval", "ImageSets/Main/<name>.txt to fine-tune on.")
-    flags.DEFINE_string("test_split", "test", "ImageSets/Main/<name>.txt to evaluate on.")
+                        "ImageSets/Main/) or a prepared TFDS dataset, tfds:voc/2007 (docs/detection.md §2).")
+    flags.DEFINE_string("train_split", "trainval", "Split to fine-tune on: ImageSets/Main/<name>.txt, or a TFDS "
+                        "split expression (trainval = train+validation).")
+    flags.DEFINE_string("test_split", "test", "Split to evaluate on: ImageSets/Main/<name>.txt, or a TFDS split.")
     flags.DEFINE_list("classes", ["voc"], "voc: the 20 VOC classes; annotations: the names the training split's "
                       "annotations use; or a list of names.")
     flags.DEFINE_bool("train_difficult", False, "Train on objects marked difficult too (Fast R-CNN and mmdetection "
                       "leave them out; the metric ignores them either way).")
+  data_flags.define_tfds_data_dir()
   with program.flag_group("detector"):
     flags.DEFINE_enum("detector", DEFAULTS.detector, detector_lib.DETECTORS, "The detector (docs/detection.md §1).")
     program.define_integer("image_size", DEFAULTS.image_size, "Images are resized to this longer side and padded "
@@ -141,7 +145,7 @@ def check_flags():
   if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
     raise errors.UsageError("give exactly one of --model_dir (a training run) and --saved_model (OUT/backbone)")
   if not FLAGS.data:
-    raise errors.UsageError("--data is required: a VOCdevkit folder (VOCdevkit/VOC2007)")
+    raise errors.UsageError("--data is required: a VOCdevkit folder (VOCdevkit/VOC2007) or tfds:voc/2007")
   if not FLAGS.eval_dir:
     raise errors.UsageError("--eval_dir is required: the job's folder (checkpoints, logs, results)")
 
@@ -269,10 +273,12 @@ def draw(test, detections, size, count):
   """uint8 [count, size, size, 3]: the first test images fitted as the detector sees them, true boxes in green
   (difficult ones in yellow) and detections scoring at least DRAW_SCORE in red."""
   images, gt_boxes, det_boxes = [], [], []
-  for i in range(min(count, test.size)):
+  for i, contents in enumerate(voc.stored_images(test, count)):
+    if contents is None:  # unreadable: counted as such by the evaluation
+      continue
     try:
-      image = decoding.decode_stored(tf.io.read_file(test.paths[i]))
-    except tf.errors.OpError:  # counted as unreadable by the evaluation
+      image = decoding.decode_stored(contents)
+    except tf.errors.OpError:  # undecodable: the same
       continue
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     ratio = float(size / tf.reduce_max(shape))
@@ -318,7 +324,8 @@ def run():
     if job.is_chief:
       writes.atomic_write(os.path.join(eval_dir, FLAGS_FILE),
                           "".join(flag.serialize() + "\n" for flag in program.defined_flags().values()))
-    train, test = voc.load(FLAGS.data, FLAGS.train_split, FLAGS.test_split, classes_choice(), FLAGS.train_difficult)
+    train, test = voc.load(FLAGS.data, FLAGS.train_split, FLAGS.test_split, classes_choice(), FLAGS.train_difficult,
+                           FLAGS.tfds_data_dir)
     logging.info("Training on %s: %d images, %d classes; testing on %s: %d images.", train.description, train.size,
                  len(train.classes), test.description, test.size)
     subject = (subject_lib.from_run(restore.load_run(FLAGS.model_dir, FLAGS.checkpoint)) if FLAGS.model_dir
@@ -332,8 +339,8 @@ def run():
                             "test": test.description, "classes": list(train.classes)})
     with strategy.scope():
       folded, preparation = detector_lib.prepare_backbone(
-          subject.trainable_backbone(), subject.model_config, subject.geometry, subject.preprocessing, train, config,
-          subject.rescaled, resuming=bool(latest))
+          subject.trainable_backbone(), subject.model_config, subject.patch_geometry, subject.preprocessing, train,
+          config, subject.rescaled, resuming=bool(latest))
       levels = detector_lib.pyramid_levels(folded, config.pyramid_layers or detector_lib.PYRAMID_LAYERS[backbone_name],
                                            config)
       logging.info("Pyramid: %s; levels P%d-P%d.", ", ".join(f"P{k} = {n}" for k, n in sorted(levels.items())),

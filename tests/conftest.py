@@ -115,6 +115,18 @@ def voc_devkit(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tfds_voc_data_dir(tmp_path_factory, voc_devkit):
+  """A TFDS data dir holding voc_devkit's images and annotations as TFDS's voc stores them (tfds_voc.py:
+  tfds:context_keras_voc/2007, splits train, validation and test in 2 files each), prepared once per session; skips
+  where TensorFlow Datasets is not installed."""
+  pytest.importorskip("tensorflow_datasets")
+  import tfds_voc  # pylint: disable=import-outside-toplevel  # it imports TFDS
+  path = tmp_path_factory.mktemp("tfds_voc")
+  tfds_voc.build(path, voc_devkit)
+  return path
+
+
+@pytest.fixture(scope="session")
 def deterministic_run(tmp_path_factory):
   """(RUN, its log): helpers.DETERMINISTIC, the run test_pinned pins; made once per session."""
   with helpers.made_once(tmp_path_factory, "deterministic_run") as (path, make):

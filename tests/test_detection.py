@@ -97,7 +97,8 @@ def test_bad_annotations_and_images_are_skipped_and_counted(voc_devkit, tmp_path
 
 
 @pytest.mark.parametrize("case, message", [
-    ("folder", "not a VOCdevkit folder"), ("split", "--train_split=missing: no "), ("tfds", "TFDS"),
+    ("folder", "not a VOCdevkit folder"), ("split", "--train_split=missing: no "),
+    ("tfds", "--data=tfds:voc/2007 --train_split=trainval: "),  # not prepared in an empty data dir
     ("empty", "no usable image"), ("classes", "--classes")])
 def test_unusable_data_is_refused_in_one_line(voc_devkit, tmp_path, case, message):
   data, split, classes = str(voc_devkit), "trainval", "voc"
@@ -112,7 +113,7 @@ def test_unusable_data_is_refused_in_one_line(voc_devkit, tmp_path, case, messag
   elif case == "classes":
     classes = ("cat", "cat")
   with pytest.raises(errors.UsageError) as raised:
-    voc.load(data, split, "test", classes)
+    voc.load(data, split, "test", classes, tfds_data_dir=str(tmp_path))
   assert message in str(raised.value) and "\n" not in str(raised.value)
   if case == "split":
     assert "test, trainval" in str(raised.value)

@@ -31,7 +31,6 @@ from context_keras.deploy import rescale as rescale_lib
 from context_keras.deploy import serving
 from context_keras.evaluation import linear_job
 from context_keras.evaluation import voc_metric
-from context_keras.input import sources
 from context_keras.input import voc
 from context_keras.model import caffe_layers
 from context_keras.model import fold
@@ -151,8 +150,8 @@ def prepare_backbone(folded, model_config, geometry, preprocessing, train_split,
   report = {}
   patches = None
   if config.rescale or config.batchnorm == "trained":
-    source = sources.Source("files", train_split.paths, train_split.description)
-    patches = serving.preprocess(rescale_lib.sample_patches(source, CALIBRATION_PATCHES, config.seed, geometry),
+    patches = serving.preprocess(rescale_lib.sample_patches(train_split.image_source(), CALIBRATION_PATCHES,
+                                                            config.seed, geometry),
                                  preprocessing)
   if not config.rescale:
     report["rescale"] = {"skipped": "--norescale"}

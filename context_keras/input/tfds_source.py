@@ -8,12 +8,15 @@ here downloads or prepares a dataset: one that is not prepared stops at start wi
 prepared by a builder whose code this process cannot import (a user's own, or one made elsewhere) is read from its
 files' metadata (TFDS's read-only builder).
 """
+import contextlib
 import dataclasses
 import hashlib
+import logging as std_logging
 import os
 import re
 import sys
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -47,6 +50,24 @@ def parse(data, flag="--data"):
   if version:
     name, tail = f"{name}:{version.group(1)}", version.group(2) or ""
   return name, tail or None
+
+
+class _DtypeDeprecation(std_logging.Filter):
+  """Drops TFDS's warning that FeatureConnector.dtype is deprecated: its own PartialDecoding reads that attribute
+  when it extracts the items of a sequence (VOC's objects), so the warning says nothing a user can act on."""
+
+  def filter(self, record):
+    return "FeatureConnector.dtype` is deprecated" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_dtype_deprecation():
+  logger, quiet = logging.get_absl_logger(), _DtypeDeprecation()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 def _one_line(error, limit=400):
@@ -121,11 +142,12 @@ def _not_prepared(builder, root, where):
 class ClassFeature:
   """Where a TFDS split keeps an image's classes: a ClassLabel at `path` (one class per image), or, for a multi-label
   set, a sequence of them (VOC's objects/label), with `difficult` the boolean beside them that marks the objects
-  to ignore (VOC's objects/is_difficult)."""
+  to ignore (VOC's objects/is_difficult) and `boxes` the BBoxFeature beside them (VOC's objects/bbox)."""
   path: tuple
   names: tuple
   multi: bool = False
   difficult: tuple | None = None
+  boxes: tuple | None = None
 
   @property
   def name(self):
@@ -144,10 +166,12 @@ def _class_feature(tfds, features, dataset, multi_label, where):
     if isinstance(inner, class_label):
       multiple.append(ClassFeature((key,), tuple(inner.names), True))
     elif isinstance(inner, features_dict):
+      difficult = next((d for d in ("is_difficult", "difficult") if d in inner.keys()), None)
+      boxes = next((name for name, item in inner.items() if isinstance(item, tfds.features.BBoxFeature)), None)
       for name, item in inner.items():
         if isinstance(item, class_label):
-          difficult = next((d for d in ("is_difficult", "difficult") if d in inner.keys()), None)
-          multiple.append(ClassFeature((key, name), tuple(item.names), True, (key, difficult) if difficult else None))
+          multiple.append(ClassFeature((key, name), tuple(item.names), True, (key, difficult) if difficult else None,
+                                       (key, boxes) if boxes else None))
   if not multi_label:
     if not singles:
       hint = (f"its classes are in sequences ({', '.join(c.name for c in multiple)}): pass --multi_label" if multiple
@@ -184,16 +208,20 @@ def _image_feature(tfds, features, dataset, where):
   return key
 
 
-def find(data, data_dir=None, flag="--data", default_splits=TRAIN_SPLITS, multi_label=None):
+def find(data, data_dir=None, flag="--data", default_splits=TRAIN_SPLITS, multi_label=None, aliases=None, where=None):
   """The TfdsSource that `data` (tfds:NAME[:VERSION][:SPLIT]) names in `data_dir` (None: TFDS's default); with
-  multi_label True or False, the split's classes too (a labelled set); with None, only its images."""
-  where = f"{flag}={data}"
+  multi_label True or False, the split's classes too (a labelled set); with None, only its images. `aliases`: split
+  names read as another split expression when the dataset has no split of that name (VOC's trainval: TFDS's
+  train+validation). Messages start with `where` (default: FLAG=DATA)."""
+  where = where or f"{flag}={data}"
   name, split = parse(data, flag)
   tfds = _tfds(where)
   builder = _builder(tfds, name, data_dir, where)
   dataset = builder.info.full_name
   if split is None:
     split = next((s for s in default_splits if s in builder.info.splits), default_splits[0])
+  if split in (aliases or {}) and split not in builder.info.splits:
+    split = aliases[split]
   try:
     instructions = builder.info.splits[split].file_instructions
   except (KeyError, ValueError, TypeError, AssertionError) as e:
@@ -294,46 +322,53 @@ class TfdsSource:
   # ------------------------------------------------------------------------------------------------------------
   # Parsing a record (graph code: TFDS's feature parsing, the image kept encoded)
 
-  def _parser(self, with_classes):
-    """record -> TFDS's decoding of the image (its encoded bytes) and, with_classes, of the ClassFeature's
-    features, all others left unparsed."""
+  def _parser(self, paths):
+    """record -> TFDS's decoding of the image (its encoded bytes) and of the features at `paths` (tuples of keys),
+    all others left unparsed."""
     wanted = {self.image_key: True}
-    if with_classes:
-      paths = [self.classes.path] + ([self.classes.difficult] if self.classes.difficult else [])
-      for path in paths:
-        node = wanted
-        for key in path[:-1]:
-          node = node.setdefault(key, {})
-        node[path[-1]] = True
+    for path in paths:
+      node = wanted
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = True
     tfds = _tfds(self.description)
     partial = tfds.decode.PartialDecoding(wanted, decoders={self.image_key: tfds.decode.SkipDecoding()})
-    features = partial.extract_features(self.features)
+    with _without_dtype_deprecation():
+      features = partial.extract_features(self.features)
     return lambda record: features.deserialize_example(_intact(record), decoders=partial.decoders)
 
   def image_parser(self):
     """record -> its encoded image bytes (an error naming the file for a MISSING stand-in)."""
-    parse = self._parser(False)
+    parse = self._parser(())
     return tf.autograph.experimental.do_not_convert(lambda record: parse(record)[self.image_key])
+
+  def feature_parser(self, paths):
+    """record -> (its encoded image bytes, [the value of the feature at each of `paths`, tuples of keys])."""
+    parse = self._parser(paths)
+
+    def values(record):
+      example = parse(record)
+      found = []
+      for path in paths:
+        value = example
+        for key in path:
+          value = value[key]
+        found.append(value)
+      return example[self.image_key], found
+    return tf.autograph.experimental.do_not_convert(values)
 
   def class_parser(self):
     """record -> (encoded image bytes, its class index into classes.names [] or, multi-label, the indices of its
     objects' classes [n], with whether each is difficult [n] bool)."""
-    parse = self._parser(True)
+    with_difficult = self.classes.multi and self.classes.difficult
+    parse = self.feature_parser((self.classes.path,) + ((self.classes.difficult,) if with_difficult else ()))
 
     def parse_classes(record):
-      example = parse(record)
-      value, difficult = example, example
-      for key in self.classes.path:
-        value = value[key]
+      image, (value, *difficult) = parse(record)
       if not self.classes.multi:
-        return example[self.image_key], value
-      if self.classes.difficult:
-        for key in self.classes.difficult:
-          difficult = difficult[key]
-        difficult = tf.cast(difficult, tf.bool)
-      else:
-        difficult = tf.zeros_like(value, tf.bool)
-      return example[self.image_key], value, difficult
+        return image, value
+      difficult = tf.cast(difficult[0], tf.bool) if difficult else tf.zeros_like(value, tf.bool)
+      return image, value, difficult
     return tf.autograph.experimental.do_not_convert(parse_classes)
 
   # ------------------------------------------------------------------------------------------------------------
@@ -349,35 +384,61 @@ class TfdsSource:
         lambda f: file_records(f["path"], f["skip"], f["take"]))
     return records.take(limit) if limit else records
 
-  def records(self, seed, window, start=0, pipeline_id=0, num_pipelines=1):
-    """This pipeline's endless stream of records in a seeded order, from its position `start` on.
+  def _runs(self, keep):
+    """(the files a stream reads, as numpy columns path, skip, take and first (the listing position of its first
+    record); the records each counts in the stream): every file with all its records, or, with `keep` (a boolean per
+    listing position), the files holding kept records, each counting those."""
+    takes = np.asarray(self.takes, np.int64)
+    table = {"path": np.asarray(self.paths, object), "skip": np.asarray(self.skips, np.int64), "take": takes,
+             "first": np.cumsum(takes) - takes}
+    if keep is None:
+      return table, takes
+    keep = np.asarray(keep, bool)
+    if keep.shape != (self.size,):
+      raise ValueError(f"keep has {keep.shape} entries for the {self.size} records of {self.description}")
+    counts = np.add.reduceat(keep.astype(np.int64), table["first"])  # takes are positive: no empty segment
+    used = counts > 0
+    return {k: v[used] for k, v in table.items()}, counts[used]
+
+  def records(self, seed, window, start=0, pipeline_id=0, num_pipelines=1, keep=None, with_positions=False):
+    """This pipeline's endless stream of records in a seeded order, from its position `start` on; with `keep` (a
+    boolean per listing position) only the records kept, and with_positions each as (its listing position, record).
 
     The order is a pure function of (seed, pipeline): each epoch visits the files in a new permutation of them
     (sources.epoch_order's, here of files), each file's run of records in order, and this pipeline reads every
     num_pipelines-th file of it (every num_pipelines-th record when there are fewer files than pipelines). The
     records are then shuffled in consecutive windows of `window`, each by a permutation keyed by (seed, pipeline,
     window index). So position k is window k // window, entry k % window: a resumed stream starts reading at that
-    window's first record (located from the split's record counts, skipping at most the records of one file before
-    it) and drops the k % window records before k. TFDS shuffled the examples when it wrote the files, so a window
-    mixes images from across the data set.
+    window's first record (located from the split's record counts, or the kept ones', skipping at most the records
+    of one file before it) and drops the k % window records before k. TFDS shuffled the examples when it wrote the
+    files, so a window mixes images from across the data set. Records that `keep` leaves out are read and dropped
+    before the windows (a file without a kept record is not read), so positions count kept records only.
     """
-    num_files = len(self.paths)
+    table, counts = self._runs(keep)
+    num_files = len(counts)
     by_file = num_files >= num_pipelines
     seed = int(seed)
     first = (start // window) * window  # the first position of start's window
-    epoch, index, offset = self._locate(first, seed, pipeline_id, num_pipelines, by_file)
-    table = self._table()
+    epoch, index, offset, file = self._locate(first, seed, pipeline_id, num_pipelines, by_file, counts)
+    if keep is not None:  # the offset-th kept record of its file, as a record of that file
+      run = np.asarray(keep, bool)[table["first"][file]:table["first"][file] + table["take"][file]]
+      offset = int(np.flatnonzero(run)[offset])
+    columns = {"path": tf.constant(table["path"].tolist(), tf.string),
+               **{k: tf.constant(table[k], tf.int64) for k in ("skip", "take", "first")}}
+    kept = None if keep is None else tf.constant(np.asarray(keep, bool))
     seed_tensor = tf.constant(seed, tf.int64)
 
     def epoch_files(e):
       order = tf.random.experimental.stateless_shuffle(tf.range(num_files), seed=tf.stack([seed_tensor, e]))
       if by_file:
         order = order[pipeline_id::num_pipelines]
-      return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in table.items()})
+      return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in columns.items()})
 
     def from_offset(n, f):  # the first file is read from `offset` on
       head = tf.where(tf.equal(n, 0), tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
-      return file_records(f["path"], f["skip"] + head, f["take"] - head)
+      pairs = tf.data.Dataset.zip((tf.data.Dataset.range(f["first"] + head, f["first"] + f["take"]),
+                                   file_records(f["path"], f["skip"] + head, f["take"] - head)))
+      return pairs if kept is None else pairs.filter(lambda position, _: tf.gather(kept, position))
 
     records = (tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_files).skip(index).enumerate()
                .flat_map(from_offset))
@@ -388,17 +449,17 @@ class TfdsSource:
     def shuffled(w, batch):
       order = tf.random.experimental.stateless_shuffle(tf.range(window), seed=tf.random.experimental.stateless_fold_in(
           key, w))
-      return tf.gather(batch, order)
-    return (records.batch(window, drop_remainder=True).enumerate(start=first // window).map(shuffled).unbatch()
-            .skip(start - first))
+      return tf.nest.map_structure(lambda column: tf.gather(column, order), batch)
+    records = (records.batch(window, drop_remainder=True).enumerate(start=first // window).map(shuffled).unbatch()
+               .skip(start - first))
+    return records if with_positions else records.map(lambda _, record: record)
 
-  def _locate(self, position, seed, pipeline_id, num_pipelines, by_file):
-    """(epoch, index among the epoch's files of this pipeline, records to skip in that file) of `position` of this
-    pipeline's stream before its windows are shuffled; the same permutations as records() draws, computed here."""
-    takes = np.asarray(self.takes, np.int64)
-
+  def _locate(self, position, seed, pipeline_id, num_pipelines, by_file, counts):
+    """(epoch, index among the epoch's files of this pipeline, records of the stream to skip in that file, the file)
+    of `position` of this pipeline's stream before its windows are shuffled, `counts` being each file's records in
+    the stream; the same permutations as records() draws, computed here."""
     def files_of(epoch):
-      order = tf.random.experimental.stateless_shuffle(tf.range(len(takes)), seed=tf.constant([seed, epoch],
+      order = tf.random.experimental.stateless_shuffle(tf.range(len(counts)), seed=tf.constant([seed, epoch],
                                                                                                   tf.int64)).numpy()
       return order[pipeline_id::num_pipelines] if by_file else order
 
@@ -406,18 +467,18 @@ class TfdsSource:
       epoch = 0
       while True:
         order = files_of(epoch)
-        length = int(takes[order].sum())
+        length = int(counts[order].sum())
         if position < length:
           break
         position -= length
         epoch += 1
     else:  # every num_pipelines-th record of the stream that all pipelines share
       shared = position * num_pipelines + pipeline_id
-      epoch, position = divmod(shared, int(takes.sum()))
+      epoch, position = divmod(shared, int(counts.sum()))
       order = files_of(epoch)
-    ends = np.cumsum(takes[order])
+    ends = np.cumsum(counts[order])
     index = int(np.searchsorted(ends, position, side="right"))
-    return epoch, index, int(position - (ends[index - 1] if index else 0))
+    return epoch, index, int(position - (ends[index - 1] if index else 0)), int(order[index])
 
   # ------------------------------------------------------------------------------------------------------------
   # As sources.py reads a source

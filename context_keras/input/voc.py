@@ -1,6 +1,6 @@
-"""PASCAL VOC detection data (docs/detection.md §2): a split of a VOCdevkit folder read into memory, every bad file
-or object skipped and counted, and the tf.data pipelines of detection: a seeded, resumable training stream and the
-test images, each resized to one static size.
+"""PASCAL VOC detection data (docs/detection.md §2): the annotations of a split of a VOCdevkit folder or of a TFDS
+dataset read into memory, every bad file or object skipped and counted, and the tf.data pipelines of detection: a
+seeded, resumable training stream and the test images, each resized to one static size.
 
 A VOCdevkit folder (VOCdevkit/VOC2007) holds Annotations/<id>.xml, JPEGImages/<id>.jpg and ImageSets/Main/<split>.txt
 (one image id per line). Annotations are parsed with the standard library's xml.etree, read through tf.io.gfile (so
@@ -8,8 +8,11 @@ gs:// and other file systems work). Boxes keep the annotations' own numbers, the
 xmax, ymax), 1-based, inclusive; the pipelines turn them into continuous pixel coordinates, (xmin - 1, ymin - 1,
 xmax, ymax), which is what a detector regresses (the box of pixels 1..W spans [0, W]).
 
-A TFDS voc split (features image, objects{bbox [ymin, xmin, ymax, xmax] / image size, label, is_difficult}) carries
-the same numbers divided by the image size: tfds_boxes gives them back in the devkit's convention.
+A TFDS voc split (`tfds:voc/2007`: features image, image/filename, objects{bbox [ymin, xmin, ymax, xmax] / image size,
+label, is_difficult}) carries the same numbers divided by the image size: tfds_boxes gives them back in the devkit's
+convention. Its annotations are read once into the same Split (its images by their position in the split's
+listing, tfds_source.TfdsSource) and the same rules apply; its images stay encoded in the record files, read by
+position through the source's seeded stream.
 """
 import collections
 import concurrent.futures
@@ -25,15 +28,23 @@ from context_keras import errors
 from context_keras.input import augment
 from context_keras.input import decoding
 from context_keras.input import sources
+from context_keras.input import tfds_source
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-TFDS_PREFIX = "tfds:"
+# The devkit's split names that TFDS's voc calls otherwise (it has train, validation and test).
+TFDS_SPLITS = {"trainval": "train+validation", "val": "validation"}
+TFDS_FILENAME = "image/filename"  # TFDS voc's feature naming an example's JPEG: its id
+# Records of a TFDS split shuffled together in the training stream (tfds_source.TfdsSource.records), at most: ~100 MB
+# of VOC's encoded images, a fifth of VOC07 trainval; a smaller split is shuffled whole every epoch.
+TFDS_WINDOW = 1024
 ANNOTATIONS, IMAGES, IMAGE_SETS = "Annotations", "JPEGImages", os.path.join("ImageSets", "Main")
 IMAGE_SUFFIX = ".jpg"
 # What is left out, and why (the counters of Split.skipped). Images:
 NO_ANNOTATION, MALFORMED, NO_IMAGE, NO_OBJECTS = ("no annotation file", "malformed annotation", "no image file",
                                                   "no objects")
+UNREADABLE_EXAMPLE = "unreadable example"  # a TFDS record that cannot be parsed, or whose image's size cannot be read
+IMAGE_REASONS = (NO_ANNOTATION, MALFORMED, NO_IMAGE, NO_OBJECTS, UNREADABLE_EXAMPLE)
 # Objects:
 UNKNOWN_CLASS, OUTSIDE, EMPTY_BOX, BAD_OBJECT, DIFFICULT = ("unknown class", "box outside its image",
                                                            "box of zero area", "malformed object",
@@ -45,10 +56,11 @@ READ_THREADS = 16
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split, in memory: per image its id, file, annotated size and objects, padded to the most objects an image
-  has. boxes [N, M, 4] float32 in the devkit's convention; labels [N, M] int32 indices into `classes`, -1 for
-  padding; difficult [N, M] bool. `skipped`: {reason: count} of the images and objects left out (and of boxes
-  clipped)."""
+  """One split, in memory: per image its id, where it is, its annotated size and objects, padded to the most objects
+  an image has. boxes [N, M, 4] float32 in the devkit's convention; labels [N, M] int32 indices into `classes`, -1
+  for padding; difficult [N, M] bool. `skipped`: {reason: count} of the images and objects left out (and of boxes
+  clipped). A VOCdevkit folder's images are files (`paths`); a TFDS split's are records of `source` (its
+  tfds_source.TfdsSource), `positions` [N] being their places in its listing, and `paths` is empty."""
   description: str
   ids: tuple
   paths: tuple
@@ -58,10 +70,29 @@ class Split:
   difficult: np.ndarray
   classes: tuple
   skipped: dict
+  source: object = None
+  positions: np.ndarray | None = None
 
   @property
   def size(self):
     return len(self.ids)
+
+  def image_source(self):
+    """The split's images as sources.py reads a source (rescaling samples patches of them): its files, or the TFDS
+    split (all its records)."""
+    return self.source if self.source is not None else sources.Source("files", self.paths, self.description)
+
+  def reader(self):
+    """path or record -> the image's encoded bytes, as graph code."""
+    return self.source.image_parser() if self.source is not None else tf.io.read_file
+
+  def listing_rows(self):
+    """(keep [listing size] bool, row [listing size] int32: the row of each kept position, -1 elsewhere)."""
+    keep = np.zeros(self.source.size, bool)
+    keep[self.positions] = True
+    rows = np.full(self.source.size, -1, np.int32)
+    rows[self.positions] = np.arange(self.size, dtype=np.int32)
+    return keep, rows
 
   @property
   def max_objects(self):
@@ -158,12 +189,12 @@ def _read_annotation(path):
 @dataclasses.dataclass
 class _Raw:
   """A split's ids with their parsed annotations, before the classes are known."""
-  root: str
-  split: str
+  description: str
   ids: list
-  annotations: list   # _Annotation or None
+  annotations: list   # _Annotation, or None for an image that cannot be used
   reasons: list       # why an annotation is None
-  images: set         # file names in JPEGImages
+  locations: list     # each image's file, or its position in a TFDS split's listing
+  source: object = None  # the TFDS split
 
 
 def _read_raw(root, split, flag):
@@ -172,7 +203,90 @@ def _read_raw(root, split, flag):
   with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
     results = list(pool.map(_read_annotation, paths))
   images = set(tf.io.gfile.listdir(os.path.join(root, IMAGES)))
-  return _Raw(root, split, ids, [a for a, _ in results], [r for _, r in results], images)
+  annotations = [a if a is None or i + IMAGE_SUFFIX in images else None for i, (a, _) in zip(ids, results)]
+  reasons = [r or (NO_IMAGE if a is None else None) for a, (_, r) in zip(annotations, results)]
+  return _Raw(f"{root} {split}", ids, annotations, reasons,
+              [os.path.join(root, IMAGES, i + IMAGE_SUFFIX) for i in ids])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading a TFDS split (tfds:voc/2007)
+
+
+def _read_tfds(data, split, flag, data_dir):
+  """The _Raw of split `split` of the TFDS dataset `data` (tfds:NAME[:VERSION]): its annotations read from every
+  record in one pass (images not decoded: a JPEG's size comes from its header), objects in the devkit's convention."""
+  where = f"--data={data} {flag}={split}"
+  _, named = tfds_source.parse(data)
+  if named is not None:
+    raise errors.UsageError(f"--data={data}: name the splits with --train_split and --test_split, not in --data "
+                            "(e.g. --data=tfds:voc/2007 --train_split=trainval --test_split=test)")
+  source = tfds_source.find(f"{data}:{split}", data_dir, multi_label=True, aliases=TFDS_SPLITS, where=where)
+  feature = source.classes
+  if feature.boxes is None:
+    raise errors.DataError(f"{where}: {source.dataset} has no BBoxFeature beside its classes {feature.name} (VOC's "
+                           "objects/bbox); detection needs the objects' boxes")
+  if source.split != split:
+    logging.info("%s: the devkit's split %s is TFDS's %s.", where, split, source.split)
+  logging.info("Reading the annotations of %s.", source.description)
+  has_name = TFDS_FILENAME in source.features.keys()
+  paths = [feature.path, feature.boxes]
+  if feature.difficult:
+    paths.append(feature.difficult)
+  if has_name:
+    paths.append((TFDS_FILENAME,))
+  parse = source.feature_parser(paths)
+
+  def annotation(position, record):
+    image, (labels, boxes, *rest) = parse(record)
+    difficult = tf.cast(rest[0], tf.bool) if feature.difficult else tf.zeros_like(labels, tf.bool)
+    name = rest[-1] if has_name else tf.constant("")
+    # A JPEG's size comes from its header; another format's bytes come out to be decoded on the host (TFDS's voc
+    # is all JPEG: a decoder in this graph would cost more to build than it saves).
+    jpeg = tf.io.is_jpeg(image)
+    size = tf.cond(jpeg, lambda: tf.image.extract_jpeg_shape(image)[:2], lambda: tf.constant([-1, -1]))
+    return {"position": position, "size": size, "other": tf.where(jpeg, tf.constant(b""), image),
+            "labels": tf.cast(labels, tf.int64), "boxes": tf.cast(boxes, tf.float32), "difficult": difficult,
+            "name": name, "ok": tf.constant(True)}
+
+  def unreadable(position):
+    return {"position": position, "size": tf.zeros([2], tf.int32), "other": tf.constant(b""),
+            "labels": tf.zeros([0], tf.int64), "boxes": tf.zeros([0, 4]), "difficult": tf.zeros([0], tf.bool),
+            "name": tf.constant(""), "ok": tf.constant(False)}
+
+  def stored_size(example):
+    if example["size"][0] >= 0:
+      return tuple(int(v) for v in example["size"])
+    try:
+      return tuple(int(v) for v in tf.shape(decoding.decode_stored(example["other"]))[:2])
+    except tf.errors.OpError:
+      return None
+
+  def one(position, record):  # exactly one element per record, so that positions stay aligned
+    parsed = tf.data.Dataset.from_tensors((position, record)).map(annotation).ignore_errors()
+    return parsed.concatenate(tf.data.Dataset.from_tensors(unreadable(position))).take(1)
+
+  examples = source.ordered_records().enumerate().interleave(one, cycle_length=16, block_length=1,
+                                                              num_parallel_calls=tf.data.AUTOTUNE,
+                                                              deterministic=True)
+  ids, annotations, reasons, positions = [], [], [], []
+  for example in examples.as_numpy_iterator():
+    position = int(example["position"])
+    name = example["name"].decode("utf-8", "replace")
+    ids.append(os.path.splitext(name)[0] if name else f"{position}")
+    positions.append(position)
+    size = stored_size(example) if example["ok"] else None
+    if size is None:
+      annotations.append(None)
+      reasons.append(UNREADABLE_EXAMPLE)
+      continue
+    height, width = size
+    boxes = tfds_boxes(example["boxes"], height, width)
+    annotations.append(_Annotation(height, width, [
+        (feature.names[label], bool(hard), *(float(v) for v in box))
+        for label, hard, box in zip(example["labels"], example["difficult"], boxes)]))
+    reasons.append(None)
+  return _Raw(f"TFDS {source.dataset} {source.split}", ids, annotations, reasons, positions, source)
 
 
 def annotated_classes(raw):
@@ -186,9 +300,8 @@ def _build(raw, classes, keep_difficult, keep_empty):
   skipped = collections.Counter()
   examples = collections.defaultdict(list)  # reason -> a few image ids, for the log
   kept = []
-  for image_id, annotation, reason in zip(raw.ids, raw.annotations, raw.reasons):
-    if annotation is None or image_id + IMAGE_SUFFIX not in raw.images:
-      reason = reason or NO_IMAGE
+  for image_id, annotation, reason, location in zip(raw.ids, raw.annotations, raw.reasons, raw.locations):
+    if annotation is None:
       key = reason.split(" (")[0]
       skipped[key] += 1
       examples[key].append(f"{image_id} ({reason[len(key) + 2:-1]})" if key != reason else image_id)
@@ -225,46 +338,54 @@ def _build(raw, classes, keep_difficult, keep_empty):
       examples[NO_OBJECTS].append(image_id)
       if not keep_empty:
         continue
-    kept.append((image_id, annotation, objects))
-  description = f"{raw.root} {raw.split}"
+    kept.append((image_id, annotation, objects, location))
+  description = raw.description
   for reason, count in sorted(skipped.items()):
     if reason in (DIFFICULT, CLIPPED):
       continue
     left = "kept (its detections count as false positives)" if reason == NO_OBJECTS and keep_empty else "skipped"
-    what = "image(s)" if reason in (NO_ANNOTATION, MALFORMED, NO_IMAGE, NO_OBJECTS) else "object(s)"
+    what = "image(s)" if reason in IMAGE_REASONS else "object(s)"
     shown = ", ".join(examples[reason][:5]) + (", ..." if count > 5 else "")
     logging.warning("%s: %d %s with %s %s: %s", description, count, what, reason, left, shown)
   if not kept:
     raise errors.DataError(f"{description}: no usable image ({dict(skipped)}); is the split right, and are the "
                            f"class names among {', '.join(classes[:5])}...?")
-  most = max(1, max(len(objects) for _, _, objects in kept))
+  most = max(len(objects) for _, _, objects, _ in kept)
+  if not most:  # VOC2012's test split is published without annotations
+    raise errors.DataError(f"{description}: none of its {len(kept)} images has an object of the classes "
+                           f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}: nothing to evaluate")
   n = len(kept)
   boxes = np.zeros((n, most, 4), np.float32)
   labels = np.full((n, most), -1, np.int32)
   difficult = np.zeros((n, most), bool)
-  for i, (_, _, objects) in enumerate(kept):
+  for i, (_, _, objects, _) in enumerate(kept):
     for j, (label, hard, *box) in enumerate(objects):
       boxes[i, j], labels[i, j], difficult[i, j] = box, label, hard
-  return Split(description=description, ids=tuple(i for i, _, _ in kept),
-               paths=tuple(os.path.join(raw.root, IMAGES, i + IMAGE_SUFFIX) for i, _, _ in kept),
-               sizes=np.array([(a.height, a.width) for _, a, _ in kept], np.int32).reshape(-1, 2), boxes=boxes,
-               labels=labels, difficult=difficult, classes=tuple(classes), skipped=dict(skipped))
+  locations = [location for _, _, _, location in kept]
+  return Split(description=description, ids=tuple(i for i, _, _, _ in kept),
+               paths=() if raw.source is not None else tuple(locations),
+               sizes=np.array([(a.height, a.width) for _, a, _, _ in kept], np.int32).reshape(-1, 2), boxes=boxes,
+               labels=labels, difficult=difficult, classes=tuple(classes), skipped=dict(skipped), source=raw.source,
+               positions=np.asarray(locations, np.int64) if raw.source is not None else None)
 
 
-def load(data, train_split, test_split, classes="voc", train_difficult=False):
-  """(training Split, test Split) of a VOCdevkit folder.
+def load(data, train_split, test_split, classes="voc", train_difficult=False, tfds_data_dir=None):
+  """(training Split, test Split) of a VOCdevkit folder or of a TFDS dataset (tfds:voc/2007, prepared in
+  tfds_data_dir; its splits in TFDS's syntax, trainval and val read as TFDS_SPLITS says).
 
-  classes: "voc" (the 20 classes, in the devkit's order), "annotations" (the names the training split's
-  annotations use) or a sequence of names. Training leaves out images without objects and, unless
-  train_difficult, difficult objects (as Fast R-CNN does); the test split keeps both: difficult objects are
-  neither counted nor penalised by the metric, and detections on an image without objects are false positives."""
-  if data.startswith(TFDS_PREFIX):
-    raise errors.DataError(f"--data={data}: TFDS sources are not available in this version; give a VOCdevkit folder "
-                           "(VOCdevkit/VOC2007)")
-  root = sources.resolve_path(data)
-  _check_folder(root, "--data")
-  train_raw = _read_raw(root, train_split, "--train_split")
-  test_raw = _read_raw(root, test_split, "--test_split")
+  classes: "voc" (the 20 classes, in the devkit's order; a TFDS dataset's class names are mapped to them by name),
+  "annotations" (the names the training split's annotations use) or a sequence of names. Training leaves out
+  images without objects and, unless train_difficult, difficult objects (as Fast R-CNN does); the test split keeps
+  both: difficult objects are neither counted nor penalised by the metric, and detections on an image without
+  objects are false positives."""
+  if tfds_source.is_tfds(data):
+    train_raw = _read_tfds(data, train_split, "--train_split", tfds_data_dir)
+    test_raw = _read_tfds(data, test_split, "--test_split", tfds_data_dir)
+  else:
+    root = sources.resolve_path(data)
+    _check_folder(root, "--data")
+    train_raw = _read_raw(root, train_split, "--train_split")
+    test_raw = _read_raw(root, test_split, "--test_split")
   if classes == "voc":
     names = VOC_CLASSES
   elif classes == "annotations":
@@ -335,10 +456,22 @@ def _blank(size, max_objects=None):
 
 
 def training_stream(split, seed, start):
-  """The endless stream (position, path, devkit boxes [M, 4], labels [M]) from position `start` on: every epoch
-  visits the images in a new permutation, a pure function of (seed, epoch), so that a resumed job reads on
-  exactly."""
-  paths, boxes, labels = tf.constant(split.paths), tf.constant(split.boxes), tf.constant(split.labels)
+  """The endless stream (position, path or record, devkit boxes [M, 4], labels [M]) from position `start` on, a pure
+  function of the seed, so that a resumed job reads on exactly. A folder's: every epoch visits the images in a new
+  permutation of (seed, epoch). A TFDS split's: its records in the source's seeded order (files permuted per epoch,
+  windows of TFDS_WINDOW shuffled: tfds_source.TfdsSource.records), only the split's images, each carrying its
+  listing position, by which its annotations are looked up."""
+  boxes, labels = tf.constant(split.boxes), tf.constant(split.labels)
+  if split.source is not None:
+    keep, rows = split.listing_rows()
+    rows = tf.constant(rows)
+    records = split.source.records(seed, min(TFDS_WINDOW, split.size), start, keep=keep, with_positions=True)
+
+    def annotated(i, pair):
+      row = tf.gather(rows, pair[0])
+      return i, pair[1], tf.gather(boxes, row), tf.gather(labels, row)
+    return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), records)).map(annotated)
+  paths = tf.constant(split.paths)
   n = split.size
 
   def epoch(e):
@@ -349,12 +482,13 @@ def training_stream(split, seed, start):
   return tf.data.Dataset.zip((tf.data.Dataset.range(start, 2**62), stream)).map(lambda i, x: (i,) + x)
 
 
-def train_transform(size, preprocessing, seed, flip=True):
-  """(position, path, devkit boxes, labels) -> a training example: the image read, flipped horizontally with
-  probability 1/2 (a stateless draw keyed by (seed, position)), fitted to size x size; boxes continuous (y0, x0,
-  y1, x1) in the fitted image, padding boxes and labels -1 (what keras-hub's label encoder takes as none)."""
+def train_transform(size, preprocessing, seed, flip=True, read=tf.io.read_file):
+  """(position, path or record, devkit boxes, labels) -> a training example: the image read (`read`: Split.reader),
+  flipped horizontally with probability 1/2 (a stateless draw keyed by (seed, position)), fitted to size x size;
+  boxes continuous (y0, x0, y1, x1) in the fitted image, padding boxes and labels -1 (what keras-hub's label encoder
+  takes as none)."""
   def transform(index, path, boxes, labels):
-    image = decoding.decode_stored(tf.io.read_file(path))
+    image = decoding.decode_stored(read(path))
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     y0, x0, y1, x1 = tf.unstack(continuous(boxes), axis=-1)
     # The annotated size can disagree with the file's: keep the boxes inside the pixels there are.
@@ -376,16 +510,16 @@ def train_dataset(split, size, preprocessing, seed, start, pipeline, flip=True):
   """One input pipeline's batches (of pipeline.replica_batch) of the training stream from position `start`; the
   pipeline takes every pipeline.count-th example (evaluation.linear_job.Pipeline)."""
   stream = training_stream(split, seed, start).shard(pipeline.count, pipeline.id)
-  examples = stream.interleave(_never_failing(train_transform(size, preprocessing, seed, flip),
+  examples = stream.interleave(_never_failing(train_transform(size, preprocessing, seed, flip, split.reader()),
                                               _blank(size, split.max_objects)),
                                cycle_length=8, block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return examples.batch(pipeline.replica_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def test_transform(size, preprocessing):
-  """(index, path) -> the fitted image, its scale and its stored size (height, width)."""
+def test_transform(size, preprocessing, read=tf.io.read_file):
+  """(index, path or record) -> the fitted image, its scale and its stored size (height, width)."""
   def transform(index, path):
-    image = decoding.decode_stored(tf.io.read_file(path))
+    image = decoding.decode_stored(read(path))
     fitted, scale = fit(image, size, preprocessing)
     return {"image": fitted, "scale": scale, "shape": tf.cast(tf.shape(image)[:2], tf.float32),
             "weight": tf.constant(1.0), "index": index}
@@ -396,12 +530,36 @@ def test_steps(split, batch_size):
   return max(1, -(-split.size // batch_size))
 
 
+def _listed(split):
+  """(row, path or record) of every image of the split, in its order (a TFDS split's records read in their listing
+  order, those it left out dropped)."""
+  if split.source is None:
+    return tf.data.Dataset.from_tensor_slices(list(split.paths)).enumerate()
+  keep, rows = (tf.constant(v) for v in split.listing_rows())
+  return split.source.ordered_records().enumerate().filter(lambda p, _: tf.gather(keep, p)).map(
+      lambda p, record: (tf.cast(tf.gather(rows, p), tf.int64), record))
+
+
 def test_dataset(split, size, preprocessing, steps, pipeline):
   """This pipeline's share of the test images for `steps` steps, padded with blank examples (weight 0, index -1);
   an unreadable image becomes a blank of weight 0 that keeps its index."""
-  records = tf.data.Dataset.from_tensor_slices(list(split.paths)).enumerate().shard(pipeline.count, pipeline.id)
-  examples = records.interleave(_never_failing(test_transform(size, preprocessing), _blank(size)), cycle_length=8,
-                                block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  records = _listed(split).shard(pipeline.count, pipeline.id)
+  examples = records.interleave(_never_failing(test_transform(size, preprocessing, split.reader()), _blank(size)),
+                                cycle_length=8, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
   padding = tf.data.Dataset.from_tensors(_blank(size)).repeat()
   return (examples.concatenate(padding).batch(pipeline.replica_batch, drop_remainder=True)
           .take(steps * pipeline.replicas).prefetch(tf.data.AUTOTUNE))
+
+
+def stored_images(split, count):
+  """The encoded bytes of the split's first `count` images (None for one that cannot be read), for drawing them:
+  off the training path, one image at a time."""
+  read = split.reader()
+  found = []
+  for _, where in _listed(split).take(count):
+    try:
+      found.append(read(where).numpy())
+    except tf.errors.OpError:
+      found.append(None)
+  return found
