@@ -313,9 +313,11 @@ def test_multi_label_fine_tuning_ignores_difficult_entries():
 
 
 @pytest.mark.slow  # fine-tunes two small networks twice
-def test_finetune_says_rescaled_only_when_it_rescaled(labelled):
+def test_finetune_says_rescaled_only_when_it_rescaled(tmp_path, photo_dir):
   """A residual tower is not rescaled (the calibration is defined for chains, method.md §5.2): the result says so
   and does not claim it rescaled; a chain tower is, and says so."""
+  labelled = tmp_path / "labelled"
+  write_labelled(labelled, photo_dir)
   for model, rescaled in (({"backbone": "resnet18"}, False), ({}, True)):
     result = finetune.evaluate(random_subject(**model), finetune.Config(
         splits=labelled_lib.Splits(data=str(labelled)), folds=3, image_size=96, epochs=1, batch_size=8,

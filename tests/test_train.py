@@ -44,7 +44,7 @@ def concat_batches(a, b):
   """One batch holding both, as a single device would see the global batch."""
   n = a["patches"].shape[0]
   per_patch = ("patches", "patch_mask") + (("patch_keys",) if "patch_keys" in a else ())
-  out = {k: tf.concat([a[k], b[k]], 0) for k in per_patch + ("label", "pair_mask")}
+  out = {k: tf.concat([a[k], b[k]], 0) for k in per_patch + ("label", "pair_mask", "skipped", "skipped_reason")}
   for k in ("first", "second"):
     out[k] = tf.concat([a[k], b[k] + n], 0)
   for k in ("images", "too_small", "unreadable"):
