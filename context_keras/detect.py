@@ -78,7 +78,8 @@ def define_flags():
                       "leave them out; the metric ignores them either way).")
   data_flags.define_tfds_data_dir()
   with program.flag_group("detector"):
-    flags.DEFINE_enum("detector", DEFAULTS.detector, detector_lib.DETECTORS, "The detector (docs/detection.md §1).")
+    flags.DEFINE_enum("detector", DEFAULTS.detector, detector_lib.DETECTORS, "retinanet: keras-hub's RetinaNet on a "
+                      "feature pyramid of the backbone (docs/detection.md §1).")
     program.define_integer("image_size", DEFAULTS.image_size, "Images are resized to this longer side and padded "
                            "to a square of it; a multiple of 2^--max_level.", lower=32)
     flags.DEFINE_list("pyramid_layers", list(DEFAULTS.pyramid_layers), "Backbone layers feeding the pyramid, the "
@@ -105,7 +106,7 @@ def define_flags():
                            "scale with it).", lower=1)
     program.define_float("learning_rate", DEFAULTS.learning_rate, "SGD learning rate per 16 images, scaled linearly "
                          "with --batch_size (RetinaNet: 0.01).", above=0)
-    program.define_float("momentum", DEFAULTS.momentum, "SGD momentum.", lower=0, below=1)
+    program.define_float("momentum", DEFAULTS.momentum, "SGD momentum (RetinaNet: 0.9).", lower=0, below=1)
     program.define_float("weight_decay", DEFAULTS.weight_decay, "L2 on every kernel, as in the loss.", lower=0)
     program.define_float("warmup", DEFAULTS.warmup, "Linear warm-up, as a fraction of --train_steps.", lower=0,
                          upper=1)

@@ -90,6 +90,8 @@ def flagfile_problem(name, module, flagfile):
       model_flags.model_config(data_flags.input_config(0).num_classes)
     elif name == "linear_eval":
       module.job_config()
+    elif name == "detect":
+      module.detector_config()
   except Exception as e:  # pylint: disable=broad-except  # reported to the test
     return f"{type(e).__name__}: {e}"
   return None

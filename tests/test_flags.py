@@ -22,6 +22,7 @@ from context_keras.cli import program
 from context_keras.deploy import rescale as rescale_lib
 from context_keras.deploy import serving
 from context_keras.evaluation import PROTOCOLS
+from context_keras.evaluation import detector as detector_lib
 from context_keras.evaluation import linear
 from context_keras.evaluation import linear_job
 from context_keras.evaluation import pretext
@@ -36,7 +37,7 @@ from context_keras.training import warm_start
 from helpers import REPO
 
 FLAGS = flags.FLAGS
-PROGRAMS = ("train", "evaluate", "linear_eval", "ablation", "prepare", "export", "benchmark", "service")
+PROGRAMS = ("train", "evaluate", "linear_eval", "ablation", "prepare", "export", "benchmark", "service", "detect")
 FLAGS_DOC = os.path.join(REPO, "docs", "flags.md")
 
 
@@ -99,6 +100,8 @@ def built_and_default(name, module):
     return [(module.rescale_options(), dict(signature, num_patches=rescale_lib.NUM_PATCHES))]
   if name == "benchmark":
     return [(model_flags.model_config(), model_lib.ModelConfig())]
+  if name == "detect":
+    return [(module.detector_config(), detector_lib.DetectorConfig())]
   return []  # service: no config
 
 
@@ -191,8 +194,8 @@ def same_default(cell, flag):
 DOC_PROGRAMS = {"images": "train", "geometry": "train", "augmentation": "train", "shortcut-fixes": "train",
                 "batching": "train", "model": "train", "optimisation": "train", "run": "train",
                 "labelled-data": "linear_eval", "evaluate": "evaluate", "linear_eval": "linear_eval",
-                "prepare": "prepare", "export": "export", "rescaling": "export", "ablation": "ablation",
-                "benchmark": "benchmark", "service": "service"}
+                "detect": "detect", "prepare": "prepare", "export": "export", "rescaling": "export",
+                "ablation": "ablation", "benchmark": "benchmark", "service": "service"}
 
 
 def test_docs_give_every_flag_with_its_default():

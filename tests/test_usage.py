@@ -47,7 +47,10 @@ def train_args(model_dir, *extra):
 
 
 def flagfile_program(name):
-  """The program a flagfile in flags/ is written for."""
+  """The program a flagfile in flags/ is written for: linear_*.cfg linear_eval's, ablation_*.cfg ablation's,
+  *_detection.cfg detect's, the others train's."""
+  if name.endswith("_detection.cfg"):
+    return "detect"
   return {"linear": "linear_eval", "ablation": "ablation"}.get(name.split("_")[0], "train")
 
 
@@ -59,8 +62,8 @@ def flagfiles_of(program):
 def test_every_flagfile_is_checked_by_its_program():
   names = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "flags", "*.cfg"))}
   assert {"demo.cfg", "deepcontext.cfg", "paper.cfg", "revisiting_resnet50.cfg", "demo_revisiting.cfg",
-          "linear_imagenet.cfg", "ablation_demo.cfg", "mundhenk.cfg"} <= names
-  assert sorted(names) == sorted(sum((flagfiles_of(p) for p in ("train", "linear_eval", "ablation")), []))
+          "linear_imagenet.cfg", "ablation_demo.cfg", "mundhenk.cfg", "voc07_detection.cfg"} <= names
+  assert sorted(names) == sorted(sum((flagfiles_of(p) for p in ("train", "linear_eval", "ablation", "detect")), []))
 
 
 def assert_flags_and_flagfiles(help_of, problems, program):
@@ -404,7 +407,7 @@ def test_prepare(bad_folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# linear_eval, ablation, benchmark, service
+# linear_eval, ablation, detect, benchmark, service
 
 
 def test_linear_eval():
@@ -427,6 +430,30 @@ def test_ablation():
   help_of, problems, results = run_cases("ablation", list(map(list, refusals)), cwd=REPO,
                                          flagfiles=flagfiles_of("ablation"), real=0)
   assert_flags_and_flagfiles(help_of, problems, "ablation")
+  for message, result in zip(refusals.values(), results):
+    assert_refused(result, message)
+
+
+def test_detect(tmp_path):
+  """flags/voc07_detection.cfg parses and makes a detector configuration; --help lists the groups; a subject given
+  twice, no --data, and a --data folder that is not a VOCdevkit are refused in one line before any backbone is
+  loaded (RUN does not exist). Its data's other refusals: test_detection and test_detection_tfds."""
+  (tmp_path / "photos").mkdir()
+  refusals = {
+      ("--model_dir=RUN", f"--eval_dir={tmp_path / 'e1'}"):
+          "--data is required: a VOCdevkit folder (VOCdevkit/VOC2007) or tfds:voc/2007",
+      ("--model_dir=RUN", "--saved_model=OUT/backbone", "--data=VOCdevkit/VOC2007", f"--eval_dir={tmp_path / 'e2'}"):
+          "give exactly one of --model_dir (a training run) and --saved_model (OUT/backbone)",
+      ("--model_dir=RUN", f"--data={tmp_path / 'photos'}", f"--eval_dir={tmp_path / 'e3'}"):
+          f"--data={tmp_path / 'photos'}: not a VOCdevkit folder (no Annotations, JPEGImages, ImageSets/Main); give "
+          "the folder that holds Annotations/, JPEGImages/ and ImageSets/Main/, e.g. VOCdevkit/VOC2007",
+  }
+  help_of, problems, results = run_cases("detect", [*map(list, refusals), ["--help"]], cwd=tmp_path,
+                                         flagfiles=flagfiles_of("detect"), real=0)
+  assert_flags_and_flagfiles(help_of, problems, "detect")
+  assert_help(results.pop(), ["subject:", "data:", "detector:", "optimisation:", "run:", "--model_dir", "--data",
+                              "--tfds_data_dir", "--image_size", "--eval_dir"],
+              ["--batch_pairs", "--geometry", "--data_root"])
   for message, result in zip(refusals.values(), results):
     assert_refused(result, message)
 
