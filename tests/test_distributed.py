@@ -14,6 +14,7 @@ from helpers import REPO
 from helpers import checkpoint_steps
 from helpers import demo_args
 from helpers import log_of
+from helpers import run_cases
 from helpers import run_module
 
 pytestmark = pytest.mark.slow
@@ -75,10 +76,13 @@ def test_training_through_the_data_service(tmp_path):
   address = dispatcher.target.split("://")[1]
   worker = service.start_worker(address, worker_address="localhost:%port%")
   try:
-    # The service workers augment (host), or cut uint8 patches that the trainer augments (device).
-    for augment_on, steps in (("host", 4), ("device", 6)):
-      result = run_module(demo_args(tmp_path / "run", f"--train_steps={steps}", f"--augment_on={augment_on}",
-                                    f"--data_service={dispatcher.target}"), cwd=tmp_path, timeout=600)
+    # The service workers augment (host), or cut uint8 patches that the trainer augments (device); the second run
+    # resumes the first, in the same process (helpers.run_cases).
+    runs = (("host", 4), ("device", 6))
+    _, _, results = run_cases("train", [
+        demo_args(tmp_path / "run", f"--train_steps={steps}", f"--augment_on={augment_on}",
+                  f"--data_service={dispatcher.target}")[1:] for augment_on, steps in runs], cwd=tmp_path)
+    for (_, steps), result in zip(runs, results):
       assert result.returncode == 0, log_of(result)
       assert "processed by the tf.data service" in log_of(result)
       assert f"Training finished at step {steps}" in log_of(result)

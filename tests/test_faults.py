@@ -34,6 +34,7 @@ from helpers import demo_args
 from helpers import log_of
 from helpers import module_env
 from helpers import run_all
+from helpers import run_cases
 from helpers import run_module
 from helpers import run_state
 from helpers import skimage_photo_dir
@@ -300,20 +301,22 @@ def test_unwritable_folder_mid_run(tmp_path, ordinary_user):
 
 
 def test_nan_loss_stops_naming_the_step_and_no_checkpoint_holds_it(tmp_path):
+  """A NaN loss at step 7 stops the run (exit 1) naming the step; the rerun resumes from ckpt-6 and goes on to 8
+  (both in one process: helpers.run_cases). So the stopped run left checkpoints 2, 4 and 6 alone, all finite, and no
+  export: the only export is the rerun's."""
   run = tmp_path / "run"
-  result = run_module(demo_args(run, "--train_steps=20", "--checkpoint_every=2", "--inject_nan_at_step=7"),
-                      cwd=tmp_path)
+  _, _, (result, resumed) = run_cases("train", [
+      demo_args(run, "--train_steps=20", "--checkpoint_every=2", "--inject_nan_at_step=7")[1:],
+      demo_args(run, "--train_steps=8", "--checkpoint_every=2")[1:]], cwd=tmp_path)
   assert result.returncode == 1, log_of(result)
   assert "Diverged at step 7: loss or gradient is NaN/Inf. Nothing was checkpointed after step 6" in log_of(result)
   assert "Traceback" not in log_of(result)
-  assert checkpoint_steps(run) == [2, 4, 6] and latest_step(run) == 6
-  for step in (2, 4, 6):
-    assert_complete_checkpoint(run, step)  # all finite
-  assert not (run / "export").exists()
-  resumed = run_module(demo_args(run, "--train_steps=8", "--checkpoint_every=2"), cwd=tmp_path)
   assert resumed.returncode == 0, log_of(resumed)
-  assert f"Resumed from {run}/ckpt-6 at step 6." in log_of(resumed)
-  assert_complete_checkpoint(run, 8)
+  assert f"Resumed from {run}/ckpt-6 at step 6." in log_of(resumed)  # the newest checkpoint the NaN run left
+  assert checkpoint_steps(run) == [2, 4, 6, 8] and latest_step(run) == 8
+  for step in (2, 4, 6, 8):
+    assert_complete_checkpoint(run, step)  # all finite
+  assert os.listdir(run / "export") == ["backbone_8"]
 
 
 # ------------------------------------------------------------------------------------------------------------

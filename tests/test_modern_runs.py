@@ -75,11 +75,11 @@ def test_resnet_revisiting_run_resumes_exactly_exports_and_evaluates(tmp_path):
   assert config["optimisation"]["learning_rate"] == pytest.approx(0.1 * 4 / 256)
 
   out = tmp_path / "out"
-  refused = run_module(["context_keras.export", f"--model_dir={tmp_path / 'whole'}", f"--output={tmp_path / 'r'}",
-                        "--rescale_data=" + DEMO[0][len("--data="):], DEMO[1]], cwd=tmp_path)
+  _, _, (refused, exported) = run_cases("export", [  # in one process
+      [f"--model_dir={tmp_path / 'whole'}", f"--output={tmp_path / 'r'}", "--rescale_data=" + DEMO[0][len("--data="):],
+       DEMO[1]],
+      [f"--model_dir={tmp_path / 'whole'}", f"--output={out}"]], cwd=tmp_path)
   assert refused.returncode == 2 and "residual" in log_of(refused) and "Traceback" not in log_of(refused)
-  exported = run_module(["context_keras.export", f"--model_dir={tmp_path / 'whole'}", f"--output={out}"],
-                        cwd=tmp_path)
   assert exported.returncode == 0, log_of(exported)
   info = json.loads((out / "backbone" / SV.METADATA_FILE).read_text())
   assert info["geometry"] == "revisiting" and info["output"] == "pre_logits" and info["min_size"] == 64

@@ -2,8 +2,9 @@
 the dataset's builder, so every one of them reads it through TFDS's read-only builder (its files' metadata): train
 and its exact resume, prepare (labelled shards from a split), linear_eval on a training and a validation split,
 evaluate --mode=linear of the trained run on the prepared shards against a validation split, and the one-line stop of
-a dataset that is not prepared (ImageNet, whose archives TFDS asks for in its manual_dir). Commands run two at a time
-(most of each is importing TensorFlow)."""
+a dataset that is not prepared (ImageNet, whose archives TFDS asks for in its manual_dir). The training program's
+command lines share one process (helpers.run_cases), which runs beside prepare and linear_eval."""
+import concurrent.futures
 import json
 
 import pytest
@@ -11,7 +12,10 @@ import tensorflow as tf
 
 from helpers import REPO
 from helpers import SMALL_MODEL
+from helpers import log_of
 from helpers import run_all
+from helpers import run_cases
+from helpers import run_module
 from helpers import save_informative
 
 tfds_photos = pytest.importorskip("tfds_photos", reason="TensorFlow Datasets (the tfds extra) is not installed")
@@ -37,16 +41,22 @@ def test_programs_read_a_tfds_split(tfds_data_dir, tmp_path):
   (tmp_path / "empty").mkdir()
   job = ["--crop_size=96", "--resize_size=100", "--batch_size=8", "--epochs=1", "--learning_rate=1.0",
          "--log_every=1", "--steps_per_loop=3"]
-  first = run_all([
-      (train_args(tmp_path / "run", tfds_data_dir, 2), None),
-      (["context_keras.prepare", f"--data={DATA}:train", data_dir, "--labels=tfds", f"--output={tmp_path / 'shards'}",
-        "--num_shards=2"], None),
-      (["context_keras.linear_eval", f"--saved_model={backbone}", f"--train_data={DATA}", f"--val_data={DATA}",
-        data_dir, f"--eval_dir={tmp_path / 'job'}", *job], None),
-      (["context_keras.train", "--data=tfds:imagenet2012", f"--tfds_data_dir={tmp_path / 'empty'}",
-        f"--model_dir={tmp_path / 'unprepared'}", *SMALL_MODEL], None),
-  ], tmp_path, timeout=600)
-  (trained, train_log), (prepared, prepare_log), (evaluated, job_log), (stopped, stop_log) = first
+  # The training program's three command lines in one process (helpers.run_cases), beside prepare and linear_eval.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    training = pool.submit(run_cases, "train", [
+        train_args(tmp_path / "run", tfds_data_dir, 2)[1:],
+        ["--data=tfds:imagenet2012", f"--tfds_data_dir={tmp_path / 'empty'}", f"--model_dir={tmp_path / 'unprepared'}",
+         *SMALL_MODEL],
+        train_args(tmp_path / "run", tfds_data_dir, 4)[1:]], cwd=tmp_path)
+    first = run_all([
+        (["context_keras.prepare", f"--data={DATA}:train", data_dir, "--labels=tfds",
+          f"--output={tmp_path / 'shards'}", "--num_shards=2"], None),
+        (["context_keras.linear_eval", f"--saved_model={backbone}", f"--train_data={DATA}", f"--val_data={DATA}",
+          data_dir, f"--eval_dir={tmp_path / 'job'}", *job], None),
+    ], tmp_path, timeout=600)
+    (trained, train_log), (stopped, stop_log), (resumed, resume_log) = [
+        (result.returncode, log_of(result)) for result in training.result()[2]]
+  (prepared, prepare_log), (evaluated, job_log) = first
 
   assert trained == 0, train_log[-3000:]
   assert f"Data: TFDS {tfds_photos.NAME}/1.0.0 split train (24 images in 3 files" in train_log
@@ -68,13 +78,10 @@ def test_programs_read_a_tfds_split(tfds_data_dir, tmp_path):
   assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in error
   assert not any((tmp_path / "empty").iterdir())
 
-  second = run_all([
-      (train_args(tmp_path / "run", tfds_data_dir, 4), None),
-      (["context_keras.evaluate", "--mode=linear", f"--model_dir={tmp_path / 'run'}", "--checkpoint=2",
-        f"--train_data={tmp_path / 'shards'}/*.tfrecord", f"--val_data={DATA}", data_dir, "--image_size=96",
-        f"--eval_dir={tmp_path / 'eval'}", "--probe_epochs=20"], None),
-  ], tmp_path, timeout=600)
-  (resumed, resume_log), (linear, linear_log) = second
+  linear = run_module(["context_keras.evaluate", "--mode=linear", f"--model_dir={tmp_path / 'run'}", "--checkpoint=2",
+                       f"--train_data={tmp_path / 'shards'}/*.tfrecord", f"--val_data={DATA}", data_dir,
+                       "--image_size=96", f"--eval_dir={tmp_path / 'eval'}", "--probe_epochs=20"], cwd=tmp_path)
+  linear, linear_log = linear.returncode, log_of(linear)
   assert resumed == 0, resume_log[-3000:]
   assert "Resumed from" in resume_log and "cannot resume at its exact position" not in resume_log
   assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-4")

@@ -23,6 +23,7 @@ from helpers import checkpoint_steps
 from helpers import demo_args
 from helpers import log_of
 from helpers import module_env
+from helpers import run_cases
 from helpers import run_module
 from helpers import wait_for
 
@@ -312,19 +313,29 @@ def test_pretext_accuracy_rises_above_chance(tmp_path):
   assert np.mean(accuracies[5:]) > 0.145, accuracies
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra, expect", [
+# Two replicas first: the process's CPU is split into logical devices before anything else runs on it.
+OTHER_CONFIGURATIONS = [
     (["--cpu_replicas=2"], "MirroredStrategy with 2 replica(s)"),
-    # The device augmentation: in XLA with static shapes, and on two replicas in bfloat16.
+    # The device augmentation: on two replicas in bfloat16, and in XLA with static shapes.
+    (["--cpu_replicas=2", "--mixed_precision=bfloat16", "--augment_on=device"], "MirroredStrategy with 2 replica(s)"),
     (["--mixed_precision=float16", "--jit_compile", "--augment_on=device"],
      "_DefaultDistributionStrategy with 1 replica(s)"),
-    (["--cpu_replicas=2", "--mixed_precision=bfloat16", "--augment_on=device"], "MirroredStrategy with 2 replica(s)"),
-])
-def test_program_runs_in_other_configurations(tmp_path, extra, expect):
-  result = run_module(demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3", *extra), cwd=tmp_path)
-  assert result.returncode == 0, log_of(result)
-  assert expect in log_of(result) and "Training finished at step 6" in log_of(result)
-  where = "in the training step" if "--augment_on=device" in extra else "in the input pipeline"
-  assert f"Augmentation: {where}" in log_of(result)
-  resumed = run_module(demo_args(tmp_path / "run", "--train_steps=8", *extra), cwd=tmp_path)
-  assert resumed.returncode == 0 and "at step 6" in log_of(resumed), log_of(resumed)
+]
+
+
+@pytest.mark.slow
+def test_program_runs_in_other_configurations(tmp_path):
+  """Each configuration trains 6 steps and resumes to 8; all in one process (helpers.run_cases), each run after the
+  previous one's resume, as a user would run them one after the other."""
+  cases = []
+  for i, (extra, _) in enumerate(OTHER_CONFIGURATIONS):
+    cases += [demo_args(tmp_path / f"run{i}", "--train_steps=6", "--checkpoint_every=3", *extra)[1:],
+              demo_args(tmp_path / f"run{i}", "--train_steps=8", *extra)[1:]]
+  _, _, results = run_cases("train", cases, cwd=tmp_path)
+  for i, (extra, expect) in enumerate(OTHER_CONFIGURATIONS):
+    result, resumed = results[2 * i:2 * i + 2]
+    assert result.returncode == 0, log_of(result)
+    assert expect in log_of(result) and "Training finished at step 6" in log_of(result), log_of(result)
+    where = "in the training step" if "--augment_on=device" in extra else "in the input pipeline"
+    assert f"Augmentation: {where}" in log_of(result)
+    assert resumed.returncode == 0 and "at step 6" in log_of(resumed), log_of(resumed)
