@@ -100,8 +100,8 @@ def run():
     config = run_dir.RunConfig(model=model_config, input=input_config,
                                optimisation=optim_config(input_config, source, strategy.num_replicas_in_sync))
     precision = config.optimisation.mixed_precision
-    if precision != "none":
-      keras.mixed_precision.set_global_policy("mixed_" + precision)
+    # Set either way: the policy is process-wide, and an earlier run in this process may have changed it.
+    keras.mixed_precision.set_global_policy("float32" if precision == "none" else "mixed_" + precision)
     if FLAGS.mixed_precision == "auto":
       logging.info("Precision: %s (--mixed_precision=auto on this hardware).", precision)
     keras.utils.set_random_seed(FLAGS.seed)
