@@ -301,7 +301,9 @@ def test_the_ablation_keeps_each_training_log_in_its_run_on_a_store(ram, monkeyp
     stdout.write(f"training {command[-2]}\nFATAL the last line\n".encode())
     return subprocess.CompletedProcess(command, 1 if "fails" in command[-2] else 0)
   monkeypatch.setattr(AB.subprocess, "run", fake_training)
-  monkeypatch.setattr(AB, "run_flags", lambda variant, seed: {"seed": seed})  # no ablation flags parsed here
+  # No ablation flags are parsed in this process.
+  monkeypatch.setattr(AB, "run_flags", lambda variant, seed: {"seed": seed})
+  monkeypatch.setattr(AB, "training_args", lambda variant, seed, run: [f"--model_dir={run}", f"--seed={seed}"])
   AB.train_run("baseline", 0, f"{ram}/runs/baseline_s0")
   assert read(f"{ram}/runs/baseline_s0/ablation_train.log").startswith(f"training --model_dir={ram}/runs/baseline_s0")
   assert json.loads(read(f"{ram}/runs/baseline_s0/{AB.RUN_FILE}"))["flags"] == {"seed": 0}  # the reuse key

@@ -129,8 +129,8 @@ def test_train(small_run, bad_folder, file_permissions, tmp_path):
       ("--momentum=1.5", "--seed=-1", "--bn_momentum=2", "--weight_decay=-1", "--divergence_factor=-1",
        "--learning_rate=inf", "--steps_per_loop=3000000000"):
           ("Invalid flags: --bn_momentum=2.0 must be < 1; --learning_rate=inf must be a finite number; --momentum=1.5 "
-           "must be < 1; --weight_decay=-1.0 must be >= 0; --divergence_factor=-1.0 must be >= 0; --seed=-1 must be "
-           ">= 0; --steps_per_loop=3000000000 must be <= 2147483647"),
+           "must be < 1; --weight_decay=-1.0 must be >= 0; --divergence_factor=-1.0 must be >= 0; --steps_per_loop="
+           "3000000000 must be <= 2147483647; --seed=-1 must be >= 0"),
       ("--lr_schedule=cosine", "--warmup_steps=10", "--train_steps=10"):
           "Invalid flags: --warmup_steps=10 is not less than --train_steps=10",
       "--checkpoint_every=0": "Invalid flags: --checkpoint_every=0 must be >= 1",
