@@ -279,6 +279,7 @@ def big_jpeg(photo_dir, name, scale, mode=None, progressive=False):
   return buffer.getvalue()
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_large_jpegs_are_decoded_reduced(photo_dir):
   contents = big_jpeg(photo_dir, "astronaut.png", 4)  # 2048 x 2048
   full = DEC.decode(contents)

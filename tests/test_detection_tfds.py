@@ -79,6 +79,7 @@ def stream(split, start, count, seed=3):
           for i, record, boxes, labels in voc.training_stream(split, seed, start).take(count)]
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 @pytest.mark.parametrize("window", [voc.TFDS_WINDOW, 4])
 def test_the_tfds_training_stream_resumes_at_its_position(tfds_voc_data_dir, monkeypatch, window):
   """The stream is a pure function of the seed: started at k it reads on as the stream from 0 does after k records,
@@ -100,6 +101,7 @@ def test_the_tfds_training_stream_resumes_at_its_position(tfds_voc_data_dir, mon
   assert stream(train, 0, 10, seed=4) != whole[:10]
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_tfds_test_images_are_fitted_as_the_folders(voc_devkit, tfds_voc_data_dir):
   """The test pipeline's images, read from the records in listing order, are the folder's same images fitted."""
   _, folder = voc.load(str(voc_devkit), "trainval", "test", "annotations")
@@ -132,6 +134,7 @@ def test_a_tfds_training_example_is_the_folders(voc_devkit, tfds_voc_data_dir):
   assert any(flipped) and not all(flipped)
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_a_damaged_tfds_file_costs_only_its_records(voc_devkit, tfds_voc_data_dir, tmp_path):
   """A record file cut short: the records it lost are counted as unreadable examples, every other image keeps its
   own annotations and is read in the test pipeline."""

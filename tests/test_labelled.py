@@ -106,6 +106,7 @@ def examples(lset, records):
   return [(int(i), int(y), bytes(b)) for i, b, y in records.map(lambda i, x, y: (i, *read(x, y))).as_numpy_iterator()]
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_prepare_labels_round_trip(imagenet, tmp_path):
   # Without a training set to index into, prepare reads every label as a class name.
   (imagenet / "val_synsets.txt").write_text((imagenet / "val.txt").read_text().replace(" 2\n", " n01484850\n"))
@@ -193,6 +194,7 @@ def png(value):
   return tf.io.encode_png(image(value)).numpy()
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_shards_of_the_imagenet_converters(tmp_path, caplog, monkeypatch):
   """Shards in the converters' schema, without an index.json: the classes come from a scan of their labels, 1-based
   (0 = background), named by their synsets; a validation set lacking a class is read against the training set's."""
@@ -362,6 +364,7 @@ def test_training_stream_resumes_at_any_position(tmp_path):
       J.training_records(lset, seed=4, start=7, shuffle_buffer=4).take(10).as_numpy_iterator())]
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_unreadable_images_become_blank_examples_in_place(tmp_path):
   for i in range(4):
     (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)

@@ -123,6 +123,7 @@ def test_random_pixelate_probability_and_area():
   assert abs(np.mean(sides ** 2) - (100 + 9025) / 2) < 500
 
 
+@pytest.mark.slow  # in-process, but among the fast tier's slowest (docs/testing.md)
 def test_color_drop_statistics():
   rng = np.random.default_rng(2)
   patches = tf.constant(rng.uniform(0, 255, (1200, 96, 96, 3)).astype(np.float32))
