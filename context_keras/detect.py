@@ -15,7 +15,6 @@ test images with true and detected boxes), progress lines with images/s and ETA.
 to EVAL/detector (a SavedModel), and the result, printed as one JSON object on the last line, to EVAL/detect.json.
 """
 import dataclasses
-import json
 import os
 import time
 
@@ -36,7 +35,6 @@ from context_keras.evaluation import voc_metric
 from context_keras.evaluation.result import Result
 from context_keras.input import decoding
 from context_keras.input import voc
-from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
@@ -156,17 +154,6 @@ def classes_choice():
   return values[0] if values in (["voc"], ["annotations"]) else tuple(values)
 
 
-def check_resume(eval_dir, recorded):
-  """Refuses to resume a job of another subject, recipe or data; records the job's configuration."""
-  path = os.path.join(eval_dir, CONFIG_FILE)
-  if tf.train.latest_checkpoint(eval_dir) and paths_lib.is_file(path):
-    earlier = json.loads(paths_lib.read_text(path))
-    different = [f"{key}: {earlier.get(key)} then, {value} now" for key, value in recorded.items()
-                 if json.loads(json.dumps(value)) != earlier.get(key)]
-    if different:
-      raise errors.UsageError(f"--eval_dir={eval_dir} holds a job with other settings ({'; '.join(different[:4])}): "
-                              "use another --eval_dir, or delete it to start over")
-  writes.atomic_write_json(path, recorded)
 
 
 class Progress(actions_lib.Action):
@@ -335,9 +322,10 @@ def run():
     if FLAGS.init == "random":
       subject = subject.random_init(config.seed)
     latest = job.latest
-    check_resume(eval_dir, {"subject": {k: v for k, v in about.items() if k != "step"}, "init": FLAGS.init,
-                            "step": subject.step, "config": dataclasses.asdict(config), "train": train.description,
-                            "test": test.description, "classes": list(train.classes)})
+    controller.keep_settings(KIND, eval_dir, CONFIG_FILE, {
+        "subject": {k: v for k, v in about.items() if k != "step"}, "init": FLAGS.init, "step": subject.step,
+        "config": dataclasses.asdict(config), "train": train.description, "test": test.description,
+        "classes": list(train.classes)})
     with strategy.scope():
       folded, preparation = detector_lib.prepare_backbone(
           subject.trainable_backbone(), subject.model_config, subject.patch_geometry, subject.preprocessing, train,

@@ -15,8 +15,6 @@ TensorBoard logs in EVAL/train, and progress lines with images/s and ETA. The re
 the last line, and written to EVAL/linear_eval.json.
 """
 import dataclasses
-import json
-import os
 import time
 
 from absl import flags
@@ -33,7 +31,6 @@ from context_keras.evaluation import output
 from context_keras.evaluation import subject as subject_lib
 from context_keras.evaluation.result import Result
 from context_keras.input import labelled
-from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control
@@ -139,17 +136,6 @@ def check_flags():
     raise errors.UsageError("--eval_dir is required: the job's folder (checkpoints, logs, results)")
 
 
-def check_resume(eval_dir, recorded):
-  """Refuses to resume a job of another protocol, backbone or data; records the job's configuration."""
-  path = os.path.join(eval_dir, CONFIG_FILE)
-  if tf.train.latest_checkpoint(eval_dir) and paths_lib.is_file(path):
-    earlier = json.loads(paths_lib.read_text(path))
-    different = [f"{key}: {earlier.get(key)} then, {value} now" for key, value in recorded.items()
-                 if json.loads(json.dumps(value)) != earlier.get(key)]
-    if different:
-      raise errors.UsageError(f"--eval_dir={eval_dir} holds a job with other settings ({'; '.join(different[:4])}): "
-                              "use another --eval_dir, or delete it to start over")
-  writes.atomic_write_json(path, recorded)
 
 
 class Progress(actions_lib.Action):
@@ -286,10 +272,10 @@ def run():
     logging.info("Heads on %s.", ", ".join(f"{n} ({p.dims} dims)" for n, p in plans.items()))
     per_epoch = linear_job.steps_per_epoch(train.size, config.batch_size)
     total = linear_job.total_steps(config, train.size)
-    check_resume(eval_dir, {"subject": {k: v for k, v in subject.about.items() if k != "step"}, "step":
-                            subject.step, "config": dataclasses.asdict(config), "layers": list(layers),
-                            "train": train.description, "val": val.description, "classes": len(train.classes),
-                            "multi_label": train.multi_label})
+    controller.keep_settings(KIND, eval_dir, CONFIG_FILE, {
+        "subject": {k: v for k, v in subject.about.items() if k != "step"}, "step": subject.step,
+        "config": dataclasses.asdict(config), "layers": list(layers), "train": train.description,
+        "val": val.description, "classes": len(train.classes), "multi_label": train.multi_label})
     trainer = linear_job.HeadTrainer(strategy, extractor, len(train.classes), config, per_epoch, train.multi_label)
     unreadable = tf.Variable(0, dtype=tf.int64, trainable=False, name="unreadable")
     checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items(), unreadable=unreadable)

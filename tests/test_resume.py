@@ -16,6 +16,7 @@ from context_keras import train
 from context_keras.deploy import serving
 from context_keras.input import pipeline as D
 from context_keras.model import networks as M
+from context_keras.training import controller
 from context_keras.training import restore
 from context_keras.training import run_dir
 from context_keras.training import trainer as T
@@ -133,3 +134,19 @@ def test_config_json_keeps_what_each_span_of_steps_was_trained_with(tmp_path):
   export.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
   info = json.loads((tmp_path / "out" / serving.BACKBONE_DIR / serving.METADATA_FILE).read_text())
   assert [(s["from_step"], s["input"]["color_mode"]) for s in info["spans"]] == [(0, "chroma_blur"), (10, "drop")]
+
+
+def test_an_evaluation_job_resumes_only_with_the_settings_it_recorded(tmp_path):
+  """linear_eval's and detect's folder keeps the job's settings (controller.keep_settings): rewritten freely until a
+  checkpoint exists, then a resume with other settings is refused naming the folder's flag and what differs."""
+  kind = controller.JobKind(holder="linear evaluation", folder_flag="eval_dir", log_file="x.log", quit_file="q",
+                            pause_file="p")
+  controller.keep_settings(kind, str(tmp_path), "job.json", {"layers": ["conv1"], "step": 10})
+  controller.keep_settings(kind, str(tmp_path), "job.json", {"layers": ["conv2"], "step": 10})  # no checkpoint yet
+  tf.train.Checkpoint(v=tf.Variable(1.0)).write(str(tmp_path / "ckpt-1"))
+  (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+  controller.keep_settings(kind, str(tmp_path), "job.json", {"layers": ["conv2"], "step": 10})  # the same: resumes
+  with pytest.raises(errors.UsageError, match=rf"--eval_dir={tmp_path} holds a job with other settings \(layers: "
+                                              r"\['conv2'\] then, \['conv3'\] now\): use another --eval_dir"):
+    controller.keep_settings(kind, str(tmp_path), "job.json", {"layers": ["conv3"], "step": 10})
+  assert json.loads((tmp_path / "job.json").read_text())["layers"] == ["conv2"]

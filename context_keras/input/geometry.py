@@ -12,6 +12,8 @@ The cutters are patches.py's and the augmentations augment.py's (pure TensorFlow
 states the facts the pipeline, the model, the evaluations and the programs need: DOERSCH and REVISITING, by name in
 GEOMETRIES.
 """
+import abc
+
 import tensorflow as tf
 
 from context_keras import errors
@@ -20,7 +22,7 @@ from context_keras.input import decoding
 from context_keras.input import patches as patches_lib
 
 
-class Geometry:
+class Geometry(abc.ABC):
   """What a geometry decides (its two instances: DOERSCH, REVISITING). The attributes:
 
   name             its --geometry value
@@ -40,45 +42,45 @@ class Geometry:
     return f"<geometry {self.name}>"
 
   @property
+  @abc.abstractmethod
   def largest_grid(self):
     """(patches, pairs) of the largest grid an image can give: what one batch must hold."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def images_per_batch(self, batch_patches, batch_pairs):
     """Images in every batch of these capacities, or None when the count varies."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def holds(self, height, width):
     """Whether an image of this size can give a grid, at some resize."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def decoded_pixels(self, contents, seed):
     """The pixels cut() decodes of an encoded image, read from its header (decoding.decoded_pixels)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def cut(self, contents, seed, jitter=patches_lib.JITTER):
     """Decode one encoded image as its resize needs, resize it and cut its grids: (patches.cut_grids's dict,
     the seed of its patches' augmentation keys). `jitter`: the per-cell jitter where the geometry has one."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def pairs(self, grid_height, grid_width):
     """The pairs of an image's grids (int32 [g] each), as patches.pairs_of_grids gives them: (first, second,
     label) int32 [m], each grid's cells counted from its own first; the pairs of each grid, int32 [g]."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def evaluation_patches(self, image, seed):
     """Un-augmented patches of one decoded image cut as training cuts them, for the evaluations and rescaling:
     patches.cut_grids's dict."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def augment(self, patches, keys, color_mode, pixelation, ops=None, static_shapes=False, valid=None):
     """uint8 patches [n, P, P, 3] with their keys (augment.patch_keys) as the tower takes them in training."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def preprocessing(self, color_mode):
     """The colour handling of a run of this geometry trained with `color_mode`: what its exported models apply to
     their input (augment.standardize's mode), and what reports name as its colour mode."""
-    raise NotImplementedError
 
   def unused_settings(self, color_mode=None, pixelation=None):
     """'--flag=value does nothing ...' for each setting given (not None) that this geometry does not use."""

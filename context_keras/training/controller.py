@@ -24,12 +24,15 @@ loop that stops early, on every worker at the same step, when a pause or quit is
 """
 import contextlib
 import dataclasses
+import json
+import os
 import time
 
 from absl import logging
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras.storage import paths as paths_lib
 from context_keras.storage import writes
 from context_keras.training import actions as actions_lib
 from context_keras.training import control as control_lib
@@ -67,6 +70,23 @@ class Outcome:
   """How the loop ended: finished (the job's total steps reached) or stopped with the program's exit code."""
   finished: bool
   exit_code: int = 0
+
+
+def keep_settings(kind, folder, name, recorded):
+  """Refuses to resume a job in `folder` whose settings (FOLDER/name, recorded by an earlier run that left a
+  checkpoint) differ from `recorded`; then records `recorded` there. For the jobs whose folder holds one job's
+  configuration as JSON (linear_eval, detect; a training run's is run_dir's config.json). `kind`: the job's
+  JobKind, whose folder flag the refusal names."""
+  path = os.path.join(folder, name)
+  if tf.train.latest_checkpoint(folder) and paths_lib.is_file(path):
+    earlier = json.loads(paths_lib.read_text(path))
+    different = [f"{key}: {earlier.get(key)} then, {value} now" for key, value in recorded.items()
+                 if json.loads(json.dumps(value)) != earlier.get(key)]
+    if different:
+      flag = f"--{kind.folder_flag}"
+      raise errors.UsageError(f"{flag}={folder} holds a job with other settings ({'; '.join(different[:4])}): "
+                              f"use another {flag}, or delete it to start over")
+  writes.atomic_write_json(path, recorded)
 
 
 class Job:
