@@ -10,6 +10,11 @@ import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One thread each for TensorFlow's op pools, in this process and the programs it starts (they inherit the
+# environment): xdist runs one worker per core, so two-thread pools would have four threads contend for two cores,
+# and TensorFlow's pools spin while they wait (docs/testing.md, Measured). tf.data's own pool is left as it is.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -31,13 +36,57 @@ def pytest_report_header():
           f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')})")
 
 
+# The suite's longest tests (30 s or more each in a run of the whole suite: docs/testing.md, Measured), started first.
+LONGEST = frozenset("""
+test_program_runs_in_other_configurations
+test_resnet_revisiting_run_resumes_exactly_exports_and_evaluates
+test_kill_9_at_random_moments_never_loses_a_checkpoint
+test_two_workers_train_in_lockstep_and_the_chief_writes
+test_pretext_writes_json_and_summaries
+test_disk_full_stops_with_a_clear_error_and_keeps_the_previous_checkpoint
+test_vgg16_run_resumes_exactly_and_exports_rescaled
+test_a_lost_worker_is_named_with_the_step_and_the_checkpoint_to_resume_from
+test_the_wheel_installs_and_its_programs_run_from_any_folder
+test_ablation_trains_evaluates_and_writes_table_json_and_plot
+test_two_replicas_with_sync_bn_equal_one_device
+test_programs_read_a_tfds_split
+test_the_whole_network_trains_on_the_pretext
+test_readme_using_the_backbone_runs_verbatim
+test_kill_9_during_reexports_leaves_a_complete_export
+test_programs_on_the_bad_folder
+test_sixteen_parallel_decodes_of_images_that_cannot_be_reduced_stay_bounded
+test_detect_on_a_tfds_split
+test_unreachable_data_service_times_out_and_signals_stop_at_any_time
+test_a_run_lives_wholly_on_a_store
+test_resumed_run_matches_uninterrupted_run
+test_per_layer_numbers_resume_after_kill_equal_an_uninterrupted_run
+test_pretext_accuracy_rises_above_chance
+test_training_through_the_data_service
+test_detect_resumes_after_kill_stops_on_sigterm_and_exports_the_boxes_it_scored
+test_huge_jpegs_train_in_bounded_memory
+test_second_trainer_is_refused_pause_waits_idle_and_sigterm_checkpoints_promptly
+test_same_seed_same_batches_and_exact_resume
+test_a_second_run_leaves_the_first_runs_pause_file_alone
+test_device_augmentation_in_the_step
+""".split())
+
+
+def pytest_configure(config):
+  """xdist hands out one test at a time (--maxschedchunk=1 unless given): its default gives each worker a quarter of
+  its share at the start, so that a worker that drew the quick tests sat idle for ten minutes while the other worked
+  through its long ones (docs/testing.md, Measured)."""
+  if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
+    config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(items):
-  """A hung test fails instead of stalling CI (pytest-timeout, from the test extra). The slow tests run first, so
-  that the many quick ones fill the xdist workers' last minutes instead of one worker finishing a long test alone."""
+  """A hung test fails instead of stalling CI (pytest-timeout, from the test extra). The longest tests run first,
+  then the other slow ones, so that the many quick ones fill the xdist workers' last minutes instead of one worker
+  finishing a long test alone."""
   for item in items:
     if not item.get_closest_marker("timeout"):
       item.add_marker(pytest.mark.timeout(900))
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.originalname not in LONGEST))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The package's rooms and the direction of its imports: programs on top, then the command-line scaffold and flag
 groups (cli/), then the library's rooms from evaluation/ down to storage/; no cycles; flags defined only by programs
 and flag groups; no Python callbacks in the input pipeline's graph; one version, which setup.py and CITATION.cff
-repeat."""
+repeat; conftest's longest tests are tests that exist."""
 import ast
 import glob
 import os
@@ -160,3 +160,12 @@ def test_one_version_that_setup_py_and_citation_cff_repeat(monkeypatch, tmp_path
   assert re.search(r"^cff-version: 1\.2\.0$", citation, re.MULTILINE)
   assert re.search(r"^version: (\S+)$", citation, re.MULTILINE).group(1) == context_keras.__version__
   assert built["license"] == "Apache-2.0" and "Apache License" in open(os.path.join(REPO, "LICENSE")).read()
+
+
+def test_the_longest_tests_scheduled_first_exist():
+  """conftest.LONGEST names test functions of this suite: a renamed one would silently lose its early start."""
+  import conftest  # pylint: disable=import-outside-toplevel
+  defined = set()
+  for path in glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py")):
+    defined |= set(re.findall(r"^def (test_\w+)\(", open(path, encoding="utf-8").read(), re.M))
+  assert conftest.LONGEST <= defined, sorted(conftest.LONGEST - defined)

@@ -325,17 +325,17 @@ OTHER_CONFIGURATIONS = [
 
 @pytest.mark.slow
 def test_program_runs_in_other_configurations(tmp_path):
-  """Each configuration trains 6 steps and resumes to 8; all in one process (helpers.run_cases), each run after the
+  """Each configuration trains 3 steps and resumes to 4; all in one process (helpers.run_cases), each run after the
   previous one's resume, as a user would run them one after the other."""
   cases = []
   for i, (extra, _) in enumerate(OTHER_CONFIGURATIONS):
-    cases += [demo_args(tmp_path / f"run{i}", "--train_steps=6", "--checkpoint_every=3", *extra)[1:],
-              demo_args(tmp_path / f"run{i}", "--train_steps=8", *extra)[1:]]
+    cases += [demo_args(tmp_path / f"run{i}", "--train_steps=3", "--checkpoint_every=3", *extra)[1:],
+              demo_args(tmp_path / f"run{i}", "--train_steps=4", *extra)[1:]]
   _, _, results = run_cases("train", cases, cwd=tmp_path)
   for i, (extra, expect) in enumerate(OTHER_CONFIGURATIONS):
     result, resumed = results[2 * i:2 * i + 2]
     assert result.returncode == 0, log_of(result)
-    assert expect in log_of(result) and "Training finished at step 6" in log_of(result), log_of(result)
+    assert expect in log_of(result) and "Training finished at step 3" in log_of(result), log_of(result)
     where = "in the training step" if "--augment_on=device" in extra else "in the input pipeline"
     assert f"Augmentation: {where}" in log_of(result)
-    assert resumed.returncode == 0 and "at step 6" in log_of(resumed), log_of(resumed)
+    assert resumed.returncode == 0 and "at step 3" in log_of(resumed), log_of(resumed)

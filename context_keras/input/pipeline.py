@@ -241,16 +241,23 @@ def _per_patch(size):
 
 
 _PER_PATCH = tuple(_per_patch(patches_lib.PATCH_SIZE))  # the names, the same for every size
+# What a batch holds per pair, and the skipped images it names: vectors that grow with each grid, also held in
+# TensorLists (of vectors). A list's handle is a scalar whatever it holds, so the scan's state keeps its shapes from
+# the first step, and tf.data traces the packer once instead of twice (a plain vector's shape goes from [0] to
+# [None], which makes Dataset.scan trace again: seconds at every program's start).
+_VECTORS = {"first": tf.int32, "second": tf.int32, "label": tf.int32, "skipped": tf.int64, "skipped_reason": tf.int32}
 
 
-def _empty_list(per_patch, name):
-  dtype, shape = per_patch[name]
+def _empty_list(dtype, shape):
   return tf.raw_ops.EmptyTensorList(element_shape=tf.constant([-1] + shape, tf.int64), max_num_elements=-1,
                                     element_dtype=dtype)
 
 
-def _concat_list(per_patch, name, handle):
-  dtype, shape = per_patch[name]
+def _push(handle, value):
+  return tf.raw_ops.TensorListPushBack(input_handle=handle, tensor=value)
+
+
+def _concat_list(dtype, shape, handle):
   values, _ = tf.raw_ops.TensorListConcatV2(
       input_handle=handle, element_dtype=dtype, element_shape=tf.constant([-1] + shape, tf.int64),
       leading_dims=tf.zeros([0], tf.int64))
@@ -284,11 +291,11 @@ class _Packer:
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
-    return {**{k: _empty_list(self.per_patch, k) for k in _PER_PATCH}, "num_patches": tf.constant(0),
-            "first": tf.zeros([0], tf.int32), "second": tf.zeros([0], tf.int32), "label": tf.zeros([0], tf.int32),
+    return {**{k: _empty_list(dtype, shape) for k, (dtype, shape) in self.per_patch.items()},
+            **{k: _empty_list(dtype, []) for k, dtype in _VECTORS.items()},
+            "num_patches": tf.constant(0), "num_pairs": tf.constant(0),
             "last_image": tf.constant(self.start_image - 1, tf.int64),
-            "images": zero, "too_small": zero, "unreadable": zero,
-            "skipped": tf.zeros([0], tf.int64), "skipped_reason": tf.zeros([0], tf.int32)}
+            "images": zero, "too_small": zero, "unreadable": zero}
 
   @tf.autograph.experimental.do_not_convert
   def __call__(self, state, element):
@@ -328,20 +335,20 @@ class _Packer:
         "images": state["images"] + tf.cast(new_image & grid["usable"], tf.int64),
         "too_small": state["too_small"] + tf.cast(new_image & ~grid["usable"], tf.int64),
         "unreadable": state["unreadable"] + tf.where(new_image, image_index - state["last_image"] - 1, 0),
-        "skipped": tf.concat([state["skipped"], skipped], 0),
-        "skipped_reason": tf.concat([state["skipped_reason"], reasons], 0),
+        "skipped": _push(state["skipped"], skipped),
+        "skipped_reason": _push(state["skipped_reason"], reasons),
     }
     # A single cell has no neighbour, so it would only cost a tower pass.
     has_pairs = n > 1
     fits = ((state["num_patches"] + n <= self.max_patches) &
-            (tf.shape(state["first"])[0] + tf.shape(grid["first"])[0] <= self.max_pairs))
+            (state["num_pairs"] + tf.shape(grid["first"])[0] <= self.max_pairs))
 
     def append(s):
       offset = s["num_patches"]
-      return dict(s, **{k: tf.raw_ops.TensorListPushBack(input_handle=s[k], tensor=grid[k]) for k in _PER_PATCH},
-                  num_patches=offset + n, first=tf.concat([s["first"], grid["first"] + offset], 0),
-                  second=tf.concat([s["second"], grid["second"] + offset], 0),
-                  label=tf.concat([s["label"], grid["label"]], 0))
+      return dict(s, **{k: _push(s[k], grid[k]) for k in _PER_PATCH},
+                  num_patches=offset + n, num_pairs=s["num_pairs"] + tf.shape(grid["first"])[0],
+                  first=_push(s["first"], grid["first"] + offset), second=_push(s["second"], grid["second"] + offset),
+                  label=_push(s["label"], grid["label"]))
 
     def keep():
       return dict(state, **counters), self._nothing()
@@ -352,20 +359,22 @@ class _Packer:
     def flush():
       # The batch comes out padded to its static shapes in one copy: the padding is pushed onto the lists before
       # they are concatenated.
-      num_pairs = tf.shape(state["first"])[0]
-      batch = {**{k: _concat_list(self.per_patch, k, tf.raw_ops.TensorListPushBack(
-                   input_handle=state[k], tensor=tf.zeros([self.max_patches - state["num_patches"]] + shape, dtype)))
+      num_pairs = state["num_pairs"]
+      named = {k: _concat_list(_VECTORS[k], [], state[k]) for k in ("skipped", "skipped_reason")}
+      batch = {**{k: _concat_list(dtype, shape, _push(state[k], tf.zeros([self.max_patches - state["num_patches"]]
+                                                                          + shape, dtype)))
                   for k, (dtype, shape) in self.per_patch.items()},
                "patch_mask": tf.range(self.max_patches) < state["num_patches"],
-               **{k: tf.pad(state[k], [[0, self.max_pairs - num_pairs]]) for k in ("first", "second", "label")},
+               **{k: _concat_list(_VECTORS[k], [], _push(state[k], tf.zeros([self.max_pairs - num_pairs], tf.int32)))
+                  for k in ("first", "second", "label")},
                "pair_mask": tf.range(self.max_pairs) < num_pairs,  # padding pairs point at patch 0
                "images": state["images"], "too_small": state["too_small"], "unreadable": state["unreadable"],
-               **{k: _first(state[k], SKIPPED_PER_BATCH) for k in ("skipped", "skipped_reason")},
+               **{k: _first(named[k], SKIPPED_PER_BATCH) for k in named},
                "resume": grid["position"], "ready": tf.constant(True)}
       fresh = dict(self.initial_state(), last_image=counters["last_image"])
       fresh.update({k: counters[k] - state[k] for k in ("images", "too_small", "unreadable")})
-      fresh.update(skipped=tf.concat([state["skipped"][SKIPPED_PER_BATCH:], skipped], 0),
-                   skipped_reason=tf.concat([state["skipped_reason"][SKIPPED_PER_BATCH:], reasons], 0))
+      fresh.update({k: _push(fresh[k], tf.concat([named[k][SKIPPED_PER_BATCH:], new], 0))
+                    for k, new in (("skipped", skipped), ("skipped_reason", reasons))})
       return append(fresh), batch
 
     return tf.cond(~has_pairs, keep, lambda: tf.cond(fits, add, flush))
