@@ -99,7 +99,7 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
   rng = random.Random(20151207)
   run = tmp_path / "run"
   extra = ["--train_steps=0", "--checkpoint_every=1", "--keep_checkpoints=3", "--steps_per_loop=1", "--log_every=1"]
-  phases = ["write", "restore", "random"]  # each moment once: five kills (two more writes, one more random) took 40 s more
+  phases = ["write", "restore", "random"]  # each moment once (five kills, two more writes and a random, took 40 s more)
   resumed_from, kills_mid_write, partial_seen = None, 0, []
   for i, phase in enumerate(phases):
     log = tmp_path / f"log_{i}.txt"
