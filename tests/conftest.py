@@ -85,6 +85,15 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
+def two_replicas():
+  """One MirroredStrategy over the two logical CPUs for the whole process: a second one over the same devices starts
+  its collective instance keys afresh, and its steps then meet the first one's in the collectives ("Shape mismatch
+  in the collective instance"). A module-scoped one was made again whenever xdist ran another module's test in
+  between."""
+  return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:NUM_CPU_DEVICES])
+
+
+@pytest.fixture(scope="session")
 def photo_dir():
   return helpers.skimage_photo_dir()
 

@@ -95,12 +95,6 @@ def weights_of(trainer):
   return [v.numpy() for v in trainer.networks.tower.weights + trainer.networks.head.weights]
 
 
-@pytest.fixture(scope="module")
-def two_replicas():
-  """One MirroredStrategy for the module: several over the same devices in one process clash in their collectives."""
-  return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:2])
-
-
 @pytest.mark.slow
 @pytest.mark.kernels
 @pytest.mark.parametrize("reduction, tower, geometry", [("sum", None, "doersch"), ("mean", None, "doersch"),
