@@ -274,7 +274,8 @@ class _Packer:
   sequential stage costs every core's share of its time (docs/speed.md).
 
   What pending grids hold (patches, pairs, the skipped images' names) is kept in TensorLists (_PER_PATCH, _VECTORS:
-  appending does not copy, and the state's shapes stay fixed) and concatenated once per batch. Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable
+  appending does not copy, and the state's shapes stay fixed) and concatenated once per batch.
+  Image counters ride along so that each batch reports the images used, too small, and skipped as unreadable
   since the previous batch (unreadable images are dropped before this stage, so they show as gaps in the index);
   `skipped` and `skipped_reason` name the skipped ones by stream index (-1: none), first come first named.
   Each batch also carries `resume`, the (image, grid) position of the first grid after it: a pipeline started
