@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import numpy as np
+import preloaded
 import tensorflow as tf
 
 from context_keras.deploy import serving
@@ -94,10 +95,36 @@ def module_env(extra=None):
               **(extra or {}))
 
 
-def run_module(args, cwd, timeout=600, env=None):
-  """Runs `python -m ...` in a subprocess with this repository importable; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=module_env(env), capture_output=True, text=True,
-                        timeout=timeout)
+def python_module(args, cwd, stdout, stderr=subprocess.STDOUT, env=None, preexec=None, real=False):
+  """`python -m ARGS` (`python ARGS` if ARGS[0] is a script) in the background, its stdout into the file at path
+  `stdout` and its stderr into `stderr` (a path, or subprocess.STDOUT: the same file); returns its Popen. Forked
+  from the preloaded server (tests/preloaded.py) unless `real`, a preexec function or what preloaded.forkable checks
+  asks for a fresh interpreter. env: the whole environment (module_env's by default)."""
+  env = module_env() if env is None else env
+  err = stdout if stderr == subprocess.STDOUT else stderr
+  if not real and preexec is None and preloaded.forkable(args, env):
+    for path in {str(stdout), str(err)}:
+      open(path, "a", encoding="utf-8").close()
+    return preloaded.Forked(args, cwd, env, str(stdout), str(err))
+  with open(stdout, "a", encoding="utf-8") as out, open(err, "a", encoding="utf-8") as error:
+    return subprocess.Popen(preloaded.command(args), cwd=cwd, env=env, stdout=out,
+                            stderr=subprocess.STDOUT if stderr == subprocess.STDOUT else error, preexec_fn=preexec)
+
+
+def run_module(args, cwd, timeout=600, env=None, real=False, preexec=None):
+  """Runs `python -m ...` (python_module) with this repository importable; returns the CompletedProcess. env: variables
+  to add to module_env's."""
+  with tempfile.TemporaryDirectory() as work:
+    out, err = os.path.join(work, "out"), os.path.join(work, "err")
+    process = python_module(args, cwd, out, err, env=module_env(env), preexec=preexec, real=real)
+    try:
+      code = process.wait(timeout=timeout)
+    finally:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+    with open(out, encoding="utf-8", errors="replace") as o, open(err, encoding="utf-8", errors="replace") as e:
+      return subprocess.CompletedProcess(preloaded.command(args), code, o.read(), e.read())
 
 
 def log_of(result):
@@ -118,24 +145,27 @@ MEASURED = ("import atexit, runpy, sys\n"
             "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
 
-def start_module(args, cwd, log_path, preexec=None, measure=False, env=None):
-  """`python -m ARGS` in the background, its output into log_path; returns the Popen. With `measure`, the output
-  ends with a line 'PEAK_RSS_MB N'."""
-  command = [sys.executable, "-c", MEASURED, *args] if measure else [sys.executable, "-m", *args]
+def start_module(args, cwd, log_path, preexec=None, measure=False, env=None, real=False):
+  """`python -m ARGS` in the background, its output into log_path (emptied first); returns its Popen
+  (python_module). With `measure`, in a fresh interpreter whose output ends with a line 'PEAK_RSS_MB N'. env:
+  variables to add to module_env's."""
+  open(log_path, "w", encoding="utf-8").close()
+  if not measure:
+    return python_module(args, cwd, log_path, env=module_env(env), preexec=preexec, real=real)
   with open(log_path, "w", encoding="utf-8") as log:
-    return subprocess.Popen(command, cwd=cwd, env=module_env(env), stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=preexec)
+    return subprocess.Popen([sys.executable, "-c", MEASURED, *args], cwd=cwd, env=module_env(env), stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=preexec)
 
 
-def run_all(commands, cwd, timeout=300):
-  """Runs several `python -m` commands at once (2 cores: most of each is importing TensorFlow); for each, its exit
-  code and output, which ends with its peak memory (start_module's `measure`). commands: [(args, preexec or None)],
-  or (args, preexec, {environment variables to add})."""
+def run_all(commands, cwd, timeout=300, measure=False, real=False):
+  """Runs several `python -m` commands at once; for each, its exit code and output, which ends with its peak memory
+  if `measure` (start_module). commands: [(args, preexec or None)], or (args, preexec, {environment variables to
+  add}). real: each in a fresh interpreter (python_module)."""
   processes = []
   try:
     for i, (args, preexec, *env) in enumerate(commands):
-      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=True,
-                                    env=env[0] if env else None))
+      processes.append(start_module(args, cwd, cwd / f"parallel_{i}.txt", preexec, measure=measure,
+                                    env=env[0] if env else None, real=real))
     codes = [p.wait(timeout=timeout) for p in processes]
   finally:
     for p in processes:
@@ -162,9 +192,8 @@ def run_cases(name, cases, cwd=REPO, preexec=None, flagfiles=(), real=None, time
       with open(os.path.join(work, "out"), "w") as out, open(os.path.join(work, "err"), "w") as err:
         alone = subprocess.Popen(args, cwd=cwd, env=module_env(), stdout=out, stderr=err, preexec_fn=preexec)
     try:
-      batch = subprocess.run([sys.executable, os.path.join(REPO, "tests", "program_cases.py"), name, request, results],
-                             cwd=cwd, env=module_env(), capture_output=True, text=True, timeout=timeout,
-                             preexec_fn=preexec)
+      batch = run_module([os.path.join(REPO, "tests", "program_cases.py"), name, request, results], cwd,
+                         timeout=timeout, preexec=preexec)
       assert batch.returncode == 0, log_of(batch)[-5000:]
       report = json.loads(open(results, encoding="utf-8").read())
       outcomes = [subprocess.CompletedProcess(case["argv"], case["code"], case["stdout"], case["stderr"])

@@ -495,7 +495,7 @@ def test_programs_on_the_bad_folder(bad_folder, small_run, ordinary_user, tmp_pa
        ordinary_user),
       (["context_keras.evaluate", "--mode=pretext", f"--eval_dir={tmp_path / 'eval'}", *eval_args], ordinary_user),
       (["context_keras.evaluate", "--mode=neighbors", f"--eval_dir={tmp_path / 'eval'}", *eval_args], ordinary_user),
-  ], tmp_path)
+  ], tmp_path, measure=True)
   for code, text in results:
     assert code == 0 and "Traceback" not in text, text[-3000:]
     assert peak_mb(text) < PEAK_RSS_LIMIT_MB, (peak_mb(text), text[-1000:])
@@ -564,7 +564,7 @@ def test_huge_jpegs_train_in_bounded_memory(huge_jpegs, tmp_path):
   under 2 GB, because a JPEG is decoded at 1/2-1/8 of its sides when that still gives its resize target, and
   resized in uint8 (docs/guarantees.md, Memory; method.md §4.5)."""
   results = run_all([(demo_args(tmp_path / kind, f"--data={huge_jpegs / kind}", "--data_root=", "--train_steps=10",
-                                "--checkpoint_every=10"), None) for kind in HUGE_PHOTOS], tmp_path)
+                                "--checkpoint_every=10"), None) for kind in HUGE_PHOTOS], tmp_path, measure=True)
   peaks = {kind: peak_mb(text) for kind, (_, text) in zip(HUGE_PHOTOS, results)}
   print("peak memory (MB) on huge JPEGs:", peaks)
   for (code, text), kind in zip(results, HUGE_PHOTOS):

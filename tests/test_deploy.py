@@ -40,6 +40,7 @@ from helpers import demo_args
 from helpers import log_of
 from helpers import made_once
 from helpers import run_module
+from helpers import start_module
 
 TINY = M.ModelConfig(width_multiplier=0.0625)
 NAMES = M.BACKBONES["alexnet_bn"].features
@@ -760,9 +761,7 @@ def test_kill_9_during_reexports_leaves_a_complete_export(small_run, tmp_path):
   seen = []
   for attempt, moment in enumerate(["appears", "complete", "random"]):  # each moment once, the steps alternating
     step = 5 if attempt % 2 == 0 else 10
-    process = subprocess.Popen([sys.executable, "-m", *export(step)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=REPO,
-                                                                   TF_CPP_MIN_LOG_LEVEL="2"))
+    process = start_module(export(step), tmp_path, tmp_path / f"export_{attempt}.txt")
     deadline = time.time() + (rng.uniform(0.3, 1.0) * duration if moment == "random" else 300)
     pattern = str(tmp_path / (".out.partial-*" if moment == "appears" else ".out.new-*"))
     while time.time() < deadline and process.poll() is None:

@@ -4,8 +4,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -16,6 +14,7 @@ from helpers import demo_args
 from helpers import log_of
 from helpers import run_cases
 from helpers import run_module
+from helpers import start_module
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +37,10 @@ def test_two_workers_train_in_lockstep_and_the_chief_writes(tmp_path):
   for index in range(2):
     workdir = tmp_path / f"worker{index}"
     workdir.mkdir()
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
-               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-    log = open(workdir / "log.txt", "w")
     logs.append(workdir / "log.txt")
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3",
-                                          "--augment_on=device")],
-        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT))
+    processes.append(start_module(
+        demo_args(tmp_path / "run", "--train_steps=6", "--checkpoint_every=3", "--augment_on=device"), workdir,
+        logs[-1], env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}))
   codes = [p.wait(timeout=600) for p in processes]
   texts = [path.read_text() for path in logs]
   assert codes == [0, 0], texts
@@ -59,12 +54,13 @@ def test_two_workers_train_in_lockstep_and_the_chief_writes(tmp_path):
   # A restarted cluster resumes from the chief's checkpoint.
   processes = []
   for index in range(2):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
-               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=8", "--checkpoint_every=3")],
-        cwd=tmp_path / f"worker{index}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outputs = [p.communicate(timeout=600)[0] for p in processes]
+    processes.append(start_module(
+        demo_args(tmp_path / "run", "--train_steps=8", "--checkpoint_every=3"), tmp_path / f"worker{index}",
+        tmp_path / f"worker{index}" / "resumed.txt",
+        env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}))
+  for p in processes:
+    p.wait(timeout=600)
+  outputs = [(tmp_path / f"worker{index}" / "resumed.txt").read_text() for index in range(2)]
   assert [p.returncode for p in processes] == [0, 0], outputs
   assert all("Resumed from" in o and "at step 6" in o for o in outputs)
   assert checkpoint_steps(tmp_path / "run") == [3, 6, 8]

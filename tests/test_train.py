@@ -4,8 +4,6 @@ import glob
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -22,9 +20,9 @@ from helpers import REPO
 from helpers import checkpoint_steps
 from helpers import demo_args
 from helpers import log_of
-from helpers import module_env
 from helpers import run_cases
 from helpers import run_module
+from helpers import start_module
 from helpers import wait_for
 
 # ------------------------------------------------------------------------------------------------------------
@@ -253,10 +251,8 @@ def test_resumed_run_matches_uninterrupted_run(deterministic_run, tmp_path):
 
 
 def start_training(tmp_path, *extra):
-  with open(tmp_path / "log.txt", "w", encoding="utf-8") as log:
-    return subprocess.Popen([sys.executable, "-m", *demo_args(tmp_path / "run", "--train_steps=0",
-                                                              "--checkpoint_every=100000", *extra)],
-                            cwd=tmp_path, env=module_env(), stdout=log, stderr=subprocess.STDOUT)
+  return start_module(demo_args(tmp_path / "run", "--train_steps=0", "--checkpoint_every=100000", *extra), tmp_path,
+                      tmp_path / "log.txt")
 
 
 @pytest.mark.slow
