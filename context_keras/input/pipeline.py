@@ -193,6 +193,9 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
     return tf.random.experimental.stateless_fold_in(base_seed, index)
 
   geometry = config.patch_geometry if config is not None else geometry_lib.DOERSCH
+  # One function of the graph that both stages call: image_grids is traced once, not once per stage (its trace is
+  # seconds at every program's start).
+  grids_of = tf.function(lambda contents, seed: image_grids(contents, seed, config), autograph=False)
 
   # This module's functions are graph code (tf.cond, tf.where, no Python control flow on tensors), so tf.data is told
   # not to run AutoGraph on them: converting their source only cost seconds at every program's start.
@@ -200,12 +203,12 @@ def grids_of_images(images, base_seed, start_image=0, config=None):
   def parallel(index, image):
     contents = tf.io.read_file(image["path"]) if isinstance(image, dict) else image
     large = decoded_pixels(contents, seed_of(index), geometry) > PARALLEL_DECODE_MAX_PIXELS
-    grids = tf.cond(large, lambda: _no_grids(config), lambda: image_grids(contents, seed_of(index), config))
+    grids = tf.cond(large, lambda: _no_grids(config), lambda: grids_of(contents, seed_of(index)))
     return index, tf.where(large, contents, ""), large, grids  # only a large image's bytes travel on
 
   @tf.autograph.experimental.do_not_convert
   def one_at_a_time(index, contents, large, grids):
-    return index, tf.cond(large, lambda: image_grids(contents, seed_of(index), config), lambda: grids)
+    return index, tf.cond(large, lambda: grids_of(contents, seed_of(index)), lambda: grids)
 
   return (images.enumerate(start=start_image)
           .map(parallel, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -289,6 +292,8 @@ class _Packer:
     self.start_image, self.start_grid = start
     self.per_patch = _per_patch(geometry.patch_size)
     self.num_grids = geometry.grids_per_image
+    # One function of the graph that every grid of a step calls: _add is traced once, not once per grid.
+    self._add_grid = tf.function(self._add, autograph=False)
 
   def initial_state(self):
     zero = tf.constant(0, tf.int64)
@@ -313,9 +318,9 @@ class _Packer:
               "position": tf.stack([index, tf.constant(g, tf.int64)]), "usable": image["usable"]}
       if g < self.start_grid:  # skipped in the image a resumed pipeline starts with
         state, batch = tf.cond(index == self.start_image, lambda s=state: (s, self._nothing()),
-                               lambda s=state, grid=grid: self._add(s, grid))
+                               lambda s=state, grid=grid: self._add_grid(s, grid))
       else:
-        state, batch = self._add(state, grid)
+        state, batch = self._add_grid(state, grid)
       completed.append(batch)
     return state, self._rows(completed)
 
