@@ -10,11 +10,6 @@ import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One thread each for TensorFlow's op pools, in this process and the programs it starts (they inherit the
-# environment): xdist runs one worker per core, so larger pools would have more threads than cores contend, and
-# TensorFlow's pools spin while they wait (docs/testing.md, Measured). tf.data's own pool is left as it is.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
