@@ -1,7 +1,8 @@
 """Runs many command lines of ONE program in one process, each as `python -m context_keras.PROGRAM ARGS` would:
 absl's start-up, the scaffold's parsing and checks, the program's run(), its exit code and everything it wrote to
 stdout and stderr (captured at the file descriptors, TensorFlow's C++ lines included). A fresh process per command
-line costs 6-8 s of importing TensorFlow; here it is paid once per program (helpers.run_cases).
+line costs 4-8 s of importing TensorFlow; here it is paid once per program, or not at all where helpers.run_cases
+forks this script from the preloaded server (tests/preloaded.py).
 
   python tests/program_cases.py PROGRAM REQUEST.json RESULTS.json
 
