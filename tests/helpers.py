@@ -152,7 +152,7 @@ def start_module(args, cwd, log_path, preexec=None, measure=False, env=None, rea
   open(log_path, "w", encoding="utf-8").close()
   if not measure:
     return python_module(args, cwd, log_path, env=module_env(env), preexec=preexec, real=real)
-  with open(log_path, "w", encoding="utf-8") as log:
+  with open(log_path, "a", encoding="utf-8") as log:
     return subprocess.Popen([sys.executable, "-c", MEASURED, *args], cwd=cwd, env=module_env(env), stdout=log,
                             stderr=subprocess.STDOUT, preexec_fn=preexec)
 

@@ -21,14 +21,15 @@ import threading
 import traceback
 
 import context_keras
+from context_keras.cli import commands
 
-PROGRAMS = ("train", "evaluate", "export", "linear_eval", "detect", "prepare", "service", "ablation", "benchmark")
-# And what programs import when they need it, where that takes a second or more and defines no absl flag
-# (tensorflow_datasets defines one, so it is left to the programs); a module that is not installed is passed over.
+# Preloaded: the programs (cli.commands.PROGRAMS), and what they import when they need it where that takes a second
+# or more and defines no absl flag (tensorflow_datasets defines one, so it is left to the programs); a module that is
+# not installed is passed over.
 LATER = ("keras_hub", "keras_hub.src.models.retinanet.feature_pyramid", "tensorboard.plugins.hparams.api", "tf2onnx",
          "matplotlib.figure")
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload([*(f"context_keras.{name}" for name in PROGRAMS), *LATER])
+_CONTEXT.set_forkserver_preload([*(f"context_keras.{name}" for name in commands.PROGRAMS), *LATER])
 # Variables that TensorFlow (or Python) reads while it loads, so that a forked process would not see a change of them.
 # Variables read later (TF_CONFIG, when the strategy is made) may differ; PYTHONPATH only adds this repository, which
 # the test process already imports.
