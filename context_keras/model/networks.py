@@ -343,7 +343,7 @@ def _dropout(x, rate, seed):
   return tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
 
 
-def grid_logits(networks, batch, training, seed=None):
+def grid_logits(networks, batch, training, seed=None, patches_padded=None):
   """Logits of every pair of a packed batch: the tower runs once per patch, and each pair gathers what it needs of
   its two patches (method.md §3.3), calling the head's own layers.
 
@@ -351,11 +351,13 @@ def grid_logits(networks, batch, training, seed=None):
   features are projected by W_a and W_b once and each pair gathers and adds two projections: the same numbers as
   fc7 on concatenated pairs, at about 1/4.4 of its cost for a grid (4.4-5.3 ordered pairs per patch). The
   revisiting head's embedding, applied to each patch alone, also runs once per patch. `seed` (shape [2]) keys the
-  dropout masks of a training step.
+  dropout masks of a training step. patches_padded: whether the batch's patches hold padding, if the caller knows
+  (caffe_layers.known_padding).
   """
   patch_valid = tf.cast(batch["patch_mask"], tf.float32)
   pair_valid = tf.cast(batch["pair_mask"], tf.float32)
-  features = networks.tower([tf.convert_to_tensor(batch["patches"]), patch_valid], training=training)
+  with caffe_layers.known_padding(patches_padded):
+    features = networks.tower([tf.convert_to_tensor(batch["patches"]), patch_valid], training=training)
   head = networks.head
   names = [layer.name for layer in head.layers]
   if "embed" in names:

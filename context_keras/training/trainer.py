@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from context_keras import errors
+from context_keras.model import caffe_layers
 from context_keras.model import networks as model_lib
 from context_keras.training import control
 
@@ -111,6 +112,7 @@ class Trainer:
                                        shape=tf.TensorShape([None, 2]), name="input_positions")
     # (fingerprint, length) of the listing of --data that the positions index (sources.Source.fingerprint).
     self.input_listing = tf.Variable(tf.zeros([2], tf.int64), trainable=False, name=LISTING_KEY)
+    self._batch_norms = []  # the CaffeBatchNorm layers of the step, found while it is traced (_gradients_impl)
     # XLA compiles the forward and backward pass only: the optimizer's cross-replica update stays outside it.
     self._gradients = (tf.function(self._gradients_impl, jit_compile=True) if optim_config.jit_compile
                        else self._gradients_impl)
@@ -147,7 +149,7 @@ class Trainer:
     return penalty
 
   @tf.autograph.experimental.do_not_convert
-  def _gradients_impl(self, batch, global_pairs):
+  def _gradients_impl(self, batch, global_pairs, patches_padded=None):
     if self.augment is not None:
       batch = self.augment(batch)
     context = tf.distribute.get_replica_context()
@@ -155,8 +157,8 @@ class Trainer:
     seed = tf.random.experimental.stateless_fold_in(
         tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.step, tf.int64)]),
         tf.cast(context.replica_id_in_sync_group, tf.int64))
-    with tf.GradientTape() as tape:
-      logits = model_lib.grid_logits(self.networks, batch, training=True, seed=seed)
+    with caffe_layers.held_statistics() as held, tf.GradientTape() as tape:
+      logits = model_lib.grid_logits(self.networks, batch, training=True, seed=seed, patches_padded=patches_padded)
       valid = tf.cast(batch["pair_mask"], tf.float32)
       per_pair = keras.losses.sparse_categorical_crossentropy(batch["label"], logits, from_logits=True)
       loss_sum = tf.reduce_sum(per_pair * valid)
@@ -174,14 +176,27 @@ class Trainer:
     gradients = tape.gradient(loss, self.trainable_variables)
     correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["label"]),
                                     tf.float32) * valid)
-    return gradients, {"loss_sum": loss_sum, "pairs": tf.reduce_sum(valid), "correct": correct}
+    # The layers in the order they were called, the same in every trace of the step.
+    self._batch_norms = [layer for layer, _ in held]
+    return gradients, {"loss_sum": loss_sum, "pairs": tf.reduce_sum(valid), "correct": correct}, [
+        statistics for _, statistics in held]
 
   @tf.autograph.experimental.do_not_convert
   def replica_step(self, batch):
     context = tf.distribute.get_replica_context()
     global_pairs = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.cast(batch["pair_mask"],
                                                                                         tf.float32)))
-    gradients, stats = self._gradients(batch, global_pairs)
+    if caffe_layers.chooses_per_batch(self.networks.tower):
+      # One test of the batch's padding for the whole tower, instead of one tf.cond per batch-norm layer, whose
+      # gradients cost seconds to trace (caffe_layers.known_padding); each branch takes the kernels the layers chose.
+      gradients, stats, statistics = tf.cond(tf.reduce_all(batch["patch_mask"]),
+                                             lambda: self._gradients(batch, global_pairs, False),
+                                             lambda: self._gradients(batch, global_pairs, True))
+    else:
+      gradients, stats, statistics = self._gradients(batch, global_pairs)
+    # Outside the tf.cond and the compiled function: these updates may average over replicas (held_statistics).
+    for layer, values in zip(self._batch_norms, statistics):
+      layer.update_statistics(*values)
     # For the divergence guard: summed over replicas, this is the squared norm of the gradients they computed.
     norm = tf.linalg.global_norm(gradients)
     if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
