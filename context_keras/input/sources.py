@@ -283,6 +283,8 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
   if source.kind == tfds_source.KIND:
     return source.training_images(seed, shuffle_buffer, pipeline_id, num_pipelines, start_image)
   num_paths = len(source.paths)
+  # The functions given to tf.data here are graph code: AutoGraph would only convert their source at every start.
+  graph_code = tf.autograph.experimental.do_not_convert
 
   def order_of(epoch):
     return epoch_order(num_paths, tf.constant(seed, tf.int64), epoch)
@@ -291,23 +293,24 @@ def training_images(source, seed, shuffle_buffer, pipeline_id=0, num_pipelines=1
     paths = tf.constant(source.paths)
     first = start_image * num_pipelines + pipeline_id  # index in the stream shared by all pipelines
     names = (tf.data.Dataset.range(first // num_paths, 2**62)
-             .flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(tf.gather(paths, order_of(epoch))))
+             .flat_map(graph_code(lambda epoch: tf.data.Dataset.from_tensor_slices(tf.gather(paths, order_of(epoch)))))
              .skip(first % num_paths)
              .shard(num_pipelines, 0))
-    return names.map(lambda path: {"path": path})
+    return names.map(graph_code(lambda path: {"path": path}))
 
   order_seed = seed + start_image
   table = shard_table(source)
 
+  @graph_code
   def epoch_shards(epoch):
     order = order_of(epoch + tf.constant(order_seed, tf.int64) * 1_000_003)
     return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in table.items()}).map(
-        lambda shard: dict(shard, first_visit=tf.equal(epoch, 0)))
+        graph_code(lambda shard: dict(shard, first_visit=tf.equal(epoch, 0))))
 
   shards = tf.data.Dataset.range(2**62).flat_map(epoch_shards)
   if num_paths >= num_pipelines:
     shards = shards.shard(num_pipelines, pipeline_id)
-  records = shards.interleave(lambda shard: shard_records(**shard), cycle_length=min(8, num_paths),
+  records = shards.interleave(graph_code(lambda shard: shard_records(**shard)), cycle_length=min(8, num_paths),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if num_paths < num_pipelines:
     records = records.shard(num_pipelines, pipeline_id)

@@ -31,6 +31,7 @@ def votes(request):
           "quit_votes": tf.cast(tf.equal(request, REQUEST_QUIT), tf.int32)}
 
 
+@tf.autograph.experimental.do_not_convert  # graph code, called in the compiled loop
 def agreed_request(summed):
   """The request that the votes summed over all replicas make: quit before pause, else none."""
   return tf.where(summed["quit_votes"] > 0, REQUEST_QUIT,

@@ -277,22 +277,27 @@ class Trainer:
     return {"steps": steps, "status": status, "request": request, "preview": self._as_seen(preview),
             "skipped": tf.boolean_mask(skipped, skipped[:, 0] >= 0), **totals, **counts}
 
+  @tf.autograph.experimental.do_not_convert
   def _check_divergence(self, loss_sum, grad_norm):
-    if not tf.math.is_finite(loss_sum):
-      return tf.constant(STATUS_NOT_FINITE)
-    if not tf.math.is_finite(grad_norm):
-      # float16 overflows are expected: the loss-scale optimizer skipped that update and lowers its scale.
-      if self.config.mixed_precision == "float16":
-        return tf.constant(control.STATUS_OK)
-      return tf.constant(STATUS_NOT_FINITE)
+    """The step's status: not finite (the loss, or the gradients' norm but where float16's loss-scale optimizer
+    expects overflows: it skipped that update and lowers its scale), exploded (the norm above divergence_factor times
+    its running mean, after the warm-up), else OK, and only then does the norm enter that mean."""
+    finite_norm = tf.math.is_finite(grad_norm)
+    not_finite = ~tf.math.is_finite(loss_sum)
+    if self.config.mixed_precision != "float16":
+      not_finite |= ~finite_norm
     average = self.grad_norm_average
-    if (self.config.divergence_factor > 0 and self.step > DIVERGENCE_WARMUP_STEPS and
-        grad_norm > self.config.divergence_factor * average):
-      return tf.constant(STATUS_EXPLODED)
+    exploded = tf.constant(False)
+    if self.config.divergence_factor > 0:
+      exploded = (finite_norm & (self.step > DIVERGENCE_WARMUP_STEPS) &
+                  (grad_norm > self.config.divergence_factor * average))
+    status = tf.where(not_finite, STATUS_NOT_FINITE, tf.where(exploded, STATUS_EXPLODED, control.STATUS_OK))
     rate = tf.maximum(0.01, 1.0 / tf.cast(self.step, tf.float32))  # a plain mean at first, then an EMA
-    average.assign(average + rate * (grad_norm - average))
-    return tf.constant(control.STATUS_OK)
+    counted = (status == control.STATUS_OK) & finite_norm
+    average.assign(tf.where(counted, average + rate * (grad_norm - average), average))
+    return status
 
+  @tf.autograph.experimental.do_not_convert
   def _empty_batch(self):
     size = self.patch_size
     pairs = tf.zeros([PREVIEW_PAIRS], tf.int32)
