@@ -32,6 +32,7 @@ from context_keras.storage import paths as P
 from context_keras.storage import writes as W
 from helpers import REPO
 from helpers import SMALL_MODEL
+from helpers import run_module
 
 G = tf.io.gfile
 
@@ -429,9 +430,7 @@ def test_the_static_check_catches_what_it_should(tmp_path):
 def test_a_run_lives_wholly_on_a_store(tmp_path):
   """prepare, train (stopped by its quit file, resumed), export and evaluate with every path on ram:// (one process:
   tests/ram_round_trip.py); nothing lands in a local folder named after the URL (ram:/...)."""
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "ram_round_trip.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, env=env)
+  result = run_module([os.path.join(REPO, "tests", "ram_round_trip.py"), str(tmp_path)], cwd=REPO, timeout=900)
   assert result.returncode == 0, result.stderr[-5000:]
   found = json.loads(result.stdout.strip().splitlines()[-1])
   assert found["prepare"] == 0 and [n for n in found["shards"] if n.endswith(".tfrecord")] == [
