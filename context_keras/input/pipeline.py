@@ -304,7 +304,6 @@ class _Packer:
             "images": zero, "too_small": zero, "unreadable": zero}
 
   @tf.autograph.experimental.do_not_convert
-  @tf.autograph.experimental.do_not_convert  # graph code: see grids_of_images
   def __call__(self, state, element):
     index, image = element
     cells = image["grid_height"] * image["grid_width"]
