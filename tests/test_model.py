@@ -1,4 +1,6 @@
 """The network of method.md §3: shapes, shared weights, Caffe batch norm and LRN semantics."""
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -92,9 +94,12 @@ def test_batchnorm_statistics_survive_a_large_mean():
 
 @pytest.mark.parametrize("valid", [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], ids=["masked", "fused"])
 @pytest.mark.parametrize("rank", [2, 4])
-def test_batchnorm_with_scale_and_shift(valid, rank):
+@pytest.mark.parametrize("told", [False, True], ids=["tested", "told"])
+def test_batchnorm_with_scale_and_shift(valid, rank, told):
   """Both paths (padded batches: masked sums; full ones: TensorFlow's fused kernel) give the same outputs, moving
-  statistics and gradients."""
+  statistics and gradients, whether the layer tests the mask or the caller tells it whether the batch is padded and
+  updates the statistics that the layer held back (as the trainer does: caffe_layers.known_padding,
+  held_statistics)."""
   layer = CL.CaffeBatchNorm(center=True, scale=True, momentum=0.99, epsilon=1e-3)
   rng = np.random.default_rng(5)
   x = rng.normal(2.0, 3.0, size=(5, 3, 3, 4) if rank == 4 else (5, 4)).astype(np.float32)
@@ -103,11 +108,15 @@ def test_batchnorm_with_scale_and_shift(valid, rank):
   gamma, beta = np.array([1.0, 2.0, -1.0, 0.5], np.float32), np.array([0.0, 1.0, 2.0, -3.0], np.float32)
   layer.gamma.assign(gamma)
   layer.beta.assign(beta)
-  with tf.GradientTape() as tape:
+  with (CL.known_padding(bool(valid.min() == 0) if told else None), CL.held_statistics() if told else
+        contextlib.nullcontext([]) as held, tf.GradientTape() as tape):
     inputs = tf.constant(x)
     tape.watch(inputs)
     y = layer([inputs, valid], training=True)
     loss = tf.reduce_sum(tf.sin(y) * valid.reshape([-1] + [1] * (rank - 1)))
+  assert [entry[0] for entry in held] == ([layer] if told else [])
+  for _, statistics in held:
+    layer.update_statistics(*statistics)
   grads = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
   kept = x[valid > 0]
   axes = tuple(range(rank - 1))
