@@ -30,6 +30,7 @@ from context_keras.input import pipeline as D
 from context_keras.input import sources as S
 from helpers import REPO
 from helpers import demo_args
+from helpers import made_once
 from helpers import module_env
 from helpers import peak_mb
 from helpers import run_all
@@ -542,19 +543,22 @@ HUGE_PEAK_RSS_LIMIT_MB = 2000
 @pytest.fixture(scope="session")
 def huge_jpegs(tmp_path_factory):
   """Folders of large JPEGs: two sample photos upscaled, with Gaussian noise of 8 grey levels so that they weigh
-  what a camera's do (0.25 bytes per pixel at quality 90: 12 MB for 48 megapixels), copied to make up the count
+  what a camera's do (0.25 bytes per pixel at quality 90: 12 MB for 48 megapixels; the noise is a 1000-px tile
+  repeated, which weighs the same as noise drawn afresh and takes a third of the time), copied to make up the count
   (decoding a copy costs what decoding another photo would). Made once per session."""
   from PIL import ImageChops  # pylint: disable=import-outside-toplevel
-  root = tmp_path_factory.mktemp("huge")
-  for kind, (width, height, count) in HUGE_PHOTOS.items():
-    (root / kind).mkdir()
-    noise = Image.merge("RGB", [Image.effect_noise((width, height), 8) for _ in range(3)])
-    for i, name in enumerate(("astronaut.png", "coffee.png")):
-      photo = Image.open(os.path.join(skimage_photo_dir(), name)).convert("RGB")
-      ImageChops.add(photo.resize((width, height), Image.BILINEAR), noise, offset=-128).save(
-          root / kind / f"{kind}_{i}.jpg", quality=90)
-    for i in range(2, count):
-      shutil.copy(root / kind / f"{kind}_{i % 2}.jpg", root / kind / f"{kind}_{i}.jpg")
+  with made_once(tmp_path_factory, "huge_jpegs") as (root, make):
+    if make:
+      tile = np.asarray(Image.merge("RGB", [Image.effect_noise((1000, 1000), 8) for _ in range(3)]))
+      for kind, (width, height, count) in HUGE_PHOTOS.items():
+        (root / kind).mkdir()
+        noise = Image.fromarray(np.tile(tile, (-(-height // 1000), -(-width // 1000), 1))[:height, :width])
+        for i, name in enumerate(("astronaut.png", "coffee.png")):
+          photo = Image.open(os.path.join(skimage_photo_dir(), name)).convert("RGB")
+          ImageChops.add(photo.resize((width, height), Image.BILINEAR), noise, offset=-128).save(
+              root / kind / f"{kind}_{i}.jpg", quality=90)
+        for i in range(2, count):
+          shutil.copy(root / kind / f"{kind}_{i % 2}.jpg", root / kind / f"{kind}_{i}.jpg")
   return root
 
 
