@@ -107,9 +107,9 @@ def test_two_replicas_with_sync_bn_equal_one_device(photo_dir, demo_list, reduct
   That noise is measured, not assumed: the same single-device step on the same batch with its patches in three other
   orders, each variable's largest difference. At random initialisation a deep tower's gradients are small
   differences of large sums (a parameter that a later batch norm makes nearly irrelevant gets a gradient near zero),
-  so merely reordering the batch moves a ResNet-18's updates by up to 4 % (AlexNet-BN's by about 1e-4). (Swapping
-  the batch's two halves is no such measure: oneDNN's kernels sum each half in a thread of its own and then add the
-  two sums, which the swap leaves bit for bit equal.)"""
+  so merely reordering the batch moves a ResNet-18's updates by up to 1.6 % (at 1/8 width, Eigen's kernels;
+  AlexNet-BN's by about 1e-4). (Swapping the batch's two halves is no such measure: oneDNN's kernels sum each half in
+  a thread of its own and then add the two sums, which the swap leaves bit for bit equal.)"""
   batches = two_batches(photo_dir, demo_list, geometry=geometry)
   mirrored = make_trainer(two_replicas, True, reduction, tower)
   single = make_trainer(tf.distribute.get_strategy(), True, reduction, tower)
