@@ -53,15 +53,16 @@ def concat_batches(a, b):
 
 
 # The modern towers' case: ResNet-18 with batch norm's scale and shift, in the revisiting geometry, and the L2 terms
-# each replica adds.
-# At 1/8 width: at 1/16 its 4-channel convolutions abort oneDNN (docs/testing.md, the kernels).
+# each replica adds; 1/8 wide, as at 1/16 its 4-channel convolutions abort oneDNN's filter gradient (docs/testing.md,
+# Two sets of CPU kernels). The other cases: the small AlexNet-BN.
 RESNET = dict(backbone="resnet18", patch_size=64, width_multiplier=0.125)
+ALEXNET = dict(width_multiplier=0.0625)
 
 
 def make_trainer(strategy, sync, reduction, tower=None, augment=None):
   keras.utils.set_random_seed(0)
   l2 = dict(l2_tower=1e-2, l2_head=5e-2) if tower else {}
-  return trainer_lib.Trainer(strategy, M.ModelConfig(sync_batchnorm=sync, **{"width_multiplier": 0.0625, **(tower or {})}),
+  return trainer_lib.Trainer(strategy, M.ModelConfig(sync_batchnorm=sync, **(tower or ALEXNET)),
                              trainer_lib.OptimConfig(learning_rate=1e-2 if reduction == "mean" else 1e-4,
                                                      momentum=0.9, loss_reduction=reduction, **l2), augment=augment)
 
