@@ -143,8 +143,8 @@ def assert_same_updates(initial, got, expected, noise=None):
   variable's largest difference between orderings of the same computation) is given, 10 times that noise. With
   synchronised batch norm the two replicas' updates differ from one device's by at most 2.4 times it (ResNet-18 at
   1/8 width with Eigen's kernels; 4.6 times with oneDNN's), without it by 116 to 146 times it on the ResNet's first
-  variable alone (by 10^5 times on AlexNet-BN's), so the check still fails them. (Biases right
-  before a BN have a zero gradient in exact arithmetic, so their updates are pure noise: hence the atol.)"""
+  variable alone (by 10^5 times on AlexNet-BN's), so the check still fails them. (Biases right before a BN have a
+  zero gradient in exact arithmetic, so their updates are pure noise: hence the atol.)"""
   moved = 0
   for name, (w0, a, b) in enumerate(zip(initial, got, expected)):
     update_a, update_b = a - w0, b - w0
